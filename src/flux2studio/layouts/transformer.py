@@ -1,0 +1,113 @@
+"""Key table between our transformer (the BFL single-file layout) and diffusers' `Flux2Transformer2DModel`.
+
+One declarative table (FLUX2.md §7); `{i}` stands for a block index. Three ops:
+  rename  one tensor, new name
+  qkv     our fused qkv <-> diffusers' separate q, k, v (concatenated along dim 0)
+  swap    final adaLN: BFL stores (shift, scale), diffusers (scale, shift)
+Every key that matches no rule raises, naming it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Rule:
+    ours: str
+    theirs: tuple[str, ...]
+    op: Literal["rename", "qkv", "swap"] = "rename"
+
+
+def _r(ours: str, *theirs: str, op: Literal["rename", "qkv", "swap"] = "rename") -> Rule:
+    return Rule(ours, theirs, op)
+
+
+_D, _S = "double_blocks.{i}.", "transformer_blocks.{i}."
+_SS, _DS = "single_blocks.{i}.", "single_transformer_blocks.{i}."
+
+TRANSFORMER_DIFFUSERS: tuple[Rule, ...] = (
+    _r("img_in.weight", "x_embedder.weight"),
+    _r("txt_in.weight", "context_embedder.weight"),
+    _r("time_in.in_layer.weight", "time_guidance_embed.timestep_embedder.linear_1.weight"),
+    _r("time_in.out_layer.weight", "time_guidance_embed.timestep_embedder.linear_2.weight"),
+    _r("guidance_in.in_layer.weight", "time_guidance_embed.guidance_embedder.linear_1.weight"),
+    _r("guidance_in.out_layer.weight", "time_guidance_embed.guidance_embedder.linear_2.weight"),
+    _r("double_stream_modulation_img.lin.weight", "double_stream_modulation_img.linear.weight"),
+    _r("double_stream_modulation_txt.lin.weight", "double_stream_modulation_txt.linear.weight"),
+    _r("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight"),
+    _r("final_layer.linear.weight", "proj_out.weight"),
+    _r("final_layer.adaLN_modulation.1.weight", "norm_out.linear.weight", op="swap"),
+    _r(_D + "img_attn.qkv.weight", *(_S + f"attn.to_{x}.weight" for x in "qkv"), op="qkv"),
+    _r(_D + "txt_attn.qkv.weight", *(_S + f"attn.add_{x}_proj.weight" for x in "qkv"), op="qkv"),
+    _r(_D + "img_attn.norm.query_norm.scale", _S + "attn.norm_q.weight"),
+    _r(_D + "img_attn.norm.key_norm.scale", _S + "attn.norm_k.weight"),
+    _r(_D + "txt_attn.norm.query_norm.scale", _S + "attn.norm_added_q.weight"),
+    _r(_D + "txt_attn.norm.key_norm.scale", _S + "attn.norm_added_k.weight"),
+    _r(_D + "img_attn.proj.weight", _S + "attn.to_out.0.weight"),
+    _r(_D + "txt_attn.proj.weight", _S + "attn.to_add_out.weight"),
+    _r(_D + "img_mlp.0.weight", _S + "ff.linear_in.weight"),
+    _r(_D + "img_mlp.2.weight", _S + "ff.linear_out.weight"),
+    _r(_D + "txt_mlp.0.weight", _S + "ff_context.linear_in.weight"),
+    _r(_D + "txt_mlp.2.weight", _S + "ff_context.linear_out.weight"),
+    _r(_SS + "linear1.weight", _DS + "attn.to_qkv_mlp_proj.weight"),
+    _r(_SS + "linear2.weight", _DS + "attn.to_out.weight"),
+    _r(_SS + "norm.query_norm.scale", _DS + "attn.norm_q.weight"),
+    _r(_SS + "norm.key_norm.scale", _DS + "attn.norm_k.weight"),
+)
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
+
+
+def _swap_halves(w: Tensor) -> Tensor:
+    a, b = w.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def convert(sd: dict[str, Tensor], rules: tuple[Rule, ...], to: Literal["ours", "theirs"]) -> dict[str, Tensor]:
+    """Rename `sd` through `rules` in one direction; raise on any key no rule claims."""
+    rest = dict(sd)
+    out: dict[str, Tensor] = {}
+    for rule in rules:
+        src, dst = (rule.theirs, (rule.ours,)) if to == "ours" else ((rule.ours,), rule.theirs)
+        pat = _pattern(src[0])
+        for key in [k for k in rest if pat.match(k)]:
+            if key not in rest:
+                continue
+            index = pat.match(key).group("i") if "{i}" in src[0] else None
+            names = [s.format(i=index) for s in src]
+            missing = [n for n in names if n not in rest]
+            if missing:
+                raise ValueError(f"incomplete tensor group for {dst[0].format(i=index)}: missing {missing}")
+            tensors = [rest.pop(n) for n in names]
+            targets = [d.format(i=index) for d in dst]
+            if rule.op == "rename":
+                out[targets[0]] = tensors[0]
+            elif rule.op == "swap":
+                out[targets[0]] = _swap_halves(tensors[0])
+            elif to == "ours":  # qkv: q, k, v -> fused
+                out[targets[0]] = torch.cat(tensors, dim=0)
+            else:  # qkv: fused -> q, k, v
+                out.update(zip(targets, tensors[0].chunk(3, dim=0), strict=True))
+    if rest:
+        names = sorted(rest)
+        shown = ", ".join(names[:20]) + (f" (+{len(names) - 20} more)" if len(names) > 20 else "")
+        raise ValueError(f"{len(names)} transformer key(s) map to nothing: {shown}")
+    return out
+
+
+def transformer_from_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """diffusers `Flux2Transformer2DModel` state dict -> ours (BFL layout)."""
+    return convert(sd, TRANSFORMER_DIFFUSERS, to="ours")
+
+
+def transformer_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Ours (BFL layout) -> diffusers `Flux2Transformer2DModel` state dict."""
+    return convert(sd, TRANSFORMER_DIFFUSERS, to="theirs")

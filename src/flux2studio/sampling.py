@@ -1,0 +1,121 @@
+"""Sampling: noise, position ids, the shifted schedule, pack/unpack and the Euler loop (FLUX2.md §3, §6).
+
+Everything here takes plain tensors and any velocity function, so a test can pass a toy one. This
+module knows nothing about prompts, files or the transformer's internals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+# Schedule constants of FLUX.2's resolution-dependent shift (FLUX2.md §6; BFL sampling.py, diffusers
+# pipeline_flux2.compute_empirical_mu).
+MU_A1, MU_B1 = 8.73809524e-05, 1.89833333
+MU_A2, MU_B2 = 0.00016927, 0.45666666
+MU_LONG_SEQ = 4300
+# Reference k sits at time coordinate 10 + 10k (FLUX2.md §3).
+REF_TIME_SCALE = 10
+
+Velocity = Callable[[Tensor, Tensor], Tensor]  # (x (B, L, C), t (B,)) -> v (B, L, C)
+StepCallback = Callable[[int, int, Tensor], None]  # (step index, total steps, latents)
+
+
+def noise(seeds: Sequence[int], channels: int, height: int, width: int, dtype: torch.dtype) -> Tensor:
+    """Initial noise (B, channels, H/16, W/16) on the CPU, one generator per image.
+
+    Image i draws from `torch.Generator("cpu").manual_seed(seeds[i])` exactly as diffusers' FLUX.2
+    pipelines do for `generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]`, so an image
+    is reproducible alone or in a batch, here and in diffusers.
+    """
+    shape = (1, channels, height // 16, width // 16)
+    return torch.cat(
+        [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=dtype) for s in seeds]
+    )
+
+
+def text_ids(length: int) -> Tensor:
+    """(L, 4) ids (0, 0, 0, i) for every text position, padding included."""
+    ids = torch.zeros(length, 4, dtype=torch.long)
+    ids[:, 3] = torch.arange(length)
+    return ids
+
+
+def image_ids(h: int, w: int, time: int = 0) -> Tensor:
+    """(h*w, 4) ids (time, row, col, 0) of a latent grid in row-major (packing) order."""
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ids = torch.zeros(h * w, 4, dtype=torch.long)
+    ids[:, 0], ids[:, 1], ids[:, 2] = time, rows.flatten(), cols.flatten()
+    return ids
+
+
+def reference_ids(grids: Sequence[tuple[int, int]]) -> Tensor:
+    """Ids of reference latents with grids [(h, w), ...]: reference k at time 10 + 10k, own grid."""
+    return torch.cat(
+        [image_ids(h, w, REF_TIME_SCALE + REF_TIME_SCALE * k) for k, (h, w) in enumerate(grids)]
+    )
+
+
+def pack(latents: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, h*w, C) tokens in row-major order."""
+    return latents.flatten(2).transpose(1, 2)
+
+
+def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
+    """(B, h*w, C) -> (B, C, h, w)."""
+    return tokens.transpose(1, 2).unflatten(2, (h, w))
+
+
+def empirical_mu(seq_len: int, steps: int) -> float:
+    """Shift parameter from the image token count and step count (FLUX2.md §6)."""
+    if seq_len > MU_LONG_SEQ:
+        return MU_A2 * seq_len + MU_B2
+    m200 = MU_A2 * seq_len + MU_B2
+    m10 = MU_A1 * seq_len + MU_B1
+    a = (m200 - m10) / 190.0
+    b = m200 - 200.0 * a
+    return a * steps + b
+
+
+def schedule(steps: int, seq_len: int) -> Tensor:
+    """Noise levels (steps + 1,) float32 from 1 to 0, shifted by e^mu / (e^mu + (1/t - 1)).
+
+    Computed in the same float32 order as diffusers' FlowMatchEulerDiscreteScheduler for the FLUX.2
+    pipelines (linspace(1, 1/N, N), shift, append 0), so timesteps agree bit for bit.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    t = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).float()
+    e = math.exp(empirical_mu(seq_len, steps))
+    return torch.cat([e / (e + (1 / t - 1)), torch.zeros(1)])
+
+
+def denoise(
+    velocity: Velocity, x: Tensor, sigmas: Tensor, callback: StepCallback | None = None
+) -> Tensor:
+    """Euler integration x <- x + (t_next - t) v from sigmas[0] to sigmas[-1]; x (B, L, C) tokens.
+
+    The update runs in float32 and is cast back to the velocity's dtype, as diffusers' scheduler does.
+    """
+    steps = len(sigmas) - 1
+    for i in range(steps):
+        t = sigmas[i].expand(x.shape[0])
+        v = velocity(x, t)
+        x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(v.dtype)
+        if callback is not None:
+            callback(i, steps, x)
+    return x
+
+
+def cfg_velocity(cond: Velocity, uncond: Velocity, scale: float) -> Velocity:
+    """Real classifier-free guidance: v_u + scale (v_c - v_u) (klein Base, FLUX2.md §6)."""
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        v_c = cond(x, t)
+        v_u = uncond(x, t)
+        return v_u + scale * (v_c - v_u)
+
+    return velocity
