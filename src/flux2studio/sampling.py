@@ -19,6 +19,8 @@ MU_A2, MU_B2 = 0.00016927, 0.45666666
 MU_LONG_SEQ = 4300
 # Reference k sits at time coordinate 10 + 10k (FLUX2.md §3).
 REF_TIME_SCALE = 10
+# One latent token covers 16x16 pixels: VAE 8x down, then 2x2 patchify (FLUX2.md §5).
+PIXELS_PER_TOKEN = 16
 
 Velocity = Callable[[Tensor, Tensor], Tensor]  # (x (B, L, C), t (B,)) -> v (B, L, C)
 StepCallback = Callable[[int, int, Tensor], None]  # (step index, total steps, latents)
@@ -31,10 +33,8 @@ def noise(seeds: Sequence[int], channels: int, height: int, width: int, dtype: t
     pipelines do for `generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]`, so an image
     is reproducible alone or in a batch, here and in diffusers.
     """
-    shape = (1, channels, height // 16, width // 16)
-    return torch.cat(
-        [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=dtype) for s in seeds]
-    )
+    shape = (1, channels, height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN)
+    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=dtype) for s in seeds])
 
 
 def text_ids(length: int) -> Tensor:
@@ -54,9 +54,7 @@ def image_ids(h: int, w: int, time: int = 0) -> Tensor:
 
 def reference_ids(grids: Sequence[tuple[int, int]]) -> Tensor:
     """Ids of reference latents with grids [(h, w), ...]: reference k at time 10 + 10k, own grid."""
-    return torch.cat(
-        [image_ids(h, w, REF_TIME_SCALE + REF_TIME_SCALE * k) for k, (h, w) in enumerate(grids)]
-    )
+    return torch.cat([image_ids(h, w, REF_TIME_SCALE + REF_TIME_SCALE * k) for k, (h, w) in enumerate(grids)])
 
 
 def pack(latents: Tensor) -> Tensor:
@@ -89,13 +87,13 @@ def schedule(steps: int, seq_len: int) -> Tensor:
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     t = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).float()
-    e = math.exp(empirical_mu(seq_len, steps))
+    # A float32 tensor numerator: torch turns `python_float / tensor` into a reciprocal-multiply,
+    # one ulp away from numpy's division in the reference.
+    e = torch.tensor(math.exp(empirical_mu(seq_len, steps)), dtype=torch.float32)
     return torch.cat([e / (e + (1 / t - 1)), torch.zeros(1)])
 
 
-def denoise(
-    velocity: Velocity, x: Tensor, sigmas: Tensor, callback: StepCallback | None = None
-) -> Tensor:
+def denoise(velocity: Velocity, x: Tensor, sigmas: Tensor, callback: StepCallback | None = None) -> Tensor:
     """Euler integration x <- x + (t_next - t) v from sigmas[0] to sigmas[-1]; x (B, L, C) tokens.
 
     The update runs in float32 and is cast back to the velocity's dtype, as diffusers' scheduler does.

@@ -57,6 +57,13 @@ class AutoencoderConfig:
     patch: int = 2
     bn_eps: float = 1e-4  # BatchNorm2d eps of the latent normalisation (FLUX2.md §5)
 
+    def __post_init__(self) -> None:
+        widths = self.channels + (self.decoder_channels or ())
+        if self.decoder_channels is not None and len(self.decoder_channels) != len(self.channels):
+            raise ValueError(f"decoder_channels {self.decoder_channels} needs one width per level of {self.channels}")
+        if any(w % self.norm_groups for w in widths):
+            raise ValueError(f"every width in {widths} must be divisible by norm_groups {self.norm_groups}")
+
     @property
     def latent_channels(self) -> int:
         """Channels after the 2x2 patchify: what the transformer sees."""
@@ -64,7 +71,7 @@ class AutoencoderConfig:
 
     @property
     def downscale(self) -> int:
-        """Pixels per latent token side after patchify (16 for every FLUX.2 VAE)."""
+        """Pixels per latent token side after patchify (16 for the 4-level FLUX.2 VAE)."""
         return 2 ** (len(self.channels) - 1) * self.patch
 
 

@@ -1,0 +1,1 @@
+"""Declarative key tables between our checkpoint layouts (BFL) and other formats (diffusers)."""

@@ -1,0 +1,220 @@
+"""Components + one call: prompts (+ reference images) -> images.
+
+The pipeline validates a request completely before any work, encodes the prompts, encodes the
+references, integrates the flow and decodes. Numerics follow diffusers 0.42.1's `Flux2Pipeline`,
+`Flux2KleinPipeline` and `Flux2KleinKVPipeline` (tested for parity). It does not read files: see
+`checkpoints` for building one from weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from . import sampling
+from .images import check_size, prepare_reference, to_pil, to_tensor
+from .model.autoencoder import AutoEncoder
+from .model.transformer import Flux2Transformer
+from .text_encoders import TextEncoder
+from .variants import Variant
+
+MAX_STEPS = 200
+MAX_IMAGES = 64  # images per call (prompts x num_images)
+GUIDANCE_RANGE = (1.0, 30.0)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Request:
+    """A fully validated generation request: every default resolved, every value in range."""
+
+    prompts: tuple[str, ...]
+    negative_prompt: str | None  # None unless the model runs real CFG
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seeds: tuple[int, ...]  # one per output image, prompt-major
+    refs: tuple[Image.Image, ...]  # already prepared (validated, cropped)
+
+    @property
+    def batch(self) -> int:
+        return len(self.seeds)
+
+
+def build_request(
+    variant: Variant,
+    prompt: str | Sequence[str],
+    *,
+    negative_prompt: str | None = None,
+    size: tuple[int, int] | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    num_images: int = 1,
+    refs: Sequence[Image.Image] = (),
+) -> Request:
+    """Resolve defaults and check every value against the variant; errors name the value and the range."""
+    prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    if not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES // len(prompts):
+        raise ValueError(
+            f"num_images {num_images!r} is out of range: 1..{MAX_IMAGES // len(prompts)} for {len(prompts)} prompt(s)"
+        )
+    steps = variant.steps if steps is None else steps
+    if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps {steps!r} is out of range 1..{MAX_STEPS}")
+
+    if variant.guidance_mode == "none":
+        if guidance is not None and guidance != 1.0:
+            raise ValueError(
+                f"{variant.id} is guidance-distilled and ignores guidance: omit it (got {guidance}); "
+                "use a Base variant for real CFG"
+            )
+        guidance = 1.0
+    else:
+        guidance = variant.guidance if guidance is None else float(guidance)
+        lo, hi = GUIDANCE_RANGE
+        if not lo <= guidance <= hi:
+            raise ValueError(f"guidance {guidance} is out of range {lo}..{hi}")
+    if negative_prompt is not None and variant.guidance_mode != "cfg":
+        raise ValueError(
+            f"{variant.id} does not run classifier-free guidance, so a negative prompt has no effect: omit it"
+        )
+    if variant.guidance_mode == "cfg" and negative_prompt is None:
+        negative_prompt = ""  # FLUX.2 Base: empty negative prompt by default (FLUX2.md §6)
+
+    if len(refs) > variant.max_refs:
+        raise ValueError(f"{len(refs)} reference images given; {variant.id} takes 0..{variant.max_refs}")
+    prepared = tuple(prepare_reference(img, i) for i, img in enumerate(refs))
+    if size is None:  # the first reference sets the size, as in diffusers' pipelines
+        size = prepared[0].size if prepared else variant.default_size
+    width, height = size
+    check_size(width, height, variant.min_side, variant.max_side, variant.id)
+
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seeds = tuple(seed + i for i in range(len(prompts) * num_images))
+    return Request(
+        prompts=tuple(p for p in prompts for _ in range(num_images)),
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        seeds=seeds,
+        refs=prepared,
+    )
+
+
+class Pipeline:
+    """A FLUX.2 model ready to generate: transformer, VAE and text encoder on one device and dtype."""
+
+    def __init__(
+        self,
+        variant: Variant,
+        transformer: Flux2Transformer,
+        vae: AutoEncoder,
+        text_encoder: TextEncoder,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if vae.cfg.downscale != sampling.PIXELS_PER_TOKEN:
+            raise ValueError(f"the VAE downsamples by {vae.cfg.downscale}, FLUX.2 needs {sampling.PIXELS_PER_TOKEN}")
+        self.variant = variant
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.transformer = transformer.to(self.device, dtype).eval()
+        self.vae = vae.to(self.device, dtype).eval()
+        self.text_encoder = text_encoder
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        negative_prompt: str | None = None,
+        size: tuple[int, int] | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        num_images: int = 1,
+        refs: Sequence[Image.Image] = (),
+        callback: sampling.StepCallback | None = None,
+    ) -> list[Image.Image]:
+        """Generate `num_images` images per prompt; image i uses seed `seed + i`. Returns PIL images."""
+        req = build_request(
+            self.variant,
+            prompt,
+            negative_prompt=negative_prompt,
+            size=size,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            num_images=num_images,
+            refs=refs,
+        )
+        return to_pil(self.decode(self.generate_latents(req, callback)))
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """(B, L, C) text embeddings in the pipeline dtype; identical prompts are encoded once."""
+        unique = list(dict.fromkeys(prompts))
+        emb = self.text_encoder(unique, dtype=self.dtype).to(self.device)
+        return emb[[unique.index(p) for p in prompts]]
+
+    def encode_references(self, refs: Sequence[Image.Image]) -> tuple[Tensor, Tensor]:
+        """Prepared references -> tokens (1, L_ref, 128) and ids (L_ref, 4), reference k at time 10+10k."""
+        latents = [self.vae.encode(to_tensor(r).to(self.device, self.dtype)) for r in refs]
+        tokens = torch.cat([sampling.pack(z) for z in latents], dim=1)
+        return tokens, sampling.reference_ids([tuple(z.shape[-2:]) for z in latents])
+
+    def generate_latents(self, req: Request, callback: sampling.StepCallback | None = None) -> Tensor:
+        """Run the flow for a validated request; returns normalised latents (B, 128, H/16, W/16)."""
+        h, w = req.height // sampling.PIXELS_PER_TOKEN, req.width // sampling.PIXELS_PER_TOKEN
+        txt = self.encode_prompts(req.prompts)
+        txt_ids = sampling.text_ids(txt.shape[1]).to(self.device)
+        x = sampling.pack(
+            sampling.noise(req.seeds, self.transformer.cfg.in_channels, req.height, req.width, self.dtype)
+        )
+        x = x.to(self.device)
+        img_ids = sampling.image_ids(h, w).to(self.device)
+        n_img = x.shape[1]
+        guidance = None
+        if self.variant.guidance_mode == "embedded":
+            guidance = torch.full((req.batch,), req.guidance, device=self.device, dtype=torch.float32)
+
+        ref_tokens = ref_ids = ref_kv = None
+        if req.refs:
+            ref_tokens, ref_ids = self.encode_references(req.refs)
+            ref_tokens, ref_ids = ref_tokens.expand(req.batch, -1, -1), ref_ids.to(self.device)
+            if self.variant.kv_cache:  # reference tokens at a fixed timestep 0, computed once
+                t0 = torch.zeros(req.batch, device=self.device)
+                ref_kv = self.transformer.ref_kv(ref_tokens, ref_ids, t0, guidance)
+
+        def model(context: Tensor) -> sampling.Velocity:
+            def velocity(x: Tensor, t: Tensor) -> Tensor:
+                if ref_tokens is None or ref_kv is not None:
+                    return self.transformer(x, img_ids, context, txt_ids, t, guidance, ref_kv)
+                joint = torch.cat([x, ref_tokens], dim=1)
+                ids = torch.cat([img_ids, ref_ids])
+                return self.transformer(joint, ids, context, txt_ids, t, guidance)[:, :n_img]
+
+            return velocity
+
+        velocity = model(txt)
+        if self.variant.guidance_mode == "cfg" and req.guidance > 1.0:
+            negative = self.encode_prompts([req.negative_prompt] * req.batch)
+            velocity = sampling.cfg_velocity(velocity, model(negative), req.guidance)
+
+        sigmas = sampling.schedule(req.steps, n_img).to(self.device)
+        x = sampling.denoise(velocity, x, sigmas, callback)
+        return sampling.unpack(x, h, w)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalised latents -> images (B, 3, H, W) in [-1, 1]."""
+        return self.vae.decode(latents.to(self.dtype))

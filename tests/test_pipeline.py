@@ -1,0 +1,230 @@
+"""Whole-pipeline parity with diffusers 0.42.1: same components, seeds and inputs -> same images.
+
+Each test builds one tiny random diffusers pipeline, converts its weights into ours, runs both at a
+non-square size and compares decoded images in [0, 1] (fp32). Tolerance 1e-4: differences come from
+summation order only (fused qkv, separate reference K/V pass).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinKVPipeline,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
+)
+from PIL import Image
+
+from flux2studio import sampling
+from flux2studio.layouts.transformer import transformer_from_diffusers
+from flux2studio.layouts.vae import vae_from_diffusers
+from flux2studio.model.autoencoder import AutoEncoder
+from flux2studio.model.transformer import Flux2Transformer
+from flux2studio.pipeline import Pipeline, build_request
+from flux2studio.text_encoders import TextEncoder
+from flux2studio.variants import get_variant
+from tiny import (
+    MISTRAL_SPEC,
+    MISTRAL_TEMPLATE,
+    QWEN3_SPEC,
+    QWEN3_TEMPLATE,
+    TRANSFORMER,
+    diffusers_transformer,
+    diffusers_vae,
+    mistral3,
+    qwen3,
+    tokenizer,
+)
+
+TOL = 1e-4
+VAE = dataclasses.replace(get_variant("nano").vae, channels=(32, 32, 32, 32))  # 4 levels: 8x down
+
+
+def _scheduler():  # the scheduler config shipped with the FLUX.2 checkpoints
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential", shift=3.0)
+
+
+def _ours(variant_id: str, dpipe, spec, model_fn) -> Pipeline:
+    t_cfg = dataclasses.replace(TRANSFORMER, guidance_embed=dpipe.transformer.config.guidance_embeds)
+    variant = dataclasses.replace(get_variant(variant_id), transformer=t_cfg, vae=VAE, text_encoder=spec)
+    transformer = Flux2Transformer(t_cfg)
+    transformer.load_state_dict(transformer_from_diffusers(dpipe.transformer.state_dict()))
+    vae = AutoEncoder(VAE)
+    vae.load_state_dict(vae_from_diffusers(dpipe.vae.state_dict(), VAE))
+    text_encoder = TextEncoder(spec, model_fn(), dpipe.tokenizer)  # a fresh copy of the same weights
+    return Pipeline(variant, transformer, vae, text_encoder)
+
+
+def _refs():
+    g = torch.Generator().manual_seed(7)
+    a = (torch.rand(80, 112, 3, generator=g) * 255).to(torch.uint8).numpy()
+    b = (torch.rand(70, 64, 3, generator=g) * 255).to(torch.uint8).numpy()  # cropped to 64x64
+    return [Image.fromarray(a), Image.fromarray(b)]
+
+
+def _ours_images(pipe: Pipeline, prompts, **kw) -> torch.Tensor:
+    req = build_request(pipe.variant, prompts, **kw)
+    with torch.no_grad():
+        return (pipe.decode(pipe.generate_latents(req)) / 2 + 0.5).clamp(0, 1)
+
+
+def _gens(seeds):
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def _klein(is_distilled: bool, kv: bool = False):
+    cls = Flux2KleinKVPipeline if kv else Flux2KleinPipeline
+    transformer = diffusers_transformer(dataclasses.replace(TRANSFORMER, guidance_embed=False))
+    return cls(
+        scheduler=_scheduler(),
+        vae=diffusers_vae(VAE),
+        text_encoder=qwen3(),
+        tokenizer=tokenizer(QWEN3_TEMPLATE),
+        transformer=transformer,
+        is_distilled=is_distilled,
+    )
+
+
+def test_klein_distilled_with_two_references_matches_diffusers():
+    dpipe = _klein(is_distilled=True)
+    ours = _ours("klein-4b", dpipe, QWEN3_SPEC, qwen3)
+    prompts = ["a red circle", "a blue square on a white background"]
+    with torch.no_grad():
+        expected = dpipe(
+            image=_refs(), prompt=prompts, width=96, height=64, num_inference_steps=3,
+            num_images_per_prompt=2, generator=_gens([5, 6, 7, 8]), output_type="pt",
+            max_sequence_length=QWEN3_SPEC.max_length, text_encoder_out_layers=QWEN3_SPEC.layers,
+        ).images  # fmt: skip
+    got = _ours_images(ours, prompts, size=(96, 64), steps=3, num_images=2, seed=5, refs=_refs())
+    assert got.shape == expected.shape == (4, 3, 64, 96)
+    assert (got - expected).abs().max().item() <= TOL
+
+
+def test_klein_base_cfg_with_negative_prompt_matches_diffusers():
+    dpipe = _klein(is_distilled=False)
+    ours = _ours("klein-base-4b", dpipe, QWEN3_SPEC, qwen3)
+    negative = "blurry, low quality"
+    kw = dict(max_sequence_length=QWEN3_SPEC.max_length, text_encoder_out_layers=QWEN3_SPEC.layers)
+    with torch.no_grad():
+        neg_embeds, _ = dpipe.encode_prompt(negative, device="cpu", **kw)
+        expected = dpipe(
+            prompt="a green triangle", width=64, height=112, num_inference_steps=4, guidance_scale=3.5,
+            negative_prompt_embeds=neg_embeds, generator=_gens([11]), output_type="pt", **kw,
+        ).images  # fmt: skip
+    got = _ours_images(ours, "a green triangle", size=(64, 112), steps=4, guidance=3.5, seed=11,
+                       negative_prompt=negative)  # fmt: skip
+    assert (got - expected).abs().max().item() <= TOL
+
+
+def test_klein_kv_with_references_matches_diffusers():
+    dpipe = _klein(is_distilled=True, kv=True)
+    ours = _ours("klein-9b-kv", dpipe, QWEN3_SPEC, qwen3)
+    with torch.no_grad():
+        expected = dpipe(
+            image=_refs(), prompt="make it blue", width=64, height=96, num_inference_steps=3,
+            generator=_gens([3]), output_type="pt",
+            max_sequence_length=QWEN3_SPEC.max_length, text_encoder_out_layers=QWEN3_SPEC.layers,
+        ).images  # fmt: skip
+    got = _ours_images(ours, "make it blue", size=(64, 96), steps=3, seed=3, refs=_refs())
+    assert (got - expected).abs().max().item() <= TOL
+
+
+def test_dev_with_embedded_guidance_and_references_matches_diffusers():
+    dpipe = Flux2Pipeline(
+        scheduler=_scheduler(),
+        vae=diffusers_vae(VAE),
+        text_encoder=mistral3(),
+        tokenizer=tokenizer(MISTRAL_TEMPLATE),
+        transformer=diffusers_transformer(dataclasses.replace(TRANSFORMER, guidance_embed=True)),
+    )
+    dpipe.system_message = MISTRAL_SPEC.system_message
+    ours = _ours("dev", dpipe, MISTRAL_SPEC, mistral3)
+    with torch.no_grad():
+        expected = dpipe(
+            image=_refs(), prompt="a cat holding a sign", width=80, height=64, num_inference_steps=3,
+            guidance_scale=2.5, generator=_gens([42]), output_type="pt",
+            max_sequence_length=MISTRAL_SPEC.max_length, text_encoder_out_layers=MISTRAL_SPEC.layers,
+        ).images  # fmt: skip
+    got = _ours_images(ours, "a cat holding a sign", size=(80, 64), steps=3, guidance=2.5, seed=42,
+                       refs=_refs())  # fmt: skip
+    assert (got - expected).abs().max().item() <= TOL
+
+
+def test_schedule_matches_diffusers_scheduler_bit_for_bit():
+    for steps, seq_len in [(4, 4096), (50, 1024), (28, 6000), (1, 64)]:
+        sched = _scheduler()
+        mu = sampling.empirical_mu(seq_len, steps)
+        import numpy as np
+
+        sched.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        assert torch.equal(sampling.schedule(steps, seq_len), sched.sigmas)
+
+
+def test_schedule_example_from_the_spec():
+    # FLUX2.md §6: 1024x1024, 4 steps -> 1, 0.967, 0.908, 0.767, 0
+    got = sampling.schedule(4, (1024 // 16) ** 2)
+    assert torch.allclose(got, torch.tensor([1.0, 0.967, 0.908, 0.767, 0.0]), atol=5e-4)
+
+
+def test_noise_matches_diffusers_seed_contract():
+    from diffusers.utils.torch_utils import randn_tensor
+
+    got = sampling.noise([3, 4], 128, 64, 96, torch.float32)
+    expected = randn_tensor((2, 128, 4, 6), generator=_gens([3, 4]), dtype=torch.float32)
+    assert torch.equal(got, expected)
+    single = randn_tensor((1, 128, 4, 6), generator=torch.Generator("cpu").manual_seed(3))
+    assert torch.equal(got[:1], single)  # image 0 of a batch == the same seed alone
+
+
+def test_denoise_with_a_toy_velocity_reaches_the_target():
+    target = torch.full((1, 4, 2), 0.25)
+    # Straight path from noise x1 to target: v = x1 - target is constant, so Euler is exact.
+    x1 = torch.randn(1, 4, 2)
+    out = sampling.denoise(lambda x, t: x1 - target, x1, sampling.schedule(3, 16))
+    assert torch.allclose(out, target, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(size=(100, 64)), "width 100 is not a multiple of 16"),
+        (dict(size=(64, 4096)), r"height 4096 is outside the supported range 64\.\.2048"),
+        (dict(size=(0, 64)), "width must be a positive integer"),
+        (dict(steps=0), r"steps 0 is out of range 1\.\.200"),
+        (dict(steps=-3), r"steps -3 is out of range"),
+        (dict(guidance=3.0), "guidance-distilled and ignores guidance"),
+        (dict(negative_prompt="ugly"), "negative prompt has no effect"),
+        (dict(num_images=0), "num_images 0 is out of range"),
+        (dict(seed=-1), "seed must be a non-negative integer"),
+    ],
+)
+def test_bad_requests_name_the_value_and_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_request(get_variant("klein-4b"), "a prompt", **kwargs)
+
+
+def test_bad_references_and_guidance_are_refused():
+    base = get_variant("klein-base-4b")
+    with pytest.raises(ValueError, match=r"guidance 0.5 is out of range 1.0\.\.30.0"):
+        build_request(base, "p", guidance=0.5)
+    tiny = Image.new("RGB", (32, 200))
+    with pytest.raises(ValueError, match="reference 0 is 32x200: both sides must be at least 64"):
+        build_request(base, "p", refs=[tiny])
+    long = Image.new("RGB", (1000, 100))
+    with pytest.raises(ValueError, match=r"reference 0 is 1000x100 \(aspect 10.0:1\): at most 8:1"):
+        build_request(base, "p", refs=[long])
+    five = [Image.new("RGB", (64, 64))] * 5
+    with pytest.raises(ValueError, match=r"5 reference images given; klein-base-4b takes 0\.\.4"):
+        build_request(base, "p", refs=five)
+
+
+def test_large_reference_is_resized_with_a_log_line(caplog):
+    big = Image.new("RGB", (2048, 1030))
+    with caplog.at_level("INFO"):
+        req = build_request(get_variant("klein-4b"), "p", refs=[big])
+    assert "resized from 2048x1030" in caplog.text
+    w, h = req.refs[0].size
+    assert w % 16 == 0 and h % 16 == 0 and w * h <= 1024 * 1024
+    assert (req.width, req.height) == (w, h)  # output size follows the first reference
