@@ -57,6 +57,7 @@ def build_request(
     seed: int = 0,
     num_images: int = 1,
     refs: Sequence[Image.Image] = (),
+    seeds: Sequence[int] | None = None,
 ) -> Request:
     """Resolve defaults and check every value against the variant; errors name the value and the range."""
     prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
@@ -97,9 +98,13 @@ def build_request(
     width, height = size
     check_size(width, height, variant.min_side, variant.max_side, variant.id)
 
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    seeds = tuple(seed + i for i in range(len(prompts) * num_images))
+    if seeds is None:
+        seeds = [seed + i for i in range(len(prompts) * num_images)]
+    elif len(seeds) != len(prompts) * num_images:
+        raise ValueError(f"{len(seeds)} seeds given for {len(prompts) * num_images} images: give one per image")
+    for s in seeds:
+        if not isinstance(s, int) or not 0 <= s < 2**63:
+            raise ValueError(f"seed must be an integer in 0..2**63-1, got {s!r}")
     return Request(
         prompts=tuple(p for p in prompts for _ in range(num_images)),
         negative_prompt=negative_prompt,
@@ -107,7 +112,7 @@ def build_request(
         height=height,
         steps=steps,
         guidance=guidance,
-        seeds=seeds,
+        seeds=tuple(seeds),
         refs=prepared,
     )
 
@@ -145,9 +150,10 @@ class Pipeline:
         seed: int = 0,
         num_images: int = 1,
         refs: Sequence[Image.Image] = (),
+        seeds: Sequence[int] | None = None,
         callback: sampling.StepCallback | None = None,
     ) -> list[Image.Image]:
-        """Generate `num_images` images per prompt; image i uses seed `seed + i`. Returns PIL images."""
+        """Generate `num_images` images per prompt; image i uses seed `seed + i` (or `seeds[i]`)."""
         req = build_request(
             self.variant,
             prompt,
@@ -158,6 +164,7 @@ class Pipeline:
             seed=seed,
             num_images=num_images,
             refs=refs,
+            seeds=seeds,
         )
         return to_pil(self.decode(self.generate_latents(req, callback)))
 

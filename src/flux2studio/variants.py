@@ -133,7 +133,7 @@ NANO = TransformerConfig(
     guidance_embed=False,
 )
 FLUX2_VAE = AutoencoderConfig()
-NANO_VAE = AutoencoderConfig(channels=(32, 64, 128, 128), num_res_blocks=1)
+NANO_VAE = AutoencoderConfig(channels=(16, 32, 64, 64), num_res_blocks=1, norm_groups=16)
 
 
 @dataclass(frozen=True)
