@@ -8,8 +8,12 @@ references, integrates the flow and decodes. Numerics follow diffusers 0.42.1's 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import ctypes
+import gc
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 from PIL import Image
@@ -25,6 +29,7 @@ from .variants import Variant
 MAX_STEPS = 200
 MAX_IMAGES = 64  # images per call (prompts x num_images)
 GUIDANCE_RANGE = (1.0, 30.0)
+T = TypeVar("T")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -117,26 +122,95 @@ def build_request(
     )
 
 
+class Component(Generic[T]):
+    """A model part loaded on first use; unless `resident`, `release()` frees it until the next use.
+
+    This is how a pipeline keeps only one large part in memory at a time: the text encoder while
+    prompts are encoded, then the transformer, then the VAE (FLUX2.md §8, users' first complaint).
+    """
+
+    def __init__(self, load: Callable[[], T], resident: bool = False) -> None:
+        self._load, self.resident = load, resident
+        self._value: T | None = None
+
+    @classmethod
+    def of(cls, value: T | Component[T]) -> Component[T]:
+        """Wrap an already-built part (kept resident)."""
+        if isinstance(value, Component):
+            return value
+        c = cls(lambda: value, resident=True)
+        c._value = value
+        return c
+
+    @property
+    def loaded(self) -> bool:
+        return self._value is not None
+
+    def get(self) -> T:
+        if self._value is None:
+            self._value = self._load()
+        return self._value
+
+    def release(self) -> None:
+        if not self.resident and self._value is not None:
+            self._value = None
+            gc.collect()
+            _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give freed memory back to the OS now (glibc keeps it otherwise), so RSS follows the phases."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class Pipeline:
-    """A FLUX.2 model ready to generate: transformer, VAE and text encoder on one device and dtype."""
+    """A FLUX.2 model ready to generate: transformer, VAE and text encoder on one device and dtype.
+
+    Parts may be given built (kept resident) or as `Component`s that load on demand and are freed
+    after their phase. Components must already produce modules on `device` in `dtype`.
+    """
 
     def __init__(
         self,
         variant: Variant,
-        transformer: Flux2Transformer,
-        vae: AutoEncoder,
-        text_encoder: TextEncoder,
+        transformer: Flux2Transformer | Component[Flux2Transformer],
+        vae: AutoEncoder | Component[AutoEncoder],
+        text_encoder: TextEncoder | Component[TextEncoder],
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if vae.cfg.downscale != sampling.PIXELS_PER_TOKEN:
-            raise ValueError(f"the VAE downsamples by {vae.cfg.downscale}, FLUX.2 needs {sampling.PIXELS_PER_TOKEN}")
+        if variant.vae.downscale != sampling.PIXELS_PER_TOKEN:
+            raise ValueError(
+                f"the VAE downsamples by {variant.vae.downscale}, FLUX.2 needs {sampling.PIXELS_PER_TOKEN}"
+            )
         self.variant = variant
         self.device = torch.device(device)
         self.dtype = dtype
-        self.transformer = transformer.to(self.device, dtype).eval()
-        self.vae = vae.to(self.device, dtype).eval()
-        self.text_encoder = text_encoder
+        for part in (transformer, vae):
+            if isinstance(part, torch.nn.Module):
+                part.to(self.device, dtype).eval()
+        self.parts = {
+            "transformer": Component.of(transformer),
+            "vae": Component.of(vae),
+            "text_encoder": Component.of(text_encoder),
+        }
+
+    @property
+    def transformer(self) -> Flux2Transformer:
+        return self.parts["transformer"].get()
+
+    @property
+    def vae(self) -> AutoEncoder:
+        return self.parts["vae"].get()
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        return self.parts["text_encoder"].get()
+
+    def release(self, *names: str) -> None:
+        for name in names:
+            self.parts[name].release()
 
     @torch.no_grad()
     def __call__(
@@ -184,6 +258,10 @@ class Pipeline:
         """Run the flow for a validated request; returns normalised latents (B, 128, H/16, W/16)."""
         h, w = req.height // sampling.PIXELS_PER_TOKEN, req.width // sampling.PIXELS_PER_TOKEN
         txt = self.encode_prompts(req.prompts)
+        negative = None
+        if self.variant.guidance_mode == "cfg" and req.guidance > 1.0:
+            negative = self.encode_prompts([req.negative_prompt] * req.batch)
+        self.release("text_encoder")  # phase 1 done: prompts are embeddings now
         txt_ids = sampling.text_ids(txt.shape[1]).to(self.device)
         x = sampling.pack(
             sampling.noise(req.seeds, self.transformer.cfg.in_channels, req.height, req.width, self.dtype)
@@ -198,6 +276,7 @@ class Pipeline:
         ref_tokens = ref_ids = ref_kv = None
         if req.refs:
             ref_tokens, ref_ids = self.encode_references(req.refs)
+            self.release("vae")
             ref_tokens, ref_ids = ref_tokens.expand(req.batch, -1, -1), ref_ids.to(self.device)
             if self.variant.kv_cache:  # reference tokens at a fixed timestep 0, computed once
                 t0 = torch.zeros(req.batch, device=self.device)
@@ -214,14 +293,16 @@ class Pipeline:
             return velocity
 
         velocity = model(txt)
-        if self.variant.guidance_mode == "cfg" and req.guidance > 1.0:
-            negative = self.encode_prompts([req.negative_prompt] * req.batch)
+        if negative is not None:
             velocity = sampling.cfg_velocity(velocity, model(negative), req.guidance)
 
         sigmas = sampling.schedule(req.steps, n_img).to(self.device)
         x = sampling.denoise(velocity, x, sigmas, callback)
+        self.release("transformer")
         return sampling.unpack(x, h, w)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Normalised latents -> images (B, 3, H, W) in [-1, 1]."""
-        return self.vae.decode(latents.to(self.dtype))
+        images = self.vae.decode(latents.to(self.dtype))
+        self.release("vae")
+        return images
