@@ -6,6 +6,7 @@ a model never exists twice in memory. Pickle checkpoints are refused: loading on
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from .variants import AutoencoderConfig, TransformerConfig
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 EMBEDDED = Path(__file__).parent / "weights"
@@ -59,3 +62,118 @@ def build(factory: Callable[[], nn.Module], sd: dict[str, Tensor], what: str, dt
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     module.load_state_dict(sd, strict=True, assign=True)
     return module.eval()
+
+
+# ----------------------------------------------------------------------------- diffusers folders
+
+
+def resolve_snapshot(path: str | Path) -> Path:
+    """A Hugging Face cache entry (`models--org--name`) -> its current snapshot folder; other paths as is."""
+    path = Path(path).expanduser()
+    if path.name.startswith("models--") and (path / "snapshots").is_dir():
+        ref = path / "refs" / "main"
+        snapshots = path / "snapshots"
+        if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+            return snapshots / ref.read_text().strip()
+        found = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(f"{path} has no snapshot: the download did not finish (run `flux2 pull`)")
+        return found[-1]
+    return path
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "model_index.json").is_file()
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"missing {path.name} in {path.parent}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_component(folder: Path) -> dict[str, Tensor]:
+    """All tensors of one diffusers/transformers component folder: a single file or an indexed shard set."""
+    if any(folder.glob(f"*{s}") for s in PICKLE_SUFFIXES) and not any(folder.glob("*.safetensors")):
+        pickle = next(p for s in PICKLE_SUFFIXES for p in folder.glob(f"*{s}"))
+        read_safetensors(pickle)  # raises the pickle refusal
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        shards = sorted(set(read_json(index[0])["weight_map"].values()))
+        sd: dict[str, Tensor] = {}
+        for shard in shards:
+            sd.update(read_safetensors(folder / shard))
+        return sd
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {folder}")
+    if len(files) > 1:
+        raise ValueError(f"{folder} holds {len(files)} .safetensors files but no index: {[f.name for f in files]}")
+    return read_safetensors(files[0])
+
+
+def transformer_config_from_diffusers(cfg: dict) -> TransformerConfig:
+    """diffusers `Flux2Transformer2DModel` config.json -> our TransformerConfig."""
+    if cfg.get("patch_size", 1) != 1:
+        raise ValueError(f"transformer patch_size {cfg['patch_size']} is not supported (FLUX.2 uses 1)")
+    heads, head_dim = cfg.get("num_attention_heads", 48), cfg.get("attention_head_dim", 128)
+    return TransformerConfig(
+        hidden_size=heads * head_dim,
+        num_heads=heads,
+        depth=cfg.get("num_layers", 8),
+        depth_single=cfg.get("num_single_layers", 48),
+        context_dim=cfg.get("joint_attention_dim", 15360),
+        in_channels=cfg.get("in_channels", 128),
+        mlp_ratio=cfg.get("mlp_ratio", 3.0),
+        axes_dim=tuple(cfg.get("axes_dims_rope", (32, 32, 32, 32))),
+        theta=cfg.get("rope_theta", 2000),
+        timestep_dim=cfg.get("timestep_guidance_channels", 256),
+        guidance_embed=cfg.get("guidance_embeds", True),
+        eps=cfg.get("eps", 1e-6),
+    )
+
+
+def vae_config_from_diffusers(cfg: dict) -> AutoencoderConfig:
+    """diffusers `AutoencoderKLFlux2` config.json -> our AutoencoderConfig."""
+    patch = cfg.get("patch_size", (2, 2))
+    if patch[0] != patch[1]:
+        raise ValueError(f"VAE patch_size {patch} is not supported (square patches only)")
+    dec = cfg.get("decoder_block_out_channels")
+    return AutoencoderConfig(
+        in_channels=cfg.get("in_channels", 3),
+        out_channels=cfg.get("out_channels", 3),
+        channels=tuple(cfg.get("block_out_channels", (128, 256, 512, 512))),
+        decoder_channels=tuple(dec) if dec else None,
+        num_res_blocks=cfg.get("layers_per_block", 2),
+        z_channels=cfg.get("latent_channels", 32),
+        norm_groups=cfg.get("norm_num_groups", 32),
+        patch=patch[0],
+        bn_eps=cfg.get("batch_norm_eps", 1e-4),
+    )
+
+
+def transformer_config_from_keys(sd: dict[str, Tensor], head_dim: int = 128) -> TransformerConfig:
+    """Infer the shape of a BFL-layout transformer from its tensors (official single files)."""
+    hidden, in_channels = sd["img_in.weight"].shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("double_blocks.")})
+    depth_single = len({k.split(".")[1] for k in sd if k.startswith("single_blocks.")})
+    mlp = (
+        sd["double_blocks.0.img_mlp.2.weight"].shape[1]
+        if depth
+        else sd["single_blocks.0.linear2.weight"].shape[1] - hidden
+    )
+    axes = (head_dim // 4,) * 4
+    return TransformerConfig(
+        hidden_size=hidden,
+        num_heads=hidden // head_dim,
+        depth=depth,
+        depth_single=depth_single,
+        context_dim=sd["txt_in.weight"].shape[1],
+        in_channels=in_channels,
+        mlp_ratio=mlp / hidden,
+        axes_dim=axes,
+        guidance_embed="guidance_in.in_layer.weight" in sd,
+    )

@@ -74,7 +74,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .loading import load
 
-    pipe = load(args.model, weights=args.weights, device=args.device, dtype=args.dtype)
+    model = args.model or (None if args.weights else "nano")
+    pipe = load(model, weights=args.weights, device=args.device, dtype=args.dtype)
     kw = {"guidance": args.guidance} if args.guidance is not None else {}
     started = time.perf_counter()
     images = pipe(args.prompt, size=args.size, steps=args.steps, seed=args.seed, num_images=args.num, **kw)
@@ -102,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .loading import load
     from .nano.evaluate import evaluate
 
-    pipe = load(args.model, weights=args.weights, device=args.device, dtype=args.dtype)
+    pipe = load(args.model or "nano", weights=args.weights, device=args.device, dtype=args.dtype)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     result = evaluate(pipe, seeds=seeds, limit=args.limit, steps=args.steps, guidance=args.guidance)
     print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else result.table())
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default="nano", help="model id (default: the embedded nano)")
+        p.add_argument("--model", help="model id (default: the embedded nano, or detected from --weights)")
         p.add_argument("--weights", help="weights file or folder (default: embedded / registered location)")
         p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
         p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 (fp16 on mps)")

@@ -7,12 +7,24 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import EMBEDDED, build, read_safetensors
+from .checkpoints import (
+    EMBEDDED,
+    build,
+    is_diffusers_folder,
+    read_component,
+    read_json,
+    read_safetensors,
+    resolve_snapshot,
+    transformer_config_from_diffusers,
+    vae_config_from_diffusers,
+)
+from .layouts.transformer import transformer_from_diffusers
+from .layouts.vae import vae_from_diffusers
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
-from .pipeline import DTYPES, Pipeline
-from .text_encoders import load_minilm
-from .variants import Variant, get_variant
+from .pipeline import DTYPES, Component, Pipeline
+from .text_encoders import TextEncoder, load_minilm
+from .variants import VARIANTS, TextEncoderSpec, TransformerConfig, Variant, get_variant
 
 EMBEDDED_IDS = ("nano", "nano-base")
 
@@ -48,25 +60,134 @@ def embedded_files(model_id: str) -> tuple[Path, Path]:
     return transformer, vae
 
 
+PIPELINE_CLASSES = {  # diffusers pipeline class -> our variant family
+    "Flux2Pipeline": "dev",
+    "Flux2KleinPipeline": "klein",
+    "Flux2KleinKVPipeline": "klein-9b-kv",
+}
+BFL_PREFIX = "model.diffusion_model."
+
+
+def detect_variant(pipeline_class: str, is_distilled: bool, transformer: TransformerConfig) -> Variant:
+    """The registered variant a diffusers folder holds; its shapes may differ (a tiny test pipeline)."""
+    family = PIPELINE_CLASSES.get(pipeline_class)
+    if family is None:
+        raise ValueError(f"model_index.json names {pipeline_class!r}; FLUX.2 folders use {sorted(PIPELINE_CLASSES)}")
+    if family != "klein":
+        return get_variant(family)
+    candidates = [v for v in VARIANTS.values() if v.id.startswith("klein") and not v.kv_cache]
+    candidates = [v for v in candidates if (v.guidance_mode == "none") == is_distilled]
+    for v in candidates:
+        if v.transformer == transformer:
+            return v
+    return candidates[0]
+
+
+def text_encoder_spec(base: TextEncoderSpec, folder: Path) -> TextEncoderSpec:
+    """The variant's text-encoder spec, with the width read from the folder's config."""
+    cfg = read_json(folder / "config.json")
+    kind = {"qwen3": "qwen3", "mistral3": "mistral3"}.get(cfg.get("model_type"))
+    if kind is None:
+        raise ValueError(f"text encoder in {folder} is {cfg.get('model_type')!r}; FLUX.2 uses qwen3 or mistral3")
+    hidden = cfg.get("hidden_size") or cfg["text_config"]["hidden_size"]
+    return dataclasses.replace(base, kind=kind, hidden_size=hidden)
+
+
+def hf_text_encoder(spec: TextEncoderSpec, model_dir: Path, tokenizer_dir: Path, device: str, dtype: torch.dtype):
+    """Load a Qwen3 / Mistral3 text encoder with only the layers the variant takes."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    last = max(spec.layers)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    text_cfg = config.text_config if spec.kind == "mistral3" else config
+    if text_cfg.num_hidden_layers < last:
+        raise ValueError(f"text encoder in {model_dir} has {text_cfg.num_hidden_layers} layers; {spec.layers} needed")
+    text_cfg.num_hidden_layers = last  # later layers are never read: do not even load them
+    if getattr(text_cfg, "layer_types", None) is not None:
+        text_cfg.layer_types = text_cfg.layer_types[:last]
+    cls = transformers.Mistral3ForConditionalGeneration if spec.kind == "mistral3" else transformers.Qwen3Model
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the skipped layers are reported as unused keys
+    try:
+        model = cls.from_pretrained(model_dir, config=config, dtype=dtype, local_files_only=True).to(device)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    has_processor = (tokenizer_dir / "processor_config.json").is_file() or (
+        tokenizer_dir / "preprocessor_config.json"
+    ).is_file()
+    loader = AutoProcessor if has_processor else AutoTokenizer
+    tokenizer = loader.from_pretrained(tokenizer_dir, local_files_only=True)
+    return TextEncoder(spec, model, tokenizer)
+
+
+def load_diffusers_folder(
+    folder: Path, model_id: str | None, device: str, dtype: torch.dtype, resident: bool
+) -> Pipeline:
+    index = read_json(folder / "model_index.json")
+    t_cfg = transformer_config_from_diffusers(read_json(folder / "transformer" / "config.json"))
+    vae_cfg = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
+    base = get_variant(model_id) if model_id else detect_variant(
+        index.get("_class_name", ""), bool(index.get("is_distilled", False)), t_cfg
+    )  # fmt: skip
+    spec = text_encoder_spec(base.text_encoder, folder / "text_encoder")
+    variant = dataclasses.replace(base, transformer=t_cfg, vae=vae_cfg, text_encoder=spec)
+
+    def transformer() -> Flux2Transformer:
+        sd = transformer_from_diffusers(read_component(folder / "transformer"))
+        return build(lambda: Flux2Transformer(t_cfg), sd, f"{variant.id} transformer", dtype).to(device)
+
+    def vae() -> AutoEncoder:
+        sd = vae_from_diffusers(read_component(folder / "vae"), vae_cfg)
+        return build(lambda: AutoEncoder(vae_cfg), sd, "VAE", dtype).to(device)
+
+    def text() -> TextEncoder:
+        return hf_text_encoder(spec, folder / "text_encoder", folder / "tokenizer", device, dtype)
+
+    return Pipeline(
+        variant,
+        Component(transformer, resident),
+        Component(vae, resident),
+        Component(text, resident),
+        device=device,
+        dtype=dtype,
+    )
+
+
 def load(
-    model_id: str = "nano",
+    model_id: str | None = None,
     *,
     weights: str | Path | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    resident: bool = False,
 ) -> Pipeline:
-    """A `Pipeline` for `model_id`. The embedded models need no download and no `weights`."""
+    """A `Pipeline` for `model_id` (default: the embedded `nano`, which needs no download).
+
+    `weights` may be a diffusers-format folder or a Hugging Face cache entry of it; the variant is
+    then detected from the folder when `model_id` is None. `resident=True` keeps every part in
+    memory between calls (servers); by default each part is loaded for its phase and freed after.
+    """
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    if weights is not None:
+        path = resolve_snapshot(weights)
+        if is_diffusers_folder(path):
+            return load_diffusers_folder(path, model_id, device, torch_dtype, resident)
+        if model_id not in EMBEDDED_IDS:
+            raise ValueError(f"{path} is not a diffusers-format folder (no model_index.json)")
+    model_id = model_id or "nano"
     variant: Variant = get_variant(model_id)
     if variant.hosted:
         raise ValueError(f"{model_id} is a hosted model (Black Forest Labs API); it has no local weights")
-    device = device or default_device()
-    torch_dtype = resolve_dtype(dtype, device)
     if model_id not in EMBEDDED_IDS:
-        raise NotImplementedError(f"loading {model_id} from {weights!r} is not available in this version")
+        raise FileNotFoundError(
+            f"no weights given for {model_id}: pass --weights PATH (a diffusers folder) or download them"
+        )
     t_path, vae_path = embedded_files(model_id)
     if weights is not None:
         t_path = Path(weights)
     transformer = build(lambda: Flux2Transformer(variant.transformer), read_safetensors(t_path), model_id, torch_dtype)
     vae = build(lambda: AutoEncoder(variant.vae), read_safetensors(vae_path), "nano VAE", torch_dtype)
     text_encoder = load_minilm(variant.text_encoder, device=device)
-    return Pipeline(dataclasses.replace(variant), transformer, vae, text_encoder, device=device, dtype=torch_dtype)
+    return Pipeline(variant, transformer, vae, text_encoder, device=device, dtype=torch_dtype)

@@ -64,17 +64,20 @@ def language_model(model: nn.Module) -> nn.Module:
 def truncate_layers(stack: nn.Module, last: int) -> nn.Module:
     """Keep the first `last` decoder layers and drop the final norm, so hidden_states[last] is raw.
 
-    Works on a built model (drops the later layers' weights) or before loading weights.
+    Works on a built model (drops the later layers' weights) or on one loaded with `last` layers.
     """
-    if not hasattr(stack, "layers") or len(stack.layers) <= last:
-        return stack
-    stack.layers = stack.layers[:last]
-    cfg = copy.deepcopy(stack.config)
-    cfg.num_hidden_layers = last
-    if getattr(cfg, "layer_types", None) is not None:
-        cfg.layer_types = cfg.layer_types[:last]
-    stack.config = cfg
-    stack.norm = nn.Identity()  # hidden_states[-1] would otherwise be the normed output
+    if not hasattr(stack, "layers"):
+        return stack  # BERT-style encoders: every hidden state is already un-normed
+    if len(stack.layers) < last:
+        raise ValueError(f"the text encoder has {len(stack.layers)} layers; layer {last} is needed")
+    if len(stack.layers) > last:
+        stack.layers = stack.layers[:last]
+        cfg = copy.deepcopy(stack.config)
+        cfg.num_hidden_layers = last
+        if getattr(cfg, "layer_types", None) is not None:
+            cfg.layer_types = cfg.layer_types[:last]
+        stack.config = cfg
+    stack.norm = nn.Identity()  # transformers reports hidden_states[-1] after the final norm
     return stack
 
 
