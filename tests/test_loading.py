@@ -16,8 +16,17 @@ from safetensors.torch import save_file
 from flux2studio.checkpoints import build, read_safetensors
 from flux2studio.loading import load
 from flux2studio.model.transformer import Flux2Transformer
-from tiny import MISTRAL_TEMPLATE, QWEN3_TEMPLATE, TRANSFORMER, VAE, diffusers_transformer, diffusers_vae
-from tiny import mistral3, qwen3, tokenizer
+from tiny import (
+    MISTRAL_TEMPLATE,
+    QWEN3_TEMPLATE,
+    TRANSFORMER,
+    VAE,
+    diffusers_transformer,
+    diffusers_vae,
+    mistral3,
+    qwen3,
+    tokenizer,
+)
 
 VAE4 = dataclasses.replace(VAE, channels=(32, 32, 32, 32))  # 8x down like the real VAE
 
