@@ -139,3 +139,54 @@ def test_missing_unexpected_and_misshapen_keys_are_all_named():
     assert "1 missing: img_in.weight" in message
     assert "1 unexpected: extra.weight" in message
     assert "txt_in.weight: file (3, 3) vs model (64, 96)" in message
+
+
+def _single_files(klein_folder, tmp_path, fp8: bool):
+    """Official-style files from the tiny folder: BFL transformer (prefixed), ae.safetensors, text encoder."""
+    from flux2studio.layouts.transformer import transformer_from_diffusers
+    from flux2studio.layouts.vae import vae_from_diffusers
+
+    pipe, folder = klein_folder
+    sd = transformer_from_diffusers(pipe.transformer.state_dict())
+    if fp8:  # per-tensor scaled fp8, as BFL / ComfyUI ship: weight_scale beside each fp8 weight
+        scaled = {}
+        for k, v in sd.items():
+            if k.endswith(".weight") and v.ndim == 2:
+                scale = v.abs().max() / 448
+                scaled[k] = (v / scale).to(torch.float8_e4m3fn)
+                scaled[k[: -len(".weight")] + ".weight_scale"] = scale.reshape(())
+            else:
+                scaled[k] = v
+        sd = scaled
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in sd.items()},
+              str(tmp_path / "flux-2-klein-4b.safetensors"))  # fmt: skip
+    vae_sd = vae_from_diffusers(pipe.vae.state_dict(), VAE4)
+    save_file({k: v.contiguous() for k, v in vae_sd.items()}, str(tmp_path / "ae.safetensors"))
+    return tmp_path / "flux-2-klein-4b.safetensors", folder / "text_encoder", folder
+
+
+def test_bfl_single_file_gives_the_same_image_as_the_folder(klein_folder, tmp_path):
+    path, te, folder = _single_files(klein_folder, tmp_path, fp8=False)
+    shutil.copytree(folder / "tokenizer", tmp_path / "te" / "tokenizer")
+    for f in te.iterdir():
+        shutil.copy(f, tmp_path / "te" / f.name)
+    single = load("klein-4b", weights=path, text_encoder=tmp_path / "te", device="cpu", dtype="fp32")
+    from_folder = load(weights=folder, device="cpu", dtype="fp32")
+    a = single("a red circle", size=(64, 64), steps=2, seed=3)[0]
+    b = from_folder("a red circle", size=(64, 64), steps=2, seed=3)[0]
+    assert _max_pixel_diff(a, b) <= 1  # same weights; fused vs split qkv sums differ in the last bits
+
+
+def test_fp8_single_file_is_dequantised_with_its_scales(klein_folder, tmp_path):
+    from flux2studio.checkpoints import dequantize_fp8, strip_prefix
+
+    path, _, _ = _single_files(klein_folder, tmp_path, fp8=True)
+    raw = strip_prefix(read_safetensors(path))
+    assert raw["img_in.weight"].dtype == torch.float8_e4m3fn and "img_in.weight_scale" in raw
+    sd = dequantize_fp8(raw, torch.float32)
+    assert not any(k.endswith("_scale") for k in sd)
+    exact = Flux2Transformer(dataclasses.replace(TRANSFORMER, guidance_embed=False)).state_dict()
+    assert set(sd) == set(exact)
+    original = klein_folder[0].transformer.x_embedder.weight
+    # fp8 e4m3 keeps 3 mantissa bits: relative error below 2^-4 of the tensor's max.
+    assert (sd["img_in.weight"] - original).abs().max() <= original.abs().max() / 16

@@ -21,8 +21,8 @@ PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 EMBEDDED = Path(__file__).parent / "weights"
 
 
-def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
-    """Tensors of a .safetensors file (memory-mapped on CPU); pickle and broken files get a clear error."""
+def check_path(path: str | Path) -> Path:
+    """Refuse pickle checkpoints and missing files with messages that say what to do."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(
@@ -31,6 +31,12 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]
         )
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    return path
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
+    """Tensors of a .safetensors file (memory-mapped on CPU); pickle and broken files get a clear error."""
+    path = check_path(path)
     try:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError) as e:
@@ -98,8 +104,7 @@ def read_json(path: Path) -> dict:
 def read_component(folder: Path) -> dict[str, Tensor]:
     """All tensors of one diffusers/transformers component folder: a single file or an indexed shard set."""
     if any(folder.glob(f"*{s}") for s in PICKLE_SUFFIXES) and not any(folder.glob("*.safetensors")):
-        pickle = next(p for s in PICKLE_SUFFIXES for p in folder.glob(f"*{s}"))
-        read_safetensors(pickle)  # raises the pickle refusal
+        check_path(next(p for s in PICKLE_SUFFIXES for p in folder.glob(f"*{s}")))  # raises the refusal
     index = sorted(folder.glob("*.safetensors.index.json"))
     if index:
         shards = sorted(set(read_json(index[0])["weight_map"].values()))
@@ -155,25 +160,112 @@ def vae_config_from_diffusers(cfg: dict) -> AutoencoderConfig:
     )
 
 
-def transformer_config_from_keys(sd: dict[str, Tensor], head_dim: int = 128) -> TransformerConfig:
-    """Infer the shape of a BFL-layout transformer from its tensors (official single files)."""
-    hidden, in_channels = sd["img_in.weight"].shape
+_DIFFUSERS_NAMES = {  # diffusers names of the tensors `transformer_config_from_keys` reads
+    "x_embedder.weight": "img_in.weight",
+    "context_embedder.weight": "txt_in.weight",
+    "single_transformer_blocks.0.attn.to_out.weight": "single_blocks.0.linear2.weight",
+    "single_transformer_blocks.0.attn.norm_q.weight": "single_blocks.0.norm.query_norm.scale",
+    "time_guidance_embed.guidance_embedder.linear_1.weight": "guidance_in.in_layer.weight",
+}
+
+
+def transformer_config_from_keys(sd: dict[str, Tensor] | dict[str, tuple[int, ...]]) -> TransformerConfig:
+    """Infer a transformer's shape from its tensors or their shapes (official single files, either names)."""
+    sd = {k: torch.Size(v.shape if isinstance(v, Tensor) else v) for k, v in sd.items()}
+    if transformer_layout(sd) == "diffusers":  # only the names differ for what is read here
+        sd = {_DIFFUSERS_NAMES.get(k, k): v for k, v in sd.items()}
+        sd = {k.replace("single_transformer_blocks.", "single_blocks."): v for k, v in sd.items()}
+        sd = {k.replace("transformer_blocks.", "double_blocks."): v for k, v in sd.items()}
+    missing = [k for k in ("img_in.weight", "txt_in.weight", "single_blocks.0.linear2.weight") if k not in sd]
+    if missing:
+        raise ValueError(f"not a FLUX.2 transformer: missing {missing}")
+    hidden, in_channels = sd["img_in.weight"]
     depth = len({k.split(".")[1] for k in sd if k.startswith("double_blocks.")})
     depth_single = len({k.split(".")[1] for k in sd if k.startswith("single_blocks.")})
-    mlp = (
-        sd["double_blocks.0.img_mlp.2.weight"].shape[1]
-        if depth
-        else sd["single_blocks.0.linear2.weight"].shape[1] - hidden
-    )
-    axes = (head_dim // 4,) * 4
+    head_dim = sd["single_blocks.0.norm.query_norm.scale"][0]
+    mlp = sd["single_blocks.0.linear2.weight"][1] - hidden  # linear2 takes [attn (D); mlp]
     return TransformerConfig(
         hidden_size=hidden,
         num_heads=hidden // head_dim,
         depth=depth,
         depth_single=depth_single,
-        context_dim=sd["txt_in.weight"].shape[1],
+        context_dim=sd["txt_in.weight"][1],
         in_channels=in_channels,
         mlp_ratio=mlp / hidden,
-        axes_dim=axes,
+        axes_dim=(head_dim // 4,) * 4,  # FLUX.2 splits the head dim evenly over its 4 RoPE axes
         guidance_embed="guidance_in.in_layer.weight" in sd,
     )
+
+
+# ----------------------------------------------------------------------------- single files
+
+BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+FP8_SCALE_SUFFIXES = (".weight_scale", ".scale_weight")  # diffusers / ComfyUI spellings
+FP8_DROPPED_SUFFIXES = (".input_scale", ".scale_input")  # activation hints: meaningless once dequantised
+
+
+def strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Remove the `model.diffusion_model.` prefix some single files carry (all keys or none)."""
+    for prefix in BFL_PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            return {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def dequantize_fp8(sd: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """fp8 weights with per-tensor scales -> `dtype` weights (w.float() * scale), on load.
+
+    We dequantise once at load time rather than per layer at run time: one code path for every
+    device, exact same math as the reference for the dequantised weights, at the cost of bf16 memory.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if key.endswith(FP8_SCALE_SUFFIXES + FP8_DROPPED_SUFFIXES):
+            continue
+        if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            base = key[: -len(".weight")] if key.endswith(".weight") else key
+            scale = next((sd[base + s] for s in FP8_SCALE_SUFFIXES if base + s in sd), None)
+            value = value.float() * (scale.float() if scale is not None else 1.0)
+            value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+def is_fp8(sd: dict[str, Tensor]) -> bool:
+    return any(v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for v in sd.values())
+
+
+def vae_config_from_keys(sd: dict[str, Tensor] | dict[str, tuple[int, ...]]) -> AutoencoderConfig:
+    """Infer a BFL/LDM-layout VAE's shape from its tensors or shapes (GroupNorm groups: FLUX.2's 32)."""
+    shape = {k: tuple(v.shape if isinstance(v, Tensor) else v) for k, v in sd.items()}
+    levels = 1 + max(int(k.split(".")[2]) for k in shape if k.startswith("encoder.down."))
+    enc = tuple(shape[f"encoder.down.{i}.block.0.conv2.weight"][0] for i in range(levels))
+    dec = tuple(shape[f"decoder.up.{i}.block.0.conv2.weight"][0] for i in range(levels))
+    blocks = 1 + max(int(k.split(".")[4]) for k in shape if k.startswith("encoder.down.0.block."))
+    z = shape["decoder.post_quant_conv.weight"][0]
+    return AutoencoderConfig(
+        channels=enc,
+        decoder_channels=None if dec == enc else dec,
+        num_res_blocks=blocks,
+        z_channels=z,
+        in_channels=shape["encoder.conv_in.weight"][1],
+        out_channels=shape["decoder.conv_out.weight"][0],
+    )
+
+
+def transformer_layout(sd: dict[str, Tensor]) -> str:
+    """'bfl' (official single files, our layout) or 'diffusers', from the key names."""
+    if any(k.startswith("double_blocks.") or k.startswith("single_blocks.") for k in sd):
+        return "bfl"
+    if any(k.startswith("transformer_blocks.") or k.startswith("single_transformer_blocks.") for k in sd):
+        return "diffusers"
+    raise ValueError("not a FLUX.2 transformer: no double_blocks / transformer_blocks keys")
+
+
+def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a safetensors file without reading any data (for detection and `flux2 info`)."""
+    from safetensors import safe_open
+
+    path = check_path(path)
+    with safe_open(str(path), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118

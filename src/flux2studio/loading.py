@@ -10,13 +10,20 @@ import torch
 from .checkpoints import (
     EMBEDDED,
     build,
+    dequantize_fp8,
     is_diffusers_folder,
+    is_fp8,
     read_component,
     read_json,
     read_safetensors,
+    read_shapes,
     resolve_snapshot,
+    strip_prefix,
     transformer_config_from_diffusers,
+    transformer_config_from_keys,
+    transformer_layout,
     vae_config_from_diffusers,
+    vae_config_from_keys,
 )
 from .layouts.transformer import transformer_from_diffusers
 from .layouts.vae import vae_from_diffusers
@@ -154,6 +161,82 @@ def load_diffusers_folder(
     )
 
 
+def variant_for_file(path: Path, t_cfg: TransformerConfig, model_id: str | None) -> Variant:
+    """The registered variant of a single transformer file: by id if given, else by shape and file name."""
+    if model_id:
+        return get_variant(model_id)
+    name = path.name.lower()
+    matches = [v for v in VARIANTS.values() if v.transformer == t_cfg and v.id not in EMBEDDED_IDS]
+    if not matches:
+        raise ValueError(f"{path.name}: transformer shape {t_cfg} matches no FLUX.2 variant; pass --model ID")
+    for v in matches:  # several variants share a shape: the official file names tell them apart
+        if any(f.lower() == name for f in v.files):
+            return v
+    kv = [v for v in matches if v.kv_cache == ("kv" in name)]
+    base = [v for v in kv if (v.guidance_mode == "cfg") == ("base" in name)]
+    return (base or kv or matches)[0]
+
+
+def find_text_encoder(spec: TextEncoderSpec, given: str | Path | None) -> Path:
+    """A local folder holding the text encoder (config + weights + tokenizer): given, or in the HF cache."""
+    if given is not None:
+        folder = resolve_snapshot(given)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"text encoder folder {folder} has no config.json")
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec.model, local_files_only=True))
+    except Exception:  # huggingface_hub raises several types for "not in the cache"
+        raise FileNotFoundError(
+            f"text encoder {spec.model} not found in the Hugging Face cache: pass --text-encoder PATH "
+            "or download it (`flux2 pull` or `huggingface-cli download`)"
+        ) from None
+
+
+def load_single_file(
+    path: Path,
+    model_id: str | None,
+    device: str,
+    dtype: torch.dtype,
+    resident: bool,
+    vae_path: str | Path | None,
+    text_encoder_path: str | Path | None,
+) -> Pipeline:
+    """An official single transformer file (BFL or diffusers names, bf16 or fp8 with scales)."""
+    t_cfg = transformer_config_from_keys(strip_prefix(read_shapes(path)))
+    variant = dataclasses.replace(variant_for_file(path, t_cfg, model_id), transformer=t_cfg)
+    vae_file = Path(vae_path) if vae_path else path.parent / "ae.safetensors"
+    vae_shapes = read_shapes(vae_file)
+    vae_diffusers = any(k.startswith("encoder.down_blocks.") for k in vae_shapes)
+    vae_cfg = variant.vae if vae_diffusers else vae_config_from_keys(vae_shapes)
+    te_folder = find_text_encoder(variant.text_encoder, text_encoder_path)
+    spec = text_encoder_spec(variant.text_encoder, te_folder)
+    variant = dataclasses.replace(variant, text_encoder=spec, vae=vae_cfg)
+
+    def transformer() -> Flux2Transformer:
+        sd = strip_prefix(read_safetensors(path))
+        if is_fp8(sd):
+            sd = dequantize_fp8(sd, dtype)
+        if transformer_layout(sd) == "diffusers":
+            sd = transformer_from_diffusers(sd)
+        return build(lambda: Flux2Transformer(t_cfg), sd, f"{variant.id} transformer", dtype).to(device)
+
+    def vae() -> AutoEncoder:
+        sd = read_safetensors(vae_file)
+        if vae_diffusers:
+            sd = vae_from_diffusers(sd, vae_cfg)
+        return build(lambda: AutoEncoder(vae_cfg), sd, "VAE", dtype).to(device)
+
+    def text() -> TextEncoder:
+        tok = te_folder / "tokenizer" if (te_folder / "tokenizer").is_dir() else te_folder
+        return hf_text_encoder(spec, te_folder, tok, device, dtype)
+
+    parts = (Component(transformer, resident), Component(vae, resident), Component(text, resident))
+    return Pipeline(variant, *parts, device=device, dtype=dtype)
+
+
 def load(
     model_id: str | None = None,
     *,
@@ -161,11 +244,14 @@ def load(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     resident: bool = False,
+    vae: str | Path | None = None,
+    text_encoder: str | Path | None = None,
 ) -> Pipeline:
     """A `Pipeline` for `model_id` (default: the embedded `nano`, which needs no download).
 
-    `weights` may be a diffusers-format folder or a Hugging Face cache entry of it; the variant is
-    then detected from the folder when `model_id` is None. `resident=True` keeps every part in
+    `weights` may be a diffusers-format folder, a Hugging Face cache entry of one, or an official
+    single transformer file (then `vae` defaults to `ae.safetensors` beside it and `text_encoder` to
+    the Hugging Face cache); the variant is detected when `model_id` is None. `resident=True` keeps every part in
     memory between calls (servers); by default each part is loaded for its phase and freed after.
     """
     device = device or default_device()
@@ -174,8 +260,10 @@ def load(
         path = resolve_snapshot(weights)
         if is_diffusers_folder(path):
             return load_diffusers_folder(path, model_id, device, torch_dtype, resident)
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder without model_index.json: not a diffusers-format pipeline")
         if model_id not in EMBEDDED_IDS:
-            raise ValueError(f"{path} is not a diffusers-format folder (no model_index.json)")
+            return load_single_file(path, model_id, device, torch_dtype, resident, vae, text_encoder)
     model_id = model_id or "nano"
     variant: Variant = get_variant(model_id)
     if variant.hosted:
