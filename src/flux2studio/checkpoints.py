@@ -6,7 +6,9 @@ a model never exists twice in memory. Pickle checkpoints are refused: loading on
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -269,3 +271,157 @@ def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     path = check_path(path)
     with safe_open(str(path), "pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def transformer_config_to_diffusers(cfg: TransformerConfig) -> dict:
+    """Our TransformerConfig -> diffusers `Flux2Transformer2DModel` config.json."""
+    return {
+        "_class_name": "Flux2Transformer2DModel",
+        "patch_size": 1,
+        "in_channels": cfg.in_channels,
+        "out_channels": None,
+        "num_layers": cfg.depth,
+        "num_single_layers": cfg.depth_single,
+        "attention_head_dim": cfg.head_dim,
+        "num_attention_heads": cfg.num_heads,
+        "joint_attention_dim": cfg.context_dim,
+        "timestep_guidance_channels": cfg.timestep_dim,
+        "mlp_ratio": cfg.mlp_ratio,
+        "axes_dims_rope": list(cfg.axes_dim),
+        "rope_theta": cfg.theta,
+        "eps": cfg.eps,
+        "guidance_embeds": cfg.guidance_embed,
+    }
+
+
+def vae_config_to_diffusers(cfg: AutoencoderConfig) -> dict:
+    """Our AutoencoderConfig -> diffusers `AutoencoderKLFlux2` config.json."""
+    n = len(cfg.channels)
+    return {
+        "_class_name": "AutoencoderKLFlux2",
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": list(cfg.channels),
+        "decoder_block_out_channels": list(cfg.decoder_channels) if cfg.decoder_channels else None,
+        "layers_per_block": cfg.num_res_blocks,
+        "latent_channels": cfg.z_channels,
+        "norm_num_groups": cfg.norm_groups,
+        "batch_norm_eps": cfg.bn_eps,
+        "patch_size": [cfg.patch, cfg.patch],
+    }
+
+
+def write_safetensors(sd: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write atomically (a temporary file renamed into place): an interrupted write leaves no broken file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- convert / inspect
+
+
+def read_any(src: str | Path) -> tuple[str, str, dict[str, Tensor], TransformerConfig | AutoencoderConfig]:
+    """A transformer or VAE from a single file or a diffusers component folder.
+
+    Returns (component "transformer" | "vae", layout "bfl" | "diffusers", tensors in OUR layout, config).
+    """
+    from .layouts.transformer import transformer_from_diffusers
+    from .layouts.vae import vae_from_diffusers
+
+    src = resolve_snapshot(src)
+    if src.is_dir():
+        cfg_json = read_json(src / "config.json")
+        raw = read_component(src)
+        if cfg_json.get("_class_name") == "Flux2Transformer2DModel":
+            cfg = transformer_config_from_diffusers(cfg_json)
+            return "transformer", "diffusers", transformer_from_diffusers(raw), cfg
+        if cfg_json.get("_class_name") == "AutoencoderKLFlux2":
+            cfg = vae_config_from_diffusers(cfg_json)
+            return "vae", "diffusers", vae_from_diffusers(raw, cfg), cfg
+        raise ValueError(f"{src}: config.json names {cfg_json.get('_class_name')!r}, not a FLUX.2 transformer or VAE")
+    raw = strip_prefix(read_safetensors(src))
+    if any(k.startswith(("encoder.", "decoder.")) for k in raw):
+        if any(k.startswith("encoder.down_blocks.") for k in raw):
+            raise ValueError(f"{src}: a diffusers-named VAE file needs its config.json: give the vae/ folder")
+        cfg = vae_config_from_keys(raw)
+        return "vae", "bfl", raw, cfg
+    layout = transformer_layout(raw)
+    if is_fp8(raw):
+        raw = dequantize_fp8(raw, torch.bfloat16)
+    sd = transformer_from_diffusers(raw) if layout == "diffusers" else raw
+    return "transformer", layout, sd, transformer_config_from_keys(sd)
+
+
+def convert(src: str | Path, dst: str | Path, to: str) -> str:
+    """Write the transformer or VAE at `src` in the `to` layout ("diffusers" folder or "bfl" single file)."""
+    from .layouts.transformer import transformer_to_diffusers
+    from .layouts.vae import vae_to_diffusers
+
+    if to not in ("diffusers", "bfl"):
+        raise ValueError(f"--to {to!r}: choose diffusers or bfl")
+    kind, layout, sd, cfg = read_any(src)
+    dst = Path(dst)
+    if dst.exists() and (dst.is_file() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} exists: choose a new path (nothing is overwritten)")
+    if to == "bfl":
+        path = (
+            dst if dst.suffix == ".safetensors" else dst / ("ae.safetensors" if kind == "vae" else "flux2.safetensors")
+        )
+        write_safetensors(sd, path)
+    else:
+        out = transformer_to_diffusers(sd) if kind == "transformer" else vae_to_diffusers(sd, cfg)
+        config = transformer_config_to_diffusers(cfg) if kind == "transformer" else vae_config_to_diffusers(cfg)
+        dst.mkdir(parents=True, exist_ok=True)
+        (dst / "config.json").write_text(json.dumps(config, indent=2))
+        path = dst / "diffusion_pytorch_model.safetensors"
+        write_safetensors(out, path)
+    return f"{kind} ({layout} layout) -> {path} ({to} layout, {len(sd)} tensors)"
+
+
+def describe(path: str | Path) -> dict:
+    """What `flux2 info` prints: layout, component or variant, dtypes, parameter count, file sizes."""
+    path = resolve_snapshot(path)
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [check_path(path)]
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, int] = {}
+    for f in files:
+        from safetensors import safe_open
+
+        with safe_open(str(f), "pt") as handle:
+            for k in handle.keys():  # noqa: SIM118
+                piece = handle.get_slice(k)
+                shapes[f"{f.relative_to(path) if path.is_dir() else f.name}:{k}"] = tuple(piece.get_shape())
+                dtypes[piece.get_dtype()] = dtypes.get(piece.get_dtype(), 0) + 1
+    info: dict = {
+        "path": str(path),
+        "files": {str(f.relative_to(path) if path.is_dir() else f.name): f.stat().st_size for f in files},
+        "bytes": sum(f.stat().st_size for f in files),
+        "params": sum(math.prod(s) for s in shapes.values()),
+        "dtypes": dtypes,
+    }
+    if is_diffusers_folder(path):
+        info["layout"] = "diffusers folder"
+        info["pipeline"] = read_json(path / "model_index.json").get("_class_name")
+        info["transformer"] = dataclasses.asdict(
+            transformer_config_from_diffusers(read_json(path / "transformer" / "config.json"))
+        )
+    elif path.is_file():
+        keys = strip_prefix({k.split(":", 1)[1]: v for k, v in shapes.items()})
+        if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+            info["layout"], info["component"] = "single file", "vae"
+        else:
+            info["layout"] = f"single file ({transformer_layout(keys)} names)"
+            info["component"] = "transformer"
+            info["transformer"] = dataclasses.asdict(transformer_config_from_keys(keys))
+    else:
+        info["layout"] = "folder"
+    return info

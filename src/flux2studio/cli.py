@@ -110,6 +110,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoints import convert
+
+    print(convert(args.src, args.dst, args.to))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoints import describe
+
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['path']}\n  layout: {info['layout']}")
+    for key in ("pipeline", "component"):
+        if key in info:
+            print(f"  {key}: {info[key]}")
+    if "transformer" in info:
+        t = info["transformer"]
+        print(f"  transformer: hidden {t['hidden_size']}, {t['depth']} double + {t['depth_single']} single blocks, "
+              f"context {t['context_dim']}, guidance embedding {'yes' if t['guidance_embed'] else 'no'}")  # fmt: skip
+    print(f"  parameters: {info['params']:,}  dtypes: {info['dtypes']}")
+    for name, size in info["files"].items():
+        print(f"  {size / 2**20:10.1f} MiB  {name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2", description="Run the FLUX.2 family on your own hardware.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="evaluate an evenly spread subset of N prompts")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    conv = sub.add_parser("convert", help="convert a transformer or VAE between the diffusers and BFL layouts")
+    conv.add_argument("src", help="single .safetensors file or diffusers component folder (transformer/, vae/)")
+    conv.add_argument("dst", help="new folder (--to diffusers) or .safetensors file (--to bfl)")
+    conv.add_argument("--to", choices=["diffusers", "bfl"], required=True)
+    conv.set_defaults(func=cmd_convert)
+
+    info = sub.add_parser("info", help="layout, detected model, dtypes, parameter count and file sizes of weights")
+    info.add_argument("path")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
 
     tr = sub.add_parser("train", help="train the embedded model (stages: vae, base, distill)")
     tr.add_argument("what", choices=["nano"])
