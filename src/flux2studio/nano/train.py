@@ -1,0 +1,409 @@
+"""Training of the embedded model on the Shapes world: the VAE, then `nano-base`, then `nano`.
+
+Stages (each resumable from its last checkpoint, deterministic for a seed):
+  vae      the FLUX.2 VAE class with small widths: L1 + MSE reconstruction, small KL; then the latent
+           BatchNorm statistics are measured on fresh renders.
+  base     rectified flow on VAE latents with 10% caption dropout (so real CFG works), EMA weights.
+  distill  `nano`: a copy of nano-base trained to follow, in 4 Euler steps without CFG, the
+           trajectories that nano-base draws with CFG in many steps (see `distill_step`).
+
+Data is generated on the fly (a fresh scene for every sample), so there is no dataset to store.
+Checkpoints are safetensors (model, EMA, optimizer moments) plus the step in the metadata.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .. import sampling
+from ..images import to_tensor
+from ..model.autoencoder import AutoEncoder, patchify
+from ..model.transformer import Flux2Transformer
+from ..text_encoders import TextEncoder, load_minilm
+from ..variants import get_variant
+from .shapes import render, sample, sample_scene
+
+# Training resolutions (width, height) and how often each is drawn: mostly the 128x128 default, some
+# other aspect ratios so every supported preset has been seen.
+BUCKETS: tuple[tuple[tuple[int, int], float], ...] = (
+    ((128, 128), 0.6),
+    ((64, 64), 0.08),
+    ((96, 128), 0.08),
+    ((128, 96), 0.08),
+    ((160, 112), 0.08),
+    ((192, 192), 0.08),
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str  # "vae" | "base" | "distill"
+    out: str = "runs/nano"
+    steps: int = 1000
+    batch: int = 16
+    lr: float = 1e-3
+    warmup: int = 100
+    seed: int = 0
+    ckpt_every: int = 200
+    eval_every: int = 0  # 0: no periodic eval
+    caption_dropout: float = 0.1
+    ema: float = 0.999
+    kl_weight: float = 1e-4
+    threads: int = 2
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, step: int, tensors: dict[str, Tensor], cfg: TrainConfig) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    meta = {"step": str(step), "config": json.dumps(asdict(cfg))}
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)  # atomic: a kill mid-write never leaves a broken checkpoint
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> dict[str, Tensor]:
+    out = {}
+    for p, state in opt.state.items():
+        for k, v in state.items():
+            out[f"opt.{names[p]}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, names: dict[nn.Parameter, str], sd: dict[str, Tensor]) -> None:
+    for p, name in names.items():
+        state = {k.rsplit(".", 1)[1]: v for k, v in sd.items() if k.startswith(f"opt.{name}.")}
+        if state:
+            opt.state[p] = state
+
+
+def latest(out: Path, stage: str) -> Path | None:
+    path = out / f"{stage}.ckpt.safetensors"
+    return path if path.exists() else None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def pick_bucket(rng: np.random.Generator) -> tuple[int, int]:
+    sizes, weights = zip(*BUCKETS, strict=True)
+    return sizes[rng.choice(len(sizes), p=np.array(weights) / sum(weights))]
+
+
+def image_batch(rng: np.random.Generator, n: int, size: tuple[int, int]) -> Tensor:
+    """(n, 3, H, W) in [-1, 1]: fresh random scenes."""
+    return torch.cat([to_tensor(render(sample_scene(rng), *size)) for _ in range(n)])
+
+
+def caption_batch(rng: np.random.Generator, n: int, size: tuple[int, int]) -> tuple[Tensor, list[str]]:
+    pairs = [sample(rng, *size)[:2] for _ in range(n)]
+    return torch.cat([to_tensor(img) for img, _ in pairs]), [c for _, c in pairs]
+
+
+# ----------------------------------------------------------------------------- stage: vae
+
+
+def train_vae(cfg: TrainConfig, log: Callable[[dict], None]) -> AutoEncoder:
+    vae_cfg = get_variant("nano").vae
+    torch.manual_seed(cfg.seed)
+    vae = AutoEncoder(vae_cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    names = {p: n for n, p in vae.named_parameters()}
+    out = Path(cfg.out)
+    start = 0
+    if ckpt := latest(out, "vae"):
+        sd = load_file(str(ckpt))
+        vae.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
+        restore_optimizer(opt, names, sd)
+        start = int(_meta(ckpt)["step"])
+    for step in range(start, cfg.steps):
+        rng = np.random.default_rng([cfg.seed, step])
+        x = image_batch(rng, cfg.batch, (128, 128))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mean, logvar = vae.moments(x).float().chunk(2, dim=1)
+            logvar = logvar.clamp(-30, 20)
+            eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
+            z = mean + torch.exp(0.5 * logvar) * eps
+            y = vae.decode_raw(z).float()
+        rec = F.l1_loss(y, x) + F.mse_loss(y, x)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = rec + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        log({"stage": "vae", "step": step + 1, "loss": loss.item(), "rec": rec.item(), "kl": kl.item()})
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            tensors = {f"model.{k}": v for k, v in vae.state_dict().items()}
+            save_checkpoint(out / "vae.ckpt.safetensors", step + 1, tensors | optimizer_tensors(opt, names), cfg)
+    measure_latent_stats(vae, cfg.seed)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"))
+    return vae
+
+
+@torch.no_grad()
+def measure_latent_stats(vae: AutoEncoder, seed: int, n: int = 1024, batch: int = 32) -> None:
+    """Per-channel mean and variance of patchified posterior means -> the BatchNorm buffers."""
+    vae.eval()
+    rng = np.random.default_rng([seed, 10**9])
+    zs = []
+    for _ in range(n // batch):
+        x = image_batch(rng, batch, (128, 128))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mean = vae.moments(x).float()[:, : vae.cfg.z_channels]
+        zs.append(patchify(mean, vae.cfg.patch).transpose(0, 1).flatten(1))  # (128, B*h*w)
+    z = torch.cat(zs, dim=1)
+    vae.bn.running_mean.copy_(z.mean(dim=1))
+    vae.bn.running_var.copy_(z.var(dim=1))
+
+
+def _meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+# ----------------------------------------------------------------------------- stage: base
+
+
+class Ema:
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # short warmup so early EMA is not stale noise
+        for k, v in model.state_dict().items():
+            self.shadow[k].mul_(d).add_(v.float(), alpha=1 - d)
+
+
+def train_timesteps(rng: torch.Generator, n: int, shift: float) -> Tensor:
+    """Training noise levels: uniform u shifted like the sampling schedule (e^mu ~ 6 at 64 tokens)."""
+    u = torch.rand(n, generator=rng).clamp(1e-4, 1 - 1e-4)
+    return shift / (shift + (1 / u - 1))
+
+
+class Frozen:
+    """The frozen parts used to make training pairs: the VAE and the MiniLM text encoder."""
+
+    def __init__(self, vae_path: Path) -> None:
+        variant = get_variant("nano")
+        self.vae = AutoEncoder(variant.vae).eval()
+        self.vae.load_state_dict(load_file(str(vae_path)))
+        self.text: TextEncoder = load_minilm(variant.text_encoder)
+        self.empty = self.text([""]).float()  # (1, 64, 1152): dropout / negative prompt
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, captions: list[str]) -> tuple[Tensor, Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = self.vae.encode(images).float()
+            txt = self.text(captions).float()
+        return z, txt
+
+
+def batches(cfg: TrainConfig, frozen: Frozen, start: int) -> Iterator[tuple[int, Tensor, Tensor]]:
+    for step in range(start, cfg.steps):
+        rng = np.random.default_rng([cfg.seed, step])
+        size = pick_bucket(rng)
+        images, captions = caption_batch(rng, cfg.batch, size)
+        captions = ["" if rng.random() < cfg.caption_dropout else c for c in captions]
+        z, txt = frozen.encode(images, captions)
+        yield step, z, txt
+
+
+def flow_loss(model: Flux2Transformer, z: Tensor, txt: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """Rectified flow: x_t = (1 - t) z + t noise, target v = noise - z (so Euler from t=1 to 0 recovers z)."""
+    h, w = z.shape[-2:]
+    x0 = sampling.pack(z)
+    x1 = sampling.pack(noise)
+    tt = t[:, None, None]
+    xt = (1 - tt) * x0 + tt * x1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = model(xt, sampling.image_ids(h, w), txt, sampling.text_ids(txt.shape[1]), t)
+    return F.mse_loss(v.float(), x1 - x0)
+
+
+def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable | None = None) -> None:
+    """Stage `base`: nano-base from scratch, with caption dropout and EMA."""
+    out = Path(cfg.out)
+    frozen = Frozen(out / "vae.safetensors")
+    torch.manual_seed(cfg.seed)
+    model = Flux2Transformer(get_variant("nano-base").transformer)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    names = {p: n for n, p in model.named_parameters()}
+    ema = Ema(model, cfg.ema)
+    start = 0
+    if ckpt := latest(out, "base"):
+        sd = load_file(str(ckpt))
+        model.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
+        ema.shadow = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
+        restore_optimizer(opt, names, sd)
+        start = int(_meta(ckpt)["step"])
+    shift = float(cfg.extra.get("shift", 6.0))
+    t0 = time.time()
+    for step, z, txt in batches(cfg, frozen, start):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        t = train_timesteps(g, z.shape[0], shift)
+        noise = torch.randn(z.shape, generator=g)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        loss = flow_loss(model, z, txt, t, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model, step)
+        log({"stage": "base", "step": step + 1, "loss": loss.item(), "grad": grad.item(),
+             "lr": lr_at(step, cfg), "s": round(time.time() - t0, 1)})  # fmt: skip
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+            tensors |= {f"ema.{k}": v for k, v in ema.shadow.items()} | optimizer_tensors(opt, names)
+            save_checkpoint(out / "base.ckpt.safetensors", step + 1, tensors, cfg)
+            save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(out / "nano-base.safetensors"))
+        if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            log({"stage": "base", "step": step + 1, "eval": evaluate(out / "nano-base.safetensors")})
+
+
+# ----------------------------------------------------------------------------- stage: distill
+
+
+def teacher_segment(
+    teacher: Flux2Transformer, x: Tensor, hw: tuple[int, int], txt: Tensor, empty: Tensor,
+    a: float, b: float, substeps: int, guidance: float,
+) -> Tensor:  # fmt: skip
+    """Integrate the teacher's CFG velocity from noise level a to b in `substeps` Euler steps."""
+    img_ids, txt_ids = sampling.image_ids(*hw), sampling.text_ids(txt.shape[1])
+
+    def v_cond(x, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return teacher(x, img_ids, txt, txt_ids, t).float()
+
+    def v_uncond(x, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return teacher(x, img_ids, empty.expand_as(txt), txt_ids, t).float()
+
+    velocity = sampling.cfg_velocity(v_cond, v_uncond, guidance)
+    return sampling.denoise(velocity, x, torch.linspace(a, b, substeps + 1))
+
+
+def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable | None = None) -> None:
+    """Stage `distill`: `nano`, 4 Euler steps without CFG, from nano-base (the teacher, with CFG).
+
+    Method: segment distillation. The student's 4-step schedule splits [1, 0] into 4 segments. Each
+    training batch picks a segment [a, b], noises real latents to level a (x_a = (1 - a) z + a n, the
+    rectified-flow marginal), lets the teacher integrate its CFG velocity from a to b in several small
+    Euler steps, and teaches the student the single velocity (x_b - x_a) / (b - a) that lands where
+    the teacher lands. Why: it bakes CFG and the step count in at once, needs no
+    discriminator or extra network, and is stable on a small CPU budget; the student starts from the
+    teacher's weights so early steps are already close.
+    """
+    out = Path(cfg.out)
+    frozen = Frozen(out / "vae.safetensors")
+    teacher = Flux2Transformer(get_variant("nano-base").transformer).eval()
+    teacher.load_state_dict(load_file(str(out / "nano-base.safetensors")))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    model = copy.deepcopy(teacher).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    names = {p: n for n, p in model.named_parameters()}
+    ema = Ema(model, cfg.ema)
+    start = 0
+    if ckpt := latest(out, "distill"):
+        sd = load_file(str(ckpt))
+        model.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
+        ema.shadow = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
+        restore_optimizer(opt, names, sd)
+        start = int(_meta(ckpt)["step"])
+    student_steps = get_variant("nano").steps
+    guidance = float(cfg.extra.get("guidance", get_variant("nano-base").guidance))
+    substeps = int(cfg.extra.get("substeps", 6))
+    plain = TrainConfig(**{**asdict(cfg), "caption_dropout": 0.0})
+    for step, z, txt in batches(plain, frozen, start):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
+        h, w = z.shape[-2:]
+        sigmas = sampling.schedule(student_steps, h * w)
+        segment = int(torch.randint(student_steps, (1,), generator=g))
+        noise = torch.randn(z.shape, generator=g)
+        a, b = sigmas[segment], sigmas[segment + 1]
+        x_a = (1 - a) * sampling.pack(z) + a * sampling.pack(noise)
+        with torch.no_grad():
+            x_b = teacher_segment(teacher, x_a, (h, w), txt, frozen.empty, a.item(), b.item(), substeps, guidance)
+        target = (x_b - x_a) / (b - a)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v = model(x_a, sampling.image_ids(h, w), txt, sampling.text_ids(txt.shape[1]), a.expand(z.shape[0]))
+        loss = F.mse_loss(v.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model, step)
+        log({"stage": "distill", "step": step + 1, "segment": segment, "loss": loss.item(), "grad": grad.item()})
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+            tensors |= {f"ema.{k}": v for k, v in ema.shadow.items()} | optimizer_tensors(opt, names)
+            save_checkpoint(out / "distill.ckpt.safetensors", step + 1, tensors, cfg)
+            save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(out / "nano.safetensors"))
+        if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            log({"stage": "distill", "step": step + 1, "eval": evaluate(out / "nano.safetensors")})
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def run(cfg: TrainConfig, evaluate: Callable | None = None) -> None:
+    """Run one stage, appending one JSON line per step to OUT/train.jsonl, with a progress bar."""
+    from tqdm import tqdm
+
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{cfg.stage}.config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    bar = tqdm(total=cfg.steps, desc=f"nano {cfg.stage}", dynamic_ncols=True)
+    with open(out / "train.jsonl", "a") as f:
+
+        def log(row: dict) -> None:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            bar.n = row["step"]
+            bar.set_postfix({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items() if k == "loss"})
+            bar.refresh()
+
+        if cfg.stage == "vae":
+            train_vae(cfg, log)
+        elif cfg.stage == "base":
+            train_flow(cfg, log, evaluate)
+        elif cfg.stage == "distill":
+            train_distill(cfg, log, evaluate)
+        else:
+            raise ValueError(f"unknown stage {cfg.stage!r}: vae, base or distill")
+    bar.close()
