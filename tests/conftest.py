@@ -1,4 +1,27 @@
+import dataclasses
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))  # tests share tiny.py
+
+
+@pytest.fixture(scope="session")
+def klein_folder(tmp_path_factory):
+    """A tiny klein pipeline saved by diffusers: text encoder deep enough for the real layers (9, 18, 27)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+    from tiny import QWEN3_TEMPLATE, TRANSFORMER, VAE, diffusers_transformer, diffusers_vae, qwen3, tokenizer
+
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential", shift=3.0),
+        vae=diffusers_vae(dataclasses.replace(VAE, channels=(32, 32, 32, 32))),
+        text_encoder=qwen3(layers=28),
+        tokenizer=tokenizer(QWEN3_TEMPLATE),
+        transformer=diffusers_transformer(dataclasses.replace(TRANSFORMER, guidance_embed=False)),
+        is_distilled=True,
+    )
+    folder = tmp_path_factory.mktemp("klein")
+    pipe.save_pretrained(folder)
+    return pipe, folder

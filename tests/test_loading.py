@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -18,13 +18,11 @@ from flux2studio.loading import load
 from flux2studio.model.transformer import Flux2Transformer
 from tiny import (
     MISTRAL_TEMPLATE,
-    QWEN3_TEMPLATE,
     TRANSFORMER,
     VAE,
     diffusers_transformer,
     diffusers_vae,
     mistral3,
-    qwen3,
     tokenizer,
 )
 
@@ -33,22 +31,6 @@ VAE4 = dataclasses.replace(VAE, channels=(32, 32, 32, 32))  # 8x down like the r
 
 def _scheduler():
     return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential", shift=3.0)
-
-
-@pytest.fixture(scope="module")
-def klein_folder(tmp_path_factory):
-    """A tiny klein pipeline saved by diffusers: text encoder deep enough for the real layers (9, 18, 27)."""
-    pipe = Flux2KleinPipeline(
-        scheduler=_scheduler(),
-        vae=diffusers_vae(VAE4),
-        text_encoder=qwen3(layers=28),
-        tokenizer=tokenizer(QWEN3_TEMPLATE),
-        transformer=diffusers_transformer(dataclasses.replace(TRANSFORMER, guidance_embed=False)),
-        is_distilled=True,
-    )
-    folder = tmp_path_factory.mktemp("klein")
-    pipe.save_pretrained(folder)
-    return pipe, folder
 
 
 def _cli(*args):

@@ -425,3 +425,38 @@ def describe(path: str | Path) -> dict:
     else:
         info["layout"] = "folder"
     return info
+
+
+def cache_dir() -> Path:
+    """Where the tool keeps small state (hash cache): $FLUX2_HOME or ~/.cache/flux2studio."""
+    import os
+
+    return Path(os.environ.get("FLUX2_HOME") or Path.home() / ".cache" / "flux2studio")
+
+
+def weights_hash(paths: list[Path]) -> str:
+    """Short SHA-256 over the files' bytes (in order), cached by path, size and mtime: big files hash once."""
+    import hashlib
+
+    cache_file = cache_dir() / "hashes.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    outer = hashlib.sha256()
+    for path in paths:
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in cache:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+            cache[key] = h.hexdigest()
+        outer.update(cache[key].encode())
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cache))
+    except OSError:
+        pass  # a read-only home only costs re-hashing next time
+    return outer.hexdigest()[:12]

@@ -11,6 +11,8 @@ from functools import cache
 
 from .variants import VARIANTS, Variant
 
+ASPECT_CHOICES = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "21:9", "9:21")  # images.ASPECTS
+
 
 @cache
 def transformer_params(variant_id: str) -> int | None:
@@ -68,24 +70,191 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
+@dataclasses.dataclass
+class Job:
+    """One generate call: a prompt and its settings (from flags, a --prompts line or a --from PNG)."""
+
+    prompt: str
+    settings: dict
+
+
+def load_pipe(model: str | None, args: argparse.Namespace):
+    import transformers
 
     from .loading import load
 
+    transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one to read
+
+    return load(model, weights=args.weights, device=args.device, dtype=args.dtype,
+                text_encoder=getattr(args, "text_encoder", None))  # fmt: skip
+
+
+def settings_from_args(args: argparse.Namespace) -> dict:
+    out = {"seed": args.seed, "num_images": args.num}
+    for key, flag in (("size", "size"), ("aspect", "aspect"), ("steps", "steps"), ("guidance", "guidance"),
+                      ("negative_prompt", "negative")):  # fmt: skip
+        if getattr(args, flag, None) is not None:
+            out[key] = getattr(args, flag)
+    return out
+
+
+def jobs_from_file(path: str, base: dict) -> list[Job]:
+    """.txt: one prompt a line; .jsonl: one object a line with "prompt" and any of the settings."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    if path.endswith(".jsonl"):
+        jobs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "prompt" not in row:
+                raise ValueError(f'{path} line {n}: no "prompt"')
+            extra = {k: v for k, v in row.items() if k != "prompt"}
+            if "size" in extra and isinstance(extra["size"], str):
+                extra["size"] = parse_size(extra["size"])
+            if "negative" in extra:
+                extra["negative_prompt"] = extra.pop("negative")
+            if "num" in extra:
+                extra["num_images"] = extra.pop("num")
+            jobs.append(Job(row["prompt"], {**base, **extra}))
+        return jobs
+    return [Job(line.strip(), dict(base)) for line in text.splitlines() if line.strip()]
+
+
+def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, Job]:
+    """Settings recorded in a PNG made by this tool; flags given on the command line override them."""
+    from .images import read_metadata
+
+    meta = read_metadata(path)
+    settings = {"seed": meta["seed"], "steps": meta["steps"], "size": (meta["width"], meta["height"]), "num_images": 1}
+    if meta.get("negative_prompt"):
+        settings["negative_prompt"] = meta["negative_prompt"]
+    if meta["guidance"] != 1.0:
+        settings["guidance"] = meta["guidance"]
+    given = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images")}
+    if args.seed_given:
+        given["seed"] = args.seed
+    if args.dtype is None:  # same dtype as recorded, or the image will differ
+        args.dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(meta.get("dtype"))
+    return meta["model"], Job(args.prompt or meta["prompt"], {**settings, **given})
+
+
+def output_paths(out: str | None, stem: str, n: int, overwrite: bool) -> list:
+    """Where n images go: `-o file.png` (numbered when n > 1) or `-o folder/`; never overwrite silently."""
+    from pathlib import Path
+
+    target = Path(out or "outputs")
+    if target.suffix.lower() != ".png":  # a folder: free names inside it
+        target.mkdir(parents=True, exist_ok=True)
+        paths, k = [], 0
+        while len(paths) < n:
+            candidate = target / (f"{stem}.png" if k == 0 else f"{stem}-{k}.png")
+            if not candidate.exists() and candidate not in paths:
+                paths.append(candidate)
+            k += 1
+        return paths
+    paths = [target] if n == 1 else [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(n)]
+    taken = [str(p) for p in paths if p.exists()]
+    if taken and not overwrite:
+        raise FileExistsError(f"{', '.join(taken)} exists: choose another -o, a folder, or pass --overwrite")
+    for p in paths:
+        if overwrite:
+            p.unlink(missing_ok=True)
+    return paths
+
+
+def run_jobs(pipe, jobs: list[Job], args: argparse.Namespace, refs=()) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from .images import save_png
+
+    for job in jobs:
+        bar = tqdm(total=None, desc="denoise", unit="step", leave=False, disable=args.quiet)
+
+        def progress(i: int, total: int, _x, bar=bar) -> None:
+            bar.total = total
+            bar.update(1)
+
+        n = job.settings.get("num_images", 1)
+        stem = f"{pipe.variant.id}-{job.settings.get('seed', 0)}"
+        paths = output_paths(args.out, stem, n, args.overwrite)  # checked before any work is done
+        started = time.perf_counter()
+        images = pipe(job.prompt, refs=refs, callback=progress, **job.settings)
+        seconds = time.perf_counter() - started
+        bar.close()
+        for path, image in zip(paths, images, strict=True):
+            save_png(image, path)
+            meta = json.loads(image.info["flux2"])
+            print(f"{path}  seed {meta['seed']}  {image.width}x{image.height}  {pipe.variant.id}  {seconds:.2f}s")
+    return 0
+
+
+def open_images(paths: list[str]) -> list:
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                images.append(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"cannot read reference image {path}: {e}") from None
+    return images
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model = args.model
+    if args.from_png:
+        recorded, job = job_from_png(args.from_png, args)
+        model = model or recorded
+        jobs = [job]
+    elif args.prompts:
+        jobs = jobs_from_file(args.prompts, settings_from_args(args))
+    elif args.prompt:
+        jobs = [Job(args.prompt, settings_from_args(args))]
+    else:
+        raise ValueError("give a PROMPT, --prompts FILE or --from IMAGE.png")
+    model = model or (None if args.weights else "nano")
+    return run_jobs(load_pipe(model, args), jobs, args, open_images(args.ref))
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    *images, prompt = args.inputs
+    if not images:
+        raise ValueError("give at least one IMAGE before the PROMPT")
     model = args.model or (None if args.weights else "nano")
-    pipe = load(model, weights=args.weights, device=args.device, dtype=args.dtype)
-    kw = {"guidance": args.guidance} if args.guidance is not None else {}
-    started = time.perf_counter()
-    images = pipe(args.prompt, size=args.size, steps=args.steps, seed=args.seed, num_images=args.num, **kw)
-    seconds = time.perf_counter() - started
-    out = Path(args.out)
-    for i, image in enumerate(images):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        print(f"{path}  seed {args.seed + i}  {image.width}x{image.height}  {seconds:.2f}s")
+    return run_jobs(load_pipe(model, args), [Job(prompt, settings_from_args(args))], args, open_images(images))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .images import grid, save_png
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out or "compare")
+    out.mkdir(parents=True, exist_ok=True)
+    cells, labels = [], []
+    settings = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images", "guidance")}
+    for model in models:  # one model in memory at a time
+        pipe = load_pipe(model, args)
+        images = pipe(args.prompt, seeds=seeds, num_images=len(seeds), **settings)
+        for seed, image in zip(seeds, images, strict=True):
+            path = output_paths(str(out), f"{model}-{seed}", 1, False)[0]
+            save_png(image, path)
+            cells.append(image)
+            labels.append(f"{model}  seed {seed}")
+        del pipe
+    sheet = grid(cells, labels, columns=len(seeds))
+    path = output_paths(str(out), "grid", 1, False)[0]
+    sheet.save(path)
+    print(f"{path}  {len(models)} models x {len(seeds)} seeds  ({', '.join(models)})")
     return 0
 
 
@@ -153,14 +322,40 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
         p.add_argument("--guidance", type=float, help="guidance scale (CFG and guidance-embedded models)")
 
-    gen = sub.add_parser("generate", help="text to image")
-    gen.add_argument("prompt")
+    def output_args(p: argparse.ArgumentParser) -> None:
+        size = p.add_mutually_exclusive_group()
+        size.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 16")
+        size.add_argument("--aspect", choices=list(ASPECT_CHOICES), help="size from the model's pixel count")
+        p.add_argument("--negative", help="negative prompt (CFG models only)")
+        p.add_argument("--seed", type=int, default=None, help="first seed (image i uses seed + i; default 0)")
+        p.add_argument("--num", type=int, default=1, help="images per prompt")
+        p.add_argument("-o", "--out", help="output PNG file or folder (default: outputs/)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
+        p.add_argument("--text-encoder", help="text encoder folder, for single-file weights")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    gen = sub.add_parser("generate", help="text to image (with --ref: multi-reference editing)")
+    gen.add_argument("prompt", nargs="?")
     model_args(gen)
-    gen.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 16")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--num", type=int, default=1, help="images for the prompt")
-    gen.add_argument("-o", "--out", default="flux2.png", help="output PNG")
+    output_args(gen)
+    gen.add_argument("--ref", action="append", default=[], help="reference image (repeatable)")
+    gen.add_argument("--prompts", help="a .txt (one prompt a line) or .jsonl (per-line settings) file")
+    gen.add_argument("--from", dest="from_png", metavar="IMAGE.png", help="regenerate from a PNG's metadata")
     gen.set_defaults(func=cmd_generate)
+
+    edit = sub.add_parser("edit", help="edit with one or more reference images: IMAGE [IMAGE...] PROMPT")
+    edit.add_argument("inputs", nargs="+", metavar="IMAGE... PROMPT")
+    model_args(edit)
+    output_args(edit)
+    edit.set_defaults(func=cmd_edit)
+
+    comp = sub.add_parser("compare", help="one prompt across models and seeds: a labelled grid and each image")
+    comp.add_argument("prompt")
+    comp.add_argument("--models", required=True, help="comma-separated model ids")
+    comp.add_argument("--seeds", default="0", help="comma-separated seeds")
+    model_args(comp)
+    output_args(comp)
+    comp.set_defaults(func=cmd_compare)
 
     ev = sub.add_parser("eval", help="prompt-adherence eval of an embedded model on the Shapes world")
     model_args(ev)
@@ -196,8 +391,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    args.seed_given = getattr(args, "seed", None) is not None
+    if getattr(args, "seed", 0) is None:
+        args.seed = 0
+    if args.debug:
+        return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one actionable line; --debug shows the traceback
+        print(f"error: {explain(e)}", file=sys.stderr)
+        return 2
+
+
+def explain(e: Exception) -> str:
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+        return (f"out of memory ({str(e).splitlines()[0]}): try --dtype bf16 or fp16, a smaller --size, "
+                "fewer images per call (--num), or a smaller model")  # fmt: skip
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from .checkpoints import (
     transformer_layout,
     vae_config_from_diffusers,
     vae_config_from_keys,
+    weights_hash,
 )
 from .layouts.transformer import transformer_from_diffusers
 from .layouts.vae import vae_from_diffusers
@@ -151,6 +152,7 @@ def load_diffusers_folder(
     def text() -> TextEncoder:
         return hf_text_encoder(spec, folder / "text_encoder", folder / "tokenizer", device, dtype)
 
+    files = sorted((folder / "transformer").glob("*.safetensors"))
     return Pipeline(
         variant,
         Component(transformer, resident),
@@ -158,6 +160,7 @@ def load_diffusers_folder(
         Component(text, resident),
         device=device,
         dtype=dtype,
+        weights_hash=weights_hash(files),
     )
 
 
@@ -234,7 +237,7 @@ def load_single_file(
         return hf_text_encoder(spec, te_folder, tok, device, dtype)
 
     parts = (Component(transformer, resident), Component(vae, resident), Component(text, resident))
-    return Pipeline(variant, *parts, device=device, dtype=dtype)
+    return Pipeline(variant, *parts, device=device, dtype=dtype, weights_hash=weights_hash([path]))
 
 
 def load(
@@ -278,4 +281,5 @@ def load(
     transformer = build(lambda: Flux2Transformer(variant.transformer), read_safetensors(t_path), model_id, torch_dtype)
     vae = build(lambda: AutoEncoder(variant.vae), read_safetensors(vae_path), "nano VAE", torch_dtype)
     text_encoder = load_minilm(variant.text_encoder, device=device)
-    return Pipeline(variant, transformer, vae, text_encoder, device=device, dtype=torch_dtype)
+    digest = weights_hash([t_path])
+    return Pipeline(variant, transformer, vae, text_encoder, device=device, dtype=torch_dtype, weights_hash=digest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -19,8 +20,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from . import sampling
-from .images import check_size, prepare_reference, to_pil, to_tensor
+from . import __version__, sampling
+from .images import check_size, image_hash, parameters_text, prepare_reference, size_for_aspect, to_pil, to_tensor
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
 from .text_encoders import TextEncoder
@@ -63,6 +64,7 @@ def build_request(
     num_images: int = 1,
     refs: Sequence[Image.Image] = (),
     seeds: Sequence[int] | None = None,
+    aspect: str | None = None,
 ) -> Request:
     """Resolve defaults and check every value against the variant; errors name the value and the range."""
     prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
@@ -98,6 +100,10 @@ def build_request(
     if len(refs) > variant.max_refs:
         raise ValueError(f"{len(refs)} reference images given; {variant.id} takes 0..{variant.max_refs}")
     prepared = tuple(prepare_reference(img, i) for i, img in enumerate(refs))
+    if size is not None and aspect is not None:
+        raise ValueError("give size or aspect, not both")
+    if aspect is not None:  # the model's preferred pixel count at this aspect ratio
+        size = size_for_aspect(aspect, variant.default_size[0] * variant.default_size[1])
     if size is None:  # the first reference sets the size, as in diffusers' pipelines
         size = prepared[0].size if prepared else variant.default_size
     width, height = size
@@ -179,12 +185,14 @@ class Pipeline:
         text_encoder: TextEncoder | Component[TextEncoder],
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        weights_hash: str = "",
     ) -> None:
         if variant.vae.downscale != sampling.PIXELS_PER_TOKEN:
             raise ValueError(
                 f"the VAE downsamples by {variant.vae.downscale}, FLUX.2 needs {sampling.PIXELS_PER_TOKEN}"
             )
         self.variant = variant
+        self.weights_hash = weights_hash
         self.device = torch.device(device)
         self.dtype = dtype
         for part in (transformer, vae):
@@ -225,6 +233,7 @@ class Pipeline:
         num_images: int = 1,
         refs: Sequence[Image.Image] = (),
         seeds: Sequence[int] | None = None,
+        aspect: str | None = None,
         callback: sampling.StepCallback | None = None,
     ) -> list[Image.Image]:
         """Generate `num_images` images per prompt; image i uses seed `seed + i` (or `seeds[i]`)."""
@@ -239,8 +248,32 @@ class Pipeline:
             num_images=num_images,
             refs=refs,
             seeds=seeds,
+            aspect=aspect,
         )
-        return to_pil(self.decode(self.generate_latents(req, callback)))
+        images = to_pil(self.decode(self.generate_latents(req, callback)))
+        for i, image in enumerate(images):
+            meta = self.metadata(req, i)
+            image.info["flux2"] = json.dumps(meta)
+            image.info["parameters"] = parameters_text(meta)
+        return images
+
+    def metadata(self, req: Request, i: int) -> dict:
+        """Everything needed to make image i again: settings, model and weights, references, version."""
+        return {
+            "prompt": req.prompts[i],
+            "negative_prompt": req.negative_prompt,
+            "model": self.variant.id,
+            "weights_hash": self.weights_hash,
+            "seed": req.seeds[i],
+            "steps": req.steps,
+            "guidance": req.guidance,
+            "width": req.width,
+            "height": req.height,
+            "refs": [image_hash(r) for r in req.refs],
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device.type,
+            "version": __version__,
+        }
 
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """(B, L, C) text embeddings in the pipeline dtype; identical prompts are encoded once."""

@@ -1,0 +1,99 @@
+"""The command line, driven as a subprocess on a tiny klein folder saved by diffusers."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+
+def flux2(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "flux2studio.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)  # fmt: skip
+
+
+def common(folder):
+    return ["--weights", folder, "--dtype", "fp32", "--device", "cpu", "--steps", "2", "-q"]
+
+
+def test_generate_writes_metadata_and_from_reproduces_bit_identical(klein_folder, tmp_path):
+    _, folder = klein_folder
+    first = tmp_path / "a.png"
+    run = flux2("generate", "a red circle", *common(folder), "--size", "80x64", "--seed", "5", "-o", first)
+    assert run.returncode == 0, run.stderr
+    summary = run.stdout.strip().splitlines()[-1]
+    assert str(first) in summary and "seed 5" in summary and "80x64" in summary
+    image = Image.open(first)
+    meta = json.loads(image.info["flux2"])
+    assert meta["prompt"] == "a red circle" and meta["seed"] == 5 and meta["steps"] == 2
+    assert (meta["width"], meta["height"]) == (80, 64) and meta["model"] == "klein-4b"
+    assert len(meta["weights_hash"]) == 12 and meta["version"]
+    assert image.info["parameters"].startswith("a red circle\nSteps: 2, Sampler: Euler (flow)")
+    again = tmp_path / "b.png"
+    run = flux2("generate", "--from", first, "--weights", folder, "--device", "cpu", "-q", "-o", again)
+    assert run.returncode == 0, run.stderr
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(image))  # bit-identical
+
+
+def test_never_overwrites_silently(klein_folder, tmp_path):
+    _, folder = klein_folder
+    out = tmp_path / "x.png"
+    assert flux2("generate", "p", *common(folder), "--size", "64x64", "-o", out).returncode == 0
+    run = flux2("generate", "p", *common(folder), "--size", "64x64", "-o", out)
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"error: {out} exists: choose another -o, a folder, or pass --overwrite"
+    # into a folder: free names, nothing replaced
+    for _ in range(2):
+        assert flux2("generate", "p", *common(folder), "--size", "64x64", "-o", tmp_path / "dir").returncode == 0
+    assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == ["klein-4b-0-1.png", "klein-4b-0.png"]
+
+
+def test_prompts_file_with_per_line_settings(klein_folder, tmp_path):
+    _, folder = klein_folder
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text('{"prompt": "a", "seed": 3, "size": "64x96"}\n{"prompt": "b", "num": 2}\n')
+    run = flux2("generate", "--prompts", batch, *common(folder), "--size", "64x64", "-o", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    files = sorted((tmp_path / "out").iterdir())
+    assert len(files) == 3
+    assert sorted(Image.open(f).size for f in files) == [(64, 64), (64, 64), (64, 96)]
+    assert sorted(json.loads(Image.open(f).info["flux2"])["seed"] for f in files) == [0, 1, 3]
+
+
+def test_edit_follows_the_first_image_size_and_aspect_presets(klein_folder, tmp_path):
+    _, folder = klein_folder
+    Image.new("RGB", (96, 64), "red").save(tmp_path / "ref.png")
+    run = flux2("edit", tmp_path / "ref.png", "make it blue", *common(folder), "-o", tmp_path / "e.png")
+    assert run.returncode == 0, run.stderr
+    edited = Image.open(tmp_path / "e.png")
+    assert edited.size == (96, 64)
+    assert len(json.loads(edited.info["flux2"])["refs"]) == 1
+
+
+def test_compare_makes_a_labelled_grid_and_single_images(klein_folder, tmp_path):
+    _, folder = klein_folder
+    run = flux2("compare", "a cat", "--models", "klein-4b,klein-base-4b", "--seeds", "1,2", *common(folder),
+                "--size", "64x64", "-o", tmp_path / "cmp")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    names = sorted(p.name for p in (tmp_path / "cmp").iterdir())
+    assert names == ["grid.png", "klein-4b-1.png", "klein-4b-2.png", "klein-base-4b-1.png", "klein-base-4b-2.png"]
+    assert Image.open(tmp_path / "cmp" / "grid.png").size == (2 * 64, 2 * (64 + 18))
+
+
+def test_errors_are_one_actionable_line(tmp_path, klein_folder):
+    _, folder = klein_folder
+    cases = [
+        (("generate", "p", "--model", "klien-4b"), "unknown model 'klien-4b'. Did you mean 'klein-4b'?"),
+        (("generate", "p", "--model", "klein-4b"), "no weights given for klein-4b"),
+        (("generate", "p", *common(folder), "--size", "100x64"), "width 100 is not a multiple of 16"),
+        (("generate", "p", *common(folder), "--ref", tmp_path / "missing.png"), "cannot read reference image"),
+        (("generate", "p", *common(folder), "--guidance", "3"), "guidance-distilled and ignores guidance"),
+    ]
+    for args, message in cases:
+        run = flux2(*args)
+        assert run.returncode == 2, (args, run.stderr)
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], run.stderr
+    run = flux2("--debug", "generate", "p", "--model", "klien-4b")
+    assert "Traceback" in run.stderr
