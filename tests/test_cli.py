@@ -85,7 +85,7 @@ def test_errors_are_one_actionable_line(tmp_path, klein_folder):
     _, folder = klein_folder
     cases = [
         (("generate", "p", "--model", "klien-4b"), "unknown model 'klien-4b'. Did you mean 'klein-4b'?"),
-        (("generate", "p", "--model", "klein-4b"), "no weights given for klein-4b"),
+        (("generate", "p", "--model", "klein-4b"), "run `flux2 pull klein-4b`"),
         (("generate", "p", *common(folder), "--size", "100x64"), "width 100 is not a multiple of 16"),
         (("generate", "p", *common(folder), "--ref", tmp_path / "missing.png"), "cannot read reference image"),
         (("generate", "p", *common(folder), "--guidance", "3"), "guidance-distilled and ignores guidance"),
@@ -97,3 +97,24 @@ def test_errors_are_one_actionable_line(tmp_path, klein_folder):
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], run.stderr
     run = flux2("--debug", "generate", "p", "--model", "klien-4b")
     assert "Traceback" in run.stderr
+
+
+def test_models_shows_downloaded_weights_and_generate_finds_them(klein_folder, tmp_path):
+    import os
+    import shutil
+
+    _, folder = klein_folder
+    cache = tmp_path / "hub"
+    entry = cache / "models--black-forest-labs--FLUX.2-klein-4B"
+    shutil.copytree(folder, entry / "snapshots" / "0123abc")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("0123abc")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "flux2studio.cli", "models", "--json"], capture_output=True,
+                         text=True, env=env)  # fmt: skip
+    present = {r["id"]: r["present"] for r in json.loads(run.stdout)}
+    assert present["klein-4b"] and not present["klein-9b"]
+    run = subprocess.run([sys.executable, "-m", "flux2studio.cli", "generate", "p", "--model", "klein-4b",
+                          "--size", "64x64", "--steps", "1", "--dtype", "fp32", "-q", "-o", str(tmp_path / "k.png")],
+                         capture_output=True, text=True, env=env)  # fmt: skip
+    assert run.returncode == 0, run.stderr

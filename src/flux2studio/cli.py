@@ -48,17 +48,20 @@ def variant_row(v: Variant) -> dict:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    rows = [variant_row(v) for v in VARIANTS.values()]
+    from .loading import find_local
+
+    rows = [variant_row(v) | {"present": find_local(v) is not None} for v in VARIANTS.values()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'id':<14} {'params':>15} {'steps':>5} {'guidance':>8} {'mode':<9} license")
+    print(f"{'id':<14} {'params':>15} {'steps':>5} {'guidance':>8} {'mode':<9} {'weights':<8} license")
     for r in rows:
         params = f"{r['params']:,}" if r["params"] else "hosted"
         steps = r["steps"] if r["steps"] is not None else "-"
         guidance = r["guidance"] if r["guidance"] is not None else "-"
         mode = r["guidance_mode"] or "-"
-        print(f"{r['id']:<14} {params:>15} {steps:>5} {guidance:>8} {mode:<9} {r['license']}")
+        present = "hosted" if r["hosted"] else ("present" if r["present"] else "-")
+        print(f"{r['id']:<14} {params:>15} {steps:>5} {guidance:>8} {mode:<9} {present:<8} {r['license']}")
     return 0
 
 
@@ -279,6 +282,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .loading import pull
+
+    print(f"{args.model}: {pull(args.model)}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoints import convert
 
@@ -363,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="evaluate an evenly spread subset of N prompts")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("pull", help="download a model's weights from Hugging Face (resumable)")
+    pl.add_argument("model")
+    pl.set_defaults(func=cmd_pull)
 
     conv = sub.add_parser("convert", help="convert a transformer or VAE between the diffusers and BFL layouts")
     conv.add_argument("src", help="single .safetensors file or diffusers component folder (transformer/, vae/)")

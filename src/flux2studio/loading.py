@@ -272,9 +272,13 @@ def load(
     if variant.hosted:
         raise ValueError(f"{model_id} is a hosted model (Black Forest Labs API); it has no local weights")
     if model_id not in EMBEDDED_IDS:
-        raise FileNotFoundError(
-            f"no weights given for {model_id}: pass --weights PATH (a diffusers folder) or download them"
-        )
+        local = find_local(variant)
+        if local is None:
+            raise FileNotFoundError(
+                f"no weights given for {model_id} and none in the Hugging Face cache ({variant.repo}): "
+                f"run `flux2 pull {model_id}`, or pass --weights PATH (a diffusers folder or a single file)"
+            )
+        return load_diffusers_folder(local, model_id, device, torch_dtype, resident)
     t_path, vae_path = embedded_files(model_id)
     if weights is not None:
         t_path = Path(weights)
@@ -283,3 +287,38 @@ def load(
     text_encoder = load_minilm(variant.text_encoder, device=device)
     digest = weights_hash([t_path])
     return Pipeline(variant, transformer, vae, text_encoder, device=device, dtype=torch_dtype, weights_hash=digest)
+
+
+def find_local(variant: Variant) -> Path | None:
+    """The variant's diffusers folder in the Hugging Face cache, if downloaded (no network)."""
+    if variant.id in EMBEDDED_IDS:
+        return EMBEDDED if (EMBEDDED / f"{variant.id}.safetensors").is_file() else None
+    if not variant.repo:
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(variant.repo, local_files_only=True))
+    except Exception:  # not in the cache (huggingface_hub raises several types for that)
+        return None
+    return path if is_diffusers_folder(path) else None
+
+
+def pull(model_id: str, token: str | None = None) -> Path:
+    """Download a variant's diffusers folder with huggingface_hub (resumable; token from env or login)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    variant = get_variant(model_id)
+    if variant.hosted or not variant.repo:
+        raise ValueError(f"{model_id} has no downloadable weights ({'hosted API' if variant.hosted else 'embedded'})")
+    try:
+        return Path(snapshot_download(variant.repo, token=token, allow_patterns=["*.json", "*.safetensors",
+                                      "*.txt", "*.jinja", "tokenizer*", "*.model"]))  # fmt: skip
+    except GatedRepoError:
+        raise PermissionError(
+            f"{variant.repo} is gated: accept its licence ({variant.license}) on its Hugging Face page while "
+            "logged in, then set HF_TOKEN (or run `huggingface-cli login`) and run `flux2 pull` again"
+        ) from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{variant.repo} was not found (or needs a token): set HF_TOKEN") from None

@@ -14,6 +14,7 @@ Checkpoints are safetensors (model, EMA, optimizer moments) plus the step in the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -117,6 +118,25 @@ def image_batch(rng: np.random.Generator, n: int, size: tuple[int, int]) -> Tens
     return torch.cat([to_tensor(render(sample_scene(rng), *size)) for _ in range(n)])
 
 
+def vae_batch(rng: np.random.Generator, n: int, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Images and per-pixel loss weights: object pixels count OBJECT_WEIGHT times a background pixel.
+
+    Objects cover a few percent of a canvas; unweighted, the VAE learns backgrounds long before it gets
+    the exact palette colours right, and colour is what the checker (and a user) reads first.
+    """
+    images, weights = [], []
+    for _ in range(n):
+        scene = sample_scene(rng)
+        x = to_tensor(render(scene, *size))
+        bg = to_tensor(render(dataclasses.replace(scene, objects=()), *size))
+        images.append(x)
+        weights.append(1 + (OBJECT_WEIGHT - 1) * ((x - bg).abs().amax(1, keepdim=True) > 0.02).float())
+    return torch.cat(images), torch.cat(weights)
+
+
+OBJECT_WEIGHT = 10.0
+
+
 def caption_batch(rng: np.random.Generator, n: int, size: tuple[int, int]) -> tuple[Tensor, list[str]]:
     pairs = [sample(rng, *size)[:2] for _ in range(n)]
     return torch.cat([to_tensor(img) for img, _ in pairs]), [c for _, c in pairs]
@@ -140,7 +160,7 @@ def train_vae(cfg: TrainConfig, log: Callable[[dict], None]) -> AutoEncoder:
         start = int(_meta(ckpt)["step"])
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
-        x = image_batch(rng, cfg.batch, (128, 128))
+        x, weight = vae_batch(rng, cfg.batch, (128, 128))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -149,7 +169,8 @@ def train_vae(cfg: TrainConfig, log: Callable[[dict], None]) -> AutoEncoder:
             eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
             z = mean + torch.exp(0.5 * logvar) * eps
             y = vae.decode_raw(z).float()
-        rec = F.l1_loss(y, x) + F.mse_loss(y, x)
+        err = y - x
+        rec = ((err.abs() + err.pow(2)) * weight).mean() / weight.mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         loss = rec + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
@@ -407,3 +428,26 @@ def run(cfg: TrainConfig, evaluate: Callable | None = None) -> None:
         else:
             raise ValueError(f"unknown stage {cfg.stage!r}: vae, base or distill")
     bar.close()
+
+
+def export(out: str | Path, dest: Path | None = None, evals: dict | None = None) -> list[Path]:
+    """Copy the trained weights into the package (bf16 transformers, fp32 VAE) with their provenance."""
+    from ..checkpoints import EMBEDDED, write_safetensors
+
+    out, dest = Path(out), dest or EMBEDDED
+    written = []
+    for src, name, dtype in (("nano-base", "nano-base", torch.bfloat16), ("nano", "nano", torch.bfloat16),
+                             ("vae", "nano-vae", torch.float32)):  # fmt: skip
+        sd = load_file(str(out / f"{src}.safetensors"))
+        target = dest / f"{name}.safetensors"
+        target.unlink(missing_ok=True)
+        write_safetensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, target)
+        written.append(target)
+    steps = {}
+    for row in (out / "train.jsonl").read_text().splitlines():
+        r = json.loads(row)
+        steps[r["stage"]] = max(steps.get(r["stage"], 0), r["step"])
+    configs = {s: json.loads((out / f"{s}.config.json").read_text()) for s in ("vae", "base", "distill")}
+    card = {"trained_steps": steps, "configs": configs, "eval": evals or {}}
+    (dest / "nano.json").write_text(json.dumps(card, indent=2))
+    return [*written, dest / "nano.json"]
