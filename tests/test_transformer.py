@@ -4,7 +4,6 @@ import dataclasses
 
 import pytest
 import torch
-from diffusers import Flux2Transformer2DModel
 from diffusers.models.transformers.transformer_flux2 import (
     Flux2KVAttnProcessor,
     Flux2KVParallelSelfAttnProcessor,
@@ -14,6 +13,7 @@ from flux2studio.layouts.transformer import transformer_from_diffusers, transfor
 from flux2studio.model.transformer import Flux2Transformer
 from flux2studio.sampling import image_ids, reference_ids, text_ids
 from flux2studio.variants import TransformerConfig
+from tiny import diffusers_transformer
 
 # fp32 forward of a 3-block model: differences come only from summation order (fused qkv vs three
 # matmuls, separate reference pass). Measured max abs diff ~1e-6; bound 1e-5.
@@ -31,19 +31,7 @@ TINY = TransformerConfig(
 
 
 def _pair(cfg: TransformerConfig, seed: int = 0):
-    torch.manual_seed(seed)
-    ref = Flux2Transformer2DModel(
-        num_layers=cfg.depth,
-        num_single_layers=cfg.depth_single,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.context_dim,
-        axes_dims_rope=cfg.axes_dim,
-        guidance_embeds=cfg.guidance_embed,
-    ).eval()
-    with torch.no_grad():  # diffusers inits some weights to zero; make every weight matter
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
+    ref = diffusers_transformer(cfg, seed)
     ours = Flux2Transformer(cfg).eval()
     ours.load_state_dict(transformer_from_diffusers(ref.state_dict()), strict=True)
     return ref, ours

@@ -133,7 +133,9 @@ NANO = TransformerConfig(
     guidance_embed=False,
 )
 FLUX2_VAE = AutoencoderConfig()
-NANO_VAE = AutoencoderConfig(channels=(16, 32, 64, 64), num_res_blocks=1, norm_groups=16)
+# 4 channels per group at the top level, 16 at the 64-wide levels: the ratios of the real FLUX.2 VAE
+# (128/32, 512/32). One channel per group would erase every uniform colour (instance norm).
+NANO_VAE = AutoencoderConfig(channels=(16, 32, 64, 64), num_res_blocks=1, norm_groups=4)
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,7 @@ def vae_batch(rng: np.random.Generator, n: int, size: tuple[int, int]) -> tuple[
 
 
 OBJECT_WEIGHT = 10.0
+LATENT_NOISE = 0.1
 
 
 def caption_batch(rng: np.random.Generator, n: int, size: tuple[int, int]) -> tuple[Tensor, list[str]]:
@@ -164,14 +165,15 @@ def train_vae(cfg: TrainConfig, log: Callable[[dict], None]) -> AutoEncoder:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            mean, logvar = vae.moments(x).float().chunk(2, dim=1)
-            logvar = logvar.clamp(-30, 20)
+            mean = vae.moments(x).float()[:, : vae.cfg.z_channels]
+            # Nearly deterministic: a fixed small noise instead of a learned variance. A learned variance
+            # starts at 1 and drowns the signal; the diffusion model only ever sees posterior means anyway,
+            # and the noise keeps the decoder tolerant of the small errors a sampler leaves.
             eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
-            z = mean + torch.exp(0.5 * logvar) * eps
-            y = vae.decode_raw(z).float()
+            y = vae.decode_raw(mean + LATENT_NOISE * eps).float()
         err = y - x
         rec = ((err.abs() + err.pow(2)) * weight).mean() / weight.mean()
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        kl = mean.pow(2).mean()  # keeps the latent scale bounded (the BatchNorm stats normalise it later)
         loss = rec + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -270,6 +272,25 @@ def flow_loss(model: Flux2Transformer, z: Tensor, txt: Tensor, t: Tensor, noise:
     return F.mse_loss(v.float(), x1 - x0)
 
 
+def resume(ckpt: Path, model: nn.Module, ema: Ema, opt: torch.optim.Optimizer, names: dict) -> int:
+    """Restore model, EMA and optimizer from a checkpoint if there is one; returns the step to start at."""
+    if not ckpt.exists():
+        return 0
+    sd = load_file(str(ckpt))
+    model.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
+    ema.shadow = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
+    restore_optimizer(opt, names, sd)
+    return int(_meta(ckpt)["step"])
+
+
+def snapshot(out: Path, stage: str, name: str, step: int, model, ema: Ema, opt, names: dict, cfg: TrainConfig) -> None:
+    """Checkpoint (model, EMA, optimizer) for resuming, and the EMA weights alone as `name`.safetensors."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.shadow.items()} | optimizer_tensors(opt, names)
+    save_checkpoint(out / f"{stage}.ckpt.safetensors", step, tensors, cfg)
+    save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(out / f"{name}.safetensors"))
+
+
 def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable | None = None) -> None:
     """Stage `base`: nano-base from scratch, with caption dropout and EMA."""
     out = Path(cfg.out)
@@ -279,13 +300,7 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
     names = {p: n for n, p in model.named_parameters()}
     ema = Ema(model, cfg.ema)
-    start = 0
-    if ckpt := latest(out, "base"):
-        sd = load_file(str(ckpt))
-        model.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
-        ema.shadow = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
-        restore_optimizer(opt, names, sd)
-        start = int(_meta(ckpt)["step"])
+    start = resume(out / "base.ckpt.safetensors", model, ema, opt, names)
     shift = float(cfg.extra.get("shift", 6.0))
     t0 = time.time()
     for step, z, txt in batches(cfg, frozen, start):
@@ -303,10 +318,7 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
         log({"stage": "base", "step": step + 1, "loss": loss.item(), "grad": grad.item(),
              "lr": lr_at(step, cfg), "s": round(time.time() - t0, 1)})  # fmt: skip
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-            tensors |= {f"ema.{k}": v for k, v in ema.shadow.items()} | optimizer_tensors(opt, names)
-            save_checkpoint(out / "base.ckpt.safetensors", step + 1, tensors, cfg)
-            save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(out / "nano-base.safetensors"))
+            snapshot(out, "base", "nano-base", step + 1, model, ema, opt, names, cfg)
         if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             log({"stage": "base", "step": step + 1, "eval": evaluate(out / "nano-base.safetensors")})
 
@@ -356,13 +368,7 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     names = {p: n for n, p in model.named_parameters()}
     ema = Ema(model, cfg.ema)
-    start = 0
-    if ckpt := latest(out, "distill"):
-        sd = load_file(str(ckpt))
-        model.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
-        ema.shadow = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
-        restore_optimizer(opt, names, sd)
-        start = int(_meta(ckpt)["step"])
+    start = resume(out / "distill.ckpt.safetensors", model, ema, opt, names)
     student_steps = get_variant("nano").steps
     guidance = float(cfg.extra.get("guidance", get_variant("nano-base").guidance))
     substeps = int(cfg.extra.get("substeps", 6))
@@ -390,10 +396,7 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
         ema.update(model, step)
         log({"stage": "distill", "step": step + 1, "segment": segment, "loss": loss.item(), "grad": grad.item()})
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-            tensors |= {f"ema.{k}": v for k, v in ema.shadow.items()} | optimizer_tensors(opt, names)
-            save_checkpoint(out / "distill.ckpt.safetensors", step + 1, tensors, cfg)
-            save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(out / "nano.safetensors"))
+            snapshot(out, "distill", "nano", step + 1, model, ema, opt, names, cfg)
         if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             log({"stage": "distill", "step": step + 1, "eval": evaluate(out / "nano.safetensors")})
 
