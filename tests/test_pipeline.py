@@ -228,3 +228,25 @@ def test_large_reference_is_resized_with_a_log_line(caplog):
     w, h = req.refs[0].size
     assert w % 16 == 0 and h % 16 == 0 and w * h <= 1024 * 1024
     assert (req.width, req.height) == (w, h)  # output size follows the first reference
+
+
+def test_aspect_presets_keep_the_models_pixel_count():
+    from flux2studio.images import ASPECTS, size_for_aspect
+
+    klein = get_variant("klein-4b")
+    assert build_request(klein, "p", aspect="16:9").width == 1360  # 1360x768: BFL's CLI default
+    for aspect in ASPECTS:
+        w, h = size_for_aspect(aspect, 1024 * 1024)
+        a, b = (int(v) for v in aspect.split(":"))
+        assert w % 16 == 0 and h % 16 == 0
+        assert abs(w * h / (1024 * 1024) - 1) < 0.08 and abs(w / h - a / b) < 0.08
+    with pytest.raises(ValueError, match="aspect '5:4' is not one of"):
+        build_request(klein, "p", aspect="5:4")
+    with pytest.raises(ValueError, match="give size or aspect, not both"):
+        build_request(klein, "p", aspect="1:1", size=(64, 64))
+
+
+def test_package_exposes_load():
+    import flux2studio
+
+    assert flux2studio.load.__module__ == "flux2studio.loading"

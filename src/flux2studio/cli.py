@@ -275,7 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .loading import load
     from .nano.evaluate import evaluate
 
-    pipe = load(args.model or "nano", weights=args.weights, device=args.device, dtype=args.dtype)
+    pipe = load(args.model or "nano", weights=args.weights, vae=args.vae, device=args.device, dtype=args.dtype)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     result = evaluate(pipe, seeds=seeds, limit=args.limit, steps=args.steps, guidance=args.guidance)
     print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else result.table())
@@ -372,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", default="0,1,2", help="comma-separated seeds per prompt")
     ev.add_argument("--limit", type=int, help="evaluate an evenly spread subset of N prompts")
     ev.add_argument("--json", action="store_true")
+    ev.add_argument("--vae", help="VAE weights to go with --weights (default: the embedded one)")
     ev.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser("pull", help="download a model's weights from Hugging Face (resumable)")

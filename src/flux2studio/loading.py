@@ -279,9 +279,11 @@ def load(
                 f"run `flux2 pull {model_id}`, or pass --weights PATH (a diffusers folder or a single file)"
             )
         return load_diffusers_folder(local, model_id, device, torch_dtype, resident)
-    t_path, vae_path = embedded_files(model_id)
-    if weights is not None:
+    if weights is not None:  # e.g. a training run's weights: nano-base.safetensors + vae.safetensors
         t_path = Path(weights)
+        vae_path = Path(vae) if vae else EMBEDDED / "nano-vae.safetensors"
+    else:
+        t_path, vae_path = embedded_files(model_id)
     transformer = build(lambda: Flux2Transformer(variant.transformer), read_safetensors(t_path), model_id, torch_dtype)
     vae = build(lambda: AutoEncoder(variant.vae), read_safetensors(vae_path), "nano VAE", torch_dtype)
     text_encoder = load_minilm(variant.text_encoder, device=device)
