@@ -180,3 +180,40 @@ def test_keys_that_map_to_nothing_are_named(peft_pair, tmp_path):
     sd["text_encoder.layers.0.q.lora_A.weight"] = torch.zeros(4, 4)
     with pytest.raises(ValueError, match=r"2 LoRA key\(s\) map to no layer.*not_a_layer"):
         load_lora(_save(tmp_path, "bad", sd), ours)
+
+
+def test_pipeline_and_cli_take_several_loras_and_record_them(klein_folder, tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from flux2studio.loading import load
+
+    _, folder = klein_folder
+    pipe = load(weights=folder, device="cpu", dtype="fp32", resident=True)
+    g = torch.Generator().manual_seed(9)
+    qkv = pipe.transformer.double_blocks[0].img_attn.qkv.weight
+    key = "diffusion_model.double_blocks.0.img_attn.qkv"
+    a = {f"{key}.lora_A.weight": torch.randn(2, qkv.shape[1], generator=g),
+         f"{key}.lora_B.weight": torch.randn(qkv.shape[0], 2, generator=g)}  # fmt: skip
+    first = _save(tmp_path, "style", a)
+    second = _save(tmp_path, "other", {k: v * 0.5 for k, v in a.items()})
+    plain = np.asarray(pipe("p", size=(64, 64), steps=1)[0])
+    pipe.set_loras([(first, 1.0), (second, 0.5)])
+    styled = pipe("p", size=(64, 64), steps=1)[0]
+    assert not np.array_equal(np.asarray(styled), plain)
+    assert [lo["file"] for lo in json.loads(styled.info["flux2"])["loras"]] == [
+        "style.safetensors",
+        "other.safetensors",
+    ]
+    pipe.set_loras([])
+    assert np.array_equal(np.asarray(pipe("p", size=(64, 64), steps=1)[0]), plain)  # unfused exactly
+    run = subprocess.run([sys.executable, "-m", "flux2studio.cli", "generate", "p", "--weights", str(folder),
+                          "--lora", f"{first}:0.8", "--size", "64x64", "--steps", "1", "--dtype", "fp32", "-q",
+                          "-o", str(tmp_path / "l.png")], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    from PIL import Image
+
+    meta = json.loads(Image.open(tmp_path / "l.png").info["flux2"])
+    assert meta["loras"][0]["scale"] == 0.8

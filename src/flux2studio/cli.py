@@ -87,9 +87,22 @@ def load_pipe(model: str | None, args: argparse.Namespace):
     from .loading import load
 
     transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one to read
-
-    return load(model, weights=args.weights, device=args.device, dtype=args.dtype,
+    pipe = load(model, weights=args.weights, device=args.device, dtype=args.dtype,
                 text_encoder=getattr(args, "text_encoder", None))  # fmt: skip
+    if getattr(args, "lora", None):
+        pipe.set_loras([parse_lora_arg(a) for a in args.lora])
+    return pipe
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """FILE or FILE:SCALE (scale defaults to 1.0)."""
+    path, _, scale = text.rpartition(":")
+    if path and scale:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
 
 
 def settings_from_args(args: argparse.Namespace) -> dict:
@@ -331,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 (fp16 on mps)")
         p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
         p.add_argument("--guidance", type=float, help="guidance scale (CFG and guidance-embedded models)")
+        p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA file (repeatable)")
 
     def output_args(p: argparse.ArgumentParser) -> None:
         size = p.add_mutually_exclusive_group()

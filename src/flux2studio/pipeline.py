@@ -14,6 +14,7 @@ import gc
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar
 
 import torch
@@ -21,7 +22,9 @@ from PIL import Image
 from torch import Tensor
 
 from . import __version__, sampling
+from .checkpoints import weights_hash
 from .images import check_size, image_hash, parameters_text, prepare_reference, size_for_aspect, to_pil, to_tensor
+from .lora import Applied, LoraFile, apply_loras, load_lora
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
 from .text_encoders import TextEncoder
@@ -203,10 +206,27 @@ class Pipeline:
             "vae": Component.of(vae),
             "text_encoder": Component.of(text_encoder),
         }
+        self.loras: list[tuple[LoraFile, float, str]] = []  # (parsed file, scale, short hash)
+        self._lora_state: tuple[Flux2Transformer, Applied] | None = None
 
     @property
     def transformer(self) -> Flux2Transformer:
-        return self.parts["transformer"].get()
+        model = self.parts["transformer"].get()
+        if self.loras and (self._lora_state is None or self._lora_state[0] is not model):
+            # fused into this (possibly freshly loaded) transformer; removed exactly by set_loras
+            self._lora_state = (model, apply_loras(model, [(f, s) for f, s, _ in self.loras], mode="fuse"))
+        return model
+
+    def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
+        """Use these LoRA files with these scales from the next call on ([] removes them, exactly)."""
+        if self._lora_state is not None:
+            model, applied = self._lora_state
+            if self.parts["transformer"].loaded and self.parts["transformer"].get() is model:
+                applied.remove()
+            self._lora_state = None
+        with torch.device("meta"):  # names and shapes only: parse without touching the real weights
+            skeleton = Flux2Transformer(self.variant.transformer)
+        self.loras = [(load_lora(path, skeleton), float(scale), weights_hash([Path(path)])) for path, scale in loras]
 
     @property
     def vae(self) -> AutoEncoder:
@@ -272,6 +292,7 @@ class Pipeline:
             "refs": [image_hash(r) for r in req.refs],
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device.type,
+            "loras": [{"file": Path(f.path).name, "hash": h, "scale": s} for f, s, h in self.loras],
             "version": __version__,
         }
 
