@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,16 @@ from ..images import to_tensor
 from ..model.autoencoder import AutoEncoder, patchify
 from ..model.transformer import Flux2Transformer
 from ..text_encoders import TextEncoder, load_minilm
+from ..train.common import (
+    Ema,
+    checkpoint_meta,
+    flow_loss,
+    lr_at,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+    train_timesteps,
+)
 from ..variants import get_variant
 from .shapes import render, sample, sample_scene
 
@@ -69,40 +78,9 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, step: int, tensors: dict[str, Tensor], cfg: TrainConfig) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    meta = {"step": str(step), "config": json.dumps(asdict(cfg))}
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)  # atomic: a kill mid-write never leaves a broken checkpoint
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> dict[str, Tensor]:
-    out = {}
-    for p, state in opt.state.items():
-        for k, v in state.items():
-            out[f"opt.{names[p]}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return out
-
-
-def restore_optimizer(opt: torch.optim.Optimizer, names: dict[nn.Parameter, str], sd: dict[str, Tensor]) -> None:
-    for p, name in names.items():
-        state = {k.rsplit(".", 1)[1]: v for k, v in sd.items() if k.startswith(f"opt.{name}.")}
-        if state:
-            opt.state[p] = state
-
-
 def latest(out: Path, stage: str) -> Path | None:
     path = out / f"{stage}.ckpt.safetensors"
     return path if path.exists() else None
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 # ----------------------------------------------------------------------------- data
@@ -158,12 +136,12 @@ def train_vae(cfg: TrainConfig, log: Callable[[dict], None]) -> AutoEncoder:
         sd = load_file(str(ckpt))
         vae.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
         restore_optimizer(opt, names, sd)
-        start = int(_meta(ckpt)["step"])
+        start = int(checkpoint_meta(ckpt)["step"])
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
         x, weight = vae_batch(rng, cfg.batch, (128, 128))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mean = vae.moments(x).float()[:, : vae.cfg.z_channels]
             # Nearly deterministic: a fixed small noise instead of a learned variance. A learned variance
@@ -182,7 +160,9 @@ def train_vae(cfg: TrainConfig, log: Callable[[dict], None]) -> AutoEncoder:
         log({"stage": "vae", "step": step + 1, "loss": loss.item(), "rec": rec.item(), "kl": kl.item()})
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             tensors = {f"model.{k}": v for k, v in vae.state_dict().items()}
-            save_checkpoint(out / "vae.ckpt.safetensors", step + 1, tensors | optimizer_tensors(opt, names), cfg)
+            save_checkpoint(
+                out / "vae.ckpt.safetensors", step + 1, tensors | optimizer_tensors(opt, names), asdict(cfg)
+            )
     measure_latent_stats(vae, cfg.seed)
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"))
     return vae
@@ -204,32 +184,7 @@ def measure_latent_stats(vae: AutoEncoder, seed: int, n: int = 1024, batch: int 
     vae.bn.running_var.copy_(z.var(dim=1))
 
 
-def _meta(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return f.metadata()
-
-
 # ----------------------------------------------------------------------------- stage: base
-
-
-class Ema:
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))  # short warmup so early EMA is not stale noise
-        for k, v in model.state_dict().items():
-            self.shadow[k].mul_(d).add_(v.float(), alpha=1 - d)
-
-
-def train_timesteps(rng: torch.Generator, n: int, shift: float) -> Tensor:
-    """Training noise levels: uniform u shifted like the sampling schedule (e^mu ~ 6 at 64 tokens)."""
-    u = torch.rand(n, generator=rng).clamp(1e-4, 1 - 1e-4)
-    return shift / (shift + (1 / u - 1))
 
 
 class Frozen:
@@ -260,18 +215,6 @@ def batches(cfg: TrainConfig, frozen: Frozen, start: int) -> Iterator[tuple[int,
         yield step, z, txt
 
 
-def flow_loss(model: Flux2Transformer, z: Tensor, txt: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-    """Rectified flow: x_t = (1 - t) z + t noise, target v = noise - z (so Euler from t=1 to 0 recovers z)."""
-    h, w = z.shape[-2:]
-    x0 = sampling.pack(z)
-    x1 = sampling.pack(noise)
-    tt = t[:, None, None]
-    xt = (1 - tt) * x0 + tt * x1
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        v = model(xt, sampling.image_ids(h, w), txt, sampling.text_ids(txt.shape[1]), t)
-    return F.mse_loss(v.float(), x1 - x0)
-
-
 def resume(ckpt: Path, model: nn.Module, ema: Ema, opt: torch.optim.Optimizer, names: dict) -> int:
     """Restore model, EMA and optimizer from a checkpoint if there is one; returns the step to start at."""
     if not ckpt.exists():
@@ -280,14 +223,14 @@ def resume(ckpt: Path, model: nn.Module, ema: Ema, opt: torch.optim.Optimizer, n
     model.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
     ema.shadow = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
     restore_optimizer(opt, names, sd)
-    return int(_meta(ckpt)["step"])
+    return int(checkpoint_meta(ckpt)["step"])
 
 
 def snapshot(out: Path, stage: str, name: str, step: int, model, ema: Ema, opt, names: dict, cfg: TrainConfig) -> None:
     """Checkpoint (model, EMA, optimizer) for resuming, and the EMA weights alone as `name`.safetensors."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.shadow.items()} | optimizer_tensors(opt, names)
-    save_checkpoint(out / f"{stage}.ckpt.safetensors", step, tensors, cfg)
+    save_checkpoint(out / f"{stage}.ckpt.safetensors", step, tensors, asdict(cfg))
     save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(out / f"{name}.safetensors"))
 
 
@@ -308,7 +251,7 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
         t = train_timesteps(g, z.shape[0], shift)
         noise = torch.randn(z.shape, generator=g)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
         loss = flow_loss(model, z, txt, t, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -316,7 +259,7 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
         opt.step()
         ema.update(model, step)
         log({"stage": "base", "step": step + 1, "loss": loss.item(), "grad": grad.item(),
-             "lr": lr_at(step, cfg), "s": round(time.time() - t0, 1)})  # fmt: skip
+             "lr": lr_at(step, cfg.lr, cfg.warmup, cfg.steps), "s": round(time.time() - t0, 1)})  # fmt: skip
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             snapshot(out, "base", "nano-base", step + 1, model, ema, opt, names, cfg)
         if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -385,7 +328,7 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
             x_b = teacher_segment(teacher, x_a, (h, w), txt, frozen.empty, a.item(), b.item(), substeps, guidance)
         target = (x_b - x_a) / (b - a)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             v = model(x_a, sampling.image_ids(h, w), txt, sampling.text_ids(txt.shape[1]), a.expand(z.shape[0]))
         loss = F.mse_loss(v.float(), target)

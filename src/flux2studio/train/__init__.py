@@ -1,0 +1,1 @@
+"""Fine-tuning: LoRA training on the Base checkpoints, and what training loops share."""

@@ -1,0 +1,98 @@
+"""Pieces every training loop here shares: the flow-matching loss, noise levels, EMA, learning-rate
+schedule, and checkpoints (safetensors: model, EMA and optimizer moments, step in the metadata)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .. import sampling
+from ..model.transformer import Flux2Transformer
+
+
+def save_checkpoint(path: Path, step: int, tensors: dict[str, Tensor], config: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    meta = {"step": str(step), "config": json.dumps(config)}
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)  # atomic: a kill mid-write never leaves a broken checkpoint
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> dict[str, Tensor]:
+    out = {}
+    for p, state in opt.state.items():
+        for k, v in state.items():
+            out[f"opt.{names[p]}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, names: dict[nn.Parameter, str], sd: dict[str, Tensor]) -> None:
+    for p, name in names.items():
+        state = {k.rsplit(".", 1)[1]: v for k, v in sd.items() if k.startswith(f"opt.{name}.")}
+        if state:
+            opt.state[p] = state
+
+
+def lr_at(step: int, lr: float, warmup: int, steps: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def checkpoint_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+class Ema:
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # short warmup so early EMA is not stale noise
+        for k, v in model.state_dict().items():
+            self.shadow[k].mul_(d).add_(v.float(), alpha=1 - d)
+
+
+def train_timesteps(rng: torch.Generator, n: int, shift: float) -> Tensor:
+    """Training noise levels: uniform u shifted like the sampling schedule (e^mu ~ 6 at 64 tokens)."""
+    u = torch.rand(n, generator=rng).clamp(1e-4, 1 - 1e-4)
+    return shift / (shift + (1 / u - 1))
+
+
+def flow_loss(
+    model: Flux2Transformer,
+    z: Tensor,
+    txt: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    ref: Tensor | None = None,
+    ref_ids: Tensor | None = None,
+) -> Tensor:
+    """Rectified flow: x_t = (1 - t) z + t noise, target v = noise - z (so Euler from t=1 to 0 recovers z).
+
+    z, noise (B, 128, h, w); txt (B, L, C); t (B,). With reference tokens `ref` (B, Lr, 128) the model
+    sees them after the target tokens, as in editing, and the loss covers the target tokens only.
+    """
+    h, w = z.shape[-2:]
+    x0, x1 = sampling.pack(z), sampling.pack(noise)
+    tt = t[:, None, None]
+    xt = (1 - tt) * x0 + tt * x1
+    ids = sampling.image_ids(h, w)
+    if ref is not None:
+        xt, ids = torch.cat([xt, ref], dim=1), torch.cat([ids, ref_ids])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=xt.device.type == "cpu"):
+        v = model(xt, ids, txt, sampling.text_ids(txt.shape[1]), t)[:, : h * w]
+    return F.mse_loss(v.float(), x1 - x0)
