@@ -284,6 +284,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .loading import load
+    from .train.lora import LoraTrainConfig, train_lora
+
+    cfg = LoraTrainConfig(
+        data=args.data, out=args.out, rank=args.rank, alpha=args.alpha, lr=args.lr, steps=args.steps,
+        batch=args.batch, resolution=args.resolution, caption_dropout=args.caption_dropout,
+        grad_checkpointing=args.grad_checkpointing, mode=args.mode, sample_every=args.sample_every,
+        sample_prompts=tuple(args.sample_prompt), ckpt_every=args.ckpt_every, seed=args.seed, save_kohya=args.kohya,
+    )  # fmt: skip
+    pipe = load(args.model, weights=args.weights, device=args.device, dtype=args.dtype)
+    bar = tqdm(total=cfg.steps, desc=f"lora {args.model}", dynamic_ncols=True)
+
+    def log(row: dict) -> None:
+        bar.n = row["step"]
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        bar.refresh()
+
+    path = train_lora(pipe, cfg, log)
+    bar.close()
+    print(f"{path}  rank {cfg.rank}  {cfg.steps} steps")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .loading import load
     from .nano.evaluate import evaluate
@@ -404,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
-    tr = sub.add_parser("train", help="train the embedded model (stages: vae, base, distill)")
-    tr.add_argument("what", choices=["nano"])
+    train = sub.add_parser("train", help="train: the embedded model (nano) or a LoRA (lora)")
+    kinds = train.add_subparsers(dest="what", required=True)
+    tr = kinds.add_parser("nano", help="the embedded model, stage by stage (vae, base, distill)")
     tr.add_argument("--stage", choices=["vae", "base", "distill"], required=True)
     tr.add_argument("--out", default="runs/nano", help="checkpoints and logs; a rerun resumes from here")
     tr.add_argument("--steps", type=int, default=1000)
@@ -416,6 +443,29 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--ckpt-every", type=int, default=200)
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="stage option, e.g. shift=6")
     tr.set_defaults(func=cmd_train)
+
+    lo = kinds.add_parser("lora", help="a LoRA on a Base model from captioned images")
+    lo.add_argument("data", help="folder (image + same-name .txt, optional NAME.ref.png) or .jsonl")
+    lo.add_argument("--model", default="nano-base", help="a Base variant: nano-base, klein-base-4b, klein-base-9b")
+    lo.add_argument("--weights", help="weights of the Base model (default: embedded / HF cache)")
+    lo.add_argument("--device")
+    lo.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
+    lo.add_argument("--out", default="runs/lora", help="checkpoints, samples and lora.safetensors; resumes")
+    lo.add_argument("--rank", type=int, default=16)
+    lo.add_argument("--alpha", type=float, default=16.0)
+    lo.add_argument("--lr", type=float, default=1e-4)
+    lo.add_argument("--steps", type=int, default=500)
+    lo.add_argument("--batch", type=int, default=1)
+    lo.add_argument("--resolution", type=int, default=512, help="pixel budget side: buckets hold ~R*R pixels")
+    lo.add_argument("--caption-dropout", type=float, default=0.05)
+    lo.add_argument("--grad-checkpointing", action="store_true")
+    lo.add_argument("--mode", choices=["t2i", "edit"], default="t2i", help="edit: a reference image per sample")
+    lo.add_argument("--sample-every", type=int, default=0)
+    lo.add_argument("--sample-prompt", action="append", default=[])
+    lo.add_argument("--ckpt-every", type=int, default=100)
+    lo.add_argument("--seed", type=int, default=0)
+    lo.add_argument("--kohya", action="store_true", help="also save the ComfyUI/kohya layout")
+    lo.set_defaults(func=cmd_train_lora)
     return parser
 
 

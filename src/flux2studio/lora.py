@@ -103,6 +103,7 @@ def _peft_alpha(metadata: dict[str, str]) -> tuple[float | None, dict]:
     if not raw:
         return None, {}
     cfg = json.loads(raw)
+    cfg = {k.removeprefix("transformer."): v for k, v in cfg.items()}  # pipeline files namespace the keys
     return cfg.get("lora_alpha"), cfg.get("alpha_pattern") or {}
 
 

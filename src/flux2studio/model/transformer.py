@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..variants import TransformerConfig
@@ -114,6 +115,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, ref_kv=
         v = torch.cat([v[:, :, :at], ref_kv[1], v[:, :, at:]], dim=2)
     out = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, Dh)
     return out.transpose(1, 2).flatten(2), kv
+
+
+def _call(block: nn.Module, *args):
+    return block(*args)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -231,6 +236,11 @@ class Flux2Transformer(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
         self.final_layer = LastLayer(d, cfg.in_channels, cfg.eps)
+        self.grad_checkpointing = False  # training: recompute block activations in backward to save memory
+
+    @staticmethod
+    def _checkpointed(block: nn.Module, *args):
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
 
     def embed_time(self, t: Tensor, guidance: Tensor | None, dtype: torch.dtype) -> Tensor:
         """t, guidance (B,) in [0, 1] / guidance scale -> vec (B, D). Scaled by 1000 (FLUX2.md §2)."""
@@ -268,11 +278,12 @@ class Flux2Transformer(nn.Module):
         cos, sin = rope_freqs(torch.cat([txt_ids, img_ids]), self.cfg.axes_dim, self.cfg.theta)
         n_txt, n_double = txt.shape[1], len(self.double_blocks)
 
+        run = self._checkpointed if self.grad_checkpointing and torch.is_grad_enabled() else _call
         for i, block in enumerate(self.double_blocks):
-            img, txt, _ = block(img, txt, cos, sin, mod_img, mod_txt, ref_kv[i] if ref_kv else None)
+            img, txt, _ = run(block, img, txt, cos, sin, mod_img, mod_txt, ref_kv[i] if ref_kv else None)
         x = torch.cat([txt, img], dim=1)
         for i, block in enumerate(self.single_blocks):
-            x, _ = block(x, cos, sin, mod_single, n_txt, ref_kv[n_double + i] if ref_kv else None)
+            x, _ = run(block, x, cos, sin, mod_single, n_txt, ref_kv[n_double + i] if ref_kv else None)
         return self.final_layer(x[:, n_txt:], vec)
 
     def ref_kv(self, ref: Tensor, ref_ids: Tensor, t: Tensor, guidance: Tensor | None = None) -> RefKV:

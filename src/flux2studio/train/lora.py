@@ -1,0 +1,264 @@
+"""LoRA fine-tuning of a Base checkpoint (klein-base-4b/9b, nano-base) on captioned images.
+
+Data: a folder of images with a caption file of the same name (`cat.png` + `cat.txt`; an optional
+`cat.ref.png` is the reference image of edit mode), or a .jsonl with "image", "caption" and "ref".
+Images are sorted into aspect-ratio buckets at the pixel budget `resolution`**2 and centre-cropped, never
+stretched. Latents and text embeddings are computed once, then the VAE and text encoder are freed, and
+the frozen transformer with PEFT LoRA layers learns the rectified-flow objective. Saved in the
+diffusers/PEFT layout (diffusers' `load_lora_weights` reads it) and optionally the kohya layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from .. import sampling
+from ..images import ASPECTS, size_for_aspect, to_tensor
+from ..lora import _diffusers_names
+from ..pipeline import Pipeline
+from .common import checkpoint_meta, flow_loss, lr_at, optimizer_tensors, restore_optimizer, save_checkpoint
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Our Linear names the LoRA adapts by default: attention and MLP of both block kinds (as ai-toolkit does).
+DEFAULT_TARGETS = ("img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
+                   "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig:
+    data: str
+    out: str = "runs/lora"
+    rank: int = 16
+    alpha: float = 16.0
+    lr: float = 1e-4
+    steps: int = 500
+    batch: int = 1
+    warmup: int = 20
+    resolution: int = 512  # pixel budget: resolution**2 pixels per image, at the bucket's aspect
+    caption_dropout: float = 0.05
+    grad_checkpointing: bool = False
+    mode: str = "t2i"  # "t2i" or "edit" (one reference image per sample)
+    sample_every: int = 0
+    sample_prompts: tuple[str, ...] = ()
+    ckpt_every: int = 100
+    seed: int = 0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    save_kohya: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Sample:
+    image: Path
+    caption: str
+    ref: Path | None = None
+
+
+def read_dataset(path: str | Path, mode: str) -> list[Sample]:
+    """Samples from a folder (image + same-name .txt) or a .jsonl; errors name the file and line."""
+    path = Path(path)
+    samples: list[Sample] = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "image" not in row or "caption" not in row:
+                raise ValueError(f'{path} line {n}: needs "image" and "caption"')
+            ref = path.parent / row["ref"] if row.get("ref") else None
+            samples.append(Sample(path.parent / row["image"], row["caption"], ref))
+    elif path.is_dir():
+        for image in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            if image.stem.endswith(".ref"):
+                continue
+            caption = image.with_suffix(".txt")
+            if not caption.is_file():
+                raise ValueError(f"{image} has no caption file {caption.name}")
+            ref = next((r for s in IMAGE_SUFFIXES if (r := image.with_name(image.stem + ".ref" + s)).is_file()), None)
+            samples.append(Sample(image, caption.read_text().strip(), ref))
+    else:
+        raise FileNotFoundError(f"training data {path} is neither a folder nor a .jsonl file")
+    if not samples:
+        raise ValueError(f"no training samples in {path}")
+    if mode == "edit" and any(s.ref is None for s in samples):
+        missing = [s.image.name for s in samples if s.ref is None][:5]
+        raise ValueError(f"edit mode needs a reference image for every sample; missing for {missing}")
+    return samples
+
+
+def bucket_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The aspect bucket closest to the image's aspect, at resolution**2 pixels."""
+    ratio = math.log(width / height)
+    best = min(ASPECTS, key=lambda a: abs(math.log(int(a.split(":")[0]) / int(a.split(":")[1])) - ratio))
+    return size_for_aspect(best, resolution * resolution)
+
+
+def fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to cover `size`, then centre-crop to it (no stretching)."""
+    w, h = size
+    scale = max(w / image.width, h / image.height)
+    resized = image.convert("RGB").resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))),
+                                          Image.Resampling.LANCZOS)  # fmt: skip
+    left, top = (resized.width - w) // 2, (resized.height - h) // 2
+    return resized.crop((left, top, left + w, top + h))
+
+
+@torch.no_grad()
+def precompute(pipe: Pipeline, samples: list[Sample], cfg: LoraTrainConfig) -> list[dict]:
+    """Latents, text embeddings (and reference tokens) for every sample; then the encoders are freed."""
+    items = []
+    captions = sorted({s.caption for s in samples} | {""})
+    embeds = dict(zip(captions, pipe.encode_prompts(captions).float(), strict=True))
+    pipe.release("text_encoder")
+    for s in samples:
+        with Image.open(s.image) as im:
+            size = bucket_size(im.width, im.height, cfg.resolution)
+            z = pipe.vae.encode(to_tensor(fit(im, size)).to(pipe.device, pipe.dtype)).float()
+        item = {"z": z, "caption": s.caption, "size": size}
+        if s.ref is not None and cfg.mode == "edit":
+            with Image.open(s.ref) as r:
+                zr = pipe.vae.encode(to_tensor(fit(r, bucket_size(r.width, r.height, cfg.resolution)))
+                                     .to(pipe.device, pipe.dtype)).float()  # fmt: skip
+            item["ref"] = sampling.pack(zr)
+            item["ref_ids"] = sampling.reference_ids([tuple(zr.shape[-2:])])
+        items.append(item)
+    pipe.release("vae")
+    return [{**it, "txt": embeds[it["caption"]], "empty": embeds[""]} for it in items]
+
+
+def lora_config(cfg: LoraTrainConfig, model: nn.Module):
+    from peft import LoraConfig
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(cfg.targets)]
+    if not names:
+        raise ValueError(f"no layer matches targets {cfg.targets}")
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=names, init_lora_weights=True)
+
+
+def to_diffusers_layout(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Our LoRA names -> diffusers/PEFT names: a fused qkv LoRA becomes q, k, v sharing A (exact)."""
+    reverse: dict[str, list[tuple[str, int, int, bool]]] = {}
+    for theirs, (ours, part, n, swap) in _diffusers_names(model).items():
+        reverse.setdefault(ours, []).append((theirs, part, n, swap))
+    out = {}
+    for key, value in sd.items():
+        module, factor = key.rsplit(".lora_", 1)  # factor: "A.weight" / "B.weight"
+        for theirs, part, n, swap in reverse[module]:
+            if factor.startswith("A"):
+                out[f"transformer.{theirs}.lora_A.weight"] = value.clone()  # q, k, v each get their own copy
+            else:
+                rows = value.chunk(n, dim=0)[part]
+                if swap:
+                    a, b = rows.chunk(2)
+                    rows = torch.cat([b, a])
+                out[f"transformer.{theirs}.lora_B.weight"] = rows.contiguous()
+    return out
+
+
+def to_kohya_layout(sd: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    out = {}
+    for key, value in sd.items():
+        module, factor = key.rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        out[f"{name}.lora_{'down' if factor.startswith('A') else 'up'}.weight"] = value.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def save_lora(model: nn.Module, cfg: LoraTrainConfig, path: Path) -> list[Path]:
+    from peft.utils import get_peft_model_state_dict
+
+    from ..checkpoints import write_safetensors
+
+    sd = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    diffusers_sd = to_diffusers_layout(sd, model)
+    # diffusers builds its PEFT LoraConfig from this metadata, so it lists the target modules too
+    targets = sorted({k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in diffusers_sd})
+    # keys namespaced by component, as diffusers' save_lora_weights writes them
+    adapter = {"transformer.r": cfg.rank, "transformer.lora_alpha": cfg.alpha, "transformer.target_modules": targets}
+    meta = {"lora_adapter_metadata": json.dumps(adapter), "flux2studio": json.dumps({"config": asdict(cfg)})}
+    path.unlink(missing_ok=True)
+    write_safetensors(diffusers_sd, path, meta)
+    written = [path]
+    if cfg.save_kohya:
+        kohya = path.with_name(path.stem + ".kohya.safetensors")
+        kohya.unlink(missing_ok=True)
+        write_safetensors(to_kohya_layout(sd, cfg.alpha), kohya)
+        written.append(kohya)
+    return written
+
+
+def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]) -> Path:
+    """Train; resumable from OUT/lora.ckpt.safetensors. Returns the final LoRA file (diffusers layout)."""
+    from peft import inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    if cfg.mode not in ("t2i", "edit"):
+        raise ValueError(f"mode {cfg.mode!r}: t2i or edit")
+    if pipe.variant.guidance_mode == "none":
+        raise ValueError(f"{pipe.variant.id} is distilled; train LoRAs on a Base variant (klein-base-*, nano-base)")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = precompute(pipe, read_dataset(cfg.data, cfg.mode), cfg)
+    pipe.parts["transformer"].resident = True  # the LoRA lives in this object: never reload it mid-training
+    model = pipe.transformer
+    model.requires_grad_(False)
+    model = inject_adapter_in_model(lora_config(cfg, model), model)
+    model.train()
+    model.grad_checkpointing = cfg.grad_checkpointing
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.data = p.data.float()  # LoRA factors train in fp32 whatever the base dtype
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    names = {p: n for n, p in model.named_parameters() if "lora_" in n}
+    ckpt = out / "lora.ckpt.safetensors"
+    start = 0
+    if ckpt.exists():
+        from safetensors.torch import load_file
+
+        sd = load_file(str(ckpt))
+        set_peft_model_state_dict(model, {k[5:]: v for k, v in sd.items() if k.startswith("lora.")})
+        restore_optimizer(opt, names, sd)
+        start = int(checkpoint_meta(ckpt)["step"])
+    t0 = time.time()
+    for step in range(start, cfg.steps):
+        rng = np.random.default_rng([cfg.seed, step])
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        first = data[rng.integers(len(data))]
+        same = [d for d in data if d["size"] == first["size"]]  # a batch shares one bucket
+        batch = [first] + [same[i] for i in rng.integers(len(same), size=cfg.batch - 1)]
+        z = torch.cat([b["z"] for b in batch])
+        txt = torch.stack([b["empty"] if rng.random() < cfg.caption_dropout else b["txt"] for b in batch])
+        ref = torch.cat([b["ref"] for b in batch]) if cfg.mode == "edit" else None
+        t = torch.rand(len(batch), generator=g)
+        noise = torch.randn(z.shape, generator=g)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+        loss = flow_loss(model, z, txt.to(z), t, noise, ref, batch[0].get("ref_ids"))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        log({"step": step + 1, "loss": loss.item(), "s": round(time.time() - t0, 1)})
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(model).items()}
+            save_checkpoint(ckpt, step + 1, state | optimizer_tensors(opt, names), asdict(cfg))
+        if cfg.sample_every and cfg.sample_prompts and (step + 1) % cfg.sample_every == 0:
+            model.eval()
+            with torch.no_grad():
+                for i, image in enumerate(pipe(list(cfg.sample_prompts), seed=cfg.seed)):
+                    image.save(out / f"sample-{step + 1:05d}-{i}.png")
+            model.train()
+    model.eval()
+    return save_lora(model, cfg, out / "lora.safetensors")[0]

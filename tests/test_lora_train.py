@@ -1,0 +1,86 @@
+"""LoRA training on a Base model (tiny klein-base folder): runs, resumes, saves layouts diffusers loads."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flux2studio.loading import load
+from flux2studio.lora import load_lora
+from flux2studio.train.lora import LoraTrainConfig, read_dataset, train_lora
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(96, 64), (64, 96), (80, 80)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text(f"a pattern number {i}")
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"img{i}.ref.png")
+    return data
+
+
+def _cfg(dataset, tmp_path, **kw):
+    return LoraTrainConfig(data=str(dataset), out=str(tmp_path / "run"), rank=4, alpha=8, lr=1e-2, steps=3,
+                           resolution=64, ckpt_every=1, save_kohya=True, **kw)  # fmt: skip
+
+
+def test_train_save_and_diffusers_loads_it(klein_folder, dataset, tmp_path):
+    pipe, folder = klein_folder
+    ours = load("klein-base-4b", weights=folder, device="cpu", dtype="fp32")
+    rows = []
+    path = train_lora(ours, _cfg(dataset, tmp_path), rows.append)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    assert path.name == "lora.safetensors" and (path.parent / "lora.kohya.safetensors").is_file()
+    # diffusers reads the file with its own loader and gets the same transformer output as ours
+    fresh = load("klein-base-4b", weights=folder, device="cpu", dtype="fp32", resident=True)
+    lora = load_lora(path, fresh.transformer)
+    assert lora.format == "diffusers"
+    kohya = load_lora(path.parent / "lora.kohya.safetensors", fresh.transformer)
+    assert kohya.format == "kohya"
+    pipe.load_lora_weights(str(path))
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(1, 16, 128, generator=g), torch.randn(1, 6, 96, generator=g)
+    from flux2studio.lora import apply_loras
+    from flux2studio.sampling import image_ids, text_ids
+
+    with torch.no_grad():
+        expected = pipe.transformer(hidden_states=img, encoder_hidden_states=txt, timestep=torch.tensor([0.5]),
+                                    img_ids=image_ids(4, 4), txt_ids=text_ids(6), return_dict=False)[0]  # fmt: skip
+        applied = apply_loras(fresh.transformer, [(lora, 1.0)])
+        got = fresh.transformer(img, image_ids(4, 4), txt, text_ids(6), torch.tensor([0.5]))
+        applied.remove()
+        base = fresh.transformer(img, image_ids(4, 4), txt, text_ids(6), torch.tensor([0.5]))
+    pipe.unload_lora_weights()
+    # fp32; outputs reach ~13 here, so the bound is relative: 1e-5 of the largest value (measured 1.3e-6)
+    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    assert (got - base).abs().max().item() > 1e-4  # the LoRA learned something
+
+
+def test_resume_and_edit_mode(klein_folder, dataset, tmp_path):
+    _, folder = klein_folder
+    first = load("klein-base-4b", weights=folder, device="cpu", dtype="fp32")
+    train_lora(first, _cfg(dataset, tmp_path, mode="edit"), lambda r: None)
+    more = load("klein-base-4b", weights=folder, device="cpu", dtype="fp32")
+    rows = []
+    cfg = dataclasses.replace(_cfg(dataset, tmp_path, mode="edit"), steps=5)
+    train_lora(more, cfg, rows.append)
+    assert [r["step"] for r in rows] == [4, 5]  # resumed after step 3
+
+
+def test_bad_data_is_named(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"has no caption file a\.txt"):
+        read_dataset(tmp_path, "t2i")
+    with pytest.raises(FileNotFoundError, match=r"neither a folder nor a \.jsonl"):
+        read_dataset(tmp_path / "missing", "t2i")
+
+
+def test_distilled_models_are_refused(klein_folder, dataset, tmp_path):
+    _, folder = klein_folder
+    with pytest.raises(ValueError, match="train LoRAs on a Base variant"):
+        train_lora(load("klein-4b", weights=folder, device="cpu", dtype="fp32"), _cfg(dataset, tmp_path), print)
