@@ -310,6 +310,31 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+    import os
+
+    token = args.token or os.environ.get("FLUX2_TOKEN")
+    loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    if not loopback and not token:
+        raise ValueError(f"refusing to bind {args.host} without an API token: pass --token or set FLUX2_TOKEN")
+    import uvicorn
+
+    from .loading import load
+    from .serve.app import create_app
+
+    weights = dict(m.split("=", 1) if "=" in m else (m, None) for m in (args.model or ["nano", "nano-base"]))
+
+    def loader(model_id: str):
+        return load(model_id, weights=weights.get(model_id), device=args.device, dtype=args.dtype, resident=True)
+
+    app = create_app(args.data, loader, token=token, cors_origins=args.cors or None, models=list(weights),
+                     lora_dir=args.lora_dir)  # fmt: skip
+    print(f"Flux2 Studio on http://{args.host}:{args.port}  (data: {args.data}, models: {', '.join(weights)})")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .loading import load
     from .nano.evaluate import evaluate
@@ -429,6 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
+
+    srv = sub.add_parser("serve", help="HTTP API, job queue and studio page (pip install flux2studio[serve])")
+    srv.add_argument("--host", default="127.0.0.1", help="other than loopback needs --token")
+    srv.add_argument("--port", type=int, default=7860)
+    srv.add_argument("--data", default="flux2-data", help="job store (SQLite) and images")
+    srv.add_argument("--token", help="bearer token required on every API call (or FLUX2_TOKEN)")
+    srv.add_argument("--model", action="append", metavar="ID[=WEIGHTS]", help="serve this model (repeatable)")
+    srv.add_argument("--cors", action="append", metavar="ORIGIN", help="allow browser calls from ORIGIN")
+    srv.add_argument("--lora-dir", help="folder of LoRA files jobs may name")
+    srv.add_argument("--device")
+    srv.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
+    srv.set_defaults(func=cmd_serve)
 
     train = sub.add_parser("train", help="train: the embedded model (nano) or a LoRA (lora)")
     kinds = train.add_subparsers(dest="what", required=True)

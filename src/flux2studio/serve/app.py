@@ -1,0 +1,320 @@
+"""The HTTP API: native jobs (submit, status, events, cancel, result), OpenAI-compatible image routes,
+models, health, uploads, and the studio page. Thin: it validates, stores, and lets the worker generate.
+
+Safe to expose: bearer-token auth when a token is set (required for non-loopback binds, see `run`),
+every limit from `limits.py` checked before anything is queued, uploads checked for type, byte size and
+pixel count before decoding, files addressed by id only, CORS off unless origins are configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from ..images import size_for_aspect
+from ..pipeline import Pipeline, build_request
+from ..variants import VARIANTS, get_variant
+from .limits import DEFAULT_LIMITS, Limits
+from .store import Store
+from .worker import Worker
+
+STATIC = Path(__file__).parent / "static"
+TERMINAL = ("done", "failed", "cancelled")
+
+
+class JobRequest(BaseModel):
+    model: str = "nano"
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    aspect: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    num_images: int = 1
+    refs: list[str] = []  # upload ids
+    loras: list[tuple[str, float]] = []  # server-side LoRA names (see --lora-dir) and scales
+
+
+class OpenAIGeneration(BaseModel):
+    prompt: str
+    model: str = "nano"
+    n: int = 1
+    size: str | None = None  # "WIDTHxHEIGHT"
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    negative_prompt: str | None = None
+
+
+def create_app(
+    data: str | Path,
+    loader: Callable[[str], Pipeline],
+    token: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    cors_origins: list[str] | None = None,
+    models: list[str] | None = None,
+    lora_dir: str | Path | None = None,
+) -> FastAPI:
+    store = Store(data)
+    recovered = store.recover()
+    worker = Worker(store, loader)
+    refs_dir = store.data / "refs"
+    refs_dir.mkdir(exist_ok=True)
+    served = models or [v.id for v in VARIANTS.values() if v.id in ("nano", "nano-base")]
+
+    app = FastAPI(title="Flux2 Studio", version="1", lifespan=_lifespan(worker))
+    app.state.store, app.state.worker, app.state.recovered = store, worker, recovered
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+
+    def auth(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not (given.startswith("Bearer ") and secrets.compare_digest(given[7:].encode(), token.encode())):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    guarded = [Depends(auth)]
+
+    def validate(req: JobRequest) -> tuple[dict, int]:
+        """Every check before queueing: limits table, then the model's own rules (build_request)."""
+        if req.model not in served:
+            raise HTTPException(422, f"model {req.model!r} is not served here; served: {', '.join(served)}")
+        variant = get_variant(req.model)
+        if len(req.prompt) > limits.max_prompt_chars:
+            raise HTTPException(422, f"prompt has {len(req.prompt)} characters; at most {limits.max_prompt_chars}")
+        if not 1 <= req.num_images <= limits.max_images:
+            raise HTTPException(422, f"num_images {req.num_images} is out of range 1..{limits.max_images}")
+        if len(req.refs) > limits.max_refs:
+            raise HTTPException(422, f"{len(req.refs)} references; at most {limits.max_refs}")
+        if len(req.loras) > limits.max_loras:
+            raise HTTPException(422, f"{len(req.loras)} LoRAs; at most {limits.max_loras}")
+        if req.steps is not None and not 1 <= req.steps <= limits.max_steps:
+            raise HTTPException(422, f"steps {req.steps} is out of range 1..{limits.max_steps}")
+        if req.aspect is not None:
+            try:
+                req.width, req.height = size_for_aspect(req.aspect, variant.default_size[0] * variant.default_size[1])
+            except ValueError as e:
+                raise HTTPException(422, str(e)) from None
+        width, height = req.width or variant.default_size[0], req.height or variant.default_size[1]
+        for name, value in (("width", width), ("height", height)):
+            if not 1 <= value <= limits.max_side:
+                raise HTTPException(422, f"{name} {value} is out of range 1..{limits.max_side}")
+        if width * height > limits.max_megapixels * 1e6:
+            raise HTTPException(422, f"{width}x{height} is over {limits.max_megapixels} megapixels")
+        for ref in req.refs:
+            if not (ref.isalnum() and (refs_dir / f"{ref}.png").is_file()):
+                raise HTTPException(422, f"unknown reference id {ref!r}: upload it to /v1/uploads first")
+        loras = []
+        for name, scale in req.loras:
+            path = Path(lora_dir or "/nonexistent") / f"{name}.safetensors"
+            if not (name.replace("-", "").replace("_", "").isalnum() and path.is_file()):
+                raise HTTPException(422, f"unknown LoRA {name!r}")
+            loras.append((str(path), float(scale)))
+        try:  # the model's own checks: multiples of 16, its size range, guidance mode, negative prompt
+            built = build_request(variant, req.prompt, negative_prompt=req.negative_prompt, size=(width, height),
+                                  steps=req.steps, guidance=req.guidance, num_images=req.num_images)  # fmt: skip
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+        settings = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "width": width, "height": height,
+                    "steps": built.steps, "guidance": built.guidance, "seed": seed, "num_images": req.num_images,
+                    "refs": req.refs, "loras": loras}  # fmt: skip
+        return settings, built.steps
+
+    def submit(req: JobRequest):
+        settings, steps = validate(req)
+        if store.count("queued", "running") >= limits.max_queue:
+            raise HTTPException(
+                429, f"queue full ({limits.max_queue} jobs); retry later", headers={"Retry-After": "10"}
+            )
+        job = store.add(req.model, settings, steps)
+        worker.notify()
+        return job
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "queued": store.count("queued"), "running": store.count("running")}
+
+    @app.get("/v1/models", dependencies=guarded)
+    def list_models() -> dict:
+        rows = []
+        for model_id in served:
+            v = get_variant(model_id)
+            rows.append({"id": v.id, "object": "model", "owned_by": "flux2studio", "description": v.description,
+                         "steps": v.steps, "guidance": v.guidance, "guidance_mode": v.guidance_mode,
+                         "default_size": list(v.default_size), "min_side": v.min_side,
+                         "max_side": min(v.max_side, limits.max_side), "max_refs": min(v.max_refs, limits.max_refs),
+                         "license": v.license})  # fmt: skip
+        return {"object": "list", "data": rows}
+
+    @app.post("/v1/jobs", status_code=202, dependencies=guarded)
+    def create_job(req: JobRequest) -> dict:
+        return submit(req).public()
+
+    @app.get("/v1/jobs", dependencies=guarded)
+    def list_jobs(limit: int = 50, status: str | None = None) -> dict:
+        return {"data": [j.public() for j in store.list(min(max(limit, 1), 500), status)]}
+
+    @app.get("/v1/jobs/{job_id}", dependencies=guarded)
+    def get_job(job_id: str) -> dict:
+        job = store.get(job_id)
+        if job is None:
+            raise HTTPException(404, "no such job")
+        return job.public()
+
+    @app.post("/v1/jobs/{job_id}/cancel", dependencies=guarded)
+    def cancel_job(job_id: str) -> dict:
+        if store.get(job_id) is None:
+            raise HTTPException(404, "no such job")
+        store.cancel(job_id)
+        return store.get(job_id).public()
+
+    @app.get("/v1/jobs/{job_id}/events", dependencies=guarded)
+    async def job_events(job_id: str) -> StreamingResponse:
+        if store.get(job_id) is None:
+            raise HTTPException(404, "no such job")
+
+        async def stream():
+            last = None
+            while True:
+                job = store.get(job_id)
+                state = (job.status, job.step)
+                if state != last:
+                    yield f"event: progress\ndata: {json.dumps(job.public())}\n\n"
+                    last = state
+                if job.status in TERMINAL:
+                    return
+                await asyncio.sleep(0.2)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.get("/v1/images/{name}", dependencies=guarded)
+    def get_image(name: str) -> FileResponse:
+        path = store.image_path(name.removesuffix(".png"))
+        if path is None:
+            raise HTTPException(404, "no such image")
+        return FileResponse(path, media_type="image/png")
+
+    @app.post("/v1/uploads", dependencies=guarded)
+    async def upload(file: UploadFile = File(...)) -> dict:
+        return {"id": await save_upload(file, refs_dir, limits)}
+
+    @app.post("/v1/images/generations", dependencies=guarded)
+    async def openai_generations(req: OpenAIGeneration) -> dict:
+        width, height = _parse_size(req.size)
+        job = submit(JobRequest(model=req.model, prompt=req.prompt, width=width, height=height, num_images=req.n,
+                                seed=req.seed, steps=req.steps, guidance=req.guidance,
+                                negative_prompt=req.negative_prompt))  # fmt: skip
+        return await _openai_result(store, job.id, req.response_format)
+
+    @app.post("/v1/images/edits", dependencies=guarded)
+    async def openai_edits(
+        image: list[UploadFile] = File(...),
+        prompt: str = Form(...),
+        model: str = Form("nano"),
+        n: int = Form(1),
+        size: str | None = Form(None),
+        response_format: str = Form("b64_json"),
+        seed: int | None = Form(None),
+    ) -> dict:
+        if response_format not in ("b64_json", "url"):
+            raise HTTPException(422, f"response_format {response_format!r}: b64_json or url")
+        refs = [await save_upload(f, refs_dir, limits) for f in image]
+        width, height = _parse_size(size)
+        if width is None:  # the output follows the first image, as in the CLI
+            with Image.open(refs_dir / f"{refs[0]}.png") as first:
+                width, height = first.width // 16 * 16, first.height // 16 * 16
+        job = submit(JobRequest(model=model, prompt=prompt, width=width, height=height, num_images=n, seed=seed,
+                                refs=refs))  # fmt: skip
+        return await _openai_result(store, job.id, response_format)
+
+    if STATIC.is_dir():
+        app.mount("/", StaticFiles(directory=STATIC, html=True), name="studio")
+    return app
+
+
+def _lifespan(worker: Worker):
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        yield
+        worker.stop()
+
+    return lifespan
+
+
+def _parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None:
+        return None, None
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise HTTPException(422, f"size {size!r} is not WIDTHxHEIGHT") from None
+    return w, h
+
+
+async def _openai_result(store: Store, job_id: str, response_format: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = store.get(job_id)
+        if job.status == "done":
+            break
+        if job.status in ("failed", "cancelled"):
+            raise HTTPException(500, f"generation {job.status}: {job.error or ''}".strip(": "))
+        if time.monotonic() > deadline:
+            return JSONResponse({"id": job_id, "status": job.status}, status_code=202)
+        await asyncio.sleep(0.1)
+    data = []
+    for image_id in job.images:
+        if response_format == "url":
+            data.append({"url": f"/v1/images/{image_id}.png"})
+        else:
+            data.append({"b64_json": base64.b64encode(store.image_path(image_id).read_bytes()).decode()})
+    return {"created": int(job.finished or time.time()), "data": data}
+
+
+async def save_upload(file: UploadFile, folder: Path, limits: Limits) -> str:
+    """Check byte size, format and pixel count before decoding; store as PNG under a new id."""
+    import uuid
+
+    raw = await file.read(limits.max_upload_bytes + 1)
+    if len(raw) > limits.max_upload_bytes:
+        raise HTTPException(413, f"upload is over {limits.max_upload_bytes} bytes")
+    try:
+        with Image.open(io.BytesIO(raw)) as probe:  # reads the header only: no decoding yet
+            if probe.format not in ("PNG", "JPEG", "WEBP"):
+                raise HTTPException(415, f"image format {probe.format} not accepted: PNG, JPEG or WEBP")
+            w, h = probe.size
+            if w * h > limits.max_upload_pixels:
+                raise HTTPException(413, f"image is {w}x{h}: over {limits.max_upload_pixels} pixels")
+            image = probe.convert("RGB")
+    except HTTPException:
+        raise
+    except Image.DecompressionBombError:  # Pillow's own guard fired first: same answer
+        raise HTTPException(413, f"image is over {limits.max_upload_pixels} pixels") from None
+    except Exception:
+        raise HTTPException(415, "not a readable image") from None
+    upload_id = uuid.uuid4().hex
+    image.save(folder / f"{upload_id}.png")
+    return upload_id

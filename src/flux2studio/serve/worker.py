@@ -1,0 +1,110 @@
+"""The worker: takes jobs from the store, keeps one model loaded (swapped on demand), batches compatible
+jobs into one pipeline call, reports progress per step, honours cancellation, writes PNGs with metadata."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Callable
+
+from PIL import Image
+
+from ..pipeline import Pipeline
+from .store import Job, Store
+
+log = logging.getLogger(__name__)
+MAX_BATCH_IMAGES = 8  # images per pipeline call when batching compatible jobs
+
+
+class Cancelled(Exception):
+    pass
+
+
+class Worker:
+    def __init__(self, store: Store, loader: Callable[[str], Pipeline], poll: float = 0.2) -> None:
+        self.store, self.loader, self.poll = store, loader, poll
+        self.pipe: Pipeline | None = None
+        self.model_id: str | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="flux2-worker", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self.thread.join(timeout=30)
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            job = self.store.claim()
+            if job is None:
+                self._wake.wait(self.poll)
+                self._wake.clear()
+                continue
+            batch = [job]
+            while sum(j.settings["num_images"] for j in batch) < MAX_BATCH_IMAGES:
+                more = self.store.claim(compatible={"model": job.model, "settings": job.settings})
+                if more is None:
+                    break
+                batch.append(more)
+            self._run_batch(batch)
+
+    def _pipeline(self, model_id: str) -> Pipeline:
+        if self.model_id != model_id:  # one model at a time: free the old one before loading the next
+            self.pipe, self.model_id = None, None
+            self.pipe, self.model_id = self.loader(model_id), model_id
+        return self.pipe
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        try:
+            pipe = self._pipeline(batch[0].model)
+            s = batch[0].settings
+            prompts = [j.settings["prompt"] for j in batch for _ in range(j.settings["num_images"])]
+            seeds = [j.settings["seed"] + i for j in batch for i in range(j.settings["num_images"])]
+            refs = [Image.open(self.store.data / "refs" / f"{r}.png").convert("RGB") for r in s.get("refs", [])]
+            kw = {k: s[k] for k in ("steps", "guidance", "negative_prompt") if s.get(k) is not None}
+            if pipe.variant.guidance_mode == "none":
+                kw.pop("guidance", None)
+            if s.get("loras") or pipe.loras:
+                pipe.set_loras([(path, scale) for path, scale in s.get("loras", [])])
+
+            def progress(i: int, total: int, _x) -> None:
+                for j in batch:
+                    if self.store.get(j.id).status == "cancelled":
+                        raise Cancelled(j.id)
+                    self.store.progress(j.id, i + 1, total)
+
+            images = pipe(prompts, seeds=seeds, size=(s["width"], s["height"]), refs=refs, callback=progress, **kw)
+        except Cancelled:
+            for j in batch:  # the cancelled job stays cancelled; the others of its batch go back to the queue
+                self.store.requeue(j.id)
+            return
+        except Exception as e:  # a job's failure is recorded, never crashes the worker
+            log.exception("job batch failed")
+            for j in batch:
+                self.store.fail(j.id, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return
+        k = 0
+        for j in batch:
+            n = j.settings["num_images"]
+            self.store.finish(j.id, [_png(im) for im in images[k : k + n]])
+            k += n
+
+
+def _png(image: Image.Image) -> bytes:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key in ("parameters", "flux2"):
+        if key in image.info:
+            info.add_text(key, image.info[key])
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()

@@ -1,0 +1,201 @@
+"""The HTTP server on a tiny klein folder: jobs, limits, auth, uploads, OpenAI routes, persistence.
+
+Servers bind 127.0.0.1 only; loops are bounded in count and time."""
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from flux2studio.loading import load
+from flux2studio.serve.app import create_app
+from flux2studio.serve.limits import Limits
+
+
+def _loader(folder):
+    return lambda model_id: load(model_id, weights=folder, device="cpu", dtype="fp32", resident=True)
+
+
+@pytest.fixture
+def client(klein_folder, tmp_path):
+    _, folder = klein_folder
+    app = create_app(tmp_path / "data", _loader(folder), models=["klein-4b"], limits=Limits(max_side=256))
+    with TestClient(app) as c:
+        yield c
+
+
+def _wait(client, job_id, timeout=120, headers=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if job["status"] in ("done", "failed", "cancelled"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} not finished in {timeout}s")
+
+
+def test_job_lifecycle_image_and_metadata(client):
+    r = client.post("/v1/jobs", json={"model": "klein-4b", "prompt": "a red circle", "width": 64, "height": 96,
+                                      "steps": 2, "seed": 4, "num_images": 2})  # fmt: skip
+    assert r.status_code == 202, r.text
+    job = _wait(client, r.json()["id"])
+    assert job["status"] == "done" and job["progress"] == {"step": 2, "steps": 2}
+    assert len(job["images"]) == 2
+    png = client.get(job["images"][1])
+    image = Image.open(io.BytesIO(png.content))
+    assert image.size == (64, 96) and json.loads(image.info["flux2"])["seed"] == 5
+    assert job["id"] in [j["id"] for j in client.get("/v1/jobs").json()["data"]]  # the gallery
+
+
+def test_limits_are_checked_before_queueing(client):
+    base = {"model": "klein-4b", "prompt": "p", "width": 64, "height": 64}
+    cases = [
+        ({"width": 4096}, "width 4096 is out of range 1..256"),
+        ({"width": 100}, "width 100 is not a multiple of 16"),
+        ({"steps": 0}, "steps 0 is out of range 1..100"),
+        ({"num_images": 9}, "num_images 9 is out of range 1..4"),
+        ({"prompt": "x" * 3000}, "prompt has 3000 characters; at most 2000"),
+        ({"model": "dev"}, "model 'dev' is not served here"),
+        ({"guidance": 3.0}, "guidance-distilled"),
+        ({"refs": ["../../etc/passwd"]}, "unknown reference id"),
+    ]
+    for change, message in cases:
+        r = client.post("/v1/jobs", json=base | change)
+        assert r.status_code == 422 and message in r.json()["detail"], (change, r.text)
+    assert client.get("/health").json()["queued"] == 0
+
+
+def test_queue_is_bounded(klein_folder, tmp_path):
+    _, folder = klein_folder
+    app = create_app(tmp_path / "d", _loader(folder), models=["klein-4b"], limits=Limits(max_queue=2))
+    client = TestClient(app)  # no lifespan: the worker is not started, so jobs stay queued
+    body = {"model": "klein-4b", "prompt": "p", "width": 64, "height": 64}
+    assert [client.post("/v1/jobs", json=body).status_code for _ in range(2)] == [202, 202]
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 429 and r.headers["retry-after"] == "10"
+    queued = client.get("/v1/jobs").json()["data"][0]["id"]
+    assert client.post(f"/v1/jobs/{queued}/cancel").json()["status"] == "cancelled"
+
+
+def test_bearer_token(klein_folder, tmp_path):
+    _, folder = klein_folder
+    client = TestClient(create_app(tmp_path / "d", _loader(folder), token="s3cret", models=["klein-4b"]))
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "klein-4b"
+    assert client.get("/health").status_code == 200  # health stays open for load balancers
+
+
+def test_uploads_are_checked_and_files_are_ids_only(client):
+    assert client.post("/v1/uploads", files={"file": ("x.png", b"not an image")}).status_code == 415
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")  # tiny file, 400 megapixels decoded
+    r = client.post("/v1/uploads", files={"file": ("bomb.png", bomb.getvalue())})
+    assert r.status_code == 413 and "over" in r.json()["detail"]
+    for path in ("/v1/images/..%2Fjobs.sqlite3", "/v1/images/../jobs.sqlite3", "/v1/images/0" * 3):
+        assert client.get(path).status_code == 404
+
+
+def test_openai_generations_and_edits(client):
+    r = client.post("/v1/images/generations", json={"model": "klein-4b", "prompt": "a fox", "size": "64x64",
+                                                    "n": 1, "steps": 1})  # fmt: skip
+    assert r.status_code == 200, r.text
+    png = base64.b64decode(r.json()["data"][0]["b64_json"])
+    assert Image.open(io.BytesIO(png)).size == (64, 64)
+    r = client.post("/v1/images/generations", json={"model": "klein-4b", "prompt": "a fox", "size": "64x64",
+                                                    "response_format": "url", "steps": 1})  # fmt: skip
+    assert client.get(r.json()["data"][0]["url"]).status_code == 200
+    ref = io.BytesIO()
+    Image.new("RGB", (96, 64), "blue").save(ref, format="PNG")
+    r = client.post("/v1/images/edits", files=[("image", ("ref.png", ref.getvalue(), "image/png"))],
+                    data={"model": "klein-4b", "prompt": "make it red"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (96, 64)
+
+
+def test_progress_events_stream_until_done(client):
+    job = client.post("/v1/jobs", json={"model": "klein-4b", "prompt": "p", "width": 64, "height": 64,
+                                        "steps": 3}).json()  # fmt: skip
+    events = []
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert events[-1]["status"] == "done"
+    steps = [e["progress"]["step"] for e in events if e["status"] == "running"]
+    assert steps == sorted(steps)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(folder, data, port):
+    cmd = [sys.executable, "-m", "flux2studio.cli", "serve", "--port", str(port), "--data", str(data),
+           "--model", f"klein-4b={folder}", "--dtype", "fp32", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    import httpx
+
+    for _ in range(300):  # up to 30 s to start
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(proc.stderr.read().decode())
+
+
+def test_kill_9_loses_no_job(klein_folder, tmp_path):
+    import httpx
+
+    _, folder = klein_folder
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(folder, tmp_path / "data", port)
+    try:
+        first = httpx.post(f"{url}/v1/jobs", json={"model": "klein-4b", "prompt": "done before the crash",
+                                                   "width": 64, "height": 64, "steps": 1}).json()  # fmt: skip
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/v1/jobs/{first['id']}").json()["status"] != "done":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        slow = [httpx.post(f"{url}/v1/jobs", json={"model": "klein-4b", "prompt": f"slow {i}", "width": 256,
+                                                   "height": 256, "steps": 40}).json() for i in range(2)]  # fmt: skip
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/v1/jobs/{slow[0]['id']}").json()["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    proc = _serve(folder, tmp_path / "data", port)
+    try:
+        deadline = time.monotonic() + 240
+        for job in slow:
+            while (status := httpx.get(f"{url}/v1/jobs/{job['id']}").json()["status"]) != "done":
+                assert status in ("queued", "running") and time.monotonic() < deadline, status
+                time.sleep(0.2)
+        listed = {j["id"]: j["status"] for j in httpx.get(f"{url}/v1/jobs").json()["data"]}
+        assert listed[first["id"]] == "done" and all(listed[j["id"]] == "done" for j in slow)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_refuses_public_bind_without_token():
+    run = subprocess.run([sys.executable, "-m", "flux2studio.cli", "serve", "--host", "0.0.0.0"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 2 and "refusing to bind 0.0.0.0 without an API token" in run.stderr
