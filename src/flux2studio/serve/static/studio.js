@@ -1,0 +1,202 @@
+// Flux2 Studio page: talks to the same server's /v1 API. No build step, no dependencies.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const ASPECTS = ["1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "21:9", "9:21"];
+const state = { models: [], aspect: "1:1", refs: [] };
+
+function headers(json = true) {
+  const h = json ? { "Content-Type": "application/json" } : {};
+  const token = $("token").value || localStorage.getItem("flux2-token") || "";
+  if (token) h.Authorization = `Bearer ${token}`;
+  return h;
+}
+
+async function api(path, options = {}) {
+  const r = await fetch(path, { ...options, headers: { ...headers(!(options.body instanceof FormData)), ...(options.headers || {}) } });
+  if (!r.ok) {
+    let detail = r.statusText;
+    try { detail = (await r.json()).detail || detail; } catch (e) { /* not JSON */ }
+    throw new Error(`${r.status}: ${detail}`);
+  }
+  return r.json();
+}
+
+async function fetchImage(path) {
+  const r = await fetch(path, { headers: headers(false) });
+  return URL.createObjectURL(await r.blob());
+}
+
+function model() { return state.models.find((m) => m.id === $("model").value); }
+
+function showModel() {
+  const m = model();
+  if (!m) return;
+  $("model-info").textContent = `${m.description} Defaults: ${m.steps} steps, guidance ${m.guidance} (${m.guidance_mode}), ${m.default_size.join("x")}.`;
+  $("steps").value = m.steps;
+  $("guidance").value = m.guidance;
+  $("guidance-row").hidden = m.guidance_mode === "none";
+  $("negative-row").hidden = m.guidance_mode !== "cfg";
+}
+
+function renderAspects() {
+  $("aspects").innerHTML = "";
+  for (const a of ASPECTS) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = a;
+    b.className = a === state.aspect ? "active" : "";
+    b.onclick = () => { state.aspect = a; renderAspects(); };
+    $("aspects").appendChild(b);
+  }
+}
+
+async function addRefs(files) {
+  for (const file of files) {
+    const form = new FormData();
+    form.append("file", file);
+    try {
+      const { id } = await api("/v1/uploads", { method: "POST", body: form });
+      state.refs.push(id);
+      const img = document.createElement("img");
+      img.src = URL.createObjectURL(file);
+      img.title = "click to remove";
+      img.onclick = () => { state.refs = state.refs.filter((r) => r !== id); img.remove(); };
+      $("refs").appendChild(img);
+    } catch (e) { $("status").textContent = `Upload refused: ${e.message}`; }
+  }
+}
+
+function settings() {
+  const m = model();
+  const body = { model: m.id, prompt: $("prompt").value, aspect: state.aspect, steps: Number($("steps").value),
+                 seed: Number($("seed").value), num_images: Number($("num").value), refs: state.refs };
+  if (m.guidance_mode !== "none") body.guidance = Number($("guidance").value);
+  if (m.guidance_mode === "cfg" && $("negative").value) body.negative_prompt = $("negative").value;
+  return body;
+}
+
+function follow(job, onProgress) {
+  return new Promise((resolve, reject) => {
+    // Server-Sent Events need the token in a header, which EventSource cannot send: poll instead then.
+    const poll = async () => {
+      try {
+        const j = await api(`/v1/jobs/${job.id}`);
+        onProgress(j);
+        if (["done", "failed", "cancelled"].includes(j.status)) return resolve(j);
+        setTimeout(poll, 150);
+      } catch (e) { reject(e); }
+    };
+    poll();
+  });
+}
+
+async function generate(event) {
+  if (event) event.preventDefault();
+  if (!$("prompt").value.trim()) { $("status").textContent = "Write a prompt first."; return; }
+  $("generate").disabled = true;
+  $("status").textContent = "Queued…";
+  try {
+    const job = await api("/v1/jobs", { method: "POST", body: JSON.stringify(settings()) });
+    const done = await follow(job, (j) => {
+      $("progress").max = j.progress.steps || 1;
+      $("progress").value = j.progress.step;
+      $("status").textContent = j.status === "running" ? `Step ${j.progress.step} / ${j.progress.steps}` : j.status;
+    });
+    if (done.status !== "done") throw new Error(done.error || done.status);
+    $("status").textContent = `Done: seed ${done.settings.seed}, ${done.settings.width}x${done.settings.height}`;
+    $("result").innerHTML = "";
+    for (const path of done.images) {
+      const img = document.createElement("img");
+      img.src = await fetchImage(path);
+      img.alt = done.settings.prompt;
+      $("result").appendChild(img);
+    }
+    if (!$("seed-lock").checked) $("seed").value = Math.floor(Math.random() * 2 ** 31);
+    await refreshGallery();
+  } catch (e) {
+    $("status").textContent = `Error: ${e.message}`;
+  } finally {
+    $("generate").disabled = false;
+  }
+}
+
+function useSettings(job) {
+  const s = job.settings;
+  $("model").value = job.model; showModel();
+  $("prompt").value = s.prompt;
+  $("negative").value = s.negative_prompt || "";
+  $("steps").value = s.steps;
+  $("guidance").value = s.guidance;
+  $("seed").value = s.seed;
+  $("seed-lock").checked = true;
+  $("num").value = s.num_images;
+  $("status").textContent = `Settings of job ${job.id.slice(0, 8)} loaded.`;
+  window.scrollTo(0, 0);
+}
+
+async function card(job) {
+  const div = document.createElement("div");
+  div.className = "card";
+  const img = document.createElement("img");
+  img.src = await fetchImage(job.images[0]);
+  img.alt = job.settings.prompt;
+  const link = document.createElement("a");
+  link.href = img.src; link.download = `${job.model}-${job.settings.seed}.png`; link.textContent = "download";
+  const use = document.createElement("button");
+  use.textContent = "use these settings"; use.className = "use"; use.onclick = () => useSettings(job);
+  const text = document.createElement("p");
+  text.textContent = `${job.model} · seed ${job.settings.seed} · ${job.settings.steps} steps · ${job.settings.width}x${job.settings.height} — ${job.settings.prompt}`;
+  div.append(img, text, use, document.createTextNode(" "), link);
+  return div;
+}
+
+async function refreshGallery() {
+  const { data } = await api("/v1/jobs?status=done&limit=24");
+  const cards = await Promise.all(data.filter((j) => j.images.length).map(card));
+  $("gallery").replaceChildren(...cards);
+}
+
+async function compare() {
+  const prompt = $("cmp-prompt").value;
+  const chosen = [...document.querySelectorAll("#cmp-models input:checked")].map((c) => c.value);
+  $("cmp-grid").innerHTML = "";
+  const jobs = await Promise.all(chosen.map((id) => api("/v1/jobs", { method: "POST", body: JSON.stringify({
+    model: id, prompt, seed: Number($("cmp-seed").value) }) })));
+  for (const job of jobs) {
+    const done = await follow(job, () => {});
+    if (done.status === "done") $("cmp-grid").appendChild(await card(done));
+  }
+}
+
+async function init() {
+  $("token").value = localStorage.getItem("flux2-token") || "";
+  $("token").onchange = () => { localStorage.setItem("flux2-token", $("token").value); init(); };
+  for (const tab of document.querySelectorAll(".tab")) {
+    tab.onclick = () => {
+      document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t === tab));
+      document.querySelectorAll(".view").forEach((v) => { v.hidden = v.id !== `view-${tab.dataset.view}`; });
+    };
+  }
+  try {
+    state.models = (await api("/v1/models")).data;
+  } catch (e) { $("status").textContent = `Cannot list models: ${e.message}`; return; }
+  $("model").innerHTML = state.models.map((m) => `<option value="${m.id}">${m.id}</option>`).join("");
+  $("model").onchange = showModel;
+  $("cmp-models").innerHTML = state.models.map((m) =>
+    `<label class="inline"><input type="checkbox" value="${m.id}" checked> ${m.id}</label>`).join("");
+  showModel();
+  renderAspects();
+  $("form").onsubmit = generate;
+  $("cmp-run").onclick = compare;
+  const drop = $("drop");
+  drop.onclick = () => $("ref-input").click();
+  $("ref-input").onchange = (e) => addRefs(e.target.files);
+  drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };
+  drop.ondragleave = () => drop.classList.remove("over");
+  drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); addRefs(e.dataTransfer.files); };
+  document.addEventListener("keydown", (e) => { if (e.ctrlKey && e.key === "Enter") generate(e); });
+  await refreshGallery();
+}
+
+init();

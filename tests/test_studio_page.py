@@ -1,0 +1,92 @@
+"""The studio page end to end in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright):
+generate and see the image, reuse settings from the gallery, compare models. Screenshot saved as an artifact."""
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package; `make test` installs it
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def server(klein_folder, tmp_path_factory):
+    import httpx
+
+    _, folder = klein_folder
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tmp_path_factory.mktemp("studio")
+    cmd = [sys.executable, "-m", "flux2studio.cli", "serve", "--port", str(port), "--data", str(data),
+           "--model", f"klein-4b={folder}", "--model", f"klein-base-4b={folder}", "--dtype", "fp32"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )  # fmt: skip
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.set_default_timeout(120_000)
+        page.goto(server)
+        yield page
+        browser.close()
+
+
+def test_generate_with_ctrl_enter_and_see_the_image(page):
+    page.wait_for_selector("#model option")
+    assert "klein-4b" in page.locator("#model").inner_text()
+    assert page.locator("#guidance-row").is_hidden()  # a distilled model: no guidance field
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "2")
+    page.locator("#aspects button", has_text="4:3").click()
+    page.focus("#prompt")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_selector("#result img")
+    assert "Done: seed 0" in page.locator("#status").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "studio.png"), full_page=True)
+    size = page.evaluate(
+        "(() => { const i = document.querySelector('#result img'); return [i.naturalWidth, i.naturalHeight]; })()"
+    )
+    assert size == [1184, 880]  # 4:3 at the model's 1024x1024 pixel budget
+
+
+def test_reuse_settings_from_the_gallery(page):
+    page.wait_for_selector("#gallery .card")
+    page.fill("#prompt", "something else")
+    page.fill("#seed", "99")
+    page.locator("#gallery .card button.use").first.click()
+    assert page.input_value("#prompt") == "a red circle"
+    assert page.input_value("#seed") == "0"
+
+
+def test_compare_models_side_by_side(page):
+    page.click("#tab-compare")
+    page.fill("#cmp-prompt", "a blue square")
+    page.click("#cmp-run")
+    page.wait_for_function("document.querySelectorAll('#cmp-grid .card').length === 2")
+    labels = page.locator("#cmp-grid .card p").all_inner_texts()
+    assert labels[0].startswith("klein-4b") and labels[1].startswith("klein-base-4b")
