@@ -56,7 +56,7 @@ def page(server):
 
 
 def test_generate_with_ctrl_enter_and_see_the_image(page):
-    page.wait_for_selector("#model option")
+    page.wait_for_selector("#model option", state="attached")
     assert "klein-4b" in page.locator("#model").inner_text()
     assert page.locator("#guidance-row").is_hidden()  # a distilled model: no guidance field
     page.fill("#prompt", "a red circle")
