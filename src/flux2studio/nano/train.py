@@ -235,15 +235,21 @@ def snapshot(out: Path, stage: str, name: str, step: int, model, ema: Ema, opt, 
 
 
 def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable | None = None) -> None:
-    """Stage `base`: nano-base from scratch, with caption dropout and EMA."""
+    """Stage `base`: nano-base from scratch (or from `--set init=WEIGHTS`), with caption dropout and EMA.
+
+    `init` continues from shipped weights when the run folder (and its optimizer state) is gone: the
+    optimizer restarts, the step count continues from `--set init_step=N`.
+    """
     out = Path(cfg.out)
     frozen = Frozen(out / "vae.safetensors")
     torch.manual_seed(cfg.seed)
     model = Flux2Transformer(get_variant("nano-base").transformer)
+    if init := cfg.extra.get("init"):
+        model.load_state_dict({k: v.float() for k, v in load_file(init).items()})
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
     names = {p: n for n, p in model.named_parameters()}
     ema = Ema(model, cfg.ema)
-    start = resume(out / "base.ckpt.safetensors", model, ema, opt, names)
+    start = resume(out / "base.ckpt.safetensors", model, ema, opt, names) or int(cfg.extra.get("init_step", 0))
     shift = float(cfg.extra.get("shift", 6.0))
     t0 = time.time()
     for step, z, txt in batches(cfg, frozen, start):
