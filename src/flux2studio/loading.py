@@ -274,9 +274,12 @@ def load(
     if model_id not in EMBEDDED_IDS:
         local = find_local(variant)
         if local is None:
+            from huggingface_hub.constants import HF_HUB_CACHE
+
             raise FileNotFoundError(
-                f"no weights given for {model_id} and none in the Hugging Face cache ({variant.repo}): "
-                f"run `flux2 pull {model_id}`, or pass --weights PATH (a diffusers folder or a single file)"
+                f"no weights given for {model_id} and none in the Hugging Face cache ({HF_HUB_CACHE}, set by "
+                f"HF_HUB_CACHE / HF_HOME; repo {variant.repo}): run `flux2 pull {model_id}`, or pass "
+                "--weights PATH (a diffusers folder or a single file)"
             )
         return load_diffusers_folder(local, model_id, device, torch_dtype, resident)
     if weights is not None:  # e.g. a training run's weights: nano-base.safetensors + vae.safetensors
