@@ -199,3 +199,15 @@ def test_refuses_public_bind_without_token():
     run = subprocess.run([sys.executable, "-m", "flux2studio.cli", "serve", "--host", "0.0.0.0"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert run.returncode == 2 and "refusing to bind 0.0.0.0 without an API token" in run.stderr
+
+
+def test_embedded_model_through_the_api(tmp_path):
+    """The default server: the embedded nano, no weights given, a real 128x128 image back."""
+    loader = lambda model_id: load(model_id, device="cpu", resident=True)  # noqa: E731
+    with TestClient(create_app(tmp_path / "data", loader)) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["nano", "nano-base"]
+        job = client.post("/v1/jobs", json={"prompt": "a red circle on a white background", "seed": 1}).json()
+        done = _wait(client, job["id"])
+        assert done["status"] == "done" and done["settings"]["steps"] == 4
+        image = Image.open(io.BytesIO(client.get(done["images"][0]).content))
+        assert image.size == (128, 128) and json.loads(image.info["flux2"])["model"] == "nano"
