@@ -9,9 +9,7 @@ import sys
 from collections.abc import Sequence
 from functools import cache
 
-from .variants import VARIANTS, Variant
-
-ASPECT_CHOICES = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "21:9", "9:21")  # images.ASPECTS
+from .variants import ASPECTS, VARIANTS, Variant
 
 
 @cache
@@ -400,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     def output_args(p: argparse.ArgumentParser) -> None:
         size = p.add_mutually_exclusive_group()
         size.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 16")
-        size.add_argument("--aspect", choices=list(ASPECT_CHOICES), help="size from the model's pixel count")
+        size.add_argument("--aspect", choices=list(ASPECTS), help="size from the model's pixel count")
         p.add_argument("--negative", help="negative prompt (CFG models only)")
         p.add_argument("--seed", type=int, default=None, help="first seed (image i uses seed + i; default 0)")
         p.add_argument("--num", type=int, default=1, help="images per prompt")

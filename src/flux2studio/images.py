@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 
 from .sampling import PIXELS_PER_TOKEN as MULTIPLE  # sides are whole latent tokens
+from .variants import ASPECTS
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,6 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images, rounded as diffusers' image processor does."""
     array = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)]
-
-
-ASPECTS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "21:9", "9:21")
 
 
 def size_for_aspect(aspect: str, pixels: int) -> tuple[int, int]:

@@ -7,12 +7,13 @@ Numbers come from FLUX2.md §1 and diffusers 0.42.1's model configs.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from dataclasses import dataclass
 from typing import Literal
 
 GuidanceMode = Literal["embedded", "cfg", "none"]
+# Aspect-ratio presets of the CLI, the API and the server (sizes come from each model's pixel count).
+ASPECTS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "21:9", "9:21")
 
 
 @dataclass(frozen=True)
@@ -318,8 +319,3 @@ def get_variant(model_id: str) -> Variant:
         close = difflib.get_close_matches(model_id, list(VARIANTS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown model {model_id!r}.{hint} Valid ids: {', '.join(VARIANTS)}") from None
-
-
-def with_transformer(variant: Variant, transformer: TransformerConfig) -> Variant:
-    """A copy of `variant` with another transformer shape (for weights whose shapes differ)."""
-    return dataclasses.replace(variant, transformer=transformer)
