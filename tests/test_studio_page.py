@@ -1,6 +1,7 @@
 """The studio page end to end in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright):
 generate and see the image, reuse settings from the gallery, compare models. Screenshot saved as an artifact."""
 
+import os
 import shutil
 import socket
 import subprocess
@@ -9,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from fake_bfl import GOOD_KEY, FakeBfl
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package; `make test` installs it
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
@@ -22,9 +25,11 @@ def server(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     data = tmp_path_factory.mktemp("studio")
+    bfl = FakeBfl().__enter__()  # hosted `pro` answered by a local fake of BFL's API
     cmd = [sys.executable, "-m", "flux2studio.cli", "serve", "--port", str(port), "--data", str(data),
-           "--model", "nano", "--model", "nano-base"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+           "--model", "nano", "--model", "nano-base", "--model", "pro"]  # fmt: skip
+    env = os.environ | {"BFL_API_KEY": GOOD_KEY, "BFL_API_URL": bfl.url}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -35,6 +40,7 @@ def server(tmp_path_factory):
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+    bfl.__exit__()
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +92,19 @@ def test_compare_models_side_by_side(page):
     page.click("#tab-compare")
     page.fill("#cmp-prompt", "a blue square")
     page.click("#cmp-run")
-    page.wait_for_function("document.querySelectorAll('#cmp-grid .card').length === 2")
+    page.wait_for_function("document.querySelectorAll('#cmp-grid .card').length === 3")
     labels = page.locator("#cmp-grid .card p").all_inner_texts()
-    assert labels[0].startswith("nano ") and labels[1].startswith("nano-base")
+    assert labels[0].startswith("nano ") and labels[1].startswith("nano-base") and labels[2].startswith("pro ")
+    page.screenshot(path=str(ARTIFACTS / "studio-compare.png"), full_page=True)
+
+
+def test_hosted_model_is_marked_with_its_price(page):
+    page.click("#tab-generate")
+    page.select_option("#model", "pro")
+    assert "(hosted · $0.03)" in page.locator("#model").inner_text()
+    assert "Hosted (Black Forest Labs API), about $0.03 per 1 MP image" in page.inner_text("#model-info")
+    assert page.locator("#steps-row").is_hidden() and page.locator("#guidance-row").is_hidden()
+    page.fill("#prompt", "a hosted lighthouse")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Done')")
+    assert "1184x880" in page.inner_text("#status")  # the 4:3 preset chosen earlier, at 1 MP

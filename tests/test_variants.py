@@ -29,7 +29,7 @@ def test_every_family_member_is_registered():
         "nano",
         "nano-base",
     }
-    hosted = {"pro", "max", "flex", "kontext-pro"}
+    hosted = {"pro", "max", "flex", "kontext-pro", "kontext-max"}
     assert local | hosted <= set(VARIANTS)
     for v in VARIANTS.values():
         assert v.description and v.license

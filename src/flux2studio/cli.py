@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from functools import cache
 
-from .variants import ASPECTS, VARIANTS, Variant
+from .variants import ASPECTS, VARIANTS, Variant, get_variant
 
 
 @cache
@@ -42,13 +42,32 @@ def variant_row(v: Variant) -> dict:
         "max_refs": v.max_refs,
         "files": list(v.files),
         "repo": v.repo,
+        "api": api_row(v.id),
     }
+
+
+def api_row(model_id: str) -> dict | None:
+    """The hosted endpoint of a model (all hosted ones, and klein via --backend api) with its price."""
+    from .hosted import ENDPOINTS, price
+
+    e = ENDPOINTS.get(model_id)
+    return None if e is None else {"path": e.path, "usd_1mp": price(e, 1024, 1024)}
+
+
+def api_key_present() -> bool:
+    from .hosted import HostedError, find_key
+
+    try:
+        return find_key() is not None
+    except HostedError:
+        return False
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .loading import find_local
 
-    rows = [variant_row(v) | {"present": find_local(v) is not None} for v in VARIANTS.values()]
+    keyed = api_key_present()
+    rows = [variant_row(v) | {"present": keyed if v.hosted else find_local(v) is not None} for v in VARIANTS.values()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -58,7 +77,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         steps = r["steps"] if r["steps"] is not None else "-"
         guidance = r["guidance"] if r["guidance"] is not None else "-"
         mode = r["guidance_mode"] or "-"
-        present = "hosted" if r["hosted"] else ("present" if r["present"] else "-")
+        present = ("key set" if keyed else "no key") if r["hosted"] else ("present" if r["present"] else "-")
         print(f"{r['id']:<14} {params:>15} {steps:>5} {guidance:>8} {mode:<9} {present:<8} {r['license']}")
     return 0
 
@@ -85,8 +104,10 @@ def load_pipe(model: str | None, args: argparse.Namespace):
     from .loading import load
 
     transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one to read
+    api = {"location": args.api, "safety_tolerance": args.safety_tolerance, "output_format": args.output_format,
+           "prompt_upsampling": args.prompt_upsampling}  # fmt: skip
     pipe = load(model, weights=args.weights, device=args.device, dtype=args.dtype,
-                text_encoder=getattr(args, "text_encoder", None))  # fmt: skip
+                text_encoder=getattr(args, "text_encoder", None), backend=args.backend, api=api)  # fmt: skip
     if getattr(args, "lora", None):
         pipe.set_loras([parse_lora_arg(a) for a in args.lora])
     return pipe
@@ -258,7 +279,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images", "guidance")}
     for model in models:  # one model in memory at a time
         pipe = load_pipe(model, args)
-        images = pipe(args.prompt, seeds=seeds, num_images=len(seeds), **settings)
+        kw = dict(settings)
+        if getattr(pipe, "endpoint", None) is not None and pipe.endpoint.steps is None:
+            kw.pop("steps", None)  # fixed-step hosted models: the same prompt, size and seed, their own steps
+        images = pipe(args.prompt, seeds=seeds, num_images=len(seeds), **kw)
         for seed, image in zip(seeds, images, strict=True):
             path = output_paths(str(out), f"{model}-{seed}", 1, False)[0]
             save_png(image, path)
@@ -323,11 +347,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     weights = dict(m.split("=", 1) if "=" in m else (m, None) for m in (args.model or ["nano", "nano-base"]))
 
+    api_models = [m for m, w in weights.items() if w == "api"]  # `--model klein-4b=api`: klein on BFL's API
+    if api_models or any(get_variant(m).hosted for m in weights):
+        from .hosted import BflClient
+
+        BflClient(location=args.api).close()  # no key: say so now, not at the first job
+
     def loader(model_id: str):
-        return load(model_id, weights=weights.get(model_id), device=args.device, dtype=args.dtype, resident=True)
+        if model_id in api_models:
+            return load(model_id, backend="api", api={"location": args.api})
+        return load(model_id, weights=weights.get(model_id), device=args.device, dtype=args.dtype, resident=True,
+                    api={"location": args.api})  # fmt: skip
 
     app = create_app(args.data, loader, token=token, cors_origins=args.cors or None, models=list(weights),
-                     lora_dir=args.lora_dir)  # fmt: skip
+                     lora_dir=args.lora_dir, api_models=api_models)  # fmt: skip
     print(f"Flux2 Studio on http://{args.host}:{args.port}  (data: {args.data}, models: {', '.join(weights)})")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -394,6 +427,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
         p.add_argument("--guidance", type=float, help="guidance scale (CFG and guidance-embedded models)")
         p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA file (repeatable)")
+        api = p.add_argument_group("hosted models (pro, max, flex, kontext-pro, kontext-max; klein with --backend api)")
+        api.add_argument("--backend", choices=["local", "api"], default="local", help="api: klein on BFL's API")
+        api.add_argument("--api", metavar="REGION|URL", help="global (default), eu, us, or a URL (or BFL_API_URL)")
+        api.add_argument("--safety-tolerance", type=int, default=2, help="0 (strict) .. 5 (6 for Kontext)")
+        api.add_argument("--output-format", choices=["png", "jpeg"], default="png")
+        api.add_argument(
+            "--prompt-upsampling",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="let the API rewrite the prompt (flex, Kontext)",
+        )
 
     def output_args(p: argparse.ArgumentParser) -> None:
         size = p.add_mutually_exclusive_group()
@@ -458,9 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=7860)
     srv.add_argument("--data", default="flux2-data", help="job store (SQLite) and images")
     srv.add_argument("--token", help="bearer token required on every API call (or FLUX2_TOKEN)")
-    srv.add_argument("--model", action="append", metavar="ID[=WEIGHTS]", help="serve this model (repeatable)")
+    srv.add_argument(
+        "--model",
+        action="append",
+        metavar="ID[=WEIGHTS]",
+        help="serve this model (repeatable); klein-4b=api: klein on BFL's API",
+    )
     srv.add_argument("--cors", action="append", metavar="ORIGIN", help="allow browser calls from ORIGIN")
     srv.add_argument("--lora-dir", help="folder of LoRA files jobs may name")
+    srv.add_argument("--api", metavar="REGION|URL", help="BFL API for hosted models: global, eu, us or a URL")
     srv.add_argument("--device")
     srv.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
     srv.set_defaults(func=cmd_serve)

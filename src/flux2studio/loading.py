@@ -249,6 +249,8 @@ def load(
     resident: bool = False,
     vae: str | Path | None = None,
     text_encoder: str | Path | None = None,
+    backend: str = "local",
+    api: dict | None = None,
 ) -> Pipeline:
     """A `Pipeline` for `model_id` (default: the embedded `nano`, which needs no download).
 
@@ -256,7 +258,23 @@ def load(
     single transformer file (then `vae` defaults to `ae.safetensors` beside it and `text_encoder` to
     the Hugging Face cache); the variant is detected when `model_id` is None. `resident=True` keeps every part in
     memory between calls (servers); by default each part is loaded for its phase and freed after.
+
+    Hosted models (pro, max, flex, kontext-*), and klein with `backend="api"`, return a `HostedPipeline`
+    that calls Black Forest Labs' API; `api` holds its options (location, safety_tolerance,
+    output_format, prompt_upsampling).
     """
+    if backend not in ("local", "api"):
+        raise ValueError(f"backend {backend!r} is not 'local' or 'api'")
+    if model_id is not None and (backend == "api" or get_variant(model_id).hosted):
+        if weights is not None:
+            raise ValueError(f"{model_id} runs on the hosted API: it takes no --weights")
+        from .hosted import HostedPipeline
+
+        return HostedPipeline(model_id, **(api or {}))
+    if backend == "api":
+        raise ValueError(
+            "--backend api needs --model (one of pro, max, flex, kontext-pro, kontext-max, klein-4b, klein-9b)"
+        )
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     if weights is not None:

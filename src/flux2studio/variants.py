@@ -306,6 +306,13 @@ _HOSTED = [
         hosted=True,
         max_refs=1,
     ),
+    Variant(
+        id="kontext-max",
+        description="FLUX.1 Kontext [max] (hosted): Kontext's strongest model, best typography; BFL API.",
+        license="proprietary (API)",
+        hosted=True,
+        max_refs=1,
+    ),
 ]
 
 VARIANTS: dict[str, Variant] = {v.id: v for v in _LOCAL + _HOSTED}

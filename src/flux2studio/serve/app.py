@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from ..hosted import ENDPOINTS, HostedError, check_request, find_key, price
 from ..images import size_for_aspect
 from ..pipeline import Pipeline, build_request
 from ..variants import VARIANTS, get_variant
@@ -70,13 +71,17 @@ def create_app(
     cors_origins: list[str] | None = None,
     models: list[str] | None = None,
     lora_dir: str | Path | None = None,
+    api_models: list[str] | None = None,
 ) -> FastAPI:
+    """`api_models`: served ids that run on Black Forest Labs' API although they have local weights
+    (klein via `--model klein-4b=api`); hosted-only ids (pro, max, ...) always do."""
     store = Store(data)
     recovered = store.recover()
     worker = Worker(store, loader)
     refs_dir = store.data / "refs"
     refs_dir.mkdir(exist_ok=True)
     served = models or [v.id for v in VARIANTS.values() if v.id in ("nano", "nano-base")]
+    remote = {m for m in served if get_variant(m).hosted} | set(api_models or [])
 
     app = FastAPI(title="Flux2 Studio", version="1", lifespan=_lifespan(worker))
     app.state.store, app.state.worker, app.state.recovered = store, worker, recovered
@@ -129,6 +134,8 @@ def create_app(
             if not (name.replace("-", "").replace("_", "").isalnum() and path.is_file()):
                 raise HTTPException(422, f"unknown LoRA {name!r}")
             loras.append((str(path), float(scale)))
+        if req.model in remote:
+            return hosted_settings(req, width, height, loras)
         try:  # the model's own checks: multiples of 16, its size range, guidance mode, negative prompt
             built = build_request(variant, req.prompt, negative_prompt=req.negative_prompt, size=(width, height),
                                   steps=req.steps, guidance=req.guidance, num_images=req.num_images)  # fmt: skip
@@ -139,6 +146,25 @@ def create_app(
                     "steps": built.steps, "guidance": built.guidance, "seed": seed, "num_images": req.num_images,
                     "refs": req.refs, "loras": loras}  # fmt: skip
         return settings, built.steps
+
+    def hosted_settings(req: JobRequest, width: int, height: int, loras: list) -> tuple[dict, int]:
+        """The hosted endpoint's own rules (no LoRAs, steps and guidance only for flex, 32-bit seeds)."""
+        if loras:
+            raise HTTPException(422, f"{req.model} runs on the hosted API, which takes no LoRA files")
+        if req.seed is not None and req.seed >= 2**32:
+            raise HTTPException(422, f"seed {req.seed} is out of range 0..2**32-1 for hosted models")
+        refs = [Image.open(refs_dir / f"{r}.png") for r in req.refs]  # header only: for the count and sizes
+        try:
+            _, _, steps, guidance, _ = check_request(ENDPOINTS[req.model], size=(width, height), steps=req.steps,
+                                                     guidance=req.guidance, negative_prompt=req.negative_prompt,
+                                                     refs=refs)  # fmt: skip
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+        settings = {"prompt": req.prompt, "negative_prompt": None, "width": width, "height": height,
+                    "steps": steps, "guidance": guidance, "seed": seed, "num_images": req.num_images,
+                    "refs": req.refs, "loras": []}  # fmt: skip
+        return settings, req.num_images
 
     def submit(req: JobRequest):
         settings, steps = validate(req)
@@ -157,13 +183,24 @@ def create_app(
     @app.get("/v1/models", dependencies=guarded)
     def list_models() -> dict:
         rows = []
+        keyed = bool(remote) and _api_key_present()
         for model_id in served:
             v = get_variant(model_id)
-            rows.append({"id": v.id, "object": "model", "owned_by": "flux2studio", "description": v.description,
-                         "steps": v.steps, "guidance": v.guidance, "guidance_mode": v.guidance_mode,
-                         "default_size": list(v.default_size), "min_side": v.min_side,
-                         "max_side": min(v.max_side, limits.max_side), "max_refs": min(v.max_refs, limits.max_refs),
-                         "license": v.license})  # fmt: skip
+            row = {"id": v.id, "object": "model", "owned_by": "flux2studio", "description": v.description,
+                   "steps": v.steps, "guidance": v.guidance, "guidance_mode": v.guidance_mode,
+                   "default_size": list(v.default_size), "min_side": v.min_side,
+                   "max_side": min(v.max_side, limits.max_side), "max_refs": min(v.max_refs, limits.max_refs),
+                   "license": v.license, "hosted": model_id in remote}  # fmt: skip
+            if model_id in remote:  # what the endpoint takes, and its price when a key is configured
+                e = ENDPOINTS[model_id]
+                row |= {"owned_by": "black-forest-labs", "steps": e.steps[2] if e.steps else None,
+                        "guidance": e.guidance[2] if e.guidance else None,
+                        "guidance_mode": "embedded" if e.guidance else "none", "default_size": [1024, 1024],
+                        "min_side": 64, "max_side": min(2048, limits.max_side),
+                        "max_refs": min(e.max_refs, limits.max_refs), "takes_steps": e.steps is not None}  # fmt: skip
+                if keyed:
+                    row["usd_per_image"] = price(e, 1024, 1024)
+            rows.append(row)
         return {"object": "list", "data": rows}
 
     @app.post("/v1/jobs", status_code=202, dependencies=guarded)
@@ -318,3 +355,10 @@ async def save_upload(file: UploadFile, folder: Path, limits: Limits) -> str:
     upload_id = uuid.uuid4().hex
     image.save(folder / f"{upload_id}.png")
     return upload_id
+
+
+def _api_key_present() -> bool:
+    try:
+        return find_key() is not None
+    except HostedError:
+        return False

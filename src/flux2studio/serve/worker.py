@@ -70,7 +70,7 @@ class Worker:
             seeds = [j.settings["seed"] + i for j in batch for i in range(j.settings["num_images"])]
             refs = [Image.open(self.store.data / "refs" / f"{r}.png").convert("RGB") for r in s.get("refs", [])]
             kw = {k: s[k] for k in ("steps", "guidance", "negative_prompt") if s.get(k) is not None}
-            if pipe.variant.guidance_mode == "none":
+            if pipe.variant.guidance_mode == "none" and getattr(pipe, "endpoint", None) is None:
                 kw.pop("guidance", None)
             if s.get("loras") or pipe.loras:
                 pipe.set_loras([(path, scale) for path, scale in s.get("loras", [])])

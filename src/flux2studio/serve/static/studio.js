@@ -32,8 +32,13 @@ function model() { return state.models.find((m) => m.id === $("model").value); }
 function showModel() {
   const m = model();
   if (!m) return;
-  $("model-info").textContent = `${m.description} Defaults: ${m.steps} steps, guidance ${m.guidance} (${m.guidance_mode}), ${m.default_size.join("x")}.`;
-  $("steps").value = m.steps;
+  const defaults = [m.steps != null ? `${m.steps} steps` : null,
+                    m.guidance_mode !== "none" ? `guidance ${m.guidance} (${m.guidance_mode})` : null,
+                    m.default_size.join("x")].filter(Boolean).join(", ");
+  const hosted = m.hosted ? ` Hosted (Black Forest Labs API)${m.usd_per_image != null ? `, about $${m.usd_per_image} per 1 MP image` : ""}.` : "";
+  $("model-info").textContent = `${m.description} Defaults: ${defaults}.${hosted}`;
+  $("steps").value = m.steps ?? "";
+  $("steps-row").hidden = m.steps == null;
   $("guidance").value = m.guidance;
   $("guidance-row").hidden = m.guidance_mode === "none";
   $("negative-row").hidden = m.guidance_mode !== "cfg";
@@ -69,8 +74,9 @@ async function addRefs(files) {
 
 function settings() {
   const m = model();
-  const body = { model: m.id, prompt: $("prompt").value, aspect: state.aspect, steps: Number($("steps").value),
+  const body = { model: m.id, prompt: $("prompt").value, aspect: state.aspect,
                  seed: Number($("seed").value), num_images: Number($("num").value), refs: state.refs };
+  if (m.steps != null) body.steps = Number($("steps").value);
   if (m.guidance_mode !== "none") body.guidance = Number($("guidance").value);
   if (m.guidance_mode === "cfg" && $("negative").value) body.negative_prompt = $("negative").value;
   return body;
@@ -181,10 +187,11 @@ async function init() {
   try {
     state.models = (await api("/v1/models")).data;
   } catch (e) { $("status").textContent = `Cannot list models: ${e.message}`; return; }
-  $("model").innerHTML = state.models.map((m) => `<option value="${m.id}">${m.id}</option>`).join("");
+  $("model").innerHTML = state.models.map((m) =>
+    `<option value="${m.id}">${m.id}${m.hosted ? ` (hosted${m.usd_per_image != null ? ` · $${m.usd_per_image}` : ""})` : ""}</option>`).join("");
   $("model").onchange = showModel;
   $("cmp-models").innerHTML = state.models.map((m) =>
-    `<label class="inline"><input type="checkbox" value="${m.id}" checked> ${m.id}</label>`).join("");
+    `<label class="inline"><input type="checkbox" value="${m.id}" checked> ${m.id}${m.hosted ? " (hosted)" : ""}</label>`).join("");
   showModel();
   renderAspects();
   $("form").onsubmit = generate;
