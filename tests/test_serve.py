@@ -211,3 +211,26 @@ def test_embedded_model_through_the_api(tmp_path):
         assert done["status"] == "done" and done["settings"]["steps"] == 4
         image = Image.open(io.BytesIO(client.get(done["images"][0]).content))
         assert image.size == (128, 128) and json.loads(image.info["flux2"])["model"] == "nano"
+
+
+def test_step_previews_while_running(tmp_path):
+    """Each step's x0 estimate is decoded into a small JPEG while the job runs, and dropped when it ends."""
+    loader = lambda model_id: load(model_id, device="cpu", resident=True)  # noqa: E731
+    with TestClient(create_app(tmp_path / "data", loader)) as client:
+        worker = client.app.state.worker
+        seen = []
+        real = worker._previews
+
+        def spy(pipe, batch, x0, width, height):
+            real(pipe, batch, x0, width, height)
+            seen.append(client.get(f"/v1/jobs/{batch[0].id}/preview"))
+
+        worker._previews = spy
+        worker.preview_every = 1e-9  # every step
+        job = client.post("/v1/jobs", json={"model": "nano-base", "prompt": "a blue square", "seed": 2,
+                                            "steps": 6, "width": 160, "height": 96}).json()  # fmt: skip
+        assert _wait(client, job["id"])["status"] == "done"
+        assert len(seen) == 5  # steps 1..5 (the last step is the final image itself)
+        preview = Image.open(io.BytesIO(seen[-1].content))
+        assert seen[-1].headers["content-type"] == "image/jpeg" and preview.size == (160, 96)
+        assert client.get(f"/v1/jobs/{job['id']}/preview").status_code == 204  # dropped once done

@@ -79,11 +79,21 @@ def test_generate_with_ctrl_enter_and_see_the_image(page):
     assert size == [144, 112]  # 4:3 at nano's 128x128 pixel budget, multiples of 16
 
 
+def test_live_preview_while_a_job_runs(page):
+    page.select_option("#model", "nano-base")  # 24 steps with CFG: long enough to see previews
+    page.fill("#prompt", "a green triangle")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_function("Number(document.querySelector('#preview').dataset.count) > 0")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Done')")
+    assert page.locator("#preview").is_hidden()  # gone once the final image is there
+    page.select_option("#model", "nano")
+
+
 def test_reuse_settings_from_the_gallery(page):
     page.wait_for_selector("#gallery .card")
     page.fill("#prompt", "something else")
     page.fill("#seed", "99")
-    page.locator("#gallery .card button.use").first.click()
+    page.locator("#gallery .card button.use").last.click()  # the oldest: the first test's image
     assert page.input_value("#prompt") == "a red circle"
     assert page.input_value("#seed") == "0"
 

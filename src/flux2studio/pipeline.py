@@ -355,6 +355,16 @@ class Pipeline:
         self.release("transformer")
         return sampling.unpack(x, h, w)
 
+    @torch.no_grad()
+    def preview(self, tokens: Tensor, width: int, height: int, index: int = 0) -> Image.Image | None:
+        """Image `index` of a step's x0 estimate (from the callback), decoded; None unless the VAE is
+        resident (servers), so a preview never loads a model part mid-generation."""
+        if not self.parts["vae"].resident:
+            return None
+        h, w = height // sampling.PIXELS_PER_TOKEN, width // sampling.PIXELS_PER_TOKEN
+        z = sampling.unpack(tokens[index : index + 1].to(self.device), h, w)
+        return to_pil(self.vae.decode(z.to(self.dtype)))[0]
+
     def decode(self, latents: Tensor) -> Tensor:
         """Normalised latents -> images (B, 3, H, W) in [-1, 1]."""
         images = self.vae.decode(latents.to(self.dtype))

@@ -23,7 +23,9 @@ REF_TIME_SCALE = 10
 PIXELS_PER_TOKEN = 16
 
 Velocity = Callable[[Tensor, Tensor], Tensor]  # (x (B, L, C), t (B,)) -> v (B, L, C)
-StepCallback = Callable[[int, int, Tensor], None]  # (step index, total steps, latents)
+# (step index, total steps, the step's estimate of the clean latents x0 = x_t - t v, tokens (B, L, C)):
+# what previews show, since the running x_t is mostly noise in the first steps.
+StepCallback = Callable[[int, int, Tensor], None]
 
 
 def noise(seeds: Sequence[int], channels: int, height: int, width: int, dtype: torch.dtype) -> Tensor:
@@ -102,9 +104,11 @@ def denoise(velocity: Velocity, x: Tensor, sigmas: Tensor, callback: StepCallbac
     for i in range(steps):
         t = sigmas[i].expand(x.shape[0])
         v = velocity(x, t)
+        if callback is not None:
+            x0 = (x.float() - sigmas[i] * v.float()).to(v.dtype)
         x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(v.dtype)
         if callback is not None:
-            callback(i, steps, x)
+            callback(i, steps, x0)
     return x
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from ..hosted import ENDPOINTS, HostedError, check_request, find_key, price
 from ..images import size_for_aspect
@@ -57,7 +57,7 @@ class OpenAIGeneration(BaseModel):
     n: int = 1
     size: str | None = None  # "WIDTHxHEIGHT"
     response_format: Literal["b64_json", "url"] = "b64_json"
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
     steps: int | None = None
     guidance: float | None = None
     negative_prompt: str | None = None
@@ -218,6 +218,17 @@ def create_app(
             raise HTTPException(404, "no such job")
         return job.public()
 
+    @app.get("/v1/jobs/{job_id}/preview", dependencies=guarded, response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}}}, 204: {"description": "no preview yet"}})  # fmt: skip
+    def job_preview(job_id: str) -> Response:
+        """The running job's latest step, decoded from the model's estimate of the final image (JPEG)."""
+        if store.get(job_id) is None:
+            raise HTTPException(404, "no such job")
+        data = worker.previews.get(job_id)
+        if data is None:
+            return Response(status_code=204)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
     @app.post("/v1/jobs/{job_id}/cancel", dependencies=guarded)
     def cancel_job(job_id: str) -> dict:
         if store.get(job_id) is None:
@@ -258,9 +269,9 @@ def create_app(
     @app.post("/v1/images/generations", dependencies=guarded)
     async def openai_generations(req: OpenAIGeneration) -> dict:
         width, height = _parse_size(req.size)
-        job = submit(JobRequest(model=req.model, prompt=req.prompt, width=width, height=height, num_images=req.n,
-                                seed=req.seed, steps=req.steps, guidance=req.guidance,
-                                negative_prompt=req.negative_prompt))  # fmt: skip
+        job = submit(job_request(model=req.model, prompt=req.prompt, width=width, height=height, num_images=req.n,
+                                 seed=req.seed, steps=req.steps, guidance=req.guidance,
+                                 negative_prompt=req.negative_prompt))  # fmt: skip
         return await _openai_result(store, job.id, req.response_format)
 
     @app.post("/v1/images/edits", dependencies=guarded)
@@ -280,13 +291,22 @@ def create_app(
         if width is None:  # the output follows the first image, as in the CLI
             with Image.open(refs_dir / f"{refs[0]}.png") as first:
                 width, height = first.width // 16 * 16, first.height // 16 * 16
-        job = submit(JobRequest(model=model, prompt=prompt, width=width, height=height, num_images=n, seed=seed,
-                                refs=refs))  # fmt: skip
+        job = submit(job_request(model=model, prompt=prompt, width=width, height=height, num_images=n, seed=seed,
+                                 refs=refs))  # fmt: skip
         return await _openai_result(store, job.id, response_format)
 
     if STATIC.is_dir():
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="studio")
     return app
+
+
+def job_request(**fields) -> JobRequest:
+    """A JobRequest from another route's fields; a field out of range is a 422 naming it, not a crash."""
+    try:
+        return JobRequest(**fields)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise HTTPException(422, problems) from None
 
 
 def _lifespan(worker: Worker):

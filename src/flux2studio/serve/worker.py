@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from PIL import Image
@@ -26,17 +27,31 @@ class Worker:
         self.store, self.loader, self.poll = store, loader, poll
         self.pipe: Pipeline | None = None
         self.model_id: str | None = None
+        self.previews: dict[str, bytes] = {}  # job id -> JPEG of its latest step (memory only, dropped when done)
+        self.preview_every = 0.4  # seconds between previews of a batch; 0 disables them
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="flux2-worker", daemon=True)
+        self._users = 0  # nested app lifespans (test clients) share one running worker
+        self._lock = threading.Lock()
+        self.thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self.thread.start()
+        with self._lock:
+            self._users += 1
+            if self.thread is None or not self.thread.is_alive():
+                self._stop.clear()
+                self.thread = threading.Thread(target=self._run, name="flux2-worker", daemon=True)
+                self.thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self.thread.join(timeout=30)
+        with self._lock:
+            self._users = max(0, self._users - 1)
+            if self._users or self.thread is None:
+                return
+            self._stop.set()
+            self._wake.set()
+            thread = self.thread
+        thread.join(timeout=30)
 
     def notify(self) -> None:
         self._wake.set()
@@ -75,19 +90,27 @@ class Worker:
             if s.get("loras") or pipe.loras:
                 pipe.set_loras([(path, scale) for path, scale in s.get("loras", [])])
 
-            def progress(i: int, total: int, _x) -> None:
+            last = [0.0]
+
+            def progress(i: int, total: int, x0) -> None:
                 for j in batch:
                     if self.store.get(j.id).status == "cancelled":
                         raise Cancelled(j.id)
+                if x0 is not None and i + 1 < total and time.monotonic() - last[0] >= self.preview_every > 0:
+                    self._previews(pipe, batch, x0, s["width"], s["height"])
+                    last[0] = time.monotonic()
+                for j in batch:
                     self.store.progress(j.id, i + 1, total)
 
             images = pipe(prompts, seeds=seeds, size=(s["width"], s["height"]), refs=refs, callback=progress, **kw)
         except Cancelled:
+            self._drop_previews(batch)
             for j in batch:  # the cancelled job stays cancelled; the others of its batch go back to the queue
                 self.store.requeue(j.id)
             return
         except Exception as e:  # a job's failure is recorded, never crashes the worker
             log.exception("job batch failed")
+            self._drop_previews(batch)
             for j in batch:
                 self.store.fail(j.id, str(e).splitlines()[0] if str(e) else type(e).__name__)
             return
@@ -96,6 +119,31 @@ class Worker:
             n = j.settings["num_images"]
             self.store.finish(j.id, [_png(im) for im in images[k : k + n]])
             k += n
+        self._drop_previews(batch)
+
+    def _previews(self, pipe, batch: list[Job], x0, width: int, height: int) -> None:
+        """The first image of each job, as the step's x0 estimate decoded (small JPEG); never fails a job."""
+        preview = getattr(pipe, "preview", None)
+        if preview is None or width * height > 1024 * 1024:
+            return
+        k = 0
+        for j in batch:
+            try:
+                image = preview(x0, width, height, index=k)
+            except Exception:  # a preview is a nicety: log, keep generating
+                log.exception("preview failed")
+                return
+            if image is None:
+                return
+            image.thumbnail((256, 256))
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=80)
+            self.previews[j.id] = buf.getvalue()
+            k += j.settings["num_images"]
+
+    def _drop_previews(self, batch: list[Job]) -> None:
+        for j in batch:
+            self.previews.pop(j.id, None)
 
 
 def _png(image: Image.Image) -> bytes:

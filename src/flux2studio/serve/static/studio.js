@@ -97,6 +97,17 @@ function follow(job, onProgress) {
   });
 }
 
+async function showPreview(id) {
+  // the running step's estimate of the final image; 204 until the worker has one
+  const r = await fetch(`/v1/jobs/${id}/preview`, { headers: headers(false) });
+  if (r.status !== 200 || $("generate").disabled === false) return;
+  const old = $("preview").src;
+  $("preview").src = URL.createObjectURL(await r.blob());
+  if (old) URL.revokeObjectURL(old);
+  $("preview").hidden = false;
+  $("preview").dataset.count = Number($("preview").dataset.count) + 1;
+}
+
 async function generate(event) {
   if (event) event.preventDefault();
   if (!$("prompt").value.trim()) { $("status").textContent = "Write a prompt first."; return; }
@@ -104,11 +115,14 @@ async function generate(event) {
   $("status").textContent = "Queued…";
   try {
     const job = await api("/v1/jobs", { method: "POST", body: JSON.stringify(settings()) });
+    let shownStep = -1;
     const done = await follow(job, (j) => {
       $("progress").max = j.progress.steps || 1;
       $("progress").value = j.progress.step;
       $("status").textContent = j.status === "running" ? `Step ${j.progress.step} / ${j.progress.steps}` : j.status;
+      if (j.status === "running" && j.progress.step !== shownStep) { shownStep = j.progress.step; showPreview(job.id); }
     });
+    $("preview").hidden = true;
     if (done.status !== "done") throw new Error(done.error || done.status);
     $("status").textContent = `Done: seed ${done.settings.seed}, ${done.settings.width}x${done.settings.height}`;
     $("result").innerHTML = "";
