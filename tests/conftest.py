@@ -25,3 +25,14 @@ def klein_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("klein")
     pipe.save_pretrained(folder)
     return pipe, folder
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on 127.0.0.1 for the session (Debian's package; `.ci/run` installs it)."""
+    from pg import Postgres, pg_bin
+
+    if pg_bin() is None:
+        pytest.fail("PostgreSQL is not installed (apt-get install postgresql; .ci/run does this)")
+    with Postgres() as server:
+        yield server

@@ -172,3 +172,22 @@ def test_fp8_single_file_is_dequantised_with_its_scales(klein_folder, tmp_path):
     original = klein_folder[0].transformer.x_embedder.weight
     # fp8 e4m3 keeps 3 mantissa bits: relative error below 2^-4 of the tensor's max.
     assert (sd["img_in.weight"] - original).abs().max() <= original.abs().max() / 16
+
+
+def test_pages_of_converted_tensors_are_given_back(tmp_path):
+    """q, k, v read from the mapped file and fused are dropped from the resident set; kept tensors and
+    the dropped ones' contents are unchanged (clean file pages fault back in from the file)."""
+    from safetensors.torch import save_file
+
+    from flux2studio.checkpoints import drop_unused_pages, read_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    original = {"kept": torch.randn(512, 512, generator=g), "fused_away": torch.randn(1024, 1024, generator=g)}
+    save_file(original, str(tmp_path / "w.safetensors"))
+    sd = read_safetensors(tmp_path / "w.safetensors")
+    module = torch.nn.Linear(512, 512, bias=False)
+    module.load_state_dict({"weight": sd["kept"]}, assign=True)
+    assert sd["fused_away"].sum().item() != 0  # touched: its pages are resident now
+    dropped = drop_unused_pages(sd, module)
+    assert 4 * 1024 * 1024 - 4096 <= dropped <= 4 * 1024 * 1024  # whole pages of fused_away only
+    assert torch.equal(module.weight, original["kept"]) and torch.equal(sd["fused_away"], original["fused_away"])

@@ -72,6 +72,43 @@ def build(factory: Callable[[], nn.Module], sd: dict[str, Tensor], what: str, dt
     return module.eval()
 
 
+def drop_unused_pages(source: dict[str, Tensor], module: nn.Module) -> int:
+    """Hand back to the OS the memory-mapped file pages of `source` tensors that `module` does not use.
+
+    Converting on load (q, k, v fused into qkv; fp8 dequantised; a dtype cast) reads the original
+    tensors from the mapped file once; their pages would otherwise stay in the process's resident set
+    for as long as any tensor of that file is alive (the whole model). Only whole pages inside such a
+    tensor, inside a `.safetensors` file mapping, are dropped: they are clean, so a later read would
+    simply fault them in again from the file. Linux only; returns the bytes dropped.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return 0
+    used = {t.data_ptr() for t in module.state_dict(keep_vars=True).values()}
+    maps = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].strip().endswith(".safetensors"):
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                maps.append((lo, hi))
+    page = 4096
+    libc = ctypes.CDLL(None, use_errno=True)
+    dropped = 0
+    for t in source.values():
+        start = t.data_ptr()
+        if start in used or t.device.type != "cpu":
+            continue
+        end = start + t.numel() * t.element_size()
+        lo, hi = -(-start // page) * page, end // page * page
+        in_file = hi > lo and any(a <= start and end <= b for a, b in maps)
+        if in_file and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0:  # MADV_DONTNEED
+            dropped += hi - lo
+    return dropped
+
+
 # ----------------------------------------------------------------------------- diffusers folders
 
 

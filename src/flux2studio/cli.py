@@ -340,6 +340,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
     if not loopback and not token:
         raise ValueError(f"refusing to bind {args.host} without an API token: pass --token or set FLUX2_TOKEN")
+    if args.ray:
+        from .serve.ray_app import ScaleConfig, run
+
+        cfg = ScaleConfig.read(args.config, models=args.model, db=args.db, data=args.data, files=args.files,
+                               token=token, device=args.device, dtype=args.dtype)  # fmt: skip
+        store = "PostgreSQL" if cfg.db else "SQLite"
+        print(f"Flux2 Studio on Ray Serve: http://{args.host}:{args.port}  (models: {', '.join(cfg.models)}, "
+              f"store: {store}, replicas {cfg.min_replicas}..{cfg.max_replicas})")  # fmt: skip
+        run(cfg, args.host, args.port, address=args.address)
+        return 0
     import uvicorn
 
     from .loading import load
@@ -360,7 +370,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     api={"location": args.api})  # fmt: skip
 
     app = create_app(args.data, loader, token=token, cors_origins=args.cors or None, models=list(weights),
-                     lora_dir=args.lora_dir, api_models=api_models)  # fmt: skip
+                     lora_dir=args.lora_dir, api_models=api_models, db=args.db, files=args.files)  # fmt: skip
     print(f"Flux2 Studio on http://{args.host}:{args.port}  (data: {args.data}, models: {', '.join(weights)})")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -511,6 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--cors", action="append", metavar="ORIGIN", help="allow browser calls from ORIGIN")
     srv.add_argument("--lora-dir", help="folder of LoRA files jobs may name")
     srv.add_argument("--api", metavar="REGION|URL", help="BFL API for hosted models: global, eu, us or a URL")
+    srv.add_argument("--db", help="job store: postgresql://user@host/db (shared by servers); default SQLite in --data")
+    srv.add_argument("--files", help="folder for images and uploads (default: --data); shared across servers")
+    srv.add_argument("--ray", action="store_true", help="deploy on Ray Serve (pip install flux2studio[scale])")
+    srv.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    srv.add_argument("--config", help="Ray Serve settings (YAML): replicas, autoscaling, GPUs, models, budget")
     srv.add_argument("--device")
     srv.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
     srv.set_defaults(func=cmd_serve)

@@ -11,6 +11,7 @@ from .checkpoints import (
     EMBEDDED,
     build,
     dequantize_fp8,
+    drop_unused_pages,
     is_diffusers_folder,
     is_fp8,
     read_component,
@@ -142,12 +143,17 @@ def load_diffusers_folder(
     variant = dataclasses.replace(base, transformer=t_cfg, vae=vae_cfg, text_encoder=spec)
 
     def transformer() -> Flux2Transformer:
-        sd = transformer_from_diffusers(read_component(folder / "transformer"))
-        return build(lambda: Flux2Transformer(t_cfg), sd, f"{variant.id} transformer", dtype).to(device)
+        raw = read_component(folder / "transformer")
+        model = build(lambda: Flux2Transformer(t_cfg), transformer_from_diffusers(raw), f"{variant.id} transformer",
+                      dtype).to(device)  # fmt: skip
+        drop_unused_pages(raw, model)  # the unfused q, k, v read during the conversion
+        return model
 
     def vae() -> AutoEncoder:
-        sd = vae_from_diffusers(read_component(folder / "vae"), vae_cfg)
-        return build(lambda: AutoEncoder(vae_cfg), sd, "VAE", dtype).to(device)
+        raw = read_component(folder / "vae")
+        model = build(lambda: AutoEncoder(vae_cfg), vae_from_diffusers(raw, vae_cfg), "VAE", dtype).to(device)
+        drop_unused_pages(raw, model)
+        return model
 
     def text() -> TextEncoder:
         return hf_text_encoder(spec, folder / "text_encoder", folder / "tokenizer", device, dtype)
@@ -219,18 +225,22 @@ def load_single_file(
     variant = dataclasses.replace(variant, text_encoder=spec, vae=vae_cfg)
 
     def transformer() -> Flux2Transformer:
-        sd = strip_prefix(read_safetensors(path))
+        sd = raw = strip_prefix(read_safetensors(path))
         if is_fp8(sd):
             sd = dequantize_fp8(sd, dtype)
         if transformer_layout(sd) == "diffusers":
             sd = transformer_from_diffusers(sd)
-        return build(lambda: Flux2Transformer(t_cfg), sd, f"{variant.id} transformer", dtype).to(device)
+        model = build(lambda: Flux2Transformer(t_cfg), sd, f"{variant.id} transformer", dtype).to(device)
+        drop_unused_pages(raw, model)  # fp8 originals, unfused q, k, v: read once, not kept
+        return model
 
     def vae() -> AutoEncoder:
-        sd = read_safetensors(vae_file)
+        sd = raw = read_safetensors(vae_file)
         if vae_diffusers:
             sd = vae_from_diffusers(sd, vae_cfg)
-        return build(lambda: AutoEncoder(vae_cfg), sd, "VAE", dtype).to(device)
+        model = build(lambda: AutoEncoder(vae_cfg), sd, "VAE", dtype).to(device)
+        drop_unused_pages(raw, model)
+        return model
 
     def text() -> TextEncoder:
         tok = te_folder / "tokenizer" if (te_folder / "tokenizer").is_dir() else te_folder

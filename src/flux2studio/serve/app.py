@@ -72,14 +72,19 @@ def create_app(
     models: list[str] | None = None,
     lora_dir: str | Path | None = None,
     api_models: list[str] | None = None,
+    db: str | None = None,
+    files: str | Path | None = None,
+    store: Store | None = None,
+    worker: Worker | None = None,
 ) -> FastAPI:
     """`api_models`: served ids that run on Black Forest Labs' API although they have local weights
-    (klein via `--model klein-4b=api`); hosted-only ids (pro, max, ...) always do."""
-    store = Store(data)
+    (klein via `--model klein-4b=api`); hosted-only ids (pro, max, ...) always do. `db`: a PostgreSQL URL
+    (default: SQLite in `data`); `files`: the folder for images and uploads (default: `data`). `store` and
+    `worker` replace the defaults (the Ray Serve ingress passes a remote-dispatching worker)."""
+    store = store or Store(data, db=db, files=files)
     recovered = store.recover()
-    worker = Worker(store, loader)
-    refs_dir = store.data / "refs"
-    refs_dir.mkdir(exist_ok=True)
+    worker = worker or Worker(store, loader)
+    refs_dir = store.refs_dir
     served = models or [v.id for v in VARIANTS.values() if v.id in ("nano", "nano-base")]
     remote = {m for m in served if get_variant(m).hosted} | set(api_models or [])
 

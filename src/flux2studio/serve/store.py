@@ -1,13 +1,20 @@
-"""The job store: jobs, their settings and results in SQLite; images as files beside it.
+"""The job store: jobs, their settings and results in SQLite (default, one machine) or PostgreSQL
+(`postgresql://...`, shared by several servers); images as files in a folder (which may be shared).
 
-A job is written before it is acknowledged, so an accepted job is never lost: after a crash, `recover()`
-puts jobs that were running back in the queue. Claiming is atomic (one UPDATE ... WHERE status='queued'),
-so two workers never run the same job. Files are addressed by id only; no path ever comes from a request.
+A job is written before it is acknowledged, so an accepted job is never lost. Claiming is atomic (one
+conditional UPDATE ... WHERE status='queued'; concurrent claimers of the same row see one winner, in
+SQLite by its write lock, in PostgreSQL by its row lock), so two workers never run the same job. A
+running job carries its runner and a heartbeat; a job whose runner stops beating goes back to the queue
+(`reap`), and after MAX_ATTEMPTS runs it is failed rather than retried forever. The schema is versioned:
+`MIGRATIONS` are applied in order at start (under an advisory lock in PostgreSQL). Files are addressed by
+id only; no path ever comes from a request.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -15,15 +22,22 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA = """
+MAX_ATTEMPTS = 3  # a job whose worker died this often is failed, not retried forever
+LEASE = 60.0  # seconds without a heartbeat after which a running job is taken back
+
+# (version, SQL) in order; {REAL} is an 8-byte float in both databases
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     status TEXT NOT NULL,          -- queued | running | done | failed | cancelled
     model TEXT NOT NULL,
     settings TEXT NOT NULL,        -- JSON: prompt, size, steps, seeds, ...
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
+    created {REAL} NOT NULL,
+    started {REAL},
+    finished {REAL},
     step INTEGER NOT NULL DEFAULT 0,
     steps INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -31,8 +45,23 @@ CREATE TABLE IF NOT EXISTS jobs (
     images TEXT NOT NULL DEFAULT '[]'  -- JSON list of image ids
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created);
-"""
-MAX_ATTEMPTS = 3  # a job whose worker died this often is failed, not retried forever
+""",
+    ),
+    (
+        2,
+        """
+ALTER TABLE jobs ADD COLUMN runner TEXT;
+ALTER TABLE jobs ADD COLUMN heartbeat {REAL};
+""",
+    ),
+]
+COLUMNS = ("id, status, model, settings, created, started, finished, step, steps, attempts, error, images, runner, "
+           "heartbeat")  # fmt: skip
+
+
+def runner_id() -> str:
+    """Who runs a job: host, process and a random suffix (unique across servers and restarts)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 @dataclass(frozen=True)
@@ -49,6 +78,8 @@ class Job:
     attempts: int
     error: str | None
     images: list[str]
+    runner: str | None = None
+    heartbeat: float | None = None
 
     def public(self) -> dict:
         return {
@@ -65,73 +96,149 @@ class Job:
         }
 
 
+class _Db:
+    """One connection, serialised by a lock; `?` placeholders in both dialects."""
+
+    def __init__(self, url: str) -> None:
+        self.lock = threading.RLock()
+        self.postgres = url.startswith(("postgresql://", "postgres://"))
+        if self.postgres:
+            try:
+                import psycopg
+            except ImportError:
+                raise ImportError("PostgreSQL needs psycopg: pip install 'flux2studio[scale]'") from None
+            self.conn = psycopg.connect(url, autocommit=True)
+        else:
+            self.conn = sqlite3.connect(url.removeprefix("sqlite:///"), check_same_thread=False, isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode=WAL")  # readers never block the worker's writes
+            self.conn.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk
+            self.conn.execute("PRAGMA busy_timeout=10000")
+
+    def execute(self, query: str, args: tuple = ()):
+        if self.postgres:
+            query = query.replace("?", "%s")
+        with self.lock:
+            return self.conn.execute(query, args)
+
+    def script(self, sql: str) -> None:
+        sql = sql.replace("{REAL}", "DOUBLE PRECISION" if self.postgres else "REAL")
+        for statement in (s.strip() for s in sql.split(";")):
+            if statement:
+                self.execute(statement)
+
+    def migrate(self) -> int:
+        """Apply the migrations not yet applied; returns the schema version."""
+        with self.lock:
+            if self.postgres:
+                with self.conn.transaction():
+                    self.conn.execute("SELECT pg_advisory_xact_lock(7265110)")  # one migrator at a time
+                    return self._migrate()
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = self._migrate()
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+            return version
+
+    def _migrate(self) -> int:
+        self.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = self.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        current = row[0] or 0
+        for version, sql in MIGRATIONS:
+            if version > current:
+                self.script(sql)
+                self.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                current = version
+        return current
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
 class Store:
-    def __init__(self, data: str | Path) -> None:
+    """Jobs in SQLite (`db=None`: `DATA/jobs.sqlite3`) or PostgreSQL (`db="postgresql://..."`); images and
+    uploaded references under `files` (default `DATA`; give every server of a PostgreSQL store the same
+    shared folder)."""
+
+    def __init__(
+        self, data: str | Path, db: str | None = None, files: str | Path | None = None, shared: bool | None = None
+    ) -> None:
         self.data = Path(data)
-        self.images_dir = self.data / "images"
+        self.data.mkdir(parents=True, exist_ok=True)
+        root = Path(files) if files else self.data
+        self.images_dir, self.refs_dir = root / "images", root / "refs"
         self.images_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.data / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")  # readers never block the worker's writes
-        self._db.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk
-        self._db.executescript(SCHEMA)
+        self.refs_dir.mkdir(parents=True, exist_ok=True)
+        self.db = _Db(db or f"sqlite:///{self.data / 'jobs.sqlite3'}")
+        self.version = self.db.migrate()
+        self.shared = self.db.postgres if shared is None else shared  # other processes run jobs of this store
 
     def _row(self, row) -> Job:
-        (id_, status, model, settings, created, started, finished, step, steps, attempts, error, images) = row
+        (id_, status, model, settings, created, started, finished, step, steps, attempts, error, images, runner,
+         heartbeat) = row  # fmt: skip
         return Job(id_, status, model, json.loads(settings), created, started, finished, step, steps, attempts, error,
-                   json.loads(images))  # fmt: skip
+                   json.loads(images), runner, heartbeat)  # fmt: skip
 
     def add(self, model: str, settings: dict, steps: int) -> Job:
         job_id = uuid.uuid4().hex
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO jobs (id, status, model, settings, created, steps) VALUES (?, 'queued', ?, ?, ?, ?)",
-                (job_id, model, json.dumps(settings), time.time(), steps),
-            )
+        self.db.execute(
+            "INSERT INTO jobs (id, status, model, settings, created, steps) VALUES (?, 'queued', ?, ?, ?, ?)",
+            (job_id, model, json.dumps(settings), time.time(), steps),
+        )
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self.db.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._row(row) if row else None
 
     def list(self, limit: int = 50, status: str | None = None) -> list[Job]:
-        query, args = "SELECT * FROM jobs", ()
+        query, args = f"SELECT {COLUMNS} FROM jobs", ()
         if status:
             query, args = query + " WHERE status = ?", (status,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY created DESC LIMIT ?", (*args, limit)).fetchall()
+        rows = self.db.execute(query + " ORDER BY created DESC LIMIT ?", (*args, limit)).fetchall()
         return [self._row(r) for r in rows]
 
     def count(self, *statuses: str) -> int:
         marks = ",".join("?" * len(statuses))
-        with self._lock:
-            return self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks})", statuses).fetchone()[0]
+        return self.db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks})", statuses).fetchone()[0]
 
-    def claim(self, compatible: dict | None = None) -> Job | None:
+    def claim(self, compatible: dict | None = None, runner: str = "") -> Job | None:
         """Atomically take the oldest queued job (optionally one whose model and key settings match)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, model, settings FROM jobs WHERE status = 'queued' ORDER BY created"
-            ).fetchall()
-            for job_id, model, settings in rows:
-                if compatible is not None and not _compatible(compatible, model, json.loads(settings)):
-                    continue
-                cur = self._db.execute(
-                    "UPDATE jobs SET status='running', started=?, attempts=attempts+1 WHERE id=? AND status='queued'",
-                    (time.time(), job_id),
-                )
-                if cur.rowcount == 1:
-                    break
-            else:
-                return None
-        return self.get(job_id)
+        rows = self.db.execute(
+            "SELECT id, model, settings FROM jobs WHERE status = 'queued' ORDER BY created"
+        ).fetchall()
+        now = time.time()
+        for job_id, model, settings in rows:
+            if compatible is not None and not _compatible(compatible, model, json.loads(settings)):
+                continue
+            cur = self.db.execute(
+                "UPDATE jobs SET status='running', started=?, heartbeat=?, runner=?, attempts=attempts+1 "
+                "WHERE id=? AND status='queued'",
+                (now, now, runner, job_id),
+            )
+            if cur.rowcount == 1:
+                return self.get(job_id)
+        return None
 
-    def progress(self, job_id: str, step: int, steps: int) -> None:
-        with self._lock:
-            self._db.execute("UPDATE jobs SET step=?, steps=? WHERE id=?", (step, steps, job_id))
+    def progress(self, job_id: str, step: int, steps: int, runner: str | None = None) -> None:
+        """Step progress; also the job's heartbeat (and, from a remote replica, who runs it now)."""
+        if runner is None:
+            self.db.execute(
+                "UPDATE jobs SET step=?, steps=?, heartbeat=? WHERE id=?", (step, steps, time.time(), job_id)
+            )
+        else:
+            self.db.execute("UPDATE jobs SET step=?, steps=?, heartbeat=?, runner=? WHERE id=?",
+                            (step, steps, time.time(), runner, job_id))  # fmt: skip
 
-    def finish(self, job_id: str, images: list[bytes]) -> Job:
+    def beat(self, job_ids: list[str]) -> None:
+        """Heartbeat for running jobs (a worker calls this while a long step runs)."""
+        for job_id in job_ids:
+            self.db.execute("UPDATE jobs SET heartbeat=? WHERE id=? AND status='running'", (time.time(), job_id))
+
+    def save_images(self, images: list[bytes]) -> list[str]:
         ids = []
         for png in images:
             image_id = uuid.uuid4().hex
@@ -139,49 +246,65 @@ class Store:
             tmp.write_bytes(png)
             tmp.replace(self.images_dir / f"{image_id}.png")
             ids.append(image_id)
-        with self._lock:
-            self._db.execute(
-                "UPDATE jobs SET status='done', finished=?, images=? WHERE id=? AND status='running'",
-                (time.time(), json.dumps(ids), job_id),
-            )
+        return ids
+
+    def finish(self, job_id: str, images: list[bytes]) -> Job:
+        ids = self.save_images(images)
+        self.db.execute(
+            "UPDATE jobs SET status='done', finished=?, images=? WHERE id=? AND status='running'",
+            (time.time(), json.dumps(ids), job_id),
+        )
         return self.get(job_id)
 
     def fail(self, job_id: str, error: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "UPDATE jobs SET status='failed', finished=?, error=? WHERE id=?", (time.time(), error, job_id)
-            )
+        self.db.execute("UPDATE jobs SET status='failed', finished=?, error=? WHERE id=?", (time.time(), error, job_id))
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued job now, or mark a running one so its worker stops at the next step."""
-        with self._lock:
-            cur = self._db.execute(
-                "UPDATE jobs SET status='cancelled', finished=? WHERE id=? AND status IN ('queued', 'running')",
-                (time.time(), job_id),
-            )
+        cur = self.db.execute(
+            "UPDATE jobs SET status='cancelled', finished=? WHERE id=? AND status IN ('queued', 'running')",
+            (time.time(), job_id),
+        )
         return cur.rowcount == 1
 
     def requeue(self, job_id: str) -> None:
-        """A running job goes back to the queue (its batch was interrupted, not the job itself)."""
-        with self._lock:
-            self._db.execute("UPDATE jobs SET status='queued', step=0 WHERE id=? AND status='running'", (job_id,))
+        """A running job goes back to the queue (its batch was interrupted, or its runner died)."""
+        self.db.execute("UPDATE jobs SET status='queued', step=0, runner=NULL WHERE id=? AND status='running'",
+                        (job_id,))  # fmt: skip
+
+    def _take_back(self, where: str, args: tuple) -> int:
+        self.db.execute(
+            f"UPDATE jobs SET status='failed', error='worker died too often', finished=? "
+            f"WHERE status='running' AND attempts >= ? AND {where}",
+            (time.time(), MAX_ATTEMPTS, *args),
+        )
+        cur = self.db.execute(
+            f"UPDATE jobs SET status='queued', step=0, runner=NULL WHERE status='running' AND {where}", args
+        )
+        return cur.rowcount
 
     def recover(self) -> int:
-        """After a crash: running jobs go back to the queue (or fail after MAX_ATTEMPTS). Returns how many."""
-        with self._lock:
-            self._db.execute(
-                "UPDATE jobs SET status='failed', error='worker died too often', finished=? "
-                "WHERE status='running' AND attempts >= ?",
-                (time.time(), MAX_ATTEMPTS),
-            )
-            cur = self._db.execute("UPDATE jobs SET status='queued', step=0 WHERE status='running'")
-        return cur.rowcount
+        """At start: jobs left running by a crash go back to the queue (or fail after MAX_ATTEMPTS).
+
+        A SQLite store belongs to this server alone, so every running job is orphaned; in a shared
+        PostgreSQL store only those whose runner stopped beating are (other servers are running theirs).
+        """
+        if self.shared:
+            return self.reap()
+        return self._take_back("1=1", ())
+
+    def reap(self, lease: float = LEASE) -> int:
+        """Running jobs without a heartbeat for `lease` seconds go back to the queue. Returns how many."""
+        return self._take_back("(heartbeat IS NULL OR heartbeat < ?)", (time.time() - lease,))
 
     def image_path(self, image_id: str) -> Path | None:
         if not image_id.isalnum() or len(image_id) != 32:  # ids only: nothing path-like reaches the disk
             return None
         path = self.images_dir / f"{image_id}.png"
         return path if path.is_file() else None
+
+    def close(self) -> None:
+        self.db.close()
 
 
 def _compatible(a: dict, model: str, settings: dict) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from PIL import Image
 
 from ..pipeline import Pipeline
-from .store import Job, Store
+from .store import LEASE, Job, Store, runner_id
 
 log = logging.getLogger(__name__)
 MAX_BATCH_IMAGES = 8  # images per pipeline call when batching compatible jobs
@@ -23,8 +23,18 @@ class Cancelled(Exception):
 
 
 class Worker:
-    def __init__(self, store: Store, loader: Callable[[str], Pipeline], poll: float = 0.2) -> None:
+    """Claims jobs and runs them. `loops` claim loops run side by side (1 for a local model; more when
+    `execute` sends batches to remote replicas); a heartbeat thread keeps the running jobs' leases fresh
+    and takes back the jobs of runners that died (`Store.reap`)."""
+
+    def __init__(
+        self, store: Store, loader: Callable[[str], Pipeline], poll: float = 0.2, runner: str | None = None,
+        loops: int = 1,
+    ) -> None:  # fmt: skip
         self.store, self.loader, self.poll = store, loader, poll
+        self.runner = runner or runner_id()
+        self.loops = loops
+        self.active: set[str] = set()  # ids of the jobs this worker is running now
         self.pipe: Pipeline | None = None
         self.model_id: str | None = None
         self.previews: dict[str, bytes] = {}  # job id -> JPEG of its latest step (memory only, dropped when done)
@@ -33,43 +43,69 @@ class Worker:
         self._wake = threading.Event()
         self._users = 0  # nested app lifespans (test clients) share one running worker
         self._lock = threading.Lock()
-        self.thread: threading.Thread | None = None
+        self.threads: list[threading.Thread] = []
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self.threads[0] if self.threads else None
 
     def start(self) -> None:
         with self._lock:
             self._users += 1
-            if self.thread is None or not self.thread.is_alive():
+            if not any(t.is_alive() for t in self.threads):
                 self._stop.clear()
-                self.thread = threading.Thread(target=self._run, name="flux2-worker", daemon=True)
-                self.thread.start()
+                self.threads = [threading.Thread(target=self._run, name=f"flux2-worker-{i}", daemon=True)
+                                for i in range(self.loops)]  # fmt: skip
+                self.threads.append(threading.Thread(target=self._heartbeat, name="flux2-heartbeat", daemon=True))
+                for t in self.threads:
+                    t.start()
 
     def stop(self) -> None:
         with self._lock:
             self._users = max(0, self._users - 1)
-            if self._users or self.thread is None:
+            if self._users or not self.threads:
                 return
             self._stop.set()
             self._wake.set()
-            thread = self.thread
-        thread.join(timeout=30)
+            threads = list(self.threads)
+        for t in threads:
+            t.join(timeout=30)
+
+    def _heartbeat(self) -> None:
+        """Every few seconds: keep this worker's jobs alive, take back the jobs of dead runners."""
+        while not self._stop.wait(min(5.0, LEASE / 4)):
+            try:
+                self.store.beat(list(self.active))
+                if self.store.reap():
+                    self.notify()
+            except Exception:  # the database may be restarting: try again at the next beat
+                log.exception("heartbeat failed")
 
     def notify(self) -> None:
         self._wake.set()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            job = self.store.claim()
+            job = self.store.claim(runner=self.runner)
             if job is None:
                 self._wake.wait(self.poll)
                 self._wake.clear()
                 continue
             batch = [job]
             while sum(j.settings["num_images"] for j in batch) < MAX_BATCH_IMAGES:
-                more = self.store.claim(compatible={"model": job.model, "settings": job.settings})
+                more = self.store.claim(compatible={"model": job.model, "settings": job.settings}, runner=self.runner)
                 if more is None:
                     break
                 batch.append(more)
-            self._run_batch(batch)
+            self.active |= {j.id for j in batch}
+            try:
+                self.execute(batch)
+            finally:
+                self.active -= {j.id for j in batch}
+
+    def execute(self, batch: list[Job]) -> None:
+        """Run a claimed batch here (a remote dispatcher overrides this)."""
+        self._run_batch(batch)
 
     def _pipeline(self, model_id: str) -> Pipeline:
         if self.model_id != model_id:  # one model at a time: free the old one before loading the next
@@ -77,13 +113,13 @@ class Worker:
             self.pipe, self.model_id = self.loader(model_id), model_id
         return self.pipe
 
-    def _run_batch(self, batch: list[Job]) -> None:
+    def _run_batch(self, batch: list[Job], pipe: Pipeline | None = None) -> None:
         try:
-            pipe = self._pipeline(batch[0].model)
+            pipe = pipe or self._pipeline(batch[0].model)
             s = batch[0].settings
             prompts = [j.settings["prompt"] for j in batch for _ in range(j.settings["num_images"])]
             seeds = [j.settings["seed"] + i for j in batch for i in range(j.settings["num_images"])]
-            refs = [Image.open(self.store.data / "refs" / f"{r}.png").convert("RGB") for r in s.get("refs", [])]
+            refs = [Image.open(self.store.refs_dir / f"{r}.png").convert("RGB") for r in s.get("refs", [])]
             kw = {k: s[k] for k in ("steps", "guidance", "negative_prompt") if s.get(k) is not None}
             if pipe.variant.guidance_mode == "none" and getattr(pipe, "endpoint", None) is None:
                 kw.pop("guidance", None)
@@ -100,7 +136,7 @@ class Worker:
                     self._previews(pipe, batch, x0, s["width"], s["height"])
                     last[0] = time.monotonic()
                 for j in batch:
-                    self.store.progress(j.id, i + 1, total)
+                    self.store.progress(j.id, i + 1, total, runner=self.runner)
 
             images = pipe(prompts, seeds=seeds, size=(s["width"], s["height"]), refs=refs, callback=progress, **kw)
         except Cancelled:

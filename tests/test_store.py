@@ -1,0 +1,113 @@
+"""The job store suite, run against SQLite and against a real PostgreSQL server (started by the test on
+127.0.0.1): lifecycle, atomic claims under concurrency (threads and processes), heartbeats and reaping,
+bounded retries, migrations."""
+
+import json
+import multiprocessing
+import time
+import uuid
+
+import pytest
+
+from flux2studio.serve.store import MAX_ATTEMPTS, MIGRATIONS, Store
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request, tmp_path):
+    """A fresh store location: (data folder, db URL or None for SQLite)."""
+    if request.param == "sqlite":
+        return tmp_path / "data", None
+    server = request.getfixturevalue("postgres")
+    return tmp_path / "data", server.database(f"t{uuid.uuid4().hex[:12]}")
+
+
+def settings(seed=0, width=64):
+    return {"prompt": "p", "width": width, "height": 64, "steps": 2, "guidance": 1.0, "seed": seed,
+            "num_images": 1, "refs": [], "loras": [], "negative_prompt": None}  # fmt: skip
+
+
+def test_lifecycle(db):
+    data, url = db
+    store = Store(data, db=url)
+    assert store.version == MIGRATIONS[-1][0]
+    a = store.add("nano", settings(0), 4)
+    b = store.add("nano", settings(1), 4)
+    assert store.count("queued") == 2 and store.get(a.id).settings["seed"] == 0
+    job = store.claim(runner="r1")
+    assert job.id == a.id and job.status == "running" and job.runner == "r1" and job.attempts == 1
+    store.progress(a.id, 2, 4)
+    assert store.get(a.id).step == 2
+    done = store.finish(a.id, [b"\x89PNG fake"])
+    assert done.status == "done" and store.image_path(done.images[0]).read_bytes() == b"\x89PNG fake"
+    assert store.cancel(b.id) and store.get(b.id).status == "cancelled" and not store.cancel(b.id)
+    assert [j.id for j in store.list()] == [b.id, a.id]
+    assert store.image_path("../../etc/passwd") is None
+    store.close()
+    reopened = Store(data, db=url)  # migrations are applied once
+    assert reopened.version == MIGRATIONS[-1][0] and reopened.get(a.id).status == "done"
+
+
+def test_compatible_claims_batch_only_matching_jobs(db):
+    data, url = db
+    store = Store(data, db=url)
+    first = store.add("nano", settings(0), 4)
+    store.add("nano", settings(1, width=128), 4)
+    third = store.add("nano", settings(2), 4)
+    job = store.claim()
+    more = store.claim(compatible={"model": job.model, "settings": job.settings})
+    assert (job.id, more.id) == (first.id, third.id)
+    assert store.claim(compatible={"model": job.model, "settings": job.settings}) is None
+
+
+def test_dead_runners_jobs_are_taken_back_then_failed(db):
+    data, url = db
+    store = Store(data, db=url)
+    job = store.add("nano", settings(), 4)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        claimed = store.claim(runner=f"r{attempt}")
+        assert claimed.id == job.id and claimed.attempts == attempt
+        store.beat([job.id])
+        assert store.reap(lease=60) == 0  # alive
+        time.sleep(0.05)
+        taken = store.reap(lease=0.01)  # its runner stopped beating
+        assert taken == (1 if attempt < MAX_ATTEMPTS else 0)
+    final = store.get(job.id)
+    assert final.status == "failed" and "died too often" in final.error
+
+
+def test_recover_on_start(db):
+    """SQLite belongs to one server: every running job at start is orphaned. A shared PostgreSQL store
+    only takes back jobs whose runner stopped beating (another server may be running the others)."""
+    data, url = db
+    store = Store(data, db=url)
+    store.add("nano", settings(), 4)
+    store.claim(runner="elsewhere")
+    again = Store(data, db=url)
+    assert again.recover() == (0 if url else 1)
+
+
+def _claimer(data, url, n_claims, out):
+    store = Store(data, db=url)
+    got = []
+    while len(got) < n_claims:
+        job = store.claim(runner=str(uuid.uuid4()))
+        if job is None:
+            break
+        got.append(job.id)
+    out.put(got)
+
+
+def test_no_job_is_claimed_twice_by_concurrent_processes(db):
+    data, url = db
+    store = Store(data, db=url)
+    ids = {store.add("nano", settings(i), 4).id for i in range(60)}
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claimer, args=(data, url, 60, out)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    claimed = [i for _ in procs for i in out.get(timeout=120)]
+    for p in procs:
+        p.join(timeout=60)
+    assert sorted(claimed) == sorted(ids)  # every job once, none twice
+    assert all(json.loads(json.dumps(store.get(i).attempts)) == 1 for i in ids)
