@@ -8,7 +8,8 @@ padded to 512 tokens). Both sides generate one 512x512 image in 4 steps from the
 
     python bench/memory.py [--folder DIR] [--size 512] [--steps 4] [--only ours|diffusers]
 
-Peak RSS is the process's high-water mark (VmHWM), reset before each phase to get per-phase peaks.
+Peak RSS is the process's high-water mark (VmHWM), reset before each phase to get per-phase peaks. The
+weight files are read once before each side runs, so both start with them in the page cache.
 """
 
 from __future__ import annotations
@@ -235,6 +236,14 @@ def report(results: dict) -> None:
               f"ours load+generate vs diffusers generate only {total(o) / total(d, skip_load=True):.2f}")  # fmt: skip
 
 
+def warm_page_cache(folder: Path) -> None:
+    """Read every weight file once (not counted in any process's RSS), so disk speed does not decide."""
+    for path in sorted(folder.rglob("*.safetensors")):
+        with open(path, "rb") as f:
+            while f.read(64 * 2**20):
+                pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     home = Path(os.environ.get("FLUX2_HOME", Path.home() / ".cache" / "flux2studio"))
@@ -256,6 +265,7 @@ def main() -> None:
         write_folder(args.folder)
     results = {}
     for impl in [args.only] if args.only else ["ours", "diffusers"]:
+        warm_page_cache(args.folder)  # both sides start with the files in the page cache, as after a first run
         cmd = [sys.executable, __file__, "--child", impl, "--folder", str(args.folder), "--size", str(args.size),
                "--steps", str(args.steps)]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True)

@@ -72,8 +72,8 @@ def build(factory: Callable[[], nn.Module], sd: dict[str, Tensor], what: str, dt
     return module.eval()
 
 
-def drop_unused_pages(source: dict[str, Tensor], module: nn.Module) -> int:
-    """Hand back to the OS the memory-mapped file pages of `source` tensors that `module` does not use.
+def drop_file_pages(tensors: list[Tensor]) -> int:
+    """Hand back to the OS the memory-mapped file pages of tensors that are no longer needed.
 
     Converting on load (q, k, v fused into qkv; fp8 dequantised; a dtype cast) reads the original
     tensors from the mapped file once; their pages would otherwise stay in the process's resident set
@@ -86,7 +86,6 @@ def drop_unused_pages(source: dict[str, Tensor], module: nn.Module) -> int:
 
     if not sys.platform.startswith("linux"):
         return 0
-    used = {t.data_ptr() for t in module.state_dict(keep_vars=True).values()}
     maps = []
     with open("/proc/self/maps") as f:
         for line in f:
@@ -97,16 +96,22 @@ def drop_unused_pages(source: dict[str, Tensor], module: nn.Module) -> int:
     page = 4096
     libc = ctypes.CDLL(None, use_errno=True)
     dropped = 0
-    for t in source.values():
-        start = t.data_ptr()
-        if start in used or t.device.type != "cpu":
+    for t in tensors:
+        if t.device.type != "cpu":
             continue
+        start = t.data_ptr()
         end = start + t.numel() * t.element_size()
         lo, hi = -(-start // page) * page, end // page * page
         in_file = hi > lo and any(a <= start and end <= b for a, b in maps)
         if in_file and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0:  # MADV_DONTNEED
             dropped += hi - lo
     return dropped
+
+
+def drop_unused_pages(source: dict[str, Tensor], module: nn.Module) -> int:
+    """`drop_file_pages` for the `source` tensors that `module` does not hold (after building it)."""
+    used = {t.data_ptr() for t in module.state_dict(keep_vars=True).values()}
+    return drop_file_pages([t for t in source.values() if t.data_ptr() not in used])
 
 
 # ----------------------------------------------------------------------------- diffusers folders

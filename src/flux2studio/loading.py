@@ -11,6 +11,7 @@ from .checkpoints import (
     EMBEDDED,
     build,
     dequantize_fp8,
+    drop_file_pages,
     drop_unused_pages,
     is_diffusers_folder,
     is_fp8,
@@ -144,9 +145,9 @@ def load_diffusers_folder(
 
     def transformer() -> Flux2Transformer:
         raw = read_component(folder / "transformer")
-        model = build(lambda: Flux2Transformer(t_cfg), transformer_from_diffusers(raw), f"{variant.id} transformer",
-                      dtype).to(device)  # fmt: skip
-        drop_unused_pages(raw, model)  # the unfused q, k, v read during the conversion
+        sd = transformer_from_diffusers(raw, copied=drop_file_pages)  # q, k, v freed as soon as fused
+        model = build(lambda: Flux2Transformer(t_cfg), sd, f"{variant.id} transformer", dtype).to(device)
+        drop_unused_pages(raw, model)  # anything else read but not kept (a dtype cast)
         return model
 
     def vae() -> AutoEncoder:
@@ -229,7 +230,7 @@ def load_single_file(
         if is_fp8(sd):
             sd = dequantize_fp8(sd, dtype)
         if transformer_layout(sd) == "diffusers":
-            sd = transformer_from_diffusers(sd)
+            sd = transformer_from_diffusers(sd, copied=drop_file_pages)
         model = build(lambda: Flux2Transformer(t_cfg), sd, f"{variant.id} transformer", dtype).to(device)
         drop_unused_pages(raw, model)  # fp8 originals, unfused q, k, v: read once, not kept
         return model

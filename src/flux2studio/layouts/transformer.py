@@ -10,6 +10,7 @@ Every key that matches no rule raises, naming it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -71,8 +72,14 @@ def _swap_halves(w: Tensor) -> Tensor:
     return torch.cat([b, a], dim=0)
 
 
-def convert(sd: dict[str, Tensor], rules: tuple[Rule, ...], to: Literal["ours", "theirs"]) -> dict[str, Tensor]:
-    """Rename `sd` through `rules` in one direction; raise on any key no rule claims."""
+def convert(
+    sd: dict[str, Tensor],
+    rules: tuple[Rule, ...],
+    to: Literal["ours", "theirs"],
+    copied: Callable[[list[Tensor]], None] | None = None,
+) -> dict[str, Tensor]:
+    """Rename `sd` through `rules` in one direction; raise on any key no rule claims. `copied` is told of
+    the source tensors each fusing or swapping step has just copied (so a loader can free them at once)."""
     rest = dict(sd)
     out: dict[str, Tensor] = {}
     for rule in rules:
@@ -92,8 +99,12 @@ def convert(sd: dict[str, Tensor], rules: tuple[Rule, ...], to: Literal["ours", 
                 out[targets[0]] = tensors[0]
             elif rule.op == "swap":
                 out[targets[0]] = _swap_halves(tensors[0])
+                if copied:
+                    copied(tensors)
             elif to == "ours":  # qkv: q, k, v -> fused
                 out[targets[0]] = torch.cat(tensors, dim=0)
+                if copied:
+                    copied(tensors)
             else:  # qkv: fused -> q, k, v
                 out.update(zip(targets, tensors[0].chunk(3, dim=0), strict=True))
     if rest:
@@ -103,9 +114,11 @@ def convert(sd: dict[str, Tensor], rules: tuple[Rule, ...], to: Literal["ours", 
     return out
 
 
-def transformer_from_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+def transformer_from_diffusers(
+    sd: dict[str, Tensor], copied: Callable[[list[Tensor]], None] | None = None
+) -> dict[str, Tensor]:
     """diffusers `Flux2Transformer2DModel` state dict -> ours (BFL layout)."""
-    return convert(sd, TRANSFORMER_DIFFUSERS, to="ours")
+    return convert(sd, TRANSFORMER_DIFFUSERS, to="ours", copied=copied)
 
 
 def transformer_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
