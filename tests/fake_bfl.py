@@ -3,7 +3,7 @@ submit -> {id, polling_url, cost}; GET polling_url -> Pending ... Ready with res
 delivery URL on another host name); moderation, errors, 402, 422, 429.
 
 Behaviour is chosen by markers in the prompt: [busy2] (429 on the first two submits), [moderated-input],
-[moderated-output], [error], [expired] (delivery URL already expired), [slow] (never ready), [422].
+[moderated-output], [error], [error-odd-seed], [expired] (delivery URL already expired), [slow] (never ready), [422].
 Keys: "good-key" works, "broke-key" has no credits, anything else is refused.
 """
 
@@ -78,7 +78,7 @@ def make_app() -> FastAPI:
             return {"id": id, "status": "Pending", "result": None, "progress": 0.3 * task["polls"]}
         if "[moderated-output]" in prompt:
             return {"id": id, "status": "Content Moderated", "result": None, "details": {}}
-        if "[error]" in prompt:
+        if "[error]" in prompt or ("[error-odd-seed]" in prompt and task["body"].get("seed", 0) % 2):
             return {"id": id, "status": "Error", "result": None, "details": {"reason": "internal failure"}}
         port = request.url.port
         sample = f"http://localhost:{port}/delivery/{id}.png"

@@ -210,3 +210,16 @@ def test_server_queues_hosted_jobs_and_lists_prices(bfl, tmp_path, monkeypatch):
     assert GOOD_KEY.encode() not in store
     with sqlite3.connect(tmp_path / "data" / "jobs.sqlite3") as db:
         assert db.execute("select count(*) from jobs where status = 'done'").fetchone()[0] == 2
+
+
+def test_a_failed_image_does_not_lose_the_others(bfl, tmp_path):
+    """Tasks already submitted run to the end; what was made comes with the error (paid for, kept)."""
+    with pytest.raises(HostedError, match=r"2 of 3 images made; .*failed on the BFL side") as e:
+        pipe(bfl)(["first fine", "second [error]", "third fine"], size=(128, 128), seed=10)
+    assert [i for i, _ in e.value.images] == [0, 2]
+    assert json.loads(e.value.images[1][1].info["flux2"])["seed"] == 12
+    env = {"BFL_API_KEY": GOOD_KEY, "BFL_API_URL": bfl.url}
+    run = flux2("generate", "half [error-odd-seed]", "--model", "pro", "--num", "2", "--seed", "4", "--size",
+                "128x128", "-o", tmp_path / "m.png", "-q", env=env)  # fmt: skip
+    assert run.returncode == 2 and "1 of 2 images made" in run.stderr, run.stderr
+    assert (tmp_path / "m-0.png").is_file() and not (tmp_path / "m-1.png").exists()  # the one made is saved

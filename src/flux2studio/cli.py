@@ -218,13 +218,19 @@ def run_jobs(pipe, jobs: list[Job], args: argparse.Namespace, refs=()) -> int:
         stem = f"{pipe.variant.id}-{job.settings.get('seed', 0)}"
         paths = output_paths(args.out, stem, n, args.overwrite)  # checked before any work is done
         started = time.perf_counter()
-        images = pipe(job.prompt, refs=refs, callback=progress, **job.settings)
+        try:
+            images = list(enumerate(pipe(job.prompt, refs=refs, callback=progress, **job.settings)))
+        except Exception as e:  # a hosted batch may fail part-way: save what was made, then report
+            for i, image in getattr(e, "images", []):
+                save_png(image, paths[i])
+                print(f"{paths[i]}  seed {json.loads(image.info['flux2'])['seed']}  (made before the error)")
+            raise
         seconds = time.perf_counter() - started
         bar.close()
-        for path, image in zip(paths, images, strict=True):
-            save_png(image, path)
+        for i, image in images:
+            save_png(image, paths[i])
             meta = json.loads(image.info["flux2"])
-            print(f"{path}  seed {meta['seed']}  {image.width}x{image.height}  {pipe.variant.id}  {seconds:.2f}s")
+            print(f"{paths[i]}  seed {meta['seed']}  {image.width}x{image.height}  {pipe.variant.id}  {seconds:.2f}s")
     return 0
 
 

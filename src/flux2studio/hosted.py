@@ -75,6 +75,8 @@ class HostedError(RuntimeError):
     def __init__(self, message: str, status: int | None = None, charged: bool | None = None) -> None:
         super().__init__(message)
         self.status, self.charged = status, charged
+        self.partial: dict = {}  # {index: (image, task, result)} made before the failure
+        self.images: list = []  # [(index, image with metadata)], set by HostedPipeline
 
 
 def key_file() -> Path:
@@ -386,31 +388,52 @@ class BflClient:
     def run(self, endpoint: Endpoint, bodies: Sequence[dict], on_done: Callable[[int], None] | None = None) -> list:
         """Submit every body, poll them together with backoff, download each as soon as it is Ready.
 
-        Returns [(image, task, result)] in order. A failure raises at once; images already downloaded
-        are handed to `on_done` first (by index), so nothing produced is lost.
+        Returns [(image, task, result)] in order. When a task fails (or a submission is refused), the
+        tasks already submitted still run to the end, and the error raised carries what was made in
+        `partial` ({index: (image, task, result)}), so nothing produced (and paid for) is lost.
         """
-        tasks = [self.submit(endpoint, body) for body in bodies]
+        tasks: list[dict] = []
+        failed: dict[int, HostedError] = {}
+        for i, body in enumerate(bodies):
+            try:
+                tasks.append(self.submit(endpoint, body))
+            except HostedError as e:
+                failed[i] = e
+                break
         done: dict[int, tuple[Image.Image, dict, dict]] = {}
         interval, started = self.poll_interval, time.monotonic()
-        while len(done) < len(tasks):
-            for i, task in enumerate(tasks):
-                if i in done:
-                    continue
-                data = self.poll(task)
-                if data is not None:
+        while pending := [i for i in range(len(tasks)) if i not in done and i not in failed]:
+            for i in pending:
+                task = tasks[i]
+                try:
+                    data = self.poll(task)
+                    if data is None:
+                        continue
                     sample = (data.get("result") or {}).get("sample")
                     if not sample:
                         raise HostedError(f"task {task['id']} is Ready but has no result.sample")
                     done[i] = (self.download(sample, task["id"]), task, data.get("result") or {})
-                    if on_done:
-                        on_done(i)
-            if len(done) == len(tasks):
+                except HostedError as e:
+                    failed[i] = e
+                    continue
+                if on_done:
+                    on_done(i)
+            if all(i in done or i in failed for i in range(len(tasks))):
                 break
             if time.monotonic() - started > self.max_wait:
-                pending = ", ".join(t["id"] for i, t in enumerate(tasks) if i not in done)
-                raise HostedError(f"tasks not ready after {self.max_wait:.0f} s: {pending}")
+                for i in pending:
+                    if i not in done and i not in failed:
+                        failed[i] = HostedError(f"task {tasks[i]['id']} not ready after {self.max_wait:.0f} s")
+                break
             self.sleep(interval)
             interval = min(interval * 1.5, self.max_poll_interval)
+        if failed:
+            first = failed[min(failed)]
+            error = first
+            if len(bodies) > 1:
+                error = HostedError(f"{len(done)} of {len(bodies)} images made; {first}", first.status, first.charged)
+            error.partial = done
+            raise error
         return [done[i] for i in range(len(tasks))]
 
 
@@ -491,14 +514,18 @@ class HostedPipeline:
             if callback:
                 callback(count[0] - 1, len(bodies), None)
 
-        results = self.client.run(self.endpoint, bodies, on_done=done)
-        images = []
-        for req, (image, task, result) in zip(reqs, results, strict=True):
-            meta = self.metadata(req, refs, task, result, image)
+        def finished(i: int, image: Image.Image, task: dict, result: dict) -> Image.Image:
+            meta = self.metadata(reqs[i], refs, task, result, image)
             image.info["flux2"] = json.dumps(meta)
             image.info["parameters"] = parameters_text(meta)
-            images.append(image)
-        return images
+            return image
+
+        try:
+            results = self.client.run(self.endpoint, bodies, on_done=done)
+        except HostedError as e:  # hand over what was made: `e.images` = [(index, image)]
+            e.images = [(i, finished(i, *r)) for i, r in sorted(getattr(e, "partial", {}).items())]
+            raise
+        return [finished(i, *r) for i, r in enumerate(results)]
 
     def metadata(self, req: HostedRequest, refs: Sequence[Image.Image], task: dict, result: dict, image) -> dict:
         """The local metadata keys, plus what identifies the hosted task; never the key."""

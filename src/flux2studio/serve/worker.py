@@ -147,8 +147,15 @@ class Worker:
         except Exception as e:  # a job's failure is recorded, never crashes the worker
             log.exception("job batch failed")
             self._drop_previews(batch)
+            made = dict(getattr(e, "images", []))  # a hosted batch may fail part-way: keep whole jobs made
+            k = 0
             for j in batch:
-                self.store.fail(j.id, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                n = j.settings["num_images"]
+                if all(i in made for i in range(k, k + n)):
+                    self.store.finish(j.id, [_png(made[i]) for i in range(k, k + n)])
+                else:
+                    self.store.fail(j.id, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                k += n
             return
         k = 0
         for j in batch:
