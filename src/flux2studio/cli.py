@@ -54,19 +54,11 @@ def api_row(model_id: str) -> dict | None:
     return None if e is None else {"path": e.path, "usd_1mp": price(e, 1024, 1024)}
 
 
-def api_key_present() -> bool:
-    from .hosted import HostedError, find_key
-
-    try:
-        return find_key() is not None
-    except HostedError:
-        return False
-
-
 def cmd_models(args: argparse.Namespace) -> int:
+    from .hosted import key_present
     from .loading import find_local
 
-    keyed = api_key_present()
+    keyed = key_present()
     rows = [variant_row(v) | {"present": keyed if v.hosted else find_local(v) is not None} for v in VARIANTS.values()]
     if args.json:
         print(json.dumps(rows, indent=2))

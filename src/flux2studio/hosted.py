@@ -98,6 +98,14 @@ def find_key(env: dict[str, str] | None = None) -> str | None:
     return path.read_text().strip() or None
 
 
+def key_present() -> bool:
+    """Whether a usable key is configured (a key file with loose permissions counts as none)."""
+    try:
+        return find_key() is not None
+    except HostedError:
+        return False
+
+
 def base_url(region_or_url: str | None = None) -> str:
     """`global` (default), `eu`, `us`, or a full URL (`BFL_API_URL` when not given)."""
     value = region_or_url or os.environ.get("BFL_API_URL") or "global"
@@ -147,9 +155,10 @@ def check_request(
     steps: int | None = None,
     guidance: float | None = None,
     negative_prompt: str | None = None,
-    refs: Sequence[Image.Image] = (),
+    ref_sizes: Sequence[tuple[int, int]] = (),
 ) -> tuple[int, int, int | None, float | None, str | None]:
-    """(width, height, steps, guidance, kontext aspect) after every check; errors name value and range."""
+    """(width, height, steps, guidance, kontext aspect) after every check; errors name value and range.
+    `ref_sizes`: (width, height) of each reference image (the first one sets the size when none is given)."""
     name = endpoint.model
     if negative_prompt:
         raise ValueError(f"{name} (hosted) takes no negative prompt: omit it")
@@ -167,14 +176,14 @@ def check_request(
         guidance = default if guidance is None else float(guidance)
         if not lo <= guidance <= hi:
             raise ValueError(f"guidance {guidance} is out of range {lo}..{hi} for {name}")
-    if len(refs) > endpoint.max_refs:
-        raise ValueError(f"{len(refs)} reference images given; {name} takes 0..{endpoint.max_refs}")
+    if len(ref_sizes) > endpoint.max_refs:
+        raise ValueError(f"{len(ref_sizes)} reference images given; {name} takes 0..{endpoint.max_refs}")
     if size is not None and aspect is not None:
         raise ValueError("give size or aspect, not both")
     if aspect is not None:
         size = size_for_aspect(aspect, 1024 * 1024)
     if size is None:
-        size = refs[0].size if refs and endpoint.family == "flux2" else (1024, 1024)
+        size = ref_sizes[0] if ref_sizes and endpoint.family == "flux2" else (1024, 1024)
         size = (size[0] // MULTIPLE * MULTIPLE, size[1] // MULTIPLE * MULTIPLE)
     width, height = size
     for side, value in (("width", width), ("height", height)):
@@ -491,7 +500,7 @@ class HostedPipeline:
             raise ValueError(f"aspect {aspect!r} is not one of {', '.join(ASPECTS)}")
         width, height, steps, guidance, kontext = check_request(
             self.endpoint, size=size, aspect=aspect, steps=steps, guidance=guidance,
-            negative_prompt=negative_prompt, refs=refs,
+            negative_prompt=negative_prompt, ref_sizes=[r.size for r in refs],
         )  # fmt: skip
         prompts = tuple(p for p in prompts for _ in range(num_images))
         seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]

@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
-from ..hosted import ENDPOINTS, HostedError, check_request, find_key, price
+from ..hosted import ENDPOINTS, MIN_SIDE, check_request, key_present, price
 from ..images import size_for_aspect
 from ..pipeline import Pipeline, build_request
 from ..variants import VARIANTS, get_variant
@@ -139,37 +139,40 @@ def create_app(
             if not (name.replace("-", "").replace("_", "").isalnum() and path.is_file()):
                 raise HTTPException(422, f"unknown LoRA {name!r}")
             loras.append((str(path), float(scale)))
-        if req.model in remote:
-            return hosted_settings(req, width, height, loras)
-        try:  # the model's own checks: multiples of 16, its size range, guidance mode, negative prompt
-            built = build_request(variant, req.prompt, negative_prompt=req.negative_prompt, size=(width, height),
-                                  steps=req.steps, guidance=req.guidance, num_images=req.num_images)  # fmt: skip
-        except ValueError as e:
-            raise HTTPException(422, str(e)) from None
+        if req.model in remote:  # progress of a hosted job counts its images, not steps
+            steps, guidance = hosted_rules(req, width, height, loras)
+            progress_total = req.num_images
+        else:
+            try:  # the model's own checks: multiples of 16, its size range, guidance mode, negative prompt
+                built = build_request(variant, req.prompt, negative_prompt=req.negative_prompt, size=(width, height),
+                                      steps=req.steps, guidance=req.guidance, num_images=req.num_images)  # fmt: skip
+            except ValueError as e:
+                raise HTTPException(422, str(e)) from None
+            steps, guidance = built.steps, built.guidance
+            progress_total = built.steps
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         settings = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "width": width, "height": height,
-                    "steps": built.steps, "guidance": built.guidance, "seed": seed, "num_images": req.num_images,
+                    "steps": steps, "guidance": guidance, "seed": seed, "num_images": req.num_images,
                     "refs": req.refs, "loras": loras}  # fmt: skip
-        return settings, built.steps
+        return settings, progress_total
 
-    def hosted_settings(req: JobRequest, width: int, height: int, loras: list) -> tuple[dict, int]:
+    def hosted_rules(req: JobRequest, width: int, height: int, loras: list) -> tuple[int | None, float | None]:
         """The hosted endpoint's own rules (no LoRAs, steps and guidance only for flex, 32-bit seeds)."""
         if loras:
             raise HTTPException(422, f"{req.model} runs on the hosted API, which takes no LoRA files")
         if req.seed is not None and req.seed >= 2**32:
             raise HTTPException(422, f"seed {req.seed} is out of range 0..2**32-1 for hosted models")
-        refs = [Image.open(refs_dir / f"{r}.png") for r in req.refs]  # header only: for the count and sizes
+        sizes = []
+        for r in req.refs:  # headers only: the count and the sizes
+            with Image.open(refs_dir / f"{r}.png") as im:
+                sizes.append(im.size)
         try:
             _, _, steps, guidance, _ = check_request(ENDPOINTS[req.model], size=(width, height), steps=req.steps,
                                                      guidance=req.guidance, negative_prompt=req.negative_prompt,
-                                                     refs=refs)  # fmt: skip
+                                                     ref_sizes=sizes)  # fmt: skip
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
-        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-        settings = {"prompt": req.prompt, "negative_prompt": None, "width": width, "height": height,
-                    "steps": steps, "guidance": guidance, "seed": seed, "num_images": req.num_images,
-                    "refs": req.refs, "loras": []}  # fmt: skip
-        return settings, req.num_images
+        return steps, guidance
 
     def submit(req: JobRequest):
         settings, steps = validate(req)
@@ -188,7 +191,7 @@ def create_app(
     @app.get("/v1/models", dependencies=guarded)
     def list_models() -> dict:
         rows = []
-        keyed = bool(remote) and _api_key_present()
+        keyed = bool(remote) and key_present()
         for model_id in served:
             v = get_variant(model_id)
             row = {"id": v.id, "object": "model", "owned_by": "flux2studio", "description": v.description,
@@ -201,7 +204,7 @@ def create_app(
                 row |= {"owned_by": "black-forest-labs", "steps": e.steps[2] if e.steps else None,
                         "guidance": e.guidance[2] if e.guidance else None,
                         "guidance_mode": "embedded" if e.guidance else "none", "default_size": [1024, 1024],
-                        "min_side": 64, "max_side": min(2048, limits.max_side),
+                        "min_side": MIN_SIDE, "max_side": min(2048, limits.max_side),
                         "max_refs": min(e.max_refs, limits.max_refs), "takes_steps": e.steps is not None}  # fmt: skip
                 if keyed:
                     row["usd_per_image"] = price(e, 1024, 1024)
@@ -380,10 +383,3 @@ async def save_upload(file: UploadFile, folder: Path, limits: Limits) -> str:
     upload_id = uuid.uuid4().hex
     image.save(folder / f"{upload_id}.png")
     return upload_id
-
-
-def _api_key_present() -> bool:
-    try:
-        return find_key() is not None
-    except HostedError:
-        return False

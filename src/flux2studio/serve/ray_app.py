@@ -94,7 +94,6 @@ class Generator:
         self.runner = serve.get_replica_context().replica_id.to_full_id_str()
         self.worker = Worker(self.store, loader=self.load, runner=self.runner)
         self.worker.preview_every = 0  # previews live in one process's memory: not across the cluster
-        self._gpu_lock = asyncio.Lock()
 
     def load(self, model_id: str):
         from ..loading import load
@@ -104,17 +103,16 @@ class Generator:
     async def get_pipeline(self, model_id: str):  # wrapped by @serve.multiplexed in build_application
         return await asyncio.to_thread(self.load, model_id)
 
-    async def run(self, job_ids: list[str]) -> str:
+    async def run(self, job_ids: list[str], pixels: int) -> str:
+        """Jobs claimed by an ingress; `pixels` (width x height x images, all jobs) sizes the batch."""
         from ray import serve
 
-        model_id = serve.get_multiplexed_model_id()
-        pixels = sum(job.settings["width"] * job.settings["height"] * job.settings["num_images"]
-                     for job in (self.store.get(i) for i in job_ids))  # fmt: skip
-        return await self.batched((model_id, job_ids, pixels))
+        return await self.batched((serve.get_multiplexed_model_id(), job_ids, pixels))
 
     async def batched(self, requests: list[tuple[str, list[str], int]]) -> list[str]:
         """Calls merged by @serve.batch (applied in build_application, under this same name, which is how
-        Ray recognises a method): compatible jobs (same model, size, steps, ...) run as one call."""
+        Ray recognises a method): compatible jobs (same model, size, steps, ...) run as one call; batches
+        run one at a time (max_concurrent_batches=1). Heartbeats come from the ingress that claimed them."""
         groups: list[list[Job]] = []
         for model_id, ids, _ in requests:
             for job in (self.store.get(i) for i in ids):
@@ -128,12 +126,7 @@ class Generator:
                     groups.append([job])
         for group in groups:
             pipe = await self.get_pipeline(group[0].model)
-            async with self._gpu_lock:  # one generation at a time per replica
-                self.worker.active |= {j.id for j in group}
-                try:
-                    await asyncio.to_thread(self.worker._run_batch, group, pipe)
-                finally:
-                    self.worker.active -= {j.id for j in group}
+            await asyncio.to_thread(self.worker._run_batch, group, pipe)
         return [self.runner] * len(requests)
 
     def check_health(self) -> None:
@@ -151,8 +144,9 @@ class RemoteWorker(Worker):
         import ray.exceptions
 
         ids = [j.id for j in batch]
+        pixels = sum(j.settings["width"] * j.settings["height"] * j.settings["num_images"] for j in batch)
         try:
-            self.handle.options(multiplexed_model_id=batch[0].model).run.remote(ids).result()
+            self.handle.options(multiplexed_model_id=batch[0].model).run.remote(ids, pixels).result()
         except ray.exceptions.RayError as e:  # the replica died or was unreachable: not the jobs' fault
             log.warning("replica failed running %s: %s", ids, str(e).splitlines()[0] if str(e) else type(e))
             for j in batch:

@@ -45,10 +45,6 @@ class Worker:
         self._lock = threading.Lock()
         self.threads: list[threading.Thread] = []
 
-    @property
-    def thread(self) -> threading.Thread | None:
-        return self.threads[0] if self.threads else None
-
     def start(self) -> None:
         with self._lock:
             self._users += 1
@@ -121,8 +117,6 @@ class Worker:
             seeds = [j.settings["seed"] + i for j in batch for i in range(j.settings["num_images"])]
             refs = [Image.open(self.store.refs_dir / f"{r}.png").convert("RGB") for r in s.get("refs", [])]
             kw = {k: s[k] for k in ("steps", "guidance", "negative_prompt") if s.get(k) is not None}
-            if pipe.variant.guidance_mode == "none" and getattr(pipe, "endpoint", None) is None:
-                kw.pop("guidance", None)
             if s.get("loras") or pipe.loras:
                 pipe.set_loras([(path, scale) for path, scale in s.get("loras", [])])
 
@@ -146,23 +140,22 @@ class Worker:
             return
         except Exception as e:  # a job's failure is recorded, never crashes the worker
             log.exception("job batch failed")
-            self._drop_previews(batch)
-            made = dict(getattr(e, "images", []))  # a hosted batch may fail part-way: keep whole jobs made
-            k = 0
-            for j in batch:
-                n = j.settings["num_images"]
-                if all(i in made for i in range(k, k + n)):
-                    self.store.finish(j.id, [_png(made[i]) for i in range(k, k + n)])
-                else:
-                    self.store.fail(j.id, str(e).splitlines()[0] if str(e) else type(e).__name__)
-                k += n
+            # a hosted batch may fail part-way: the jobs whose images were all made still finish
+            self._settle(batch, dict(getattr(e, "images", [])), str(e).splitlines()[0] if str(e) else type(e).__name__)
             return
+        self._settle(batch, dict(enumerate(images)), "")
+
+    def _settle(self, batch: list[Job], made: dict[int, Image.Image], error: str) -> None:
+        """Finish each job whose images (by index in the batch's call) are all in `made`; fail the others."""
+        self._drop_previews(batch)
         k = 0
         for j in batch:
-            n = j.settings["num_images"]
-            self.store.finish(j.id, [_png(im) for im in images[k : k + n]])
-            k += n
-        self._drop_previews(batch)
+            wanted = range(k, k + j.settings["num_images"])
+            if all(i in made for i in wanted):
+                self.store.finish(j.id, [_png(made[i]) for i in wanted])
+            else:
+                self.store.fail(j.id, error)
+            k += len(wanted)
 
     def _previews(self, pipe, batch: list[Job], x0, width: int, height: int) -> None:
         """The first image of each job, as the step's x0 estimate decoded (small JPEG); never fails a job."""
