@@ -156,9 +156,12 @@ class Phases:
 
 def run_ours(folder: Path, size: int, steps: int) -> dict:
     import torch
+    from transformers import AutoConfig, AutoTokenizer, Qwen3Model  # noqa: F401
 
     from flux2studio.loading import load
 
+    # Both sides start the clock with their libraries imported: `from diffusers import Flux2KleinPipeline`
+    # has imported transformers' Qwen3 and tokenizer modules before diffusers' clock starts.
     torch.manual_seed(0)
     ph = Phases()
     pipe = load("klein-4b", weights=folder, device="cpu", dtype="bf16")

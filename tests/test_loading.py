@@ -191,3 +191,39 @@ def test_pages_of_converted_tensors_are_given_back(tmp_path):
     dropped = drop_unused_pages(sd, module)
     assert 4 * 1024 * 1024 - 4096 <= dropped <= 4 * 1024 * 1024  # whole pages of fused_away only
     assert torch.equal(module.weight, original["kept"]) and torch.equal(sd["fused_away"], original["fused_away"])
+
+
+def test_text_encoder_built_from_mapped_files_equals_from_pretrained(klein_folder, tmp_path):
+    """Qwen3 is built on the meta device and given the mapped tensors of the layers the variant takes;
+    its embeddings are bit-identical to transformers' from_pretrained of the whole model."""
+    from transformers import AutoTokenizer, Qwen3Model
+
+    from flux2studio.loading import hf_text_encoder
+    from flux2studio.text_encoders import TextEncoder
+
+    _, folder = klein_folder
+    spec = load(weights=folder).variant.text_encoder
+    ours = hf_text_encoder(spec, folder / "text_encoder", folder / "tokenizer", "cpu", torch.float32)
+    full = Qwen3Model.from_pretrained(folder / "text_encoder", dtype=torch.float32)
+    reference = TextEncoder(spec, full, AutoTokenizer.from_pretrained(folder / "tokenizer"))
+    prompts = ["a red circle", "two blue squares on a black background"]
+    assert torch.equal(ours(prompts), reference(prompts))
+
+    broken = tmp_path / "text_encoder"
+    shutil.copytree(folder / "text_encoder", broken)
+    for f in broken.glob("*.safetensors"):
+        tensors = {k: v for k, v in read_safetensors(f).items() if k != "model.layers.0.mlp.up_proj.weight"}
+        f.unlink()
+        save_file(tensors, f)
+    with pytest.raises(ValueError, match=r"missing: layers\.0\.mlp\.up_proj\.weight"):
+        hf_text_encoder(spec, broken, folder / "tokenizer", "cpu", torch.float32)
+
+
+def test_next_part_is_read_ahead_without_being_loaded(klein_folder):
+    _, folder = klein_folder
+    pipe = load(weights=folder)
+    for name in ("transformer", "vae"):
+        part = pipe.parts[name]
+        assert part.files and all(f.suffix == ".safetensors" for f in part.files)
+        part.prefetch()  # a background read into the page cache; the part itself stays unloaded
+        assert not part.loaded

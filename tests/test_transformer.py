@@ -10,6 +10,7 @@ from diffusers.models.transformers.transformer_flux2 import (
 )
 
 from flux2studio.layouts.transformer import transformer_from_diffusers, transformer_to_diffusers
+from flux2studio.model import transformer as transformer_module
 from flux2studio.model.transformer import Flux2Transformer
 from flux2studio.sampling import image_ids, reference_ids, text_ids
 from flux2studio.variants import TransformerConfig
@@ -46,7 +47,9 @@ def _inputs(cfg, b=2, h=3, w=5, n_txt=7, seed=1):
 
 
 @pytest.mark.parametrize("guidance_embed", [True, False])
-def test_forward_matches_diffusers(guidance_embed):
+@pytest.mark.parametrize("token_chunk", [512, 4])  # 4: MLPs run in several token chunks (as at 1024x1024)
+def test_forward_matches_diffusers(guidance_embed, token_chunk, monkeypatch):
+    monkeypatch.setattr(transformer_module, "TOKEN_CHUNK", token_chunk)
     cfg = dataclasses.replace(TINY, guidance_embed=guidance_embed)
     ref, ours = _pair(cfg)
     img, img_ids, txt, txt_ids, t = _inputs(cfg)
@@ -62,7 +65,22 @@ def test_forward_matches_diffusers(guidance_embed):
             return_dict=False,
         )[0]
         got = ours(img, img_ids, txt, txt_ids, t, guidance)
-    assert (got - expected).abs().max().item() <= TOL
+    # GEMMs over 4-row chunks take other fp32 kernels (other summation order): relative 1e-6 measured
+    tol = TOL if token_chunk == 512 else TOL * expected.abs().max().item()
+    assert (got - expected).abs().max().item() <= tol
+
+
+def test_training_forward_equals_inference_forward(monkeypatch):
+    """With autograd on (training, LoRA adapters) blocks take the plain fused path: same numbers."""
+    monkeypatch.setattr(transformer_module, "TOKEN_CHUNK", 4)
+    _, ours = _pair(TINY)
+    img, img_ids, txt, txt_ids, t = _inputs(TINY)
+    guidance = torch.tensor([4.0, 2.5])
+    with torch.no_grad():
+        fast = ours(img, img_ids, txt, txt_ids, t, guidance)
+    plain = ours(img, img_ids, txt, txt_ids, t, guidance)
+    assert plain.requires_grad
+    assert (fast - plain.detach()).abs().max().item() <= TOL * plain.abs().max().item()
 
 
 def test_forward_with_references_matches_diffusers():

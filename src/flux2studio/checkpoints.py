@@ -69,7 +69,22 @@ def build(factory: Callable[[], nn.Module], sd: dict[str, Tensor], what: str, dt
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     module.load_state_dict(sd, strict=True, assign=True)
+    prefault(module)
     return module.eval()
+
+
+def prefault(module: nn.Module) -> None:
+    """Map every page of the module's memory-mapped weights now, with one strided read per tensor.
+
+    Left to the first forward pass, the page faults land inside the matrix multiplications, one small
+    range at a time: measured on klein-4b's transformer, the first step took ~3 s longer than the next,
+    while this read takes ~0.4 s. Embedding tables are skipped (a prompt reads a few of their rows).
+    """
+    skip = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.device.type == "cpu" and t.numel() and t.is_contiguous() and id(t) not in skip:
+                t.view(-1)[:: max(1, 4096 // t.element_size())].sum()
 
 
 def drop_file_pages(tensors: list[Tensor]) -> int:

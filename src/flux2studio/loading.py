@@ -103,10 +103,35 @@ def text_encoder_spec(base: TextEncoderSpec, folder: Path) -> TextEncoderSpec:
     return dataclasses.replace(base, kind=kind, hidden_size=hidden)
 
 
+def qwen3_stack(model_dir: Path, config, dtype: torch.dtype) -> torch.nn.Module:
+    """Qwen3's decoder stack with `config.num_hidden_layers` layers, built on the meta device and given the
+    memory-mapped tensors of the files (strict: every missing or mis-shaped key is named).
+
+    The same module transformers' `from_pretrained` makes, without its copy of every weight; the weights
+    of later layers and of the LM head are never read.
+    """
+    from transformers import Qwen3Model
+
+    raw = read_component(model_dir)
+    keep = {f"layers.{i}." for i in range(config.num_hidden_layers)}
+    sd = {}
+    for key, tensor in raw.items():
+        name = key.removeprefix("model.")
+        if name.startswith("layers."):
+            if name[: name.index(".", 7) + 1] not in keep:
+                continue  # a layer after the last one the variant takes
+        elif key.startswith("lm_head."):
+            continue
+        sd[name] = tensor
+    model = build(lambda: Qwen3Model._from_config(config, dtype=dtype), sd, "text encoder", dtype)
+    model.rotary_emb = type(model.rotary_emb)(config=model.config)  # its buffers are computed, not stored
+    return model
+
+
 def hf_text_encoder(spec: TextEncoderSpec, model_dir: Path, tokenizer_dir: Path, device: str, dtype: torch.dtype):
     """Load a Qwen3 / Mistral3 text encoder with only the layers the variant takes."""
     import transformers
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+    from transformers import AutoConfig
 
     last = max(spec.layers)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -116,17 +141,24 @@ def hf_text_encoder(spec: TextEncoderSpec, model_dir: Path, tokenizer_dir: Path,
     text_cfg.num_hidden_layers = last  # later layers are never read: do not even load them
     if getattr(text_cfg, "layer_types", None) is not None:
         text_cfg.layer_types = text_cfg.layer_types[:last]
-    cls = transformers.Mistral3ForConditionalGeneration if spec.kind == "mistral3" else transformers.Qwen3Model
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the skipped layers are reported as unused keys
-    try:
-        model = cls.from_pretrained(model_dir, config=config, dtype=dtype, local_files_only=True).to(device)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    if spec.kind == "qwen3":
+        model = qwen3_stack(model_dir, config, dtype).to(device)
+    else:
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # the skipped layers are reported as unused keys
+        try:
+            model = transformers.Mistral3ForConditionalGeneration.from_pretrained(
+                model_dir, config=config, dtype=dtype, local_files_only=True
+            ).to(device)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
     has_processor = (tokenizer_dir / "processor_config.json").is_file() or (
         tokenizer_dir / "preprocessor_config.json"
     ).is_file()
-    loader = AutoProcessor if has_processor else AutoTokenizer
+    if has_processor:  # Mistral's: imported only then (it pulls in transformers' image processing)
+        from transformers import AutoProcessor as loader
+    else:
+        from transformers import AutoTokenizer as loader
     tokenizer = loader.from_pretrained(tokenizer_dir, local_files_only=True)
     return TextEncoder(spec, model, tokenizer)
 
@@ -162,8 +194,8 @@ def load_diffusers_folder(
     files = sorted((folder / "transformer").glob("*.safetensors"))
     return Pipeline(
         variant,
-        Component(transformer, resident),
-        Component(vae, resident),
+        Component(transformer, resident, files),
+        Component(vae, resident, sorted((folder / "vae").glob("*.safetensors"))),
         Component(text, resident),
         device=device,
         dtype=dtype,
@@ -247,7 +279,7 @@ def load_single_file(
         tok = te_folder / "tokenizer" if (te_folder / "tokenizer").is_dir() else te_folder
         return hf_text_encoder(spec, te_folder, tok, device, dtype)
 
-    parts = (Component(transformer, resident), Component(vae, resident), Component(text, resident))
+    parts = (Component(transformer, resident, [path]), Component(vae, resident, [vae_file]), Component(text, resident))
     return Pipeline(variant, *parts, device=device, dtype=dtype, weights_hash=weights_hash([path]))
 
 

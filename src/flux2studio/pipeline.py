@@ -12,6 +12,8 @@ import contextlib
 import ctypes
 import gc
 import json
+import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,9 +140,15 @@ class Component(Generic[T]):
     prompts are encoded, then the transformer, then the VAE (FLUX2.md §8, users' first complaint).
     """
 
-    def __init__(self, load: Callable[[], T], resident: bool = False) -> None:
-        self._load, self.resident = load, resident
+    def __init__(self, load: Callable[[], T], resident: bool = False, files: Sequence[Path] = ()) -> None:
+        self._load, self.resident, self.files = load, resident, tuple(files)
         self._value: T | None = None
+
+    def prefetch(self) -> None:
+        """Start reading this part's weight files into the page cache in the background (while another
+        part computes), so that loading it later does not wait for the disk. Never blocks; no-op if loaded."""
+        if self._value is None and self.files and hasattr(os, "posix_fadvise"):
+            threading.Thread(target=_read_ahead, args=(self.files,), daemon=True, name="prefetch").start()
 
     @classmethod
     def of(cls, value: T | Component[T]) -> Component[T]:
@@ -165,6 +173,12 @@ class Component(Generic[T]):
             self._value = None
             gc.collect()
             _trim_heap()
+
+
+def _read_ahead(files: Sequence[Path]) -> None:
+    for path in files:
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
 
 
 def _trim_heap() -> None:
@@ -311,6 +325,7 @@ class Pipeline:
     def generate_latents(self, req: Request, callback: sampling.StepCallback | None = None) -> Tensor:
         """Run the flow for a validated request; returns normalised latents (B, 128, H/16, W/16)."""
         h, w = req.height // sampling.PIXELS_PER_TOKEN, req.width // sampling.PIXELS_PER_TOKEN
+        self.parts["transformer"].prefetch()  # read from disk while the text encoder computes
         txt = self.encode_prompts(req.prompts)
         negative = None
         if self.variant.guidance_mode == "cfg" and req.guidance > 1.0:
@@ -350,6 +365,7 @@ class Pipeline:
         if negative is not None:
             velocity = sampling.cfg_velocity(velocity, model(negative), req.guidance)
 
+        self.parts["vae"].prefetch()
         sigmas = sampling.schedule(req.steps, n_img).to(self.device)
         x = sampling.denoise(velocity, x, sigmas, callback)
         self.release("transformer")
