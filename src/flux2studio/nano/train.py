@@ -43,7 +43,7 @@ from ..train.common import (
     train_timesteps,
 )
 from ..variants import get_variant
-from .shapes import render, sample, sample_scene
+from .shapes import caption, render, sample_scene
 
 # Training resolutions (width, height) and how often each is drawn: mostly the 128x128 default, some
 # other aspect ratios so every supported preset has been seen.
@@ -116,9 +116,22 @@ OBJECT_WEIGHT = 10.0
 LATENT_NOISE = 0.1
 
 
-def caption_batch(rng: np.random.Generator, n: int, size: tuple[int, int]) -> tuple[Tensor, list[str]]:
-    pairs = [sample(rng, *size)[:2] for _ in range(n)]
-    return torch.cat([to_tensor(img) for img, _ in pairs]), [c for _, c in pairs]
+def caption_batch(rng: np.random.Generator, n: int, size: tuple[int, int]) -> tuple[Tensor, list[str], Tensor]:
+    """Images (n, 3, H, W), their captions, and object masks per latent token (n, H/16 * W/16).
+
+    A token is marked when any pixel of its 16x16 cell differs from the bare background.
+    """
+    images, captions, masks = [], [], []
+    for _ in range(n):
+        scene = sample_scene(rng)
+        text, _ = caption(scene, rng)
+        x = to_tensor(render(scene, *size))
+        bg = to_tensor(render(dataclasses.replace(scene, objects=()), *size))
+        cell = sampling.PIXELS_PER_TOKEN
+        masks.append(F.max_pool2d(((x - bg).abs().amax(1, keepdim=True) > 0.02).float(), cell).flatten(1))
+        images.append(x)
+        captions.append(text)
+    return torch.cat(images), captions, torch.cat(masks)
 
 
 # ----------------------------------------------------------------------------- stage: vae
@@ -205,14 +218,14 @@ class Frozen:
         return z, txt
 
 
-def batches(cfg: TrainConfig, frozen: Frozen, start: int) -> Iterator[tuple[int, Tensor, Tensor]]:
+def batches(cfg: TrainConfig, frozen: Frozen, start: int) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
         size = pick_bucket(rng)
-        images, captions = caption_batch(rng, cfg.batch, size)
+        images, captions, masks = caption_batch(rng, cfg.batch, size)
         captions = ["" if rng.random() < cfg.caption_dropout else c for c in captions]
         z, txt = frozen.encode(images, captions)
-        yield step, z, txt
+        yield step, z, txt, masks
 
 
 def resume(ckpt: Path, model: nn.Module, ema: Ema, opt: torch.optim.Optimizer, names: dict) -> int:
@@ -251,14 +264,18 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
     ema = Ema(model, cfg.ema)
     start = resume(out / "base.ckpt.safetensors", model, ema, opt, names) or int(cfg.extra.get("init_step", 0))
     shift = float(cfg.extra.get("shift", 6.0))
+    # Objects cover a few tokens of 64; weighting them makes the loss (and the gradient) about what the
+    # caption says rather than about the background, which is learnt early anyway.
+    object_weight = float(cfg.extra.get("object_weight", 1.0))
     t0 = time.time()
-    for step, z, txt in batches(cfg, frozen, start):
+    for step, z, txt, masks in batches(cfg, frozen, start):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         t = train_timesteps(g, z.shape[0], shift)
         noise = torch.randn(z.shape, generator=g)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        loss = flow_loss(model, z, txt, t, noise)
+        weight = 1 + (object_weight - 1) * masks if object_weight != 1 else None
+        loss = flow_loss(model, z, txt, t, noise, weight=weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -322,7 +339,7 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
     guidance = float(cfg.extra.get("guidance", get_variant("nano-base").guidance))
     substeps = int(cfg.extra.get("substeps", 6))
     plain = TrainConfig(**{**asdict(cfg), "caption_dropout": 0.0})
-    for step, z, txt in batches(plain, frozen, start):
+    for step, z, txt, _ in batches(plain, frozen, start):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
         h, w = z.shape[-2:]
         sigmas = sampling.schedule(student_steps, h * w)
