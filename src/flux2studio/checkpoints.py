@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -69,7 +69,6 @@ def build(factory: Callable[[], nn.Module], sd: dict[str, Tensor], what: str, dt
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     module.load_state_dict(sd, strict=True, assign=True)
-    prefault(module)
     return module.eval()
 
 
@@ -121,6 +120,31 @@ def drop_file_pages(tensors: list[Tensor]) -> int:
         if in_file and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0:  # MADV_DONTNEED
             dropped += hi - lo
     return dropped
+
+
+def stream_weights(blocks: Iterable[nn.Module]) -> list:
+    """Keep only the running block's file-backed weights in the process's memory (inference on CPU).
+
+    Before a block runs its pages are mapped in one strided read (`prefault`); after it ran they are
+    handed back (`drop_file_pages`). They stay in the OS page cache, so the next step maps them again
+    at memory speed (~0.05 s per GB here); if the machine is short of memory the OS may evict them and
+    they are read from disk again instead of the process being killed. Peak memory is then about one
+    block's weights, not the model's. Only unmodified pages of `.safetensors` mappings are dropped
+    (weights changed by a fused LoRA are new tensors, not file pages). Returns the hook handles.
+    """
+
+    def before(block: nn.Module, _args) -> None:
+        if not torch.is_grad_enabled():
+            prefault(block)
+
+    def after(block: nn.Module, _args, _out) -> None:
+        if not torch.is_grad_enabled():
+            drop_file_pages(list(block.parameters()))
+
+    handles = []
+    for block in blocks:
+        handles += [block.register_forward_pre_hook(before), block.register_forward_hook(after)]
+    return handles
 
 
 def drop_unused_pages(source: dict[str, Tensor], module: nn.Module) -> int:

@@ -15,11 +15,13 @@ from .checkpoints import (
     drop_unused_pages,
     is_diffusers_folder,
     is_fp8,
+    prefault,
     read_component,
     read_json,
     read_safetensors,
     read_shapes,
     resolve_snapshot,
+    stream_weights,
     strip_prefix,
     transformer_config_from_diffusers,
     transformer_config_from_keys,
@@ -103,6 +105,16 @@ def text_encoder_spec(base: TextEncoderSpec, folder: Path) -> TextEncoderSpec:
     return dataclasses.replace(base, kind=kind, hidden_size=hidden)
 
 
+def streamed(model: torch.nn.Module, blocks: list[torch.nn.Module], resident: bool):
+    """Resident: map every page of the weights now (`prefault`). Otherwise, on CPU, stream the blocks'
+    memory-mapped weights (`stream_weights`): inference then holds about one block's weights at a time."""
+    if resident or not blocks or next(model.parameters()).device.type != "cpu":
+        prefault(model)
+    else:
+        stream_weights(blocks)
+    return model
+
+
 def qwen3_stack(model_dir: Path, config, dtype: torch.dtype) -> torch.nn.Module:
     """Qwen3's decoder stack with `config.num_hidden_layers` layers, built on the meta device and given the
     memory-mapped tensors of the files (strict: every missing or mis-shaped key is named).
@@ -128,8 +140,11 @@ def qwen3_stack(model_dir: Path, config, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def hf_text_encoder(spec: TextEncoderSpec, model_dir: Path, tokenizer_dir: Path, device: str, dtype: torch.dtype):
-    """Load a Qwen3 / Mistral3 text encoder with only the layers the variant takes."""
+def hf_text_encoder(
+    spec: TextEncoderSpec, model_dir: Path, tokenizer_dir: Path, device: str, dtype: torch.dtype, resident: bool = True
+):
+    """Load a Qwen3 / Mistral3 text encoder with only the layers the variant takes (Qwen3's layers' weights
+    streamed unless `resident`)."""
     import transformers
     from transformers import AutoConfig
 
@@ -143,6 +158,7 @@ def hf_text_encoder(spec: TextEncoderSpec, model_dir: Path, tokenizer_dir: Path,
         text_cfg.layer_types = text_cfg.layer_types[:last]
     if spec.kind == "qwen3":
         model = qwen3_stack(model_dir, config, dtype).to(device)
+        streamed(model, model.layers, resident)
     else:
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # the skipped layers are reported as unused keys
@@ -180,16 +196,16 @@ def load_diffusers_folder(
         sd = transformer_from_diffusers(raw, copied=drop_file_pages)  # q, k, v freed as soon as fused
         model = build(lambda: Flux2Transformer(t_cfg), sd, f"{variant.id} transformer", dtype).to(device)
         drop_unused_pages(raw, model)  # anything else read but not kept (a dtype cast)
-        return model
+        return streamed(model, [*model.double_blocks, *model.single_blocks], resident)
 
     def vae() -> AutoEncoder:
         raw = read_component(folder / "vae")
         model = build(lambda: AutoEncoder(vae_cfg), vae_from_diffusers(raw, vae_cfg), "VAE", dtype).to(device)
         drop_unused_pages(raw, model)
-        return model
+        return streamed(model, [], True)
 
     def text() -> TextEncoder:
-        return hf_text_encoder(spec, folder / "text_encoder", folder / "tokenizer", device, dtype)
+        return hf_text_encoder(spec, folder / "text_encoder", folder / "tokenizer", device, dtype, resident)
 
     files = sorted((folder / "transformer").glob("*.safetensors"))
     return Pipeline(
@@ -265,7 +281,7 @@ def load_single_file(
             sd = transformer_from_diffusers(sd, copied=drop_file_pages)
         model = build(lambda: Flux2Transformer(t_cfg), sd, f"{variant.id} transformer", dtype).to(device)
         drop_unused_pages(raw, model)  # fp8 originals, unfused q, k, v: read once, not kept
-        return model
+        return streamed(model, [*model.double_blocks, *model.single_blocks], resident)
 
     def vae() -> AutoEncoder:
         sd = raw = read_safetensors(vae_file)
@@ -273,11 +289,11 @@ def load_single_file(
             sd = vae_from_diffusers(sd, vae_cfg)
         model = build(lambda: AutoEncoder(vae_cfg), sd, "VAE", dtype).to(device)
         drop_unused_pages(raw, model)
-        return model
+        return streamed(model, [], True)
 
     def text() -> TextEncoder:
         tok = te_folder / "tokenizer" if (te_folder / "tokenizer").is_dir() else te_folder
-        return hf_text_encoder(spec, te_folder, tok, device, dtype)
+        return hf_text_encoder(spec, te_folder, tok, device, dtype, resident)
 
     parts = (Component(transformer, resident, [path]), Component(vae, resident, [vae_file]), Component(text, resident))
     return Pipeline(variant, *parts, device=device, dtype=dtype, weights_hash=weights_hash([path]))
