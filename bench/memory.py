@@ -6,7 +6,7 @@ encoder, the real VAE; bf16), written once by this script (about 16 GB; a byte-l
 Qwen's chat format stands in for Qwen's, which only changes the token ids, not the work: prompts are
 padded to 512 tokens). Both sides generate one 512x512 image in 4 steps from the same prompt and seed.
 
-    python bench/memory.py [--folder DIR] [--size 512] [--steps 4] [--only ours|diffusers]
+    python bench/memory.py [--folder DIR] [--size 512] [--steps 4] [--only ours|diffusers] [--resident]
 
 Peak RSS is the process's high-water mark (VmHWM), reset before each phase to get per-phase peaks. The
 weight files are read once before each side runs, so both start with them in the page cache.
@@ -154,7 +154,7 @@ class Phases:
         reset_peak()
 
 
-def run_ours(folder: Path, size: int, steps: int) -> dict:
+def run_ours(folder: Path, size: int, steps: int, resident: bool = False) -> dict:
     import torch
     from transformers import AutoConfig, AutoTokenizer, Qwen3Model  # noqa: F401
 
@@ -164,7 +164,7 @@ def run_ours(folder: Path, size: int, steps: int) -> dict:
     # has imported transformers' Qwen3 and tokenizer modules before diffusers' clock starts.
     torch.manual_seed(0)
     ph = Phases()
-    pipe = load("klein-4b", weights=folder, device="cpu", dtype="bf16")
+    pipe = load("klein-4b", weights=folder, device="cpu", dtype="bf16", resident=resident)
     ph.mark("load")
     release = pipe.release
     names = {"text_encoder": "encode", "transformer": "denoise", "vae": "decode"}
@@ -254,14 +254,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--only", choices=["ours", "diffusers"])
+    parser.add_argument("--resident", action="store_true", help="ours with resident=True (no streaming)")
     parser.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-        fn = run_ours if args.child == "ours" else run_diffusers
-        print("RESULT " + json.dumps(fn(args.folder, args.size, args.steps)))
+        if args.child == "ours":
+            result = run_ours(args.folder, args.size, args.steps, args.resident)
+        else:
+            result = run_diffusers(args.folder, args.size, args.steps)
+        print("RESULT " + json.dumps(result))
         return
     if not (args.folder / ".complete").exists():
         print(f"writing random klein-4b-shaped weights to {args.folder} (once, ~16 GB)", flush=True)
@@ -270,7 +274,7 @@ def main() -> None:
     for impl in [args.only] if args.only else ["ours", "diffusers"]:
         warm_page_cache(args.folder)  # both sides start with the files in the page cache, as after a first run
         cmd = [sys.executable, __file__, "--child", impl, "--folder", str(args.folder), "--size", str(args.size),
-               "--steps", str(args.steps)]  # fmt: skip
+               "--steps", str(args.steps)] + (["--resident"] if args.resident else [])  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:
