@@ -300,12 +300,15 @@ NEGATION_JOINS = (", ", " and ", ", but ", " with ")
 ABSENT_COLOR_PHRASES = ("no {} shapes", "no {} objects", "nothing {}")
 
 
-def caption(scene: Scene, rng: np.random.Generator, mode: str = "random") -> tuple[str, Constraints]:
+def caption(
+    scene: Scene, rng: np.random.Generator, mode: str = "random", p_state: dict[str, float] | None = None
+) -> tuple[str, Constraints]:
     """A varied caption that is true of `scene`, and the constraints it states.
 
     mode: "plain" (objects, background, lighting), "relation" (also one or two "A left of B" clauses;
     needs two objects), "negation" (also "no red shapes" / "no triangles"), or "random" (either, both
     or neither). Captions over MAX_CAPTION_TOKENS or MAX_CAPTION_WORDS are redrawn stating less.
+    `p_state` overrides entries of P_STATE (how often each attribute is stated), e.g. for a curriculum.
     """
     if mode not in CAPTION_MODES:
         raise ValueError(f"caption mode {mode!r} is not one of {', '.join(CAPTION_MODES)}")
@@ -318,7 +321,7 @@ def caption(scene: Scene, rng: np.random.Generator, mode: str = "random") -> tup
     absent = _absent(scene, rng) if with_negation else []
     shrink = 1.0
     while True:
-        text, constraints = _compose(scene, relations, absent, rng, shrink)
+        text, constraints = _compose(scene, relations, absent, rng, shrink, p_state or {})
         if caption_tokens(text) <= MAX_CAPTION_TOKENS and len(text.split()) <= MAX_CAPTION_WORDS:
             return text, constraints
         shrink *= 0.7  # state less on the next try; with nothing stated, every caption fits
@@ -365,9 +368,10 @@ def _compose(
     absent: list[tuple[str, str]],
     rng: np.random.Generator,
     shrink: float,
+    p_state: dict[str, float],
 ) -> tuple[str, Constraints]:
     """Phrase the scene: relation clauses first, then the other objects grouped into counts."""
-    p = {k: v * shrink for k, v in P_STATE.items()}
+    p = {k: v * shrink for k, v in (P_STATE | p_state).items()}
     p_hex = P_HEX if shrink == 1.0 else 0.0
     coarse = _pick(rng, ("shape", "color", "count")) if rng.random() < P_COARSE else None
     specs = [_state(obj, rng, p, coarse) for obj in scene.objects]

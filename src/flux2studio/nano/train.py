@@ -116,7 +116,9 @@ OBJECT_WEIGHT = 10.0
 LATENT_NOISE = 0.1
 
 
-def caption_batch(rng: np.random.Generator, n: int, size: tuple[int, int]) -> tuple[Tensor, list[str], Tensor]:
+def caption_batch(
+    rng: np.random.Generator, n: int, size: tuple[int, int], p_state: dict[str, float] | None = None
+) -> tuple[Tensor, list[str], Tensor]:
     """Images (n, 3, H, W), their captions, and object masks per latent token (n, H/16 * W/16).
 
     A token is marked when any pixel of its 16x16 cell differs from the bare background.
@@ -124,7 +126,7 @@ def caption_batch(rng: np.random.Generator, n: int, size: tuple[int, int]) -> tu
     images, captions, masks = [], [], []
     for _ in range(n):
         scene = sample_scene(rng)
-        text, _ = caption(scene, rng)
+        text, _ = caption(scene, rng, p_state=p_state)
         x = to_tensor(render(scene, *size))
         bg = to_tensor(render(dataclasses.replace(scene, objects=()), *size))
         cell = sampling.PIXELS_PER_TOKEN
@@ -218,11 +220,16 @@ class Frozen:
         return z, txt
 
 
+def p_state(cfg: TrainConfig) -> dict[str, float]:
+    """How often captions state each attribute, from `--set p_cell=1` etc. (shapes.P_STATE otherwise)."""
+    return {k[2:]: float(v) for k, v in cfg.extra.items() if k.startswith("p_")}
+
+
 def batches(cfg: TrainConfig, frozen: Frozen, start: int) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
         size = pick_bucket(rng)
-        images, captions, masks = caption_batch(rng, cfg.batch, size)
+        images, captions, masks = caption_batch(rng, cfg.batch, size, p_state(cfg))
         captions = ["" if rng.random() < cfg.caption_dropout else c for c in captions]
         z, txt = frozen.encode(images, captions)
         yield step, z, txt, masks
