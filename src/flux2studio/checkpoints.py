@@ -95,11 +95,15 @@ def drop_file_pages(tensors: list[Tensor]) -> int:
     tensor, inside a `.safetensors` file mapping, are dropped: they are clean, so a later read would
     simply fault them in again from the file. Linux only; returns the bytes dropped.
     """
-    import ctypes
+    return _dont_need(file_pages(tensors))
+
+
+def file_pages(tensors: list[Tensor]) -> list[tuple[int, int]]:
+    """The whole pages (start, end) inside each CPU tensor that lies in a `.safetensors` file mapping."""
     import sys
 
     if not sys.platform.startswith("linux"):
-        return 0
+        return []
     maps = []
     with open("/proc/self/maps") as f:
         for line in f:
@@ -107,17 +111,27 @@ def drop_file_pages(tensors: list[Tensor]) -> int:
             if len(parts) == 6 and parts[5].strip().endswith(".safetensors"):
                 lo, hi = (int(v, 16) for v in parts[0].split("-"))
                 maps.append((lo, hi))
-    page = 4096
-    libc = ctypes.CDLL(None, use_errno=True)
-    dropped = 0
+    page, ranges = 4096, []
     for t in tensors:
         if t.device.type != "cpu":
             continue
         start = t.data_ptr()
         end = start + t.numel() * t.element_size()
         lo, hi = -(-start // page) * page, end // page * page
-        in_file = hi > lo and any(a <= start and end <= b for a, b in maps)
-        if in_file and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0:  # MADV_DONTNEED
+        if hi > lo and any(a <= start and end <= b for a, b in maps):
+            ranges.append((lo, hi))
+    return ranges
+
+
+def _dont_need(ranges: list[tuple[int, int]]) -> int:
+    import ctypes
+
+    if not ranges:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    dropped = 0
+    for lo, hi in ranges:
+        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0:  # MADV_DONTNEED
             dropped += hi - lo
     return dropped
 
@@ -126,23 +140,26 @@ def stream_weights(blocks: Iterable[nn.Module]) -> list:
     """Keep only the running block's file-backed weights in the process's memory (inference on CPU).
 
     Before a block runs its pages are mapped in one strided read (`prefault`); after it ran they are
-    handed back (`drop_file_pages`). They stay in the OS page cache, so the next step maps them again
+    handed back (MADV_DONTNEED). They stay in the OS page cache, so the next step maps them again
     at memory speed (~0.05 s per GB here); if the machine is short of memory the OS may evict them and
     they are read from disk again instead of the process being killed. Peak memory is then about one
-    block's weights, not the model's. Only unmodified pages of `.safetensors` mappings are dropped
-    (weights changed by a fused LoRA are new tensors, not file pages). Returns the hook handles.
+    block's weights, not the model's. Each block's file pages are found once, here: a LoRA fused later
+    puts its weights in new tensors, and the file pages it leaves are the clean originals (kept for an
+    exact unfuse, re-read from the file if needed). Returns the hook handles.
     """
 
     def before(block: nn.Module, _args) -> None:
         if not torch.is_grad_enabled():
             prefault(block)
 
-    def after(block: nn.Module, _args, _out) -> None:
-        if not torch.is_grad_enabled():
-            drop_file_pages(list(block.parameters()))
-
     handles = []
     for block in blocks:
+        pages = file_pages(list(block.parameters()))
+
+        def after(_block: nn.Module, _args, _out, pages=pages) -> None:
+            if not torch.is_grad_enabled():
+                _dont_need(pages)
+
         handles += [block.register_forward_pre_hook(before), block.register_forward_hook(after)]
     return handles
 

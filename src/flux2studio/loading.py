@@ -108,7 +108,7 @@ def text_encoder_spec(base: TextEncoderSpec, folder: Path) -> TextEncoderSpec:
 def streamed(model: torch.nn.Module, blocks: list[torch.nn.Module], resident: bool):
     """Resident: map every page of the weights now (`prefault`). Otherwise, on CPU, stream the blocks'
     memory-mapped weights (`stream_weights`): inference then holds about one block's weights at a time."""
-    if resident or not blocks or next(model.parameters()).device.type != "cpu":
+    if resident or next(model.parameters()).device.type != "cpu":
         prefault(model)
     else:
         stream_weights(blocks)
@@ -202,7 +202,8 @@ def load_diffusers_folder(
         raw = read_component(folder / "vae")
         model = build(lambda: AutoEncoder(vae_cfg), vae_from_diffusers(raw, vae_cfg), "VAE", dtype).to(device)
         drop_unused_pages(raw, model)
-        return streamed(model, [], True)
+        prefault(model)  # small, run whole: mapped at once rather than inside the convolutions
+        return model
 
     def text() -> TextEncoder:
         return hf_text_encoder(spec, folder / "text_encoder", folder / "tokenizer", device, dtype, resident)
@@ -289,7 +290,8 @@ def load_single_file(
             sd = vae_from_diffusers(sd, vae_cfg)
         model = build(lambda: AutoEncoder(vae_cfg), sd, "VAE", dtype).to(device)
         drop_unused_pages(raw, model)
-        return streamed(model, [], True)
+        prefault(model)  # small, run whole: mapped at once rather than inside the convolutions
+        return model
 
     def text() -> TextEncoder:
         tok = te_folder / "tokenizer" if (te_folder / "tokenizer").is_dir() else te_folder

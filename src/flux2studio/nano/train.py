@@ -106,10 +106,15 @@ def vae_batch(rng: np.random.Generator, n: int, size: tuple[int, int]) -> tuple[
     for _ in range(n):
         scene = sample_scene(rng)
         x = to_tensor(render(scene, *size))
-        bg = to_tensor(render(dataclasses.replace(scene, objects=()), *size))
         images.append(x)
-        weights.append(1 + (OBJECT_WEIGHT - 1) * ((x - bg).abs().amax(1, keepdim=True) > 0.02).float())
+        weights.append(1 + (OBJECT_WEIGHT - 1) * object_pixels(scene, x))
     return torch.cat(images), torch.cat(weights)
+
+
+def object_pixels(scene, image: Tensor) -> Tensor:
+    """(1, 1, H, W) 1.0 where the render `image` of `scene` differs from its bare background, else 0.0."""
+    bg = to_tensor(render(dataclasses.replace(scene, objects=()), image.shape[-1], image.shape[-2]))
+    return ((image - bg).abs().amax(1, keepdim=True) > 0.02).float()
 
 
 OBJECT_WEIGHT = 10.0
@@ -117,23 +122,26 @@ LATENT_NOISE = 0.1
 
 
 def caption_batch(
-    rng: np.random.Generator, n: int, size: tuple[int, int], p_state: dict[str, float] | None = None
-) -> tuple[Tensor, list[str], Tensor]:
-    """Images (n, 3, H, W), their captions, and object masks per latent token (n, H/16 * W/16).
+    rng: np.random.Generator,
+    n: int,
+    size: tuple[int, int],
+    p_state: dict[str, float] | None = None,
+    masks: bool = True,
+) -> tuple[Tensor, list[str], Tensor | None]:
+    """Images (n, 3, H, W), their captions, and (if `masks`) object masks per latent token (n, H/16 * W/16).
 
     A token is marked when any pixel of its 16x16 cell differs from the bare background.
     """
-    images, captions, masks = [], [], []
+    images, captions, marked = [], [], []
     for _ in range(n):
         scene = sample_scene(rng)
         text, _ = caption(scene, rng, p_state=p_state)
         x = to_tensor(render(scene, *size))
-        bg = to_tensor(render(dataclasses.replace(scene, objects=()), *size))
-        cell = sampling.PIXELS_PER_TOKEN
-        masks.append(F.max_pool2d(((x - bg).abs().amax(1, keepdim=True) > 0.02).float(), cell).flatten(1))
+        if masks:
+            marked.append(F.max_pool2d(object_pixels(scene, x), sampling.PIXELS_PER_TOKEN).flatten(1))
         images.append(x)
         captions.append(text)
-    return torch.cat(images), captions, torch.cat(masks)
+    return torch.cat(images), captions, torch.cat(marked) if masks else None
 
 
 # ----------------------------------------------------------------------------- stage: vae
@@ -225,14 +233,16 @@ def p_state(cfg: TrainConfig) -> dict[str, float]:
     return {k[2:]: float(v) for k, v in cfg.extra.items() if k.startswith("p_")}
 
 
-def batches(cfg: TrainConfig, frozen: Frozen, start: int) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+def batches(
+    cfg: TrainConfig, frozen: Frozen, start: int, masks: bool = False
+) -> Iterator[tuple[int, Tensor, Tensor, Tensor | None]]:
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
         size = pick_bucket(rng)
-        images, captions, masks = caption_batch(rng, cfg.batch, size, p_state(cfg))
+        images, captions, marked = caption_batch(rng, cfg.batch, size, p_state(cfg), masks)
         captions = ["" if rng.random() < cfg.caption_dropout else c for c in captions]
         z, txt = frozen.encode(images, captions)
-        yield step, z, txt, masks
+        yield step, z, txt, marked
 
 
 def resume(ckpt: Path, model: nn.Module, ema: Ema, opt: torch.optim.Optimizer, names: dict) -> int:
@@ -275,13 +285,13 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
     # caption says rather than about the background, which is learnt early anyway.
     object_weight = float(cfg.extra.get("object_weight", 1.0))
     t0 = time.time()
-    for step, z, txt, masks in batches(cfg, frozen, start):
+    for step, z, txt, masks in batches(cfg, frozen, start, masks=object_weight != 1):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         t = train_timesteps(g, z.shape[0], shift)
         noise = torch.randn(z.shape, generator=g)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        weight = 1 + (object_weight - 1) * masks if object_weight != 1 else None
+        weight = None if masks is None else 1 + (object_weight - 1) * masks
         loss = flow_loss(model, z, txt, t, noise, weight=weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
