@@ -1,11 +1,13 @@
 """The embedded model: ships inside the package, loads offline, follows prompts, checks its text encoder."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from flux2studio.checkpoints import EMBEDDED
@@ -76,3 +78,58 @@ def test_object_masks_mark_the_tokens_objects_cover_and_weigh_the_loss():
         objects_only = flow_loss(model, z, txt, t, noise, weight=masks)
     assert torch.allclose(plain, uniform, rtol=1e-5)  # a weighted mean: constant weights change nothing
     assert not torch.allclose(plain, objects_only)
+
+
+def test_curriculum_options_draw_fewer_objects_and_more_high_noise_levels():
+    import numpy as np
+
+    from flux2studio.images import to_pil
+    from flux2studio.nano.checker import analyze
+    from flux2studio.nano.shapes import caption, sample_scene
+    from flux2studio.nano.train import caption_batch, flow_timesteps
+
+    images, _, _ = caption_batch(np.random.default_rng(1), 12, (128, 128), None, False, max_objects=1)
+    assert [len(analyze(im).objects) for im in to_pil(images)] == [1] * 12
+
+    # p_state "coarse" overrides P_COARSE: with 1.0 every caption states one kind of attribute only
+    rng = np.random.default_rng(2)
+    coarse = [caption(sample_scene(rng, 1), rng, mode="plain", p_state={"coarse": 1.0})[1] for _ in range(20)]
+    assert all(not (o.shape and o.color) for c in coarse for o in c.objects)
+
+    plain = flow_timesteps(torch.Generator().manual_seed(0), 20_000, 2.5)
+    high = flow_timesteps(torch.Generator().manual_seed(0), 20_000, 2.5, high_t=0.5)
+    assert ((high >= 0) & (high <= 1)).all()
+    above = (plain > 0.9).float().mean().item(), (high > 0.9).float().mean().item()
+    assert 0.18 < above[0] < 0.26 and abs(above[1] - (0.5 + 0.5 * above[0])) < 0.02, above
+
+
+def test_training_stages_run_and_resume_exactly(tmp_path):
+    """vae -> base -> distill on a tiny budget; a base run stopped after step 2 and resumed ends with the same
+    weights as an uninterrupted one (data, noise and optimizer state are all restored from the checkpoint)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from flux2studio.checkpoints import EMBEDDED
+    from flux2studio.nano.train import TrainConfig, run
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    shutil.copy(EMBEDDED / "nano-vae.safetensors", a / "vae.safetensors")  # the VAE stage is tested below
+    shutil.copytree(a, b)
+    extra = {"shift": "2.5", "object_weight": "4", "high_t": "0.5", "objects": "2", "p_cell": "1"}
+    base = TrainConfig(stage="base", out=str(a), steps=3, batch=2, warmup=1, ckpt_every=100, extra=extra)
+    run(base)
+    run(dataclasses.replace(base, out=str(b), stop_after=2))
+    assert load_file(str(b / "base.ckpt.safetensors")) != {}  # stopped with a checkpoint
+    run(dataclasses.replace(base, out=str(b)))
+    one, two = load_file(str(a / "nano-base.safetensors")), load_file(str(b / "nano-base.safetensors"))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    steps = [json.loads(line)["step"] for line in (b / "train.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+    run(TrainConfig(stage="distill", out=str(a), steps=1, batch=2, warmup=1, extra={"substeps": "2"}))
+    assert (a / "nano.safetensors").exists()
+    run(TrainConfig(stage="vae", out=str(tmp_path / "vae"), steps=1, batch=2, warmup=1, extra={"stats_images": "64"}))
+    vae = load_file(str(tmp_path / "vae" / "vae.safetensors"))
+    assert vae["bn.running_var"].min() > 0  # latent statistics measured on fresh renders
