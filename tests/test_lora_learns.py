@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from flux2studio.loading import load
+from flux2studio.nano.checker import analyze
 from flux2studio.nano.shapes import RGB, render, sample_scene
 from flux2studio.train.lora import LoraTrainConfig, train_lora
 
@@ -32,15 +33,9 @@ def teal_scene_image(rng) -> tuple[Image.Image, str]:
 
 
 def dominant_object_colour(image: Image.Image) -> str:
-    """Nearest named colour (palette + teal) to the median of the pixels that differ from the border."""
-    a = np.asarray(image.convert("RGB"), dtype=np.float64)
-    border = np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0)
-    mask = np.abs(a - border).sum(-1) > 90
-    if mask.sum() < 20:
-        return "none"
-    median = np.median(a[mask], axis=0)
-    names = {**RGB, "teal": TEAL}
-    return min(names, key=lambda n: np.abs(median - np.array(names[n])).sum())
+    """The colour the project's checker gives the largest object, teal added to its palette; "none" if none."""
+    objects = analyze(image, extra_colors={"teal": TEAL}).objects
+    return objects[0].color if objects else "none"
 
 
 @pytest.mark.slow

@@ -257,3 +257,17 @@ def test_eval_prompts_are_fixed_complete_and_satisfiable():
         assert caption_tokens(p.text) <= MAX_CAPTION_TOKENS, p.text
         s = check(render(p.scene), p.constraints)
         assert s.correct, (p.text, s)
+
+
+def test_checker_tells_an_extra_colour_from_the_palette(monkeypatch):
+    """For LoRA concepts: a teal object (not a world colour) is "teal" once teal is in the checker's palette."""
+    import flux2studio.nano.shapes as shapes
+
+    teal = (70, 153, 144)
+    scene = Scene("white", "none", (shapes.Obj("circle", "cyan", "large", "center", 0.5, 0.5),))
+    monkeypatch.setitem(shapes.RGB, "cyan", teal)  # the renderer draws "cyan" in teal
+    image = render(scene, 128, 128)
+    monkeypatch.undo()
+    assert analyze(image, extra_colors={"teal": teal}).objects[0].color == "teal"
+    assert all(o.color in COLORS for o in analyze(image).objects)  # without it: a world colour, or nothing
+    assert analyze(render(scene, 128, 128), extra_colors={"teal": teal}).objects[0].color == "cyan"

@@ -89,24 +89,33 @@ def check(image: Image.Image, constraints: Constraints) -> Score:
 # Image -> Analysis
 
 
-def analyze(image: Image.Image) -> Analysis:
-    """Background, lighting and the objects of a Shapes image of any size."""
+def analyze(image: Image.Image, extra_colors: dict[str, tuple[int, int, int]] | None = None) -> Analysis:
+    """Background, lighting and the objects of a Shapes image of any size.
+
+    `extra_colors` (name -> sRGB) adds colours outside the world's palette, for concepts a LoRA teaches
+    (a "teal" object is then told apart from cyan and green instead of being called the nearest of them).
+    """
     rgb = np.asarray(image.convert("RGB"), dtype=np.float64)  # (H, W, 3)
     height, width = rgb.shape[:2]
-    label, alpha = _unmix(rgb)  # (H, W) palette index, (H, W) its share of the pixel
+    names, chroma = _NAMES, _CHROMA
+    if extra_colors:
+        extra = np.array(list(extra_colors.values()), dtype=np.float32)
+        names = _NAMES + tuple(extra_colors)
+        chroma = np.concatenate([_CHROMA, extra - (extra @ _GREY)[:, None] * _GREY])
+    label, alpha = _unmix(rgb, chroma)  # (H, W) palette index, (H, W) its share of the pixel
     brightness = rgb.mean(axis=2)  # (H, W)
     grey = alpha < BACKGROUND_ALPHA
     background = _background(brightness, grey)
     lighting = _lighting(brightness, grey)
-    objects = _objects(label, alpha, width, height)
+    objects = _objects(label, alpha, width, height, names)
     return Analysis(background, lighting, objects)
 
 
-def _unmix(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _unmix(rgb: np.ndarray, palette_chroma: np.ndarray = _CHROMA) -> tuple[np.ndarray, np.ndarray]:
     """Per pixel: the palette colour whose chroma best explains it, and how much of it there is."""
     pixels = rgb.reshape(-1, 3).astype(np.float32)  # (N, 3); float32 halves the memory traffic
     chroma = pixels - (pixels @ _GREY)[:, None] * _GREY  # (N, 3)
-    dots, norms = chroma @ _CHROMA.T, (_CHROMA**2).sum(axis=1)  # (N, 8), (8,)
+    dots, norms = chroma @ palette_chroma.T, (palette_chroma**2).sum(axis=1)  # (N, K), (K,)
     alpha = np.clip(dots / norms, 0, None)  # (N, 8) least-squares share of each colour, never negative
     residual = (chroma**2).sum(axis=1, keepdims=True) - 2 * alpha * dots + alpha**2 * norms  # |chroma - a c|^2
     best = residual.argmin(axis=1)  # (N,)
@@ -145,7 +154,9 @@ def _lighting(brightness: np.ndarray, grey: np.ndarray) -> str:
     return best
 
 
-def _objects(label: np.ndarray, alpha: np.ndarray, width: int, height: int) -> tuple[Detected, ...]:
+def _objects(
+    label: np.ndarray, alpha: np.ndarray, width: int, height: int, names: tuple[str, ...] = _NAMES
+) -> tuple[Detected, ...]:
     """Connected components of each colour, specks dropped, classified; largest first.
 
     Components come from the thresholded mask, but their measures are soft: each pixel counts with its
@@ -181,7 +192,7 @@ def _objects(label: np.ndarray, alpha: np.ndarray, width: int, height: int) -> t
         x, y = (np.arange(c0, c1) + 0.5) @ w.sum(axis=0) / area / width, my / height
         cell = CELLS[3 * min(int(3 * y), 2) + min(int(3 * x), 2)]
         found.append(
-            Detected(shape, _NAMES[color], size, cell, float(x), float(y), float(area), float(fill), float(skew))
+            Detected(shape, names[color], size, cell, float(x), float(y), float(area), float(fill), float(skew))
         )
     return tuple(sorted(found, key=lambda d: -d.area))
 
