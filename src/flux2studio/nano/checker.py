@@ -116,7 +116,7 @@ def _unmix(rgb: np.ndarray, palette_chroma: np.ndarray = _CHROMA) -> tuple[np.nd
     pixels = rgb.reshape(-1, 3).astype(np.float32)  # (N, 3); float32 halves the memory traffic
     chroma = pixels - (pixels @ _GREY)[:, None] * _GREY  # (N, 3)
     dots, norms = chroma @ palette_chroma.T, (palette_chroma**2).sum(axis=1)  # (N, K), (K,)
-    alpha = np.clip(dots / norms, 0, None)  # (N, 8) least-squares share of each colour, never negative
+    alpha = np.clip(dots / norms, 0, None)  # (N, K) least-squares share of each colour, never negative
     residual = (chroma**2).sum(axis=1, keepdims=True) - 2 * alpha * dots + alpha**2 * norms  # |chroma - a c|^2
     best = residual.argmin(axis=1)  # (N,)
     shape = rgb.shape[:2]

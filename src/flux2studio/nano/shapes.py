@@ -372,7 +372,7 @@ def _compose(
     p_state: dict[str, float],
 ) -> tuple[str, Constraints]:
     """Phrase the scene: relation clauses first, then the other objects grouped into counts."""
-    p = {k: v * shrink for k, v in (P_STATE | p_state).items()}
+    p = {k: p_state.get(k, v) * shrink for k, v in P_STATE.items()}  # p_state's "coarse" is read below
     p_hex = P_HEX if shrink == 1.0 else 0.0
     coarse = _pick(rng, ("shape", "color", "count")) if rng.random() < p_state.get("coarse", P_COARSE) else None
     specs = [_state(obj, rng, p, coarse) for obj in scene.objects]

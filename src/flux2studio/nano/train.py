@@ -245,11 +245,12 @@ def p_state(cfg: TrainConfig) -> dict[str, float]:
 def batches(
     cfg: TrainConfig, frozen: Frozen, start: int, masks: bool = False
 ) -> Iterator[tuple[int, Tensor, Tensor, Tensor | None]]:
+    stated = p_state(cfg)
+    max_objects = int(cfg.extra["objects"]) if "objects" in cfg.extra else None
     for step in range(start, cfg.end):
         rng = np.random.default_rng([cfg.seed, step])
         size = pick_bucket(rng)
-        max_objects = int(cfg.extra["objects"]) if "objects" in cfg.extra else None
-        images, captions, marked = caption_batch(rng, cfg.batch, size, p_state(cfg), masks, max_objects)
+        images, captions, marked = caption_batch(rng, cfg.batch, size, stated, masks, max_objects)
         captions = ["" if rng.random() < cfg.caption_dropout else c for c in captions]
         z, txt = frozen.encode(images, captions)
         yield step, z, txt, marked
@@ -263,7 +264,7 @@ def flow_timesteps(g: torch.Generator, n: int, shift: float, high_t: float = 0.0
     about 10x the background's), so below that the model finds the object in x_t and never needs the
     caption to place it. Only near pure noise does the text alone decide where things go; with the
     shifted uniform alone (~16% of samples above 0.93) nano-base learnt colours but ignored every
-    position word (README, "Why the quality was low").
+    position word (README, "Why nano ignored position words, and the fix").
     """
     t = train_timesteps(g, n, shift)
     if high_t:
