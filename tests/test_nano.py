@@ -96,6 +96,11 @@ def test_curriculum_options_draw_fewer_objects_and_more_high_noise_levels():
     coarse = [caption(sample_scene(rng, 1), rng, mode="plain", p_state={"coarse": 1.0})[1] for _ in range(20)]
     assert all(not (o.shape and o.color) for c in coarse for o in c.objects)
 
+    from flux2studio.nano.train import TrainConfig, p_state
+
+    with pytest.raises(ValueError, match="unknown option p_colr: one of p_color"):
+        p_state(TrainConfig(stage="base", extra={"p_colr": "1"}))  # a typo is named, not silently ignored
+
     plain = flow_timesteps(torch.Generator().manual_seed(0), 20_000, 2.5)
     high = flow_timesteps(torch.Generator().manual_seed(0), 20_000, 2.5, high_t=0.5)
     assert ((high >= 0) & (high <= 1)).all()

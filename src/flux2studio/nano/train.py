@@ -43,7 +43,7 @@ from ..train.common import (
     train_timesteps,
 )
 from ..variants import get_variant
-from .shapes import caption, render, sample_scene
+from .shapes import P_STATE, caption, render, sample_scene
 
 # Training resolutions (width, height) and how often each is drawn: mostly the 128x128 default, some
 # other aspect ratios so every supported preset has been seen.
@@ -239,7 +239,11 @@ class Frozen:
 def p_state(cfg: TrainConfig) -> dict[str, float]:
     """How often captions state each attribute, from `--set p_cell=1` etc. (shapes.P_STATE otherwise);
     `p_coarse` is how often a caption states one kind of attribute only (shapes.P_COARSE otherwise)."""
-    return {k[2:]: float(v) for k, v in cfg.extra.items() if k.startswith("p_")}
+    stated = {k[2:]: float(v) for k, v in cfg.extra.items() if k.startswith("p_")}
+    if unknown := set(stated) - {*P_STATE, "coarse"}:
+        allowed = ", ".join(f"p_{k}" for k in (*P_STATE, "coarse"))
+        raise ValueError(f"unknown option {', '.join(f'p_{k}' for k in sorted(unknown))}: one of {allowed}")
+    return stated
 
 
 def batches(
