@@ -106,6 +106,10 @@ def test_curriculum_options_draw_fewer_objects_and_more_high_noise_levels():
     assert ((high >= 0) & (high <= 1)).all()
     above = (plain > 0.9).float().mean().item(), (high > 0.9).float().mean().item()
     assert 0.18 < above[0] < 0.26 and abs(above[1] - (0.5 + 0.5 * above[0])) < 0.02, above
+    both = flow_timesteps(torch.Generator().manual_seed(0), 20_000, 2.5, high_t=0.5, mid_t=0.4)
+    in_mid = lambda t: ((t >= 0.6) & (t <= 0.95)).float().mean().item()  # noqa: E731
+    assert abs(in_mid(both) - (0.4 + 0.6 * in_mid(high))) < 0.02, (in_mid(both), in_mid(high))
+    assert torch.equal(flow_timesteps(torch.Generator().manual_seed(0), 20_000, 2.5, 0.5, 0.0), high)
 
 
 def test_training_stages_run_and_resume_exactly(tmp_path):
