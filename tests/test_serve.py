@@ -12,9 +12,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from safetensors.torch import save_file
 
 from flux2studio.loading import load
 from flux2studio.serve.app import create_app
@@ -72,6 +75,42 @@ def test_limits_are_checked_before_queueing(client):
         r = client.post("/v1/jobs", json=base | change)
         assert r.status_code == 422 and message in r.json()["detail"], (change, r.text)
     assert client.get("/health").json()["queued"] == 0
+
+
+def test_loras_from_the_lora_dir(klein_folder, tmp_path):
+    """A job names LoRAs in --lora-dir with a scale: the image equals the Python API's with the same LoRA,
+    the next job without it is the plain image again, and bad names or scales are refused before queueing."""
+    _, folder = klein_folder
+    pipe = _loader(folder)("klein-4b")
+    qkv = pipe.transformer.double_blocks[0].img_attn.qkv
+    g = torch.Generator().manual_seed(0)
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    key = "diffusion_model.double_blocks.0.img_attn.qkv"
+    save_file({f"{key}.lora_A.weight": torch.randn(4, qkv.in_features, generator=g),
+               f"{key}.lora_B.weight": torch.randn(qkv.out_features, 4, generator=g)},
+              str(lora_dir / "style.safetensors"))  # fmt: skip
+    plain = np.asarray(pipe("a red circle", seed=3, size=(64, 64), steps=2)[0])
+    pipe.set_loras([(str(lora_dir / "style.safetensors"), 0.5)])
+    styled = np.asarray(pipe("a red circle", seed=3, size=(64, 64), steps=2)[0])
+    assert not np.array_equal(plain, styled)
+
+    app = create_app(tmp_path / "data", _loader(folder), models=["klein-4b"], lora_dir=lora_dir)
+    base = {"model": "klein-4b", "prompt": "a red circle", "width": 64, "height": 64, "steps": 2, "seed": 3}
+    with TestClient(app) as client:
+        ids = [client.post("/v1/jobs", json=base | extra).json()["id"] for extra in ({"loras": [["style", 0.5]]}, {})]
+        jobs = [_wait(client, i) for i in ids]
+        images = [Image.open(io.BytesIO(client.get(job["images"][0]).content)) for job in jobs]
+        assert np.array_equal(np.asarray(images[0]), styled) and np.array_equal(np.asarray(images[1]), plain)
+        assert [(lo["file"], lo["scale"]) for lo in json.loads(images[0].info["flux2"])["loras"]] == [
+            ("style.safetensors", 0.5)
+        ]
+        for loras, message in (([["../loras/style", 1.0]], "unknown LoRA '../loras/style'"),
+                               ([["nope", 1.0]], "unknown LoRA 'nope'"),
+                               ([["style", 20.0]], "LoRA 'style' scale 20.0 is out of range -8..8"),
+                               ([["style", 1.0]] * 5, "5 LoRAs; at most 4")):  # fmt: skip
+            r = client.post("/v1/jobs", json=base | {"loras": loras})
+            assert r.status_code == 422 and message in r.json()["detail"], (loras, r.text)
 
 
 def test_queue_is_bounded(klein_folder, tmp_path):

@@ -138,6 +138,9 @@ def create_app(
             path = Path(lora_dir or "/nonexistent") / f"{name}.safetensors"
             if not (name.replace("-", "").replace("_", "").isalnum() and path.is_file()):
                 raise HTTPException(422, f"unknown LoRA {name!r}")
+            if not abs(scale) <= limits.max_lora_scale:  # also refuses NaN
+                raise HTTPException(422, f"LoRA {name!r} scale {scale} is out of range "
+                                         f"-{limits.max_lora_scale:g}..{limits.max_lora_scale:g}")  # fmt: skip
             loras.append((str(path), float(scale)))
         if req.model in remote:  # progress of a hosted job counts its images, not steps
             steps, guidance = hosted_rules(req, width, height, loras)

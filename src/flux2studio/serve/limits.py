@@ -17,6 +17,7 @@ class Limits:
     max_upload_bytes: int = 20 * 2**20  # per reference image
     max_upload_pixels: int = 4096 * 4096  # decoded size: a small file can decode to a huge bitmap
     max_loras: int = 4
+    max_lora_scale: float = 8.0  # |scale| of each LoRA; larger only ever gives noise
 
 
 DEFAULT_LIMITS = Limits()
