@@ -1,11 +1,15 @@
 """LoRA training on a Base model (tiny klein-base folder): runs, resumes, saves layouts diffusers loads."""
 
 import dataclasses
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from flux2studio.loading import load
 from flux2studio.lora import load_lora
@@ -72,6 +76,23 @@ def test_resume_and_edit_mode(klein_folder, dataset, tmp_path):
     assert [r["step"] for r in rows] == [4, 5]  # resumed after step 3
 
 
+def test_edit_batches_keep_reference_sizes_apart(klein_folder, tmp_path):
+    """Edit mode, batches of two: targets of one bucket whose references differ in size never share a batch
+    (their reference tokens could not be stacked)."""
+    _, folder = klein_folder
+    data = tmp_path / "edit"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for i, (w, h) in enumerate([(64, 64), (96, 64)]):  # the references' sizes
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text(f"edit number {i}")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(data / f"img{i}.ref.png")
+    rows = []
+    cfg = dataclasses.replace(_cfg(data, tmp_path, mode="edit"), batch=2, steps=4)
+    train_lora(load("klein-base-4b", weights=folder, device="cpu", dtype="fp32"), cfg, rows.append)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
+
+
 def test_bad_data_is_named(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     with pytest.raises(ValueError, match=r"has no caption file a\.txt"):
@@ -84,3 +105,41 @@ def test_distilled_models_are_refused(klein_folder, dataset, tmp_path):
     _, folder = klein_folder
     with pytest.raises(ValueError, match="train LoRAs on a Base variant"):
         train_lora(load("klein-4b", weights=folder, device="cpu", dtype="fp32"), _cfg(dataset, tmp_path), print)
+
+
+def test_grad_checkpointing_trains_the_same_lora(klein_folder, dataset, tmp_path):
+    """Recomputing block activations in backward saves memory and changes nothing: the same LoRA comes out
+    (also a check that the seed fixes the LoRA's initial factors, which PEFT draws from torch's generator)."""
+    _, folder = klein_folder
+    files = []
+    for gc in (False, True):
+        pipe = load("klein-base-4b", weights=folder, device="cpu", dtype="fp32")
+        cfg = dataclasses.replace(_cfg(dataset, tmp_path / str(gc), grad_checkpointing=gc), batch=2)
+        files.append(load_file(str(train_lora(pipe, cfg, lambda r: None))))
+    assert files[0].keys() == files[1].keys()
+    assert all(torch.equal(files[0][k], files[1][k]) for k in files[0])  # bit for bit (same seed, same data)
+
+
+def test_cli_trains_from_a_jsonl_with_samples(klein_folder, dataset, tmp_path):
+    """`flux2 train lora` end to end: a .jsonl data set, batches of two in aspect buckets, gradient
+    checkpointing, a sample image every 2 steps (the text encoder and VAE come back for it), progress with
+    the loss, and a LoRA file that loads."""
+    _, folder = klein_folder
+    rows = [{"image": f"img{i}.png", "caption": f"a pattern number {i}"} for i in range(3)]
+    (dataset / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "flux2studio.cli", "train", "lora", dataset / "data.jsonl",
+                          "--model", "klein-base-4b", "--weights", folder, "--dtype", "fp32", "--device", "cpu",
+                          "--rank", "4", "--alpha", "4", "--lr", "1e-2", "--steps", "4", "--batch", "2",
+                          "--resolution", "64", "--grad-checkpointing", "--sample-every", "2",
+                          "--sample-prompt", "a pattern", "--out", out],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith(f"{out / 'lora.safetensors'}  rank 4  4 steps")
+    assert "loss=" in run.stderr and "4/4" in run.stderr  # the progress bar
+    samples = sorted(p.name for p in out.glob("sample-*.png"))
+    assert samples == ["sample-00002-0.png", "sample-00004-0.png"]
+    with Image.open(out / "sample-00004-0.png") as im:
+        assert im.size[0] % 16 == 0 and im.size[1] % 16 == 0
+    pipe = load("klein-base-4b", weights=folder, device="cpu", dtype="fp32", resident=True)
+    assert load_lora(out / "lora.safetensors", pipe.transformer).format == "diffusers"

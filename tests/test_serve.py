@@ -78,32 +78,35 @@ def test_limits_are_checked_before_queueing(client):
 
 
 def test_loras_from_the_lora_dir(klein_folder, tmp_path):
-    """A job names LoRAs in --lora-dir with a scale: the image equals the Python API's with the same LoRA,
-    the next job without it is the plain image again, and bad names or scales are refused before queueing."""
+    """A job names LoRAs in --lora-dir with a scale each: the image equals the Python API's with the same two
+    LoRAs, the next job without them is the plain image again, and bad names or scales are refused before
+    queueing."""
     _, folder = klein_folder
     pipe = _loader(folder)("klein-4b")
-    qkv = pipe.transformer.double_blocks[0].img_attn.qkv
     g = torch.Generator().manual_seed(0)
     lora_dir = tmp_path / "loras"
     lora_dir.mkdir()
-    key = "diffusion_model.double_blocks.0.img_attn.qkv"
-    save_file({f"{key}.lora_A.weight": torch.randn(4, qkv.in_features, generator=g),
-               f"{key}.lora_B.weight": torch.randn(qkv.out_features, 4, generator=g)},
-              str(lora_dir / "style.safetensors"))  # fmt: skip
+    for name, layer in (("style", "double_blocks.0.img_attn.qkv"), ("face", "single_blocks.0.linear1")):
+        linear = pipe.transformer.get_submodule(layer)
+        save_file({f"diffusion_model.{layer}.lora_A.weight": torch.randn(4, linear.in_features, generator=g),
+                   f"diffusion_model.{layer}.lora_B.weight": torch.randn(linear.out_features, 4, generator=g)},
+                  str(lora_dir / f"{name}.safetensors"))  # fmt: skip
     plain = np.asarray(pipe("a red circle", seed=3, size=(64, 64), steps=2)[0])
-    pipe.set_loras([(str(lora_dir / "style.safetensors"), 0.5)])
+    pipe.set_loras([(str(lora_dir / "style.safetensors"), 0.5), (str(lora_dir / "face.safetensors"), -1.0)])
     styled = np.asarray(pipe("a red circle", seed=3, size=(64, 64), steps=2)[0])
     assert not np.array_equal(plain, styled)
 
     app = create_app(tmp_path / "data", _loader(folder), models=["klein-4b"], lora_dir=lora_dir)
     base = {"model": "klein-4b", "prompt": "a red circle", "width": 64, "height": 64, "steps": 2, "seed": 3}
     with TestClient(app) as client:
-        ids = [client.post("/v1/jobs", json=base | extra).json()["id"] for extra in ({"loras": [["style", 0.5]]}, {})]
+        two = {"loras": [["style", 0.5], ["face", -1.0]]}
+        ids = [client.post("/v1/jobs", json=base | extra).json()["id"] for extra in (two, {})]
         jobs = [_wait(client, i) for i in ids]
         images = [Image.open(io.BytesIO(client.get(job["images"][0]).content)) for job in jobs]
         assert np.array_equal(np.asarray(images[0]), styled) and np.array_equal(np.asarray(images[1]), plain)
         assert [(lo["file"], lo["scale"]) for lo in json.loads(images[0].info["flux2"])["loras"]] == [
-            ("style.safetensors", 0.5)
+            ("style.safetensors", 0.5),
+            ("face.safetensors", -1.0),
         ]
         for loras, message in (([["../loras/style", 1.0]], "unknown LoRA '../loras/style'"),
                                ([["nope", 1.0]], "unknown LoRA 'nope'"),

@@ -5,6 +5,7 @@ Formats are told apart by their keys, never by the file name:
   BFL names, ai-toolkit, fal      diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight (or lora_down/up)
   kohya / musubi-tuner            lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight + .alpha
   LyCORIS LoKr (any naming above) ....lokr_w1 / lokr_w2 (or their _a/_b factors) + .alpha
+  LyCORIS names (SimpleTuner)     lycoris_transformer_blocks_0_attn_to_q.lokr_w1 (diffusers or BFL module path)
 Every file becomes a list of `Delta`s on OUR module names (the BFL layout); diffusers' separate q, k, v
 become one block-diagonal delta on the fused qkv. A key that maps to no module is an error naming it.
 """
@@ -26,6 +27,7 @@ from .layouts.transformer import TRANSFORMER_DIFFUSERS
 
 OUTER_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
 KOHYA_PREFIX = "lora_unet_"
+LYCORIS_PREFIX = "lycoris_"  # LyCORIS wraps a model and writes each module path with underscores
 PARAM = re.compile(
     r"^(?P<module>.+?)\.(?P<param>lora_[AB](?:\.default)?\.weight|lora_(?:down|up)\.weight|alpha|"
     r"lokr_w[12](?:_[ab])?|dora_scale|diff|diff_b|hada_\w+)$"
@@ -112,6 +114,8 @@ def parse_lora(sd: dict[str, Tensor], metadata: dict[str, str], model: nn.Module
     linears = _linears(model)
     kohya = {KOHYA_PREFIX + name.replace(".", "_"): name for name in linears}
     diffusers = _diffusers_names(model)
+    # module paths with "." written as "_": ours (BFL names) and diffusers' (decoded through `diffusers`)
+    lycoris = {LYCORIS_PREFIX + name.replace(".", "_"): name for name in [*linears, *diffusers]}
     peft_alpha, alpha_pattern = _peft_alpha(metadata)
 
     groups: dict[str, dict[str, Tensor]] = {}
@@ -137,6 +141,10 @@ def parse_lora(sd: dict[str, Tensor], metadata: dict[str, str], model: nn.Module
             target, part, n, swap, fmt = kohya[name], 0, 1, False, "kohya"
         elif name in diffusers:
             (target, part, n, swap), fmt = diffusers[name], "diffusers"
+        elif name in lycoris and lycoris[name] in linears:
+            target, part, n, swap, fmt = lycoris[name], 0, 1, False, "lycoris"
+        elif name in lycoris:
+            (target, part, n, swap), fmt = diffusers[lycoris[name]], "lycoris"
         else:
             unknown += [f"{name}.{p}" for p in g]
             continue

@@ -136,6 +136,11 @@ def precompute(pipe: Pipeline, samples: list[Sample], cfg: LoraTrainConfig) -> l
     return [{**it, "txt": embeds[it["caption"]], "empty": embeds[""]} for it in items]
 
 
+def _bucket(item: dict) -> tuple:
+    """Samples batch together when their target sizes match and, in edit mode, their references' too."""
+    return item["size"], tuple(item["ref"].shape) if "ref" in item else None
+
+
 def lora_config(cfg: LoraTrainConfig, model: nn.Module):
     from peft import LoraConfig
 
@@ -213,7 +218,9 @@ def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]
     pipe.parts["transformer"].resident = True  # the LoRA lives in this object: never reload it mid-training
     model = pipe.transformer
     model.requires_grad_(False)
-    model = inject_adapter_in_model(lora_config(cfg, model), model)
+    with torch.random.fork_rng():  # PEFT draws lora_A from the global generator: seed it, leave it as it was
+        torch.manual_seed(cfg.seed)
+        model = inject_adapter_in_model(lora_config(cfg, model), model)
     model.train()
     model.grad_checkpointing = cfg.grad_checkpointing
     params = [p for n, p in model.named_parameters() if "lora_" in n]
@@ -236,7 +243,7 @@ def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]
         rng = np.random.default_rng([cfg.seed, step])
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         first = data[rng.integers(len(data))]
-        same = [d for d in data if d["size"] == first["size"]]  # a batch shares one bucket
+        same = [d for d in data if _bucket(d) == _bucket(first)]  # a batch shares one bucket
         batch = [first] + [same[i] for i in rng.integers(len(same), size=cfg.batch - 1)]
         z = torch.cat([b["z"] for b in batch])
         txt = torch.stack([b["empty"] if rng.random() < cfg.caption_dropout else b["txt"] for b in batch])
