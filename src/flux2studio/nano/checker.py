@@ -47,7 +47,14 @@ OBJECT_FIELDS = {"color": "color", "shape": "shape", "size": "size", "cell": "po
 _NAMES = tuple(COLORS)
 _GREY = np.ones(3, dtype=np.float32) / math.sqrt(3)  # unit vector along the grey axis
 _PALETTE = np.array([RGB[c] for c in _NAMES], dtype=np.float32)  # (8, 3)
-_CHROMA = _PALETTE - (_PALETTE @ _GREY)[:, None] * _GREY  # (8, 3) each colour minus its grey part
+
+
+def _chroma(rgb: np.ndarray) -> np.ndarray:
+    """(N, 3) colours minus their grey part (the projection on the grey axis)."""
+    return rgb - (rgb @ _GREY)[:, None] * _GREY
+
+
+_CHROMA = _chroma(_PALETTE)  # (8, 3)
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,7 @@ def analyze(image: Image.Image, extra_colors: dict[str, tuple[int, int, int]] | 
     if extra_colors:
         extra = np.array(list(extra_colors.values()), dtype=np.float32)
         names = _NAMES + tuple(extra_colors)
-        chroma = np.concatenate([_CHROMA, extra - (extra @ _GREY)[:, None] * _GREY])
+        chroma = np.concatenate([_CHROMA, _chroma(extra)])
     label, alpha = _unmix(rgb, chroma)  # (H, W) palette index, (H, W) its share of the pixel
     brightness = rgb.mean(axis=2)  # (H, W)
     grey = alpha < BACKGROUND_ALPHA
@@ -114,7 +121,7 @@ def analyze(image: Image.Image, extra_colors: dict[str, tuple[int, int, int]] | 
 def _unmix(rgb: np.ndarray, palette_chroma: np.ndarray = _CHROMA) -> tuple[np.ndarray, np.ndarray]:
     """Per pixel: the palette colour whose chroma best explains it, and how much of it there is."""
     pixels = rgb.reshape(-1, 3).astype(np.float32)  # (N, 3); float32 halves the memory traffic
-    chroma = pixels - (pixels @ _GREY)[:, None] * _GREY  # (N, 3)
+    chroma = _chroma(pixels)  # (N, 3)
     dots, norms = chroma @ palette_chroma.T, (palette_chroma**2).sum(axis=1)  # (N, K), (K,)
     alpha = np.clip(dots / norms, 0, None)  # (N, K) least-squares share of each colour, never negative
     residual = (chroma**2).sum(axis=1, keepdims=True) - 2 * alpha * dots + alpha**2 * norms  # |chroma - a c|^2
