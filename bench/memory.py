@@ -20,6 +20,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -154,7 +155,7 @@ class Phases:
         reset_peak()
 
 
-def run_ours(folder: Path, size: int, steps: int, resident: bool = False) -> dict:
+def run_ours(folder: Path, size: int, steps: int, png: Path, resident: bool = False, attention: str = "auto") -> dict:
     import torch
     from transformers import AutoConfig, AutoTokenizer, Qwen3Model  # noqa: F401
 
@@ -164,7 +165,7 @@ def run_ours(folder: Path, size: int, steps: int, resident: bool = False) -> dic
     # has imported transformers' Qwen3 and tokenizer modules before diffusers' clock starts.
     torch.manual_seed(0)
     ph = Phases()
-    pipe = load("klein-4b", weights=folder, device="cpu", dtype="bf16", resident=resident)
+    pipe = load("klein-4b", weights=folder, device="cpu", dtype="bf16", resident=resident, attention=attention)
     ph.mark("load")
     release = pipe.release
     names = {"text_encoder": "encode", "transformer": "denoise", "vae": "decode"}
@@ -177,13 +178,14 @@ def run_ours(folder: Path, size: int, steps: int, resident: bool = False) -> dic
 
     pipe.release = marked
     step_times = []
-    pipe(
+    images = pipe(
         PROMPT, size=(size, size), steps=steps, seed=0, callback=lambda i, n, x: step_times.append(time.perf_counter())
     )
-    return {"phases": ph.rows, "steps": step_times}
+    images[0].save(png)
+    return {"phases": ph.rows, "steps": step_times, "attention": pipe.attention}
 
 
-def run_diffusers(folder: Path, size: int, steps: int) -> dict:
+def run_diffusers(folder: Path, size: int, steps: int, png: Path) -> dict:
     import torch
     from diffusers import Flux2KleinPipeline
 
@@ -206,16 +208,17 @@ def run_diffusers(folder: Path, size: int, steps: int) -> dict:
             ph.mark("denoise")
         return kw
 
-    pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=1.0,
-         generator=[torch.Generator("cpu").manual_seed(0)], callback_on_step_end=on_step)  # fmt: skip
+    out = pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=1.0,
+               generator=[torch.Generator("cpu").manual_seed(0)], callback_on_step_end=on_step)  # fmt: skip
     ph.mark("decode")
+    out.images[0].save(png)
     return {"phases": ph.rows, "steps": step_times}
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def report(results: dict) -> None:
+def report(results: dict, pngs: dict) -> None:
     def total(r: dict, skip_load: bool = False) -> float:
         return sum(t for name, t, _ in r["phases"] if not (skip_load and name == "load"))
 
@@ -225,18 +228,26 @@ def report(results: dict) -> None:
     print("\n| | load | encode | denoise (per step) | decode | total | peak RSS |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for impl, r in results.items():
+        name = f"{impl} (attention: {r['attention']})" if "attention" in r else impl
         ph = {name: (t, p) for name, t, p in r["phases"]}
         per_step = [b - a for a, b in zip(r["steps"], r["steps"][1:], strict=False)]
         step = sum(per_step) / len(per_step) if per_step else float("nan")
         cells = [f"{ph[n][0]:.1f} s ({ph[n][1]:.1f} GB)" for n in ("load", "encode")]
         cells.append(f"{ph['denoise'][0]:.1f} s ({step:.1f} s/step, {ph['denoise'][1]:.1f} GB)")
         cells.append(f"{ph['decode'][0]:.1f} s ({ph['decode'][1]:.1f} GB)")
-        print(f"| {impl} | " + " | ".join(cells) + f" | {total(r):.1f} s | {peak(r):.2f} GB |")
+        print(f"| {name} | " + " | ".join(cells) + f" | {total(r):.1f} s | {peak(r):.2f} GB |")
     if {"ours", "diffusers"} <= set(results):
         o, d = results["ours"], results["diffusers"]
         print(f"\nratio ours/diffusers: peak RSS {peak(o) / peak(d):.2f}, "
               f"time load+generate {total(o) / total(d):.2f}, "
               f"ours load+generate vs diffusers generate only {total(o) / total(d, skip_load=True):.2f}")  # fmt: skip
+        import numpy as np
+        from PIL import Image
+
+        a, b = (np.asarray(Image.open(pngs[k]), dtype=np.int16) for k in ("ours", "diffusers"))
+        diff = np.abs(a - b)
+        print(f"images ours vs diffusers: max {diff.max()}/255 per channel, mean {diff.mean():.3f}/255, "
+              f"{(diff > 1).mean():.2%} of values differ by more than 1")  # fmt: skip
 
 
 def warm_page_cache(folder: Path) -> None:
@@ -255,6 +266,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--only", choices=["ours", "diffusers"])
     parser.add_argument("--resident", action="store_true", help="ours with resident=True (no streaming)")
+    parser.add_argument("--attention", default="auto", help="ours: auto (default), sdpa or kernel")
+    parser.add_argument("--png", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -262,19 +275,41 @@ def main() -> None:
 
         torch.set_num_threads(os.cpu_count() or 1)
         if args.child == "ours":
-            result = run_ours(args.folder, args.size, args.steps, args.resident)
+            result = run_ours(args.folder, args.size, args.steps, args.png, args.resident, args.attention)
         else:
-            result = run_diffusers(args.folder, args.size, args.steps)
+            result = run_diffusers(args.folder, args.size, args.steps, args.png)
         print("RESULT " + json.dumps(result))
         return
     if not (args.folder / ".complete").exists():
         print(f"writing random klein-4b-shaped weights to {args.folder} (once, ~16 GB)", flush=True)
         write_folder(args.folder)
-    results = {}
+    results, pngs = {}, {}
+    tmp = Path(tempfile.mkdtemp(prefix="flux2-bench-"))
     for impl in [args.only] if args.only else ["ours", "diffusers"]:
         warm_page_cache(args.folder)  # both sides start with the files in the page cache, as after a first run
-        cmd = [sys.executable, __file__, "--child", impl, "--folder", str(args.folder), "--size", str(args.size),
-               "--steps", str(args.steps)] + (["--resident"] if args.resident else [])  # fmt: skip
+        if impl == "ours":  # and with our attention kernel built, as after a first run (~1 s, once per version)
+            from flux2studio.checkpoints import cache_dir
+            from flux2studio.kernels.attention import unavailable_reason
+
+            unavailable_reason(cache_dir())
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            impl,
+            "--folder",
+            str(args.folder),
+            "--size",
+            str(args.size),
+            "--steps",
+            str(args.steps),
+            "--attention",
+            args.attention,
+            "--png",
+            str(tmp / f"{impl}.png"),
+        ]
+        cmd += ["--resident"] if args.resident else []
+        pngs[impl] = tmp / f"{impl}.png"
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:
@@ -283,7 +318,7 @@ def main() -> None:
         print(f"{impl}: done", flush=True)
     print(f"klein-4b shapes, random bf16 weights, {args.size}x{args.size}, {args.steps} steps, CPU, "
           f"{os.cpu_count()} cores")  # fmt: skip
-    report(results)
+    report(results, pngs)
 
 
 if __name__ == "__main__":

@@ -118,3 +118,18 @@ def test_models_shows_downloaded_weights_and_generate_finds_them(klein_folder, t
                           "--size", "64x64", "--steps", "1", "--dtype", "fp32", "-q", "-o", str(tmp_path / "k.png")],
                          capture_output=True, text=True, env=env)  # fmt: skip
     assert run.returncode == 0, run.stderr
+
+
+def test_from_reuses_the_recorded_attention(klein_folder, tmp_path):
+    """bf16 images depend on the attention kernel's rounding: --from runs the one the image records."""
+    _, folder = klein_folder
+    base = ["--weights", folder, "--device", "cpu", "--steps", "2", "-q", "--size", "64x64"]
+    for mode in ("sdpa", "kernel"):
+        first, again = tmp_path / f"{mode}.png", tmp_path / f"{mode}-again.png"
+        run = flux2("generate", "a red circle", *base, "--dtype", "bf16", "--attention", mode, "-o", first)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(Image.open(first).info["flux2"])["attention"] == mode
+        run = flux2("generate", "--from", first, "--weights", folder, "--device", "cpu", "-q", "-o", again)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(Image.open(again).info["flux2"])["attention"] == mode
+        assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(first)))

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from functools import cache
 
+from .kernels import ATTENTION_MODES
 from .variants import ASPECTS, VARIANTS, Variant, get_variant
 
 
@@ -99,7 +100,8 @@ def load_pipe(model: str | None, args: argparse.Namespace):
     api = {"location": args.api, "safety_tolerance": args.safety_tolerance, "output_format": args.output_format,
            "prompt_upsampling": args.prompt_upsampling}  # fmt: skip
     pipe = load(model, weights=args.weights, device=args.device, dtype=args.dtype,
-                text_encoder=getattr(args, "text_encoder", None), backend=args.backend, api=api)  # fmt: skip
+                text_encoder=getattr(args, "text_encoder", None), backend=args.backend, api=api,
+                attention=getattr(args, "attention", None) or "auto")  # fmt: skip
     if getattr(args, "lora", None):
         pipe.set_loras([parse_lora_arg(a) for a in args.lora])
     return pipe
@@ -165,6 +167,8 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, Job]:
         given["seed"] = args.seed
     if args.dtype is None:  # same dtype as recorded, or the image will differ
         args.dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(meta.get("dtype"))
+    if getattr(args, "attention", None) is None:  # bf16 attention kernels round differently
+        args.attention = meta.get("attention")
     return meta["model"], Job(args.prompt or meta["prompt"], {**settings, **given})
 
 
@@ -433,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", help="weights file or folder (default: embedded / registered location)")
         p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
         p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 (fp16 on mps)")
+        p.add_argument("--attention", choices=ATTENTION_MODES, help="auto (default): our bf16 CPU kernel where it runs")
         p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
         p.add_argument("--guidance", type=float, help="guidance scale (CFG and guidance-embedded models)")
         p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA file (repeatable)")

@@ -180,7 +180,7 @@ def hf_text_encoder(
 
 
 def load_diffusers_folder(
-    folder: Path, model_id: str | None, device: str, dtype: torch.dtype, resident: bool
+    folder: Path, model_id: str | None, device: str, dtype: torch.dtype, resident: bool, attention: str = "auto"
 ) -> Pipeline:
     index = read_json(folder / "model_index.json")
     t_cfg = transformer_config_from_diffusers(read_json(folder / "transformer" / "config.json"))
@@ -217,6 +217,7 @@ def load_diffusers_folder(
         device=device,
         dtype=dtype,
         weights_hash=weights_hash(files),
+        attention=attention,
     )
 
 
@@ -262,6 +263,7 @@ def load_single_file(
     resident: bool,
     vae_path: str | Path | None,
     text_encoder_path: str | Path | None,
+    attention: str = "auto",
 ) -> Pipeline:
     """An official single transformer file (BFL or diffusers names, bf16 or fp8 with scales)."""
     t_cfg = transformer_config_from_keys(strip_prefix(read_shapes(path)))
@@ -298,7 +300,7 @@ def load_single_file(
         return hf_text_encoder(spec, te_folder, tok, device, dtype, resident)
 
     parts = (Component(transformer, resident, [path]), Component(vae, resident, [vae_file]), Component(text, resident))
-    return Pipeline(variant, *parts, device=device, dtype=dtype, weights_hash=weights_hash([path]))
+    return Pipeline(variant, *parts, device=device, dtype=dtype, weights_hash=weights_hash([path]), attention=attention)
 
 
 def load(
@@ -312,6 +314,7 @@ def load(
     text_encoder: str | Path | None = None,
     backend: str = "local",
     api: dict | None = None,
+    attention: str = "auto",
 ) -> Pipeline:
     """A `Pipeline` for `model_id` (default: the embedded `nano`, which needs no download).
 
@@ -323,6 +326,9 @@ def load(
     Hosted models (pro, max, flex, kontext-*), and klein with `backend="api"`, return a `HostedPipeline`
     that calls Black Forest Labs' API; `api` holds its options (location, safety_tolerance,
     output_format, prompt_upsampling).
+
+    `attention`: "auto" (our AVX512-BF16 kernel for bf16 on a CPU that has it, else PyTorch's SDPA), "sdpa"
+    (always PyTorch's, the reference's kernel) or "kernel" (ours, or an error saying why not).
     """
     if backend not in ("local", "api"):
         raise ValueError(f"backend {backend!r} is not 'local' or 'api'")
@@ -341,11 +347,11 @@ def load(
     if weights is not None:
         path = resolve_snapshot(weights)
         if is_diffusers_folder(path):
-            return load_diffusers_folder(path, model_id, device, torch_dtype, resident)
+            return load_diffusers_folder(path, model_id, device, torch_dtype, resident, attention)
         if path.is_dir():
             raise ValueError(f"{path} is a folder without model_index.json: not a diffusers-format pipeline")
         if model_id not in EMBEDDED_IDS:
-            return load_single_file(path, model_id, device, torch_dtype, resident, vae, text_encoder)
+            return load_single_file(path, model_id, device, torch_dtype, resident, vae, text_encoder, attention)
     model_id = model_id or "nano"
     variant: Variant = get_variant(model_id)
     if variant.hosted:
@@ -360,7 +366,7 @@ def load(
                 f"HF_HUB_CACHE / HF_HOME; repo {variant.repo}): run `flux2 pull {model_id}`, or pass "
                 "--weights PATH (a diffusers folder or a single file)"
             )
-        return load_diffusers_folder(local, model_id, device, torch_dtype, resident)
+        return load_diffusers_folder(local, model_id, device, torch_dtype, resident, attention)
     if weights is not None:  # e.g. a training run's weights: nano-base.safetensors + vae.safetensors
         t_path = Path(weights)
         vae_path = Path(vae) if vae else EMBEDDED / "nano-vae.safetensors"
@@ -370,7 +376,8 @@ def load(
     vae = build(lambda: AutoEncoder(variant.vae), read_safetensors(vae_path), "nano VAE", torch_dtype)
     text_encoder = load_minilm(variant.text_encoder, device=device)
     digest = weights_hash([t_path])
-    return Pipeline(variant, transformer, vae, text_encoder, device=device, dtype=torch_dtype, weights_hash=digest)
+    parts = (transformer, vae, text_encoder)
+    return Pipeline(variant, *parts, device=device, dtype=torch_dtype, weights_hash=digest, attention=attention)
 
 
 def find_local(variant: Variant) -> Path | None:

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from . import __version__, sampling
-from .checkpoints import weights_hash
+from .checkpoints import cache_dir, weights_hash
 from .images import check_size, image_hash, parameters_text, prepare_reference, size_for_aspect, to_pil, to_tensor
+from .kernels.attention import attention_for
 from .lora import Applied, LoraFile, apply_loras, load_lora
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
@@ -203,6 +205,7 @@ class Pipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         weights_hash: str = "",
+        attention: str = "auto",
     ) -> None:
         if variant.vae.downscale != sampling.PIXELS_PER_TOKEN:
             raise ValueError(
@@ -212,6 +215,9 @@ class Pipeline:
         self.weights_hash = weights_hash
         self.device = torch.device(device)
         self.dtype = dtype
+        # "auto": our bf16 CPU kernel where it runs (kernels/attention.py), else PyTorch's SDPA; "sdpa"; "kernel"
+        self.sdpa = attention_for(attention, self.device, dtype, cache_dir())
+        self.attention = "sdpa" if self.sdpa is F.scaled_dot_product_attention else "kernel"
         for part in (transformer, vae):
             if isinstance(part, torch.nn.Module):
                 part.to(self.device, dtype).eval()
@@ -226,6 +232,7 @@ class Pipeline:
     @property
     def transformer(self) -> Flux2Transformer:
         model = self.parts["transformer"].get()
+        model.sdpa = self.sdpa
         if self.loras and (self._lora_state is None or self._lora_state[0] is not model):
             # fused into this (possibly freshly loaded) transformer; removed exactly by set_loras
             self._lora_state = (model, apply_loras(model, [(f, s) for f, s, _ in self.loras], mode="fuse"))
@@ -306,6 +313,7 @@ class Pipeline:
             "refs": [image_hash(r) for r in req.refs],
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device.type,
+            "attention": self.attention,
             "loras": [{"file": Path(f.path).name, "hash": h, "scale": s} for f, s, h in self.loras],
             "version": __version__,
         }

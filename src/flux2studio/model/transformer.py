@@ -11,6 +11,7 @@ This module does not know about files, devices, prompts, schedules or images: it
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from ..variants import TransformerConfig
 # Post-RoPE keys and values of reference tokens, one (k, v) per block (double blocks first), each
 # (B, H, L_ref, head_dim). klein-9b-kv computes them once and reuses them at every step (FLUX2.md §3).
 RefKV = list[tuple[Tensor, Tensor]]
+SDPA = F.scaled_dot_product_attention
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -108,7 +110,7 @@ class SelfAttention(nn.Module):
         return q, k, v
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, ref_kv=None, at: int = 0, first_query: int = 0):
+def attention(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, ref_kv=None, at: int = 0, first_query: int = 0, sdpa=SDPA):
     """Joint attention with RoPE. Returns (out (B, L - first_query, H*Dh), (k, v) post-RoPE).
 
     `ref_kv` (cached reference keys/values, already rotated) are inserted after the first `at` tokens
@@ -119,7 +121,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, ref_kv=None, at: in
     if ref_kv is not None:
         k = torch.cat([k[:, :, :at], ref_kv[0], k[:, :, at:]], dim=2)
         v = torch.cat([v[:, :, :at], ref_kv[1], v[:, :, at:]], dim=2)
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, Dh)
+    out = sdpa(q, k, v)  # (B, H, L, Dh)
     return out.transpose(1, 2).flatten(2), kv
 
 
@@ -140,7 +142,7 @@ class DoubleStreamBlock(nn.Module):
         self.img_mlp = nn.Sequential(nn.Linear(d, 2 * mlp, bias=False), _SwiGLU(), nn.Linear(mlp, d, bias=False))
         self.txt_mlp = nn.Sequential(nn.Linear(d, 2 * mlp, bias=False), _SwiGLU(), nn.Linear(mlp, d, bias=False))
 
-    def forward(self, img, txt, rope, mod_img, mod_txt, ref_kv=None):
+    def forward(self, img, txt, rope, mod_img, mod_txt, ref_kv=None, sdpa=SDPA):
         """img (B, Li, D), txt (B, Lt, D); mod_* = 6 tensors (B, 1, D) or (B, L, D) each."""
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = mod_img
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mod_txt
@@ -148,7 +150,7 @@ class DoubleStreamBlock(nn.Module):
         tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1, self.eps))
         n_txt = txt.shape[1]
         q, k, v = (torch.cat(pair, dim=2) for pair in ((tq, iq), (tk, ik), (tv, iv)))
-        out, kv = attention(q, k, v, rope, ref_kv, at=n_txt)
+        out, kv = attention(q, k, v, rope, ref_kv, at=n_txt, sdpa=sdpa)
         txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
 
         img = img + i_gate1 * self.img_attn.proj(img_out)
@@ -178,7 +180,7 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(d + self.mlp_hidden, d, bias=False)
         self.norm = QKNorm(cfg.head_dim, cfg.eps)
 
-    def forward(self, x, rope, mod, n_txt: int = 0, ref_kv=None, image_only: bool = False):
+    def forward(self, x, rope, mod, n_txt: int = 0, ref_kv=None, image_only: bool = False, sdpa=SDPA):
         """x (B, L, D) = [txt; img]; mod = (shift, scale, gate).
 
         `image_only` (the last block, whose text outputs nobody reads): text tokens give keys and values
@@ -203,7 +205,7 @@ class SingleStreamBlock(nn.Module):
             mlp = mlp[:, first:]
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
         q, k = self.norm(q, k)
-        out, kv = attention(q, k, v, rope, ref_kv, at=n_txt, first_query=first)
+        out, kv = attention(q, k, v, rope, ref_kv, at=n_txt, first_query=first, sdpa=sdpa)
         del qkv, q, k, v
         if mlp is not None:
             return x[:, first:] + gate * self.linear2(torch.cat([out, swiglu(mlp)], dim=-1)), kv
@@ -280,6 +282,8 @@ class Flux2Transformer(nn.Module):
         self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
         self.final_layer = LastLayer(d, cfg.in_channels, cfg.eps)
         self.grad_checkpointing = False  # training: recompute block activations in backward to save memory
+        # (q, k, v) (B, H, L, Dh) -> (B, H, Lq, Dh); a pipeline may give a faster kernel with the same arithmetic
+        self.sdpa: Callable[[Tensor, Tensor, Tensor], Tensor] = SDPA
 
     @staticmethod
     def _checkpointed(block: nn.Module, *args):
@@ -323,11 +327,12 @@ class Flux2Transformer(nn.Module):
 
         run = self._checkpointed if self.grad_checkpointing and torch.is_grad_enabled() else _call
         for i, block in enumerate(self.double_blocks):
-            img, txt, _ = run(block, img, txt, rope, mod_img, mod_txt, ref_kv[i] if ref_kv else None)
+            img, txt, _ = run(block, img, txt, rope, mod_img, mod_txt, ref_kv[i] if ref_kv else None, self.sdpa)
         x = torch.cat([txt, img], dim=1)
         last = len(self.single_blocks) - 1
         for i, block in enumerate(self.single_blocks):
-            x, _ = run(block, x, rope, mod_single, n_txt, ref_kv[n_double + i] if ref_kv else None, i == last)
+            kv_i = ref_kv[n_double + i] if ref_kv else None
+            x, _ = run(block, x, rope, mod_single, n_txt, kv_i, i == last, self.sdpa)
         return self.final_layer(x if self.single_blocks else x[:, n_txt:], vec)
 
     def ref_kv(self, ref: Tensor, ref_ids: Tensor, t: Tensor, guidance: Tensor | None = None) -> RefKV:
@@ -346,9 +351,9 @@ class Flux2Transformer(nn.Module):
         rope = rope_freqs(ref_ids, self.cfg.axes_dim, self.cfg.theta)
         out: RefKV = []
         for block in self.double_blocks:
-            x, _, kv = block(x, no_txt, rope, mod_img, mod_txt)
+            x, _, kv = block(x, no_txt, rope, mod_img, mod_txt, sdpa=self.sdpa)
             out.append(kv)
         for block in self.single_blocks:
-            x, kv = block(x, rope, mod_single)
+            x, kv = block(x, rope, mod_single, sdpa=self.sdpa)
             out.append(kv)
         return out
