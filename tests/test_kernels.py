@@ -85,7 +85,8 @@ def test_kernel_reads_strided_inputs(kernel):
 
 def test_what_the_kernel_does_not_take_runs_sdpa(kernel):
     q, k, v = qkv(1, 2, 20, 20, 32)
-    for args in [(q.float(), k.float(), v.float()), (q[..., :24], k[..., :24], v[..., :24])]:  # fp32, Dh 24
+    empty = (q[:0], k[:0], v[:0])  # batch 0
+    for args in [(q.float(), k.float(), v.float()), (q[..., :24], k[..., :24], v[..., :24]), empty]:  # fp32, Dh 24
         assert torch.equal(kernel(*args), F.scaled_dot_product_attention(*args))
     with torch.enable_grad():  # training: SDPA, which has a backward
         qg = q.clone().requires_grad_()

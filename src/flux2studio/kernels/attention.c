@@ -188,15 +188,18 @@ static void run_head(const job_t *job, int64_t item, uint32_t *kp, uint32_t *vp,
     }
 }
 
+/* aligned_alloc wants a multiple of the alignment */
+static void *buffer(int64_t bytes) { return aligned_alloc(64, (size_t)((bytes + 127) / 64 * 64)); }
+
 static void *run_part(void *arg) {
     part_t *part = (part_t *)arg;
     const job_t *job = part->job;
     const int64_t lk16 = (job->lk + 15) / 16 * 16, d = job->dim;
-    uint32_t *kp = aligned_alloc(64, (size_t)(lk16 * d * 2 + 64));
-    uint32_t *vp = aligned_alloc(64, (size_t)(lk16 * d * 2 + 64));
-    float *s = aligned_alloc(64, (size_t)(QB * lk16 * 4 + 64));
-    uint16_t *pr = aligned_alloc(64, (size_t)(QB * lk16 * 2 + 64));
-    float *acc = aligned_alloc(64, (size_t)(QB * d * 4 + 64));
+    uint32_t *kp = buffer(lk16 * d * 2);
+    uint32_t *vp = buffer(lk16 * d * 2);
+    float *s = buffer(QB * lk16 * 4);
+    uint16_t *pr = buffer(QB * lk16 * 2);
+    float *acc = buffer(QB * d * 4);
     float sums[QB];
     if (!kp || !vp || !s || !pr || !acc) {
         part->status = 1;
@@ -212,7 +215,8 @@ static void *run_part(void *arg) {
 int flux2_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, int64_t batch,
                          int64_t heads, int64_t lq, int64_t lk, int64_t dim, const int64_t *qs, const int64_t *ks,
                          const int64_t *vs, const int64_t *os, float scale, int nthreads) {
-    if (dim % 16 || dim <= 0 || lk <= 0 || lq <= 0 || nthreads < 1 || nthreads > 256) return 2;
+    if (dim % 16 || dim <= 0 || lk <= 0 || lq <= 0 || batch <= 0 || heads <= 0 || nthreads < 1 || nthreads > 256)
+        return 2;
     for (int i = 0; i < 3; i++)
         if (qs[i] % 2 || ks[i] % 2) return 2; /* q and k rows are read as uint32 pairs */
     const int64_t splits = batch * heads >= nthreads ? 1 : (nthreads + batch * heads - 1) / (batch * heads);

@@ -106,7 +106,7 @@ def _takes(q: Tensor, k: Tensor, v: Tensor) -> bool:
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False  # inference only: no backward
     (b, h, lq, d), (lk, dk) = q.shape, k.shape[2:]
-    if k.shape != v.shape or k.shape[:2] != (b, h) or dk != d or d % 16 or lq == 0 or lk == 0:
+    if k.shape != v.shape or k.shape[:2] != (b, h) or dk != d or d % 16 or 0 in (b, h, lq, lk):
         return False
     # q and k rows are read as 32-bit channel pairs
     return all(s % 2 == 0 for t in (q, k) for s in t.stride()[:3]) and q.data_ptr() % 4 == 0 == k.data_ptr() % 4
