@@ -19,9 +19,10 @@ from flux2studio.kernels.attention import (
     cpu_has_avx512_bf16,
     unavailable_reason,
 )
+from flux2studio.model.autoencoder import AutoEncoder
 from flux2studio.model.transformer import Flux2Transformer
 from flux2studio.sampling import image_ids, text_ids
-from tiny import TRANSFORMER, randomize_
+from tiny import TRANSFORMER, VAE, randomize_
 
 HAS_CPU = cpu_has_avx512_bf16()
 
@@ -128,6 +129,26 @@ def test_transformer_in_bf16_is_as_close_to_fp32_with_the_kernel_as_with_sdpa(ke
     err = {name: (o - exact).abs() for name, o in out.items()}
     assert err["kernel"].max() <= 1.25 * err["sdpa"].max()
     assert err["kernel"].mean() <= 1.1 * err["sdpa"].mean()
+    assert not torch.equal(out["kernel"], out["sdpa"])  # the kernel did run
+
+
+def test_vae_in_bf16_is_as_close_to_fp64_with_the_kernel_as_with_sdpa(kernel):
+    """The VAE's mid-block attention: one head as wide as the channels, one token per latent pixel."""
+    vae = randomize_(AutoEncoder(VAE)).eval()
+    x = torch.rand(2, 3, 96, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        vae.double()
+        z = vae.encode(x.double())
+        exact = vae.decode(z)
+        vae.bfloat16()
+        out = {}
+        for name, fn in (("sdpa", F.scaled_dot_product_attention), ("kernel", kernel)):
+            vae.set_attention(fn)
+            out[name] = vae.decode(z.bfloat16()).double()
+    err = {name: (o - exact).abs() for name, o in out.items()}
+    assert err["kernel"].max() <= 1.25 * err["sdpa"].max()
+    assert err["kernel"].mean() <= 1.1 * err["sdpa"].mean()
+    assert not torch.equal(out["kernel"], out["sdpa"])  # the kernel did run
 
 
 def test_pipeline_uses_the_kernel_for_bf16_and_records_it(kernel):
@@ -138,6 +159,7 @@ def test_pipeline_uses_the_kernel_for_bf16_and_records_it(kernel):
 
     pipe = load("nano", device="cpu", dtype="bf16")
     assert pipe.attention == "kernel" and pipe.transformer.sdpa is not F.scaled_dot_product_attention
+    assert pipe.vae.decoder.mid.attn_1.sdpa is pipe.transformer.sdpa
     assert used(pipe) == "kernel"
     assert used(load("nano", device="cpu", dtype="bf16", attention="sdpa")) == "sdpa"
     assert used(load("nano", device="cpu", dtype="fp32")) == "sdpa"

@@ -251,7 +251,9 @@ class Pipeline:
 
     @property
     def vae(self) -> AutoEncoder:
-        return self.parts["vae"].get()
+        model = self.parts["vae"].get()
+        model.set_attention(self.sdpa)
+        return model
 
     @property
     def text_encoder(self) -> TextEncoder:

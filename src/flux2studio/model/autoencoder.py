@@ -15,6 +15,7 @@ posterior (encoding uses its mean) and never updates the BatchNorm statistics.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import pairwise
 
 import torch
@@ -79,13 +80,14 @@ class AttnBlock(nn.Module):
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.sdpa: Callable[[Tensor, Tensor, Tensor], Tensor] = F.scaled_dot_product_attention  # see set_attention
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
         height, width = x.shape[-2:]
         tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")  # (B, H*W, C)
         # A 1x1 conv is a Linear over tokens; applied as one so the sums run in diffusers' order.
         q, k, v = (F.linear(tokens, p.weight.flatten(1), p.bias) for p in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # one head of width C
+        h = self.sdpa(q[:, None], k[:, None], v[:, None])[:, 0]  # one head of width C
         h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, H*W, C)
         # h first: the sum then keeps h's channels-last strides, as in diffusers, so the convs that follow
         # pick the same CPU kernels and the whole VAE matches diffusers bit for bit (tests/test_vae.py).
@@ -221,6 +223,12 @@ class AutoEncoder(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.bn = nn.BatchNorm2d(cfg.latent_channels, eps=cfg.bn_eps, affine=False)
+
+    def set_attention(self, sdpa: Callable[[Tensor, Tensor, Tensor], Tensor]) -> None:
+        """Run the mid-block attentions with `sdpa` (the signature of F.scaled_dot_product_attention, no mask)."""
+        for module in self.modules():
+            if isinstance(module, AttnBlock):
+                module.sdpa = sdpa
 
     def moments(self, x: Tensor) -> Tensor:
         """Image (B, 3, H, W) -> posterior mean and log-variance (B, 2z, H/8, W/8), before patchify."""
