@@ -74,6 +74,13 @@ def test_resume_and_edit_mode(klein_folder, dataset, tmp_path):
     cfg = dataclasses.replace(_cfg(dataset, tmp_path, mode="edit"), steps=5)
     train_lora(more, cfg, rows.append)
     assert [r["step"] for r in rows] == [4, 5]  # resumed after step 3
+    again = []  # the same command once more: nothing left to train, the same LoRA
+    fresh = load("klein-base-4b", weights=folder, device="cpu", dtype="fp32")
+    assert train_lora(fresh, cfg, again.append).exists() and again == []
+    with pytest.raises(ValueError, match=r"lora.ckpt.safetensors is at step 5, past --steps 4: pass --steps 5 or more"):
+        train_lora(more, dataclasses.replace(cfg, steps=4), print)
+    with pytest.raises(ValueError, match=r"is a run with other settings \(rank 4 -> 8; lr 0.01 -> 0.001\)"):
+        train_lora(more, dataclasses.replace(cfg, rank=8, lr=1e-3, steps=9), print)
 
 
 def test_edit_batches_keep_reference_sizes_apart(klein_folder, tmp_path):

@@ -203,6 +203,29 @@ def save_lora(model: nn.Module, cfg: LoraTrainConfig, path: Path) -> list[Path]:
     return written
 
 
+# Settings a run may change when it resumes from its checkpoint; any other change is a different run.
+RESUMABLE_CHANGES = ("steps", "sample_every", "sample_prompts", "ckpt_every", "save_kohya", "grad_checkpointing")
+
+
+def resume_step(ckpt: Path, cfg: LoraTrainConfig) -> int:
+    """The step to continue from: 0 without a checkpoint; an error if the checkpoint is of other settings."""
+    if not ckpt.exists():
+        return 0
+    meta = checkpoint_meta(ckpt)
+    saved, now = json.loads(meta["config"]), json.loads(json.dumps(asdict(cfg)))  # tuples as JSON lists
+    changed = [
+        f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v
+    ]
+    if changed:
+        raise ValueError(f"{ckpt} is a run with other settings ({'; '.join(changed)}): resume with the same "
+                         "settings, or pass another --out")  # fmt: skip
+    step = int(meta["step"])
+    if step > cfg.steps:
+        raise ValueError(f"{ckpt} is at step {step}, past --steps {cfg.steps}: pass --steps {step} or more to "
+                         "continue it, or another --out")  # fmt: skip
+    return step
+
+
 def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]) -> Path:
     """Train; resumable from OUT/lora.ckpt.safetensors. Returns the final LoRA file (diffusers layout)."""
     from peft import inject_adapter_in_model
@@ -214,6 +237,8 @@ def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]
         raise ValueError(f"{pipe.variant.id} is distilled; train LoRAs on a Base variant (klein-base-*, nano-base)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "lora.ckpt.safetensors"
+    start = resume_step(ckpt, cfg)  # checked before the (slow) precomputation
     data = precompute(pipe, read_dataset(cfg.data, cfg.mode), cfg)
     pipe.parts["transformer"].resident = True  # the LoRA lives in this object: never reload it mid-training
     model = pipe.transformer
@@ -229,15 +254,12 @@ def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     names = {p: n for n, p in model.named_parameters() if "lora_" in n}
-    ckpt = out / "lora.ckpt.safetensors"
-    start = 0
-    if ckpt.exists():
+    if start:
         from safetensors.torch import load_file
 
         sd = load_file(str(ckpt))
         set_peft_model_state_dict(model, {k[5:]: v for k, v in sd.items() if k.startswith("lora.")})
         restore_optimizer(opt, names, sd)
-        start = int(checkpoint_meta(ckpt)["step"])
     t0 = time.time()
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
