@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -266,7 +267,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--only", choices=["ours", "diffusers"])
     parser.add_argument("--resident", action="store_true", help="ours with resident=True (no streaming)")
-    parser.add_argument("--attention", default="auto", help="ours: auto (default), sdpa or kernel")
+    parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "kernel"], help="ours' attention")
     parser.add_argument("--png", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -319,6 +320,7 @@ def main() -> None:
     print(f"klein-4b shapes, random bf16 weights, {args.size}x{args.size}, {args.steps} steps, CPU, "
           f"{os.cpu_count()} cores")  # fmt: skip
     report(results, pngs)
+    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":

@@ -84,9 +84,35 @@ def test_kernel_reads_strided_inputs(kernel):
     assert ours.transpose(1, 2).is_contiguous()  # (B, L, H, Dh) memory: the caller's flatten(2) copies nothing
 
 
+@pytest.mark.parametrize("shape", [(1, 24, 200, 200, 64), (1, 1, 300, 300, 512), (3, 1, 50, 70, 32)])
+def test_any_thread_count_gives_the_same_bits(kernel, shape):
+    """Heads split between threads, and a head's queries split when there are few heads: the bits never change."""
+    q, k, v = qkv(*shape)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3, 7, 16):
+            torch.set_num_threads(n)
+            outs.append(kernel(q, k, v))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+def test_nan_propagates_as_in_sdpa(kernel):
+    q, k, v = qkv(1, 2, 40, 40, 32)
+    k[0, 1, 7, 3] = float("nan")  # every score of head 1 with key 7 is NaN: all of head 1's rows are NaN
+    ours, ref = kernel(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(ours.isnan(), ref.isnan()) and ours[0, 1].isnan().all() and not ours[0, 0].isnan().any()
+
+
 def test_what_the_kernel_does_not_take_runs_sdpa(kernel):
     q, k, v = qkv(1, 2, 20, 20, 32)
     empty = (q[:0], k[:0], v[:0])  # batch 0
+    flat = torch.cat([torch.zeros(1, dtype=torch.bfloat16), q.flatten()])
+    odd = flat[1:].view(q.shape)  # a storage offset of one element: rows are not 4-byte aligned
+    assert odd.data_ptr() % 4
+    assert torch.equal(kernel(odd, k, v), F.scaled_dot_product_attention(odd, k, v))
     for args in [(q.float(), k.float(), v.float()), (q[..., :24], k[..., :24], v[..., :24]), empty]:  # fp32, Dh 24
         assert torch.equal(kernel(*args), F.scaled_dot_product_attention(*args))
     with torch.enable_grad():  # training: SDPA, which has a backward
@@ -103,6 +129,8 @@ def test_modes_and_fallbacks(tmp_path, monkeypatch):
     assert attention_for("auto", cpu, torch.float32, tmp_path) is F.scaled_dot_product_attention
     with pytest.raises(ValueError, match="attention 'flash': choose one of auto, sdpa, kernel"):
         attention_for("flash", cpu, torch.bfloat16, tmp_path)
+    with pytest.raises(ValueError, match="attention 'kernel' runs bf16 on the CPU, not float32 on cpu"):
+        attention_for("kernel", cpu, torch.float32, tmp_path)
     monkeypatch.setenv("CC", "no-such-compiler")
     no_cc = tmp_path / "no-cc"
     reason = "no-such-compiler" if HAS_CPU else "AVX512-BF16"

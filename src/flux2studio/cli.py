@@ -168,7 +168,7 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, Job]:
     if args.dtype is None:  # same dtype as recorded, or the image will differ
         args.dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(meta.get("dtype"))
     if getattr(args, "attention", None) is None:  # bf16 attention kernels round differently
-        args.attention = meta.get("attention")
+        args.attention = meta.get("attention", "sdpa")  # images from before the kernel: PyTorch's
     return meta["model"], Job(args.prompt or meta["prompt"], {**settings, **given})
 
 
@@ -383,7 +383,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .loading import load
     from .nano.evaluate import evaluate
 
-    pipe = load(args.model or "nano", weights=args.weights, vae=args.vae, device=args.device, dtype=args.dtype)
+    pipe = load(args.model or "nano", weights=args.weights, vae=args.vae, device=args.device, dtype=args.dtype,
+                attention=args.attention or "auto")  # fmt: skip
     seeds = tuple(int(s) for s in args.seeds.split(","))
     result = evaluate(pipe, seeds=seeds, limit=args.limit, steps=args.steps, guidance=args.guidance)
     print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else result.table())

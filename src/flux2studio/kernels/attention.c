@@ -32,14 +32,18 @@ typedef struct {
     int64_t qs[3], ks[3], vs[3], os[3]; /* element strides of batch, head, token; channels are contiguous */
     float scale;
     int nthreads;
-    int64_t splits; /* query ranges per head: more than 1 when there are fewer heads than threads */
+    int64_t splits;    /* query ranges per head: more than 1 when there are few heads for the threads */
+    uint32_t *kp, *vp; /* with splits > 1: k and v of every head, packed (pack_keys), shared by the threads */
 } job_t;
 
 typedef struct {
     const job_t *job;
-    int64_t first, last; /* items of this thread: item = (batch * heads + head) * splits + split */
+    int phase;           /* 0: pack keys and values, item = head * key chunks + chunk; 1: attend, below */
+    int64_t first, last; /* items of this thread; attend: item = (batch * heads + head) * splits + split */
     int status;
 } part_t;
+
+#define PACK_KEYS 256 /* keys per packing item (a multiple of 16) */
 
 /* C[R x 16*NC] (+)= A[R x 2*K2] . B, with A rows of bf16 pairs (one uint32 per pair, row stride lda) and B
  * as K2 steps of NC vectors of 16 pairs (step stride bstep, vector stride bcol, all in uint32). */
@@ -106,19 +110,14 @@ static inline void store_bf16(uint16_t *dst, __m512 x) {
     _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(x));
 }
 
-static void run_head(const job_t *job, int64_t item, uint32_t *kp, uint32_t *vp, float *s, uint16_t *pr,
-                     float *acc, float *sums) {
-    const int64_t bh = item / job->splits, split = item % job->splits, b = bh / job->heads, h = bh % job->heads;
-    const int64_t q_first = job->lq * split / job->splits, q_last = job->lq * (split + 1) / job->splits;
-    const int64_t lk = job->lk, d = job->dim, d2 = d / 2;
-    const int64_t lk16 = (lk + 15) / 16 * 16, t_all = lk16 / 2;
-    const uint16_t *q = job->q + b * job->qs[0] + h * job->qs[1];
+/* Keys [j_first, j_last) of head bh (multiples of 16, or j_last = the padded length) into that head's packed
+ * buffers: kp[j / 16][pair][j % 16], so the 16 lanes of one vector are 16 keys, one channel pair each, and
+ * vp[j / 2][channel], the pair (v[j][c], v[j + 1][c]) for each channel c. Keys past lk are zero. */
+static void pack_keys(const job_t *job, int64_t bh, int64_t j_first, int64_t j_last, uint32_t *kp, uint32_t *vp) {
+    const int64_t lk = job->lk, d = job->dim, d2 = d / 2, b = bh / job->heads, h = bh % job->heads;
     const uint16_t *k = job->k + b * job->ks[0] + h * job->ks[1];
     const uint16_t *v = job->v + b * job->vs[0] + h * job->vs[1];
-    uint16_t *o = job->o + b * job->os[0] + h * job->os[1];
-
-    /* kp[j / 16][pair][j % 16]: the 16 lanes of one vector are 16 keys, one channel pair each. */
-    for (int64_t j = 0; j < lk16; j++) {
+    for (int64_t j = j_first; j < j_last; j++) {
         uint32_t *dst = kp + (j / 16) * d2 * 16 + j % 16;
         if (j < lk) {
             const uint32_t *row = (const uint32_t *)(k + j * job->ks[2]);
@@ -127,14 +126,37 @@ static void run_head(const job_t *job, int64_t item, uint32_t *kp, uint32_t *vp,
             for (int64_t p = 0; p < d2; p++) dst[p * 16] = 0;
         }
     }
-    /* vp[j / 2][channel]: the pair (v[j][c], v[j + 1][c]) for each channel c. */
-    for (int64_t t = 0; t < t_all; t++) {
+    for (int64_t t = j_first / 2; t < j_last / 2; t++) {
         const int64_t j0 = 2 * t, j1 = 2 * t + 1;
         const uint16_t *r0 = j0 < lk ? v + j0 * job->vs[2] : NULL, *r1 = j1 < lk ? v + j1 * job->vs[2] : NULL;
         uint32_t *dst = vp + t * d;
         for (int64_t c = 0; c < d; c++)
             dst[c] = (uint32_t)(r0 ? r0[c] : 0) | ((uint32_t)(r1 ? r1[c] : 0) << 16);
     }
+}
+
+/* Packing item: one chunk of PACK_KEYS keys of one head, into the shared buffers. */
+static void pack_item(const job_t *job, int64_t item) {
+    const int64_t d2 = job->dim / 2, lk16 = (job->lk + 15) / 16 * 16, chunks = (lk16 + PACK_KEYS - 1) / PACK_KEYS;
+    const int64_t bh = item / chunks, j_first = item % chunks * PACK_KEYS;
+    const int64_t j_last = j_first + PACK_KEYS < lk16 ? j_first + PACK_KEYS : lk16;
+    pack_keys(job, bh, j_first, j_last, job->kp + bh * lk16 * d2, job->vp + bh * lk16 * d2);
+}
+
+/* One (head, query range) item. kp and vp: this thread's buffers, used when the head is not pre-packed. */
+static void run_head(const job_t *job, int64_t item, uint32_t *kp, uint32_t *vp, float *s, uint16_t *pr,
+                     float *acc, float *sums) {
+    const int64_t bh = item / job->splits, split = item % job->splits, b = bh / job->heads, h = bh % job->heads;
+    const int64_t q_first = job->lq * split / job->splits, q_last = job->lq * (split + 1) / job->splits;
+    const int64_t lk = job->lk, d = job->dim, d2 = d / 2;
+    const int64_t lk16 = (lk + 15) / 16 * 16, t_all = lk16 / 2;
+    const uint16_t *q = job->q + b * job->qs[0] + h * job->qs[1];
+    if (job->kp) {
+        kp = job->kp + bh * lk16 * d2, vp = job->vp + bh * lk16 * d2;
+    } else { /* packed here, just before use: then it is still in this core's cache */
+        pack_keys(job, bh, 0, lk16, kp, vp);
+    }
+    uint16_t *o = job->o + b * job->os[0] + h * job->os[1];
 
     for (int64_t i0 = q_first; i0 < q_last; i0 += QB) {
         const int rows = (int)(q_last - i0 < QB ? q_last - i0 : QB);
@@ -153,8 +175,10 @@ static void run_head(const job_t *job, int64_t item, uint32_t *kp, uint32_t *vp,
             uint16_t *pr_r = pr + r * lk16;
             const __m512 scale = _mm512_set1_ps(job->scale);
             __m512 mx = _mm512_set1_ps(-INFINITY);
+            __mmask16 nan = 0; /* a NaN score makes the row NaN, as in PyTorch (exp_neg would give it weight 0) */
             for (int64_t j = 0; j < lk16; j += 16) {
                 __m512 x = _mm512_mul_ps(_mm512_loadu_ps(sr + j), scale);
+                nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
                 if (j + 16 > lk) x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), (__mmask16)((1u << (lk - j)) - 1), x);
                 _mm512_storeu_ps(sr + j, x);
                 mx = _mm512_max_ps(mx, x);
@@ -166,7 +190,7 @@ static void run_head(const job_t *job, int64_t item, uint32_t *kp, uint32_t *vp,
                 sum = _mm512_add_ps(sum, e);
                 store_bf16(pr_r + j, e);
             }
-            sums[r] = _mm512_reduce_add_ps(sum);
+            sums[r] = nan ? NAN : _mm512_reduce_add_ps(sum);
         }
         /* acc[r][c] = sum_j p[r][j] v[j][c], in chunks of TC key pairs and 64 channels */
         for (int64_t t0 = 0; t0 < t_all; t0 += TC) {
@@ -194,14 +218,18 @@ static void *buffer(int64_t bytes) { return aligned_alloc(64, (size_t)((bytes + 
 static void *run_part(void *arg) {
     part_t *part = (part_t *)arg;
     const job_t *job = part->job;
+    if (part->phase == 0) {
+        for (int64_t item = part->first; item < part->last; item++) pack_item(job, item);
+        part->status = 0;
+        return NULL;
+    }
     const int64_t lk16 = (job->lk + 15) / 16 * 16, d = job->dim;
-    uint32_t *kp = buffer(lk16 * d * 2);
-    uint32_t *vp = buffer(lk16 * d * 2);
+    uint32_t *kp = job->kp ? NULL : buffer(lk16 * d * 2), *vp = job->kp ? NULL : buffer(lk16 * d * 2);
     float *s = buffer(QB * lk16 * 4);
     uint16_t *pr = buffer(QB * lk16 * 2);
     float *acc = buffer(QB * d * 4);
     float sums[QB];
-    if (!kp || !vp || !s || !pr || !acc) {
+    if (!s || !pr || !acc || (!job->kp && (!kp || !vp))) {
         part->status = 1;
     } else {
         for (int64_t item = part->first; item < part->last; item++) run_head(job, item, kp, vp, s, pr, acc, sums);
@@ -211,23 +239,13 @@ static void *run_part(void *arg) {
     return NULL;
 }
 
-/* Returns 0 on success, 1 when memory ran out, 2 for a shape the kernel does not take. */
-int flux2_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, int64_t batch,
-                         int64_t heads, int64_t lq, int64_t lk, int64_t dim, const int64_t *qs, const int64_t *ks,
-                         const int64_t *vs, const int64_t *os, float scale, int nthreads) {
-    if (dim % 16 || dim <= 0 || lk <= 0 || lq <= 0 || batch <= 0 || heads <= 0 || nthreads < 1 || nthreads > 256)
-        return 2;
-    for (int i = 0; i < 3; i++)
-        if (qs[i] % 2 || ks[i] % 2) return 2; /* q and k rows are read as uint32 pairs */
-    const int64_t splits = batch * heads >= nthreads ? 1 : (nthreads + batch * heads - 1) / (batch * heads);
-    job_t job = {q, k, v, o, batch, heads, lq, lk, dim, {qs[0], qs[1], qs[2]}, {ks[0], ks[1], ks[2]},
-                 {vs[0], vs[1], vs[2]}, {os[0], os[1], os[2]}, scale, nthreads, splits};
-    const int64_t items = batch * heads * splits;
-    int n = nthreads < items ? nthreads : (int)items;
+/* Items [0, items) of one phase over up to nthreads threads (the caller's among them); nonzero if any failed. */
+static int run_parallel(const job_t *job, int phase, int64_t items) {
+    const int n = job->nthreads < items ? job->nthreads : (int)items;
     part_t parts[256];
     pthread_t threads[256];
     int started[256] = {0};
-    for (int t = 0; t < n; t++) parts[t] = (part_t){&job, items * t / n, items * (t + 1) / n, 1};
+    for (int t = 0; t < n; t++) parts[t] = (part_t){job, phase, items * t / n, items * (t + 1) / n, 1};
     for (int t = 1; t < n; t++) started[t] = pthread_create(&threads[t], NULL, run_part, &parts[t]) == 0;
     run_part(&parts[0]);
     int status = parts[0].status;
@@ -239,5 +257,30 @@ int flux2_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v
         }
         status |= parts[t].status;
     }
+    return status;
+}
+
+/* Returns 0 on success, 1 when memory ran out, 2 for a shape the kernel does not take. */
+int flux2_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, int64_t batch,
+                         int64_t heads, int64_t lq, int64_t lk, int64_t dim, const int64_t *qs, const int64_t *ks,
+                         const int64_t *vs, const int64_t *os, float scale, int nthreads) {
+    if (dim % 16 || dim <= 0 || lk <= 0 || lq <= 0 || batch <= 0 || heads <= 0 || nthreads < 1 || nthreads > 256)
+        return 2;
+    for (int i = 0; i < 3; i++)
+        if (qs[i] % 2 || ks[i] % 2) return 2; /* q and k rows are read as uint32 pairs */
+    /* With fewer than 4 heads a thread, each head's queries are split in ranges (of at least QB rows), so that
+     * the threads' shares stay even; the packed keys and values are shared, so splitting costs no memory. */
+    const int64_t bh = batch * heads, lk16 = (lk + 15) / 16 * 16;
+    int64_t splits = bh >= 4 * nthreads ? 1 : (4 * nthreads + bh - 1) / bh;
+    if (splits > (lq + QB - 1) / QB) splits = (lq + QB - 1) / QB;
+    job_t job = {q, k, v, o, batch, heads, lq, lk, dim, {qs[0], qs[1], qs[2]}, {ks[0], ks[1], ks[2]},
+                 {vs[0], vs[1], vs[2]}, {os[0], os[1], os[2]}, scale, nthreads, splits, NULL, NULL};
+    if (splits == 1) return run_parallel(&job, 1, bh); /* each thread packs the heads it attends */
+    job.kp = buffer(bh * lk16 * dim * 2);
+    job.vp = buffer(bh * lk16 * dim * 2);
+    int status = 1;
+    if (job.kp && job.vp && run_parallel(&job, 0, bh * ((lk16 + PACK_KEYS - 1) / PACK_KEYS)) == 0)
+        status = run_parallel(&job, 1, bh * splits);
+    free(job.kp), free(job.vp);
     return status;
 }

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -57,10 +58,10 @@ def cpu_has_avx512_bf16() -> bool:
 
 def _build(cache: Path) -> Path:
     """Compile attention.c into cache/kernels (once per source, compiler and flags) and return the library."""
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler ({cc!r} not found; install gcc or set CC)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    cc = shlex.split(os.environ.get("CC") or "cc")  # may carry a wrapper: CC="ccache gcc"
+    if not cc or shutil.which(cc[0]) is None:
+        raise RuntimeError(f"no C compiler ({' '.join(cc)!r} not found; install gcc or set CC)")
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
     target = cache / "kernels" / f"attention-{key}.so"
     if target.exists():
@@ -68,10 +69,10 @@ def _build(cache: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: no half files
         out = Path(tmp) / target.name
-        cmd = [cc, *FLAGS, "-o", str(out), str(SOURCE), "-pthread", "-lm"]
+        cmd = [*cc, *FLAGS, "-o", str(out), str(SOURCE), "-pthread", "-lm"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
-            raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n{res.stderr[-2000:]}")
+            raise RuntimeError(f"{' '.join(cc)} failed to build {SOURCE.name}:\n{res.stderr[-2000:]}")
         os.replace(out, target)
     return target
 
@@ -124,7 +125,8 @@ def cpu_bf16_attention(cache: Path) -> Attention:
         if not _takes(q, k, v):
             return F.scaled_dot_product_attention(q, k, v)
         b, h, lq, d = q.shape
-        out = torch.empty(b, lq, h, d, dtype=q.dtype).transpose(1, 2)  # heads-last memory: flatten(2) is free
+        # heads-last memory (B, Lq, H, Dh): the caller's transpose(1, 2).flatten(2) copies nothing
+        out = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
 
         def strides(t: Tensor) -> ctypes.Array:
             return (ctypes.c_int64 * 3)(*t.stride()[:3])
@@ -132,8 +134,9 @@ def cpu_bf16_attention(cache: Path) -> Attention:
         threads = min(torch.get_num_threads(), MAX_THREADS)
         status = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, lq, k.shape[2], d,
                     strides(q), strides(k), strides(v), strides(out), d**-0.5, threads)  # fmt: skip
-        if status == 1:
-            raise MemoryError(f"CPU attention: no memory for the work buffers of {k.shape[2]} keys")
+        if status == 1:  # its work buffers (about twice k and v) could not be allocated: PyTorch's may fit
+            log.warning("CPU attention: no memory for the buffers of %d keys, using PyTorch's SDPA", k.shape[2])
+            return F.scaled_dot_product_attention(q, k, v)
         if status:
             raise ValueError(f"CPU attention refused q {tuple(q.shape)} strides {q.stride()}")
         return out
@@ -146,6 +149,9 @@ def attention_for(mode: str, device: torch.device, dtype: torch.dtype, cache: Pa
     "auto": ours for bf16 on a CPU that has AVX512-BF16 and a C compiler, else SDPA (the reason logged once)."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention {mode!r}: choose one of {', '.join(ATTENTION_MODES)}")
+    if mode == "kernel" and (device.type != "cpu" or dtype != torch.bfloat16):
+        raise ValueError(f"attention 'kernel' runs bf16 on the CPU, not {str(dtype).removeprefix('torch.')} on "
+                         f"{device.type}: use auto or sdpa")  # fmt: skip
     if mode == "sdpa" or (mode == "auto" and (device.type != "cpu" or dtype != torch.bfloat16)):
         return F.scaled_dot_product_attention
     if mode == "auto" and (reason := unavailable_reason(cache)):
