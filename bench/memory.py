@@ -7,6 +7,7 @@ Qwen's chat format stands in for Qwen's, which only changes the token ids, not t
 padded to 512 tokens). Both sides generate one 512x512 image in 4 steps from the same prompt and seed.
 
     python bench/memory.py [--folder DIR] [--size 512] [--steps 4] [--only ours|diffusers] [--resident]
+        [--attention auto|sdpa|kernel] [--repeat N]
 
 Peak RSS is the process's high-water mark (VmHWM), reset before each phase to get per-phase peaks. The
 weight files are read once before each side runs, so both start with them in the page cache.
@@ -220,9 +221,6 @@ def run_diffusers(folder: Path, size: int, steps: int, png: Path) -> dict:
 
 
 def report(results: dict, pngs: dict) -> None:
-    def total(r: dict, skip_load: bool = False) -> float:
-        return sum(t for name, t, _ in r["phases"] if not (skip_load and name == "load"))
-
     def peak(r: dict) -> float:
         return max(p for _, _, p in r["phases"])
 
@@ -259,6 +257,28 @@ def warm_page_cache(folder: Path) -> None:
                 pass
 
 
+def total(r: dict, skip_load: bool = False) -> float:
+    return sum(t for name, t, _ in r["phases"] if not (skip_load and name == "load"))
+
+
+def run_child(impl: str, args: argparse.Namespace, png: Path) -> dict:
+    """One generation by `impl` in its own process, after warming the page cache (and building our kernel)."""
+    warm_page_cache(args.folder)  # both sides start with the files in the page cache, as after a first run
+    if impl == "ours":  # and with our attention kernel built, as after a first run (~1 s, once per version)
+        from flux2studio.checkpoints import cache_dir
+        from flux2studio.kernels.attention import unavailable_reason
+
+        unavailable_reason(cache_dir())
+    cmd = [sys.executable, __file__, "--child", impl, "--folder", str(args.folder), "--size", str(args.size),
+           "--steps", str(args.steps), "--attention", args.attention, "--png", str(png)]  # fmt: skip
+    cmd += ["--resident"] if args.resident else []
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode or not line:
+        raise SystemExit(f"{impl} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[0][7:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     home = Path(os.environ.get("FLUX2_HOME", Path.home() / ".cache" / "flux2studio"))
@@ -268,6 +288,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["ours", "diffusers"])
     parser.add_argument("--resident", action="store_true", help="ours with resident=True (no streaming)")
     parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "kernel"], help="ours' attention")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds (order alternating); medians reported")
     parser.add_argument("--png", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -284,42 +305,25 @@ def main() -> None:
     if not (args.folder / ".complete").exists():
         print(f"writing random klein-4b-shaped weights to {args.folder} (once, ~16 GB)", flush=True)
         write_folder(args.folder)
-    results, pngs = {}, {}
     tmp = Path(tempfile.mkdtemp(prefix="flux2-bench-"))
-    for impl in [args.only] if args.only else ["ours", "diffusers"]:
-        warm_page_cache(args.folder)  # both sides start with the files in the page cache, as after a first run
-        if impl == "ours":  # and with our attention kernel built, as after a first run (~1 s, once per version)
-            from flux2studio.checkpoints import cache_dir
-            from flux2studio.kernels.attention import unavailable_reason
-
-            unavailable_reason(cache_dir())
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            impl,
-            "--folder",
-            str(args.folder),
-            "--size",
-            str(args.size),
-            "--steps",
-            str(args.steps),
-            "--attention",
-            args.attention,
-            "--png",
-            str(tmp / f"{impl}.png"),
-        ]
-        cmd += ["--resident"] if args.resident else []
-        pngs[impl] = tmp / f"{impl}.png"
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not line:
-            raise SystemExit(f"{impl} failed:\n{out.stderr[-3000:]}")
-        results[impl] = json.loads(line[0][7:])
-        print(f"{impl}: done", flush=True)
+    impls = [args.only] if args.only else ["ours", "diffusers"]
+    runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+    for r in range(args.repeat):  # alternate the order, so that a drift of the machine's speed hits both sides
+        for impl in impls if r % 2 == 0 else impls[::-1]:
+            runs[impl].append(run_child(impl, args, tmp / f"{impl}.png"))
+            print(f"{impl}: done ({total(runs[impl][-1]):.1f} s)", flush=True)
+    # the table shows each side's median run
+    results = {impl: sorted(rs, key=total)[len(rs) // 2] for impl, rs in runs.items()}
     print(f"klein-4b shapes, random bf16 weights, {args.size}x{args.size}, {args.steps} steps, CPU, "
           f"{os.cpu_count()} cores")  # fmt: skip
-    report(results, pngs)
+    report(results, {impl: tmp / f"{impl}.png" for impl in impls})
+    if args.repeat > 1:
+        for impl, rs in runs.items():
+            print(f"{impl} totals: " + ", ".join(f"{total(r):.1f} s" for r in rs))
+        if len(impls) == 2:
+            ratios = [total(o) / total(d) for o, d in zip(runs["ours"], runs["diffusers"], strict=True)]
+            print("ratio per round: " + ", ".join(f"{x:.3f}" for x in ratios)
+                  + f"; ratio of the medians {total(results['ours']) / total(results['diffusers']):.3f}")  # fmt: skip
     shutil.rmtree(tmp)
 
 

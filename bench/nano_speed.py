@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "kernel"], help="ours' attention")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -36,7 +37,7 @@ def main() -> None:
     from flux2studio.loading import load
     from flux2studio.pipeline import build_request
 
-    pipe = load("nano", device="cpu", dtype=args.dtype, resident=True)
+    pipe = load("nano", device="cpu", dtype=args.dtype, resident=True, attention=args.attention)
     dtype = pipe.dtype
     prompt = "a large red circle in the top left and a small blue square at the bottom right on a white background"
     req = build_request(pipe.variant, prompt, size=(args.size, args.size), seed=0)

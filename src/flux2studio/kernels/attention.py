@@ -38,9 +38,11 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("attention.c")
 # Each instruction set the kernel uses is named (not -march=native): the built file is correct on any CPU that
 # has these, and its name changes with the source, the compiler and these flags.
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fPIC", "-shared"]
+# -fopenmp: the kernel runs on PyTorch's OpenMP thread pool (attention.c, run_parallel).
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC"]
+FLAGS += ["-shared"]
 
-MAX_THREADS = 256  # attention.c's thread table
+MAX_THREADS = 4096  # attention.c's limit
 
 Attention = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -69,7 +71,7 @@ def _build(cache: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: no half files
         out = Path(tmp) / target.name
-        cmd = [*cc, *FLAGS, "-o", str(out), str(SOURCE), "-pthread", "-lm"]
+        cmd = [*cc, *FLAGS, "-o", str(out), str(SOURCE), "-lm"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             raise RuntimeError(f"{' '.join(cc)} failed to build {SOURCE.name}:\n{res.stderr[-2000:]}")
