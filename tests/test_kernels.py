@@ -138,6 +138,11 @@ def test_modes_and_fallbacks(tmp_path, monkeypatch):
     assert attention_for("auto", cpu, torch.bfloat16, no_cc) is F.scaled_dot_product_attention
     with pytest.raises(RuntimeError, match=f"the CPU attention kernel is not available: .*{reason}"):
         attention_for("kernel", cpu, torch.bfloat16, no_cc)
+    if HAS_CPU:  # a cache folder that cannot be written (here: a file where the folder should be)
+        (tmp_path / "ro").write_text("")
+        monkeypatch.delenv("CC")
+        assert "ro" in unavailable_reason(tmp_path / "ro")
+        assert attention_for("auto", cpu, torch.bfloat16, tmp_path / "ro") is F.scaled_dot_product_attention
 
 
 def test_transformer_in_bf16_is_as_close_to_fp32_with_the_kernel_as_with_sdpa(kernel):

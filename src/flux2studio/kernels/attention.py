@@ -42,6 +42,7 @@ SOURCE = Path(__file__).with_name("attention.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC"]
 FLAGS += ["-shared"]
 
+BUILD_TIMEOUT_S = 120  # ~1 s normally; a stuck compiler must not stop generation
 MAX_THREADS = 4096  # attention.c's limit
 
 Attention = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -63,7 +64,7 @@ def _build(cache: Path) -> Path:
     cc = shlex.split(os.environ.get("CC") or "cc")  # may carry a wrapper: CC="ccache gcc"
     if not cc or shutil.which(cc[0]) is None:
         raise RuntimeError(f"no C compiler ({' '.join(cc)!r} not found; install gcc or set CC)")
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
     target = cache / "kernels" / f"attention-{key}.so"
     if target.exists():
@@ -72,7 +73,7 @@ def _build(cache: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: no half files
         out = Path(tmp) / target.name
         cmd = [*cc, *FLAGS, "-o", str(out), str(SOURCE), "-lm"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if res.returncode:
             raise RuntimeError(f"{' '.join(cc)} failed to build {SOURCE.name}:\n{res.stderr[-2000:]}")
         os.replace(out, target)
@@ -86,7 +87,7 @@ def _library(cache: Path) -> ctypes.CDLL | str:
         return "this CPU has no AVX512-BF16"
     try:
         lib = ctypes.CDLL(str(_build(cache)))
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:  # no compiler, read-only cache, a hang
         return str(e)
     fn = lib.flux2_attention_bf16
     i64, ptr, strides = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64 * 3
