@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from flux2studio.kernels import ATTENTION_MODES  # torch-free: the driver stays light
+
 PROMPT = "a large red circle in the top left and a small blue square at the bottom right on a white background"
 QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
@@ -227,14 +229,14 @@ def report(results: dict, pngs: dict) -> None:
     print("\n| | load | encode | denoise (per step) | decode | total | peak RSS |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for impl, r in results.items():
-        name = f"{impl} (attention: {r['attention']})" if "attention" in r else impl
+        label = f"{impl} (attention: {r['attention']})" if "attention" in r else impl
         ph = {name: (t, p) for name, t, p in r["phases"]}
         per_step = [b - a for a, b in zip(r["steps"], r["steps"][1:], strict=False)]
         step = sum(per_step) / len(per_step) if per_step else float("nan")
         cells = [f"{ph[n][0]:.1f} s ({ph[n][1]:.1f} GB)" for n in ("load", "encode")]
         cells.append(f"{ph['denoise'][0]:.1f} s ({step:.1f} s/step, {ph['denoise'][1]:.1f} GB)")
         cells.append(f"{ph['decode'][0]:.1f} s ({ph['decode'][1]:.1f} GB)")
-        print(f"| {name} | " + " | ".join(cells) + f" | {total(r):.1f} s | {peak(r):.2f} GB |")
+        print(f"| {label} | " + " | ".join(cells) + f" | {total(r):.1f} s | {peak(r):.2f} GB |")
     if {"ours", "diffusers"} <= set(results):
         o, d = results["ours"], results["diffusers"]
         print(f"\nratio ours/diffusers: peak RSS {peak(o) / peak(d):.2f}, "
@@ -287,7 +289,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--only", choices=["ours", "diffusers"])
     parser.add_argument("--resident", action="store_true", help="ours with resident=True (no streaming)")
-    parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "kernel"], help="ours' attention")
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_MODES, help="ours' attention")
     parser.add_argument("--repeat", type=int, default=1, help="rounds (order alternating); medians reported")
     parser.add_argument("--png", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)

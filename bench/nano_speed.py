@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from flux2studio.kernels import ATTENTION_MODES
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -20,7 +22,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "kernel"], help="ours' attention")
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_MODES, help="ours' attention")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

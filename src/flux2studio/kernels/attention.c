@@ -15,7 +15,6 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #define QB 24   /* query rows per block: 4 tiles of 6 */
 #define RT 6    /* rows per register tile */
@@ -35,13 +34,6 @@ typedef struct {
     int64_t splits;    /* query ranges per head: more than 1 when there are few heads for the threads */
     uint32_t *kp, *vp; /* with splits > 1: k and v of every head, packed (pack_keys), shared by the threads */
 } job_t;
-
-typedef struct {
-    const job_t *job;
-    int phase;           /* 0: pack keys and values, item = head * key chunks + chunk; 1: attend, below */
-    int64_t first, last; /* items of this thread; attend: item = (batch * heads + head) * splits + split */
-    int status;
-} part_t;
 
 #define PACK_KEYS 256 /* keys per packing item (a multiple of 16) */
 
@@ -215,13 +207,12 @@ static void run_head(const job_t *job, int64_t item, uint32_t *kp, uint32_t *vp,
 /* aligned_alloc wants a multiple of the alignment */
 static void *buffer(int64_t bytes) { return aligned_alloc(64, (size_t)((bytes + 127) / 64 * 64)); }
 
-static void *run_part(void *arg) {
-    part_t *part = (part_t *)arg;
-    const job_t *job = part->job;
-    if (part->phase == 0) {
-        for (int64_t item = part->first; item < part->last; item++) pack_item(job, item);
-        part->status = 0;
-        return NULL;
+/* Items [first, last) of a phase: 0, packing (item = head * key chunks + chunk); 1, attending (item = head *
+ * splits + split, head = batch * heads + head). Returns 1 when memory ran out, else 0. */
+static int run_items(const job_t *job, int phase, int64_t first, int64_t last) {
+    if (phase == 0) {
+        for (int64_t item = first; item < last; item++) pack_item(job, item);
+        return 0;
     }
     const int64_t lk16 = (job->lk + 15) / 16 * 16, d = job->dim;
     uint32_t *kp = job->kp ? NULL : buffer(lk16 * d * 2), *vp = job->kp ? NULL : buffer(lk16 * d * 2);
@@ -229,14 +220,11 @@ static void *run_part(void *arg) {
     uint16_t *pr = buffer(QB * lk16 * 2);
     float *acc = buffer(QB * d * 4);
     float sums[QB];
-    if (!s || !pr || !acc || (!job->kp && (!kp || !vp))) {
-        part->status = 1;
-    } else {
-        for (int64_t item = part->first; item < part->last; item++) run_head(job, item, kp, vp, s, pr, acc, sums);
-        part->status = 0;
-    }
+    const int status = !s || !pr || !acc || (!job->kp && (!kp || !vp));
+    if (!status)
+        for (int64_t item = first; item < last; item++) run_head(job, item, kp, vp, s, pr, acc, sums);
     free(kp), free(vp), free(s), free(pr), free(acc);
-    return NULL;
+    return status;
 }
 
 /* Items [0, items) of one phase over up to nthreads threads; nonzero if any failed. The threads are OpenMP's:
@@ -249,9 +237,7 @@ static int run_parallel(const job_t *job, int phase, int64_t items) {
 #pragma omp parallel num_threads(n) reduction(| : status)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        part_t part = {job, phase, items * t / nt, items * (t + 1) / nt, 1};
-        run_part(&part);
-        status |= part.status;
+        status |= run_items(job, phase, items * t / nt, items * (t + 1) / nt);
     }
     return status;
 }
@@ -260,8 +246,7 @@ static int run_parallel(const job_t *job, int phase, int64_t items) {
 int flux2_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, int64_t batch,
                          int64_t heads, int64_t lq, int64_t lk, int64_t dim, const int64_t *qs, const int64_t *ks,
                          const int64_t *vs, const int64_t *os, float scale, int nthreads) {
-    if (dim % 16 || dim <= 0 || lk <= 0 || lq <= 0 || batch <= 0 || heads <= 0 || nthreads < 1 || nthreads > 4096)
-        return 2;
+    if (dim % 16 || dim <= 0 || lk <= 0 || lq <= 0 || batch <= 0 || heads <= 0 || nthreads < 1) return 2;
     for (int i = 0; i < 3; i++)
         if (qs[i] % 2 || ks[i] % 2) return 2; /* q and k rows are read as uint32 pairs */
     /* With fewer than 4 heads a thread, each head's queries are split in ranges (of at least QB rows), so that

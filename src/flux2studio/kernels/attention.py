@@ -43,7 +43,6 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512
 FLAGS += ["-shared"]
 
 BUILD_TIMEOUT_S = 120  # ~1 s normally; a stuck compiler must not stop generation
-MAX_THREADS = 4096  # attention.c's limit
 
 Attention = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -134,9 +133,8 @@ def cpu_bf16_attention(cache: Path) -> Attention:
         def strides(t: Tensor) -> ctypes.Array:
             return (ctypes.c_int64 * 3)(*t.stride()[:3])
 
-        threads = min(torch.get_num_threads(), MAX_THREADS)
         status = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, lq, k.shape[2], d,
-                    strides(q), strides(k), strides(v), strides(out), d**-0.5, threads)  # fmt: skip
+                    strides(q), strides(k), strides(v), strides(out), d**-0.5, torch.get_num_threads())  # fmt: skip
         if status == 1:  # its work buffers (about twice k and v) could not be allocated: PyTorch's may fit
             log.warning("CPU attention: no memory for the buffers of %d keys, using PyTorch's SDPA", k.shape[2])
             return F.scaled_dot_product_attention(q, k, v)
@@ -152,10 +150,12 @@ def attention_for(mode: str, device: torch.device, dtype: torch.dtype, cache: Pa
     "auto": ours for bf16 on a CPU that has AVX512-BF16 and a C compiler, else SDPA (the reason logged once)."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention {mode!r}: choose one of {', '.join(ATTENTION_MODES)}")
-    if mode == "kernel" and (device.type != "cpu" or dtype != torch.bfloat16):
-        raise ValueError(f"attention 'kernel' runs bf16 on the CPU, not {str(dtype).removeprefix('torch.')} on "
-                         f"{device.type}: use auto or sdpa")  # fmt: skip
-    if mode == "sdpa" or (mode == "auto" and (device.type != "cpu" or dtype != torch.bfloat16)):
+    if mode == "sdpa":
+        return F.scaled_dot_product_attention
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        if mode == "kernel":
+            raise ValueError(f"attention 'kernel' runs bf16 on the CPU, not {str(dtype).removeprefix('torch.')} on "
+                             f"{device.type}: use auto or sdpa")  # fmt: skip
         return F.scaled_dot_product_attention
     if mode == "auto" and (reason := unavailable_reason(cache)):
         _log_once(reason)
