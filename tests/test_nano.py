@@ -64,7 +64,8 @@ def test_object_masks_mark_the_tokens_objects_cover_and_weigh_the_loss():
     from flux2studio.train.common import flow_loss
     from flux2studio.variants import get_variant
 
-    images, captions, masks = caption_batch(np.random.default_rng(3), 4, (128, 96))
+    batch = caption_batch(np.random.default_rng(3), 4, (128, 96))
+    images, captions, masks = batch.images, batch.captions, batch.masks
     assert images.shape == (4, 3, 96, 128) and len(captions) == 4 and masks.shape == (4, 6 * 8)
     assert ((masks == 0) | (masks == 1)).all() and (masks.sum(1) >= 1).all() and (masks.sum(1) < 48).all()
 
@@ -88,7 +89,7 @@ def test_curriculum_options_draw_fewer_objects_and_more_high_noise_levels():
     from flux2studio.nano.shapes import caption, sample_scene
     from flux2studio.nano.train import caption_batch, flow_timesteps
 
-    images, _, _ = caption_batch(np.random.default_rng(1), 12, (128, 128), None, False, max_objects=1)
+    images = caption_batch(np.random.default_rng(1), 12, (128, 128), None, False, max_objects=1).images
     assert [len(analyze(im).objects) for im in to_pil(images)] == [1] * 12
 
     # p_state "coarse" overrides P_COARSE: with 1.0 every caption states one kind of attribute only
@@ -142,3 +143,69 @@ def test_training_stages_run_and_resume_exactly(tmp_path):
     run(TrainConfig(stage="vae", out=str(tmp_path / "vae"), steps=1, batch=2, warmup=1, extra={"stats_images": "64"}))
     vae = load_file(str(tmp_path / "vae" / "vae.safetensors"))
     assert vae["bn.running_var"].min() > 0  # latent statistics measured on fresh renders
+
+
+def test_counterfactual_shapes_change_only_stated_shapes_and_the_loss_still_lands_on_the_true_scene():
+    """`--set swap=P`: x_t from the scene with its stated shapes changed, target the velocity to the true latents."""
+    import numpy as np
+
+    from flux2studio.model.transformer import Flux2Transformer
+    from flux2studio.nano.checker import analyze
+    from flux2studio.nano.shapes import Constraints, ObjSpec, caption, sample_scene
+    from flux2studio.nano.train import caption_batch, swapped_shapes
+    from flux2studio.train.common import flow_loss
+    from flux2studio.variants import get_variant
+
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        scene = sample_scene(rng)
+        _, said = caption(scene, rng, p_state={"shape": 1.0, "coarse": 0.0})
+        other = swapped_shapes(scene, said, rng)
+        assert [o.shape != p.shape for o, p in zip(other.objects, scene.objects, strict=True)] == [True] * len(
+            scene.objects
+        )
+        assert [(o.color, o.size, o.cell, o.x, o.y) for o in other.objects] == [
+            (o.color, o.size, o.cell, o.x, o.y) for o in scene.objects
+        ]
+    scene = sample_scene(rng, 2)
+    free = Constraints((ObjSpec(shape=scene.objects[0].shape), ObjSpec(color=scene.objects[1].color)))
+    assert swapped_shapes(scene, free, rng) is None  # one shape left free: nothing for the caption to correct
+
+    batch = caption_batch(np.random.default_rng(5), 16, (128, 128), {"shape": 1.0, "coarse": 0.0}, False, 2, swap=1.0)
+    assert batch.swapped.all() and batch.starts.shape == batch.images.shape
+    from flux2studio.images import to_pil
+
+    for start, image in zip(to_pil(batch.starts), to_pil(batch.images), strict=True):
+        now, then = analyze(start).objects, analyze(image).objects
+        assert sorted(o.color for o in now) == sorted(o.color for o in then)
+        assert sorted(o.shape for o in now) != sorted(o.shape for o in then) or len(now) != len(then)
+    assert caption_batch(np.random.default_rng(5), 4, (128, 128), masks=False).starts is None
+
+    torch.manual_seed(0)
+    model = Flux2Transformer(get_variant("nano-base").transformer)
+    z, other, noise = torch.randn(3, 128, 4, 4), torch.randn(3, 128, 4, 4), torch.randn(3, 128, 4, 4)
+    txt, t = torch.randn(3, 64, model.cfg.context_dim), torch.tensor([0.3, 0.6, 0.9])
+    with torch.no_grad():
+        plain = flow_loss(model, z, txt, t, noise)
+        same_start = flow_loss(model, z, txt, t, noise, start=z)
+        # the model's velocity from x_t made of `other`: the right one moves x_t onto z in one step
+        xt = (1 - t[:, None, None]) * other.flatten(2).transpose(1, 2) + t[:, None, None] * noise.flatten(2).transpose(
+            1, 2
+        )
+        target = (xt - z.flatten(2).transpose(1, 2)) / t[:, None, None]
+        assert torch.allclose(xt - t[:, None, None] * target, z.flatten(2).transpose(1, 2), atol=1e-5)
+        swapped = flow_loss(model, z, txt, t, noise, start=other)
+    assert torch.allclose(plain, same_start, rtol=1e-4) and not torch.allclose(plain, swapped, rtol=1e-2)
+
+
+def test_train_command_passes_its_options_to_the_stage(monkeypatch, tmp_path):
+    import flux2studio.nano.train as train
+    from flux2studio.cli import main
+
+    seen = []
+    monkeypatch.setattr(train, "run", seen.append)
+    argv = ["train", "nano", "--stage", "base", "--out", str(tmp_path), "--steps", "40", "--stop-after", "30"]
+    assert main([*argv, "--ema", "0.995", "--seed", "10", "--set", "swap=0.5", "--set", "swap_lo=0.7"]) == 0
+    cfg = seen[0]
+    assert (cfg.ema, cfg.seed, cfg.steps, cfg.end) == (0.995, 10, 40, 30)
+    assert cfg.extra == {"swap": "0.5", "swap_lo": "0.7"}

@@ -303,7 +303,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     extra = dict(kv.split("=", 1) for kv in args.set)
     cfg = TrainConfig(stage=args.stage, out=args.out, steps=args.steps, batch=args.batch, lr=args.lr,
-                      warmup=args.warmup, seed=args.seed, ckpt_every=args.ckpt_every, extra=extra,
+                      warmup=args.warmup, seed=args.seed, ckpt_every=args.ckpt_every, ema=args.ema, extra=extra,
                       stop_after=args.stop_after)  # fmt: skip
     run(cfg)
     return 0
@@ -546,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--warmup", type=int, default=100)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--ckpt-every", type=int, default=200)
+    tr.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights (base, distill)")
     tr.add_argument("--stop-after", type=int, default=0, metavar="N",
                     help="stop after step N (a checkpoint is written); the schedule still spans --steps")  # fmt: skip
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="stage option, e.g. shift=6")

@@ -43,7 +43,7 @@ from ..train.common import (
     train_timesteps,
 )
 from ..variants import get_variant
-from .shapes import P_STATE, caption, render, sample_scene
+from .shapes import P_STATE, SHAPES, Constraints, Scene, caption, render, sample_scene
 
 # Training resolutions (width, height) and how often each is drawn: mostly the 128x128 default, some
 # other aspect ratios so every supported preset has been seen.
@@ -127,6 +127,19 @@ OBJECT_WEIGHT = 10.0
 LATENT_NOISE = 0.1
 
 
+@dataclass
+class Batch:
+    """Training images (n, 3, H, W), their captions, object masks per latent token (n, H/16 * W/16) if asked,
+    and for counterfactual shapes (`swap`): the images x_t is made from (the true image where not swapped)
+    and which samples were swapped."""
+
+    images: Tensor
+    captions: list[str]
+    masks: Tensor | None = None
+    starts: Tensor | None = None
+    swapped: Tensor | None = None
+
+
 def caption_batch(
     rng: np.random.Generator,
     n: int,
@@ -134,22 +147,44 @@ def caption_batch(
     p_state: dict[str, float] | None = None,
     masks: bool = True,
     max_objects: int | None = None,
-) -> tuple[Tensor, list[str], Tensor | None]:
-    """Images (n, 3, H, W), their captions, and (if `masks`) object masks per latent token (n, H/16 * W/16).
-
-    A token is marked when any pixel of its 16x16 cell differs from the bare background. `max_objects`
-    draws 1..max_objects objects per scene (uniformly) instead of the world's 1..4, for a curriculum.
+    swap: float = 0.0,
+) -> Batch:
+    """Fresh scenes, captions and (if `masks`) object masks: a token is marked when any pixel of its 16x16
+    cell differs from the bare background. `max_objects` draws 1..max_objects objects per scene (uniformly)
+    instead of the world's 1..4, for a curriculum. `swap`: the share of samples whose captions state every
+    object's shape that also get a counterfactual render with each shape changed (`swapped_shapes`).
     """
-    images, captions, marked = [], [], []
+    images, captions, marked, starts, swapped = [], [], [], [], []
     for _ in range(n):
         scene = sample_scene(rng, None if max_objects is None else int(rng.integers(1, max_objects + 1)))
-        text, _ = caption(scene, rng, p_state=p_state)
+        text, constraints = caption(scene, rng, p_state=p_state)
         x = to_tensor(render(scene, *size))
         if masks:
             marked.append(F.max_pool2d(object_pixels(scene, x), sampling.PIXELS_PER_TOKEN).flatten(1))
         images.append(x)
         captions.append(text)
-    return torch.cat(images), captions, torch.cat(marked) if masks else None
+        if swap:  # draws nothing from rng without it, so runs without `swap` keep their exact data
+            other = swapped_shapes(scene, constraints, rng) if rng.random() < swap else None
+            starts.append(x if other is None else to_tensor(render(other, *size)))
+            swapped.append(other is not None)
+    return Batch(
+        torch.cat(images),
+        captions,
+        torch.cat(marked) if masks else None,
+        torch.cat(starts) if swap else None,
+        torch.tensor(swapped) if swap else None,
+    )
+
+
+def swapped_shapes(scene: Scene, constraints: Constraints, rng: np.random.Generator) -> Scene | None:
+    """`scene` with every object's shape changed to one of the other two, if the caption states every
+    object's shape (else None: a shape the caption leaves free is not the caption's to correct)."""
+    if not all(spec.shape for spec in constraints.objects):
+        return None
+    k = len(SHAPES)
+    objects = [dataclasses.replace(o, shape=SHAPES[(SHAPES.index(o.shape) + int(rng.integers(1, k))) % k])
+               for o in scene.objects]  # fmt: skip
+    return dataclasses.replace(scene, objects=tuple(objects))
 
 
 # ----------------------------------------------------------------------------- stage: vae
@@ -246,18 +281,37 @@ def p_state(cfg: TrainConfig) -> dict[str, float]:
     return stated
 
 
-def batches(
-    cfg: TrainConfig, frozen: Frozen, start: int, masks: bool = False
-) -> Iterator[tuple[int, Tensor, Tensor, Tensor | None]]:
+@dataclass
+class Step:
+    """One training batch as latents: `z` (B, 128, h, w), `txt` (B, L, C); with `swap`, `start` holds the
+    latents x_t is made from (counterfactual shapes where `swapped`, else z)."""
+
+    step: int
+    z: Tensor
+    txt: Tensor
+    masks: Tensor | None = None
+    start: Tensor | None = None
+    swapped: Tensor | None = None
+
+
+def batches(cfg: TrainConfig, frozen: Frozen, start: int, masks: bool = False, swap: float = 0.0) -> Iterator[Step]:
     stated = p_state(cfg)
     max_objects = int(cfg.extra["objects"]) if "objects" in cfg.extra else None
     for step in range(start, cfg.end):
         rng = np.random.default_rng([cfg.seed, step])
         size = pick_bucket(rng)
-        images, captions, marked = caption_batch(rng, cfg.batch, size, stated, masks, max_objects)
-        captions = ["" if rng.random() < cfg.caption_dropout else c for c in captions]
-        z, txt = frozen.encode(images, captions)
-        yield step, z, txt, marked
+        batch = caption_batch(rng, cfg.batch, size, stated, masks, max_objects, swap)
+        dropped = [bool(rng.random() < cfg.caption_dropout) for _ in batch.captions]
+        captions = ["" if d else c for c, d in zip(batch.captions, dropped, strict=True)]
+        z, txt = frozen.encode(batch.images, captions)
+        z_start = swapped = None
+        if batch.swapped is not None:
+            swapped = batch.swapped & ~torch.tensor(dropped)  # an empty caption says no shape to correct
+            z_start = z.clone()
+            if swapped.any():
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    z_start[swapped] = frozen.vae.encode(batch.starts[swapped]).float()
+        yield Step(step, z, txt, batch.masks, z_start, swapped)
 
 
 def flow_timesteps(g: torch.Generator, n: int, shift: float, high_t: float = 0.0, mid_t: float = 0.0) -> Tensor:
@@ -324,15 +378,22 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
     # caption says rather than about the background, which is learnt early anyway.
     object_weight = float(cfg.extra.get("object_weight", 1.0))
     high_t, mid_t = float(cfg.extra.get("high_t", 0.0)), float(cfg.extra.get("mid_t", 0.0))
+    # Counterfactual shapes (`swapped_shapes`): x_t made from the scene with its stated shapes changed, the
+    # target the true scene, at noise levels in [swap_lo, swap_hi] where outlines are decided.
+    swap = float(cfg.extra.get("swap", 0.0))
+    swap_lo, swap_hi = float(cfg.extra.get("swap_lo", 0.6)), float(cfg.extra.get("swap_hi", 0.95))
     t0 = time.time()
-    for step, z, txt, masks in batches(cfg, frozen, start, masks=object_weight != 1):
+    for b in batches(cfg, frozen, start, masks=object_weight != 1, swap=swap):
+        step = b.step
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        t = flow_timesteps(g, z.shape[0], shift, high_t, mid_t)
-        noise = torch.randn(z.shape, generator=g)
+        t = flow_timesteps(g, b.z.shape[0], shift, high_t, mid_t)
+        noise = torch.randn(b.z.shape, generator=g)
+        if b.swapped is not None:  # drawn after the noise, so runs without `swap` keep their exact numbers
+            t = torch.where(b.swapped, swap_lo + (swap_hi - swap_lo) * torch.rand(t.shape, generator=g), t)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        weight = None if masks is None else 1 + (object_weight - 1) * masks
-        loss = flow_loss(model, z, txt, t, noise, weight=weight)
+        weight = None if b.masks is None else 1 + (object_weight - 1) * b.masks
+        loss = flow_loss(model, b.z, b.txt, t, noise, weight=weight, start=b.start)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -396,7 +457,8 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
     guidance = float(cfg.extra.get("guidance", get_variant("nano-base").guidance))
     substeps = int(cfg.extra.get("substeps", 6))
     plain = TrainConfig(**{**asdict(cfg), "caption_dropout": 0.0})
-    for step, z, txt, _ in batches(plain, frozen, start):
+    for b in batches(plain, frozen, start):
+        step, z, txt = b.step, b.z, b.txt
         g = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
         h, w = z.shape[-2:]
         sigmas = sampling.schedule(student_steps, h * w)

@@ -81,23 +81,27 @@ def flow_loss(
     ref: Tensor | None = None,
     ref_ids: Tensor | None = None,
     weight: Tensor | None = None,
+    start: Tensor | None = None,
 ) -> Tensor:
     """Rectified flow: x_t = (1 - t) z + t noise, target v = noise - z (so Euler from t=1 to 0 recovers z).
 
     z, noise (B, 128, h, w); txt (B, L, C); t (B,). With reference tokens `ref` (B, Lr, 128) the model
     sees them after the target tokens, as in editing, and the loss covers the target tokens only.
     `weight` (B, h*w) weighs each token's squared error (the loss is the weighted mean).
+    `start` (like z): x_t is made from it instead of z, and the target is the velocity that still lands on z,
+    (x_t - z) / t (the same as noise - z where start is z); t must then be > 0.
     """
     h, w = z.shape[-2:]
     x0, x1 = sampling.pack(z), sampling.pack(noise)
     tt = t[:, None, None]
-    xt = (1 - tt) * x0 + tt * x1
+    xt = (1 - tt) * (x0 if start is None else sampling.pack(start)) + tt * x1
+    target = x1 - x0 if start is None else (xt - x0) / tt
     ids = sampling.image_ids(h, w)
     if ref is not None:
         xt, ids = torch.cat([xt, ref], dim=1), torch.cat([ids, ref_ids])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=xt.device.type == "cpu"):
         v = model(xt, ids, txt, sampling.text_ids(txt.shape[1]), t)[:, : h * w]
     if weight is None:
-        return F.mse_loss(v.float(), x1 - x0)
-    err = (v.float() - (x1 - x0)).pow(2).mean(-1)  # (B, h*w)
+        return F.mse_loss(v.float(), target)
+    err = (v.float() - target).pow(2).mean(-1)  # (B, h*w)
     return (err * weight).sum() / weight.sum()
