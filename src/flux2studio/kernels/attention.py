@@ -39,8 +39,10 @@ SOURCE = Path(__file__).with_name("attention.c")
 # Each instruction set the kernel uses is named (not -march=native): the built file is correct on any CPU that
 # has these, and its name changes with the source, the compiler and these flags.
 # -fopenmp: the kernel runs on PyTorch's OpenMP thread pool (attention.c, run_parallel).
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC"]
-FLAGS += ["-shared"]
+FLAGS = [
+    *("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"),
+    *("-fopenmp", "-fPIC", "-shared"),
+]
 
 BUILD_TIMEOUT_S = 120  # ~1 s normally; a stuck compiler must not stop generation
 

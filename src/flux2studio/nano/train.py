@@ -264,11 +264,15 @@ class Frozen:
         self.empty = self.text([""]).float()  # (1, 64, 1152): dropout / negative prompt
 
     @torch.no_grad()
+    def latents(self, images: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.vae.encode(images).float()
+
+    @torch.no_grad()
     def encode(self, images: Tensor, captions: list[str]) -> tuple[Tensor, Tensor]:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            z = self.vae.encode(images).float()
             txt = self.text(captions).float()
-        return z, txt
+        return self.latents(images), txt
 
 
 def p_state(cfg: TrainConfig) -> dict[str, float]:
@@ -309,8 +313,7 @@ def batches(cfg: TrainConfig, frozen: Frozen, start: int, masks: bool = False, s
             swapped = batch.swapped & ~torch.tensor(dropped)  # an empty caption says no shape to correct
             z_start = z.clone()
             if swapped.any():
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                    z_start[swapped] = frozen.vae.encode(batch.starts[swapped]).float()
+                z_start[swapped] = frozen.latents(batch.starts[swapped])
         yield Step(step, z, txt, batch.masks, z_start, swapped)
 
 
