@@ -145,6 +145,40 @@ def test_training_stages_run_and_resume_exactly(tmp_path):
     assert vae["bn.running_var"].min() > 0  # latent statistics measured on fresh renders
 
 
+def test_workers_render_the_same_batches_and_a_time_limit_stops_with_a_checkpoint(tmp_path):
+    """Batches rendered in worker processes (sent back as uint8 pixels) are exactly the in-process ones,
+    masks, counterfactual starts and dropped captions included; `max_minutes` stops after the step that passes
+    it, with a checkpoint that the next run resumes from."""
+    import shutil
+
+    from flux2studio.checkpoints import EMBEDDED
+    from flux2studio.nano.train import TrainConfig, run, step_batches
+
+    extra = {"shift": "2.5", "object_weight": "4", "swap": "0.5", "objects": "2", "p_cell": "1"}
+    cfg = TrainConfig(stage="base", out=str(tmp_path), steps=3, batch=4, warmup=1, ckpt_every=100, extra=extra)
+    here = list(step_batches(cfg, 1, masks=True, swap=0.5))
+    there = list(step_batches(dataclasses.replace(cfg, workers=2), 1, masks=True, swap=0.5))
+    assert len(here) == len(there) == 2
+    assert any(batch.swapped.any() for batch, _ in here)  # counterfactual renders travel too
+    for (a, dropped_a), (b, dropped_b) in zip(here, there, strict=True):
+        assert a.captions == b.captions and dropped_a == dropped_b
+        for name in ("images", "masks", "starts", "swapped"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+    shutil.copy(EMBEDDED / "nano-vae.safetensors", tmp_path / "vae.safetensors")
+    run(dataclasses.replace(cfg, max_minutes=1e-9))
+    assert checkpoint_step(tmp_path / "base.ckpt.safetensors") == 1
+    run(cfg)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and checkpoint_step(tmp_path / "base.ckpt.safetensors") == 3
+
+
+def checkpoint_step(path) -> int:
+    from flux2studio.train.common import checkpoint_meta
+
+    return int(checkpoint_meta(path)["step"])
+
+
 def test_counterfactual_shapes_change_only_stated_shapes_and_the_loss_still_lands_on_the_true_scene():
     """`--set swap=P`: x_t from the scene with its stated shapes changed, target the velocity to the true latents."""
     import numpy as np
@@ -205,7 +239,9 @@ def test_train_command_passes_its_options_to_the_stage(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(train, "run", seen.append)
     argv = ["train", "nano", "--stage", "base", "--out", str(tmp_path), "--steps", "40", "--stop-after", "30"]
+    argv += ["--device", "cuda", "--workers", "6", "--max-minutes", "7.5"]
     assert main([*argv, "--ema", "0.995", "--seed", "10", "--set", "swap=0.5", "--set", "swap_lo=0.7"]) == 0
     cfg = seen[0]
     assert (cfg.ema, cfg.seed, cfg.steps, cfg.end) == (0.995, 10, 40, 30)
+    assert (cfg.device, cfg.workers, cfg.max_minutes) == ("cuda", 6, 7.5)
     assert cfg.extra == {"swap": "0.5", "swap_lo": "0.7"}

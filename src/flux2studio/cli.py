@@ -304,7 +304,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     extra = dict(kv.split("=", 1) for kv in args.set)
     cfg = TrainConfig(stage=args.stage, out=args.out, steps=args.steps, batch=args.batch, lr=args.lr,
                       warmup=args.warmup, seed=args.seed, ckpt_every=args.ckpt_every, ema=args.ema, extra=extra,
-                      stop_after=args.stop_after)  # fmt: skip
+                      stop_after=args.stop_after, device=args.device, workers=args.workers,
+                      max_minutes=args.max_minutes)  # fmt: skip
     run(cfg)
     return 0
 
@@ -549,6 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights (base, distill)")
     tr.add_argument("--stop-after", type=int, default=0, metavar="N",
                     help="stop after step N (a checkpoint is written); the schedule still spans --steps")  # fmt: skip
+    tr.add_argument("--max-minutes", type=float, default=0.0, metavar="M",
+                    help="stop after the step that passes M minutes (with a checkpoint); 0: no limit")  # fmt: skip
+    tr.add_argument("--device", default="cpu", help="where the models train: cpu (default) or cuda")
+    tr.add_argument("--workers", type=int, default=0,
+                    help="processes that render the next batches during training (same data as 0, faster)")  # fmt: skip
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="stage option, e.g. shift=6")
     tr.set_defaults(func=cmd_train)
 

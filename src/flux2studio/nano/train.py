@@ -16,7 +16,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import multiprocessing
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,11 +76,22 @@ class TrainConfig:
     threads: int = 2
     extra: dict = field(default_factory=dict)
     stop_after: int = 0  # 0: run to `steps`; else stop (with a checkpoint) after this step of the schedule
+    device: str = "cpu"  # where the models run; data, noise and timesteps are drawn on the CPU either way
+    workers: int = 0  # processes rendering the next batches while this one trains (0: render in-process)
+    max_minutes: float = 0.0  # 0: no limit; else stop (with a checkpoint) after the step that passes it
 
     @property
     def end(self) -> int:
         """The step this run stops after: the learning-rate schedule still spans `steps`."""
         return min(self.steps, self.stop_after) if self.stop_after else self.steps
+
+    def out_of_time(self, t0: float) -> bool:
+        return bool(self.max_minutes) and time.time() - t0 > 60 * self.max_minutes
+
+
+def bf16(device: torch.device):
+    """Mixed precision on the training device: bf16 matmuls (on CPU about 5x faster than fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -192,8 +205,9 @@ def swapped_shapes(scene: Scene, constraints: Constraints, rng: np.random.Genera
 
 def train_vae(cfg: TrainConfig, log: Callable[[dict], None]) -> AutoEncoder:
     vae_cfg = get_variant("nano").vae
+    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    vae = AutoEncoder(vae_cfg)
+    vae = AutoEncoder(vae_cfg).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     names = {p: n for n, p in vae.named_parameters()}
     out = Path(cfg.out)
@@ -203,18 +217,19 @@ def train_vae(cfg: TrainConfig, log: Callable[[dict], None]) -> AutoEncoder:
         vae.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
         restore_optimizer(opt, names, sd)
         start = int(checkpoint_meta(ckpt)["step"])
+    t0 = time.time()
     for step in range(start, cfg.end):
         rng = np.random.default_rng([cfg.seed, step])
-        x, weight = vae_batch(rng, cfg.batch, (128, 128))
+        x, weight = (t.to(device) for t in vae_batch(rng, cfg.batch, (128, 128)))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with bf16(device):
             mean = vae.moments(x).float()[:, : vae.cfg.z_channels]
             # Nearly deterministic: a fixed small noise instead of a learned variance. A learned variance
             # starts at 1 and drowns the signal; the diffusion model only ever sees posterior means anyway,
             # and the noise keeps the decoder tolerant of the small errors a sampler leaves.
             eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
-            y = vae.decode_raw(mean + LATENT_NOISE * eps).float()
+            y = vae.decode_raw(mean + LATENT_NOISE * eps.to(device)).float()
         err = y - x
         rec = ((err.abs() + err.pow(2)) * weight).mean() / weight.mean()
         kl = mean.pow(2).mean()  # keeps the latent scale bounded (the BatchNorm stats normalise it later)
@@ -224,13 +239,16 @@ def train_vae(cfg: TrainConfig, log: Callable[[dict], None]) -> AutoEncoder:
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         log({"stage": "vae", "step": step + 1, "loss": loss.item(), "rec": rec.item(), "kl": kl.item()})
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.end:
+        stop = cfg.out_of_time(t0)
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.end or stop:
             tensors = {f"model.{k}": v for k, v in vae.state_dict().items()}
             save_checkpoint(
                 out / "vae.ckpt.safetensors", step + 1, tensors | optimizer_tensors(opt, names), asdict(cfg)
             )
+        if stop:
+            return vae  # stopped early: the latent statistics and vae.safetensors come with the finished run
     measure_latent_stats(vae, cfg.seed, n=int(cfg.extra.get("stats_images", 1024)))
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"))
+    save_file({k: v.contiguous().cpu() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"))
     return vae
 
 
@@ -238,11 +256,12 @@ def train_vae(cfg: TrainConfig, log: Callable[[dict], None]) -> AutoEncoder:
 def measure_latent_stats(vae: AutoEncoder, seed: int, n: int = 1024, batch: int = 32) -> None:
     """Per-channel mean and variance of patchified posterior means -> the BatchNorm buffers."""
     vae.eval()
+    device = next(vae.parameters()).device
     rng = np.random.default_rng([seed, 10**9])
     zs = []
     for _ in range(n // batch):
-        x = image_batch(rng, batch, (128, 128))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = image_batch(rng, batch, (128, 128)).to(device)
+        with bf16(device):
             mean = vae.moments(x).float()[:, : vae.cfg.z_channels]
         zs.append(patchify(mean, vae.cfg.patch).transpose(0, 1).flatten(1))  # (128, B*h*w)
     z = torch.cat(zs, dim=1)
@@ -256,21 +275,23 @@ def measure_latent_stats(vae: AutoEncoder, seed: int, n: int = 1024, batch: int 
 class Frozen:
     """The frozen parts used to make training pairs: the VAE and the MiniLM text encoder."""
 
-    def __init__(self, vae_path: Path) -> None:
+    def __init__(self, vae_path: Path, device: torch.device | str = "cpu") -> None:
         variant = get_variant("nano")
+        self.device = torch.device(device)
         self.vae = AutoEncoder(variant.vae).eval()
         self.vae.load_state_dict(load_file(str(vae_path)))
-        self.text: TextEncoder = load_minilm(variant.text_encoder)
+        self.vae.to(self.device)
+        self.text: TextEncoder = load_minilm(variant.text_encoder, self.device)
         self.empty = self.text([""]).float()  # (1, 64, 1152): dropout / negative prompt
 
     @torch.no_grad()
     def latents(self, images: Tensor) -> Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.vae.encode(images).float()
+        with bf16(self.device):
+            return self.vae.encode(images.to(self.device)).float()
 
     @torch.no_grad()
     def encode(self, images: Tensor, captions: list[str]) -> tuple[Tensor, Tensor]:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with bf16(self.device):
             txt = self.text(captions).float()
         return self.latents(images), txt
 
@@ -298,14 +319,75 @@ class Step:
     swapped: Tensor | None = None
 
 
-def batches(cfg: TrainConfig, frozen: Frozen, start: int, masks: bool = False, swap: float = 0.0) -> Iterator[Step]:
-    stated = p_state(cfg)
+def step_batch(cfg: TrainConfig, step: int, masks: bool, swap: float) -> tuple[Batch, list[bool]]:
+    """The scenes of one training step and which captions are dropped, all drawn from that step's own
+    generator: the same data whether it is made here or in a worker, in any order, and on a resume."""
+    rng = np.random.default_rng([cfg.seed, step])
+    size = pick_bucket(rng)
     max_objects = int(cfg.extra["objects"]) if "objects" in cfg.extra else None
-    for step in range(start, cfg.end):
-        rng = np.random.default_rng([cfg.seed, step])
-        size = pick_bucket(rng)
-        batch = caption_batch(rng, cfg.batch, size, stated, masks, max_objects, swap)
-        dropped = [bool(rng.random() < cfg.caption_dropout) for _ in batch.captions]
+    batch = caption_batch(rng, cfg.batch, size, p_state(cfg), masks, max_objects, swap)
+    return batch, [bool(rng.random() < cfg.caption_dropout) for _ in batch.captions]
+
+
+def _pixels(x: Tensor | None) -> np.ndarray | None:
+    """Renders in [-1, 1] back to their uint8 pixels: a quarter of the bytes to send from a worker."""
+    return None if x is None else ((x + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def _from_pixels(x: np.ndarray | None) -> Tensor | None:
+    """Exactly the floats `to_tensor` makes from the same uint8 pixels."""
+    return None if x is None else torch.from_numpy(x).float() / 255.0 * 2 - 1
+
+
+def _as_arrays(x: Tensor | None) -> np.ndarray | None:
+    return None if x is None else x.numpy()
+
+
+def _as_tensor(x: np.ndarray | None) -> Tensor | None:
+    return None if x is None else torch.from_numpy(x)
+
+
+def _packed_step(args: tuple[TrainConfig, int, bool, float]) -> tuple:
+    """`step_batch` in a worker, returned as numpy arrays: they pickle by value (tensors would go through
+    shared memory, which a container may have little of)."""
+    batch, dropped = step_batch(*args)
+    return (_pixels(batch.images), batch.captions, _as_arrays(batch.masks), _pixels(batch.starts),
+            _as_arrays(batch.swapped), dropped)  # fmt: skip
+
+
+def _unpack_step(packed: tuple) -> tuple[Batch, list[bool]]:
+    images, captions, masks, starts, swapped, dropped = packed
+    batch = Batch(_from_pixels(images), captions, _as_tensor(masks), _from_pixels(starts), _as_tensor(swapped))
+    return batch, dropped
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def step_batches(cfg: TrainConfig, start: int, masks: bool, swap: float) -> Iterator[tuple[Batch, list[bool]]]:
+    """`step_batch` for every step from `start`, rendered `cfg.workers` at a time ahead of training (a
+    bounded window, so a slow trainer never piles up renders) or in this process when workers is 0."""
+    steps = iter(range(start, cfg.end))
+    if not cfg.workers:
+        yield from (step_batch(cfg, step, masks, swap) for step in steps)
+        return
+    # spawn: clean processes, whatever threads or devices this one has started
+    with multiprocessing.get_context("spawn").Pool(cfg.workers, initializer=_worker_init) as pool:
+        window: deque = deque()
+        for _ in range(2 * cfg.workers):
+            if (step := next(steps, None)) is not None:
+                window.append(pool.apply_async(_packed_step, ((cfg, step, masks, swap),)))
+        while window:
+            packed = window.popleft().get()
+            if (step := next(steps, None)) is not None:
+                window.append(pool.apply_async(_packed_step, ((cfg, step, masks, swap),)))
+            yield _unpack_step(packed)
+
+
+def batches(cfg: TrainConfig, frozen: Frozen, start: int, masks: bool = False, swap: float = 0.0) -> Iterator[Step]:
+    device = frozen.device
+    for step, (batch, dropped) in enumerate(step_batches(cfg, start, masks, swap), start):
         captions = ["" if d else c for c, d in zip(batch.captions, dropped, strict=True)]
         z, txt = frozen.encode(batch.images, captions)
         z_start = swapped = None
@@ -313,8 +395,10 @@ def batches(cfg: TrainConfig, frozen: Frozen, start: int, masks: bool = False, s
             swapped = batch.swapped & ~torch.tensor(dropped)  # an empty caption says no shape to correct
             z_start = z.clone()
             if swapped.any():
-                z_start[swapped] = frozen.latents(batch.starts[swapped])
-        yield Step(step, z, txt, batch.masks, z_start, swapped)
+                z_start[swapped.to(device)] = frozen.latents(batch.starts[swapped])
+            swapped = swapped.to(device)
+        masks_ = None if batch.masks is None else batch.masks.to(device)
+        yield Step(step, z, txt, masks_, z_start, swapped)
 
 
 def flow_timesteps(g: torch.Generator, n: int, shift: float, high_t: float = 0.0, mid_t: float = 0.0) -> Tensor:
@@ -347,7 +431,8 @@ def resume(ckpt: Path, model: nn.Module, ema: Ema, opt: torch.optim.Optimizer, n
         return 0
     sd = load_file(str(ckpt))
     model.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
-    ema.shadow = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
+    device = next(model.parameters()).device
+    ema.shadow = {k[4:]: v.to(device) for k, v in sd.items() if k.startswith("ema.")}
     restore_optimizer(opt, names, sd)
     return int(checkpoint_meta(ckpt)["step"])
 
@@ -357,7 +442,7 @@ def snapshot(out: Path, stage: str, name: str, step: int, model, ema: Ema, opt, 
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.shadow.items()} | optimizer_tensors(opt, names)
     save_checkpoint(out / f"{stage}.ckpt.safetensors", step, tensors, asdict(cfg))
-    save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(out / f"{name}.safetensors"))
+    save_file({k: v.contiguous().cpu() for k, v in ema.shadow.items()}, str(out / f"{name}.safetensors"))
 
 
 def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable | None = None) -> None:
@@ -367,11 +452,13 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
     optimizer restarts, the step count continues from `--set init_step=N`.
     """
     out = Path(cfg.out)
-    frozen = Frozen(out / "vae.safetensors")
+    device = torch.device(cfg.device)
+    frozen = Frozen(out / "vae.safetensors", device)
     torch.manual_seed(cfg.seed)
     model = Flux2Transformer(get_variant("nano-base").transformer)
     if init := cfg.extra.get("init"):
         model.load_state_dict({k: v.float() for k, v in load_file(init).items()})
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
     names = {p: n for n, p in model.named_parameters()}
     ema = Ema(model, cfg.ema)
@@ -392,11 +479,12 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
         t = flow_timesteps(g, b.z.shape[0], shift, high_t, mid_t)
         noise = torch.randn(b.z.shape, generator=g)
         if b.swapped is not None:  # drawn after the noise, so runs without `swap` keep their exact numbers
-            t = torch.where(b.swapped, swap_lo + (swap_hi - swap_lo) * torch.rand(t.shape, generator=g), t)
+            t = torch.where(b.swapped.cpu(), swap_lo + (swap_hi - swap_lo) * torch.rand(t.shape, generator=g), t)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
         weight = None if b.masks is None else 1 + (object_weight - 1) * b.masks
-        loss = flow_loss(model, b.z, b.txt, t, noise, weight=weight, start=b.start)
+        with bf16(device):
+            loss = flow_loss(model, b.z, b.txt, t.to(device), noise.to(device), weight=weight, start=b.start)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -404,10 +492,13 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
         ema.update(model, step)
         log({"stage": "base", "step": step + 1, "loss": loss.item(), "grad": grad.item(),
              "lr": lr_at(step, cfg.lr, cfg.warmup, cfg.steps), "s": round(time.time() - t0, 1)})  # fmt: skip
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.end:
+        stop = cfg.out_of_time(t0)
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.end or stop:
             snapshot(out, "base", "nano-base", step + 1, model, ema, opt, names, cfg)
         if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             log({"stage": "base", "step": step + 1, "eval": evaluate(out / "nano-base.safetensors")})
+        if stop:
+            break
 
 
 # ----------------------------------------------------------------------------- stage: distill
@@ -418,18 +509,18 @@ def teacher_segment(
     a: float, b: float, substeps: int, guidance: float,
 ) -> Tensor:  # fmt: skip
     """Integrate the teacher's CFG velocity from noise level a to b in `substeps` Euler steps."""
-    img_ids, txt_ids = sampling.image_ids(*hw), sampling.text_ids(txt.shape[1])
+    img_ids, txt_ids = sampling.image_ids(*hw).to(x.device), sampling.text_ids(txt.shape[1]).to(x.device)
 
     def v_cond(x, t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with bf16(x.device):
             return teacher(x, img_ids, txt, txt_ids, t).float()
 
     def v_uncond(x, t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with bf16(x.device):
             return teacher(x, img_ids, empty.expand_as(txt), txt_ids, t).float()
 
     velocity = sampling.cfg_velocity(v_cond, v_uncond, guidance)
-    return sampling.denoise(velocity, x, torch.linspace(a, b, substeps + 1))
+    return sampling.denoise(velocity, x, torch.linspace(a, b, substeps + 1, device=x.device))
 
 
 def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable | None = None) -> None:
@@ -444,9 +535,11 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
     teacher's weights so early steps are already close.
     """
     out = Path(cfg.out)
-    frozen = Frozen(out / "vae.safetensors")
+    device = torch.device(cfg.device)
+    frozen = Frozen(out / "vae.safetensors", device)
     teacher = Flux2Transformer(get_variant("nano-base").transformer).eval()
     teacher.load_state_dict(load_file(str(out / "nano-base.safetensors")))
+    teacher.to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
     model = copy.deepcopy(teacher).train()
@@ -460,13 +553,14 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
     guidance = float(cfg.extra.get("guidance", get_variant("nano-base").guidance))
     substeps = int(cfg.extra.get("substeps", 6))
     plain = TrainConfig(**{**asdict(cfg), "caption_dropout": 0.0})
+    t0 = time.time()
     for b in batches(plain, frozen, start):
         step, z, txt = b.step, b.z, b.txt
         g = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
         h, w = z.shape[-2:]
         sigmas = sampling.schedule(student_steps, h * w)
         segment = int(torch.randint(student_steps, (1,), generator=g))
-        noise = torch.randn(z.shape, generator=g)
+        noise = torch.randn(z.shape, generator=g).to(device)
         a, b = sigmas[segment], sigmas[segment + 1]
         x_a = (1 - a) * sampling.pack(z) + a * sampling.pack(noise)
         with torch.no_grad():
@@ -474,19 +568,24 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
         target = (x_b - x_a) / (b - a)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            v = model(x_a, sampling.image_ids(h, w), txt, sampling.text_ids(txt.shape[1]), a.expand(z.shape[0]))
+        img_ids, txt_ids = sampling.image_ids(h, w).to(device), sampling.text_ids(txt.shape[1]).to(device)
+        with bf16(device):
+            v = model(x_a, img_ids, txt, txt_ids, a.to(device).expand(z.shape[0]))
         loss = F.mse_loss(v.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema.update(model, step)
-        log({"stage": "distill", "step": step + 1, "segment": segment, "loss": loss.item(), "grad": grad.item()})
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.end:
+        log({"stage": "distill", "step": step + 1, "segment": segment, "loss": loss.item(), "grad": grad.item(),
+             "s": round(time.time() - t0, 1)})  # fmt: skip
+        stop = cfg.out_of_time(t0)
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.end or stop:
             snapshot(out, "distill", "nano", step + 1, model, ema, opt, names, cfg)
         if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             log({"stage": "distill", "step": step + 1, "eval": evaluate(out / "nano.safetensors")})
+        if stop:
+            break
 
 
 # ----------------------------------------------------------------------------- entry
@@ -521,6 +620,18 @@ def run(cfg: TrainConfig, evaluate: Callable | None = None) -> None:
     bar.close()
 
 
+def steps_done(run: Path, stage: str) -> int | None:
+    """The step of the weights a run's stage left (None: the stage did not run there): its checkpoint's, or,
+    for a run trained on another machine and brought back without its optimizer state, its log's last step."""
+    ckpt = run / f"{stage}.ckpt.safetensors"
+    if ckpt.exists():
+        return int(checkpoint_meta(ckpt)["step"])
+    log = run / "train.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    steps = [row["step"] for row in rows if row.get("stage") == stage and "loss" in row]
+    return steps[-1] if steps else None
+
+
 def export(
     out: str | Path, dest: Path | None = None, evals: dict | None = None, chain: tuple[str | Path, ...] = ()
 ) -> list[Path]:
@@ -544,10 +655,8 @@ def export(
     stages = []
     for run, kinds in [*((Path(d), ("vae", "base")) for d in chain), (out, ("vae", "base", "distill"))]:
         for stage in kinds:
-            ckpt = run / f"{stage}.ckpt.safetensors"
-            if not ckpt.exists():
+            if (n := steps_done(run, stage)) is None:
                 continue
-            n = int(checkpoint_meta(ckpt)["step"])  # the step of the weights that went on (a run may stop later)
             config = json.loads((run / f"{stage}.config.json").read_text())
             stages.append({"stage": stage, "folder": run.name, "steps_run": n, "config": config})
             steps[stage] = steps.get(stage, 0) + n if stage == "base" else n

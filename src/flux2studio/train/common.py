@@ -35,8 +35,8 @@ def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[nn.Parameter, str]
 def restore_optimizer(opt: torch.optim.Optimizer, names: dict[nn.Parameter, str], sd: dict[str, Tensor]) -> None:
     for p, name in names.items():
         state = {k.rsplit(".", 1)[1]: v for k, v in sd.items() if k.startswith(f"opt.{name}.")}
-        if state:
-            opt.state[p] = state
+        if state:  # moments beside their parameter; the step count stays on the CPU, as the optimizer keeps it
+            opt.state[p] = {k: v if k == "step" else v.to(p.device) for k, v in state.items()}
 
 
 def lr_at(step: int, lr: float, warmup: int, steps: int) -> float:
@@ -62,8 +62,10 @@ class Ema:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))  # short warmup so early EMA is not stale noise
-        for k, v in model.state_dict().items():
-            self.shadow[k].mul_(d).add_(v.float(), alpha=1 - d)
+        state = model.state_dict()
+        shadow = [self.shadow[k] for k in state]
+        torch._foreach_mul_(shadow, d)  # one kernel per op for all tensors: matters on a GPU
+        torch._foreach_add_(shadow, [v.float() for v in state.values()], alpha=1 - d)
 
 
 def train_timesteps(rng: torch.Generator, n: int, shift: float) -> Tensor:
@@ -96,11 +98,11 @@ def flow_loss(
     tt = t[:, None, None]
     xt = (1 - tt) * (x0 if start is None else sampling.pack(start)) + tt * x1
     target = x1 - x0 if start is None else (xt - x0) / tt
-    ids = sampling.image_ids(h, w)
+    ids = sampling.image_ids(h, w).to(xt.device)
     if ref is not None:
-        xt, ids = torch.cat([xt, ref], dim=1), torch.cat([ids, ref_ids])
+        xt, ids = torch.cat([xt, ref], dim=1), torch.cat([ids, ref_ids.to(xt.device)])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=xt.device.type == "cpu"):
-        v = model(xt, ids, txt, sampling.text_ids(txt.shape[1]), t)[:, : h * w]
+        v = model(xt, ids, txt, sampling.text_ids(txt.shape[1]).to(xt.device), t)[:, : h * w]
     if weight is None:
         return F.mse_loss(v.float(), target)
     err = (v.float() - target).pow(2).mean(-1)  # (B, h*w)
