@@ -24,6 +24,8 @@ def test_weights_ship_in_the_package_with_their_provenance():
     assert sum(files.values()) < 50 * 2**20
     card = json.loads((EMBEDDED / "nano.json").read_text())
     assert set(card["configs"]) == {"vae", "base", "distill"} and card["trained_steps"]["base"] > 0
+    for stage in ("base", "distill"):  # every run the weights went through is listed, with its steps
+        assert card["trained_steps"][stage] == sum(r["steps_run"] for r in card["runs"] if r["stage"] == stage)
     assert card["eval"]["nano"]["correct"] > 0 and card["eval"]["nano"]["seeds"]
 
 
@@ -140,6 +142,14 @@ def test_training_stages_run_and_resume_exactly(tmp_path):
 
     run(TrainConfig(stage="distill", out=str(a), steps=1, batch=2, warmup=1, extra={"substeps": "2"}))
     assert (a / "nano.safetensors").exists()
+    # the student can start from an earlier nano: with a zero learning rate it stays those weights
+    init = {k: v.to(torch.bfloat16) for k, v in load_file(str(EMBEDDED / "nano.safetensors")).items()}
+    (a / "distill.ckpt.safetensors").unlink()
+    run(TrainConfig(stage="distill", out=str(a), steps=1, batch=2, warmup=1, lr=0.0,
+                    extra={"substeps": "2", "init": str(EMBEDDED / "nano.safetensors")}))  # fmt: skip
+    student = load_file(str(a / "nano.safetensors"))
+    assert all(torch.allclose(student[k], init[k].float(), rtol=1e-6, atol=1e-7) for k in init)
+    assert not torch.allclose(student["img_in.weight"], one["img_in.weight"])  # not the teacher
     run(TrainConfig(stage="vae", out=str(tmp_path / "vae"), steps=1, batch=2, warmup=1, extra={"stats_images": "64"}))
     vae = load_file(str(tmp_path / "vae" / "vae.safetensors"))
     assert vae["bn.running_var"].min() > 0  # latent statistics measured on fresh renders
@@ -148,11 +158,12 @@ def test_training_stages_run_and_resume_exactly(tmp_path):
 def test_workers_render_the_same_batches_and_a_time_limit_stops_with_a_checkpoint(tmp_path):
     """Batches rendered in worker processes (sent back as uint8 pixels) are exactly the in-process ones,
     masks, counterfactual starts and dropped captions included; `max_minutes` stops after the step that passes
-    it, with a checkpoint that the next run resumes from."""
+    it (render workers and all), with a checkpoint that the next run resumes from; the weights file records
+    its step for runs brought back without their checkpoint."""
     import shutil
 
     from flux2studio.checkpoints import EMBEDDED
-    from flux2studio.nano.train import TrainConfig, run, step_batches
+    from flux2studio.nano.train import TrainConfig, run, step_batches, steps_done
 
     extra = {"shift": "2.5", "object_weight": "4", "swap": "0.5", "objects": "2", "p_cell": "1"}
     cfg = TrainConfig(stage="base", out=str(tmp_path), steps=3, batch=4, warmup=1, ckpt_every=100, extra=extra)
@@ -163,20 +174,19 @@ def test_workers_render_the_same_batches_and_a_time_limit_stops_with_a_checkpoin
     for (a, dropped_a), (b, dropped_b) in zip(here, there, strict=True):
         assert a.captions == b.captions and dropped_a == dropped_b
         for name in ("images", "masks", "starts", "swapped"):
-            assert torch.equal(getattr(a, name), getattr(b, name)), name
+            x, y = getattr(a, name), getattr(b, name)
+            assert torch.equal(x, y) and x.stride() == y.stride(), name  # same layout: same conv kernels
 
     shutil.copy(EMBEDDED / "nano-vae.safetensors", tmp_path / "vae.safetensors")
-    run(dataclasses.replace(cfg, max_minutes=1e-9))
-    assert checkpoint_step(tmp_path / "base.ckpt.safetensors") == 1
+    run(dataclasses.replace(cfg, max_minutes=1e-9, workers=1))
+    assert steps_done(tmp_path, "base") == 1
     run(cfg)
     steps = [json.loads(line)["step"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3] and checkpoint_step(tmp_path / "base.ckpt.safetensors") == 3
-
-
-def checkpoint_step(path) -> int:
-    from flux2studio.train.common import checkpoint_meta
-
-    return int(checkpoint_meta(path)["step"])
+    assert steps == [1, 2, 3] and steps_done(tmp_path, "base") == 3
+    (tmp_path / "base.ckpt.safetensors").unlink()
+    assert steps_done(tmp_path, "base") == 3 and steps_done(tmp_path, "distill") is None
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        dataclasses.replace(cfg, workers=-1)
 
 
 def test_counterfactual_shapes_change_only_stated_shapes_and_the_loss_still_lands_on_the_true_scene():

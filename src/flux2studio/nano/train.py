@@ -13,13 +13,16 @@ Checkpoints are safetensors (model, EMA, optimizer moments) plus the step in the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import multiprocessing
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -80,13 +83,20 @@ class TrainConfig:
     workers: int = 0  # processes rendering the next batches while this one trains (0: render in-process)
     max_minutes: float = 0.0  # 0: no limit; else stop (with a checkpoint) after the step that passes it
 
+    def __post_init__(self) -> None:
+        for name in ("workers", "max_minutes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+
     @property
     def end(self) -> int:
         """The step this run stops after: the learning-rate schedule still spans `steps`."""
         return min(self.steps, self.stop_after) if self.stop_after else self.steps
 
-    def out_of_time(self, t0: float) -> bool:
-        return bool(self.max_minutes) and time.time() - t0 > 60 * self.max_minutes
+    def stops_early(self, step: int, t0: float) -> bool:
+        """Whether `max_minutes` ends the run after `step` (0-based), `t0` being `time.monotonic()` when training
+        began (loading is not counted); never on the last step, which ends the run anyway."""
+        return bool(self.max_minutes) and step + 1 < self.end and time.monotonic() - t0 > 60 * self.max_minutes
 
 
 def bf16(device: torch.device):
@@ -217,7 +227,7 @@ def train_vae(cfg: TrainConfig, log: Callable[[dict], None]) -> AutoEncoder:
         vae.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
         restore_optimizer(opt, names, sd)
         start = int(checkpoint_meta(ckpt)["step"])
-    t0 = time.time()
+    t0 = time.monotonic()
     for step in range(start, cfg.end):
         rng = np.random.default_rng([cfg.seed, step])
         x, weight = (t.to(device) for t in vae_batch(rng, cfg.batch, (128, 128)))
@@ -239,7 +249,7 @@ def train_vae(cfg: TrainConfig, log: Callable[[dict], None]) -> AutoEncoder:
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         log({"stage": "vae", "step": step + 1, "loss": loss.item(), "rec": rec.item(), "kl": kl.item()})
-        stop = cfg.out_of_time(t0)
+        stop = cfg.stops_early(step, t0)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.end or stop:
             tensors = {f"model.{k}": v for k, v in vae.state_dict().items()}
             save_checkpoint(
@@ -363,6 +373,7 @@ def _unpack_step(packed: tuple) -> tuple[Batch, list[bool]]:
 
 def _worker_init() -> None:
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle, once
 
 
 def step_batches(cfg: TrainConfig, start: int, masks: bool, swap: float) -> Iterator[tuple[Batch, list[bool]]]:
@@ -372,17 +383,22 @@ def step_batches(cfg: TrainConfig, start: int, masks: bool, swap: float) -> Iter
     if not cfg.workers:
         yield from (step_batch(cfg, step, masks, swap) for step in steps)
         return
-    # spawn: clean processes, whatever threads or devices this one has started
-    with multiprocessing.get_context("spawn").Pool(cfg.workers, initializer=_worker_init) as pool:
+    # spawn: clean processes, whatever threads or devices this one has started. A worker that dies (killed,
+    # out of memory) makes .result() raise BrokenProcessPool instead of waiting forever.
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_worker_init)
+    try:
         window: deque = deque()
         for _ in range(2 * cfg.workers):
             if (step := next(steps, None)) is not None:
-                window.append(pool.apply_async(_packed_step, ((cfg, step, masks, swap),)))
+                window.append(pool.submit(_packed_step, (cfg, step, masks, swap)))
         while window:
-            packed = window.popleft().get()
+            packed = window.popleft().result()
             if (step := next(steps, None)) is not None:
-                window.append(pool.apply_async(_packed_step, ((cfg, step, masks, swap),)))
+                window.append(pool.submit(_packed_step, (cfg, step, masks, swap)))
             yield _unpack_step(packed)
+    finally:  # also when training stops early: renders not yet started are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def batches(cfg: TrainConfig, frozen: Frozen, start: int, masks: bool = False, swap: float = 0.0) -> Iterator[Step]:
@@ -442,7 +458,8 @@ def snapshot(out: Path, stage: str, name: str, step: int, model, ema: Ema, opt, 
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.shadow.items()} | optimizer_tensors(opt, names)
     save_checkpoint(out / f"{stage}.ckpt.safetensors", step, tensors, asdict(cfg))
-    save_file({k: v.contiguous().cpu() for k, v in ema.shadow.items()}, str(out / f"{name}.safetensors"))
+    weights = {k: v.contiguous().cpu() for k, v in ema.shadow.items()}
+    save_file(weights, str(out / f"{name}.safetensors"), metadata={"step": str(step)})
 
 
 def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable | None = None) -> None:
@@ -472,33 +489,35 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
     # target the true scene, at noise levels in [swap_lo, swap_hi] where outlines are decided.
     swap = float(cfg.extra.get("swap", 0.0))
     swap_lo, swap_hi = float(cfg.extra.get("swap_lo", 0.6)), float(cfg.extra.get("swap_hi", 0.95))
-    t0 = time.time()
-    for b in batches(cfg, frozen, start, masks=object_weight != 1, swap=swap):
-        step = b.step
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        t = flow_timesteps(g, b.z.shape[0], shift, high_t, mid_t)
-        noise = torch.randn(b.z.shape, generator=g)
-        if b.swapped is not None:  # drawn after the noise, so runs without `swap` keep their exact numbers
-            t = torch.where(b.swapped.cpu(), swap_lo + (swap_hi - swap_lo) * torch.rand(t.shape, generator=g), t)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        weight = None if b.masks is None else 1 + (object_weight - 1) * b.masks
-        with bf16(device):
-            loss = flow_loss(model, b.z, b.txt, t.to(device), noise.to(device), weight=weight, start=b.start)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model, step)
-        log({"stage": "base", "step": step + 1, "loss": loss.item(), "grad": grad.item(),
-             "lr": lr_at(step, cfg.lr, cfg.warmup, cfg.steps), "s": round(time.time() - t0, 1)})  # fmt: skip
-        stop = cfg.out_of_time(t0)
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.end or stop:
-            snapshot(out, "base", "nano-base", step + 1, model, ema, opt, names, cfg)
-        if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            log({"stage": "base", "step": step + 1, "eval": evaluate(out / "nano-base.safetensors")})
-        if stop:
-            break
+    t0 = time.monotonic()
+    stream = batches(cfg, frozen, start, masks=object_weight != 1, swap=swap)
+    with contextlib.closing(stream):  # closed on a break or an error: the render workers end with it
+        for b in stream:
+            step = b.step
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            t = flow_timesteps(g, b.z.shape[0], shift, high_t, mid_t)
+            noise = torch.randn(b.z.shape, generator=g)
+            if b.swapped is not None:  # drawn after the noise, so runs without `swap` keep their exact numbers
+                t = torch.where(b.swapped.cpu(), swap_lo + (swap_hi - swap_lo) * torch.rand(t.shape, generator=g), t)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+            weight = None if b.masks is None else 1 + (object_weight - 1) * b.masks
+            with bf16(device):
+                loss = flow_loss(model, b.z, b.txt, t.to(device), noise.to(device), weight=weight, start=b.start)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            ema.update(model, step)
+            log({"stage": "base", "step": step + 1, "loss": loss.item(), "grad": grad.item(),
+                 "lr": lr_at(step, cfg.lr, cfg.warmup, cfg.steps), "s": round(time.monotonic() - t0, 1)})  # fmt: skip
+            stop = cfg.stops_early(step, t0)
+            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.end or stop:
+                snapshot(out, "base", "nano-base", step + 1, model, ema, opt, names, cfg)
+            if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                log({"stage": "base", "step": step + 1, "eval": evaluate(out / "nano-base.safetensors")})
+            if stop:
+                break
 
 
 # ----------------------------------------------------------------------------- stage: distill
@@ -532,7 +551,8 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
     Euler steps, and teaches the student the single velocity (x_b - x_a) / (b - a) that lands where
     the teacher lands. Why: it bakes CFG and the step count in at once, needs no
     discriminator or extra network, and is stable on a small CPU budget; the student starts from the
-    teacher's weights so early steps are already close.
+    teacher's weights so early steps are already close, or from `--set init=WEIGHTS` (an earlier `nano`,
+    already a 4-step model, when the teacher has only moved on a little).
     """
     out = Path(cfg.out)
     device = torch.device(cfg.device)
@@ -543,6 +563,8 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
     for p in teacher.parameters():
         p.requires_grad_(False)
     model = copy.deepcopy(teacher).train()
+    if init := cfg.extra.get("init"):
+        model.load_state_dict({k: v.float() for k, v in load_file(init).items()})
     for p in model.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -553,39 +575,40 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
     guidance = float(cfg.extra.get("guidance", get_variant("nano-base").guidance))
     substeps = int(cfg.extra.get("substeps", 6))
     plain = TrainConfig(**{**asdict(cfg), "caption_dropout": 0.0})
-    t0 = time.time()
-    for b in batches(plain, frozen, start):
-        step, z, txt = b.step, b.z, b.txt
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
-        h, w = z.shape[-2:]
-        sigmas = sampling.schedule(student_steps, h * w)
-        segment = int(torch.randint(student_steps, (1,), generator=g))
-        noise = torch.randn(z.shape, generator=g).to(device)
-        a, b = sigmas[segment], sigmas[segment + 1]
-        x_a = (1 - a) * sampling.pack(z) + a * sampling.pack(noise)
-        with torch.no_grad():
-            x_b = teacher_segment(teacher, x_a, (h, w), txt, frozen.empty, a.item(), b.item(), substeps, guidance)
-        target = (x_b - x_a) / (b - a)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        img_ids, txt_ids = sampling.image_ids(h, w).to(device), sampling.text_ids(txt.shape[1]).to(device)
-        with bf16(device):
-            v = model(x_a, img_ids, txt, txt_ids, a.to(device).expand(z.shape[0]))
-        loss = F.mse_loss(v.float(), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model, step)
-        log({"stage": "distill", "step": step + 1, "segment": segment, "loss": loss.item(), "grad": grad.item(),
-             "s": round(time.time() - t0, 1)})  # fmt: skip
-        stop = cfg.out_of_time(t0)
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.end or stop:
-            snapshot(out, "distill", "nano", step + 1, model, ema, opt, names, cfg)
-        if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            log({"stage": "distill", "step": step + 1, "eval": evaluate(out / "nano.safetensors")})
-        if stop:
-            break
+    t0 = time.monotonic()
+    with contextlib.closing(batches(plain, frozen, start)) as stream:
+        for b in stream:
+            step, z, txt = b.step, b.z, b.txt
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
+            h, w = z.shape[-2:]
+            sigmas = sampling.schedule(student_steps, h * w)
+            segment = int(torch.randint(student_steps, (1,), generator=g))
+            noise = torch.randn(z.shape, generator=g).to(device)
+            a, b = sigmas[segment], sigmas[segment + 1]
+            x_a = (1 - a) * sampling.pack(z) + a * sampling.pack(noise)
+            with torch.no_grad():
+                x_b = teacher_segment(teacher, x_a, (h, w), txt, frozen.empty, a.item(), b.item(), substeps, guidance)
+            target = (x_b - x_a) / (b - a)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+            img_ids, txt_ids = sampling.image_ids(h, w).to(device), sampling.text_ids(txt.shape[1]).to(device)
+            with bf16(device):
+                v = model(x_a, img_ids, txt, txt_ids, a.to(device).expand(z.shape[0]))
+            loss = F.mse_loss(v.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            ema.update(model, step)
+            log({"stage": "distill", "step": step + 1, "segment": segment, "loss": loss.item(), "grad": grad.item(),
+                 "s": round(time.monotonic() - t0, 1)})  # fmt: skip
+            stop = cfg.stops_early(step, t0)
+            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.end or stop:
+                snapshot(out, "distill", "nano", step + 1, model, ema, opt, names, cfg)
+            if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                log({"stage": "distill", "step": step + 1, "eval": evaluate(out / "nano.safetensors")})
+            if stop:
+                break
 
 
 # ----------------------------------------------------------------------------- entry
@@ -620,25 +643,34 @@ def run(cfg: TrainConfig, evaluate: Callable | None = None) -> None:
     bar.close()
 
 
+# The EMA weights file each flow stage leaves, with its step in the metadata (the VAE's file is copied into
+# every continuation's folder, so only its checkpoint counts).
+WEIGHTS = {"base": "nano-base", "distill": "nano"}
+
+
 def steps_done(run: Path, stage: str) -> int | None:
     """The step of the weights a run's stage left (None: the stage did not run there): its checkpoint's, or,
-    for a run trained on another machine and brought back without its optimizer state, its log's last step."""
-    ckpt = run / f"{stage}.ckpt.safetensors"
-    if ckpt.exists():
-        return int(checkpoint_meta(ckpt)["step"])
-    log = run / "train.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    steps = [row["step"] for row in rows if row.get("stage") == stage and "loss" in row]
-    return steps[-1] if steps else None
+    for a run trained on another machine and brought back without its optimizer state, the step its weights
+    file records."""
+    paths = [run / f"{stage}.ckpt.safetensors"] + ([run / f"{WEIGHTS[stage]}.safetensors"] if stage in WEIGHTS else [])
+    for path in paths:
+        if path.exists() and "step" in (meta := checkpoint_meta(path) or {}):
+            return int(meta["step"])
+    return None
 
 
 def export(
-    out: str | Path, dest: Path | None = None, evals: dict | None = None, chain: tuple[str | Path, ...] = ()
+    out: str | Path,
+    dest: Path | None = None,
+    evals: dict | None = None,
+    chain: tuple[str | Path, ...] = (),
+    distill_chain: tuple[str | Path, ...] = (),
 ) -> list[Path]:
     """Copy the trained weights into the package (bf16 transformers, fp32 VAE) with their provenance.
 
     `chain`: the earlier run folders the weights went through, oldest first (the VAE's, then every `base`
     continuation that `--set init=` started from the one before); the card lists each one's config and steps.
+    `distill_chain`: likewise the earlier `distill` runs, when this one's student started from their `nano`.
     """
     from ..checkpoints import EMBEDDED, write_safetensors
 
@@ -653,13 +685,14 @@ def export(
         written.append(target)
     steps: dict[str, int] = {}
     stages = []
-    for run, kinds in [*((Path(d), ("vae", "base")) for d in chain), (out, ("vae", "base", "distill"))]:
+    earlier = [*((Path(d), ("vae", "base")) for d in chain), *((Path(d), ("distill",)) for d in distill_chain)]
+    for run, kinds in [*earlier, (out, ("vae", "base", "distill"))]:
         for stage in kinds:
             if (n := steps_done(run, stage)) is None:
                 continue
             config = json.loads((run / f"{stage}.config.json").read_text())
             stages.append({"stage": stage, "folder": run.name, "steps_run": n, "config": config})
-            steps[stage] = steps.get(stage, 0) + n if stage == "base" else n
+            steps[stage] = steps.get(stage, 0) + n if stage != "vae" else n
     configs = {st["stage"]: st["config"] for st in stages}  # the last run of each stage
     card = {"trained_steps": steps, "configs": configs, "runs": stages, "eval": evals or {}}
     (dest / "nano.json").write_text(json.dumps(card, indent=2))
