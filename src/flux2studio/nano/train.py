@@ -462,6 +462,40 @@ def snapshot(out: Path, stage: str, name: str, step: int, model, ema: Ema, opt, 
     save_file(weights, str(out / f"{name}.safetensors"), metadata={"step": str(step)})
 
 
+@dataclass
+class Loop:
+    """How a `base` or `distill` step ends: the update, the EMA, the log row, snapshots and evals when due, and
+    the time limit. `name` is the EMA weights file the stage leaves (nano-base or nano)."""
+
+    cfg: TrainConfig
+    stage: str
+    name: str
+    model: nn.Module
+    ema: Ema
+    opt: torch.optim.Optimizer
+    names: dict
+    log: Callable[[dict], None]
+    evaluate: Callable | None = None
+    t0: float = field(default_factory=time.monotonic)  # training began (loading is not counted)
+
+    def update(self, step: int, loss: Tensor, **row) -> bool:
+        """Backpropagate `loss` and take the step; True when `max_minutes` ends the run here."""
+        cfg, out = self.cfg, Path(self.cfg.out)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.ema.update(self.model, step)
+        self.log({"stage": self.stage, "step": step + 1, "loss": loss.item(), "grad": grad.item(), **row,
+                  "s": round(time.monotonic() - self.t0, 1)})  # fmt: skip
+        stop = cfg.stops_early(step, self.t0)
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.end or stop:
+            snapshot(out, self.stage, self.name, step + 1, self.model, self.ema, self.opt, self.names, cfg)
+        if self.evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            self.log({"stage": self.stage, "step": step + 1, "eval": self.evaluate(out / f"{self.name}.safetensors")})
+        return stop
+
+
 def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable | None = None) -> None:
     """Stage `base`: nano-base from scratch (or from `--set init=WEIGHTS`), with caption dropout and EMA.
 
@@ -489,7 +523,7 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
     # target the true scene, at noise levels in [swap_lo, swap_hi] where outlines are decided.
     swap = float(cfg.extra.get("swap", 0.0))
     swap_lo, swap_hi = float(cfg.extra.get("swap_lo", 0.6)), float(cfg.extra.get("swap_hi", 0.95))
-    t0 = time.monotonic()
+    loop = Loop(cfg, "base", "nano-base", model, ema, opt, names, log, evaluate)
     stream = batches(cfg, frozen, start, masks=object_weight != 1, swap=swap)
     with contextlib.closing(stream):  # closed on a break or an error: the render workers end with it
         for b in stream:
@@ -504,19 +538,7 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
             weight = None if b.masks is None else 1 + (object_weight - 1) * b.masks
             with bf16(device):
                 loss = flow_loss(model, b.z, b.txt, t.to(device), noise.to(device), weight=weight, start=b.start)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            ema.update(model, step)
-            log({"stage": "base", "step": step + 1, "loss": loss.item(), "grad": grad.item(),
-                 "lr": lr_at(step, cfg.lr, cfg.warmup, cfg.steps), "s": round(time.monotonic() - t0, 1)})  # fmt: skip
-            stop = cfg.stops_early(step, t0)
-            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.end or stop:
-                snapshot(out, "base", "nano-base", step + 1, model, ema, opt, names, cfg)
-            if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                log({"stage": "base", "step": step + 1, "eval": evaluate(out / "nano-base.safetensors")})
-            if stop:
+            if loop.update(step, loss, lr=lr_at(step, cfg.lr, cfg.warmup, cfg.steps)):
                 break
 
 
@@ -575,7 +597,7 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
     guidance = float(cfg.extra.get("guidance", get_variant("nano-base").guidance))
     substeps = int(cfg.extra.get("substeps", 6))
     plain = TrainConfig(**{**asdict(cfg), "caption_dropout": 0.0})
-    t0 = time.monotonic()
+    loop = Loop(cfg, "distill", "nano", model, ema, opt, names, log, evaluate)
     with contextlib.closing(batches(plain, frozen, start)) as stream:
         for b in stream:
             step, z, txt = b.step, b.z, b.txt
@@ -595,19 +617,7 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
             with bf16(device):
                 v = model(x_a, img_ids, txt, txt_ids, a.to(device).expand(z.shape[0]))
             loss = F.mse_loss(v.float(), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            ema.update(model, step)
-            log({"stage": "distill", "step": step + 1, "segment": segment, "loss": loss.item(), "grad": grad.item(),
-                 "s": round(time.monotonic() - t0, 1)})  # fmt: skip
-            stop = cfg.stops_early(step, t0)
-            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.end or stop:
-                snapshot(out, "distill", "nano", step + 1, model, ema, opt, names, cfg)
-            if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                log({"stage": "distill", "step": step + 1, "eval": evaluate(out / "nano.safetensors")})
-            if stop:
+            if loop.update(step, loss, segment=segment):
                 break
 
 
