@@ -49,6 +49,17 @@ def test_nano_follows_the_background_it_is_asked_for():
     assert right >= 10, right
 
 
+def test_eval_can_probe_one_category(capsys):
+    """`flux2 eval --category NAME` scores that category's prompts only; an unknown name is refused by name."""
+    from flux2studio.cli import main
+
+    assert main(["eval", "--category", "negation", "--limit", "2", "--seeds", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 2 and set(result["by_category"]) == {"negation"}
+    assert main(["eval", "--category", "colours", "--limit", "2"]) == 2
+    assert "unknown eval category colours: one of one_two, three_four, relation, negation" in capsys.readouterr().err
+
+
 def test_text_encoder_hash_is_checked(monkeypatch):
     import flux2studio.text_encoders as te
 

@@ -387,7 +387,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pipe = load(args.model or "nano", weights=args.weights, vae=args.vae, device=args.device, dtype=args.dtype,
                 attention=args.attention or "auto")  # fmt: skip
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    result = evaluate(pipe, seeds=seeds, limit=args.limit, steps=args.steps, guidance=args.guidance)
+    result = evaluate(pipe, seeds=seeds, limit=args.limit, steps=args.steps, guidance=args.guidance,
+                      categories=args.category)  # fmt: skip
     print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else result.table())
     return 0
 
@@ -494,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(ev)
     ev.add_argument("--seeds", default="0,1,2", help="comma-separated seeds per prompt")
     ev.add_argument("--limit", type=int, help="evaluate an evenly spread subset of N prompts")
+    ev.add_argument("--category", action="append", metavar="NAME",
+                    help="only this prompt category, repeatable: one_two, three_four, relation or negation "
+                    "(64 prompts each: a quick probe)")  # fmt: skip
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--vae", help="VAE weights to go with --weights (default: the embedded one)")
     ev.set_defaults(func=cmd_eval)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..pipeline import Pipeline
 from .checker import check
-from .shapes import eval_prompts
+from .shapes import EVAL_CATEGORIES, eval_prompts
 
 EVAL_SEEDS = (0, 1, 2)  # every prompt is drawn with each of these seeds
 ATTRIBUTES = ("color", "shape", "size", "position", "count", "relation", "background", "lighting", "negation")
@@ -45,9 +45,15 @@ def evaluate(
     steps: int | None = None,
     guidance: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    categories: Sequence[str] | None = None,
 ) -> EvalResult:
-    """Run the eval; `limit` takes an evenly spread subset of prompts (for quick checks in training)."""
+    """Run the eval; `categories` keeps those prompt categories only, `limit` then takes an evenly spread subset
+    of the prompts (both for quick checks in training)."""
     prompts = eval_prompts()
+    if categories:
+        if unknown := set(categories) - set(EVAL_CATEGORIES):
+            raise ValueError(f"unknown eval category {', '.join(sorted(unknown))}: one of {', '.join(EVAL_CATEGORIES)}")
+        prompts = [p for p in prompts if p.category in categories]
     if limit:
         prompts = prompts[:: max(1, len(prompts) // limit)][:limit]
     jobs = [(p, s) for p in prompts for s in seeds]
