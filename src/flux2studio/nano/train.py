@@ -319,7 +319,8 @@ def p_state(cfg: TrainConfig) -> dict[str, float]:
 @dataclass
 class Step:
     """One training batch as latents: `z` (B, 128, h, w), `txt` (B, L, C); with `swap`, `start` holds the
-    latents x_t is made from (counterfactual shapes where `swapped`, else z)."""
+    latents x_t is made from (counterfactual shapes where `swapped`, else z). `swapped` stays on the CPU,
+    where the noise levels it selects are drawn."""
 
     step: int
     z: Tensor
@@ -387,15 +388,18 @@ def step_batches(cfg: TrainConfig, start: int, masks: bool, swap: float) -> Iter
     # out of memory) makes .result() raise BrokenProcessPool instead of waiting forever.
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_worker_init)
+    window: deque = deque()
+
+    def submit_next() -> None:
+        if (step := next(steps, None)) is not None:
+            window.append(pool.submit(_packed_step, (cfg, step, masks, swap)))
+
     try:
-        window: deque = deque()
         for _ in range(2 * cfg.workers):
-            if (step := next(steps, None)) is not None:
-                window.append(pool.submit(_packed_step, (cfg, step, masks, swap)))
+            submit_next()
         while window:
             packed = window.popleft().result()
-            if (step := next(steps, None)) is not None:
-                window.append(pool.submit(_packed_step, (cfg, step, masks, swap)))
+            submit_next()
             yield _unpack_step(packed)
     finally:  # also when training stops early: renders not yet started are dropped
         pool.shutdown(wait=True, cancel_futures=True)
@@ -412,7 +416,6 @@ def batches(cfg: TrainConfig, frozen: Frozen, start: int, masks: bool = False, s
             z_start = z.clone()
             if swapped.any():
                 z_start[swapped.to(device)] = frozen.latents(batch.starts[swapped])
-            swapped = swapped.to(device)
         masks_ = None if batch.masks is None else batch.masks.to(device)
         yield Step(step, z, txt, masks_, z_start, swapped)
 
@@ -532,13 +535,14 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
             t = flow_timesteps(g, b.z.shape[0], shift, high_t, mid_t)
             noise = torch.randn(b.z.shape, generator=g)
             if b.swapped is not None:  # drawn after the noise, so runs without `swap` keep their exact numbers
-                t = torch.where(b.swapped.cpu(), swap_lo + (swap_hi - swap_lo) * torch.rand(t.shape, generator=g), t)
+                t = torch.where(b.swapped, swap_lo + (swap_hi - swap_lo) * torch.rand(t.shape, generator=g), t)
+            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+                group["lr"] = lr
             weight = None if b.masks is None else 1 + (object_weight - 1) * b.masks
             with bf16(device):
                 loss = flow_loss(model, b.z, b.txt, t.to(device), noise.to(device), weight=weight, start=b.start)
-            if loop.update(step, loss, lr=lr_at(step, cfg.lr, cfg.warmup, cfg.steps)):
+            if loop.update(step, loss, lr=lr):
                 break
 
 
