@@ -174,12 +174,14 @@ def test_workers_render_the_same_batches_and_a_time_limit_stops_with_a_checkpoin
     import shutil
 
     from flux2studio.checkpoints import EMBEDDED
-    from flux2studio.nano.train import TrainConfig, run, step_batches, steps_done
+    from flux2studio.nano.train import Counterfactuals, TrainConfig, run, step_batches, steps_done
 
-    extra = {"shift": "2.5", "object_weight": "4", "swap": "0.5", "objects": "2", "p_cell": "1"}
+    extra = {"shift": "2.5", "object_weight": "4", "swap": "0.5", "recount": "0.5", "objects": "2", "p_cell": "1"}
     cfg = TrainConfig(stage="base", out=str(tmp_path), steps=3, batch=4, warmup=1, ckpt_every=100, extra=extra)
-    here = list(step_batches(cfg, 1, masks=True, swap=0.5))
-    there = list(step_batches(dataclasses.replace(cfg, workers=2), 1, masks=True, swap=0.5))
+    cf = Counterfactuals.of(cfg)
+    assert cf == Counterfactuals(swap=0.5, recount=0.5)
+    here = list(step_batches(cfg, 1, masks=True, cf=cf))
+    there = list(step_batches(dataclasses.replace(cfg, workers=2), 1, masks=True, cf=cf))
     assert len(here) == len(there) == 2
     assert any(batch.swapped.any() for batch, _ in here)  # counterfactual renders travel too
     for (a, dropped_a), (b, dropped_b) in zip(here, there, strict=True):
@@ -251,6 +253,38 @@ def test_counterfactual_shapes_change_only_stated_shapes_and_the_loss_still_land
         assert torch.allclose(xt - t[:, None, None] * target, z.flatten(2).transpose(1, 2), atol=1e-5)
         swapped = flow_loss(model, z, txt, t, noise, start=other)
     assert torch.allclose(plain, same_start, rtol=1e-4) and not torch.allclose(plain, swapped, rtol=1e-2)
+
+
+def test_counterfactual_counts_add_or_remove_one_object_and_keep_the_rest():
+    """`--set recount=P`: x_t from the scene with one object added (in a free cell, apart from the others) or
+    removed (the only one too: an empty canvas), the rest of the scene unchanged."""
+    import numpy as np
+
+    from flux2studio.images import to_pil
+    from flux2studio.nano.checker import analyze
+    from flux2studio.nano.shapes import GAP, MAX_OBJECTS, _apart, box, sample_scene, with_object_added
+    from flux2studio.nano.train import caption_batch, recounted
+
+    rng = np.random.default_rng(7)
+    sizes = set()
+    for n in (1, 2, 3, 4) * 10:
+        scene = sample_scene(rng, n)
+        other = recounted(scene, rng)
+        sizes.add((n, len(other.objects)))
+        assert (other.background, other.lighting) == (scene.background, scene.lighting)
+        kept, new = set(scene.objects) & set(other.objects), set(other.objects) ^ set(scene.objects)
+        assert len(kept) == min(n, len(other.objects)) and len(new) == 1
+        if len(other.objects) > n:  # the added object has a cell of its own and keeps GAP from every other
+            (added,) = new
+            assert added.cell not in {o.cell for o in scene.objects}
+            assert all(_apart(box(added), box(o)) for o in scene.objects) and GAP > 0
+    assert sizes == {(1, 0), (1, 2), (2, 1), (2, 3), (3, 2), (3, 4), (4, 3)}  # a full scene only loses one
+    assert with_object_added(sample_scene(rng, MAX_OBJECTS), rng) is None
+
+    batch = caption_batch(np.random.default_rng(5), 12, (128, 128), masks=False, recount=1.0)
+    assert batch.swapped.all()
+    for start, image in zip(to_pil(batch.starts), to_pil(batch.images), strict=True):
+        assert abs(len(analyze(start).objects) - len(analyze(image).objects)) == 1
 
 
 def test_train_command_passes_its_options_to_the_stage(monkeypatch, tmp_path):

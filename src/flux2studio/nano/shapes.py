@@ -12,6 +12,7 @@ so circles stay round on any aspect ratio.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Collection
@@ -131,6 +132,21 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
         objects = _place(rng, kinds)
         if objects:
             return Scene(background, lighting, objects)
+
+
+def with_object_added(scene: Scene, rng: np.random.Generator) -> Scene | None:
+    """`scene` with one more random object in a free cell, apart from the others; None when it is full
+    (MAX_OBJECTS) or no draw fits."""
+    if len(scene.objects) >= MAX_OBJECTS:
+        return None
+    taken = {o.cell for o in scene.objects}
+    free = [c for c in CELLS if c not in taken]
+    for _ in range(PLACE_TRIES):
+        kind = (_pick(rng, SHAPES), _pick(rng, tuple(COLORS)), _pick(rng, tuple(SIZES)), _pick(rng, tuple(free)))
+        new = _place(rng, [kind])[0]  # one object always fits its cell
+        if all(_apart(box(new), box(o)) for o in scene.objects):
+            return dataclasses.replace(scene, objects=(*scene.objects, new))
+    return None
 
 
 def _place(rng: np.random.Generator, kinds: list[tuple[str, str, str, str]]) -> tuple[Obj, ...] | None:

@@ -48,7 +48,7 @@ from ..train.common import (
     train_timesteps,
 )
 from ..variants import get_variant
-from .shapes import P_STATE, SHAPES, Constraints, Scene, caption, render, sample_scene
+from .shapes import P_STATE, SHAPES, Constraints, Scene, caption, render, sample_scene, with_object_added
 
 # Training resolutions (width, height) and how often each is drawn: mostly the 128x128 default, some
 # other aspect ratios so every supported preset has been seen.
@@ -153,8 +153,8 @@ LATENT_NOISE = 0.1
 @dataclass
 class Batch:
     """Training images (n, 3, H, W), their captions, object masks per latent token (n, H/16 * W/16) if asked,
-    and for counterfactual shapes (`swap`): the images x_t is made from (the true image where not swapped)
-    and which samples were swapped."""
+    and for counterfactuals (`Counterfactuals`): the images x_t is made from (the true image where there is
+    none) and which samples have one (`swapped`)."""
 
     images: Tensor
     captions: list[str]
@@ -171,11 +171,13 @@ def caption_batch(
     masks: bool = True,
     max_objects: int | None = None,
     swap: float = 0.0,
+    recount: float = 0.0,
 ) -> Batch:
     """Fresh scenes, captions and (if `masks`) object masks: a token is marked when any pixel of its 16x16
     cell differs from the bare background. `max_objects` draws 1..max_objects objects per scene (uniformly)
     instead of the world's 1..4, for a curriculum. `swap`: the share of samples whose captions state every
-    object's shape that also get a counterfactual render with each shape changed (`swapped_shapes`).
+    object's shape that also get a counterfactual render with each shape changed (`swapped_shapes`);
+    `recount`: the share of the others that get one with an object added or removed (`recounted`).
     """
     images, captions, marked, starts, swapped = [], [], [], [], []
     for _ in range(n):
@@ -186,16 +188,18 @@ def caption_batch(
             marked.append(F.max_pool2d(object_pixels(scene, x), sampling.PIXELS_PER_TOKEN).flatten(1))
         images.append(x)
         captions.append(text)
-        if swap:  # draws nothing from rng without it, so runs without `swap` keep their exact data
-            other = swapped_shapes(scene, constraints, rng) if rng.random() < swap else None
+        if swap or recount:  # draws nothing from rng without them, so runs without keep their exact data
+            other = swapped_shapes(scene, constraints, rng) if swap and rng.random() < swap else None
+            if recount and other is None and rng.random() < recount:
+                other = recounted(scene, rng)
             starts.append(x if other is None else to_tensor(render(other, *size)))
             swapped.append(other is not None)
     return Batch(
         torch.cat(images),
         captions,
         torch.cat(marked) if masks else None,
-        torch.cat(starts) if swap else None,
-        torch.tensor(swapped) if swap else None,
+        torch.cat(starts) if swap or recount else None,
+        torch.tensor(swapped) if swap or recount else None,
     )
 
 
@@ -208,6 +212,29 @@ def swapped_shapes(scene: Scene, constraints: Constraints, rng: np.random.Genera
     objects = [dataclasses.replace(o, shape=SHAPES[(SHAPES.index(o.shape) + int(rng.integers(1, k))) % k])
                for o in scene.objects]  # fmt: skip
     return dataclasses.replace(scene, objects=tuple(objects))
+
+
+def recounted(scene: Scene, rng: np.random.Generator) -> Scene:
+    """`scene` with one object more or one fewer (half the time each; fewer when it is full): a caption lists
+    every object, so either is a scene for it to correct. The only object may go too: an empty canvas,
+    which no caption allows."""
+    if rng.random() < 0.5 or (more := with_object_added(scene, rng)) is None:
+        drop = int(rng.integers(len(scene.objects)))
+        return dataclasses.replace(scene, objects=scene.objects[:drop] + scene.objects[drop + 1 :])
+    return more
+
+
+@dataclass(frozen=True)
+class Counterfactuals:
+    """Shares of training samples whose x_t is made from a changed scene while the target stays the true
+    one (`caption_batch`): `swap` with the stated shapes changed, `recount` with an object added or removed."""
+
+    swap: float = 0.0
+    recount: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> Counterfactuals:
+        return cls(float(cfg.extra.get("swap", 0.0)), float(cfg.extra.get("recount", 0.0)))
 
 
 # ----------------------------------------------------------------------------- stage: vae
@@ -330,13 +357,13 @@ class Step:
     swapped: Tensor | None = None
 
 
-def step_batch(cfg: TrainConfig, step: int, masks: bool, swap: float) -> tuple[Batch, list[bool]]:
+def step_batch(cfg: TrainConfig, step: int, masks: bool, cf: Counterfactuals) -> tuple[Batch, list[bool]]:
     """The scenes of one training step and which captions are dropped, all drawn from that step's own
     generator: the same data whether it is made here or in a worker, in any order, and on a resume."""
     rng = np.random.default_rng([cfg.seed, step])
     size = pick_bucket(rng)
     max_objects = int(cfg.extra["objects"]) if "objects" in cfg.extra else None
-    batch = caption_batch(rng, cfg.batch, size, p_state(cfg), masks, max_objects, swap)
+    batch = caption_batch(rng, cfg.batch, size, p_state(cfg), masks, max_objects, cf.swap, cf.recount)
     return batch, [bool(rng.random() < cfg.caption_dropout) for _ in batch.captions]
 
 
@@ -358,7 +385,7 @@ def _as_tensor(x: np.ndarray | None) -> Tensor | None:
     return None if x is None else torch.from_numpy(x)
 
 
-def _packed_step(args: tuple[TrainConfig, int, bool, float]) -> tuple:
+def _packed_step(args: tuple[TrainConfig, int, bool, Counterfactuals]) -> tuple:
     """`step_batch` in a worker, returned as numpy arrays: they pickle by value (tensors would go through
     shared memory, which a container may have little of)."""
     batch, dropped = step_batch(*args)
@@ -377,12 +404,12 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle, once
 
 
-def step_batches(cfg: TrainConfig, start: int, masks: bool, swap: float) -> Iterator[tuple[Batch, list[bool]]]:
+def step_batches(cfg: TrainConfig, start: int, masks: bool, cf: Counterfactuals) -> Iterator[tuple[Batch, list[bool]]]:
     """`step_batch` for every step from `start`, rendered `cfg.workers` at a time ahead of training (a
     bounded window, so a slow trainer never piles up renders) or in this process when workers is 0."""
     steps = iter(range(start, cfg.end))
     if not cfg.workers:
-        yield from (step_batch(cfg, step, masks, swap) for step in steps)
+        yield from (step_batch(cfg, step, masks, cf) for step in steps)
         return
     # spawn: clean processes, whatever threads or devices this one has started. A worker that dies (killed,
     # out of memory) makes .result() raise BrokenProcessPool instead of waiting forever.
@@ -392,7 +419,7 @@ def step_batches(cfg: TrainConfig, start: int, masks: bool, swap: float) -> Iter
 
     def submit_next() -> None:
         if (step := next(steps, None)) is not None:
-            window.append(pool.submit(_packed_step, (cfg, step, masks, swap)))
+            window.append(pool.submit(_packed_step, (cfg, step, masks, cf)))
 
     try:
         for _ in range(2 * cfg.workers):
@@ -405,14 +432,16 @@ def step_batches(cfg: TrainConfig, start: int, masks: bool, swap: float) -> Iter
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def batches(cfg: TrainConfig, frozen: Frozen, start: int, masks: bool = False, swap: float = 0.0) -> Iterator[Step]:
+def batches(
+    cfg: TrainConfig, frozen: Frozen, start: int, masks: bool = False, cf: Counterfactuals = Counterfactuals()
+) -> Iterator[Step]:
     device = frozen.device
-    for step, (batch, dropped) in enumerate(step_batches(cfg, start, masks, swap), start):
+    for step, (batch, dropped) in enumerate(step_batches(cfg, start, masks, cf), start):
         captions = ["" if d else c for c, d in zip(batch.captions, dropped, strict=True)]
         z, txt = frozen.encode(batch.images, captions)
         z_start = swapped = None
         if batch.swapped is not None:
-            swapped = batch.swapped & ~torch.tensor(dropped)  # an empty caption says no shape to correct
+            swapped = batch.swapped & ~torch.tensor(dropped)  # an empty caption has nothing to correct
             z_start = z.clone()
             if swapped.any():
                 z_start[swapped.to(device)] = frozen.latents(batch.starts[swapped])
@@ -522,19 +551,18 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
     # caption says rather than about the background, which is learnt early anyway.
     object_weight = float(cfg.extra.get("object_weight", 1.0))
     high_t, mid_t = float(cfg.extra.get("high_t", 0.0)), float(cfg.extra.get("mid_t", 0.0))
-    # Counterfactual shapes (`swapped_shapes`): x_t made from the scene with its stated shapes changed, the
-    # target the true scene, at noise levels in [swap_lo, swap_hi] where outlines are decided.
-    swap = float(cfg.extra.get("swap", 0.0))
+    # Counterfactuals (stated shapes changed, an object added or removed): x_t made from the changed scene,
+    # the target the true scene, at noise levels in [swap_lo, swap_hi] where outlines and objects are decided.
     swap_lo, swap_hi = float(cfg.extra.get("swap_lo", 0.6)), float(cfg.extra.get("swap_hi", 0.95))
     loop = Loop(cfg, "base", "nano-base", model, ema, opt, names, log, evaluate)
-    stream = batches(cfg, frozen, start, masks=object_weight != 1, swap=swap)
+    stream = batches(cfg, frozen, start, masks=object_weight != 1, cf=Counterfactuals.of(cfg))
     with contextlib.closing(stream):  # closed on a break or an error: the render workers end with it
         for b in stream:
             step = b.step
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             t = flow_timesteps(g, b.z.shape[0], shift, high_t, mid_t)
             noise = torch.randn(b.z.shape, generator=g)
-            if b.swapped is not None:  # drawn after the noise, so runs without `swap` keep their exact numbers
+            if b.swapped is not None:  # drawn after the noise, so runs without counterfactuals keep their numbers
                 t = torch.where(b.swapped, swap_lo + (swap_hi - swap_lo) * torch.rand(t.shape, generator=g), t)
             lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
             for group in opt.param_groups:
