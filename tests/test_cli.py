@@ -152,3 +152,38 @@ def test_from_reuses_the_recorded_attention(klein_folder, tmp_path):
     run = flux2("generate", "--from", tmp_path / "old.png", *base[:4], "-q", "-o", tmp_path / "old-again.png")
     assert run.returncode == 0, run.stderr
     assert np.array_equal(pixels("old-again.png"), pixels("sdpa.png"))
+
+
+def test_guidance_interval_is_a_flag_recorded_in_the_image_and_replayed(tmp_path):
+    """`--guidance-interval 0,0.9` guides nano-base at t <= 0.9 only (another image than every step, the
+    default); the interval is in the metadata, `--from` replays it, and an image from before it was recorded
+    replays as 0,1."""
+
+    def pixels(name):
+        return np.asarray(Image.open(tmp_path / name))
+
+    base = ["a red circle", "--model", "nano-base", "--steps", "6", "--seed", "3", "-q", "-o"]
+    for name, extra in (("limited.png", ["--guidance-interval", "0,0.9"]), ("every.png", [])):
+        run = flux2("generate", *base, tmp_path / name, *extra)
+        assert run.returncode == 0, run.stderr
+    meta = json.loads(Image.open(tmp_path / "limited.png").info["flux2"])
+    assert meta["guidance_interval"] == [0.0, 0.9] and meta["guidance"] == 4.0
+    assert not np.array_equal(pixels("limited.png"), pixels("every.png"))
+
+    old = Image.open(tmp_path / "every.png")
+    meta = json.loads(old.info["flux2"])
+    del meta["guidance_interval"]
+    info = PngImagePlugin.PngInfo()
+    info.add_text("flux2", json.dumps(meta))
+    old.save(tmp_path / "old.png", pnginfo=info)
+    for source, again in (("limited.png", "limited-again.png"), ("old.png", "old-again.png")):
+        run = flux2("generate", "--from", tmp_path / source, "-q", "-o", tmp_path / again)
+        assert run.returncode == 0, run.stderr
+    assert np.array_equal(pixels("limited-again.png"), pixels("limited.png"))
+    assert np.array_equal(pixels("old-again.png"), pixels("every.png"))
+
+    bad = ["generate", "a red circle", "-o", tmp_path / "x.png", "--guidance-interval"]
+    run = flux2(*bad, "0.9", "--model", "nano-base")
+    assert run.returncode == 2 and "guidance interval '0.9' is not LOW,HIGH" in run.stderr
+    run = flux2(*bad, "0,0.9", "--model", "nano")
+    assert run.returncode != 0 and "nano does not run classifier-free guidance" in run.stderr

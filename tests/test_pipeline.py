@@ -220,6 +220,29 @@ def test_bad_references_and_guidance_are_refused():
         build_request(base, "p", refs=five)
 
 
+def test_guidance_interval_guides_only_the_noise_levels_in_it():
+    """CFG only at lo <= t <= hi (the conditional velocity alone elsewhere, with no unconditional pass there);
+    by default every step is guided (what diffusers does, so parity holds)."""
+    calls = []
+    cond = lambda x, t: torch.full_like(x, 2.0)  # noqa: E731
+    uncond = lambda x, t: calls.append(float(t[0])) or torch.full_like(x, 1.0)  # noqa: E731
+    v = sampling.cfg_velocity(cond, uncond, 4.0, (0.2, 0.9))
+    x = torch.zeros(2, 3, 4)
+    for t, want in ((1.0, 2.0), (0.95, 2.0), (0.9, 5.0), (0.5, 5.0), (0.2, 5.0), (0.1, 2.0)):
+        assert torch.equal(v(x, torch.full((2,), t)), torch.full_like(x, want)), t
+    assert calls == pytest.approx([0.9, 0.5, 0.2])
+    assert sampling.cfg_velocity(cond, uncond, 4.0)(x, torch.ones(2)).eq(5.0).all()  # default: every level
+
+    assert build_request(get_variant("klein-base-4b"), "p").guidance_interval == (0.0, 1.0)
+    assert build_request(get_variant("nano-base"), "p", guidance_interval=(0, 0.9)).guidance_interval == (0.0, 0.9)
+    with pytest.raises(ValueError, match=r"guidance interval \(0.9, 0.5\) must be noise levels with 0 <= low < high"):
+        build_request(get_variant("nano-base"), "p", guidance_interval=(0.9, 0.5))
+    with pytest.raises(ValueError, match=r"guidance interval \(0.0, 1.5\)"):
+        build_request(get_variant("nano-base"), "p", guidance_interval=(0, 1.5))
+    with pytest.raises(ValueError, match="nano does not run classifier-free guidance, so a guidance interval"):
+        build_request(get_variant("nano"), "p", guidance_interval=(0, 0.9))
+
+
 def test_large_reference_is_resized_with_a_log_line(caplog):
     big = Image.new("RGB", (2048, 1030))
     with caplog.at_level("INFO"):

@@ -253,6 +253,18 @@ def test_embedded_model_through_the_api(tmp_path):
         assert done["status"] == "done" and done["settings"]["steps"] == 4
         image = Image.open(io.BytesIO(client.get(done["images"][0]).content))
         assert image.size == (128, 128) and json.loads(image.info["flux2"])["model"] == "nano"
+        assert done["settings"]["guidance_interval"] is None  # nano runs no CFG
+
+        # nano-base: the job keeps the interval it ran with (the model's default when none is given)
+        ask = {"model": "nano-base", "prompt": "a red circle", "seed": 1, "steps": 3}
+        for given, kept in ((None, [0.0, 1.0]), ([0, 0.9], [0.0, 0.9])):
+            job = client.post("/v1/jobs", json={**ask, "guidance_interval": given}).json()
+            done = _wait(client, job["id"])
+            assert done["status"] == "done" and done["settings"]["guidance_interval"] == kept
+            image = Image.open(io.BytesIO(client.get(done["images"][0]).content))
+            assert json.loads(image.info["flux2"])["guidance_interval"] == kept
+        r = client.post("/v1/jobs", json={**ask, "guidance_interval": [0.9, 0.5]})
+        assert r.status_code == 422 and "guidance interval (0.9, 0.5) must be noise levels" in r.json()["detail"]
 
 
 def test_step_previews_while_running(tmp_path):

@@ -75,6 +75,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_interval(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"guidance interval {text!r} is not LOW,HIGH, e.g. 0,0.9") from None
+    return lo, hi
+
+
 def parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
@@ -121,7 +129,7 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 def settings_from_args(args: argparse.Namespace) -> dict:
     out = {"seed": args.seed, "num_images": args.num}
     for key, flag in (("size", "size"), ("aspect", "aspect"), ("steps", "steps"), ("guidance", "guidance"),
-                      ("negative_prompt", "negative")):  # fmt: skip
+                      ("guidance_interval", "guidance_interval"), ("negative_prompt", "negative")):  # fmt: skip
         if getattr(args, flag, None) is not None:
             out[key] = getattr(args, flag)
     return out
@@ -162,6 +170,8 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, Job]:
         settings["negative_prompt"] = meta["negative_prompt"]
     if meta["guidance"] != 1.0:
         settings["guidance"] = meta["guidance"]
+        if get_variant(meta["model"]).guidance_mode == "cfg":  # images from before it: every step guided
+            settings["guidance_interval"] = tuple(meta.get("guidance_interval", (0.0, 1.0)))
     given = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images")}
     if args.seed_given:
         given["seed"] = args.seed
@@ -388,7 +398,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 attention=args.attention or "auto")  # fmt: skip
     seeds = tuple(int(s) for s in args.seeds.split(","))
     result = evaluate(pipe, seeds=seeds, limit=args.limit, steps=args.steps, guidance=args.guidance,
-                      categories=args.category)  # fmt: skip
+                      categories=args.category, guidance_interval=args.guidance_interval)  # fmt: skip
     print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else result.table())
     return 0
 
@@ -443,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--attention", choices=ATTENTION_MODES, help="auto (default): our bf16 CPU kernel where it runs")
         p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
         p.add_argument("--guidance", type=float, help="guidance scale (CFG and guidance-embedded models)")
+        p.add_argument(
+            "--guidance-interval",
+            type=parse_interval,
+            metavar="LOW,HIGH",
+            help="CFG models: guide only at noise levels LOW..HIGH (default: the model's; 0,1 = every step)",
+        )
         p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA file (repeatable)")
         api = p.add_argument_group("hosted models (pro, max, flex, kontext-pro, kontext-max; klein with --backend api)")
         api.add_argument("--backend", choices=["local", "api"], default="local", help="api: klein on BFL's API")

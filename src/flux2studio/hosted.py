@@ -492,7 +492,10 @@ class HostedPipeline:
         seeds: Sequence[int] | None = None,
         aspect: str | None = None,
         callback: Callable | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> list[Image.Image]:
+        if guidance_interval is not None:
+            raise ValueError(f"{self.variant.id} is a hosted model: the API sets its own guidance, no interval")
         prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ValueError("prompt must be a non-empty string or a non-empty list of them")

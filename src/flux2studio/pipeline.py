@@ -53,6 +53,7 @@ class Request:
     guidance: float
     seeds: tuple[int, ...]  # one per output image, prompt-major
     refs: tuple[Image.Image, ...]  # already prepared (validated, cropped)
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # noise levels CFG applies at (sampling.cfg_velocity)
 
     @property
     def batch(self) -> int:
@@ -72,6 +73,7 @@ def build_request(
     refs: Sequence[Image.Image] = (),
     seeds: Sequence[int] | None = None,
     aspect: str | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> Request:
     """Resolve defaults and check every value against the variant; errors name the value and the range."""
     prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
@@ -103,6 +105,11 @@ def build_request(
         )
     if variant.guidance_mode == "cfg" and negative_prompt is None:
         negative_prompt = ""  # FLUX.2 Base: empty negative prompt by default (FLUX2.md §6)
+    if guidance_interval is not None and variant.guidance_mode != "cfg":
+        raise ValueError(f"{variant.id} does not run classifier-free guidance, so a guidance interval has no effect")
+    lo, hi = variant.guidance_interval if guidance_interval is None else map(float, guidance_interval)
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"guidance interval ({lo}, {hi}) must be noise levels with 0 <= low < high <= 1")
 
     if len(refs) > variant.max_refs:
         raise ValueError(f"{len(refs)} reference images given; {variant.id} takes 0..{variant.max_refs}")
@@ -132,6 +139,7 @@ def build_request(
         guidance=guidance,
         seeds=tuple(seeds),
         refs=prepared,
+        guidance_interval=(lo, hi),
     )
 
 
@@ -278,6 +286,7 @@ class Pipeline:
         seeds: Sequence[int] | None = None,
         aspect: str | None = None,
         callback: sampling.StepCallback | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> list[Image.Image]:
         """Generate `num_images` images per prompt; image i uses seed `seed + i` (or `seeds[i]`)."""
         req = build_request(
@@ -292,6 +301,7 @@ class Pipeline:
             refs=refs,
             seeds=seeds,
             aspect=aspect,
+            guidance_interval=guidance_interval,
         )
         images = to_pil(self.decode(self.generate_latents(req, callback)))
         for i, image in enumerate(images):
@@ -310,6 +320,7 @@ class Pipeline:
             "seed": req.seeds[i],
             "steps": req.steps,
             "guidance": req.guidance,
+            **({"guidance_interval": list(req.guidance_interval)} if self.variant.guidance_mode == "cfg" else {}),
             "width": req.width,
             "height": req.height,
             "refs": [image_hash(r) for r in req.refs],
@@ -373,7 +384,7 @@ class Pipeline:
 
         velocity = model(txt)
         if negative is not None:
-            velocity = sampling.cfg_velocity(velocity, model(negative), req.guidance)
+            velocity = sampling.cfg_velocity(velocity, model(negative), req.guidance, req.guidance_interval)
 
         self.parts["vae"].prefetch()
         sigmas = sampling.schedule(req.steps, n_img).to(self.device)

@@ -112,11 +112,21 @@ def denoise(velocity: Velocity, x: Tensor, sigmas: Tensor, callback: StepCallbac
     return x
 
 
-def cfg_velocity(cond: Velocity, uncond: Velocity, scale: float) -> Velocity:
-    """Real classifier-free guidance: v_u + scale (v_c - v_u) (klein Base, FLUX2.md §6)."""
+def cfg_velocity(
+    cond: Velocity, uncond: Velocity, scale: float, interval: tuple[float, float] = (0.0, 1.0)
+) -> Velocity:
+    """Real classifier-free guidance: v_u + scale (v_c - v_u) (klein Base, FLUX2.md §6).
+
+    `interval` (lo, hi): guidance only at noise levels lo <= t <= hi, the conditional velocity alone
+    elsewhere, and no unconditional pass there (Kynkaanniemi et al. 2024, "Applying guidance in a limited
+    interval"). The default (0, 1) guides every step, as diffusers does.
+    """
+    lo, hi = interval
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
         v_c = cond(x, t)
+        if not lo <= float(t[0]) <= hi:  # one noise level per batch (`denoise`)
+            return v_c
         v_u = uncond(x, t)
         return v_u + scale * (v_c - v_u)
 

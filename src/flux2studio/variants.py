@@ -153,6 +153,7 @@ class Variant:
     steps: int = 50
     guidance: float = 4.0
     guidance_mode: GuidanceMode = "none"
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # noise levels that CFG applies at (`cfg_velocity`)
     repo: str | None = None  # Hugging Face repo in diffusers layout
     files: tuple[str, ...] = ()  # official BFL single-file names
     kv_cache: bool = False  # klein-9b-kv: cache reference K/V after step 0

@@ -28,9 +28,11 @@ class EvalResult:
     seeds: tuple[int, ...]
     steps: int
     guidance: float
+    guidance_interval: tuple[float, float] | None = None  # CFG models only
 
     def table(self) -> str:
-        lines = [f"model {self.model}: {self.images} images, {self.steps} steps, guidance {self.guidance}",
+        interval = "" if self.guidance_interval is None else " at t in [{}, {}]".format(*self.guidance_interval)
+        lines = [f"model {self.model}: {self.images} images, {self.steps} steps, guidance {self.guidance}{interval}",
                  f"{'fully correct':<16} {self.correct:6.1%}"]  # fmt: skip
         lines += [f"  {k:<14} {v:6.1%}" for k, v in self.by_category.items()]
         lines += ["per attribute"] + [f"  {k:<14} {v:6.1%}" for k, v in self.by_attribute.items()]
@@ -46,6 +48,7 @@ def evaluate(
     guidance: float | None = None,
     progress: Callable[[int, int], None] | None = None,
     categories: Sequence[str] | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> EvalResult:
     """Run the eval; `categories` keeps those prompt categories only, `limit` then takes an evenly spread subset
     of the prompts (both for quick checks in training)."""
@@ -62,6 +65,8 @@ def evaluate(
     steps = steps or pipe.variant.steps
     guidance = guidance if guidance is not None else pipe.variant.guidance
     kw = {"guidance": guidance} if pipe.variant.guidance_mode != "none" else {}
+    if pipe.variant.guidance_mode == "cfg" or guidance_interval is not None:  # the pipeline refuses it for others
+        kw["guidance_interval"] = guidance_interval = tuple(guidance_interval or pipe.variant.guidance_interval)
     done = 0
     for i in range(0, len(jobs), batch):
         chunk = jobs[i : i + batch]
@@ -84,6 +89,7 @@ def evaluate(
         seeds=tuple(seeds),
         steps=steps,
         guidance=guidance,
+        guidance_interval=guidance_interval,
     )
 
 

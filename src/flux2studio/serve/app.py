@@ -45,6 +45,7 @@ class JobRequest(BaseModel):
     aspect: str | None = None
     steps: int | None = None
     guidance: float | None = None
+    guidance_interval: tuple[float, float] | None = None  # CFG models: noise levels guided (default: the model's)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     num_images: int = 1
     refs: list[str] = []  # upload ids
@@ -142,21 +143,27 @@ def create_app(
                 raise HTTPException(422, f"LoRA {name!r} scale {scale} is out of range "
                                          f"-{limits.max_lora_scale:g}..{limits.max_lora_scale:g}")  # fmt: skip
             loras.append((str(path), float(scale)))
+        interval = None
         if req.model in remote:  # progress of a hosted job counts its images, not steps
+            if req.guidance_interval is not None:
+                raise HTTPException(422, f"{req.model} is a hosted model: the API sets its own guidance, no interval")
             steps, guidance = hosted_rules(req, width, height, loras)
             progress_total = req.num_images
         else:
             try:  # the model's own checks: multiples of 16, its size range, guidance mode, negative prompt
                 built = build_request(variant, req.prompt, negative_prompt=req.negative_prompt, size=(width, height),
-                                      steps=req.steps, guidance=req.guidance, num_images=req.num_images)  # fmt: skip
+                                      steps=req.steps, guidance=req.guidance, num_images=req.num_images,
+                                      guidance_interval=req.guidance_interval)  # fmt: skip
             except ValueError as e:
                 raise HTTPException(422, str(e)) from None
             steps, guidance = built.steps, built.guidance
+            if variant.guidance_mode == "cfg":  # resolved, so the job runs the same whatever the defaults become
+                interval = list(built.guidance_interval)
             progress_total = built.steps
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         settings = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "width": width, "height": height,
-                    "steps": steps, "guidance": guidance, "seed": seed, "num_images": req.num_images,
-                    "refs": req.refs, "loras": loras}  # fmt: skip
+                    "steps": steps, "guidance": guidance, "guidance_interval": interval, "seed": seed,
+                    "num_images": req.num_images, "refs": req.refs, "loras": loras}  # fmt: skip
         return settings, progress_total
 
     def hosted_rules(req: JobRequest, width: int, height: int, loras: list) -> tuple[int | None, float | None]:
