@@ -80,12 +80,21 @@ def test_generate_with_ctrl_enter_and_see_the_image(page):
 
 
 def test_live_preview_while_a_job_runs(page):
+    assert page.locator("#interval-row").is_hidden()  # nano runs no CFG
     page.select_option("#model", "nano-base")  # 24 steps with CFG: long enough to see previews
+    assert (page.input_value("#interval-lo"), page.input_value("#interval-hi")) == ("0", "1")  # the model's default
+    page.fill("#interval-hi", "0.9")
     page.fill("#prompt", "a green triangle")
     page.keyboard.press("Control+Enter")
     page.wait_for_function("Number(document.querySelector('#preview').dataset.count) > 0")
     page.wait_for_function("document.querySelector('#status').textContent.startsWith('Done')")
     assert page.locator("#preview").is_hidden()  # gone once the final image is there
+    jobs = page.evaluate("fetch('/v1/jobs').then((r) => r.json())")["data"]
+    assert jobs[0]["settings"]["guidance_interval"] == [0.0, 0.9]  # newest first: what the page sent
+    page.fill("#interval-hi", "1")
+    page.wait_for_function("document.querySelector('#gallery .card p').textContent.endsWith('a green triangle')")
+    page.locator("#gallery .card button.use").first.click()  # "use these settings" brings the interval back
+    assert page.input_value("#interval-hi") == "0.9"
     page.select_option("#model", "nano")
 
 

@@ -42,6 +42,13 @@ function showModel() {
   $("guidance").value = m.guidance;
   $("guidance-row").hidden = m.guidance_mode === "none";
   $("negative-row").hidden = m.guidance_mode !== "cfg";
+  $("interval-row").hidden = !m.guidance_interval;
+  if (m.guidance_interval) showInterval(m.guidance_interval);
+}
+
+function showInterval([lo, hi]) {
+  $("interval-lo").value = lo;
+  $("interval-hi").value = hi;
 }
 
 function renderAspects() {
@@ -79,6 +86,7 @@ function settings() {
   if (m.steps != null) body.steps = Number($("steps").value);
   if (m.guidance_mode !== "none") body.guidance = Number($("guidance").value);
   if (m.guidance_mode === "cfg" && $("negative").value) body.negative_prompt = $("negative").value;
+  if (m.guidance_interval) body.guidance_interval = [Number($("interval-lo").value), Number($("interval-hi").value)];
   return body;
 }
 
@@ -148,6 +156,7 @@ function useSettings(job) {
   $("negative").value = s.negative_prompt || "";
   $("steps").value = s.steps;
   $("guidance").value = s.guidance;
+  if (s.guidance_interval) showInterval(s.guidance_interval);
   $("seed").value = s.seed;
   $("seed-lock").checked = true;
   $("num").value = s.num_images;
