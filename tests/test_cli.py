@@ -168,6 +168,7 @@ def test_guidance_interval_is_a_flag_recorded_in_the_image_and_replayed(tmp_path
         assert run.returncode == 0, run.stderr
     meta = json.loads(Image.open(tmp_path / "limited.png").info["flux2"])
     assert meta["guidance_interval"] == [0.0, 0.9] and meta["guidance"] == 4.0
+    assert "CFG scale: 4.0, CFG interval: 0.0-0.9," in Image.open(tmp_path / "limited.png").info["parameters"]
     assert not np.array_equal(pixels("limited.png"), pixels("every.png"))
 
     old = Image.open(tmp_path / "every.png")
@@ -187,3 +188,20 @@ def test_guidance_interval_is_a_flag_recorded_in_the_image_and_replayed(tmp_path
     assert run.returncode == 2 and "guidance interval '0.9' is not LOW,HIGH" in run.stderr
     run = flux2(*bad, "0,0.9", "--model", "nano")
     assert run.returncode != 0 and "nano does not run classifier-free guidance" in run.stderr
+
+
+def test_guidance_interval_in_compare_and_prompt_files(tmp_path):
+    """compare gives the interval (and the negative prompt) to the models that run CFG only; a prompts file
+    may write it as on the command line."""
+    from flux2studio.cli import jobs_from_file
+
+    run = flux2("compare", "a red circle", "--models", "nano,nano-base", "--seeds", "0", "--steps", "2",
+                "--guidance-interval", "0,0.9", "--negative", "blurry", "-o", tmp_path / "cmp")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "cmp" / "grid.png").exists()
+    meta = json.loads(Image.open(tmp_path / "cmp" / "nano-base-0.png").info["flux2"])
+    assert meta["guidance_interval"] == [0.0, 0.9] and meta["negative_prompt"] == "blurry"
+
+    rows = tmp_path / "p.jsonl"
+    rows.write_text('{"prompt": "a", "guidance_interval": "0,0.9"}\n{"prompt": "b", "guidance_interval": [0.1, 1]}\n')
+    assert [j.settings["guidance_interval"] for j in jobs_from_file(str(rows), {})] == [(0.0, 0.9), [0.1, 1]]

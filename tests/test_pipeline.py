@@ -239,6 +239,10 @@ def test_guidance_interval_guides_only_the_noise_levels_in_it():
         build_request(get_variant("nano-base"), "p", guidance_interval=(0.9, 0.5))
     with pytest.raises(ValueError, match=r"guidance interval \(0.0, 1.5\)"):
         build_request(get_variant("nano-base"), "p", guidance_interval=(0, 1.5))
+    with pytest.raises(ValueError, match=r"guidance interval '0,0.9' is not two noise levels \(low, high\)"):
+        build_request(get_variant("nano-base"), "p", guidance_interval="0,0.9")
+    with pytest.raises(ValueError, match=r"guidance interval \(0.5,\) is not two noise levels"):
+        build_request(get_variant("nano-base"), "p", guidance_interval=(0.5,))
     with pytest.raises(ValueError, match="nano does not run classifier-free guidance, so a guidance interval"):
         build_request(get_variant("nano"), "p", guidance_interval=(0, 0.9))
 

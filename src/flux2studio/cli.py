@@ -36,6 +36,7 @@ def variant_row(v: Variant) -> dict:
         "steps": None if v.hosted else v.steps,
         "guidance": None if v.hosted else v.guidance,
         "guidance_mode": None if v.hosted else v.guidance_mode,
+        "guidance_interval": list(v.guidance_interval) if v.guidance_mode == "cfg" and not v.hosted else None,
         "license": v.license,
         "hosted": v.hosted,
         "text_encoder": v.text_encoder.model if v.text_encoder else None,
@@ -155,6 +156,8 @@ def jobs_from_file(path: str, base: dict) -> list[Job]:
                 extra["negative_prompt"] = extra.pop("negative")
             if "num" in extra:
                 extra["num_images"] = extra.pop("num")
+            if isinstance(extra.get("guidance_interval"), str):  # "0,0.9" as on the command line
+                extra["guidance_interval"] = parse_interval(extra["guidance_interval"])
             jobs.append(Job(row["prompt"], {**base, **extra}))
         return jobs
     return [Job(line.strip(), dict(base)) for line in text.splitlines() if line.strip()]
@@ -170,8 +173,9 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, Job]:
         settings["negative_prompt"] = meta["negative_prompt"]
     if meta["guidance"] != 1.0:
         settings["guidance"] = meta["guidance"]
-        if get_variant(meta["model"]).guidance_mode == "cfg":  # images from before it: every step guided
-            settings["guidance_interval"] = tuple(meta.get("guidance_interval", (0.0, 1.0)))
+        target = args.model or meta["model"]  # the model that will run, which `--model` may change
+        if target in VARIANTS and VARIANTS[target].guidance_mode == "cfg":
+            settings["guidance_interval"] = tuple(meta.get("guidance_interval", (0.0, 1.0)))  # older: every step
     given = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images")}
     if args.seed_given:
         given["seed"] = args.seed
@@ -294,6 +298,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         kw = dict(settings)
         if getattr(pipe, "endpoint", None) is not None and pipe.endpoint.steps is None:
             kw.pop("steps", None)  # fixed-step hosted models: the same prompt, size and seed, their own steps
+        if pipe.variant.guidance_mode != "cfg":
+            kw.pop("negative_prompt", None)  # what only real CFG uses: for the models that run it
+            kw.pop("guidance_interval", None)
         images = pipe(args.prompt, seeds=seeds, num_images=len(seeds), **kw)
         for seed, image in zip(seeds, images, strict=True):
             path = output_paths(str(out), f"{model}-{seed}", 1, False)[0]

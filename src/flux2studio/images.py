@@ -95,6 +95,7 @@ def parameters_text(meta: dict) -> str:
         ("Steps", meta["steps"]),
         ("Sampler", "Euler (flow)"),
         ("CFG scale", meta["guidance"]),
+        *([("CFG interval", "{}-{}".format(*meta["guidance_interval"]))] if "guidance_interval" in meta else []),
         ("Seed", meta["seed"]),
         ("Size", f"{meta['width']}x{meta['height']}"),
         ("Model", meta["model"]),

@@ -107,7 +107,7 @@ def build_request(
         negative_prompt = ""  # FLUX.2 Base: empty negative prompt by default (FLUX2.md §6)
     if guidance_interval is not None and variant.guidance_mode != "cfg":
         raise ValueError(f"{variant.id} does not run classifier-free guidance, so a guidance interval has no effect")
-    lo, hi = variant.guidance_interval if guidance_interval is None else map(float, guidance_interval)
+    lo, hi = variant.guidance_interval if guidance_interval is None else _interval(guidance_interval)
     if not 0.0 <= lo < hi <= 1.0:
         raise ValueError(f"guidance interval ({lo}, {hi}) must be noise levels with 0 <= low < high <= 1")
 
@@ -141,6 +141,14 @@ def build_request(
         refs=prepared,
         guidance_interval=(lo, hi),
     )
+
+
+def _interval(value: object) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance interval {value!r} is not two noise levels (low, high), e.g. (0.0, 0.9)") from None
+    return lo, hi
 
 
 class Component(Generic[T]):
@@ -288,7 +296,10 @@ class Pipeline:
         callback: sampling.StepCallback | None = None,
         guidance_interval: tuple[float, float] | None = None,
     ) -> list[Image.Image]:
-        """Generate `num_images` images per prompt; image i uses seed `seed + i` (or `seeds[i]`)."""
+        """Generate `num_images` images per prompt; image i uses seed `seed + i` (or `seeds[i]`).
+
+        CFG models: `guidance_interval=(lo, hi)` guides only the noise levels in [lo, hi] (default: the model's).
+        """
         req = build_request(
             self.variant,
             prompt,
