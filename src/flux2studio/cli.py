@@ -36,7 +36,7 @@ def variant_row(v: Variant) -> dict:
         "steps": None if v.hosted else v.steps,
         "guidance": None if v.hosted else v.guidance,
         "guidance_mode": None if v.hosted else v.guidance_mode,
-        "guidance_interval": list(v.guidance_interval) if v.guidance_mode == "cfg" and not v.hosted else None,
+        "guidance_interval": v.cfg_interval,
         "license": v.license,
         "hosted": v.hosted,
         "text_encoder": v.text_encoder.model if v.text_encoder else None,
@@ -174,7 +174,7 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, Job]:
     if meta["guidance"] != 1.0:
         settings["guidance"] = meta["guidance"]
         target = args.model or meta["model"]  # the model that will run, which `--model` may change
-        if target in VARIANTS and VARIANTS[target].guidance_mode == "cfg":
+        if target in VARIANTS and VARIANTS[target].cfg_interval:
             settings["guidance_interval"] = tuple(meta.get("guidance_interval", (0.0, 1.0)))  # older: every step
     given = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images")}
     if args.seed_given:

@@ -162,6 +162,11 @@ class Variant:
     min_side: int = 64
     max_side: int = 2048
 
+    @property
+    def cfg_interval(self) -> tuple[float, float] | None:
+        """The noise levels CFG applies at by default, for a model that runs real CFG; else None."""
+        return self.guidance_interval if self.guidance_mode == "cfg" else None
+
 
 APACHE = "Apache-2.0"
 FLUX_NC = "FLUX Non-Commercial License"

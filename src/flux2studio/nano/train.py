@@ -180,6 +180,7 @@ def caption_batch(
     `recount`: the share of the others that get one with an object added or removed (`recounted`).
     """
     images, captions, marked, starts, swapped = [], [], [], [], []
+    counterfactual = bool(swap or recount)
     for _ in range(n):
         scene = sample_scene(rng, None if max_objects is None else int(rng.integers(1, max_objects + 1)))
         text, constraints = caption(scene, rng, p_state=p_state)
@@ -188,7 +189,7 @@ def caption_batch(
             marked.append(F.max_pool2d(object_pixels(scene, x), sampling.PIXELS_PER_TOKEN).flatten(1))
         images.append(x)
         captions.append(text)
-        if swap or recount:  # draws nothing from rng without them, so runs without keep their exact data
+        if counterfactual:  # draws nothing from rng without them, so runs without keep their exact data
             other = swapped_shapes(scene, constraints, rng) if swap and rng.random() < swap else None
             if recount and other is None and rng.random() < recount:
                 other = recounted(scene, rng)
@@ -198,8 +199,8 @@ def caption_batch(
         torch.cat(images),
         captions,
         torch.cat(marked) if masks else None,
-        torch.cat(starts) if swap or recount else None,
-        torch.tensor(swapped) if swap or recount else None,
+        torch.cat(starts) if counterfactual else None,
+        torch.tensor(swapped) if counterfactual else None,
     )
 
 
@@ -345,8 +346,8 @@ def p_state(cfg: TrainConfig) -> dict[str, float]:
 
 @dataclass
 class Step:
-    """One training batch as latents: `z` (B, 128, h, w), `txt` (B, L, C); with `swap`, `start` holds the
-    latents x_t is made from (counterfactual shapes where `swapped`, else z). `swapped` stays on the CPU,
+    """One training batch as latents: `z` (B, 128, h, w), `txt` (B, L, C); with `Counterfactuals`, `start` holds
+    the latents x_t is made from (the changed scene where `swapped`, else z). `swapped` stays on the CPU,
     where the noise levels it selects are drawn."""
 
     step: int
@@ -578,11 +579,12 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
 
 
 def teacher_segment(
-    teacher: Flux2Transformer, x: Tensor, hw: tuple[int, int], txt: Tensor, empty: Tensor,
+    teacher: Flux2Transformer, x: Tensor, ids: tuple[Tensor, Tensor], txt: Tensor, empty: Tensor,
     a: float, b: float, substeps: int, guidance: float,
 ) -> Tensor:  # fmt: skip
-    """Integrate the teacher's CFG velocity from noise level a to b in `substeps` Euler steps."""
-    img_ids, txt_ids = sampling.image_ids(*hw).to(x.device), sampling.text_ids(txt.shape[1]).to(x.device)
+    """Integrate the teacher's CFG velocity from noise level a to b in `substeps` Euler steps; `ids` are the
+    image and text position ids."""
+    img_ids, txt_ids = ids
 
     def v_cond(x, t):
         with bf16(x.device):
@@ -640,12 +642,13 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
             noise = torch.randn(z.shape, generator=g).to(device)
             a, b = sigmas[segment], sigmas[segment + 1]
             x_a = (1 - a) * sampling.pack(z) + a * sampling.pack(noise)
+            img_ids, txt_ids = sampling.image_ids(h, w).to(device), sampling.text_ids(txt.shape[1]).to(device)
             with torch.no_grad():
-                x_b = teacher_segment(teacher, x_a, (h, w), txt, frozen.empty, a.item(), b.item(), substeps, guidance)
+                x_b = teacher_segment(teacher, x_a, (img_ids, txt_ids), txt, frozen.empty, a.item(), b.item(),
+                                      substeps, guidance)  # fmt: skip
             target = (x_b - x_a) / (b - a)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-            img_ids, txt_ids = sampling.image_ids(h, w).to(device), sampling.text_ids(txt.shape[1]).to(device)
             with bf16(device):
                 v = model(x_a, img_ids, txt, txt_ids, a.to(device).expand(z.shape[0]))
             loss = F.mse_loss(v.float(), target)

@@ -206,7 +206,7 @@ def create_app(
             v = get_variant(model_id)
             row = {"id": v.id, "object": "model", "owned_by": "flux2studio", "description": v.description,
                    "steps": v.steps, "guidance": v.guidance, "guidance_mode": v.guidance_mode,
-                   "guidance_interval": list(v.guidance_interval) if v.guidance_mode == "cfg" else None,
+                   "guidance_interval": v.cfg_interval,
                    "default_size": list(v.default_size), "min_side": v.min_side,
                    "max_side": min(v.max_side, limits.max_side), "max_refs": min(v.max_refs, limits.max_refs),
                    "license": v.license, "hosted": model_id in remote}  # fmt: skip
