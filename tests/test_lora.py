@@ -195,7 +195,7 @@ def test_fuse_unfuse_is_bit_exact_and_hooks_match_fuse(peft_pair, tmp_path):
     applied = apply_loras(ours, [(lora, 0.7), (second, -0.4)], mode="hooks")
     hooked = _ours_out(ours, _inputs())
     applied.remove()
-    assert (fused - hooked).abs().max().item() <= TOL
+    assert (fused - hooked).abs().max().item() <= TOL * fused.abs().max().item()  # relative, as above
     assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())
 
 
