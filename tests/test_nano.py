@@ -134,7 +134,7 @@ def test_training_stages_run_and_resume_exactly(tmp_path):
     from safetensors.torch import load_file
 
     from flux2studio.checkpoints import EMBEDDED
-    from flux2studio.nano.train import TrainConfig, run
+    from flux2studio.nano.train import TrainConfig, export, run
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -161,6 +161,16 @@ def test_training_stages_run_and_resume_exactly(tmp_path):
     student = load_file(str(a / "nano.safetensors"))
     assert all(torch.allclose(student[k], init[k].float(), rtol=1e-6, atol=1e-7) for k in init)
     assert not torch.allclose(student["img_in.weight"], one["img_in.weight"])  # not the teacher
+    # shipped: the card continues the one of the weights the runs started from
+    previous = json.loads((EMBEDDED / "nano.json").read_text())
+    export(a, dest=tmp_path / "ship", previous=previous)
+    card = json.loads((tmp_path / "ship" / "nano.json").read_text())
+    assert card["runs"][: len(previous["runs"])] == previous["runs"]
+    assert [(r["folder"], r["stage"], r["steps_run"]) for r in card["runs"][len(previous["runs"]) :]] == [
+        ("a", "base", 3), ("a", "distill", 1)]  # fmt: skip
+    assert card["trained_steps"] == {**previous["trained_steps"], "base": previous["trained_steps"]["base"] + 3,
+                                     "distill": previous["trained_steps"]["distill"] + 1}  # fmt: skip
+    assert load_file(str(tmp_path / "ship" / "nano.safetensors"))["img_in.weight"].dtype == torch.bfloat16
     run(TrainConfig(stage="vae", out=str(tmp_path / "vae"), steps=1, batch=2, warmup=1, extra={"stats_images": "64"}))
     vae = load_file(str(tmp_path / "vae" / "vae.safetensors"))
     assert vae["bn.running_var"].min() > 0  # latent statistics measured on fresh renders

@@ -710,12 +710,15 @@ def export(
     evals: dict | None = None,
     chain: tuple[str | Path, ...] = (),
     distill_chain: tuple[str | Path, ...] = (),
+    previous: dict | None = None,
 ) -> list[Path]:
     """Copy the trained weights into the package (bf16 transformers, fp32 VAE) with their provenance.
 
     `chain`: the earlier run folders the weights went through, oldest first (the VAE's, then every `base`
     continuation that `--set init=` started from the one before); the card lists each one's config and steps.
     `distill_chain`: likewise the earlier `distill` runs, when this one's student started from their `nano`.
+    `previous`: the card (nano.json) of the weights this run started from, when their run folders are gone:
+    its runs come first and its steps count.
     """
     from ..checkpoints import EMBEDDED, write_safetensors
 
@@ -728,8 +731,8 @@ def export(
         target.unlink(missing_ok=True)
         write_safetensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, target)
         written.append(target)
-    steps: dict[str, int] = {}
-    stages = []
+    steps: dict[str, int] = dict(previous["trained_steps"]) if previous else {}
+    stages = list(previous["runs"]) if previous else []
     earlier = [*((Path(d), ("vae", "base")) for d in chain), *((Path(d), ("distill",)) for d in distill_chain)]
     for run, kinds in [*earlier, (out, ("vae", "base", "distill"))]:
         for stage in kinds:
