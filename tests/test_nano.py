@@ -187,6 +187,7 @@ def test_workers_render_the_same_batches_and_a_time_limit_stops_with_a_checkpoin
     from flux2studio.nano.train import Counterfactuals, TrainConfig, run, step_batches, steps_done
 
     extra = {"shift": "2.5", "object_weight": "4", "swap": "0.5", "recount": "0.5", "objects": "2", "p_cell": "1"}
+    extra["siblings"] = "2"
     cfg = TrainConfig(stage="base", out=str(tmp_path), steps=3, batch=4, warmup=1, ckpt_every=100, extra=extra)
     cf = Counterfactuals.of(cfg)
     assert cf == Counterfactuals(swap=0.5, recount=0.5)
@@ -196,7 +197,7 @@ def test_workers_render_the_same_batches_and_a_time_limit_stops_with_a_checkpoin
     assert any(batch.swapped.any() for batch, _ in here)  # counterfactual renders travel too
     for (a, dropped_a), (b, dropped_b) in zip(here, there, strict=True):
         assert a.captions == b.captions and dropped_a == dropped_b
-        for name in ("images", "masks", "starts", "swapped"):
+        for name in ("images", "masks", "starts", "swapped", "groups"):
             x, y = getattr(a, name), getattr(b, name)
             assert torch.equal(x, y) and x.stride() == y.stride(), name  # same layout: same conv kernels
 
@@ -295,6 +296,67 @@ def test_counterfactual_counts_add_or_remove_one_object_and_keep_the_rest():
     assert batch.swapped.all()
     for start, image in zip(to_pil(batch.starts), to_pil(batch.images), strict=True):
         assert abs(len(analyze(start).objects) - len(analyze(image).objects)) == 1
+
+
+def test_siblings_share_a_caption_that_each_of_their_layouts_satisfies():
+    """`--set siblings=K`: groups of K samples with one caption, the layout drawn again as the caption allows."""
+    import numpy as np
+
+    from flux2studio.nano.checker import check
+    from flux2studio.nano.shapes import caption, render, sample_scene
+    from flux2studio.nano.train import caption_batch, placed_again
+
+    rng = np.random.default_rng(3)
+    moved = 0
+    for n in (1, 2, 3, 4) * 12:
+        scene = sample_scene(rng, n)
+        text, constraints = caption(scene, rng)
+        again = placed_again(scene, constraints, rng)
+        assert check(render(again), constraints).correct, text  # stated cells, relations: all still hold
+        assert sorted((o.shape, o.color, o.size) for o in again.objects) == sorted(
+            (o.shape, o.color, o.size) for o in scene.objects)  # fmt: skip
+        stated = {spec.cell for spec in constraints.objects} - {None}
+        assert stated <= {o.cell for o in again.objects}
+        moved += {o.cell for o in again.objects} != {o.cell for o in scene.objects}
+    assert moved > 24  # free cells move (the caption leaves most layouts free)
+
+    batch = caption_batch(np.random.default_rng(5), 12, (128, 128), masks=False, siblings=3)
+    assert batch.groups.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert all(len(set(batch.captions[k : k + 3])) == 1 for k in range(0, 12, 3))
+    assert caption_batch(np.random.default_rng(5), 4, (64, 64), masks=False).groups is None
+    with pytest.raises(ValueError, match=r"siblings must be 1\.\.12 and divide the batch 12, not 5"):
+        caption_batch(np.random.default_rng(5), 12, (64, 64), siblings=5)
+
+
+def test_posterior_mean_over_a_group_is_bayes_over_its_members():
+    """`flow_loss(groups=)`: the target lands on E[x0 | x_t] over the group: its mean at pure noise, the sample's
+    own x0 near t = 0 and in a group of one (then the loss is exactly the plain one)."""
+    from flux2studio.model.transformer import Flux2Transformer
+    from flux2studio.train.common import flow_loss, posterior_mean
+    from flux2studio.variants import get_variant
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 64, 128, generator=g), torch.randn(4, 64, 128, generator=g)
+    groups = torch.tensor([0, 0, 1, 2])
+    for t, want in ((1.0, torch.stack([x0[:2].mean(0), x0[:2].mean(0), x0[2], x0[3]])), (1e-3, x0)):
+        tt = torch.full((4,), t)
+        xt = (1 - t) * x0 + t * noise
+        torch.testing.assert_close(posterior_mean(xt, x0, tt, groups), want)
+    t = torch.full((4,), 0.99)  # in between: the likelihoods of the two candidates, in float64
+    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    ll = torch.stack([-((xt[0] - 0.01 * x0[j]).double() ** 2).sum() / (2 * 0.99**2) for j in (0, 1)])
+    w = ll.softmax(0)
+    assert 0.01 < w[1] < 0.99  # a genuine mix at this noise level
+    torch.testing.assert_close(posterior_mean(xt, x0, t, groups)[0], (w[0] * x0[0] + w[1] * x0[1]).float())
+
+    torch.manual_seed(0)
+    model = Flux2Transformer(get_variant("nano").transformer)
+    z, n = torch.randn(3, 128, 8, 8, generator=g), torch.randn(3, 128, 8, 8, generator=g)
+    txt, t = torch.randn(3, 64, 1152, generator=g), torch.tensor([0.3, 0.9, 0.99])
+    with torch.no_grad():
+        plain = flow_loss(model, z, txt, t, n)
+        assert torch.equal(flow_loss(model, z, txt, t, n, groups=torch.arange(3)), plain)
+        assert not torch.equal(flow_loss(model, z, txt, t, n, groups=torch.zeros(3, dtype=torch.long)), plain)
 
 
 def test_train_command_passes_its_options_to_the_stage(monkeypatch, tmp_path):

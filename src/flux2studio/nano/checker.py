@@ -235,7 +235,7 @@ def score(constraints: Constraints, analysis: Analysis) -> Score:
     """Match stated objects to detections (the assignment agreeing most), then test each stated attribute."""
     stated = constraints.objects
     found = analysis.objects[:MAX_MATCHED]
-    match = _best_match(constraints, found)
+    match = best_match(constraints, found)
     got: dict[str, bool] = {}
     for field, attribute in OBJECT_FIELDS.items():
         wanted = [(k, getattr(spec, field)) for k, spec in enumerate(stated) if getattr(spec, field) is not None]
@@ -256,7 +256,7 @@ def score(constraints: Constraints, analysis: Analysis) -> Score:
     return Score(correct=all(attributes.values()), attributes=attributes)
 
 
-def _best_match(constraints: Constraints, found: tuple[Detected, ...]) -> tuple[int | None, ...]:
+def best_match(constraints: Constraints, found: tuple[Detected, ...]) -> tuple[int | None, ...]:
     """For each stated object, a detection index (or None); brute force over all injective assignments."""
     stated = constraints.objects
     slots: list[int | None] = [*range(len(found)), *[None] * max(0, len(stated) - len(found))]

@@ -129,7 +129,7 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
     while True:  # some draws cannot be placed (three large shapes in one row); draw again
         cells = [CELLS[int(k)] for k in rng.choice(len(CELLS), size=n_objects, replace=False)]
         kinds = [(_pick(rng, SHAPES), _pick(rng, tuple(COLORS)), _pick(rng, tuple(SIZES)), cell) for cell in cells]
-        objects = _place(rng, kinds)
+        objects = place(rng, kinds)
         if objects:
             return Scene(background, lighting, objects)
 
@@ -143,13 +143,13 @@ def with_object_added(scene: Scene, rng: np.random.Generator) -> Scene | None:
     free = [c for c in CELLS if c not in taken]
     for _ in range(PLACE_TRIES):
         kind = (_pick(rng, SHAPES), _pick(rng, tuple(COLORS)), _pick(rng, tuple(SIZES)), _pick(rng, tuple(free)))
-        new = _place(rng, [kind])[0]  # one object always fits its cell
+        new = place(rng, [kind])[0]  # one object always fits its cell
         if all(_apart(box(new), box(o)) for o in scene.objects):
             return dataclasses.replace(scene, objects=(*scene.objects, new))
     return None
 
 
-def _place(rng: np.random.Generator, kinds: list[tuple[str, str, str, str]]) -> tuple[Obj, ...] | None:
+def place(rng: np.random.Generator, kinds: list[tuple[str, str, str, str]]) -> tuple[Obj, ...] | None:
     """Jitter each centre inside its cell until no two boxes come within GAP; None if that fails."""
     for _ in range(PLACE_TRIES):
         objects = []

@@ -48,7 +48,21 @@ from ..train.common import (
     train_timesteps,
 )
 from ..variants import get_variant
-from .shapes import P_STATE, SHAPES, Constraints, Scene, caption, render, sample_scene, with_object_added
+from .checker import Analysis, Detected, best_match, score
+from .shapes import (
+    CELLS,
+    P_STATE,
+    PLACE_TRIES,
+    SHAPES,
+    Constraints,
+    Obj,
+    Scene,
+    caption,
+    place,
+    render,
+    sample_scene,
+    with_object_added,
+)
 
 # Training resolutions (width, height) and how often each is drawn: mostly the 128x128 default, some
 # other aspect ratios so every supported preset has been seen.
@@ -154,13 +168,15 @@ LATENT_NOISE = 0.1
 class Batch:
     """Training images (n, 3, H, W), their captions, object masks per latent token (n, H/16 * W/16) if asked,
     and for counterfactuals (`Counterfactuals`): the images x_t is made from (the true image where there is
-    none) and which samples have one (`swapped`)."""
+    none) and which samples have one (`swapped`); with siblings, each sample's group (`groups`, (n,) int64:
+    samples of one group share their caption)."""
 
     images: Tensor
     captions: list[str]
     masks: Tensor | None = None
     starts: Tensor | None = None
     swapped: Tensor | None = None
+    groups: Tensor | None = None
 
 
 def caption_batch(
@@ -172,36 +188,66 @@ def caption_batch(
     max_objects: int | None = None,
     swap: float = 0.0,
     recount: float = 0.0,
+    siblings: int = 1,
 ) -> Batch:
     """Fresh scenes, captions and (if `masks`) object masks: a token is marked when any pixel of its 16x16
     cell differs from the bare background. `max_objects` draws 1..max_objects objects per scene (uniformly)
     instead of the world's 1..4, for a curriculum. `swap`: the share of samples whose captions state every
     object's shape that also get a counterfactual render with each shape changed (`swapped_shapes`);
     `recount`: the share of the others that get one with an object added or removed (`recounted`).
+    `siblings` > 1: the samples come in groups of that many that share one caption, the scene placed again
+    as the caption allows (`placed_again`) for each sample after the first (`flow_loss`'s `groups`).
     """
-    images, captions, marked, starts, swapped = [], [], [], [], []
+    if siblings < 1 or n % siblings:
+        raise ValueError(f"siblings must be 1..{n} and divide the batch {n}, not {siblings}")
+    images, captions, marked, starts, swapped, groups = [], [], [], [], [], []
     counterfactual = bool(swap or recount)
-    for _ in range(n):
-        scene = sample_scene(rng, None if max_objects is None else int(rng.integers(1, max_objects + 1)))
-        text, constraints = caption(scene, rng, p_state=p_state)
-        x = to_tensor(render(scene, *size))
-        if masks:
-            marked.append(F.max_pool2d(object_pixels(scene, x), sampling.PIXELS_PER_TOKEN).flatten(1))
-        images.append(x)
-        captions.append(text)
-        if counterfactual:  # draws nothing from rng without them, so runs without keep their exact data
-            other = swapped_shapes(scene, constraints, rng) if swap and rng.random() < swap else None
-            if recount and other is None and rng.random() < recount:
-                other = recounted(scene, rng)
-            starts.append(x if other is None else to_tensor(render(other, *size)))
-            swapped.append(other is not None)
+    for group in range(n // siblings):
+        first = sample_scene(rng, None if max_objects is None else int(rng.integers(1, max_objects + 1)))
+        text, constraints = caption(first, rng, p_state=p_state)
+        for scene in [first, *(placed_again(first, constraints, rng) for _ in range(siblings - 1))]:
+            x = to_tensor(render(scene, *size))
+            if masks:
+                marked.append(F.max_pool2d(object_pixels(scene, x), sampling.PIXELS_PER_TOKEN).flatten(1))
+            images.append(x)
+            captions.append(text)
+            groups.append(group)
+            if counterfactual:  # draws nothing from rng without them, so runs without keep their exact data
+                other = swapped_shapes(scene, constraints, rng) if swap and rng.random() < swap else None
+                if recount and other is None and rng.random() < recount:
+                    other = recounted(scene, rng)
+                starts.append(x if other is None else to_tensor(render(other, *size)))
+                swapped.append(other is not None)
     return Batch(
         torch.cat(images),
         captions,
         torch.cat(marked) if masks else None,
         torch.cat(starts) if counterfactual else None,
         torch.tensor(swapped) if counterfactual else None,
+        torch.tensor(groups) if siblings > 1 else None,
     )
+
+
+def placed_again(scene: Scene, constraints: Constraints, rng: np.random.Generator) -> Scene:
+    """Another draw of `scene`'s layout from what its caption allows: the same objects, each cell the caption
+    states kept, the other objects in random free cells, every centre jittered anew, until the caption's
+    relations hold as well (`scene` itself if PLACE_TRIES draws fail). A caption leaves the layout free
+    as a rule, so these are scenes the caption describes just as well."""
+    seen = Analysis(scene.background, scene.lighting, tuple(_as_detected(o) for o in scene.objects))
+    match = best_match(constraints, seen.objects)  # stated object -> scene object
+    fixed = {match[k]: spec.cell for k, spec in enumerate(constraints.objects) if spec.cell is not None}
+    for _ in range(PLACE_TRIES):
+        free = [c for c in CELLS if c not in fixed.values()]
+        cells = [fixed.get(i) or free.pop(int(rng.integers(len(free)))) for i in range(len(scene.objects))]
+        placed = place(rng, [(o.shape, o.color, o.size, c) for o, c in zip(scene.objects, cells, strict=True)])
+        if placed and score(constraints, dataclasses.replace(seen, objects=tuple(map(_as_detected, placed)))).correct:
+            return dataclasses.replace(scene, objects=placed)
+    return scene
+
+
+def _as_detected(obj: Obj) -> Detected:
+    """What the checker would find for a perfectly drawn `obj`."""
+    return Detected(obj.shape, obj.color, obj.size, obj.cell, obj.x, obj.y, area=0.0, fill=0.0, skew=0.0)
 
 
 def swapped_shapes(scene: Scene, constraints: Constraints, rng: np.random.Generator) -> Scene | None:
@@ -348,7 +394,8 @@ def p_state(cfg: TrainConfig) -> dict[str, float]:
 class Step:
     """One training batch as latents: `z` (B, 128, h, w), `txt` (B, L, C); with `Counterfactuals`, `start` holds
     the latents x_t is made from (the changed scene where `swapped`, else z). `swapped` stays on the CPU,
-    where the noise levels it selects are drawn."""
+    where the noise levels it selects are drawn. `groups`: `flow_loss`'s, from `Batch.groups` with every
+    dropped caption and every counterfactual in a group of its own."""
 
     step: int
     z: Tensor
@@ -356,6 +403,7 @@ class Step:
     masks: Tensor | None = None
     start: Tensor | None = None
     swapped: Tensor | None = None
+    groups: Tensor | None = None
 
 
 def step_batch(cfg: TrainConfig, step: int, masks: bool, cf: Counterfactuals) -> tuple[Batch, list[bool]]:
@@ -364,7 +412,8 @@ def step_batch(cfg: TrainConfig, step: int, masks: bool, cf: Counterfactuals) ->
     rng = np.random.default_rng([cfg.seed, step])
     size = pick_bucket(rng)
     max_objects = int(cfg.extra["objects"]) if "objects" in cfg.extra else None
-    batch = caption_batch(rng, cfg.batch, size, p_state(cfg), masks, max_objects, cf.swap, cf.recount)
+    siblings = int(cfg.extra.get("siblings", 1))
+    batch = caption_batch(rng, cfg.batch, size, p_state(cfg), masks, max_objects, cf.swap, cf.recount, siblings)
     return batch, [bool(rng.random() < cfg.caption_dropout) for _ in batch.captions]
 
 
@@ -391,12 +440,13 @@ def _packed_step(args: tuple[TrainConfig, int, bool, Counterfactuals]) -> tuple:
     shared memory, which a container may have little of)."""
     batch, dropped = step_batch(*args)
     return (_pixels(batch.images), batch.captions, _as_arrays(batch.masks), _pixels(batch.starts),
-            _as_arrays(batch.swapped), dropped)  # fmt: skip
+            _as_arrays(batch.swapped), _as_arrays(batch.groups), dropped)  # fmt: skip
 
 
 def _unpack_step(packed: tuple) -> tuple[Batch, list[bool]]:
-    images, captions, masks, starts, swapped, dropped = packed
-    batch = Batch(_from_pixels(images), captions, _as_tensor(masks), _from_pixels(starts), _as_tensor(swapped))
+    images, captions, masks, starts, swapped, groups, dropped = packed
+    batch = Batch(_from_pixels(images), captions, _as_tensor(masks), _from_pixels(starts), _as_tensor(swapped),
+                  _as_tensor(groups))  # fmt: skip
     return batch, dropped
 
 
@@ -447,7 +497,12 @@ def batches(
             if swapped.any():
                 z_start[swapped.to(device)] = frozen.latents(batch.starts[swapped])
         masks_ = None if batch.masks is None else batch.masks.to(device)
-        yield Step(step, z, txt, masks_, z_start, swapped)
+        groups = None
+        if batch.groups is not None:  # an empty caption or a counterfactual start: x_t is not from the group
+            alone = torch.tensor(dropped) | (swapped if swapped is not None else False)
+            n = len(batch.groups)
+            groups = torch.where(alone, n + torch.arange(n), batch.groups).to(device)
+        yield Step(step, z, txt, masks_, z_start, swapped, groups)
 
 
 def flow_timesteps(g: torch.Generator, n: int, shift: float, high_t: float = 0.0, mid_t: float = 0.0) -> Tensor:
@@ -570,7 +625,9 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
                 group["lr"] = lr
             weight = None if b.masks is None else 1 + (object_weight - 1) * b.masks
             with bf16(device):
-                loss = flow_loss(model, b.z, b.txt, t.to(device), noise.to(device), weight=weight, start=b.start)
+                loss = flow_loss(
+                    model, b.z, b.txt, t.to(device), noise.to(device), weight=weight, start=b.start, groups=b.groups
+                )
             if loop.update(step, loss, lr=lr):
                 break
 
