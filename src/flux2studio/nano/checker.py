@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .shapes import BACKGROUNDS, CELLS, COLORS, LIGHT_FLOOR, RGB, SHAPES, SIZES, Constraints
+from .shapes import BACKGROUNDS, CELLS, COLORS, LIGHT_FLOOR, RGB, SHAPES, SIZES, Constraints, Obj
 
 # Fill ratio of a shape's bounding box: circle pi/4, square 1, equilateral triangle 1/2.
 FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
@@ -85,6 +85,11 @@ class Analysis:
 class Score:
     correct: bool  # every stated constraint holds and nothing unstated was added
     attributes: dict[str, bool]  # only the attributes the prompt touches, in ATTRIBUTES order
+
+
+def as_detected(obj: Obj) -> Detected:
+    """What the checker would find for a perfectly drawn `obj` (to score a planned scene without drawing it)."""
+    return Detected(obj.shape, obj.color, obj.size, obj.cell, obj.x, obj.y, area=0.0, fill=0.0, skew=0.0)
 
 
 def check(image: Image.Image, constraints: Constraints) -> Score:

@@ -324,8 +324,8 @@ def caption(
     mode: "plain" (objects, background, lighting), "relation" (also one or two "A left of B" clauses;
     needs two objects), "negation" (also "no red shapes" / "no triangles"), or "random" (either, both
     or neither). Captions over MAX_CAPTION_TOKENS or MAX_CAPTION_WORDS are redrawn stating less.
-    `p_state` overrides entries of P_STATE (how often each attribute is stated), e.g. for a curriculum, and
-    "coarse" overrides P_COARSE.
+    `p_state` overrides entries of P_STATE (how often each attribute is stated), e.g. for a curriculum,
+    "coarse" overrides P_COARSE and "hex" P_HEX.
     """
     if mode not in CAPTION_MODES:
         raise ValueError(f"caption mode {mode!r} is not one of {', '.join(CAPTION_MODES)}")
@@ -389,7 +389,7 @@ def _compose(
 ) -> tuple[str, Constraints]:
     """Phrase the scene: relation clauses first, then the other objects grouped into counts."""
     p = {k: p_state.get(k, v) * shrink for k, v in P_STATE.items()}  # p_state's "coarse" is read below
-    p_hex = P_HEX if shrink == 1.0 else 0.0
+    p_hex = p_state.get("hex", P_HEX) if shrink == 1.0 else 0.0
     coarse = _pick(rng, ("shape", "color", "count")) if rng.random() < p_state.get("coarse", P_COARSE) else None
     specs = [_state(obj, rng, p, coarse) for obj in scene.objects]
     related = {k for i, _, j in relations for k in (i, j)}

@@ -48,14 +48,13 @@ from ..train.common import (
     train_timesteps,
 )
 from ..variants import get_variant
-from .checker import Analysis, Detected, best_match, score
+from .checker import Analysis, as_detected, best_match, score
 from .shapes import (
     CELLS,
     P_STATE,
     PLACE_TRIES,
     SHAPES,
     Constraints,
-    Obj,
     Scene,
     caption,
     place,
@@ -233,21 +232,16 @@ def placed_again(scene: Scene, constraints: Constraints, rng: np.random.Generato
     states kept, the other objects in random free cells, every centre jittered anew, until the caption's
     relations hold as well (`scene` itself if PLACE_TRIES draws fail). A caption leaves the layout free
     as a rule, so these are scenes the caption describes just as well."""
-    seen = Analysis(scene.background, scene.lighting, tuple(_as_detected(o) for o in scene.objects))
+    seen = Analysis(scene.background, scene.lighting, tuple(as_detected(o) for o in scene.objects))
     match = best_match(constraints, seen.objects)  # stated object -> scene object
     fixed = {match[k]: spec.cell for k, spec in enumerate(constraints.objects) if spec.cell is not None}
     for _ in range(PLACE_TRIES):
         free = [c for c in CELLS if c not in fixed.values()]
         cells = [fixed.get(i) or free.pop(int(rng.integers(len(free)))) for i in range(len(scene.objects))]
         placed = place(rng, [(o.shape, o.color, o.size, c) for o, c in zip(scene.objects, cells, strict=True)])
-        if placed and score(constraints, dataclasses.replace(seen, objects=tuple(map(_as_detected, placed)))).correct:
+        if placed and score(constraints, dataclasses.replace(seen, objects=tuple(map(as_detected, placed)))).correct:
             return dataclasses.replace(scene, objects=placed)
     return scene
-
-
-def _as_detected(obj: Obj) -> Detected:
-    """What the checker would find for a perfectly drawn `obj`."""
-    return Detected(obj.shape, obj.color, obj.size, obj.cell, obj.x, obj.y, area=0.0, fill=0.0, skew=0.0)
 
 
 def swapped_shapes(scene: Scene, constraints: Constraints, rng: np.random.Generator) -> Scene | None:
