@@ -205,3 +205,28 @@ def test_guidance_interval_in_compare_and_prompt_files(tmp_path):
     rows = tmp_path / "p.jsonl"
     rows.write_text('{"prompt": "a", "guidance_interval": "0,0.9"}\n{"prompt": "b", "guidance_interval": [0.1, 1]}\n')
     assert [j.settings["guidance_interval"] for j in jobs_from_file(str(rows), {})] == [(0.0, 0.9), [0.1, 1]]
+
+
+def test_prompt_upsampling_is_on_for_nano_recorded_and_replayed(klein_folder, tmp_path):
+    """nano plans what the prompt leaves free by default; the planned caption is in the metadata, `--from`
+    replays either way exactly, and a model with no upsampler refuses the flag by name."""
+
+    def pixels(name):
+        return np.asarray(Image.open(tmp_path / name))
+
+    base = ["a circle and a square", "--seed", "4", "-q", "-o"]
+    for name, extra in (("planned.png", []), ("plain.png", ["--no-prompt-upsampling"])):
+        run = flux2("generate", *base, tmp_path / name, *extra)
+        assert run.returncode == 0, run.stderr
+    planned = json.loads(Image.open(tmp_path / "planned.png").info["flux2"])
+    plain = json.loads(Image.open(tmp_path / "plain.png").info["flux2"])
+    assert planned["prompt"] == plain["prompt"] == "a circle and a square"
+    assert planned["prompt_upsampling"] and "upsampled_prompt" not in plain and not plain["prompt_upsampling"]
+    assert planned["upsampled_prompt"].count(" in ") + planned["upsampled_prompt"].count(" at ") >= 2  # cells
+    assert not np.array_equal(pixels("planned.png"), pixels("plain.png"))
+    for source in ("planned.png", "plain.png"):
+        run = flux2("generate", "--from", tmp_path / source, "-q", "-o", tmp_path / f"again-{source}")
+        assert run.returncode == 0, run.stderr
+        assert np.array_equal(pixels(f"again-{source}"), pixels(source))
+    run = flux2("generate", "a cat", *common(klein_folder[1]), "--prompt-upsampling", "-o", tmp_path / "k.png")
+    assert run.returncode != 0 and "klein-4b has no prompt upsampler" in run.stderr

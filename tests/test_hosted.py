@@ -67,6 +67,9 @@ def test_references_flex_settings_and_kontext_aspect(bfl):
     decoded = Image.open(io.BytesIO(base64.b64decode(body["input_image_3"])))
     assert decoded.size == (96, 64)
     assert (body["steps"], body["guidance"], body["prompt_upsampling"]) == (28, 3.5, True)
+    image = pipe(bfl, "flex", prompt_upsampling=True)("one call", prompt_upsampling=False)[0]  # per call wins
+    assert submitted(bfl, "one call")[0]["prompt_upsampling"] is False
+    assert json.loads(image.info["flux2"])["hosted"]["prompt_upsampling"] is False
 
     image = pipe(bfl, "kontext-pro")("make it night", refs=refs[:1], size=(1024, 768))[0]
     body = submitted(bfl, "make it night")[0]

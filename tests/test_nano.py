@@ -55,9 +55,23 @@ def test_eval_can_probe_one_category(capsys):
 
     assert main(["eval", "--category", "negation", "--limit", "2", "--seeds", "0", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["images"] == 2 and set(result["by_category"]) == {"negation"}
+    assert result["images"] == 2 and set(result["by_category"]) == {"negation"} and result["prompt_upsampling"]
+    assert main(["eval", "--category", "negation", "--limit", "2", "--seeds", "0", "--no-prompt-upsampling"]) == 0
+    assert "2 images, 4 steps, guidance 1.0\n" in capsys.readouterr().out  # no ", prompts upsampled"
     assert main(["eval", "--category", "colours", "--limit", "2"]) == 2
     assert "unknown eval category colours: one of one_two, three_four, relation, negation" in capsys.readouterr().err
+
+
+def test_prompt_upsampling_makes_nano_follow_prompts_more_often():
+    """The planner states what a prompt leaves free, and nano follows such captions far better (one_two prompts,
+    seed 0: 42 of 64 fully correct against 24 as written, measured). Floors well under that: fails if it breaks."""
+    pipe = load("nano", device="cpu")
+    prompts = [p for p in eval_prompts() if p.category == "one_two"]
+    right = {}
+    for upsampling in (False, True):
+        images = pipe([p.text for p in prompts], seeds=[0] * len(prompts), prompt_upsampling=upsampling)
+        right[upsampling] = sum(check(im, p.constraints).correct for im, p in zip(images, prompts, strict=True))
+    assert right[True] >= 34 and right[True] >= right[False] + 8, right
 
 
 def test_text_encoder_hash_is_checked(monkeypatch):

@@ -252,8 +252,17 @@ def test_embedded_model_through_the_api(tmp_path):
         done = _wait(client, job["id"])
         assert done["status"] == "done" and done["settings"]["steps"] == 4
         image = Image.open(io.BytesIO(client.get(done["images"][0]).content))
-        assert image.size == (128, 128) and json.loads(image.info["flux2"])["model"] == "nano"
+        meta = json.loads(image.info["flux2"])
+        assert image.size == (128, 128) and meta["model"] == "nano"
         assert done["settings"]["guidance_interval"] is None  # nano runs no CFG
+        planned = meta["upsampled_prompt"]  # the size and the cell stated, the background kept
+        assert done["settings"]["prompt_upsampling"] is True and "white" in planned and " red circle " in planned
+        assert ("small" in planned or "large" in planned) and planned != meta["prompt"]
+        job = client.post("/v1/jobs", json={"prompt": "a red circle", "seed": 1, "prompt_upsampling": False}).json()
+        done = _wait(client, job["id"])
+        assert done["settings"]["prompt_upsampling"] is False
+        image = Image.open(io.BytesIO(client.get(done["images"][0]).content))
+        assert "upsampled_prompt" not in json.loads(image.info["flux2"])
 
         # nano-base: the job keeps the interval it ran with (the model's default when none is given)
         ask = {"model": "nano-base", "prompt": "a red circle", "seed": 1, "steps": 3}

@@ -106,8 +106,7 @@ def load_pipe(model: str | None, args: argparse.Namespace):
     from .loading import load
 
     transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one to read
-    api = {"location": args.api, "safety_tolerance": args.safety_tolerance, "output_format": args.output_format,
-           "prompt_upsampling": args.prompt_upsampling}  # fmt: skip
+    api = {"location": args.api, "safety_tolerance": args.safety_tolerance, "output_format": args.output_format}
     pipe = load(model, weights=args.weights, device=args.device, dtype=args.dtype,
                 text_encoder=getattr(args, "text_encoder", None), backend=args.backend, api=api,
                 attention=getattr(args, "attention", None) or "auto")  # fmt: skip
@@ -130,7 +129,8 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 def settings_from_args(args: argparse.Namespace) -> dict:
     out = {"seed": args.seed, "num_images": args.num}
     for key, flag in (("size", "size"), ("aspect", "aspect"), ("steps", "steps"), ("guidance", "guidance"),
-                      ("guidance_interval", "guidance_interval"), ("negative_prompt", "negative")):  # fmt: skip
+                      ("guidance_interval", "guidance_interval"), ("negative_prompt", "negative"),
+                      ("prompt_upsampling", "prompt_upsampling")):  # fmt: skip
         if getattr(args, flag, None) is not None:
             out[key] = getattr(args, flag)
     return out
@@ -171,11 +171,13 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, Job]:
     settings = {"seed": meta["seed"], "steps": meta["steps"], "size": (meta["width"], meta["height"]), "num_images": 1}
     if meta.get("negative_prompt"):
         settings["negative_prompt"] = meta["negative_prompt"]
+    target = VARIANTS.get(args.model or meta["model"])  # the model that will run, which `--model` may change
     if meta["guidance"] != 1.0:
         settings["guidance"] = meta["guidance"]
-        target = args.model or meta["model"]  # the model that will run, which `--model` may change
-        if target in VARIANTS and VARIANTS[target].cfg_interval:
+        if target and target.cfg_interval:
             settings["guidance_interval"] = tuple(meta.get("guidance_interval", (0.0, 1.0)))  # older: every step
+    if target and target.upsampler:  # planned or as written; older images: as written
+        settings["prompt_upsampling"] = meta.get("prompt_upsampling", False)
     given = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images")}
     if args.seed_given:
         given["seed"] = args.seed
@@ -301,6 +303,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if pipe.variant.guidance_mode != "cfg":
             kw.pop("negative_prompt", None)  # what only real CFG uses: for the models that run it
             kw.pop("guidance_interval", None)
+        if not (pipe.variant.upsampler or pipe.variant.hosted):
+            kw.pop("prompt_upsampling", None)  # a model with no upsampler of its own takes the prompt as written
         images = pipe(args.prompt, seeds=seeds, num_images=len(seeds), **kw)
         for seed, image in zip(seeds, images, strict=True):
             path = output_paths(str(out), f"{model}-{seed}", 1, False)[0]
@@ -405,7 +409,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 attention=args.attention or "auto")  # fmt: skip
     seeds = tuple(int(s) for s in args.seeds.split(","))
     result = evaluate(pipe, seeds=seeds, limit=args.limit, steps=args.steps, guidance=args.guidance,
-                      categories=args.category, guidance_interval=args.guidance_interval)  # fmt: skip
+                      categories=args.category, guidance_interval=args.guidance_interval,
+                      prompt_upsampling=args.prompt_upsampling)  # fmt: skip
     print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else result.table())
     return 0
 
@@ -472,11 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
         api.add_argument("--api", metavar="REGION|URL", help="global (default), eu, us, or a URL (or BFL_API_URL)")
         api.add_argument("--safety-tolerance", type=int, default=2, help="0 (strict) .. 5 (6 for Kontext)")
         api.add_argument("--output-format", choices=["png", "jpeg"], default="png")
-        api.add_argument(
+        p.add_argument(
             "--prompt-upsampling",
             action=argparse.BooleanOptionalAction,
             default=None,
-            help="let the API rewrite the prompt (flex, Kontext)",
+            help="rewrite the prompt first: nano's planner states all it leaves free (default on); the API's "
+            "for flex and Kontext (default off)",
         )
 
     def output_args(p: argparse.ArgumentParser) -> None:

@@ -493,7 +493,9 @@ class HostedPipeline:
         aspect: str | None = None,
         callback: Callable | None = None,
         guidance_interval: tuple[float, float] | None = None,
+        prompt_upsampling: bool | None = None,
     ) -> list[Image.Image]:
+        """`prompt_upsampling` for this call only (default: the pipeline's); the API's, where it has one."""
         if guidance_interval is not None:
             raise ValueError(f"{self.variant.id} is a hosted model: the API sets its own guidance, no interval")
         prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
@@ -513,11 +515,12 @@ class HostedPipeline:
             if not isinstance(s, int) or not 0 <= s < 2**32:
                 raise ValueError(f"seed must be an integer in 0..2**32-1 for hosted models, got {s!r}")
         encoded = [encode_image(r) for r in refs]
+        upsampling = self.prompt_upsampling if prompt_upsampling is None else prompt_upsampling
         reqs = [
             HostedRequest(p, width, height, s, steps, guidance, kontext) for p, s in zip(prompts, seeds, strict=True)
         ]
         bodies = [payload(self.endpoint, r, encoded, safety_tolerance=self.safety_tolerance,
-                          output_format=self.output_format, prompt_upsampling=self.prompt_upsampling)
+                          output_format=self.output_format, prompt_upsampling=upsampling)
                   for r in reqs]  # fmt: skip
         count = [0]
 
@@ -527,7 +530,7 @@ class HostedPipeline:
                 callback(count[0] - 1, len(bodies), None)
 
         def finished(i: int, image: Image.Image, task: dict, result: dict) -> Image.Image:
-            meta = self.metadata(reqs[i], refs, task, result, image)
+            meta = self.metadata(reqs[i], refs, task, result, image, upsampling)
             image.info["flux2"] = json.dumps(meta)
             image.info["parameters"] = parameters_text(meta)
             return image
@@ -539,7 +542,9 @@ class HostedPipeline:
             raise
         return [finished(i, *r) for i, r in enumerate(results)]
 
-    def metadata(self, req: HostedRequest, refs: Sequence[Image.Image], task: dict, result: dict, image) -> dict:
+    def metadata(
+        self, req: HostedRequest, refs: Sequence[Image.Image], task: dict, result: dict, image, upsampling: bool | None
+    ) -> dict:
         """The local metadata keys, plus what identifies the hosted task; never the key."""
         return {
             "prompt": req.prompt,
@@ -563,7 +568,7 @@ class HostedPipeline:
                 "cost": task.get("cost"),
                 "aspect_ratio": req.aspect,
                 "safety_tolerance": self.safety_tolerance,
-                "prompt_upsampling": self.prompt_upsampling,
+                "prompt_upsampling": upsampling,
                 "upsampled_prompt": result.get("prompt") if result.get("prompt") != req.prompt else None,
             },
         }

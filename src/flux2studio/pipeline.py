@@ -54,6 +54,8 @@ class Request:
     seeds: tuple[int, ...]  # one per output image, prompt-major
     refs: tuple[Image.Image, ...]  # already prepared (validated, cropped)
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # noise levels CFG applies at (sampling.cfg_velocity)
+    prompt_upsampling: bool = False
+    texts: tuple[str, ...] = ()  # what the text encoder reads, one per image: the prompts, or them upsampled
 
     @property
     def batch(self) -> int:
@@ -74,8 +76,13 @@ def build_request(
     seeds: Sequence[int] | None = None,
     aspect: str | None = None,
     guidance_interval: tuple[float, float] | None = None,
+    prompt_upsampling: bool | None = None,
 ) -> Request:
-    """Resolve defaults and check every value against the variant; errors name the value and the range."""
+    """Resolve defaults and check every value against the variant; errors name the value and the range.
+
+    `prompt_upsampling` (default: on where the model has an upsampler) rewrites each prompt before encoding,
+    per image from its seed (the nano models: every attribute the prompt leaves free stated, `nano.planner`).
+    """
     prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompt must be a string or a non-empty list of strings")
@@ -130,8 +137,12 @@ def build_request(
     for s in seeds:
         if not isinstance(s, int) or not 0 <= s < 2**63:
             raise ValueError(f"seed must be an integer in 0..2**63-1, got {s!r}")
+    if prompt_upsampling and variant.upsampler is None:
+        raise ValueError(f"{variant.id} has no prompt upsampler (the nano models have one): omit prompt_upsampling")
+    upsampling = variant.upsampler is not None if prompt_upsampling is None else bool(prompt_upsampling)
+    per_image = tuple(p for p in prompts for _ in range(num_images))
     return Request(
-        prompts=tuple(p for p in prompts for _ in range(num_images)),
+        prompts=per_image,
         negative_prompt=negative_prompt,
         width=width,
         height=height,
@@ -140,7 +151,15 @@ def build_request(
         seeds=tuple(seeds),
         refs=prepared,
         guidance_interval=(lo, hi),
+        prompt_upsampling=upsampling,
+        texts=tuple(map(_upsample, per_image, seeds)) if upsampling else per_image,
     )
+
+
+def _upsample(prompt: str, seed: int) -> str:
+    from .nano.planner import upsample  # the only upsampler so far: nano's (`Variant.upsampler` "shapes")
+
+    return upsample(prompt, seed)
 
 
 def _interval(value: object) -> tuple[float, float]:
@@ -295,10 +314,12 @@ class Pipeline:
         aspect: str | None = None,
         callback: sampling.StepCallback | None = None,
         guidance_interval: tuple[float, float] | None = None,
+        prompt_upsampling: bool | None = None,
     ) -> list[Image.Image]:
         """Generate `num_images` images per prompt; image i uses seed `seed + i` (or `seeds[i]`).
 
         CFG models: `guidance_interval=(lo, hi)` guides only the noise levels in [lo, hi] (default: the model's).
+        Models with an upsampler (nano): `prompt_upsampling=False` encodes the prompts exactly as given.
         """
         req = build_request(
             self.variant,
@@ -313,6 +334,7 @@ class Pipeline:
             seeds=seeds,
             aspect=aspect,
             guidance_interval=guidance_interval,
+            prompt_upsampling=prompt_upsampling,
         )
         images = to_pil(self.decode(self.generate_latents(req, callback)))
         for i, image in enumerate(images):
@@ -332,6 +354,8 @@ class Pipeline:
             "steps": req.steps,
             "guidance": req.guidance,
             **({"guidance_interval": list(req.guidance_interval)} if self.variant.guidance_mode == "cfg" else {}),
+            **({"prompt_upsampling": req.prompt_upsampling} if self.variant.upsampler else {}),
+            **({"upsampled_prompt": req.texts[i]} if req.prompt_upsampling else {}),
             "width": req.width,
             "height": req.height,
             "refs": [image_hash(r) for r in req.refs],
@@ -358,7 +382,7 @@ class Pipeline:
         """Run the flow for a validated request; returns normalised latents (B, 128, H/16, W/16)."""
         h, w = req.height // sampling.PIXELS_PER_TOKEN, req.width // sampling.PIXELS_PER_TOKEN
         self.parts["transformer"].prefetch()  # read from disk while the text encoder computes
-        txt = self.encode_prompts(req.prompts)
+        txt = self.encode_prompts(req.texts)
         negative = None
         if self.variant.guidance_mode == "cfg" and req.guidance > 1.0:
             negative = self.encode_prompts([req.negative_prompt] * req.batch)

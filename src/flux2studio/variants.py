@@ -161,6 +161,7 @@ class Variant:
     default_size: tuple[int, int] = (1024, 1024)  # (width, height)
     min_side: int = 64
     max_side: int = 2048
+    upsampler: str | None = None  # "shapes": nano's prompt planner (nano/planner.py), on unless turned off
 
     @property
     def cfg_interval(self) -> tuple[float, float] | None:
@@ -266,6 +267,7 @@ _LOCAL = [
         max_refs=4,
         default_size=(128, 128),
         max_side=256,
+        upsampler="shapes",
     ),
     Variant(
         id="nano-base",
@@ -280,6 +282,7 @@ _LOCAL = [
         max_refs=4,
         default_size=(128, 128),
         max_side=256,
+        upsampler="shapes",
     ),
 ]
 

@@ -29,10 +29,13 @@ class EvalResult:
     steps: int
     guidance: float
     guidance_interval: tuple[float, float] | None = None  # CFG models only
+    prompt_upsampling: bool = False  # prompts rewritten by the model's planner (scored as written)
 
     def table(self) -> str:
         interval = "" if self.guidance_interval is None else " at t in [{}, {}]".format(*self.guidance_interval)
-        lines = [f"model {self.model}: {self.images} images, {self.steps} steps, guidance {self.guidance}{interval}",
+        planned = ", prompts upsampled" if self.prompt_upsampling else ""
+        lines = [f"model {self.model}: {self.images} images, {self.steps} steps, guidance {self.guidance}{interval}"
+                 f"{planned}",
                  f"{'fully correct':<16} {self.correct:6.1%}"]  # fmt: skip
         lines += [f"  {k:<14} {v:6.1%}" for k, v in self.by_category.items()]
         lines += ["per attribute"] + [f"  {k:<14} {v:6.1%}" for k, v in self.by_attribute.items()]
@@ -49,9 +52,11 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
     categories: Sequence[str] | None = None,
     guidance_interval: tuple[float, float] | None = None,
+    prompt_upsampling: bool | None = None,
 ) -> EvalResult:
     """Run the eval; `categories` keeps those prompt categories only, `limit` then takes an evenly spread subset
-    of the prompts (both for quick checks in training)."""
+    of the prompts (both for quick checks in training). `prompt_upsampling` as the pipeline takes it (default:
+    the model's); every image is scored against the prompt as written."""
     prompts = eval_prompts()
     if categories:
         if unknown := set(categories) - set(EVAL_CATEGORIES):
@@ -67,6 +72,9 @@ def evaluate(
     kw = {"guidance": guidance} if pipe.variant.guidance_mode != "none" else {}
     if pipe.variant.guidance_mode == "cfg" or guidance_interval is not None:  # the pipeline refuses it for others
         kw["guidance_interval"] = guidance_interval = tuple(guidance_interval or pipe.variant.guidance_interval)
+    upsampling = pipe.variant.upsampler is not None if prompt_upsampling is None else prompt_upsampling
+    if prompt_upsampling is not None:
+        kw["prompt_upsampling"] = prompt_upsampling
     done = 0
     for i in range(0, len(jobs), batch):
         chunk = jobs[i : i + batch]
@@ -90,6 +98,7 @@ def evaluate(
         steps=steps,
         guidance=guidance,
         guidance_interval=guidance_interval,
+        prompt_upsampling=upsampling,
     )
 
 

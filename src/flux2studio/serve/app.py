@@ -46,6 +46,7 @@ class JobRequest(BaseModel):
     steps: int | None = None
     guidance: float | None = None
     guidance_interval: tuple[float, float] | None = None  # CFG models: noise levels guided (default: the model's)
+    prompt_upsampling: bool | None = None  # nano: the planner (default on); flex, Kontext: the API's (default off)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     num_images: int = 1
     refs: list[str] = []  # upload ids
@@ -143,7 +144,7 @@ def create_app(
                 raise HTTPException(422, f"LoRA {name!r} scale {scale} is out of range "
                                          f"-{limits.max_lora_scale:g}..{limits.max_lora_scale:g}")  # fmt: skip
             loras.append((str(path), float(scale)))
-        interval = None
+        interval, upsampling = None, req.prompt_upsampling
         if req.model in remote:  # progress of a hosted job counts its images, not steps
             if req.guidance_interval is not None:
                 raise HTTPException(422, f"{req.model} is a hosted model: the API sets its own guidance, no interval")
@@ -153,17 +154,21 @@ def create_app(
             try:  # the model's own checks: multiples of 16, its size range, guidance mode, negative prompt
                 built = build_request(variant, req.prompt, negative_prompt=req.negative_prompt, size=(width, height),
                                       steps=req.steps, guidance=req.guidance, num_images=req.num_images,
-                                      guidance_interval=req.guidance_interval)  # fmt: skip
+                                      guidance_interval=req.guidance_interval,
+                                      prompt_upsampling=req.prompt_upsampling)  # fmt: skip
             except ValueError as e:
                 raise HTTPException(422, str(e)) from None
             steps, guidance = built.steps, built.guidance
             if variant.guidance_mode == "cfg":  # resolved, so the job runs the same whatever the defaults become
                 interval = list(built.guidance_interval)
+            if variant.upsampler:  # resolved too
+                upsampling = built.prompt_upsampling
             progress_total = built.steps
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         settings = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "width": width, "height": height,
                     "steps": steps, "guidance": guidance, "guidance_interval": interval, "seed": seed,
-                    "num_images": req.num_images, "refs": req.refs, "loras": loras}  # fmt: skip
+                    "num_images": req.num_images, "refs": req.refs, "loras": loras,
+                    "prompt_upsampling": upsampling}  # fmt: skip
         return settings, progress_total
 
     def hosted_rules(req: JobRequest, width: int, height: int, loras: list) -> tuple[int | None, float | None]:

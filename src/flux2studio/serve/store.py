@@ -309,5 +309,6 @@ class Store:
 
 def _compatible(a: dict, model: str, settings: dict) -> bool:
     """Jobs that can share one pipeline call: same model and every setting but prompt and seed."""
-    keys = ("width", "height", "steps", "guidance", "guidance_interval", "negative_prompt", "refs", "loras")
+    keys = ("width", "height", "steps", "guidance", "guidance_interval", "negative_prompt", "refs", "loras",
+            "prompt_upsampling")  # fmt: skip
     return a["model"] == model and all(a["settings"].get(k) == settings.get(k) for k in keys)
