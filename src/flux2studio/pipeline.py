@@ -137,9 +137,7 @@ def build_request(
     for s in seeds:
         if not isinstance(s, int) or not 0 <= s < 2**63:
             raise ValueError(f"seed must be an integer in 0..2**63-1, got {s!r}")
-    if prompt_upsampling and variant.upsampler is None:
-        raise ValueError(f"{variant.id} has no prompt upsampler (the nano models have one): omit prompt_upsampling")
-    upsampling = variant.upsampler is not None if prompt_upsampling is None else bool(prompt_upsampling)
+    upsampling = resolve_upsampling(variant, prompt_upsampling)
     per_image = tuple(p for p in prompts for _ in range(num_images))
     return Request(
         prompts=per_image,
@@ -154,6 +152,14 @@ def build_request(
         prompt_upsampling=upsampling,
         texts=tuple(map(_upsample, per_image, seeds)) if upsampling else per_image,
     )
+
+
+def resolve_upsampling(variant: Variant, prompt_upsampling: bool | None) -> bool:
+    """Whether prompts get upsampled: the model's default (on where it has an upsampler) unless given;
+    asking a model with none is an error."""
+    if prompt_upsampling and variant.upsampler is None:
+        raise ValueError(f"{variant.id} has no prompt upsampler (the nano models have one): omit prompt_upsampling")
+    return variant.upsampler is not None if prompt_upsampling is None else bool(prompt_upsampling)
 
 
 def _upsample(prompt: str, seed: int) -> str:

@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, resolve_upsampling
 from .checker import check
 from .shapes import EVAL_CATEGORIES, eval_prompts
 
@@ -72,7 +72,7 @@ def evaluate(
     kw = {"guidance": guidance} if pipe.variant.guidance_mode != "none" else {}
     if pipe.variant.guidance_mode == "cfg" or guidance_interval is not None:  # the pipeline refuses it for others
         kw["guidance_interval"] = guidance_interval = tuple(guidance_interval or pipe.variant.guidance_interval)
-    upsampling = pipe.variant.upsampler is not None if prompt_upsampling is None else prompt_upsampling
+    upsampling = resolve_upsampling(pipe.variant, prompt_upsampling)
     if prompt_upsampling is not None:
         kw["prompt_upsampling"] = prompt_upsampling
     done = 0
