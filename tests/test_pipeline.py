@@ -160,6 +160,9 @@ def test_schedule_matches_diffusers_scheduler_bit_for_bit():
 
         sched.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
         assert torch.equal(sampling.schedule(steps, seq_len), sched.sigmas)
+    sched = _scheduler()  # a model's own shift (nano) goes through the same formula
+    sched.set_timesteps(4, sigmas=np.linspace(1.0, 1 / 4, 4), mu=1.0)
+    assert torch.equal(sampling.schedule(4, 64, mu=1.0), sched.sigmas)
 
 
 def test_schedule_example_from_the_spec():

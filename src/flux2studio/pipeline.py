@@ -428,7 +428,7 @@ class Pipeline:
             velocity = sampling.cfg_velocity(velocity, model(negative), req.guidance, req.guidance_interval)
 
         self.parts["vae"].prefetch()
-        sigmas = sampling.schedule(req.steps, n_img).to(self.device)
+        sigmas = sampling.schedule(req.steps, n_img, self.variant.mu).to(self.device)
         x = sampling.denoise(velocity, x, sigmas, callback)
         self.release("transformer")
         return sampling.unpack(x, h, w)

@@ -80,18 +80,19 @@ def empirical_mu(seq_len: int, steps: int) -> float:
     return a * steps + b
 
 
-def schedule(steps: int, seq_len: int) -> Tensor:
+def schedule(steps: int, seq_len: int, mu: float | None = None) -> Tensor:
     """Noise levels (steps + 1,) float32 from 1 to 0, shifted by e^mu / (e^mu + (1/t - 1)).
 
     Computed in the same float32 order as diffusers' FlowMatchEulerDiscreteScheduler for the FLUX.2
-    pipelines (linspace(1, 1/N, N), shift, append 0), so timesteps agree bit for bit.
+    pipelines (linspace(1, 1/N, N), shift, append 0), so timesteps agree bit for bit. `mu` defaults to
+    FLUX.2's empirical one for this token and step count; a model distilled for its own shift passes that.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     t = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).float()
     # A float32 tensor numerator: torch turns `python_float / tensor` into a reciprocal-multiply,
     # one ulp away from numpy's division in the reference.
-    e = torch.tensor(math.exp(empirical_mu(seq_len, steps)), dtype=torch.float32)
+    e = torch.tensor(math.exp(empirical_mu(seq_len, steps) if mu is None else mu), dtype=torch.float32)
     return torch.cat([e / (e + (1 / t - 1)), torch.zeros(1)])
 
 

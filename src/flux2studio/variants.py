@@ -162,6 +162,7 @@ class Variant:
     min_side: int = 64
     max_side: int = 2048
     upsampler: str | None = None  # "shapes": nano's prompt planner (nano/planner.py), on unless turned off
+    mu: float | None = None  # the sampler's time shift when the model was distilled for its own (default: FLUX.2's)
 
     @property
     def cfg_interval(self) -> tuple[float, float] | None:
@@ -268,6 +269,7 @@ _LOCAL = [
         default_size=(128, 128),
         max_side=256,
         upsampler="shapes",
+        mu=1.0,
     ),
     Variant(
         id="nano-base",

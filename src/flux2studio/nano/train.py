@@ -649,6 +649,21 @@ def teacher_segment(
     return sampling.denoise(velocity, x, torch.linspace(a, b, substeps + 1, device=x.device))
 
 
+@torch.no_grad()
+def student_rollout(
+    model: Flux2Transformer, x: Tensor, ids: tuple[Tensor, Tensor], txt: Tensor, sigmas: Tensor
+) -> Tensor:
+    """Where the student's own Euler steps over `sigmas` take x, without gradients: the point it starts its
+    next segment from when it samples."""
+    img_ids, txt_ids = ids
+
+    def velocity(x, t):
+        with bf16(x.device):
+            return model(x, img_ids, txt, txt_ids, t).float()
+
+    return sampling.denoise(velocity, x, sigmas.to(x.device))
+
+
 def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable | None = None) -> None:
     """Stage `distill`: `nano`, 4 Euler steps without CFG, from nano-base (the teacher, with CFG).
 
@@ -660,6 +675,11 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
     discriminator or extra network, and is stable on a small CPU budget; the student starts from the
     teacher's weights so early steps are already close, or from `--set init=WEIGHTS` (an earlier `nano`,
     already a 4-step model, when the teacher has only moved on a little).
+
+    The segments are those of nano's own noise levels (`Variant.mu`). `--set on_policy=P` starts a batch
+    after the first segment, with probability P, from where the student's own earlier steps land (a rollout
+    from noise without gradients) instead of from noised real latents: that is the point the student meets
+    when it samples, and with CFG the teacher's trajectories leave the noised-data marginal, so the two differ.
     """
     out = Path(cfg.out)
     device = torch.device(cfg.device)
@@ -678,9 +698,10 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
     names = {p: n for n, p in model.named_parameters()}
     ema = Ema(model, cfg.ema)
     start = resume(out / "distill.ckpt.safetensors", model, ema, opt, names)
-    student_steps = get_variant("nano").steps
+    student_steps, student_mu = get_variant("nano").steps, get_variant("nano").mu
     guidance = float(cfg.extra.get("guidance", get_variant("nano-base").guidance))
     substeps = int(cfg.extra.get("substeps", 6))
+    on_policy = float(cfg.extra.get("on_policy", 0.0))
     plain = TrainConfig(**{**asdict(cfg), "caption_dropout": 0.0})
     loop = Loop(cfg, "distill", "nano", model, ema, opt, names, log, evaluate)
     with contextlib.closing(batches(plain, frozen, start)) as stream:
@@ -688,12 +709,16 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
             step, z, txt = b.step, b.z, b.txt
             g = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
             h, w = z.shape[-2:]
-            sigmas = sampling.schedule(student_steps, h * w)
+            sigmas = sampling.schedule(student_steps, h * w, student_mu)
             segment = int(torch.randint(student_steps, (1,), generator=g))
             noise = torch.randn(z.shape, generator=g).to(device)
+            rollout = segment > 0 and float(torch.rand((), generator=g)) < on_policy
             a, b = sigmas[segment], sigmas[segment + 1]
-            x_a = (1 - a) * sampling.pack(z) + a * sampling.pack(noise)
             img_ids, txt_ids = sampling.image_ids(h, w).to(device), sampling.text_ids(txt.shape[1]).to(device)
+            if rollout:
+                x_a = student_rollout(model, sampling.pack(noise), (img_ids, txt_ids), txt, sigmas[: segment + 1])
+            else:
+                x_a = (1 - a) * sampling.pack(z) + a * sampling.pack(noise)
             with torch.no_grad():
                 x_b = teacher_segment(teacher, x_a, (img_ids, txt_ids), txt, frozen.empty, a.item(), b.item(),
                                       substeps, guidance)  # fmt: skip
@@ -703,7 +728,7 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
             with bf16(device):
                 v = model(x_a, img_ids, txt, txt_ids, a.to(device).expand(z.shape[0]))
             loss = F.mse_loss(v.float(), target)
-            if loop.update(step, loss, segment=segment):
+            if loop.update(step, loss, segment=segment, rollout=rollout):
                 break
 
 
