@@ -197,6 +197,8 @@ def test_server_queues_hosted_jobs_and_lists_prices(bfl, tmp_path, monkeypatch):
         rows = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
         assert rows["pro"]["hosted"] and rows["pro"]["usd_per_image"] == 0.03 and rows["pro"]["steps"] is None
         assert rows["klein-9b"]["hosted"] and not rows["nano"]["hosted"]
+        # the upsampling default where a model has one (nano's planner), none for pro or klein through the API
+        assert [rows[m]["prompt_upsampling"] for m in ("nano", "pro", "klein-9b")] == [True, None, None]
         assert c.post("/v1/jobs", json={"model": "pro", "prompt": "p", "steps": 4}).status_code == 422
         r = c.post("/v1/jobs", json={"model": "pro", "prompt": "served", "width": 192, "height": 128, "seed": 5})
         assert r.status_code == 202, r.text

@@ -127,3 +127,23 @@ def test_hosted_model_is_marked_with_its_price(page):
     page.keyboard.press("Control+Enter")
     page.wait_for_function("document.querySelector('#status').textContent.startsWith('Done')")
     assert "1184x880" in page.inner_text("#status")  # the 4:3 preset chosen earlier, at 1 MP
+
+
+def test_prompt_upsampling_is_a_checkbox_where_the_model_has_it(page):
+    """On by default for nano (its planner), absent for pro (the API has none there); what the box says is sent,
+    kept in the job's settings and brought back by "use these settings"."""
+    page.click("#tab-generate")
+    assert page.locator("#upsampling-row").is_hidden()  # pro, from the test before
+    page.select_option("#model", "nano")
+    assert page.locator("#upsampling-row").is_visible() and page.is_checked("#upsampling")
+    page.uncheck("#upsampling")
+    page.fill("#prompt", "a circle and a square, written as is")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Done')")
+    jobs = page.evaluate("fetch('/v1/jobs').then((r) => r.json())")["data"]
+    assert jobs[0]["settings"]["prompt"].endswith("written as is") and jobs[0]["settings"]["prompt_upsampling"] is False
+    page.select_option("#model", "nano-base")
+    assert page.is_checked("#upsampling")  # each model's default
+    page.wait_for_function("document.querySelector('#gallery .card p').textContent.endsWith('written as is')")
+    page.locator("#gallery .card button.use").first.click()
+    assert page.input_value("#model") == "nano" and not page.is_checked("#upsampling")

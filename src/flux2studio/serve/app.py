@@ -214,14 +214,17 @@ def create_app(
                    "guidance_interval": v.cfg_interval,
                    "default_size": list(v.default_size), "min_side": v.min_side,
                    "max_side": min(v.max_side, limits.max_side), "max_refs": min(v.max_refs, limits.max_refs),
-                   "license": v.license, "hosted": model_id in remote}  # fmt: skip
+                   "license": v.license, "hosted": model_id in remote,
+                   "prompt_upsampling": True if v.upsampler else None}  # fmt: skip
+            # prompt_upsampling: the default where the model has an upsampler, None where it has none
             if model_id in remote:  # what the endpoint takes, and its price when a key is configured
                 e = ENDPOINTS[model_id]
                 row |= {"owned_by": "black-forest-labs", "steps": e.steps[2] if e.steps else None,
                         "guidance": e.guidance[2] if e.guidance else None,
                         "guidance_mode": "embedded" if e.guidance else "none", "default_size": [1024, 1024],
                         "min_side": MIN_SIDE, "max_side": min(2048, limits.max_side),
-                        "max_refs": min(e.max_refs, limits.max_refs), "takes_steps": e.steps is not None}  # fmt: skip
+                        "max_refs": min(e.max_refs, limits.max_refs), "takes_steps": e.steps is not None,
+                        "prompt_upsampling": False if e.prompt_upsampling else None}  # fmt: skip
                 if keyed:
                     row["usd_per_image"] = price(e, 1024, 1024)
             rows.append(row)

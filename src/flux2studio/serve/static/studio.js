@@ -42,6 +42,8 @@ function showModel() {
   $("guidance").value = m.guidance;
   $("guidance-row").hidden = m.guidance_mode === "none";
   $("negative-row").hidden = m.guidance_mode !== "cfg";
+  $("upsampling-row").hidden = m.prompt_upsampling == null;
+  $("upsampling").checked = Boolean(m.prompt_upsampling);
   $("interval-row").hidden = !m.guidance_interval;
   if (m.guidance_interval) showInterval(m.guidance_interval);
 }
@@ -87,6 +89,7 @@ function settings() {
   if (m.guidance_mode !== "none") body.guidance = Number($("guidance").value);
   if (m.guidance_mode === "cfg" && $("negative").value) body.negative_prompt = $("negative").value;
   if (m.guidance_interval) body.guidance_interval = [Number($("interval-lo").value), Number($("interval-hi").value)];
+  if (m.prompt_upsampling != null) body.prompt_upsampling = $("upsampling").checked;
   return body;
 }
 
@@ -157,6 +160,7 @@ function useSettings(job) {
   $("steps").value = s.steps;
   $("guidance").value = s.guidance;
   if (s.guidance_interval) showInterval(s.guidance_interval);
+  if (s.prompt_upsampling != null) $("upsampling").checked = s.prompt_upsampling;
   $("seed").value = s.seed;
   $("seed-lock").checked = true;
   $("num").value = s.num_images;
