@@ -629,23 +629,26 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
 # ----------------------------------------------------------------------------- stage: distill
 
 
+def velocity_of(model: Flux2Transformer, ids: tuple[Tensor, Tensor], txt: Tensor) -> sampling.Velocity:
+    """The model's velocity for these image and text position ids and this text, under bf16 autocast, in fp32."""
+    img_ids, txt_ids = ids
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        with bf16(x.device):
+            return model(x, img_ids, txt, txt_ids, t).float()
+
+    return velocity
+
+
 def teacher_segment(
     teacher: Flux2Transformer, x: Tensor, ids: tuple[Tensor, Tensor], txt: Tensor, empty: Tensor,
     a: float, b: float, substeps: int, guidance: float,
 ) -> Tensor:  # fmt: skip
     """Integrate the teacher's CFG velocity from noise level a to b in `substeps` Euler steps; `ids` are the
     image and text position ids."""
-    img_ids, txt_ids = ids
-
-    def v_cond(x, t):
-        with bf16(x.device):
-            return teacher(x, img_ids, txt, txt_ids, t).float()
-
-    def v_uncond(x, t):
-        with bf16(x.device):
-            return teacher(x, img_ids, empty.expand_as(txt), txt_ids, t).float()
-
-    velocity = sampling.cfg_velocity(v_cond, v_uncond, guidance)
+    velocity = sampling.cfg_velocity(
+        velocity_of(teacher, ids, txt), velocity_of(teacher, ids, empty.expand_as(txt)), guidance
+    )
     return sampling.denoise(velocity, x, torch.linspace(a, b, substeps + 1, device=x.device))
 
 
@@ -655,13 +658,7 @@ def student_rollout(
 ) -> Tensor:
     """Where the student's own Euler steps over `sigmas` take x, without gradients: the point it starts its
     next segment from when it samples."""
-    img_ids, txt_ids = ids
-
-    def velocity(x, t):
-        with bf16(x.device):
-            return model(x, img_ids, txt, txt_ids, t).float()
-
-    return sampling.denoise(velocity, x, sigmas.to(x.device))
+    return sampling.denoise(velocity_of(model, ids, txt), x, sigmas.to(x.device))
 
 
 def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable | None = None) -> None:
@@ -698,7 +695,7 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
     names = {p: n for n, p in model.named_parameters()}
     ema = Ema(model, cfg.ema)
     start = resume(out / "distill.ckpt.safetensors", model, ema, opt, names)
-    student_steps, student_mu = get_variant("nano").steps, get_variant("nano").mu
+    student = get_variant("nano")
     guidance = float(cfg.extra.get("guidance", get_variant("nano-base").guidance))
     substeps = int(cfg.extra.get("substeps", 6))
     on_policy = float(cfg.extra.get("on_policy", 0.0))
@@ -709,8 +706,8 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
             step, z, txt = b.step, b.z, b.txt
             g = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
             h, w = z.shape[-2:]
-            sigmas = sampling.schedule(student_steps, h * w, student_mu)
-            segment = int(torch.randint(student_steps, (1,), generator=g))
+            sigmas = sampling.schedule(student.steps, h * w, student.mu)
+            segment = int(torch.randint(student.steps, (1,), generator=g))
             noise = torch.randn(z.shape, generator=g).to(device)
             rollout = segment > 0 and float(torch.rand((), generator=g)) < on_policy
             a, b = sigmas[segment], sigmas[segment + 1]
