@@ -44,7 +44,7 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -53,24 +53,52 @@ def page(server):
             args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"],
         )  # fmt: skip
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.set_default_timeout(120_000)
-        page.goto(server)
-        yield page
+        yield browser
         browser.close()
 
 
-def test_generate_with_ctrl_enter_and_see_the_image(page):
+@pytest.fixture
+def page(server, browser):
+    """A fresh page (its own context: no storage or form state left by another test) with the models listed.
+    The server is shared by the module, so a test finds its own jobs and cards by its own prompt."""
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(120_000)
+    page.goto(server)
     page.wait_for_selector("#model option", state="attached")
+    yield page
+    context.close()
+
+
+def run_and_wait(page) -> None:
+    """Submit the form with Ctrl+Enter and wait for the job to end (the status line then says Done or Error)."""
+    page.focus("#prompt")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_function("/^(Done|Error)/.test(document.querySelector('#status').textContent)")
+    assert page.inner_text("#status").startswith("Done"), page.inner_text("#status")
+
+
+def card(page, prompt: str):
+    """The gallery card of the (only) job with this prompt, once the gallery shows it."""
+    cards = page.locator("#gallery .card").filter(has=page.locator("p", has_text=f"— {prompt}"))
+    cards.first.wait_for()
+    return cards.first
+
+
+def job_with_prompt(page, prompt: str) -> dict:
+    jobs = page.evaluate("fetch('/v1/jobs').then((r) => r.json())")["data"]
+    return next(j for j in jobs if j["settings"]["prompt"] == prompt)
+
+
+def test_generate_with_ctrl_enter_and_see_the_image(page):
     assert "nano" in page.locator("#model").inner_text()
+    page.select_option("#model", "nano")
     assert page.locator("#guidance-row").is_hidden()  # a distilled model: no guidance field
     page.fill("#prompt", "a red circle")
     page.fill("#steps", "2")
     page.locator("#aspects button", has_text="4:3").click()
-    page.focus("#prompt")
-    page.keyboard.press("Control+Enter")
+    run_and_wait(page)
     page.wait_for_selector("#result img")
-    assert "Done: seed 0" in page.locator("#status").inner_text()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "studio.png"), full_page=True)
     size = page.evaluate(
@@ -80,31 +108,34 @@ def test_generate_with_ctrl_enter_and_see_the_image(page):
 
 
 def test_live_preview_while_a_job_runs(page):
+    page.select_option("#model", "nano")
     assert page.locator("#interval-row").is_hidden()  # nano runs no CFG
     page.select_option("#model", "nano-base")  # 24 steps with CFG: long enough to see previews
     assert (page.input_value("#interval-lo"), page.input_value("#interval-hi")) == ("0", "1")  # the model's default
     page.fill("#interval-hi", "0.9")
     page.fill("#prompt", "a green triangle")
+    page.focus("#prompt")
     page.keyboard.press("Control+Enter")
     page.wait_for_function("Number(document.querySelector('#preview').dataset.count) > 0")
     page.wait_for_function("document.querySelector('#status').textContent.startsWith('Done')")
     assert page.locator("#preview").is_hidden()  # gone once the final image is there
-    jobs = page.evaluate("fetch('/v1/jobs').then((r) => r.json())")["data"]
-    assert jobs[0]["settings"]["guidance_interval"] == [0.0, 0.9]  # newest first: what the page sent
+    assert job_with_prompt(page, "a green triangle")["settings"]["guidance_interval"] == [0.0, 0.9]  # as sent
     page.fill("#interval-hi", "1")
-    page.wait_for_function("document.querySelector('#gallery .card p').textContent.endsWith('a green triangle')")
-    page.locator("#gallery .card button.use").first.click()  # "use these settings" brings the interval back
+    card(page, "a green triangle").locator("button.use").click()  # "use these settings" brings the interval back
     assert page.input_value("#interval-hi") == "0.9"
-    page.select_option("#model", "nano")
 
 
 def test_reuse_settings_from_the_gallery(page):
-    page.wait_for_selector("#gallery .card")
+    page.select_option("#model", "nano")
+    page.fill("#prompt", "a red circle to reuse")
+    page.fill("#seed", "7")
+    page.check("#seed-lock")
+    run_and_wait(page)
     page.fill("#prompt", "something else")
     page.fill("#seed", "99")
-    page.locator("#gallery .card button.use").last.click()  # the oldest: the first test's image
-    assert page.input_value("#prompt") == "a red circle"
-    assert page.input_value("#seed") == "0"
+    card(page, "a red circle to reuse").locator("button.use").click()
+    assert page.input_value("#prompt") == "a red circle to reuse"
+    assert page.input_value("#seed") == "7"
 
 
 def test_compare_models_side_by_side(page):
@@ -114,36 +145,33 @@ def test_compare_models_side_by_side(page):
     page.wait_for_function("document.querySelectorAll('#cmp-grid .card').length === 3")
     labels = page.locator("#cmp-grid .card p").all_inner_texts()
     assert labels[0].startswith("nano ") and labels[1].startswith("nano-base") and labels[2].startswith("pro ")
+    ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "studio-compare.png"), full_page=True)
 
 
 def test_hosted_model_is_marked_with_its_price(page):
-    page.click("#tab-generate")
     page.select_option("#model", "pro")
     assert "(hosted · $0.03)" in page.locator("#model").inner_text()
     assert "Hosted (Black Forest Labs API), about $0.03 per 1 MP image" in page.inner_text("#model-info")
     assert page.locator("#steps-row").is_hidden() and page.locator("#guidance-row").is_hidden()
+    page.locator("#aspects button", has_text="4:3").click()
     page.fill("#prompt", "a hosted lighthouse")
-    page.keyboard.press("Control+Enter")
-    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Done')")
-    assert "1184x880" in page.inner_text("#status")  # the 4:3 preset chosen earlier, at 1 MP
+    run_and_wait(page)
+    assert "1184x880" in page.inner_text("#status")  # the 4:3 preset at 1 MP
 
 
 def test_prompt_upsampling_is_a_checkbox_where_the_model_has_it(page):
     """On by default for nano (its planner), absent for pro (the API has none there); what the box says is sent,
     kept in the job's settings and brought back by "use these settings"."""
-    page.click("#tab-generate")
-    assert page.locator("#upsampling-row").is_hidden()  # pro, from the test before
+    page.select_option("#model", "pro")
+    assert page.locator("#upsampling-row").is_hidden()
     page.select_option("#model", "nano")
     assert page.locator("#upsampling-row").is_visible() and page.is_checked("#upsampling")
     page.uncheck("#upsampling")
     page.fill("#prompt", "a circle and a square, written as is")
-    page.keyboard.press("Control+Enter")
-    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Done')")
-    jobs = page.evaluate("fetch('/v1/jobs').then((r) => r.json())")["data"]
-    assert jobs[0]["settings"]["prompt"].endswith("written as is") and jobs[0]["settings"]["prompt_upsampling"] is False
+    run_and_wait(page)
+    assert job_with_prompt(page, "a circle and a square, written as is")["settings"]["prompt_upsampling"] is False
     page.select_option("#model", "nano-base")
     assert page.is_checked("#upsampling")  # each model's default
-    page.wait_for_function("document.querySelector('#gallery .card p').textContent.endsWith('written as is')")
-    page.locator("#gallery .card button.use").first.click()
+    card(page, "a circle and a square, written as is").locator("button.use").click()
     assert page.input_value("#model") == "nano" and not page.is_checked("#upsampling")
