@@ -7,7 +7,12 @@ Qwen's chat format stands in for Qwen's, which only changes the token ids, not t
 padded to 512 tokens). Both sides generate one 512x512 image in 4 steps from the same prompt and seed.
 
     python bench/memory.py [--folder DIR] [--size 512] [--steps 4] [--only ours|diffusers] [--resident]
-        [--attention auto|sdpa|kernel] [--repeat N]
+        [--attention auto|sdpa|kernel] [--dtype auto|bf16|fp32] [--avx2] [--repeat N]
+
+Ours computes in --dtype (auto: bf16 where the CPU has AVX512-BF16/AMX, else fp32 on the bf16 weights);
+diffusers in bf16, as its documentation loads FLUX.2 (fp32 would need the whole model widened: 32 GB).
+--avx2 runs both as on a CPU without AVX-512 (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2: oneDNN's and
+ATen's kernels limited to AVX2; bf16 nn.Linear then runs at ~20 GFLOP/s on 2 cores, as on such machines).
 
 Peak RSS is the process's high-water mark (VmHWM), reset before each phase to get per-phase peaks. The
 weight files are read once before each side runs, so both start with them in the page cache.
@@ -27,6 +32,7 @@ import time
 from pathlib import Path
 
 from flux2studio.kernels import ATTENTION_MODES  # torch-free: the driver stays light
+from flux2studio.precision import describe_cpu  # imports torch only when called
 
 PROMPT = "a large red circle in the top left and a small blue square at the bottom right on a white background"
 QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
@@ -39,6 +45,7 @@ CHAT = (
     "{%- endif %}"
 )
 SHARD_BYTES = 2 * 2**30
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # --avx2
 
 
 # ----------------------------------------------------------------------------- writing the folder
@@ -159,7 +166,9 @@ class Phases:
         reset_peak()
 
 
-def run_ours(folder: Path, size: int, steps: int, png: Path, resident: bool = False, attention: str = "auto") -> dict:
+def run_ours(
+    folder: Path, size: int, steps: int, png: Path, resident: bool = False, attention: str = "auto", dtype: str = "auto"
+) -> dict:
     import torch
     from transformers import AutoConfig, AutoTokenizer, Qwen3Model  # noqa: F401
 
@@ -169,7 +178,7 @@ def run_ours(folder: Path, size: int, steps: int, png: Path, resident: bool = Fa
     # has imported transformers' Qwen3 and tokenizer modules before diffusers' clock starts.
     torch.manual_seed(0)
     ph = Phases()
-    pipe = load("klein-4b", weights=folder, device="cpu", dtype="bf16", resident=resident, attention=attention)
+    pipe = load("klein-4b", weights=folder, device="cpu", dtype=dtype, resident=resident, attention=attention)
     ph.mark("load")
     release = pipe.release
     names = {"text_encoder": "encode", "transformer": "denoise", "vae": "decode"}
@@ -186,7 +195,7 @@ def run_ours(folder: Path, size: int, steps: int, png: Path, resident: bool = Fa
         PROMPT, size=(size, size), steps=steps, seed=0, callback=lambda i, n, x: step_times.append(time.perf_counter())
     )
     images[0].save(png)
-    return {"phases": ph.rows, "steps": step_times, "attention": pipe.attention}
+    return {"phases": ph.rows, "steps": step_times, "attention": pipe.attention, "dtype": str(pipe.dtype)[6:]}
 
 
 def run_diffusers(folder: Path, size: int, steps: int, png: Path) -> dict:
@@ -229,7 +238,7 @@ def report(results: dict, pngs: dict) -> None:
     print("\n| | load | encode | denoise (per step) | decode | total | peak RSS |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for impl, r in results.items():
-        label = f"{impl} (attention: {r['attention']})" if "attention" in r else impl
+        label = f"{impl} ({r['dtype']}, attention: {r['attention']})" if "attention" in r else f"{impl} (bfloat16)"
         ph = {name: (t, p) for name, t, p in r["phases"]}
         per_step = [b - a for a, b in zip(r["steps"], r["steps"][1:], strict=False)]
         step = sum(per_step) / len(per_step) if per_step else float("nan")
@@ -272,9 +281,11 @@ def run_child(impl: str, args: argparse.Namespace, png: Path) -> dict:
 
         unavailable_reason(cache_dir())
     cmd = [sys.executable, __file__, "--child", impl, "--folder", str(args.folder), "--size", str(args.size),
-           "--steps", str(args.steps), "--attention", args.attention, "--png", str(png)]  # fmt: skip
+           "--steps", str(args.steps), "--attention", args.attention, "--dtype", args.dtype,
+           "--png", str(png)]  # fmt: skip
     cmd += ["--resident"] if args.resident else []
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    env = os.environ | (AVX2_ONLY if args.avx2 else {})
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if out.returncode or not line:
         raise SystemExit(f"{impl} failed:\n{out.stderr[-3000:]}")
@@ -290,6 +301,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["ours", "diffusers"])
     parser.add_argument("--resident", action="store_true", help="ours with resident=True (no streaming)")
     parser.add_argument("--attention", default="auto", choices=ATTENTION_MODES, help="ours' attention")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="ours' compute dtype")
+    parser.add_argument("--avx2", action="store_true", help="run as on an AVX2-only CPU (env caps, see above)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds (order alternating); medians reported")
     parser.add_argument("--png", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
@@ -299,7 +312,7 @@ def main() -> None:
 
         torch.set_num_threads(os.cpu_count() or 1)
         if args.child == "ours":
-            result = run_ours(args.folder, args.size, args.steps, args.png, args.resident, args.attention)
+            result = run_ours(args.folder, args.size, args.steps, args.png, args.resident, args.attention, args.dtype)
         else:
             result = run_diffusers(args.folder, args.size, args.steps, args.png)
         print("RESULT " + json.dumps(result))
@@ -317,7 +330,8 @@ def main() -> None:
     # the table shows each side's median run
     results = {impl: sorted(rs, key=total)[len(rs) // 2] for impl, rs in runs.items()}
     print(f"klein-4b shapes, random bf16 weights, {args.size}x{args.size}, {args.steps} steps, CPU, "
-          f"{os.cpu_count()} cores")  # fmt: skip
+          f"{os.cpu_count()} cores; CPU features: {describe_cpu()}"
+          f"{' (children capped at AVX2)' if args.avx2 else ''}")  # fmt: skip
     report(results, {impl: tmp / f"{impl}.png" for impl in impls})
     if args.repeat > 1:
         for impl, rs in runs.items():

@@ -2,7 +2,8 @@
 
 The nano weights are converted to the diffusers layout in memory; both pipelines get the same prompt
 embeddings (MiniLM), seed and size, so the timings compare transformer + VAE work only ("model time").
-Usage: python bench/nano_speed.py [--runs 5] [--size 128] [--dtype bf16]
+Usage: python bench/nano_speed.py [--runs 5] [--size 128] [--dtype auto|bf16|fp32]
+(diffusers runs in the dtype ours resolved; the CPU's features are printed with the table)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attention", default="auto", choices=ATTENTION_MODES, help="ours' attention")
     args = parser.parse_args()
@@ -38,6 +39,7 @@ def main() -> None:
     from flux2studio.layouts.vae import vae_to_diffusers
     from flux2studio.loading import load
     from flux2studio.pipeline import build_request
+    from flux2studio.precision import describe_cpu
 
     pipe = load("nano", device="cpu", dtype=args.dtype, resident=True, attention=args.attention)
     dtype = pipe.dtype
@@ -75,9 +77,8 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     ours_s = statistics.median(times["ours"][1:])
     ref_s = statistics.median(times["diffusers"][1:])
-    print(
-        f"nano {args.size}x{args.size}, {req.steps} steps, {args.dtype}, {args.threads} threads, median of {args.runs}"
-    )
+    print(f"nano {args.size}x{args.size}, {req.steps} steps, --dtype {args.dtype}: {str(dtype)[6:]} "
+          f"({pipe.dtype_reason}), {args.threads} threads, median of {args.runs}; CPU: {describe_cpu()}")  # fmt: skip
     print("| pipeline | model time (s) | ratio |\n|---|---|---|")
     print(f"| flux2studio | {ours_s:.3f} | {ours_s / ref_s:.2f} |")
     print(f"| diffusers 0.42.1 | {ref_s:.3f} | 1.00 |")

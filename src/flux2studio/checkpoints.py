@@ -83,7 +83,7 @@ def prefault(module: nn.Module) -> None:
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
             if t.device.type == "cpu" and t.numel() and t.is_contiguous() and id(t) not in skip:
-                t.view(-1)[:: max(1, 4096 // t.element_size())].sum()
+                t.view(-1).view(torch.uint8)[::4096].sum()  # one byte a page, read as bytes (no float arithmetic)
 
 
 def drop_file_pages(tensors: list[Tensor]) -> int:
@@ -312,23 +312,27 @@ def strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return sd
 
 
-def dequantize_fp8(sd: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    """fp8 weights with per-tensor scales -> `dtype` weights (w.float() * scale), on load.
-
-    We dequantise once at load time rather than per layer at run time: one code path for every
-    device, exact same math as the reference for the dequantised weights, at the cost of bf16 memory.
-    """
+def dequantize_fp8(
+    sd: dict[str, Tensor], dtype: torch.dtype, keep: Callable[[str], bool] = lambda key: False
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """fp8 weights with per-tensor scales -> `dtype` weights (w.float() * scale), except those whose key `keep`s:
+    they stay fp8 (memory-mapped, 1 byte a weight) and their scales are returned beside, to be set on the
+    parameters (`precision.dequantized` widens them per layer at run time with the same arithmetic).
+    Returns (tensors without scale entries, {kept key: scale})."""
     out: dict[str, Tensor] = {}
+    scales: dict[str, Tensor] = {}
     for key, value in sd.items():
         if key.endswith(FP8_SCALE_SUFFIXES + FP8_DROPPED_SUFFIXES):
             continue
         if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             base = key[: -len(".weight")] if key.endswith(".weight") else key
             scale = next((sd[base + s] for s in FP8_SCALE_SUFFIXES if base + s in sd), None)
-            value = value.float() * (scale.float() if scale is not None else 1.0)
-            value = value.to(dtype)
+            if keep(key):
+                scales[key] = scale if scale is not None else torch.ones(())
+            else:
+                value = (value.float() * (scale.float() if scale is not None else 1.0)).to(dtype)
         out[key] = value
-    return out
+    return out, scales
 
 
 def is_fp8(sd: dict[str, Tensor]) -> bool:

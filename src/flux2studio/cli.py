@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from functools import cache
 
 from .kernels import ATTENTION_MODES
+from .precision import DTYPE_CHOICES, DTYPE_NAMES
 from .variants import ASPECTS, VARIANTS, Variant, get_variant
 
 
@@ -61,7 +62,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     from .loading import find_local
 
     keyed = key_present()
-    rows = [variant_row(v) | {"present": keyed if v.hosted else find_local(v) is not None} for v in VARIANTS.values()]
+    here = here_dtype()
+    rows = [variant_row(v) | {"present": keyed if v.hosted else find_local(v) is not None,
+                              "compute_dtype": None if v.hosted else here.name} for v in VARIANTS.values()]  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -73,7 +76,16 @@ def cmd_models(args: argparse.Namespace) -> int:
         mode = r["guidance_mode"] or "-"
         present = ("key set" if keyed else "no key") if r["hosted"] else ("present" if r["present"] else "-")
         print(f"{r['id']:<14} {params:>15} {steps:>5} {guidance:>8} {mode:<9} {present:<8} {r['license']}")
+    print(f"\nlocal models compute here in {here.name} ({here.reason}); --dtype overrides")
     return 0
+
+
+def here_dtype():
+    """What `--dtype auto` picks on this machine's default device (precision.compute_dtype)."""
+    from .loading import default_device
+    from .precision import compute_dtype
+
+    return compute_dtype("auto", default_device())
 
 
 def parse_interval(text: str) -> tuple[float, float]:
@@ -182,7 +194,7 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, Job]:
     if args.seed_given:
         given["seed"] = args.seed
     if args.dtype is None:  # same dtype as recorded, or the image will differ
-        args.dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(meta.get("dtype"))
+        args.dtype = next((k for k, v in DTYPE_NAMES.items() if v == meta.get("dtype")), None)
     if getattr(args, "attention", None) is None:  # bf16 attention kernels round differently
         args.attention = meta.get("attention", "sdpa")  # images from before the kernel: PyTorch's
     return meta["model"], Job(args.prompt or meta["prompt"], {**settings, **given})
@@ -433,6 +445,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoints import describe
 
     info = describe(args.path)
+    here = here_dtype()
+    info["compute_dtype"] = {"dtype": here.name, "reason": here.reason}  # what --dtype auto runs it in here
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -445,6 +459,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  transformer: hidden {t['hidden_size']}, {t['depth']} double + {t['depth_single']} single blocks, "
               f"context {t['context_dim']}, guidance embedding {'yes' if t['guidance_embed'] else 'no'}")  # fmt: skip
     print(f"  parameters: {info['params']:,}  dtypes: {info['dtypes']}")
+    print(f"  computes here in: {here.name} ({here.reason})")
     for name, size in info["files"].items():
         print(f"  {size / 2**20:10.1f} MiB  {name}")
     return 0
@@ -461,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="model id (default: the embedded nano, or detected from --weights)")
         p.add_argument("--weights", help="weights file or folder (default: embedded / registered location)")
         p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
-        p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 (fp16 on mps)")
+        p.add_argument("--dtype", choices=DTYPE_CHOICES,
+                       help="auto (default): bf16 where the device computes it natively, else fp32")  # fmt: skip
         p.add_argument("--attention", choices=ATTENTION_MODES, help="auto (default): our bf16 CPU kernel where it runs")
         p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
         p.add_argument("--guidance", type=float, help="guidance scale (CFG and guidance-embedded models)")
@@ -566,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     srv.add_argument("--config", help="Ray Serve settings (YAML): replicas, autoscaling, GPUs, models, budget")
     srv.add_argument("--device")
-    srv.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
+    srv.add_argument("--dtype", choices=DTYPE_CHOICES)
     srv.set_defaults(func=cmd_serve)
 
     train = sub.add_parser("train", help="train: the embedded model (nano) or a LoRA (lora)")
@@ -596,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--model", default="nano-base", help="a Base variant: nano-base, klein-base-4b, klein-base-9b")
     lo.add_argument("--weights", help="weights of the Base model (default: embedded / HF cache)")
     lo.add_argument("--device")
-    lo.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
+    lo.add_argument("--dtype", choices=DTYPE_CHOICES)
     lo.add_argument("--out", default="runs/lora", help="checkpoints, samples and lora.safetensors; resumes")
     lo.add_argument("--rank", type=int, default=16)
     lo.add_argument("--alpha", type=float, default=16.0)

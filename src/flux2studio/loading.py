@@ -34,11 +34,13 @@ from .layouts.transformer import transformer_from_diffusers
 from .layouts.vae import vae_from_diffusers
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
-from .pipeline import DTYPES, Component, Pipeline
+from .pipeline import Component, Pipeline
+from .precision import compute_dtype, storage, widen_on_use
 from .text_encoders import TextEncoder, load_minilm
 from .variants import VARIANTS, TextEncoderSpec, TransformerConfig, Variant, get_variant
 
 EMBEDDED_IDS = ("nano", "nano-base")
+BLOCKS = ("double_blocks.", "single_blocks.")  # the transformer's streamed blocks (BFL names = ours)
 
 
 def default_device() -> str:
@@ -47,17 +49,6 @@ def default_device() -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """bf16 by default (fast on CUDA and on CPUs with bf16 matmul); fp16 on Apple GPUs."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        dtype = "fp16" if device == "mps" else "bf16"
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def embedded_files(model_id: str) -> tuple[Path, Path]:
@@ -105,13 +96,15 @@ def text_encoder_spec(base: TextEncoderSpec, folder: Path) -> TextEncoderSpec:
     return dataclasses.replace(base, kind=kind, hidden_size=hidden)
 
 
-def streamed(model: torch.nn.Module, blocks: list[torch.nn.Module], resident: bool):
+def streamed(model: torch.nn.Module, blocks: list[torch.nn.Module], resident: bool, dtype: torch.dtype):
     """Resident: map every page of the weights now (`prefault`). Otherwise, on CPU, stream the blocks'
-    memory-mapped weights (`stream_weights`): inference then holds about one block's weights at a time."""
+    memory-mapped weights (`stream_weights`): inference then holds about one block's weights at a time.
+    Blocks stored narrower than `dtype` (bf16 files computing in fp32) are widened as they run (`widen_on_use`)."""
     if resident or next(model.parameters()).device.type != "cpu":
         prefault(model)
     else:
         stream_weights(blocks)
+    widen_on_use(model, blocks, dtype)
     return model
 
 
@@ -135,7 +128,7 @@ def qwen3_stack(model_dir: Path, config, dtype: torch.dtype) -> torch.nn.Module:
         elif key.startswith("lm_head."):
             continue
         sd[name] = tensor
-    model = build(lambda: Qwen3Model._from_config(config, dtype=dtype), sd, "text encoder", dtype)
+    model = build(lambda: Qwen3Model._from_config(config, dtype=dtype), storage(sd, dtype), "text encoder")
     model.rotary_emb = type(model.rotary_emb)(config=model.config)  # its buffers are computed, not stored
     return model
 
@@ -158,13 +151,15 @@ def hf_text_encoder(
         text_cfg.layer_types = text_cfg.layer_types[:last]
     if spec.kind == "qwen3":
         model = qwen3_stack(model_dir, config, dtype).to(device)
-        streamed(model, model.layers, resident)
     else:
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # the skipped layers are reported as unused keys
         try:
             model = transformers.Mistral3ForConditionalGeneration.from_pretrained(
-                model_dir, config=config, dtype=dtype, local_files_only=True
+                model_dir,
+                config=config,
+                dtype="auto" if dtype == torch.float32 else dtype,  # fp32: the files' dtype, widened per layer
+                local_files_only=True,
             ).to(device)
         finally:
             transformers.logging.set_verbosity(verbosity)
@@ -176,7 +171,12 @@ def hf_text_encoder(
     else:
         from transformers import AutoTokenizer as loader
     tokenizer = loader.from_pretrained(tokenizer_dir, local_files_only=True)
-    return TextEncoder(spec, model, tokenizer)
+    encoder = TextEncoder(spec, model, tokenizer)  # the stack only: vision tower and LM head dropped
+    if spec.kind == "qwen3":  # memory-mapped (qwen3_stack): streamed layer by layer
+        streamed(encoder.model, encoder.model.layers, resident, dtype)
+    else:
+        widen_on_use(encoder.model, encoder.model.layers, dtype)
+    return encoder
 
 
 def load_diffusers_folder(
@@ -194,9 +194,9 @@ def load_diffusers_folder(
     def transformer() -> Flux2Transformer:
         raw = read_component(folder / "transformer")
         sd = transformer_from_diffusers(raw, copied=drop_file_pages)  # q, k, v freed as soon as fused
-        model = build(lambda: Flux2Transformer(t_cfg), sd, f"{variant.id} transformer", dtype).to(device)
+        model = build(lambda: Flux2Transformer(t_cfg), storage(sd, dtype), f"{variant.id} transformer").to(device)
         drop_unused_pages(raw, model)  # anything else read but not kept (a dtype cast)
-        return streamed(model, [*model.double_blocks, *model.single_blocks], resident)
+        return streamed(model, [*model.double_blocks, *model.single_blocks], resident, dtype)
 
     def vae() -> AutoEncoder:
         raw = read_component(folder / "vae")
@@ -278,13 +278,18 @@ def load_single_file(
 
     def transformer() -> Flux2Transformer:
         sd = raw = strip_prefix(read_safetensors(path))
-        if is_fp8(sd):
-            sd = dequantize_fp8(sd, dtype)
+        scales: dict[str, torch.Tensor] = {}
+        if is_fp8(sd):  # blocks of BFL-named files stay fp8 (widened per layer); the rest is dequantised now
+            bfl = transformer_layout(sd) == "bfl"  # diffusers names: q, k, v have a scale each, fused below
+            sd, scales = dequantize_fp8(sd, dtype, keep=lambda key: bfl and key.startswith(BLOCKS))
         if transformer_layout(sd) == "diffusers":
             sd = transformer_from_diffusers(sd, copied=drop_file_pages)
-        model = build(lambda: Flux2Transformer(t_cfg), sd, f"{variant.id} transformer", dtype).to(device)
+        model = build(lambda: Flux2Transformer(t_cfg), storage(sd, dtype), f"{variant.id} transformer").to(device)
+        for name, p in model.named_parameters():
+            if name in scales:
+                p.fp8_scale = scales[name]  # read by precision.dequantized
         drop_unused_pages(raw, model)  # fp8 originals, unfused q, k, v: read once, not kept
-        return streamed(model, [*model.double_blocks, *model.single_blocks], resident)
+        return streamed(model, [*model.double_blocks, *model.single_blocks], resident, dtype)
 
     def vae() -> AutoEncoder:
         sd = raw = read_safetensors(vae_file)
@@ -323,6 +328,9 @@ def load(
     the Hugging Face cache); the variant is detected when `model_id` is None. `resident=True` keeps every part in
     memory between calls (servers); by default each part is loaded for its phase and freed after.
 
+    `dtype`: "auto" (default: bf16 where the device computes it natively, fp32 on CPUs without AVX512-BF16 or
+    AMX, weights kept bf16 and widened per layer; `precision.compute_dtype`), or "bf16", "fp16", "fp32".
+
     Hosted models (pro, max, flex, kontext-*), and klein with `backend="api"`, return a `HostedPipeline`
     that calls Black Forest Labs' API; `api` holds its options (location, safety_tolerance,
     output_format, prompt_upsampling).
@@ -343,7 +351,22 @@ def load(
             "--backend api needs --model (one of pro, max, flex, kontext-pro, kontext-max, klein-4b, klein-9b)"
         )
     device = device or default_device()
-    torch_dtype = resolve_dtype(dtype, device)
+    compute = compute_dtype(dtype, device)
+    pipe = _load_local(model_id, weights, device, compute.dtype, resident, vae, text_encoder, attention)
+    pipe.dtype_reason = compute.reason
+    return pipe
+
+
+def _load_local(
+    model_id: str | None,
+    weights: str | Path | None,
+    device: str,
+    torch_dtype: torch.dtype,
+    resident: bool,
+    vae: str | Path | None,
+    text_encoder: str | Path | None,
+    attention: str,
+) -> Pipeline:
     if weights is not None:
         path = resolve_snapshot(weights)
         if is_diffusers_folder(path):

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .checkpoints import read_safetensors
 from .layouts.transformer import TRANSFORMER_DIFFUSERS
+from .precision import dequantized, fp8_dtypes
 
 OUTER_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
 KOHYA_PREFIX = "lora_unet_"
@@ -239,7 +240,9 @@ def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], mode:
         if mode == "fuse":
             total = sum(s * d.weight(linear.weight.shape) for d, s in items)
             applied.backups[linear] = linear.weight.data
-            linear.weight.data = (linear.weight.data.float() + total.to(linear.weight.device)).to(linear.weight.dtype)
+            base = dequantized(linear.weight, torch.float32)  # an fp8 weight with its scale; fused into bf16
+            narrow = torch.bfloat16 if linear.weight.dtype in fp8_dtypes() else linear.weight.dtype
+            linear.weight.data = (base + total.to(linear.weight.device)).to(narrow)
         else:
             applied.hooks.append(linear.register_forward_hook(_hook(items, linear)))
     return applied

@@ -38,7 +38,6 @@ MAX_STEPS = 200
 MAX_IMAGES = 64  # images per call (prompts x num_images)
 GUIDANCE_RANGE = (1.0, 30.0)
 T = TypeVar("T")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -247,6 +246,7 @@ class Pipeline:
         dtype: torch.dtype = torch.float32,
         weights_hash: str = "",
         attention: str = "auto",
+        dtype_reason: str = "given",
     ) -> None:
         if variant.vae.downscale != sampling.PIXELS_PER_TOKEN:
             raise ValueError(
@@ -255,7 +255,8 @@ class Pipeline:
         self.variant = variant
         self.weights_hash = weights_hash
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = dtype  # what computes; weights may be stored narrower (precision.widen_on_use)
+        self.dtype_reason = dtype_reason  # why this dtype: "given", or auto's reason (precision.compute_dtype)
         # "auto": our bf16 CPU kernel where it runs (kernels/attention.py), else PyTorch's SDPA; "sdpa"; "kernel"
         self.sdpa = attention_for(attention, self.device, dtype, cache_dir())
         self.attention = "sdpa" if self.sdpa is F.scaled_dot_product_attention else "kernel"
@@ -366,6 +367,7 @@ class Pipeline:
             "height": req.height,
             "refs": [image_hash(r) for r in req.refs],
             "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype_reason": self.dtype_reason,
             "device": self.device.type,
             "attention": self.attention,
             "loras": [{"file": Path(f.path).name, "hash": h, "scale": s} for f, s, h in self.loras],

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..precision import cpu_features
 from . import ATTENTION_MODES
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,8 @@ Attention = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def cpu_has_avx512_bf16() -> bool:
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return "avx512_bf16" in flags.split()
+    """Whether this CPU has the instructions the kernel is built with (torch's capability query)."""
+    return platform.machine() in ("x86_64", "AMD64") and cpu_features()["avx512_bf16"]
 
 
 def _build(cache: Path) -> Path:

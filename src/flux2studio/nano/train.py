@@ -36,6 +36,7 @@ from .. import sampling
 from ..images import to_tensor
 from ..model.autoencoder import AutoEncoder, patchify
 from ..model.transformer import Flux2Transformer
+from ..precision import autocast_dtype
 from ..text_encoders import TextEncoder, load_minilm
 from ..train.common import (
     Ema,
@@ -113,8 +114,10 @@ class TrainConfig:
 
 
 def bf16(device: torch.device):
-    """Mixed precision on the training device: bf16 matmuls (on CPU about 5x faster than fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """Mixed precision on the training device: bf16 matmuls where they are native (CUDA, AVX512-BF16/AMX CPUs:
+    about 5x faster than fp32 there), fp32 elsewhere (precision.autocast_dtype)."""
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 # ----------------------------------------------------------------------------- checkpoints

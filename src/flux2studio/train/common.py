@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .. import sampling
 from ..model.transformer import Flux2Transformer
+from ..precision import autocast_dtype
 
 
 def save_checkpoint(path: Path, step: int, tensors: dict[str, Tensor], config: dict) -> None:
@@ -122,7 +123,8 @@ def flow_loss(
     ids = sampling.image_ids(h, w).to(xt.device)
     if ref is not None:
         xt, ids = torch.cat([xt, ref], dim=1), torch.cat([ids, ref_ids.to(xt.device)])
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=xt.device.type == "cpu"):
+    mixed = autocast_dtype(xt.device) if xt.device.type == "cpu" else None  # bf16 where the CPU has it natively
+    with torch.autocast("cpu", dtype=mixed or torch.bfloat16, enabled=mixed is not None):
         v = model(xt, ids, txt, sampling.text_ids(txt.shape[1]).to(xt.device), t)[:, : h * w]
     if weight is None:
         return F.mse_loss(v.float(), target)
