@@ -22,6 +22,8 @@ from flux2studio import hosted
 from flux2studio.hosted import BflClient, HostedError, HostedPipeline
 from flux2studio.loading import load
 
+LOCAL = "http://127.0.0.1"  # the Host the server serves without a token (guard.py: loopback names)
+
 
 @pytest.fixture(scope="module")
 def bfl():
@@ -194,7 +196,7 @@ def test_server_queues_hosted_jobs_and_lists_prices(bfl, tmp_path, monkeypatch):
         return p
 
     app = create_app(tmp_path / "data", loader, models=["nano", "pro", "klein-9b"], api_models=["klein-9b"])
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         rows = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
         assert rows["pro"]["hosted"] and rows["pro"]["usd_per_image"] == 0.03 and rows["pro"]["steps"] is None
         assert rows["klein-9b"]["hosted"] and not rows["nano"]["hosted"]

@@ -14,8 +14,13 @@ from flux2studio.serve.app import create_app
 from flux2studio.serve.limits import Limits
 
 LIMITS = Limits(max_side=128, max_steps=4, max_images=2, max_queue=32, max_upload_bytes=2**20)
-app = create_app(tempfile.mkdtemp(prefix="flux2-fuzz-"), lambda m: load(m, device="cpu", resident=True),
-                 limits=LIMITS, models=["nano"])  # fmt: skip
+app = create_app(
+    tempfile.mkdtemp(prefix="flux2-fuzz-"),
+    lambda m: load(m, device="cpu", resident=True),
+    limits=LIMITS,
+    models=["nano"],
+    allowed_hosts=["testserver"],
+)  # the Host its test client sends
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 # valid and invalid inputs; a fixed seed so a CI failure can be replayed
 schema.config.generation.update(modes=list(schemathesis.GenerationMode), deterministic=True)

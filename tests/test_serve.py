@@ -23,6 +23,8 @@ from flux2studio.loading import load
 from flux2studio.serve.app import create_app
 from flux2studio.serve.limits import Limits
 
+LOCAL = "http://127.0.0.1"  # the Host the server serves without a token (guard.py: loopback names)
+
 
 def _loader(folder):
     return lambda model_id: load(model_id, weights=folder, device="cpu", dtype="fp32", resident=True)
@@ -32,7 +34,7 @@ def _loader(folder):
 def client(klein_folder, tmp_path):
     _, folder = klein_folder
     app = create_app(tmp_path / "data", _loader(folder), models=["klein-4b"], limits=Limits(max_side=256))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         yield c
 
 
@@ -98,7 +100,7 @@ def test_loras_from_the_lora_dir(klein_folder, tmp_path):
 
     app = create_app(tmp_path / "data", _loader(folder), models=["klein-4b"], lora_dir=lora_dir)
     base = {"model": "klein-4b", "prompt": "a red circle", "width": 64, "height": 64, "steps": 2, "seed": 3}
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         two = {"loras": [["style", 0.5], ["face", -1.0]]}
         ids = [client.post("/v1/jobs", json=base | extra).json()["id"] for extra in (two, {})]
         jobs = [_wait(client, i) for i in ids]
@@ -119,7 +121,7 @@ def test_loras_from_the_lora_dir(klein_folder, tmp_path):
 def test_queue_is_bounded(klein_folder, tmp_path):
     _, folder = klein_folder
     app = create_app(tmp_path / "d", _loader(folder), models=["klein-4b"], limits=Limits(max_queue=2))
-    client = TestClient(app)  # no lifespan: the worker is not started, so jobs stay queued
+    client = TestClient(app, base_url=LOCAL)  # no lifespan: the worker is not started, so jobs stay queued
     body = {"model": "klein-4b", "prompt": "p", "width": 64, "height": 64}
     assert [client.post("/v1/jobs", json=body).status_code for _ in range(2)] == [202, 202]
     r = client.post("/v1/jobs", json=body)
@@ -246,7 +248,7 @@ def test_refuses_public_bind_without_token():
 def test_embedded_model_through_the_api(tmp_path):
     """The default server: the embedded nano, no weights given, a real 128x128 image back."""
     loader = lambda model_id: load(model_id, device="cpu", resident=True)  # noqa: E731
-    with TestClient(create_app(tmp_path / "data", loader)) as client:
+    with TestClient(create_app(tmp_path / "data", loader), base_url=LOCAL) as client:
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["nano", "nano-base"]
         job = client.post("/v1/jobs", json={"prompt": "a red circle on a white background", "seed": 1}).json()
         done = _wait(client, job["id"])
@@ -279,7 +281,7 @@ def test_embedded_model_through_the_api(tmp_path):
 def test_step_previews_while_running(tmp_path):
     """Each step's x0 estimate is decoded into a small JPEG while the job runs, and dropped when it ends."""
     loader = lambda model_id: load(model_id, device="cpu", resident=True)  # noqa: E731
-    with TestClient(create_app(tmp_path / "data", loader)) as client:
+    with TestClient(create_app(tmp_path / "data", loader), base_url=LOCAL) as client:
         worker = client.app.state.worker
         seen = []
         real = worker._previews

@@ -381,7 +381,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .serve.ray_app import ScaleConfig, run
 
         cfg = ScaleConfig.read(args.config, models=args.model, db=args.db, data=args.data, files=args.files,
-                               token=token, device=args.device, dtype=args.dtype)  # fmt: skip
+                               token=token, device=args.device, dtype=args.dtype,
+                               allowed_hosts=args.allowed_host)  # fmt: skip
         store = "PostgreSQL" if cfg.db else "SQLite"
         print(f"Flux2 Studio on Ray Serve: http://{args.host}:{args.port}  (models: {', '.join(cfg.models)}, "
               f"store: {store}, replicas {cfg.min_replicas}..{cfg.max_replicas})")  # fmt: skip
@@ -407,7 +408,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     api={"location": args.api})  # fmt: skip
 
     app = create_app(args.data, loader, token=token, cors_origins=args.cors or None, models=list(weights),
-                     lora_dir=args.lora_dir, api_models=api_models, db=args.db, files=args.files)  # fmt: skip
+                     lora_dir=args.lora_dir, api_models=api_models, db=args.db, files=args.files,
+                     allowed_hosts=args.allowed_host)  # fmt: skip
     print(f"Flux2 Studio on http://{args.host}:{args.port}  (data: {args.data}, models: {', '.join(weights)})")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -574,6 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve this model (repeatable); klein-4b=api: klein on BFL's API",
     )
     srv.add_argument("--cors", action="append", metavar="ORIGIN", help="allow browser calls from ORIGIN")
+    srv.add_argument("--allowed-host", action="append", metavar="NAME",
+                     help="serve requests for this Host name too (default: loopback names only without a token, "
+                          "any name with one)")  # fmt: skip
     srv.add_argument("--lora-dir", help="folder of LoRA files jobs may name")
     srv.add_argument("--api", metavar="REGION|URL", help="BFL API for hosted models: global, eu, us or a URL")
     srv.add_argument("--db", help="job store: postgresql://user@host/db (shared by servers); default SQLite in --data")

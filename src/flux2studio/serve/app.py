@@ -12,22 +12,26 @@ import asyncio
 import base64
 import io
 import json
+import re
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..hosted import ENDPOINTS, MIN_SIDE, check_request, key_present, price
 from ..images import size_for_aspect
 from ..pipeline import Pipeline, build_request
 from ..variants import VARIANTS, get_variant
+from .guard import LOOPBACK_HOSTS, Guard
 from .limits import DEFAULT_LIMITS, Limits
 from .store import Store
 from .worker import Worker
@@ -37,12 +41,12 @@ TERMINAL = ("done", "failed", "cancelled")
 
 
 class JobRequest(BaseModel):
-    model: str = "nano"
-    prompt: str
+    model: str = Field(default="nano", max_length=64)
+    prompt: str  # text fields: length, NUL and Unicode checked in validate (check_text)
     negative_prompt: str | None = None
     width: int | None = None
     height: int | None = None
-    aspect: str | None = None
+    aspect: str | None = Field(default=None, max_length=16)
     steps: int | None = None
     guidance: float | None = None
     guidance_interval: tuple[float, float] | None = None  # CFG models: noise levels guided (default: the model's)
@@ -55,14 +59,15 @@ class JobRequest(BaseModel):
 
 class OpenAIGeneration(BaseModel):
     prompt: str
-    model: str = "nano"
+    model: str = Field(default="nano", max_length=64)
     n: int = 1
-    size: str | None = None  # "WIDTHxHEIGHT"
+    size: str | None = Field(default=None, max_length=16)  # "WIDTHxHEIGHT"
     response_format: Literal["b64_json", "url"] = "b64_json"
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     steps: int | None = None
     guidance: float | None = None
     negative_prompt: str | None = None
+    stream: bool = False  # partial images are not streamed: True is a clear 400
 
 
 def create_app(
@@ -78,11 +83,14 @@ def create_app(
     files: str | Path | None = None,
     store: Store | None = None,
     worker: Worker | None = None,
+    allowed_hosts: list[str] | None = None,
 ) -> FastAPI:
     """`api_models`: served ids that run on Black Forest Labs' API although they have local weights
     (klein via `--model klein-4b=api`); hosted-only ids (pro, max, ...) always do. `db`: a PostgreSQL URL
     (default: SQLite in `data`); `files`: the folder for images and uploads (default: `data`). `store` and
-    `worker` replace the defaults (the Ray Serve ingress passes a remote-dispatching worker)."""
+    `worker` replace the defaults (the Ray Serve ingress passes a remote-dispatching worker).
+    `allowed_hosts`: Host names served besides the loopback ones; without a token only loopback names and
+    these are served (DNS rebinding), with a token any name unless some are given (`guard.Guard`)."""
     store = store or Store(data, db=db, files=files)
     recovered = store.recover()
     worker = worker or Worker(store, loader)
@@ -90,31 +98,22 @@ def create_app(
     served = models or [v.id for v in VARIANTS.values() if v.id in ("nano", "nano-base")]
     remote = {m for m in served if get_variant(m).hosted} | set(api_models or [])
 
-    app = FastAPI(title="Flux2 Studio", version="1", lifespan=_lifespan(worker))
+    app = FastAPI(title="Flux2 Studio", version="1", lifespan=_lifespan(worker), default_response_class=SafeJSON)
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # FastAPI's and those raised below it
     app.state.store, app.state.worker, app.state.recovered = store, worker, recovered
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
-
-    def auth(request: Request) -> None:
-        if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and secrets.compare_digest(given[7:].encode(), token.encode())):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    guarded = [Depends(auth)]
+    hosts = [*LOOPBACK_HOSTS, *(allowed_hosts or [])] if token is None or allowed_hosts else None
+    # outermost: host, origin, token and body size are checked before any route runs or any body is read
+    app.add_middleware(Guard, token=token, allowed_hosts=hosts, origins=cors_origins or (),
+                       body_limit=limits.body_bytes)  # fmt: skip
 
     def validate(req: JobRequest) -> tuple[dict, int]:
         """Every check before queueing: limits table, then the model's own rules (build_request)."""
-        if req.model not in served:
-            raise HTTPException(422, f"model {req.model!r} is not served here; served: {', '.join(served)}")
+        check_basics(req.model, req.num_images, prompt=req.prompt, negative_prompt=req.negative_prompt)
         variant = get_variant(req.model)
-        if len(req.prompt) > limits.max_prompt_chars:
-            raise HTTPException(422, f"prompt has {len(req.prompt)} characters; at most {limits.max_prompt_chars}")
-        if not 1 <= req.num_images <= limits.max_images:
-            raise HTTPException(422, f"num_images {req.num_images} is out of range 1..{limits.max_images}")
         if len(req.refs) > limits.max_refs:
             raise HTTPException(422, f"{len(req.refs)} references; at most {limits.max_refs}")
         if len(req.loras) > limits.max_loras:
@@ -126,7 +125,8 @@ def create_app(
                 req.width, req.height = size_for_aspect(req.aspect, variant.default_size[0] * variant.default_size[1])
             except ValueError as e:
                 raise HTTPException(422, str(e)) from None
-        width, height = req.width or variant.default_size[0], req.height or variant.default_size[1]
+        width = variant.default_size[0] if req.width is None else req.width  # 0 is a size, and out of range
+        height = variant.default_size[1] if req.height is None else req.height
         for name, value in (("width", width), ("height", height)):
             if not 1 <= value <= limits.max_side:
                 raise HTTPException(422, f"{name} {value} is out of range 1..{limits.max_side}")
@@ -171,6 +171,16 @@ def create_app(
                     "prompt_upsampling": upsampling}  # fmt: skip
         return settings, progress_total
 
+    def check_basics(model: str, num_images: int, **texts: str | None) -> None:
+        """What needs no model and no image: the model is served, the count and the texts are in range."""
+        if model not in served:
+            raise HTTPException(422, f"model {model!r} is not served here; served: {', '.join(served)}")
+        if not 1 <= num_images <= limits.max_images:
+            raise HTTPException(422, f"num_images {num_images} is out of range 1..{limits.max_images}")
+        for name, text in texts.items():
+            if (problem := limits.text_problem(name, text)) is not None:
+                raise HTTPException(422, problem)
+
     def hosted_rules(req: JobRequest, width: int, height: int, loras: list) -> tuple[int | None, float | None]:
         """The hosted endpoint's own rules (no LoRAs, steps and guidance only for flex, 32-bit seeds)."""
         if loras:
@@ -203,49 +213,56 @@ def create_app(
     def health() -> dict:
         return {"status": "ok", "queued": store.count("queued"), "running": store.count("running")}
 
-    @app.get("/v1/models", dependencies=guarded)
+    @app.get("/v1/models")
     def list_models() -> dict:
-        rows = []
         keyed = bool(remote) and key_present()
-        for model_id in served:
-            v = get_variant(model_id)
-            row = {"id": v.id, "object": "model", "owned_by": "flux2studio", "description": v.description,
-                   "steps": v.steps, "guidance": v.guidance, "guidance_mode": v.guidance_mode,
-                   "guidance_interval": v.cfg_interval,
-                   "default_size": list(v.default_size), "min_side": v.min_side,
-                   "max_side": min(v.max_side, limits.max_side), "max_refs": min(v.max_refs, limits.max_refs),
-                   "license": v.license, "hosted": model_id in remote,
-                   "prompt_upsampling": True if v.upsampler else None}  # fmt: skip
-            # prompt_upsampling: the default where the model has an upsampler, None where it has none
-            if model_id in remote:  # what the endpoint takes, and its price when a key is configured
-                e = ENDPOINTS[model_id]
-                row |= {"owned_by": "black-forest-labs", "steps": e.steps[2] if e.steps else None,
-                        "guidance": e.guidance[2] if e.guidance else None,
-                        "guidance_mode": "embedded" if e.guidance else "none", "default_size": [1024, 1024],
-                        "min_side": MIN_SIDE, "max_side": min(2048, limits.max_side),
-                        "max_refs": min(e.max_refs, limits.max_refs), "takes_steps": e.steps is not None,
-                        "prompt_upsampling": False if e.prompt_upsampling else None}  # fmt: skip
-                if keyed:
-                    row["usd_per_image"] = price(e, 1024, 1024)
-            rows.append(row)
-        return {"object": "list", "data": rows}
+        return {"object": "list", "data": [model_row(model_id, keyed) for model_id in served]}
 
-    @app.post("/v1/jobs", status_code=202, dependencies=guarded)
+    @app.get("/v1/models/{model_id}")
+    def retrieve_model(model_id: str) -> dict:
+        if model_id not in served:
+            raise HTTPException(404, f"model {model_id!r} is not served here; served: {', '.join(served)}")
+        return model_row(model_id, bool(remote) and key_present())
+
+    def model_row(model_id: str, keyed: bool) -> dict:
+        """What /v1/models says of one served model (OpenAI's fields first, then ours)."""
+        v = get_variant(model_id)
+        row = {"id": v.id, "object": "model", "owned_by": "flux2studio", "description": v.description,
+               "steps": v.steps, "guidance": v.guidance, "guidance_mode": v.guidance_mode,
+               "guidance_interval": v.cfg_interval,
+               "default_size": list(v.default_size), "min_side": v.min_side,
+               "max_side": min(v.max_side, limits.max_side), "max_refs": min(v.max_refs, limits.max_refs),
+               "license": v.license, "hosted": model_id in remote,
+               "prompt_upsampling": True if v.upsampler else None}  # fmt: skip
+        # prompt_upsampling: the default where the model has an upsampler, None where it has none
+        if model_id in remote:  # what the endpoint takes, and its price when a key is configured
+            e = ENDPOINTS[model_id]
+            row |= {"owned_by": "black-forest-labs", "steps": e.steps[2] if e.steps else None,
+                    "guidance": e.guidance[2] if e.guidance else None,
+                    "guidance_mode": "embedded" if e.guidance else "none", "default_size": [1024, 1024],
+                    "min_side": MIN_SIDE, "max_side": min(2048, limits.max_side),
+                    "max_refs": min(e.max_refs, limits.max_refs), "takes_steps": e.steps is not None,
+                    "prompt_upsampling": False if e.prompt_upsampling else None}  # fmt: skip
+            if keyed:
+                row["usd_per_image"] = price(e, 1024, 1024)
+        return row
+
+    @app.post("/v1/jobs", status_code=202)
     def create_job(req: JobRequest) -> dict:
         return submit(req).public()
 
-    @app.get("/v1/jobs", dependencies=guarded)
+    @app.get("/v1/jobs")
     def list_jobs(limit: int = 50, status: str | None = None) -> dict:
         return {"data": [j.public() for j in store.list(min(max(limit, 1), 500), status)]}
 
-    @app.get("/v1/jobs/{job_id}", dependencies=guarded)
+    @app.get("/v1/jobs/{job_id}")
     def get_job(job_id: str) -> dict:
         job = store.get(job_id)
         if job is None:
             raise HTTPException(404, "no such job")
         return job.public()
 
-    @app.get("/v1/jobs/{job_id}/preview", dependencies=guarded, response_class=Response,
+    @app.get("/v1/jobs/{job_id}/preview", response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}}, 204: {"description": "no preview yet"}})  # fmt: skip
     def job_preview(job_id: str) -> Response:
         """The running job's latest step, decoded from the model's estimate of the final image (JPEG)."""
@@ -256,14 +273,14 @@ def create_app(
             return Response(status_code=204)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
-    @app.post("/v1/jobs/{job_id}/cancel", dependencies=guarded)
+    @app.post("/v1/jobs/{job_id}/cancel")
     def cancel_job(job_id: str) -> dict:
         if store.get(job_id) is None:
             raise HTTPException(404, "no such job")
         store.cancel(job_id)
         return store.get(job_id).public()
 
-    @app.get("/v1/jobs/{job_id}/events", dependencies=guarded)
+    @app.get("/v1/jobs/{job_id}/events")
     async def job_events(job_id: str) -> StreamingResponse:
         if store.get(job_id) is None:
             raise HTTPException(404, "no such job")
@@ -282,28 +299,32 @@ def create_app(
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    @app.get("/v1/images/{name}", dependencies=guarded)
+    @app.get("/v1/images/{name}")
     def get_image(name: str) -> FileResponse:
         path = store.image_path(name.removesuffix(".png"))
         if path is None:
             raise HTTPException(404, "no such image")
         return FileResponse(path, media_type="image/png")
 
-    @app.post("/v1/uploads", dependencies=guarded)
+    @app.post("/v1/uploads")
     async def upload(file: UploadFile = File(...)) -> dict:
         return {"id": await save_upload(file, refs_dir, limits)}
 
-    @app.post("/v1/images/generations", dependencies=guarded)
-    async def openai_generations(req: OpenAIGeneration) -> dict:
+    @app.post("/v1/images/generations")
+    async def openai_generations(req: OpenAIGeneration, request: Request) -> dict:
+        if req.stream:
+            raise HTTPException(400, "stream=true is not supported: images come back whole (omit stream)")
         width, height = _parse_size(req.size)
         job = submit(job_request(model=req.model, prompt=req.prompt, width=width, height=height, num_images=req.n,
                                  seed=req.seed, steps=req.steps, guidance=req.guidance,
                                  negative_prompt=req.negative_prompt))  # fmt: skip
-        return await _openai_result(store, job.id, req.response_format)
+        return await _openai_result(store, job.id, req.response_format, request)
 
-    @app.post("/v1/images/edits", dependencies=guarded)
+    @app.post("/v1/images/edits")
     async def openai_edits(
-        image: list[UploadFile] = File(...),
+        request: Request,
+        image: list[UploadFile] = File(None),
+        image_array: list[UploadFile] = File(None, alias="image[]"),  # how the openai client sends a list
         prompt: str = Form(...),
         model: str = Form("nano"),
         n: int = Form(1),
@@ -313,14 +334,18 @@ def create_app(
     ) -> dict:
         if response_format not in ("b64_json", "url"):
             raise HTTPException(422, f"response_format {response_format!r}: b64_json or url")
-        refs = [await save_upload(f, refs_dir, limits) for f in image]
+        images = [*(image or []), *(image_array or [])]
+        if not 1 <= len(images) <= limits.max_refs:
+            raise HTTPException(422, f"{len(images)} images given (image or image[]); 1..{limits.max_refs}")
         width, height = _parse_size(size)
+        check_basics(model, n, prompt=prompt)  # before any image is written
+        refs = [await save_upload(f, refs_dir, limits) for f in images]
         if width is None:  # the output follows the first image, as in the CLI
             with Image.open(refs_dir / f"{refs[0]}.png") as first:
                 width, height = first.width // 16 * 16, first.height // 16 * 16
         job = submit(job_request(model=model, prompt=prompt, width=width, height=height, num_images=n, seed=seed,
                                  refs=refs))  # fmt: skip
-        return await _openai_result(store, job.id, response_format)
+        return await _openai_result(store, job.id, response_format, request)
 
     if STATIC.is_dir():
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="studio")
@@ -348,43 +373,87 @@ def _lifespan(worker: Worker):
     return lifespan
 
 
+class SafeJSON(JSONResponse):
+    """JSON with every non-ASCII character escaped: a stored text that is not valid Unicode (a row written before
+    the edge checked it) still serializes, so no listing route fails on one bad row."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", re.ASCII)  # "1024x768": ASCII digits, nothing else
+
+
 def _parse_size(size: str | None) -> tuple[int | None, int | None]:
     if size is None:
         return None, None
-    try:
-        w, h = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        raise HTTPException(422, f"size {size!r} is not WIDTHxHEIGHT") from None
-    return w, h
+    match = SIZE.fullmatch(size)
+    if match is None:
+        raise HTTPException(422, f"size {size!r} is not WIDTHxHEIGHT in pixels, e.g. 1024x768")
+    return int(match[1]), int(match[2])
 
 
-async def _openai_result(store: Store, job_id: str, response_format: str, timeout: float = 600) -> dict:
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Errors carry `detail` (FastAPI's shape, the page reads it) and `error` (OpenAI's: its clients show
+    `error.message`)."""
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    error = {"message": str(exc.detail), "type": kind, "param": None, "code": None}
+    return SafeJSON({"detail": exc.detail, "error": error}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _openai_error(status: int, message: str, kind: str) -> JSONResponse:
+    """An error in OpenAI's shape. `x-should-retry: false` tells OpenAI's clients (which retry 409, 429 and 5xx
+    by default) not to send the request again: a failed or cancelled generation would only run again."""
+    return SafeJSON({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status,
+                    headers={"x-should-retry": "false"})  # fmt: skip
+
+
+async def _openai_result(store: Store, job_id: str, response_format: str, request: Request,
+                         timeout: float = 600) -> dict | JSONResponse:  # fmt: skip
+    """Wait for the job; a client that goes away before its job starts cancels it (nobody would see it)."""
     deadline = time.monotonic() + timeout
     while True:
         job = store.get(job_id)
         if job.status == "done":
             break
-        if job.status in ("failed", "cancelled"):
-            raise HTTPException(500, f"generation {job.status}: {job.error or ''}".strip(": "))
+        if job.status == "failed":  # the generation itself went wrong: a server error, not to be retried
+            return _openai_error(500, f"generation failed: {job.error or 'unknown error'}", "server_error")
+        if job.status == "cancelled":
+            return _openai_error(409, "generation cancelled", "cancelled")
+        if job.status == "queued" and await request.is_disconnected():
+            store.cancel(job_id)
+            return _openai_error(409, "client went away: generation cancelled", "cancelled")
         if time.monotonic() > deadline:
             return JSONResponse({"id": job_id, "status": job.status}, status_code=202)
         await asyncio.sleep(0.1)
     data = []
     for image_id in job.images:
-        if response_format == "url":
-            data.append({"url": f"/v1/images/{image_id}.png"})
+        if response_format == "url":  # absolute, as OpenAI's are: built from the request's (allow-listed) host
+            data.append({"url": str(request.url_for("get_image", name=f"{image_id}.png"))})
         else:
             data.append({"b64_json": base64.b64encode(store.image_path(image_id).read_bytes()).decode()})
     return {"created": int(job.finished or time.time()), "data": data}
 
 
+DECODES = threading.BoundedSemaphore(2)  # uploads decoded at once, each in a thread (the event loop keeps answering)
+
+
 async def save_upload(file: UploadFile, folder: Path, limits: Limits) -> str:
     """Check byte size, format and pixel count before decoding; store as PNG under a new id."""
-    import uuid
-
     raw = await file.read(limits.max_upload_bytes + 1)
     if len(raw) > limits.max_upload_bytes:
         raise HTTPException(413, f"upload is over {limits.max_upload_bytes} bytes")
+    return await asyncio.to_thread(_store_image, raw, folder, limits)
+
+
+def _store_image(raw: bytes, folder: Path, limits: Limits) -> str:
+    with DECODES:
+        return _decode_and_store(raw, folder, limits)
+
+
+def _decode_and_store(raw: bytes, folder: Path, limits: Limits) -> str:
+    import uuid
+
     try:
         with Image.open(io.BytesIO(raw)) as probe:  # reads the header only: no decoding yet
             if probe.format not in ("PNG", "JPEG", "WEBP"):

@@ -39,6 +39,7 @@ class ScaleConfig:
     data: str = "flux2-data"  # SQLite file (single machine) and, unless `files` is set, images
     files: str | None = None  # a folder every node sees (images and uploaded references)
     token: str | None = None
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names served besides loopback (see guard.py)
     device: str | None = None
     dtype: str | None = None
     threads: int = 1  # torch threads per CPU replica
@@ -188,7 +189,7 @@ def build_application(cfg: ScaleConfig):
         store = _store(cfg)
         worker = RemoteWorker(store, handle, cfg.dispatch_loops)
         app = create_app(cfg.data, _no_local_model, token=cfg.token, limits=DEFAULT_LIMITS, models=cfg.models,
-                         store=store, worker=worker)  # fmt: skip
+                         store=store, worker=worker, allowed_hosts=cfg.allowed_hosts or None)  # fmt: skip
         worker.start()  # runs for the replica's life (the app's lifespan may start/stop it again: counted)
         return app
 

@@ -140,9 +140,15 @@ class Worker:
                 self.store.requeue(j.id)
             return
         except Exception as e:  # a job's failure is recorded, never crashes the worker
+            made = dict(getattr(e, "images", []))
+            if len(batch) > 1 and not made:  # one job's input may have failed them all: run each on its own
+                log.warning("a batch of %d jobs failed (%s): running them one by one", len(batch), e)
+                for j in batch:
+                    self._run_batch([j], pipe)
+                return
             log.exception("job batch failed")
             # a hosted batch may fail part-way: the jobs whose images were all made still finish
-            self._settle(batch, dict(getattr(e, "images", [])), str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self._settle(batch, made, str(e).splitlines()[0] if str(e) else type(e).__name__)
             return
         self._settle(batch, dict(enumerate(images)), "")
 

@@ -1,0 +1,105 @@
+"""What the server checks on every request before any route runs or any body is read (an ASGI middleware).
+
+In order: the Host header against an allow-list (a page on another site that resolves its own name to
+127.0.0.1, DNS rebinding, is refused); for state-changing requests without a configured token, the Origin
+(a page elsewhere cannot drive a local server from a visitor's browser); the bearer token on /v1 routes
+(compared in constant time; the scheme in any case, RFC 9110); then the body size: a Content-Length over the
+route's limit is a 413 at once, and a body sent without one is counted as it streams in and cut off at the
+limit. Routes never see a request that failed any of these. This module knows nothing about jobs or models.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Awaitable, Callable, Iterable
+
+from starlette.exceptions import HTTPException
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+Scope = dict
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+
+def host_name(value: str) -> str:
+    """'Example.com:8000' -> 'example.com'; '[::1]:8000' -> '::1'."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class Guard:
+    """`allowed_hosts`: Host names served (None: any); `token`: the bearer token of /v1 routes (None: open, then
+    state-changing requests must come from the server's own origin or one of `origins`); `body_limit(path)`:
+    the most bytes a request body to `path` may have."""
+
+    def __init__(
+        self,
+        app,
+        *,
+        token: str | None,
+        allowed_hosts: Iterable[str] | None,
+        origins: Iterable[str] = (),
+        body_limit: Callable[[str], int],
+    ) -> None:
+        self.app, self.token = app, token
+        self.allowed = None if allowed_hosts is None else {host_name(h) for h in allowed_hosts}
+        self.origins = {o.rstrip("/").lower() for o in origins}
+        self.body_limit = body_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        if self.allowed is not None and host_name(host) not in self.allowed:
+            return await _refuse(send, 400, f"host {host!r} is not served here; allowed: {sorted(self.allowed)} "
+                                            "(add names with --allowed-host)")  # fmt: skip
+        path, method = scope["path"], scope["method"]
+        origin = headers.get("origin")
+        if self.token is None and method not in SAFE_METHODS and origin is not None:
+            own = {f"{s}://{host}".lower() for s in ("http", "https")}
+            if origin.rstrip("/").lower() not in own | self.origins:
+                return await _refuse(send, 403, f"cross-origin request from {origin!r} refused (no token is set; "
+                                                "allow the origin with --cors)")  # fmt: skip
+        if self.token is not None and path.startswith("/v1/") and method != "OPTIONS":  # preflights carry none
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if not (scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), self.token.encode())):
+                return await _refuse(send, 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        limit = self.body_limit(path)
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await _refuse(send, 400, f"Content-Length {length!r} is not a byte count")
+            if int(length) > limit:
+                return await _refuse(send, 413, f"request body of {int(length)} bytes is over this route's "
+                                                f"limit of {limit} bytes")  # fmt: skip
+        return await self.app(scope, _counted(receive, limit), send)
+
+
+def _counted(receive: Receive, limit: int) -> Receive:
+    """`receive` that stops a body at `limit` bytes (413 to the route reading it; FastAPI passes it on)."""
+    seen = 0
+
+    async def counted() -> dict:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, f"request body is over this route's limit of {limit} bytes")
+        return message
+
+    return counted
+
+
+async def _refuse(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,253 @@
+"""The server against a hostile client, each attack first as it was made against the server before the fix:
+bodies before auth and without limit, a poisoned prompt in a batch, DNS rebinding and cross-origin posts,
+sloppy sizes; and the official `openai` client against it. A real uvicorn server on 127.0.0.1 (raw sockets
+for what an HTTP library will not send), the embedded nano model; every loop is bounded."""
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from flux2studio.loading import load
+from flux2studio.serve.app import create_app
+from flux2studio.serve.limits import Limits
+
+TOKEN = "s3cret"
+LIMITS = Limits(max_side=256)
+
+
+def _nano(model_id):
+    return load(model_id, device="cpu", resident=True)
+
+
+class Server:
+    """create_app under uvicorn in a thread, on a free 127.0.0.1 port."""
+
+    def __init__(self, data, **kw):
+        self.app = create_app(data, _nano, models=["nano"], limits=LIMITS, **kw)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def raw(self, head: str, body: bytes = b"", wait: float = 30) -> tuple[int, str]:
+        """Send a request's head (and maybe part of a body) as bytes; the status and text of the answer."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=wait) as s:
+            s.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+            data = b""
+            while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        status = int(data.split(b" ", 2)[1])
+        return status, data.split(b"\r\n\r\n", 1)[1].decode(errors="replace")
+
+
+def _length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
+
+
+@pytest.fixture
+def server(tmp_path):
+    with Server(tmp_path / "data", token=TOKEN) as s:
+        yield s
+
+
+def test_the_token_is_checked_before_the_body_is_read(server):
+    """Claimed 300 MB, sent nothing of it: the 401 comes at once (before: the body was read and parsed first)."""
+    status, text = server.raw(f"POST /v1/jobs HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
+                              f"Content-Length: {300 * 2**20}\n", wait=10)  # fmt: skip
+    assert status == 401 and "bearer token" in text
+
+
+def test_bodies_over_the_route_limit_are_refused_before_parsing(server):
+    auth = f"Authorization: Bearer {TOKEN}\n"
+    status, text = server.raw(f"POST /v1/jobs HTTP/1.1\nHost: 127.0.0.1\n{auth}Content-Type: application/json\n"
+                              f"Content-Length: {300 * 2**20}\n", wait=10)  # fmt: skip
+    assert status == 413 and f"limit of {LIMITS.max_json_bytes} bytes" in text
+    form = "Content-Type: multipart/form-data; boundary=x\n"
+    status, text = server.raw(f"POST /v1/uploads HTTP/1.1\nHost: 127.0.0.1\n{auth}{form}"
+                              f"Content-Length: {100 * 2**20}\n")  # fmt: skip
+    assert status == 413 and str(LIMITS.body_bytes("/v1/uploads")) in text
+    # no Content-Length: counted as it streams, cut off at the limit
+    chunk = b"x" * 65536
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(8)) + b"0\r\n\r\n"
+    status, text = server.raw(f"POST /v1/jobs HTTP/1.1\nHost: 127.0.0.1\n{auth}Content-Type: application/json\n"
+                              "Transfer-Encoding: chunked\n", body)  # fmt: skip
+    assert status == 413 and "over this route's limit" in text
+
+
+def test_a_poisoned_prompt_is_refused_and_cannot_fail_other_jobs(tmp_path):
+    """A lone surrogate: 422 at the edge (before: stored, then it failed its whole batch, and every listing
+    answered 500). As defence in depth, one such job already in the store among seven good ones: the seven
+    finish, it fails, and the listings still answer."""
+    app = create_app(tmp_path / "d", _nano, models=["nano"], limits=LIMITS)
+    client = TestClient(app, base_url="http://127.0.0.1")
+    for field, text, message in (("prompt", "a\ud800b", "lone surrogate (U+D800) at 1"),
+                                 ("prompt", "a\x00b", "NUL character"),
+                                 ("prompt", "x" * 2001, "2001 characters; at most 2000"),
+                                 ("negative_prompt", "y" * 3000, "negative_prompt has 3000 characters")):  # fmt: skip
+        body = {"model": "nano", "prompt": "a red circle", field: text}
+        r = client.post("/v1/jobs", content=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and message in r.json()["detail"], (field, r.text)
+
+    settings = {"prompt": "a red circle", "negative_prompt": None, "width": 128, "height": 128, "steps": 2,
+                "guidance": 1.0, "guidance_interval": None, "seed": 0, "num_images": 1, "refs": [], "loras": [],
+                "prompt_upsampling": False}  # fmt: skip
+    store = app.state.store
+    poisoned = store.add("nano", settings | {"prompt": "a\ud800b"}, 2).id  # written before the edge checked it
+    good = [store.add("nano", settings | {"seed": i}, 2).id for i in range(1, 8)]
+    with TestClient(app, base_url="http://127.0.0.1") as running:
+        deadline = time.monotonic() + 300
+        while any(store.get(i).status not in ("done", "failed") for i in [poisoned, *good]):
+            assert time.monotonic() < deadline, "jobs did not finish"
+            time.sleep(0.1)
+        assert [store.get(i).status for i in good] == ["done"] * 7 and store.get(poisoned).status == "failed"
+        assert running.get("/v1/jobs").status_code == 200 and running.get(f"/v1/jobs/{poisoned}").status_code == 200
+
+
+def test_no_token_means_loopback_names_and_same_origin_only(tmp_path):
+    """Without a token: a request for another Host name (DNS rebinding) and a cross-origin POST from a page
+    elsewhere are refused (before: both were served); the server's own page and plain clients work."""
+    with Server(tmp_path / "d") as s:
+        status, text = s.raw("GET /v1/jobs HTTP/1.1\nHost: attacker.example\n")
+        assert status == 400 and "attacker.example" in text and "--allowed-host" in text
+        assert s.raw(f"GET /v1/jobs HTTP/1.1\nHost: localhost:{s.port}\n")[0] == 200
+        assert s.raw(f"GET /v1/jobs HTTP/1.1\nHost: [::1]:{s.port}\n")[0] == 200
+        form = '--x\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi\r\n--x--\r\n'
+        head = (f"POST /v1/images/edits HTTP/1.1\nHost: 127.0.0.1:{s.port}\nContent-Length: {len(form)}\n"
+                "Content-Type: multipart/form-data; boundary=x\n")  # fmt: skip
+        status, text = s.raw(head + "Origin: https://evil.example\n", form.encode())
+        assert status == 403 and "cross-origin" in text
+        assert s.raw(head + f"Origin: http://127.0.0.1:{s.port}\n", form.encode())[0] == 422  # its own page: on
+    with Server(tmp_path / "e", allowed_hosts=["studio.lan"]) as s:
+        assert s.raw("GET /v1/jobs HTTP/1.1\nHost: studio.lan\n")[0] == 200
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_sizes_are_strict(tmp_path):
+    client = TestClient(create_app(tmp_path / "d", _nano, token=TOKEN, models=["nano"], limits=LIMITS))
+    for scheme in ("Bearer", "bearer", "BEARER"):  # before: only "Bearer" (RFC 9110: case-insensitive)
+        assert client.get("/v1/models", headers={"Authorization": f"{scheme} {TOKEN}"}).status_code == 200
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = client.post("/v1/jobs", json={"prompt": "p", "width": 0, "height": 128}, headers=auth)
+    assert r.status_code == 422 and "width 0 is out of range" in r.text  # before: silently 128
+    for size in ("0x0", " 128 x 128 ", "1_28x1_28", "١٢٨x١٢٨", "128x128x1", "128X128"):
+        r = client.post("/v1/images/generations", json={"prompt": "p", "size": size}, headers=auth)
+        assert r.status_code == 422 and "is not WIDTHxHEIGHT" in r.text, (size, r.text)
+
+
+def _png(color, size=(128, 128)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_official_openai_client_works_against_the_server(server):
+    """generate, edit with one and with two images, list and retrieve models, an error that is not retried
+    (before: image=[a, b] was refused, models.retrieve was 404, stream=True answered nothing, URLs were
+    relative), and a failed generation answered without a retry (before: 500, retried twice: three jobs)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=TOKEN, max_retries=2)
+    out = client.images.generate(model="nano", prompt="a red circle", size="128x128", response_format="b64_json")
+    assert Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))).size == (128, 128)
+    url = client.images.generate(model="nano", prompt="a blue square", response_format="url").data[0].url
+    assert url.startswith(f"{server.url}/v1/images/") and url.endswith(".png")
+    one = client.images.edit(model="nano", image=("a.png", _png("red")), prompt="like this", n=1)
+    two = client.images.edit(model="nano", image=[("a.png", _png("red")), ("b.png", _png("blue", (160, 128)))],
+                             prompt="both", response_format="b64_json")  # fmt: skip
+    assert len(one.data) == 1 and len(two.data) == 1
+    assert [m.id for m in client.models.list()] == ["nano"] and client.models.retrieve("nano").id == "nano"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("klein-4b")
+    with pytest.raises(openai.BadRequestError, match="stream=true is not supported"):
+        client.images.generate(model="nano", prompt="p", stream=True)
+    with pytest.raises(openai.UnprocessableEntityError, match="steps 500 is out of range"):
+        client.images.generate(model="nano", prompt="p", extra_body={"steps": 500})
+
+    before = len(server.app.state.store.list(500, None))
+    server.app.state.worker.loader = lambda model_id: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    server.app.state.worker.model_id = None  # the next job loads again, and fails
+    with pytest.raises(openai.InternalServerError, match="generation failed: out of memory"):
+        client.images.generate(model="nano", prompt="fails")
+    assert len(server.app.state.store.list(500, None)) == before + 1  # one job: the client did not retry
+
+
+def test_an_edit_refused_for_its_fields_writes_no_file(tmp_path):
+    """n=1000: a 422 before any upload is written (before: the images were stored first, 144 MB for one call)."""
+    app = create_app(tmp_path / "d", _nano, models=["nano"], limits=LIMITS)
+    client = TestClient(app, base_url="http://127.0.0.1")
+    files = [("image", ("a.png", _png("red"), "image/png"))] * 3
+    for data, message in (({"prompt": "p", "n": "1000"}, "num_images 1000 is out of range 1..4"),
+                          ({"prompt": "p", "model": "dev"}, "model 'dev' is not served here"),
+                          ({"prompt": "a\x00"}, "NUL character")):  # fmt: skip
+        r = client.post("/v1/images/edits", files=files, data=data)
+        assert r.status_code == 422 and message in r.json()["detail"], r.text
+    assert list(app.state.store.refs_dir.iterdir()) == []
+
+
+def test_a_client_that_goes_away_cancels_its_queued_job(server):
+    """Before: the job of a request whose client had gone ran anyway."""
+    store, worker = server.app.state.store, server.app.state.worker
+    release = threading.Event()
+    worker.loader = lambda model_id: (release.wait(60), _nano(model_id))[1]  # the first job holds the worker
+    worker.model_id = None
+
+    def post(prompt: str) -> socket.socket:
+        body = json.dumps({"model": "nano", "prompt": prompt, "size": "128x128"}).encode()
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+        s.sendall(f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+        return s
+
+    def job(prompt: str, status: str):
+        deadline = time.monotonic() + 60
+        while True:
+            found = [j for j in store.list(500, None) if j.settings["prompt"] == prompt and j.status == status]
+            if found:
+                return found[0]
+            assert time.monotonic() < deadline, f"no {status} job for {prompt!r}"
+            time.sleep(0.05)
+
+    first = post("holds the worker")
+    job("holds the worker", "running")
+    gone = post("nobody waits for this")
+    queued = job("nobody waits for this", "queued")
+    gone.close()
+    assert job("nobody waits for this", "cancelled").id == queued.id
+    release.set()
+    answer = b""
+    while b"b64_json" not in answer:
+        chunk = first.recv(65536)
+        assert chunk, "the first request got no answer"
+        answer += chunk
+    first.close()
+    assert answer.startswith(b"HTTP/1.1 200")
