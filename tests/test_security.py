@@ -251,3 +251,56 @@ def test_a_client_that_goes_away_cancels_its_queued_job(server):
         answer += chunk
     first.close()
     assert answer.startswith(b"HTTP/1.1 200")
+
+
+def _jpeg(size=(512, 512)) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()  # noise: what grew 6x when it was stored as PNG
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_uploads_keep_their_encoding_expire_and_count_against_a_disk_quota(tmp_path):
+    """A JPEG is stored as the bytes sent (before: re-encoded as a PNG ~6x larger) and used as a reference;
+    uploads no queued or running job names are deleted after the TTL; a disk quota turns new uploads and
+    jobs away with 507; DELETE /v1/jobs/{id} removes a finished job and its images."""
+    app = create_app(tmp_path / "d", _nano, models=["nano"], limits=Limits(max_side=256, upload_ttl_s=3600))
+    store = app.state.store
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        photo = _jpeg()
+        ref = client.post("/v1/uploads", files={"file": ("p.jpg", photo, "image/jpeg")}).json()["id"]
+        assert store.ref_path(ref).read_bytes() == photo and store.ref_path(ref).suffix == ".jpg"
+        job = client.post("/v1/jobs", json={"model": "nano", "prompt": "p", "refs": [ref], "steps": 1}).json()
+        deadline = time.monotonic() + 120
+        while (done := client.get(f"/v1/jobs/{job['id']}").json())["status"] != "done":
+            assert time.monotonic() < deadline and done["status"] in ("queued", "running"), done
+            time.sleep(0.05)
+        image = store.image_path(done["images"][0].split("/")[-1].removesuffix(".png"))
+        assert json.loads(Image.open(image).info["flux2"])["refs"]  # the JPEG was the job's reference
+
+        old = client.post("/v1/uploads", files={"file": ("o.png", _png("red"), "image/png")}).json()["id"]
+        past = time.time() - 7200
+        for r in (ref, old):
+            __import__("os").utime(store.ref_path(r), (past, past))
+        client.post("/v1/uploads", files={"file": ("n.png", _png("blue"), "image/png")})  # expiry runs at uploads
+        assert store.ref_path(ref) is None and store.ref_path(old) is None
+
+        r = client.delete(f"/v1/jobs/{job['id']}")
+        assert (
+            r.status_code == 200 and image.exists() is False and client.get(f"/v1/jobs/{job['id']}").status_code == 404
+        )
+        assert client.delete(f"/v1/jobs/{job['id']}").status_code == 404
+
+    used = store.disk_bytes()
+    tight = create_app(tmp_path / "d", _nano, models=["nano"], limits=Limits(max_disk_bytes=used + 1000))
+    client = TestClient(tight, base_url="http://127.0.0.1")  # no worker: jobs stay queued
+    r = client.post("/v1/uploads", files={"file": ("p.jpg", photo, "image/jpeg")})
+    assert r.status_code == 507 and f"at most {used + 1000}" in r.json()["detail"]
+    queued = client.post("/v1/jobs", json={"model": "nano", "prompt": "p"}).json()["id"]  # fits: no new bytes yet
+    assert client.delete(f"/v1/jobs/{queued}").status_code == 409  # queued: cancel it first
+    client.post(f"/v1/jobs/{queued}/cancel")
+    assert client.delete(f"/v1/jobs/{queued}").status_code == 200
+    over = create_app(tmp_path / "d", _nano, models=["nano"], limits=Limits(max_disk_bytes=max(used - 1, 1)))
+    r = TestClient(over, base_url="http://127.0.0.1").post("/v1/jobs", json={"model": "nano", "prompt": "p"})
+    assert r.status_code == 507 and "DELETE /v1/jobs/{id}" in r.json()["detail"]

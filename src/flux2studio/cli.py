@@ -96,6 +96,22 @@ def parse_interval(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def parse_bytes(text: str) -> int:
+    """'20GB', '512MB', '1.5TB', '100000' -> bytes (decimal units, as disks are sold)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    number = text.strip().upper().rstrip("B")
+    unit = text.strip().upper()[len(number) :] or ""
+    if number and number[-1] in "KMGT":
+        number, unit = number[:-1], number[-1] + "B"
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"size {text!r} is not a byte count like 20GB or 500MB") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be more than 0 bytes")
+    return int(value)
+
+
 def parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
@@ -407,7 +423,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return load(model_id, weights=weights.get(model_id), device=args.device, dtype=args.dtype, resident=True,
                     api={"location": args.api})  # fmt: skip
 
+    from .serve.limits import DEFAULT_LIMITS
+
+    limits = dataclasses.replace(DEFAULT_LIMITS, max_disk_bytes=args.max_disk, upload_ttl_s=args.upload_ttl * 3600)
     app = create_app(args.data, loader, token=token, cors_origins=args.cors or None, models=list(weights),
+                     limits=limits,
                      lora_dir=args.lora_dir, api_models=api_models, db=args.db, files=args.files,
                      allowed_hosts=args.allowed_host)  # fmt: skip
     print(f"Flux2 Studio on http://{args.host}:{args.port}  (data: {args.data}, models: {', '.join(weights)})")
@@ -576,6 +596,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve this model (repeatable); klein-4b=api: klein on BFL's API",
     )
     srv.add_argument("--cors", action="append", metavar="ORIGIN", help="allow browser calls from ORIGIN")
+    srv.add_argument(
+        "--max-disk",
+        type=parse_bytes,
+        metavar="SIZE",
+        help="bound images and uploads on disk, e.g. 20GB (beyond: new jobs and uploads get 507)",
+    )
+    srv.add_argument(
+        "--upload-ttl",
+        type=float,
+        default=24.0,
+        metavar="HOURS",
+        help="delete uploads no queued or running job names after this long (default 24)",
+    )
     srv.add_argument("--allowed-host", action="append", metavar="NAME",
                      help="serve requests for this Host name too (default: loopback names only without a token, "
                           "any name with one)")  # fmt: skip

@@ -33,7 +33,7 @@ from ..pipeline import Pipeline, build_request
 from ..variants import VARIANTS, get_variant
 from .guard import LOOPBACK_HOSTS, Guard
 from .limits import DEFAULT_LIMITS, Limits
-from .store import Store
+from .store import UPLOAD_SUFFIXES, Store
 from .worker import Worker
 
 STATIC = Path(__file__).parent / "static"
@@ -94,7 +94,6 @@ def create_app(
     store = store or Store(data, db=db, files=files)
     recovered = store.recover()
     worker = worker or Worker(store, loader)
-    refs_dir = store.refs_dir
     served = models or [v.id for v in VARIANTS.values() if v.id in ("nano", "nano-base")]
     remote = {m for m in served if get_variant(m).hosted} | set(api_models or [])
 
@@ -133,7 +132,7 @@ def create_app(
         if width * height > limits.max_megapixels * 1e6:
             raise HTTPException(422, f"{width}x{height} is over {limits.max_megapixels} megapixels")
         for ref in req.refs:
-            if not (ref.isalnum() and (refs_dir / f"{ref}.png").is_file()):
+            if store.ref_path(ref) is None:
                 raise HTTPException(422, f"unknown reference id {ref!r}: upload it to /v1/uploads first")
         loras = []
         for name, scale in req.loras:
@@ -189,7 +188,7 @@ def create_app(
             raise HTTPException(422, f"seed {req.seed} is out of range 0..2**32-1 for hosted models")
         sizes = []
         for r in req.refs:  # headers only: the count and the sizes
-            with Image.open(refs_dir / f"{r}.png") as im:
+            with Image.open(store.ref_path(r)) as im:
                 sizes.append(im.size)
         try:
             _, _, steps, guidance, _ = check_request(ENDPOINTS[req.model], size=(width, height), steps=req.steps,
@@ -201,6 +200,8 @@ def create_app(
 
     def submit(req: JobRequest):
         settings, steps = validate(req)
+        if (problem := limits.disk_problem(store.disk_bytes())) is not None:
+            raise HTTPException(507, problem)
         if store.count("queued", "running") >= limits.max_queue:
             raise HTTPException(
                 429, f"queue full ({limits.max_queue} jobs); retry later", headers={"Retry-After": "10"}
@@ -273,6 +274,16 @@ def create_app(
             return Response(status_code=204)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
+    @app.delete("/v1/jobs/{job_id}")
+    def delete_job(job_id: str) -> dict:
+        """Remove a finished job and its images (a queued or running one: cancel it first)."""
+        job = store.get(job_id)
+        if job is None:
+            raise HTTPException(404, "no such job")
+        if not store.delete(job_id):
+            raise HTTPException(409, f"job {job_id} is {job.status}: cancel it first")
+        return {"id": job_id, "deleted": True}
+
     @app.post("/v1/jobs/{job_id}/cancel")
     def cancel_job(job_id: str) -> dict:
         if store.get(job_id) is None:
@@ -308,7 +319,7 @@ def create_app(
 
     @app.post("/v1/uploads")
     async def upload(file: UploadFile = File(...)) -> dict:
-        return {"id": await save_upload(file, refs_dir, limits)}
+        return {"id": await save_upload(file, store, limits)}
 
     @app.post("/v1/images/generations")
     async def openai_generations(req: OpenAIGeneration, request: Request) -> dict:
@@ -339,9 +350,9 @@ def create_app(
             raise HTTPException(422, f"{len(images)} images given (image or image[]); 1..{limits.max_refs}")
         width, height = _parse_size(size)
         check_basics(model, n, prompt=prompt)  # before any image is written
-        refs = [await save_upload(f, refs_dir, limits) for f in images]
+        refs = [await save_upload(f, store, limits) for f in images]
         if width is None:  # the output follows the first image, as in the CLI
-            with Image.open(refs_dir / f"{refs[0]}.png") as first:
+            with Image.open(store.ref_path(refs[0])) as first:
                 width, height = first.width // 16 * 16, first.height // 16 * 16
         job = submit(job_request(model=model, prompt=prompt, width=width, height=height, num_images=n, seed=seed,
                                  refs=refs))  # fmt: skip
@@ -435,39 +446,42 @@ async def _openai_result(store: Store, job_id: str, response_format: str, reques
     return {"created": int(job.finished or time.time()), "data": data}
 
 
+UPLOAD_SUFFIX = dict(zip(("PNG", "JPEG", "WEBP"), UPLOAD_SUFFIXES, strict=True))  # Pillow's format -> file
 DECODES = threading.BoundedSemaphore(2)  # uploads decoded at once, each in a thread (the event loop keeps answering)
 
 
-async def save_upload(file: UploadFile, folder: Path, limits: Limits) -> str:
-    """Check byte size, format and pixel count before decoding; store as PNG under a new id."""
+async def save_upload(file: UploadFile, store: Store, limits: Limits) -> str:
+    """Check byte size, format and pixel count before decoding, then that it decodes whole; store the bytes as
+    they came (no re-encoding: a photo stays a JPEG) under a new id. Old unreferenced uploads go first."""
     raw = await file.read(limits.max_upload_bytes + 1)
     if len(raw) > limits.max_upload_bytes:
         raise HTTPException(413, f"upload is over {limits.max_upload_bytes} bytes")
-    return await asyncio.to_thread(_store_image, raw, folder, limits)
+    return await asyncio.to_thread(_store_image, raw, store, limits)
 
 
-def _store_image(raw: bytes, folder: Path, limits: Limits) -> str:
+def _store_image(raw: bytes, store: Store, limits: Limits) -> str:
     with DECODES:
-        return _decode_and_store(raw, folder, limits)
+        suffix = _check_image(raw, limits)
+    store.expire_refs(limits.upload_ttl_s)
+    if (problem := limits.disk_problem(store.disk_bytes(), len(raw))) is not None:
+        raise HTTPException(507, problem)
+    return store.save_ref(raw, suffix)
 
 
-def _decode_and_store(raw: bytes, folder: Path, limits: Limits) -> str:
-    import uuid
-
+def _check_image(raw: bytes, limits: Limits) -> str:
+    """The file suffix of an acceptable image (PNG, JPEG, WEBP within the pixel limit, decodable)."""
     try:
         with Image.open(io.BytesIO(raw)) as probe:  # reads the header only: no decoding yet
-            if probe.format not in ("PNG", "JPEG", "WEBP"):
+            if probe.format not in UPLOAD_SUFFIX:
                 raise HTTPException(415, f"image format {probe.format} not accepted: PNG, JPEG or WEBP")
             w, h = probe.size
             if w * h > limits.max_upload_pixels:
                 raise HTTPException(413, f"image is {w}x{h}: over {limits.max_upload_pixels} pixels")
-            image = probe.convert("RGB")
+            probe.convert("RGB")  # decodes it all: a truncated or corrupt file is refused now, not in a job
+            return UPLOAD_SUFFIX[probe.format]
     except HTTPException:
         raise
     except Image.DecompressionBombError:  # Pillow's own guard fired first: same answer
         raise HTTPException(413, f"image is over {limits.max_upload_pixels} pixels") from None
     except Exception:
         raise HTTPException(415, "not a readable image") from None
-    upload_id = uuid.uuid4().hex
-    image.save(folder / f"{upload_id}.png")
-    return upload_id

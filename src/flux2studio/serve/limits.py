@@ -18,6 +18,8 @@ class Limits:
     max_upload_pixels: int = 4096 * 4096  # decoded size: a small file can decode to a huge bitmap
     max_loras: int = 4
     max_lora_scale: float = 8.0  # |scale| of each LoRA; larger only ever gives noise
+    max_disk_bytes: int | None = None  # images and uploads on disk (`--max-disk`); beyond: 507 for new work
+    upload_ttl_s: float = 24 * 3600  # uploads no queued or running job names are deleted after this
     max_json_bytes: int = 256 * 2**10  # a request body that is not an image upload
     max_form_extra_bytes: int = 64 * 2**10  # a multipart body's fields and boundaries beside its images
 
@@ -28,6 +30,13 @@ class Limits:
         if path == "/v1/images/edits":  # the images and a mask
             return (self.max_refs + 1) * self.max_upload_bytes + self.max_form_extra_bytes
         return self.max_json_bytes
+
+    def disk_problem(self, used: int, adding: int = 0) -> str | None:
+        """Why `adding` more bytes would go over the disk quota (None if they fit or there is none)."""
+        if self.max_disk_bytes is not None and used + adding > self.max_disk_bytes:
+            return (f"disk quota reached: {used} bytes of images and uploads, at most {self.max_disk_bytes}; "
+                    "delete finished jobs (DELETE /v1/jobs/{id})")  # fmt: skip
+        return None
 
     def text_problem(self, name: str, text: str | None) -> str | None:
         """Why `text` cannot go to a text encoder (None if it can): over the length limit, a NUL character

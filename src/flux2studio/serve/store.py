@@ -12,6 +12,7 @@ id only; no path ever comes from a request.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -298,13 +299,63 @@ class Store:
         return self._take_back("(heartbeat IS NULL OR heartbeat < ?)", (time.time() - lease,))
 
     def image_path(self, image_id: str) -> Path | None:
-        if not image_id.isalnum() or len(image_id) != 32:  # ids only: nothing path-like reaches the disk
+        if not _is_id(image_id):  # ids only: nothing path-like reaches the disk
             return None
         path = self.images_dir / f"{image_id}.png"
         return path if path.is_file() else None
 
+    def save_ref(self, data: bytes, suffix: str) -> str:
+        """Store an uploaded reference image's bytes as they came (validated by the caller); its new id."""
+        ref_id = uuid.uuid4().hex
+        tmp = self.refs_dir / f"{ref_id}{suffix}.partial"
+        tmp.write_bytes(data)
+        tmp.replace(self.refs_dir / f"{ref_id}{suffix}")
+        return ref_id
+
+    def ref_path(self, ref_id: str) -> Path | None:
+        """The file of an uploaded reference (any of UPLOAD_SUFFIXES; older servers wrote PNG), or None."""
+        if not _is_id(ref_id):
+            return None
+        return next((p for s in UPLOAD_SUFFIXES if (p := self.refs_dir / f"{ref_id}{s}").is_file()), None)
+
+    def disk_bytes(self) -> int:
+        """Bytes of images and uploads on disk (what `Limits.max_disk_bytes` bounds)."""
+        return sum(e.stat().st_size for d in (self.images_dir, self.refs_dir) for e in os.scandir(d) if e.is_file())
+
+    def expire_refs(self, ttl: float) -> int:
+        """Delete uploads older than `ttl` seconds that no queued or running job names. Returns how many."""
+        active = [*self.list(10**6, "queued"), *self.list(10**6, "running")]
+        needed = {r for j in active for r in j.settings.get("refs", [])}
+        cutoff, removed = time.time() - ttl, 0
+        for entry in os.scandir(self.refs_dir):
+            ref_id = entry.name.split(".", 1)[0]
+            if entry.is_file() and ref_id not in needed and entry.stat().st_mtime < cutoff:
+                with contextlib.suppress(FileNotFoundError):  # another server of a shared folder was first
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+    def delete(self, job_id: str) -> bool:
+        """Remove a finished (done, failed or cancelled) job and its images. False if there is no such job or it
+        is still queued or running (cancel it first)."""
+        job = self.get(job_id)
+        if job is None or job.status in ("queued", "running"):
+            return False
+        self.db.execute("DELETE FROM jobs WHERE id = ? AND status IN ('done', 'failed', 'cancelled')", (job_id,))
+        for image_id in job.images:
+            if (path := self.image_path(image_id)) is not None:
+                path.unlink(missing_ok=True)
+        return True
+
     def close(self) -> None:
         self.db.close()
+
+
+UPLOAD_SUFFIXES = (".png", ".jpg", ".webp")  # uploads are kept in the encoding they came in
+
+
+def _is_id(value: str) -> bool:
+    return len(value) == 32 and value.isascii() and value.isalnum()
 
 
 def _compatible(a: dict, model: str, settings: dict) -> bool:

@@ -115,7 +115,7 @@ class Worker:
             s = batch[0].settings
             prompts = [j.settings["prompt"] for j in batch for _ in range(j.settings["num_images"])]
             seeds = [j.settings["seed"] + i for j in batch for i in range(j.settings["num_images"])]
-            refs = [Image.open(self.store.refs_dir / f"{r}.png").convert("RGB") for r in s.get("refs", [])]
+            refs = [Image.open(self.store.ref_path(r)).convert("RGB") for r in s.get("refs", [])]
             passed = ("steps", "guidance", "guidance_interval", "negative_prompt", "prompt_upsampling")
             kw = {k: s[k] for k in passed if s.get(k) is not None}
             if s.get("loras") or pipe.loras:
