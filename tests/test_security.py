@@ -304,3 +304,28 @@ def test_uploads_keep_their_encoding_expire_and_count_against_a_disk_quota(tmp_p
     over = create_app(tmp_path / "d", _nano, models=["nano"], limits=Limits(max_disk_bytes=max(used - 1, 1)))
     r = TestClient(over, base_url="http://127.0.0.1").post("/v1/jobs", json={"model": "nano", "prompt": "p"})
     assert r.status_code == 507 and "DELETE /v1/jobs/{id}" in r.json()["detail"]
+
+
+def test_no_server_path_reaches_a_client_and_old_jobs_can_expire(tmp_path):
+    """Before: a job's settings held the LoRA folder's absolute path, and errors named server files."""
+    lora_dir = tmp_path / "secret" / "loras"
+    lora_dir.mkdir(parents=True)
+    (lora_dir / "broken.safetensors").write_bytes(b"truncated")  # its loading error names the file
+    app = create_app(tmp_path / "d", _nano, models=["nano"], limits=LIMITS, lora_dir=lora_dir)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        job = client.post("/v1/jobs", json={"prompt": "p", "loras": [["broken", 0.5]], "steps": 1}).json()
+        deadline = time.monotonic() + 120
+        while (job := client.get(f"/v1/jobs/{job['id']}").json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        listing = client.get("/v1/jobs").text
+        assert job["status"] == "failed" and job["settings"]["loras"] == [["broken", 0.5]]
+        assert str(tmp_path) not in json.dumps(job) + listing and "secret" not in json.dumps(job) + listing
+        assert job["error"].startswith("broken.safetensors is not a readable safetensors file")
+        stored = app.state.store.get(job["id"])  # the row keeps what the worker needs
+        assert stored.settings["loras"][0][0] == str(lora_dir / "broken.safetensors") and str(lora_dir) in stored.error
+
+    keep = create_app(tmp_path / "d", _nano, models=["nano"], limits=Limits(keep_finished_s=0))
+    client = TestClient(keep, base_url="http://127.0.0.1")
+    client.post("/v1/jobs", json={"prompt": "p"})  # a new job: finished ones past the retention go
+    assert client.get(f"/v1/jobs/{job['id']}").status_code == 404

@@ -425,7 +425,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .serve.limits import DEFAULT_LIMITS
 
-    limits = dataclasses.replace(DEFAULT_LIMITS, max_disk_bytes=args.max_disk, upload_ttl_s=args.upload_ttl * 3600)
+    keep = None if args.keep_days is None else args.keep_days * 86400
+    limits = dataclasses.replace(DEFAULT_LIMITS, max_disk_bytes=args.max_disk, upload_ttl_s=args.upload_ttl * 3600,
+                                 keep_finished_s=keep)  # fmt: skip
     app = create_app(args.data, loader, token=token, cors_origins=args.cors or None, models=list(weights),
                      limits=limits,
                      lora_dir=args.lora_dir, api_models=api_models, db=args.db, files=args.files,
@@ -608,6 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=24.0,
         metavar="HOURS",
         help="delete uploads no queued or running job names after this long (default 24)",
+    )
+    srv.add_argument(
+        "--keep-days",
+        type=float,
+        metavar="DAYS",
+        help="delete finished jobs and their images after this many days (default: keep them)",
     )
     srv.add_argument("--allowed-host", action="append", metavar="NAME",
                      help="serve requests for this Host name too (default: loopback names only without a token, "

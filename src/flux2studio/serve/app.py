@@ -200,6 +200,8 @@ def create_app(
 
     def submit(req: JobRequest):
         settings, steps = validate(req)
+        if limits.keep_finished_s is not None:
+            store.expire_jobs(limits.keep_finished_s)
         if (problem := limits.disk_problem(store.disk_bytes())) is not None:
             raise HTTPException(507, problem)
         if store.count("queued", "running") >= limits.max_queue:

@@ -20,6 +20,7 @@ class Limits:
     max_lora_scale: float = 8.0  # |scale| of each LoRA; larger only ever gives noise
     max_disk_bytes: int | None = None  # images and uploads on disk (`--max-disk`); beyond: 507 for new work
     upload_ttl_s: float = 24 * 3600  # uploads no queued or running job names are deleted after this
+    keep_finished_s: float | None = None  # finished jobs and their images are deleted after this (`--keep-days`)
     max_json_bytes: int = 256 * 2**10  # a request body that is not an image upload
     max_form_extra_bytes: int = 64 * 2**10  # a multipart body's fields and boundaries beside its images
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -83,16 +84,21 @@ class Job:
     heartbeat: float | None = None
 
     def public(self) -> dict:
+        """What clients see: the settings with LoRAs by name, and no path of the server in them or in the error
+        (the stored row keeps the paths the worker loads)."""
+        settings = dict(self.settings)
+        if settings.get("loras"):
+            settings["loras"] = [[Path(path).stem, scale] for path, scale in settings["loras"]]
         return {
             "id": self.id,
             "status": self.status,
             "model": self.model,
-            "settings": self.settings,
+            "settings": settings,
             "created": self.created,
             "started": self.started,
             "finished": self.finished,
             "progress": {"step": self.step, "steps": self.steps},
-            "error": self.error,
+            "error": None if self.error is None else SERVER_PATH.sub(r"\1", self.error),
             "images": [f"/v1/images/{i}.png" for i in self.images],
         }
 
@@ -335,6 +341,13 @@ class Store:
                     removed += 1
         return removed
 
+    def expire_jobs(self, age: float) -> int:
+        """Delete finished jobs (and their images) that finished more than `age` seconds ago. Returns how many."""
+        rows = self.db.execute(
+            "SELECT id FROM jobs WHERE status IN ('done', 'failed', 'cancelled') AND finished < ?", (time.time() - age,)
+        ).fetchall()
+        return sum(self.delete(job_id) for (job_id,) in rows)
+
     def delete(self, job_id: str) -> bool:
         """Remove a finished (done, failed or cancelled) job and its images. False if there is no such job or it
         is still queued or running (cancel it first)."""
@@ -351,6 +364,7 @@ class Store:
         self.db.close()
 
 
+SERVER_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"]+/)+([^\s/'\"]*)")  # /srv/loras/x.safetensors -> x.safetensors
 UPLOAD_SUFFIXES = (".png", ".jpg", ".webp")  # uploads are kept in the encoding they came in
 
 
