@@ -214,6 +214,10 @@ def test_server_queues_hosted_jobs_and_lists_prices(bfl, tmp_path, monkeypatch):
         assert image.size == (192, 128) and json.loads(image.info["flux2"])["hosted"]["task_id"]
         r = c.post("/v1/images/generations", json={"model": "klein-9b", "prompt": "openai route", "size": "128x128"})
         assert r.status_code == 200, r.text
+        # moderated: 400 content_policy_violation, as OpenAI answers, and not to be retried (before: 500, retried)
+        r = c.post("/v1/images/generations", json={"model": "pro", "prompt": "x [moderated-output]"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "content_policy_violation", r.text
+        assert r.headers["x-should-retry"] == "false" and "Content Moderated" in r.json()["error"]["message"]
     store = b"".join(p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file())
     assert GOOD_KEY.encode() not in store
     with sqlite3.connect(tmp_path / "data" / "jobs.sqlite3") as db:

@@ -17,9 +17,11 @@ from PIL import Image
 
 from flux2studio.loading import load
 from flux2studio.serve.app import create_app
+from flux2studio.serve.guard import header_timeout_protocol
 from flux2studio.serve.limits import Limits
 
 TOKEN = "s3cret"
+LOCAL = "http://127.0.0.1"
 LIMITS = Limits(max_side=256)
 
 
@@ -30,12 +32,15 @@ def _nano(model_id):
 class Server:
     """create_app under uvicorn in a thread, on a free 127.0.0.1 port."""
 
-    def __init__(self, data, **kw):
+    def __init__(self, data, head_timeout: float = 10.0, **kw):
         self.app = create_app(data, _nano, models=["nano"], limits=LIMITS, **kw)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", http=header_timeout_protocol(head_timeout)
+        )  # as `flux2 serve` runs it
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -134,9 +139,10 @@ def test_a_poisoned_prompt_is_refused_and_cannot_fail_other_jobs(tmp_path):
         assert running.get("/v1/jobs").status_code == 200 and running.get(f"/v1/jobs/{poisoned}").status_code == 200
 
 
-def test_no_token_means_loopback_names_and_same_origin_only(tmp_path):
-    """Without a token: a request for another Host name (DNS rebinding) and a cross-origin POST from a page
-    elsewhere are refused (before: both were served); the server's own page and plain clients work."""
+def test_only_known_host_names_are_served_and_without_a_token_only_the_same_origin(tmp_path):
+    """A request for another Host name (DNS rebinding) is refused, with or without a token; without one, so
+    is a cross-origin POST from a page elsewhere (before: both were served); the server's own page and plain
+    clients work; `--allowed-host` adds names ("*": any)."""
     with Server(tmp_path / "d") as s:
         status, text = s.raw("GET /v1/jobs HTTP/1.1\nHost: attacker.example\n")
         assert status == 400 and "attacker.example" in text and "--allowed-host" in text
@@ -150,10 +156,15 @@ def test_no_token_means_loopback_names_and_same_origin_only(tmp_path):
         assert s.raw(head + f"Origin: http://127.0.0.1:{s.port}\n", form.encode())[0] == 422  # its own page: on
     with Server(tmp_path / "e", allowed_hosts=["studio.lan"]) as s:
         assert s.raw("GET /v1/jobs HTTP/1.1\nHost: studio.lan\n")[0] == 200
+    auth = f"Authorization: Bearer {TOKEN}\n"
+    with Server(tmp_path / "f", token=TOKEN) as s:
+        assert s.raw(f"GET /v1/jobs HTTP/1.1\nHost: attacker.example\n{auth}")[0] == 400
+    with Server(tmp_path / "g", token=TOKEN, allowed_hosts=["*"]) as s:  # behind a proxy that rewrites Host
+        assert s.raw(f"GET /v1/jobs HTTP/1.1\nHost: anything.example\n{auth}")[0] == 200
 
 
 def test_the_bearer_scheme_is_case_insensitive_and_sizes_are_strict(tmp_path):
-    client = TestClient(create_app(tmp_path / "d", _nano, token=TOKEN, models=["nano"], limits=LIMITS))
+    client = TestClient(create_app(tmp_path / "d", _nano, token=TOKEN, models=["nano"], limits=LIMITS), base_url=LOCAL)
     for scheme in ("Bearer", "bearer", "BEARER"):  # before: only "Bearer" (RFC 9110: case-insensitive)
         assert client.get("/v1/models", headers={"Authorization": f"{scheme} {TOKEN}"}).status_code == 200
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -329,3 +340,66 @@ def test_no_server_path_reaches_a_client_and_old_jobs_can_expire(tmp_path):
     client = TestClient(keep, base_url="http://127.0.0.1")
     client.post("/v1/jobs", json={"prompt": "p"})  # a new job: finished ones past the retention go
     assert client.get(f"/v1/jobs/{job['id']}").status_code == 404
+
+
+def test_uploads_are_decoded_off_the_event_loop(tmp_path, monkeypatch):
+    """While an upload is being decoded, the server still answers (before: the decode ran on the event loop,
+    and /health waited for it)."""
+    import httpx
+
+    from flux2studio.serve import app as app_module
+
+    started, release, answers = threading.Event(), threading.Event(), []
+    check = app_module._check_image
+
+    def slow(raw, limits):
+        started.set()
+        release.wait(60)
+        return check(raw, limits)
+
+    monkeypatch.setattr(app_module, "_check_image", slow)
+    with Server(tmp_path / "d") as s:
+        files = {"file": ("a.png", _png("red"), "image/png")}
+        upload = threading.Thread(
+            target=lambda: answers.append(httpx.post(f"{s.url}/v1/uploads", files=files, timeout=60))
+        )
+        upload.start()
+        assert started.wait(30)
+        try:
+            assert httpx.get(f"{s.url}/health", timeout=20).status_code == 200  # while the decode is held
+        finally:
+            release.set()
+            upload.join(60)
+        assert answers[0].status_code == 200
+    client = TestClient(create_app(tmp_path / "e", _nano, models=["nano"], limits=LIMITS), base_url=LOCAL)
+    r = client.post("/v1/jobs", json={"prompt": "p", "loras": [["x" * 10**5, 1.0]]})  # before: 500 (name too long)
+    assert r.status_code == 422 and "unknown LoRA" in r.text and len(r.text) < 1000
+    # what a refusal quotes back is cut short (before: a 10 MB model name came back in the error, twice)
+    r = client.post("/v1/images/edits", files={"image": ("a.png", _png("red"), "image/png")},
+                    data={"prompt": "p", "model": "m" * 10**6})  # fmt: skip
+    assert r.status_code == 422 and "is not served here" in r.text and len(r.text) < 1000
+
+
+def test_a_client_slow_to_send_its_headers_is_cut_off(tmp_path):
+    """A request head sent a byte at a time, or never: 408 and closed after the deadline (before: uvicorn kept
+    such connections open forever); whole heads, and a second request on the same connection, are served."""
+
+    def answer(sock: socket.socket) -> bytes:
+        sock.settimeout(60)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data
+
+    with Server(tmp_path / "d", head_timeout=1.0) as s:
+        with socket.create_connection(("127.0.0.1", s.port)) as slow:
+            slow.sendall(b"GET /health HTTP/1.1\r\nHo")
+            assert answer(slow).startswith(b"HTTP/1.1 408")
+        with socket.create_connection(("127.0.0.1", s.port)) as silent:
+            assert answer(silent).startswith(b"HTTP/1.1 408")
+        with socket.create_connection(("127.0.0.1", s.port)) as kept:
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            kept.settimeout(60)
+            assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert kept.recv(65536).startswith(b"HTTP/1.1 200")

@@ -132,7 +132,9 @@ def test_queue_is_bounded(klein_folder, tmp_path):
 
 def test_bearer_token(klein_folder, tmp_path):
     _, folder = klein_folder
-    client = TestClient(create_app(tmp_path / "d", _loader(folder), token="s3cret", models=["klein-4b"]))
+    client = TestClient(
+        create_app(tmp_path / "d", _loader(folder), token="s3cret", models=["klein-4b"]), base_url=LOCAL
+    )
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     ok = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})

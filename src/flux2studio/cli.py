@@ -391,14 +391,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     token = args.token or os.environ.get("FLUX2_TOKEN")
     loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    wildcard = args.host in ("0.0.0.0", "::")  # any address: Host names to serve come from --allowed-host
     if not loopback and not token:
         raise ValueError(f"refusing to bind {args.host} without an API token: pass --token or set FLUX2_TOKEN")
     if args.ray:
         from .serve.ray_app import ScaleConfig, run
 
-        cfg = ScaleConfig.read(args.config, models=args.model, db=args.db, data=args.data, files=args.files,
-                               token=token, device=args.device, dtype=args.dtype,
-                               allowed_hosts=args.allowed_host)  # fmt: skip
+        cfg = ScaleConfig.read(
+            args.config,
+            models=args.model,
+            db=args.db,
+            data=args.data,
+            files=args.files,
+            token=token,
+            device=args.device,
+            dtype=args.dtype,
+        )
+        cfg.allowed_hosts = [*cfg.allowed_hosts, *(args.allowed_host or []), *([] if wildcard else [args.host])]
         store = "PostgreSQL" if cfg.db else "SQLite"
         print(f"Flux2 Studio on Ray Serve: http://{args.host}:{args.port}  (models: {', '.join(cfg.models)}, "
               f"store: {store}, replicas {cfg.min_replicas}..{cfg.max_replicas})")  # fmt: skip
@@ -423,6 +432,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return load(model_id, weights=weights.get(model_id), device=args.device, dtype=args.dtype, resident=True,
                     api={"location": args.api})  # fmt: skip
 
+    from .serve.guard import header_timeout_protocol
     from .serve.limits import DEFAULT_LIMITS
 
     keep = None if args.keep_days is None else args.keep_days * 86400
@@ -431,9 +441,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(args.data, loader, token=token, cors_origins=args.cors or None, models=list(weights),
                      limits=limits,
                      lora_dir=args.lora_dir, api_models=api_models, db=args.db, files=args.files,
-                     allowed_hosts=args.allowed_host)  # fmt: skip
+                     allowed_hosts=[*(args.allowed_host or []), *([] if wildcard else [args.host])])  # fmt: skip
     print(f"Flux2 Studio on http://{args.host}:{args.port}  (data: {args.data}, models: {', '.join(weights)})")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=header_timeout_protocol())
     return 0
 
 
@@ -617,9 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DAYS",
         help="delete finished jobs and their images after this many days (default: keep them)",
     )
-    srv.add_argument("--allowed-host", action="append", metavar="NAME",
-                     help="serve requests for this Host name too (default: loopback names only without a token, "
-                          "any name with one)")  # fmt: skip
+    srv.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="serve requests for this Host name too (default: loopback names and --host; '*': any)",
+    )
     srv.add_argument("--lora-dir", help="folder of LoRA files jobs may name")
     srv.add_argument("--api", metavar="REGION|URL", help="BFL API for hosted models: global, eu, us or a URL")
     srv.add_argument("--db", help="job store: postgresql://user@host/db (shared by servers); default SQLite in --data")

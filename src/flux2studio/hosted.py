@@ -33,6 +33,7 @@ from .variants import ASPECTS, Variant, get_variant
 REGIONS = {"global": "https://api.bfl.ai", "eu": "https://api.eu.bfl.ai", "us": "https://api.us.bfl.ai"}
 API_HOSTS = ("bfl.ai", "bfl.ml")  # the key is sent to these hosts (and to the configured base URL) only
 MAX_PIXELS = 4 * 1024 * 1024  # "up to 4 MP"
+MODERATED = ("Request Moderated", "Content Moderated")  # BFL's statuses for a refused input / output
 MIN_SIDE = 64
 SAFETY_DEFAULT = 2
 OUTPUT_FORMATS = ("png", "jpeg")
@@ -361,13 +362,13 @@ class BflClient:
         if status in ("Pending", "Queued", "Processing", None):
             task["progress"] = data.get("progress")
             return None
-        if status == "Request Moderated":
+        if status == MODERATED[0]:
             raise HostedError(
                 f"task {tid}: the prompt or a reference image was moderated before generation "
                 "(Request Moderated); you were not charged. Change the input.",
                 charged=False,
             )
-        if status == "Content Moderated":
+        if status == MODERATED[1]:
             raise HostedError(
                 f"task {tid}: the generated image was moderated (Content Moderated); you were not charged. "
                 "Rephrase the prompt (or raise safety_tolerance where that is appropriate).",

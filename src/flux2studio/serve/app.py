@@ -27,7 +27,7 @@ from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..hosted import ENDPOINTS, MIN_SIDE, check_request, key_present, price
+from ..hosted import ENDPOINTS, MIN_SIDE, MODERATED, check_request, key_present, price
 from ..images import size_for_aspect
 from ..pipeline import Pipeline, build_request
 from ..variants import VARIANTS, get_variant
@@ -89,8 +89,9 @@ def create_app(
     (klein via `--model klein-4b=api`); hosted-only ids (pro, max, ...) always do. `db`: a PostgreSQL URL
     (default: SQLite in `data`); `files`: the folder for images and uploads (default: `data`). `store` and
     `worker` replace the defaults (the Ray Serve ingress passes a remote-dispatching worker).
-    `allowed_hosts`: Host names served besides the loopback ones; without a token only loopback names and
-    these are served (DNS rebinding), with a token any name unless some are given (`guard.Guard`)."""
+    `allowed_hosts`: Host names served besides the loopback ones ("*": any name, for a proxy that rewrites
+    Host); no other name is served, so a page that makes its own name resolve here (DNS rebinding) gets
+    nothing (`guard.Guard`)."""
     store = store or Store(data, db=db, files=files)
     recovered = store.recover()
     worker = worker or Worker(store, loader)
@@ -104,7 +105,7 @@ def create_app(
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
-    hosts = [*LOOPBACK_HOSTS, *(allowed_hosts or [])] if token is None or allowed_hosts else None
+    hosts = None if "*" in (allowed_hosts or []) else [*LOOPBACK_HOSTS, *(allowed_hosts or [])]
     # outermost: host, origin, token and body size are checked before any route runs or any body is read
     app.add_middleware(Guard, token=token, allowed_hosts=hosts, origins=cors_origins or (),
                        body_limit=limits.body_bytes)  # fmt: skip
@@ -133,12 +134,13 @@ def create_app(
             raise HTTPException(422, f"{width}x{height} is over {limits.max_megapixels} megapixels")
         for ref in req.refs:
             if store.ref_path(ref) is None:
-                raise HTTPException(422, f"unknown reference id {ref!r}: upload it to /v1/uploads first")
+                raise HTTPException(422, f"unknown reference id {ref[:64]!r}: upload it to /v1/uploads first")
         loras = []
         for name, scale in req.loras:
+            plain = len(name) <= 128 and name.isascii() and name.replace("-", "").replace("_", "").isalnum()
             path = Path(lora_dir or "/nonexistent") / f"{name}.safetensors"
-            if not (name.replace("-", "").replace("_", "").isalnum() and path.is_file()):
-                raise HTTPException(422, f"unknown LoRA {name!r}")
+            if not (plain and path.is_file()):  # a name, never a path (and never long enough to fail the OS)
+                raise HTTPException(422, f"unknown LoRA {name[:64]!r}")
             if not abs(scale) <= limits.max_lora_scale:  # also refuses NaN
                 raise HTTPException(422, f"LoRA {name!r} scale {scale} is out of range "
                                          f"-{limits.max_lora_scale:g}..{limits.max_lora_scale:g}")  # fmt: skip
@@ -173,7 +175,7 @@ def create_app(
     def check_basics(model: str, num_images: int, **texts: str | None) -> None:
         """What needs no model and no image: the model is served, the count and the texts are in range."""
         if model not in served:
-            raise HTTPException(422, f"model {model!r} is not served here; served: {', '.join(served)}")
+            raise HTTPException(422, f"model {model[:64]!r} is not served here; served: {', '.join(served)}")
         if not 1 <= num_images <= limits.max_images:
             raise HTTPException(422, f"num_images {num_images} is out of range 1..{limits.max_images}")
         for name, text in texts.items():
@@ -346,7 +348,7 @@ def create_app(
         seed: int | None = Form(None),
     ) -> dict:
         if response_format not in ("b64_json", "url"):
-            raise HTTPException(422, f"response_format {response_format!r}: b64_json or url")
+            raise HTTPException(422, f"response_format {response_format[:64]!r}: b64_json or url")
         images = [*(image or []), *(image_array or [])]
         if not 1 <= len(images) <= limits.max_refs:
             raise HTTPException(422, f"{len(images)} images given (image or image[]); 1..{limits.max_refs}")
@@ -402,7 +404,7 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
         return None, None
     match = SIZE.fullmatch(size)
     if match is None:
-        raise HTTPException(422, f"size {size!r} is not WIDTHxHEIGHT in pixels, e.g. 1024x768")
+        raise HTTPException(422, f"size {size[:64]!r} is not WIDTHxHEIGHT in pixels, e.g. 1024x768")
     return int(match[1]), int(match[2])
 
 
@@ -414,10 +416,10 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
     return SafeJSON({"detail": exc.detail, "error": error}, status_code=exc.status_code, headers=exc.headers)
 
 
-def _openai_error(status: int, message: str, kind: str) -> JSONResponse:
+def _openai_error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
     """An error in OpenAI's shape. `x-should-retry: false` tells OpenAI's clients (which retry 409, 429 and 5xx
     by default) not to send the request again: a failed or cancelled generation would only run again."""
-    return SafeJSON({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status,
+    return SafeJSON({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status,
                     headers={"x-should-retry": "false"})  # fmt: skip
 
 
@@ -429,6 +431,8 @@ async def _openai_result(store: Store, job_id: str, response_format: str, reques
         job = store.get(job_id)
         if job.status == "done":
             break
+        if job.status == "failed" and any(status in (job.error or "") for status in MODERATED):
+            return _openai_error(400, job.error, "invalid_request_error", "content_policy_violation")  # as OpenAI
         if job.status == "failed":  # the generation itself went wrong: a server error, not to be retried
             return _openai_error(500, f"generation failed: {job.error or 'unknown error'}", "server_error")
         if job.status == "cancelled":

@@ -5,7 +5,8 @@ In order: the Host header against an allow-list (a page on another site that res
 (a page elsewhere cannot drive a local server from a visitor's browser); the bearer token on /v1 routes
 (compared in constant time; the scheme in any case, RFC 9110); then the body size: a Content-Length over the
 route's limit is a 413 at once, and a body sent without one is counted as it streams in and cut off at the
-limit. Routes never see a request that failed any of these. This module knows nothing about jobs or models.
+limit. Routes never see a request that failed any of these. Below that, `header_timeout_protocol` gives each
+request's head a deadline. This module knows nothing about jobs or models.
 """
 
 from __future__ import annotations
@@ -103,3 +104,39 @@ async def _refuse(send: Send, status: int, detail: str, headers: dict[str, str] 
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+def header_timeout_protocol(seconds: float = 10.0):
+    """uvicorn's h11 protocol with a deadline for each request's head: a connection that has not sent a whole
+    request line and headers `seconds` after it opened (or after the first byte of its next request) gets a
+    408 and is closed. uvicorn has no such timeout (its keep-alive timer stops at the first byte), so a client
+    sending headers a byte at a time could hold connections forever. Pass as `uvicorn.run(..., http=...)`."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_timer = self.loop.call_later(seconds, self._too_slow)
+
+        def data_received(self, data: bytes) -> None:
+            if self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
+                self._head_timer = self.loop.call_later(seconds, self._too_slow)  # the next request's head begins
+            super().data_received(data)
+            if self._head_timer is not None and self.cycle is not None and not self.cycle.response_complete:
+                self._head_timer.cancel()  # the head is in: the request runs
+                self._head_timer = None
+
+        def connection_lost(self, exc) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _too_slow(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                self.transport.close()
+
+    return HeaderTimeout
