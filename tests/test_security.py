@@ -403,3 +403,15 @@ def test_a_client_slow_to_send_its_headers_is_cut_off(tmp_path):
             assert kept.recv(65536).startswith(b"HTTP/1.1 200")
             kept.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_checks_hold_under_a_root_path_and_for_refusals_of_bad_json(tmp_path):
+    """Mounted under a prefix (uvicorn --root-path, a Ray route prefix) the token and limits still apply (a
+    review found /flux/v1/jobs open); a lone surrogate that FastAPI's own 422 quotes back is a 422, not a 500."""
+    app = create_app(tmp_path / "d", _nano, token=TOKEN, models=["nano"], limits=LIMITS)
+    client = TestClient(app, base_url=LOCAL, root_path="/flux")
+    assert client.post("/flux/v1/jobs", json={"prompt": "p"}).status_code == 401
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    body = json.dumps({"negative_prompt": "\ud800"})  # prompt missing: the 422 quotes the input
+    r = TestClient(app, base_url=LOCAL).post("/v1/jobs", content=body, headers=auth)
+    assert r.status_code == 422 and "prompt" in r.json()["error"]["message"]

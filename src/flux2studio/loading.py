@@ -287,7 +287,7 @@ def load_single_file(
         model = build(lambda: Flux2Transformer(t_cfg), storage(sd, dtype), f"{variant.id} transformer").to(device)
         for name, p in model.named_parameters():
             if name in scales:
-                p.fp8_scale = scales[name]  # read by precision.dequantized
+                p.fp8_scale = scales[name].to(p.device)  # read by precision.dequantized
         drop_unused_pages(raw, model)  # fp8 originals, unfused q, k, v: read once, not kept
         return streamed(model, [*model.double_blocks, *model.single_blocks], resident, dtype)
 

@@ -224,9 +224,13 @@ class Applied:
         self.backups, self.hooks = {}, []
 
 
-def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], mode: str = "fuse") -> Applied:
+def apply_loras(
+    model: nn.Module, loras: Sequence[tuple[LoraFile, float]], mode: str = "fuse", into: torch.dtype | None = None
+) -> Applied:
     """Apply each (LoRA, user scale). mode "fuse": add the deltas into the weights (fast; a backup of each
-    touched weight allows an exact `remove`). mode "hooks": add the low-rank path at run time (no copy)."""
+    touched weight allows an exact `remove`), stored in `into` (the compute dtype, so a model computing in
+    fp32 on bf16 or fp8 weights keeps the sum exact) or else as the weight was (bf16 for fp8). mode "hooks":
+    add the low-rank path at run time (no copy)."""
     if mode not in ("fuse", "hooks"):
         raise ValueError(f"mode {mode!r}: choose fuse or hooks")
     linears = _linears(model)
@@ -240,9 +244,9 @@ def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], mode:
         if mode == "fuse":
             total = sum(s * d.weight(linear.weight.shape) for d, s in items)
             applied.backups[linear] = linear.weight.data
-            base = dequantized(linear.weight, torch.float32)  # an fp8 weight with its scale; fused into bf16
-            narrow = torch.bfloat16 if linear.weight.dtype in fp8_dtypes() else linear.weight.dtype
-            linear.weight.data = (base + total.to(linear.weight.device)).to(narrow)
+            base = dequantized(linear.weight, torch.float32)  # an fp8 weight times its scale
+            kept = into or (torch.bfloat16 if linear.weight.dtype in fp8_dtypes() else linear.weight.dtype)
+            linear.weight.data = (base + total.to(linear.weight.device)).to(kept)
         else:
             applied.hooks.append(linear.register_forward_hook(_hook(items, linear)))
     return applied

@@ -277,7 +277,8 @@ class Pipeline:
         model.sdpa = self.sdpa
         if self.loras and (self._lora_state is None or self._lora_state[0] is not model):
             # fused into this (possibly freshly loaded) transformer; removed exactly by set_loras
-            self._lora_state = (model, apply_loras(model, [(f, s) for f, s, _ in self.loras], mode="fuse"))
+            loras = [(f, s) for f, s, _ in self.loras]
+            self._lora_state = (model, apply_loras(model, loras, mode="fuse", into=self.dtype))
         return model
 
     def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:

@@ -204,4 +204,5 @@ def _widen_around(module: nn.Module, params: list[nn.Parameter], dtype: torch.dt
             p.data = data
         stored.clear()
 
-    return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    # always_call: a layer that raises (out of memory) still gets its stored weights back
+    return [module.register_forward_pre_hook(before), module.register_forward_hook(after, always_call=True)]

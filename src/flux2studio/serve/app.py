@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -100,6 +102,7 @@ def create_app(
 
     app = FastAPI(title="Flux2 Studio", version="1", lifespan=_lifespan(worker), default_response_class=SafeJSON)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # FastAPI's and those raised below it
+    app.add_exception_handler(RequestValidationError, _validation_error)  # its echo of the input may not be UTF-8
     app.state.store, app.state.worker, app.state.recovered = store, worker, recovered
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -204,7 +207,7 @@ def create_app(
         settings, steps = validate(req)
         if limits.keep_finished_s is not None:
             store.expire_jobs(limits.keep_finished_s)
-        if (problem := limits.disk_problem(store.disk_bytes())) is not None:
+        if (problem := limits.disk_problem(store.disk_bytes)) is not None:
             raise HTTPException(507, problem)
         if store.count("queued", "running") >= limits.max_queue:
             raise HTTPException(
@@ -416,6 +419,14 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
     return SafeJSON({"detail": exc.detail, "error": error}, status_code=exc.status_code, headers=exc.headers)
 
 
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, rendered by SafeJSON: the input it quotes back may hold a lone surrogate."""
+    errors = jsonable_encoder(exc.errors())
+    message = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in errors)
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    return SafeJSON({"detail": errors, "error": error}, status_code=422)
+
+
 def _openai_error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
     """An error in OpenAI's shape. `x-should-retry: false` tells OpenAI's clients (which retry 409, 429 and 5xx
     by default) not to send the request again: a failed or cancelled generation would only run again."""
@@ -432,9 +443,9 @@ async def _openai_result(store: Store, job_id: str, response_format: str, reques
         if job.status == "done":
             break
         if job.status == "failed" and any(status in (job.error or "") for status in MODERATED):
-            return _openai_error(400, job.error, "invalid_request_error", "content_policy_violation")  # as OpenAI
+            return _openai_error(400, job.public()["error"], "invalid_request_error", "content_policy_violation")
         if job.status == "failed":  # the generation itself went wrong: a server error, not to be retried
-            return _openai_error(500, f"generation failed: {job.error or 'unknown error'}", "server_error")
+            return _openai_error(500, f"generation failed: {job.public()['error'] or 'unknown error'}", "server_error")
         if job.status == "cancelled":
             return _openai_error(409, "generation cancelled", "cancelled")
         if job.status == "queued" and await request.is_disconnected():
@@ -469,7 +480,7 @@ def _store_image(raw: bytes, store: Store, limits: Limits) -> str:
     with DECODES:
         suffix = _check_image(raw, limits)
     store.expire_refs(limits.upload_ttl_s)
-    if (problem := limits.disk_problem(store.disk_bytes(), len(raw))) is not None:
+    if (problem := limits.disk_problem(store.disk_bytes, len(raw))) is not None:
         raise HTTPException(507, problem)
     return store.save_ref(raw, suffix)
 

@@ -61,6 +61,9 @@ class Guard:
             return await _refuse(send, 400, f"host {host!r} is not served here; allowed: {sorted(self.allowed)} "
                                             "(add names with --allowed-host)")  # fmt: skip
         path, method = scope["path"], scope["method"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted under a prefix (--root-path, a Ray route prefix): routes
+            path = path[len(root) :] or "/"  # match what follows it, and so must every check here
         origin = headers.get("origin")
         if self.token is None and method not in SAFE_METHODS and origin is not None:
             own = {f"{s}://{host}".lower() for s in ("http", "https")}

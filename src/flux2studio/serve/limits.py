@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -32,9 +33,10 @@ class Limits:
             return (self.max_refs + 1) * self.max_upload_bytes + self.max_form_extra_bytes
         return self.max_json_bytes
 
-    def disk_problem(self, used: int, adding: int = 0) -> str | None:
-        """Why `adding` more bytes would go over the disk quota (None if they fit or there is none)."""
-        if self.max_disk_bytes is not None and used + adding > self.max_disk_bytes:
+    def disk_problem(self, used: Callable[[], int], adding: int = 0) -> str | None:
+        """Why `adding` more bytes would go over the disk quota (None if they fit or there is none); `used()`
+        counts the bytes in use, only when there is a quota."""
+        if self.max_disk_bytes is not None and (used := used()) + adding > self.max_disk_bytes:
             return (f"disk quota reached: {used} bytes of images and uploads, at most {self.max_disk_bytes}; "
                     "delete finished jobs (DELETE /v1/jobs/{id})")  # fmt: skip
         return None

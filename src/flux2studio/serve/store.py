@@ -326,7 +326,12 @@ class Store:
 
     def disk_bytes(self) -> int:
         """Bytes of images and uploads on disk (what `Limits.max_disk_bytes` bounds)."""
-        return sum(e.stat().st_size for d in (self.images_dir, self.refs_dir) for e in os.scandir(d) if e.is_file())
+        total = 0
+        for d in (self.images_dir, self.refs_dir):
+            for entry in os.scandir(d):
+                with contextlib.suppress(FileNotFoundError):  # renamed or removed since the listing
+                    total += entry.stat().st_size if entry.is_file() else 0
+        return total
 
     def expire_refs(self, ttl: float) -> int:
         """Delete uploads older than `ttl` seconds that no queued or running job names. Returns how many."""
@@ -334,9 +339,10 @@ class Store:
         needed = {r for j in active for r in j.settings.get("refs", [])}
         cutoff, removed = time.time() - ttl, 0
         for entry in os.scandir(self.refs_dir):
-            ref_id = entry.name.split(".", 1)[0]
-            if entry.is_file() and ref_id not in needed and entry.stat().st_mtime < cutoff:
-                with contextlib.suppress(FileNotFoundError):  # another server of a shared folder was first
+            if entry.name.split(".", 1)[0] in needed:
+                continue
+            with contextlib.suppress(FileNotFoundError):  # gone since the listing (another server, a rename)
+                if entry.is_file() and entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
                     removed += 1
         return removed

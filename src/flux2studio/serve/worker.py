@@ -141,10 +141,13 @@ class Worker:
             return
         except Exception as e:  # a job's failure is recorded, never crashes the worker
             made = dict(getattr(e, "images", []))
-            if len(batch) > 1 and not made:  # one job's input may have failed them all: run each on its own
+            if len(batch) > 1 and not made and isinstance(pipe, Pipeline):
+                # one job's input may have failed them all: run each on its own (a local model that loaded;
+                # not a hosted batch, whose tasks were submitted and billed, nor a model that failed to load)
                 log.warning("a batch of %d jobs failed (%s): running them one by one", len(batch), e)
                 for j in batch:
-                    self._run_batch([j], pipe)
+                    if self.store.get(j.id).status == "running":  # not one cancelled meanwhile
+                        self._run_batch([j], pipe)
                 return
             log.exception("job batch failed")
             # a hosted batch may fail part-way: the jobs whose images were all made still finish
