@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .precision import fp8_to
 from .variants import AutoencoderConfig, TransformerConfig
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
@@ -330,7 +331,7 @@ def dequantize_fp8(
             if keep(key):
                 scales[key] = scale if scale is not None else torch.ones(())
             else:
-                value = (value.float() * (scale.float() if scale is not None else 1.0)).to(dtype)
+                value = fp8_to(value, scale, dtype)
         out[key] = value
     return out, scales
 

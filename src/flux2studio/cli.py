@@ -98,15 +98,12 @@ def parse_interval(text: str) -> tuple[float, float]:
 
 def parse_bytes(text: str) -> int:
     """'20GB', '512MB', '1.5TB', '100000' -> bytes (decimal units, as disks are sold)."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    number = text.strip().upper().rstrip("B")
-    unit = text.strip().upper()[len(number) :] or ""
-    if number and number[-1] in "KMGT":
-        number, unit = number[:-1], number[-1] + "B"
-    try:
-        value = float(number) * units[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"size {text!r} is not a byte count like 20GB or 500MB") from None
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE | re.ASCII)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not a byte count like 20GB or 500MB")
+    value = float(match[1]) * 1000 ** " KMGT".index(match[2].upper() or " ")
     if not value > 0:
         raise argparse.ArgumentTypeError(f"size {text!r} must be more than 0 bytes")
     return int(value)
@@ -392,6 +389,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("FLUX2_TOKEN")
     loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
     wildcard = args.host in ("0.0.0.0", "::")  # any address: Host names to serve come from --allowed-host
+    hosts = [*(args.allowed_host or []), *([] if wildcard else [args.host])]
     if not loopback and not token:
         raise ValueError(f"refusing to bind {args.host} without an API token: pass --token or set FLUX2_TOKEN")
     if args.ray:
@@ -407,7 +405,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
         )
-        cfg.allowed_hosts = [*cfg.allowed_hosts, *(args.allowed_host or []), *([] if wildcard else [args.host])]
+        cfg.allowed_hosts = [*cfg.allowed_hosts, *hosts]
         store = "PostgreSQL" if cfg.db else "SQLite"
         print(f"Flux2 Studio on Ray Serve: http://{args.host}:{args.port}  (models: {', '.join(cfg.models)}, "
               f"store: {store}, replicas {cfg.min_replicas}..{cfg.max_replicas})")  # fmt: skip
@@ -441,7 +439,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(args.data, loader, token=token, cors_origins=args.cors or None, models=list(weights),
                      limits=limits,
                      lora_dir=args.lora_dir, api_models=api_models, db=args.db, files=args.files,
-                     allowed_hosts=[*(args.allowed_host or []), *([] if wildcard else [args.host])])  # fmt: skip
+                     allowed_hosts=hosts)  # fmt: skip
     print(f"Flux2 Studio on http://{args.host}:{args.port}  (data: {args.data}, models: {', '.join(weights)})")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=header_timeout_protocol())
     return 0

@@ -246,7 +246,6 @@ class Pipeline:
         dtype: torch.dtype = torch.float32,
         weights_hash: str = "",
         attention: str = "auto",
-        dtype_reason: str = "given",
     ) -> None:
         if variant.vae.downscale != sampling.PIXELS_PER_TOKEN:
             raise ValueError(
@@ -256,7 +255,7 @@ class Pipeline:
         self.weights_hash = weights_hash
         self.device = torch.device(device)
         self.dtype = dtype  # what computes; weights may be stored narrower (precision.widen_on_use)
-        self.dtype_reason = dtype_reason  # why this dtype: "given", or auto's reason (precision.compute_dtype)
+        self.dtype_reason = "given"  # why this dtype; `load` sets auto's reason (precision.compute_dtype)
         # "auto": our bf16 CPU kernel where it runs (kernels/attention.py), else PyTorch's SDPA; "sdpa"; "kernel"
         self.sdpa = attention_for(attention, self.device, dtype, cache_dir())
         self.attention = "sdpa" if self.sdpa is F.scaled_dot_product_attention else "kernel"

@@ -15,6 +15,7 @@ knows nothing about models, files or pipelines; it imports torch only when calle
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ def fp8_dtypes() -> tuple[torch.dtype, ...]:
 _ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10")
 
 
+@functools.cache
 def cpu_features() -> dict[str, bool]:
     """The CPU features that decide speed here, as torch sees them (False where this torch cannot tell)."""
     import torch
@@ -145,13 +147,14 @@ def storage(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.
     }
 
 
+def fp8_to(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """An fp8 weight in `dtype`, times its per-tensor scale: `w.float() * scale`, the reference's arithmetic."""
+    return (w.float() * (scale.float() if scale is not None else 1.0)).to(dtype)
+
+
 def dequantized(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A stored weight in `dtype`: an fp8 one times its per-tensor scale (`p.fp8_scale`, as `w.float() * scale`,
-    the reference's dequantisation), any other one cast."""
-    scale = getattr(p, "fp8_scale", None)
-    if p.dtype in fp8_dtypes():
-        return (p.data.float() * (scale.float() if scale is not None else 1.0)).to(dtype)
-    return p.data.to(dtype)
+    """A stored weight in `dtype`: an fp8 one with its scale (`p.fp8_scale`, set by the loader), others cast."""
+    return fp8_to(p.data, getattr(p, "fp8_scale", None), dtype) if p.dtype in fp8_dtypes() else p.data.to(dtype)
 
 
 def widen_on_use(model: nn.Module, blocks: Sequence[nn.Module], dtype: torch.dtype) -> list:

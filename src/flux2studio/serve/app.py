@@ -44,7 +44,7 @@ TERMINAL = ("done", "failed", "cancelled")
 
 class JobRequest(BaseModel):
     model: str = Field(default="nano", max_length=64)
-    prompt: str  # text fields: length, NUL and Unicode checked in validate (check_text)
+    prompt: str  # text fields: length, NUL and Unicode checked in validate (Limits.text_problem)
     negative_prompt: str | None = None
     width: int | None = None
     height: int | None = None
@@ -414,8 +414,7 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
 async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Errors carry `detail` (FastAPI's shape, the page reads it) and `error` (OpenAI's: its clients show
     `error.message`)."""
-    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    error = {"message": str(exc.detail), "type": kind, "param": None, "code": None}
+    error = _error_body(str(exc.detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
     return SafeJSON({"detail": exc.detail, "error": error}, status_code=exc.status_code, headers=exc.headers)
 
 
@@ -423,15 +422,20 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     """FastAPI's 422, rendered by SafeJSON: the input it quotes back may hold a lone surrogate."""
     errors = jsonable_encoder(exc.errors())
     message = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in errors)
-    error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
-    return SafeJSON({"detail": errors, "error": error}, status_code=422)
+    return SafeJSON({"detail": errors, "error": _error_body(message, "invalid_request_error")}, status_code=422)
+
+
+def _error_body(message: str, kind: str, code: str | None = None) -> dict:
+    """OpenAI's error object (its clients show `message`)."""
+    return {"message": message, "type": kind, "param": None, "code": code}
 
 
 def _openai_error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
     """An error in OpenAI's shape. `x-should-retry: false` tells OpenAI's clients (which retry 409, 429 and 5xx
     by default) not to send the request again: a failed or cancelled generation would only run again."""
-    return SafeJSON({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status,
-                    headers={"x-should-retry": "false"})  # fmt: skip
+    return SafeJSON(
+        {"error": _error_body(message, kind, code)}, status_code=status, headers={"x-should-retry": "false"}
+    )
 
 
 async def _openai_result(store: Store, job_id: str, response_format: str, request: Request,

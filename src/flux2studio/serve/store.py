@@ -246,13 +246,9 @@ class Store:
             self.db.execute("UPDATE jobs SET heartbeat=? WHERE id=? AND status='running'", (time.time(), job_id))
 
     def save_images(self, images: list[bytes]) -> list[str]:
-        ids = []
-        for png in images:
-            image_id = uuid.uuid4().hex
-            tmp = self.images_dir / f"{image_id}.png.partial"
-            tmp.write_bytes(png)
-            tmp.replace(self.images_dir / f"{image_id}.png")
-            ids.append(image_id)
+        ids = [uuid.uuid4().hex for _ in images]
+        for image_id, png in zip(ids, images, strict=True):
+            _write_whole(self.images_dir / f"{image_id}.png", png)
         return ids
 
     def finish(self, job_id: str, images: list[bytes]) -> Job:
@@ -313,9 +309,7 @@ class Store:
     def save_ref(self, data: bytes, suffix: str) -> str:
         """Store an uploaded reference image's bytes as they came (validated by the caller); its new id."""
         ref_id = uuid.uuid4().hex
-        tmp = self.refs_dir / f"{ref_id}{suffix}.partial"
-        tmp.write_bytes(data)
-        tmp.replace(self.refs_dir / f"{ref_id}{suffix}")
+        _write_whole(self.refs_dir / f"{ref_id}{suffix}", data)
         return ref_id
 
     def ref_path(self, ref_id: str) -> Path | None:
@@ -372,6 +366,13 @@ class Store:
 
 SERVER_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"]+/)+([^\s/'\"]*)")  # /srv/loras/x.safetensors -> x.safetensors
 UPLOAD_SUFFIXES = (".png", ".jpg", ".webp")  # uploads are kept in the encoding they came in
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Written aside, then renamed: a reader (another server of a shared folder) never sees half a file."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def _is_id(value: str) -> bool:
