@@ -1,5 +1,6 @@
 """The command line, driven as a subprocess on a tiny klein folder saved by diffusers."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -11,6 +12,16 @@ from PIL import Image, PngImagePlugin
 def flux2(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "flux2studio.cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd)  # fmt: skip
+
+
+def flux2_here(capsys, *args):
+    """The same command run in this process (no interpreter start: the edit tests make several calls)."""
+    from flux2studio.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def common(folder):
@@ -230,3 +241,59 @@ def test_prompt_upsampling_is_on_for_nano_recorded_and_replayed(klein_folder, tm
         assert np.array_equal(pixels(f"again-{source}"), pixels(source))
     run = flux2("generate", "a cat", *common(klein_folder[1]), "--prompt-upsampling", "-o", tmp_path / "k.png")
     assert run.returncode != 0 and "klein-4b has no prompt upsampler" in run.stderr
+
+
+def _photo(path, size=(96, 64)):
+    g = np.random.default_rng(0)
+    Image.fromarray(g.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_inpainting_and_image_to_image_from_the_cli_are_replayed_bit_for_bit(klein_folder, tmp_path, capsys):
+    _, folder = klein_folder
+    cli = functools.partial(flux2_here, capsys)
+    photo = _photo(tmp_path / "photo.png")
+    mask = Image.new("L", (48, 32), 0)
+    mask.paste(255, (0, 0, 24, 16))
+    mask.save(tmp_path / "mask.png")
+    run = cli("edit", photo, "a red ball", "--mask", tmp_path / "mask.png", "--strength", "0.8",
+                *common(folder), "-o", tmp_path / "in.png")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    meta = json.loads(Image.open(tmp_path / "in.png").info["flux2"])
+    assert meta["init"]["strength"] == 0.8 and meta["init"]["mask"] and meta["refs"] == []
+    assert (meta["width"], meta["height"]) == (96, 64)
+    again = cli("generate", "--from", tmp_path / "in.png", "--init", photo, "--mask", tmp_path / "mask.png",
+                "--weights", folder, "--device", "cpu", "-q", "-o", tmp_path / "again.png")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "in.png")))
+    missing = cli("generate", "--from", tmp_path / "in.png", "--init", photo, "--weights", folder, "-q",
+                    "-o", tmp_path / "x.png")  # fmt: skip
+    assert missing.returncode == 2 and "made from a mask with hash" in missing.stderr and "--mask" in missing.stderr
+    other = cli("generate", "--from", tmp_path / "in.png", "--init", tmp_path / "mask.png", "--mask",
+                  tmp_path / "mask.png", "--weights", folder, "-q", "-o", tmp_path / "x.png")  # fmt: skip
+    assert other.returncode == 2 and "is not the image" in other.stderr
+
+    run = cli("generate", "a blue sky", "--init", photo, "--strength", "0.6", *common(folder),
+                "-o", tmp_path / "i2i.png")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    meta = json.loads(Image.open(tmp_path / "i2i.png").info["flux2"])
+    assert meta["init"]["strength"] == 0.6 and meta["init"]["mask"] is None
+    bad = cli("generate", "a blue sky", "--strength", "0.6", *common(folder), "-o", tmp_path / "y.png")
+    assert bad.returncode == 2 and "--strength edit a start image: give it with --init IMAGE" in bad.stderr
+
+
+def test_outpainting_from_the_cli_with_expand_or_canvas(klein_folder, tmp_path, capsys):
+    _, folder = klein_folder
+    cli = functools.partial(flux2_here, capsys)
+    photo = _photo(tmp_path / "photo.png", (64, 64))
+    run = flux2_here(
+        capsys, "edit", photo, "--expand", "0,0,32,0", "more sky", *common(folder), "-o", tmp_path / "wide.png"
+    )
+    assert run.returncode == 0, run.stderr
+    wide = Image.open(tmp_path / "wide.png")
+    assert wide.size == (96, 64) and np.array_equal(np.asarray(wide)[:, :64], np.asarray(Image.open(photo)))
+    run = cli("edit", photo, "more sky", "--canvas", "96x96", "--anchor", "bottom", *common(folder),
+                "-o", tmp_path / "tall.png")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    tall = Image.open(tmp_path / "tall.png")
+    assert tall.size == (96, 96) and json.loads(tall.info["flux2"])["init"]["expand"] == [16, 32, 16, 0]

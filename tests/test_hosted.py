@@ -97,6 +97,8 @@ def test_klein_through_the_api_backend(bfl, monkeypatch):
     assert isinstance(p, HostedPipeline) and p.endpoint.path == "/v1/flux-2-klein-4b"
     p.client.sleep, p.client.poll_interval = (lambda s: None), 0.001
     assert p("klein via api", size=(128, 128))[0].size == (128, 128)
+    with pytest.raises(ValueError, match=r"klein-4b is a hosted model: image, mask .* runs on local models only"):
+        p("inpaint", image=Image.new("RGB", (64, 64)), mask=Image.new("L", (64, 64), 255))
     with pytest.raises(ValueError, match="no hosted endpoint"):
         load("dev", backend="api")
 

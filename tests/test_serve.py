@@ -301,3 +301,70 @@ def test_step_previews_while_running(tmp_path):
         preview = Image.open(io.BytesIO(seen[-1].content))
         assert seen[-1].headers["content-type"] == "image/jpeg" and preview.size == (160, 96)
         assert client.get(f"/v1/jobs/{job['id']}/preview").status_code == 204  # dropped once done
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _photo(w: int, h: int) -> Image.Image:
+    g = np.random.default_rng(2)
+    return Image.fromarray(g.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def test_inpainting_outpainting_and_image_to_image_jobs(client):
+    photo = _photo(96, 64)
+    image = client.post("/v1/uploads", files={"file": ("p.png", _png(photo))}).json()["id"]
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (0, 0, 48, 32))
+    mask_id = client.post("/v1/uploads", files={"file": ("m.png", _png(mask))}).json()["id"]
+    base = {"model": "klein-4b", "prompt": "a red ball", "steps": 2, "seed": 1}
+    jobs = {
+        "inpaint": client.post("/v1/jobs", json={**base, "image": image, "mask": mask_id, "strength": 0.9}),
+        "outpaint": client.post("/v1/jobs", json={**base, "image": image, "expand": [0, 0, 32, 16]}),
+        "i2i": client.post("/v1/jobs", json={**base, "image": image}),
+    }
+    for r in jobs.values():
+        assert r.status_code == 202, r.text
+    done = {k: _wait(client, r.json()["id"]) for k, r in jobs.items()}
+    assert all(j["status"] == "done" for j in done.values()), done
+    assert done["inpaint"]["settings"]["strength"] == 0.9 and done["i2i"]["settings"]["strength"] == 0.75
+    assert done["outpaint"]["settings"]["expand"] == [0, 0, 32, 16]
+    assert (done["outpaint"]["settings"]["width"], done["outpaint"]["settings"]["height"]) == (128, 80)
+    images = {k: Image.open(io.BytesIO(client.get(j["images"][0]).content)) for k, j in done.items()}
+    assert images["inpaint"].size == (96, 64) and images["outpaint"].size == (128, 80)
+    assert np.array_equal(np.asarray(images["outpaint"])[:64, :96], np.asarray(photo))
+    meta = json.loads(images["inpaint"].info["flux2"])["init"]
+    assert meta["strength"] == 0.9 and meta["mask"] and meta["image"]
+
+    for body, message in (
+        ({**base, "mask": mask_id}, "edit a start image: give image"),
+        ({**base, "image": "0" * 32}, "unknown image id"),
+        ({**base, "image": image, "strength": 0}, "strength 0.0 is out of range"),
+        ({**base, "image": image, "expand": [0, 0, 17, 0]}, "expansion right 17 must be a non-negative multiple"),
+        ({**base, "image": image, "mask": client.post("/v1/uploads", files={"file": (
+            "b.png", _png(Image.new("L", (96, 64), 0)))}).json()["id"]}, "the mask is all black"),
+    ):  # fmt: skip
+        r = client.post("/v1/jobs", json=body)
+        assert r.status_code == 422 and message in r.json()["detail"], (body, r.text)
+
+
+def test_openai_edits_take_a_mask_with_openais_convention(client):
+    photo = _photo(96, 64)
+    alpha = Image.new("RGBA", (96, 64), (0, 0, 0, 255))
+    alpha.paste((0, 0, 0, 0), (48, 0, 96, 64))  # right half transparent: edit it
+    files = [("image", ("p.png", _png(photo), "image/png")), ("mask", ("m.png", _png(alpha), "image/png"))]
+    r = client.post("/v1/images/edits", files=files, data={"model": "klein-4b", "prompt": "a sunset", "seed": "3"})
+    assert r.status_code == 200, r.text
+    out = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+    meta = json.loads(out.info["flux2"])
+    assert out.size == (96, 64) and meta["init"]["mask"] and meta["refs"] == []
+    job = client.get("/v1/jobs?limit=1").json()["data"][0]
+    with Image.open(client.app.state.store.ref_path(job["settings"]["mask"])) as stored:
+        stored = stored.copy()
+    assert np.asarray(stored)[:, 48:].min() == 255 and np.asarray(stored)[:, :48].max() == 0  # white = repaint
+    opaque = [("image", ("p.png", _png(photo), "image/png")), ("mask", ("m.png", _png(photo), "image/png"))]
+    r = client.post("/v1/images/edits", files=opaque, data={"model": "klein-4b", "prompt": "a sunset"})
+    assert r.status_code == 422 and "mask has no alpha channel" in r.json()["error"]["message"]

@@ -11,7 +11,7 @@ from functools import cache
 
 from .kernels import ATTENTION_MODES
 from .precision import DTYPE_CHOICES, DTYPE_NAMES
-from .variants import ASPECTS, VARIANTS, Variant, get_variant
+from .variants import ANCHORS, ASPECTS, VARIANTS, Variant, get_variant
 
 
 @cache
@@ -94,6 +94,16 @@ def parse_interval(text: str) -> tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"guidance interval {text!r} is not LOW,HIGH, e.g. 0,0.9") from None
     return lo, hi
+
+
+def parse_expand(text: str) -> tuple[int, int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"expansion {text!r} is not LEFT,TOP,RIGHT,BOTTOM pixels, e.g. 0,0,256,0")
+    return values  # type: ignore[return-value]
 
 
 def parse_bytes(text: str) -> int:
@@ -203,6 +213,10 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, Job]:
             settings["guidance_interval"] = tuple(meta.get("guidance_interval", (0.0, 1.0)))  # older: every step
     if target and target.upsampler:  # planned or as written; older images: as written
         settings["prompt_upsampling"] = meta.get("prompt_upsampling", False)
+    if "init" in meta:  # an edit: the same start image and mask, checked against the recorded hashes
+        settings.update(recorded_edit(meta["init"], args, path))
+    elif getattr(args, "init", None):
+        raise ValueError(f"{path} was not made from a start image: omit --init")
     given = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images")}
     if args.seed_given:
         given["seed"] = args.seed
@@ -211,6 +225,54 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, Job]:
     if getattr(args, "attention", None) is None:  # bf16 attention kernels round differently
         args.attention = meta.get("attention", "sdpa")  # images from before the kernel: PyTorch's
     return meta["model"], Job(args.prompt or meta["prompt"], {**settings, **given})
+
+
+def recorded_edit(init: dict, args: argparse.Namespace, path: str) -> dict:
+    """The edit settings a PNG records, with the start image and mask the command names (hashes must match)."""
+    from .images import image_hash
+
+    files = {"image": (getattr(args, "init", None), "--init"), "mask": (getattr(args, "mask", None), "--mask")}
+    settings = {"strength": init["strength"] if args.strength is None else args.strength,
+                "mask_blur": init.get("mask_blur", 0)}  # fmt: skip
+    if init.get("expand"):
+        settings["expand"], settings["size"] = tuple(init["expand"]), None
+    for key, (given, flag) in files.items():
+        if init.get(key) is None:
+            if given:
+                raise ValueError(f"{path} was made without a {key}: omit {flag}")
+            continue
+        if not given:
+            raise ValueError(f"{path} was made from a {key} with hash {init[key]}: pass that file with {flag}")
+        opened = open_image(given, key)
+        if image_hash(opened) != init[key]:
+            raise ValueError(f"{flag} {given} is not the {key} {path} was made from (hash {image_hash(opened)}, "
+                             f"recorded {init[key]})")  # fmt: skip
+        settings[key] = opened
+    return settings
+
+
+def edit_settings(args: argparse.Namespace, image) -> dict:
+    """The start image with the editing flags: mask, strength, blur, and an expansion (or canvas + anchor)."""
+    from .editing import expansion, start_size
+
+    out = {"image": image}
+    if args.mask:
+        out["mask"] = open_image(args.mask, "mask")
+    if args.strength is not None:
+        out["strength"] = args.strength
+    if args.mask_blur:
+        out["mask_blur"] = args.mask_blur
+    if args.expand:
+        out["expand"] = args.expand
+    elif args.canvas:
+        out["expand"] = expansion(args.size or start_size(image), args.canvas, args.anchor)
+    return out
+
+
+def editing_flags(args: argparse.Namespace) -> list[str]:
+    named = {"--mask": args.mask, "--strength": args.strength, "--mask-blur": args.mask_blur,
+             "--expand": args.expand, "--canvas": args.canvas}  # fmt: skip
+    return [flag for flag, value in named.items() if value]
 
 
 def output_paths(out: str | None, stem: str, n: int, overwrite: bool) -> list:
@@ -272,17 +334,19 @@ def run_jobs(pipe, jobs: list[Job], args: argparse.Namespace, refs=()) -> int:
 
 
 def open_images(paths: list[str]) -> list:
+    return [open_image(path, "reference image").convert("RGB") for path in paths]
+
+
+def open_image(path: str, what: str):
+    """An image file read whole, in its own mode (a mask keeps its greys); a clear error if it is not one."""
     from PIL import Image, UnidentifiedImageError
 
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                images.append(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f"cannot read reference image {path}: {e}") from None
-    return images
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"cannot read {what} {path}: {e}") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -291,22 +355,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
         recorded, job = job_from_png(args.from_png, args)
         model = model or recorded
         jobs = [job]
-    elif args.prompts:
-        jobs = jobs_from_file(args.prompts, settings_from_args(args))
-    elif args.prompt:
-        jobs = [Job(args.prompt, settings_from_args(args))]
     else:
-        raise ValueError("give a PROMPT, --prompts FILE or --from IMAGE.png")
+        if args.init:
+            edit = edit_settings(args, open_image(args.init, "start image"))
+        elif flags := editing_flags(args):
+            raise ValueError(f"{', '.join(flags)} edit a start image: give it with --init IMAGE")
+        else:
+            edit = {}
+        if args.prompts:
+            jobs = jobs_from_file(args.prompts, {**settings_from_args(args), **edit})
+        elif args.prompt:
+            jobs = [Job(args.prompt, {**settings_from_args(args), **edit})]
+        else:
+            raise ValueError("give a PROMPT, --prompts FILE or --from IMAGE.png")
     model = model or (None if args.weights else "nano")
     return run_jobs(load_pipe(model, args), jobs, args, open_images(args.ref))
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    """IMAGE [IMAGE...] PROMPT: references; with a mask, strength or expansion the first image is the one
+    edited (inpainting, image-to-image, outpainting) and the others are references."""
     *images, prompt = args.inputs
     if not images:
         raise ValueError("give at least one IMAGE before the PROMPT")
+    settings = settings_from_args(args)
+    if editing_flags(args):
+        settings.update(edit_settings(args, open_image(images[0], "image")))
+        images = images[1:]
     model = args.model or (None if args.weights else "nano")
-    return run_jobs(load_pipe(model, args), [Job(prompt, settings_from_args(args))], args, open_images(images))
+    return run_jobs(load_pipe(model, args), [Job(prompt, settings)], args, open_images(images))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -545,19 +622,34 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--text-encoder", help="text encoder folder, for single-file weights")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    def edit_args(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("editing a start image (image-to-image, inpainting, outpainting)")
+        g.add_argument("--mask", metavar="IMAGE", help="inpaint: white = repaint, black = keep (any size: resized)")
+        g.add_argument("--strength", type=float, help="0 < S <= 1: how far the start image is renoised "
+                                                        "(default 0.75; 1 with a mask or expansion)")  # fmt: skip
+        g.add_argument("--mask-blur", type=int, default=0, metavar="PX", help="soften the mask's edges (0..64 px)")
+        grow = g.add_mutually_exclusive_group()
+        grow.add_argument("--expand", type=parse_expand, metavar="L,T,R,B",
+                          help="outpaint: pixels to add left, top, right, bottom (multiples of 16)")  # fmt: skip
+        grow.add_argument("--canvas", type=parse_size, metavar="WxH", help="outpaint to this canvas (see --anchor)")
+        g.add_argument("--anchor", choices=list(ANCHORS), default="center", help="where the image sits on --canvas")
+
     gen = sub.add_parser("generate", help="text to image (with --ref: multi-reference editing)")
     gen.add_argument("prompt", nargs="?")
     model_args(gen)
     output_args(gen)
+    gen.add_argument("--init", metavar="IMAGE", help="start from this image (image-to-image; see --strength)")
+    edit_args(gen)
     gen.add_argument("--ref", action="append", default=[], help="reference image (repeatable)")
     gen.add_argument("--prompts", help="a .txt (one prompt a line) or .jsonl (per-line settings) file")
     gen.add_argument("--from", dest="from_png", metavar="IMAGE.png", help="regenerate from a PNG's metadata")
     gen.set_defaults(func=cmd_generate)
 
-    edit = sub.add_parser("edit", help="edit with one or more reference images: IMAGE [IMAGE...] PROMPT")
+    edit = sub.add_parser("edit", help="edit with references, or inpaint / outpaint the first: IMAGE... PROMPT")
     edit.add_argument("inputs", nargs="+", metavar="IMAGE... PROMPT")
     model_args(edit)
     output_args(edit)
+    edit_args(edit)
     edit.set_defaults(func=cmd_edit)
 
     comp = sub.add_parser("compare", help="one prompt across models and seeds: a labelled grid and each image")
@@ -692,7 +784,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "inputs", None) is not None and not any(e.startswith("-") for e in extra):
+        args.inputs += extra  # `edit IMAGE --expand 0,0,256,0 PROMPT`: positionals after an option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.seed_given = getattr(args, "seed", None) is not None
     if getattr(args, "seed", 0) is None:
         args.seed = 0

@@ -495,8 +495,17 @@ class HostedPipeline:
         callback: Callable | None = None,
         guidance_interval: tuple[float, float] | None = None,
         prompt_upsampling: bool | None = None,
+        image: Image.Image | None = None,
+        mask: Image.Image | None = None,
+        strength: float | None = None,
+        expand: Sequence[int] | None = None,
+        mask_blur: int = 0,
     ) -> list[Image.Image]:
         """`prompt_upsampling` for this call only (default: the pipeline's); the API's, where it has one."""
+        edit = {"image": image, "mask": mask, "strength": strength, "expand": expand, "mask_blur": mask_blur}
+        if given := [k for k, v in edit.items() if v is not None and v != 0]:
+            raise ValueError(f"{self.variant.id} is a hosted model: {', '.join(given)} (editing a start image) runs on "
+                             "local models only; reference images (refs) work here")  # fmt: skip
         if guidance_interval is not None:
             raise ValueError(f"{self.variant.id} is a hosted model: the API sets its own guidance, no interval")
         prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)

@@ -1,9 +1,9 @@
-"""Components + one call: prompts (+ reference images) -> images.
+"""Components + one call: prompts (+ reference images, + a start image and mask) -> images.
 
 The pipeline validates a request completely before any work, encodes the prompts, encodes the
-references, integrates the flow and decodes. Numerics follow diffusers 0.42.1's `Flux2Pipeline`,
-`Flux2KleinPipeline` and `Flux2KleinKVPipeline` (tested for parity). It does not read files: see
-`checkpoints` for building one from weights.
+references and the start image, integrates the flow and decodes. Numerics follow diffusers 0.42.1's
+`Flux2Pipeline`, `Flux2KleinPipeline`, `Flux2KleinKVPipeline` and `Flux2KleinInpaintPipeline` (tested for
+parity). It does not read files: see `checkpoints` for building one from weights.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch import Tensor
 
 from . import __version__, sampling
 from .checkpoints import cache_dir, weights_hash
+from .editing import Init, build_init, paste_kept
 from .images import check_size, image_hash, parameters_text, prepare_reference, size_for_aspect, to_pil, to_tensor
 from .kernels.attention import attention_for
 from .lora import Applied, LoraFile, apply_loras, load_lora
@@ -55,6 +56,7 @@ class Request:
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # noise levels CFG applies at (sampling.cfg_velocity)
     prompt_upsampling: bool = False
     texts: tuple[str, ...] = ()  # what the text encoder reads, one per image: the prompts, or them upsampled
+    init: Init | None = None  # image-to-image (no mask), inpainting or outpainting (mask): `editing.build_init`
 
     @property
     def batch(self) -> int:
@@ -76,11 +78,20 @@ def build_request(
     aspect: str | None = None,
     guidance_interval: tuple[float, float] | None = None,
     prompt_upsampling: bool | None = None,
+    image: Image.Image | None = None,
+    mask: Image.Image | None = None,
+    strength: float | None = None,
+    expand: Sequence[int] | None = None,
+    mask_blur: int = 0,
 ) -> Request:
     """Resolve defaults and check every value against the variant; errors name the value and the range.
 
     `prompt_upsampling` (default: on where the model has an upsampler) rewrites each prompt before encoding,
     per image from its seed (the nano models: every attribute the prompt leaves free stated, `nano.planner`).
+    `image` starts from that image (image-to-image; `strength` in (0, 1], default 0.75); with `mask` (white =
+    repaint) or `expand` (px LEFT, TOP, RIGHT, BOTTOM added: outpainting) only that area is generated (strength
+    default 1) and the start image is also the first reference, as in diffusers' inpainting pipeline
+    (`Variant.inpaint_reference`).
     """
     prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -117,13 +128,23 @@ def build_request(
     if not 0.0 <= lo < hi <= 1.0:
         raise ValueError(f"guidance interval ({lo}, {hi}) must be noise levels with 0 <= low < high <= 1")
 
-    if len(refs) > variant.max_refs:
-        raise ValueError(f"{len(refs)} reference images given; {variant.id} takes 0..{variant.max_refs}")
+    if image is None and (mask is not None or strength is not None or expand is not None or mask_blur):
+        raise ValueError("mask, strength, expand and mask_blur edit a start image: give image= too")
+    masked = image is not None and (mask is not None or bool(expand and any(expand)))
+    room = variant.max_refs - (masked and variant.inpaint_reference)  # the start image as the first reference
+    if len(refs) > room:
+        raise ValueError(f"{len(refs)} reference images given; {variant.id} takes 0..{room}"
+                         + (" besides the image being inpainted" if masked else ""))  # fmt: skip
     prepared = tuple(prepare_reference(img, i) for i, img in enumerate(refs))
     if size is not None and aspect is not None:
         raise ValueError("give size or aspect, not both")
     if aspect is not None:  # the model's preferred pixel count at this aspect ratio
         size = size_for_aspect(aspect, variant.default_size[0] * variant.default_size[1])
+    init = None
+    if image is not None:  # the start image sets the size (grown by an expansion) unless one is given
+        init = build_init(image, mask, strength, expand, mask_blur, size,
+                          (variant.min_side, variant.max_side, variant.id))  # fmt: skip
+        size = init.image.size
     if size is None:  # the first reference sets the size, as in diffusers' pipelines
         size = prepared[0].size if prepared else variant.default_size
     width, height = size
@@ -150,6 +171,7 @@ def build_request(
         guidance_interval=(lo, hi),
         prompt_upsampling=upsampling,
         texts=tuple(map(_upsample, per_image, seeds)) if upsampling else per_image,
+        init=init,
     )
 
 
@@ -322,11 +344,18 @@ class Pipeline:
         callback: sampling.StepCallback | None = None,
         guidance_interval: tuple[float, float] | None = None,
         prompt_upsampling: bool | None = None,
+        image: Image.Image | None = None,
+        mask: Image.Image | None = None,
+        strength: float | None = None,
+        expand: Sequence[int] | None = None,
+        mask_blur: int = 0,
     ) -> list[Image.Image]:
         """Generate `num_images` images per prompt; image i uses seed `seed + i` (or `seeds[i]`).
 
         CFG models: `guidance_interval=(lo, hi)` guides only the noise levels in [lo, hi] (default: the model's).
         Models with an upsampler (nano): `prompt_upsampling=False` encodes the prompts exactly as given.
+        Editing: `image=` start image (image-to-image with `strength`), `mask=` (white = repaint) to inpaint,
+        `expand=(left, top, right, bottom)` px to outpaint (`build_request`).
         """
         req = build_request(
             self.variant,
@@ -342,12 +371,20 @@ class Pipeline:
             aspect=aspect,
             guidance_interval=guidance_interval,
             prompt_upsampling=prompt_upsampling,
+            image=image,
+            mask=mask,
+            strength=strength,
+            expand=expand,
+            mask_blur=mask_blur,
         )
         images = to_pil(self.decode(self.generate_latents(req, callback)))
-        for i, image in enumerate(images):
+        if req.init is not None and req.init.kept is not None:  # outpainting: the original pixels, unchanged
+            left, top = req.init.expand[:2]
+            images = [paste_kept(im, req.init.kept, left, top) for im in images]
+        for i, out in enumerate(images):
             meta = self.metadata(req, i)
-            image.info["flux2"] = json.dumps(meta)
-            image.info["parameters"] = parameters_text(meta)
+            out.info["flux2"] = json.dumps(meta)
+            out.info["parameters"] = parameters_text(meta)
         return images
 
     def metadata(self, req: Request, i: int) -> dict:
@@ -366,6 +403,7 @@ class Pipeline:
             "width": req.width,
             "height": req.height,
             "refs": [image_hash(r) for r in req.refs],
+            **({"init": req.init.metadata()} if req.init is not None else {}),
             "dtype": str(self.dtype).removeprefix("torch."),
             "dtype_reason": self.dtype_reason,
             "device": self.device.type,
@@ -382,7 +420,14 @@ class Pipeline:
 
     def encode_references(self, refs: Sequence[Image.Image]) -> tuple[Tensor, Tensor]:
         """Prepared references -> tokens (1, L_ref, 128) and ids (L_ref, 4), reference k at time 10+10k."""
-        latents = [self.vae.encode(to_tensor(r).to(self.device, self.dtype)) for r in refs]
+        return self._references([self.encode_image(r) for r in refs])
+
+    def encode_image(self, image: Image.Image) -> Tensor:
+        """An RGB image -> normalised latents (1, 128, H/16, W/16)."""
+        return self.vae.encode(to_tensor(image).to(self.device, self.dtype))
+
+    @staticmethod
+    def _references(latents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         tokens = torch.cat([sampling.pack(z) for z in latents], dim=1)
         return tokens, sampling.reference_ids([tuple(z.shape[-2:]) for z in latents])
 
@@ -406,10 +451,18 @@ class Pipeline:
         if self.variant.guidance_mode == "embedded":
             guidance = torch.full((req.batch,), req.guidance, device=self.device, dtype=torch.float32)
 
+        start = None  # image-to-image / inpainting: the start image's latents, and the first reference if masked
+        conditions = []
+        if req.init is not None:
+            start = self.encode_image(req.init.image)
+            if req.init.mask is not None and self.variant.inpaint_reference:
+                conditions.append(start)
+        conditions += [self.encode_image(r) for r in req.refs]
         ref_tokens = ref_ids = ref_kv = None
-        if req.refs:
-            ref_tokens, ref_ids = self.encode_references(req.refs)
+        if start is not None or conditions:
             self.release("vae")
+        if conditions:
+            ref_tokens, ref_ids = self._references(conditions)
             ref_tokens, ref_ids = ref_tokens.expand(req.batch, -1, -1), ref_ids.to(self.device)
             if self.variant.kv_cache:  # reference tokens at a fixed timestep 0, computed once
                 t0 = torch.zeros(req.batch, device=self.device)
@@ -431,7 +484,15 @@ class Pipeline:
 
         self.parts["vae"].prefetch()
         sigmas = sampling.schedule(req.steps, n_img, self.variant.mu).to(self.device)
-        x = sampling.denoise(velocity, x, sigmas, callback)
+        inpaint = None
+        if req.init is not None:  # the full schedule from the strength's first step, its noise on the start
+            sigmas = sigmas[sampling.start_index(req.steps, req.init.strength) :]
+            clean, noise = sampling.pack(start).expand(req.batch, -1, -1), x
+            x = sampling.add_noise(clean, noise, sigmas[0])
+            if req.init.mask is not None:
+                mask = sampling.mask_tokens(req.init.mask, h, w).to(self.device)
+                inpaint = sampling.Inpaint(clean, noise, mask)
+        x = sampling.denoise(velocity, x, sigmas, callback, inpaint)
         self.release("transformer")
         return sampling.unpack(x, h, w)
 

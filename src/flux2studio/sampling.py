@@ -96,7 +96,43 @@ def schedule(steps: int, seq_len: int, mu: float | None = None) -> Tensor:
     return torch.cat([e / (e + (1 / t - 1)), torch.zeros(1)])
 
 
-def denoise(velocity: Velocity, x: Tensor, sigmas: Tensor, callback: StepCallback | None = None) -> Tensor:
+def start_index(steps: int, strength: float) -> int:
+    """First step an image-to-image / inpainting run takes: diffusers' img2img convention
+    (`int(steps - min(steps * strength, steps))`), so `strength` 1 starts from pure noise and runs every step,
+    and any strength above 0 runs at least one. The schedule itself is the full one for `steps`."""
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
+def add_noise(clean: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
+    """The flow's x_t = t noise + (1 - t) clean, in the latents' dtype (diffusers' `scale_noise`)."""
+    sigma = sigma.to(clean.dtype)
+    return sigma * noise + (1.0 - sigma) * clean
+
+
+def mask_tokens(mask: Tensor, h: int, w: int) -> Tensor:
+    """(B, 1, H, W) pixel mask -> (B, h*w, 1) token weights: bilinear onto the latent grid (diffusers')."""
+    return pack(torch.nn.functional.interpolate(mask, size=(h, w), mode="bilinear"))
+
+
+class Inpaint:
+    """After each step, tokens where `mask` is 0 are reset to the start image noised to the next level
+    (the clean image after the last step), so only the masked area is generated (diffusers' inpainting)."""
+
+    def __init__(self, clean: Tensor, noise: Tensor, mask: Tensor) -> None:
+        self.clean, self.noise, self.mask = clean, noise, mask.to(clean.dtype)
+
+    def __call__(self, x: Tensor, sigma_next: Tensor, last: bool) -> Tensor:
+        kept = self.clean if last else add_noise(self.clean, self.noise, sigma_next)
+        return (1 - self.mask) * kept + self.mask * x
+
+
+def denoise(
+    velocity: Velocity,
+    x: Tensor,
+    sigmas: Tensor,
+    callback: StepCallback | None = None,
+    inpaint: Inpaint | None = None,
+) -> Tensor:
     """Euler integration x <- x + (t_next - t) v from sigmas[0] to sigmas[-1]; x (B, L, C) tokens.
 
     The update runs in float32 and is cast back to the velocity's dtype, as diffusers' scheduler does.
@@ -108,6 +144,8 @@ def denoise(velocity: Velocity, x: Tensor, sigmas: Tensor, callback: StepCallbac
         if callback is not None:
             x0 = (x.float() - sigmas[i] * v.float()).to(v.dtype)
         x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(v.dtype)
+        if inpaint is not None:
+            x = inpaint(x, sigmas[i + 1], last=i == steps - 1)
         if callback is not None:
             callback(i, steps, x0)
     return x

@@ -14,6 +14,11 @@ from typing import Literal
 GuidanceMode = Literal["embedded", "cfg", "none"]
 # Aspect-ratio presets of the CLI, the API and the server (sizes come from each model's pixel count).
 ASPECTS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "21:9", "9:21")
+# Outpainting: where the image sits on a larger canvas, as (x, y) fractions of the free space before it
+ANCHORS = {
+    "center": (0.5, 0.5), "top-left": (0.0, 0.0), "top": (0.5, 0.0), "top-right": (1.0, 0.0), "left": (0.0, 0.5),
+    "right": (1.0, 0.5), "bottom-left": (0.0, 1.0), "bottom": (0.5, 1.0), "bottom-right": (1.0, 1.0),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,9 @@ class Variant:
     max_side: int = 2048
     upsampler: str | None = None  # "shapes": nano's prompt planner (nano/planner.py), on unless turned off
     mu: float | None = None  # the sampler's time shift when the model was distilled for its own (default: FLUX.2's)
+    # inpainting also shows the model the start image as its first reference (diffusers' Flux2KleinInpaintPipeline);
+    # off for a model never trained on references (nano: with it, 0 of 6 seeds add the asked-for object; without, 6)
+    inpaint_reference: bool = True
 
     @property
     def cfg_interval(self) -> tuple[float, float] | None:
@@ -269,6 +277,7 @@ _LOCAL = [
         default_size=(128, 128),
         max_side=256,
         upsampler="shapes",
+        inpaint_reference=False,
         mu=1.0,
     ),
     Variant(
@@ -285,6 +294,7 @@ _LOCAL = [
         default_size=(128, 128),
         max_side=256,
         upsampler="shapes",
+        inpaint_reference=False,
     ),
 ]
 

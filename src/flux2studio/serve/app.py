@@ -57,6 +57,13 @@ class JobRequest(BaseModel):
     num_images: int = 1
     refs: list[str] = []  # upload ids
     loras: list[tuple[str, float]] = []  # server-side LoRA names (see --lora-dir) and scales
+    # editing (local models): a start image (upload id) for image-to-image; with a mask (upload id, white =
+    # repaint) or an expansion (px left, top, right, bottom) only that area is generated
+    image: str | None = Field(default=None, max_length=64)
+    mask: str | None = Field(default=None, max_length=64)
+    strength: float | None = None  # (0, 1]; default 0.75, 1 with a mask or expansion
+    expand: tuple[int, int, int, int] | None = None
+    mask_blur: int = 0
 
 
 class OpenAIGeneration(BaseModel):
@@ -128,16 +135,15 @@ def create_app(
                 req.width, req.height = size_for_aspect(req.aspect, variant.default_size[0] * variant.default_size[1])
             except ValueError as e:
                 raise HTTPException(422, str(e)) from None
-        width = variant.default_size[0] if req.width is None else req.width  # 0 is a size, and out of range
-        height = variant.default_size[1] if req.height is None else req.height
-        for name, value in (("width", width), ("height", height)):
-            if not 1 <= value <= limits.max_side:
-                raise HTTPException(422, f"{name} {value} is out of range 1..{limits.max_side}")
-        if width * height > limits.max_megapixels * 1e6:
-            raise HTTPException(422, f"{width}x{height} is over {limits.max_megapixels} megapixels")
         for ref in req.refs:
             if store.ref_path(ref) is None:
                 raise HTTPException(422, f"unknown reference id {ref[:64]!r}: upload it to /v1/uploads first")
+        edit = editing(req)
+        width = height = None  # an edit without a size: its start image (and expansion) sets it
+        if not edit or req.width is not None or req.height is not None:
+            width = variant.default_size[0] if req.width is None else req.width  # 0 is a size, and out of range
+            height = variant.default_size[1] if req.height is None else req.height
+            check_area(width, height)
         loras = []
         for name, scale in req.loras:
             plain = len(name) <= 128 and name.isascii() and name.replace("-", "").replace("_", "").isalnum()
@@ -155,13 +161,24 @@ def create_app(
             steps, guidance = hosted_rules(req, width, height, loras)
             progress_total = req.num_images
         else:
+            size = None if width is None else (width, height)
             try:  # the model's own checks: multiples of 16, its size range, guidance mode, negative prompt
-                built = build_request(variant, req.prompt, negative_prompt=req.negative_prompt, size=(width, height),
+                built = build_request(variant, req.prompt, negative_prompt=req.negative_prompt, size=size,
                                       steps=req.steps, guidance=req.guidance, num_images=req.num_images,
-                                      guidance_interval=req.guidance_interval,
-                                      prompt_upsampling=req.prompt_upsampling)  # fmt: skip
+                                      guidance_interval=req.guidance_interval, refs=(),
+                                      prompt_upsampling=req.prompt_upsampling, **edit)  # fmt: skip
             except ValueError as e:
                 raise HTTPException(422, str(e)) from None
+            if built.init is not None:
+                room = variant.max_refs - (built.init.mask is not None and variant.inpaint_reference)
+                if len(req.refs) > room:
+                    raise HTTPException(422, f"{len(req.refs)} references; {req.model} takes 0..{room} besides the "
+                                             "image being inpainted")  # fmt: skip
+                width, height = built.width, built.height
+                check_area(width, height)
+                edit = {"image": req.image, "mask": req.mask, "strength": built.init.strength,
+                        "expand": list(built.init.expand) if any(built.init.expand) else None,
+                        "mask_blur": req.mask_blur}  # fmt: skip
             steps, guidance = built.steps, built.guidance
             if variant.guidance_mode == "cfg":  # resolved, so the job runs the same whatever the defaults become
                 interval = list(built.guidance_interval)
@@ -172,8 +189,34 @@ def create_app(
         settings = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "width": width, "height": height,
                     "steps": steps, "guidance": guidance, "guidance_interval": interval, "seed": seed,
                     "num_images": req.num_images, "refs": req.refs, "loras": loras,
-                    "prompt_upsampling": upsampling}  # fmt: skip
+                    "prompt_upsampling": upsampling, **edit}  # fmt: skip
         return settings, progress_total
+
+    def editing(req: JobRequest) -> dict:
+        """The start image and mask opened (ids checked), with the edit's other fields; {} when not an edit."""
+        if req.image is None:
+            if req.mask is not None or req.strength is not None or req.expand is not None or req.mask_blur:
+                raise HTTPException(422, "mask, strength, expand and mask_blur edit a start image: give image")
+            return {}
+        if req.model in remote:
+            raise HTTPException(422, f"{req.model} is a hosted model: editing a start image runs on local models")
+        opened = {}
+        for key in ("image", "mask"):
+            upload = getattr(req, key)
+            if upload is None:
+                continue
+            if store.ref_path(upload) is None:
+                raise HTTPException(422, f"unknown {key} id {upload[:64]!r}: upload it to /v1/uploads first")
+            with Image.open(store.ref_path(upload)) as im:
+                opened[key] = im.copy()
+        return {**opened, "strength": req.strength, "expand": req.expand, "mask_blur": req.mask_blur}
+
+    def check_area(width: int, height: int) -> None:
+        for name, value in (("width", width), ("height", height)):
+            if not 1 <= value <= limits.max_side:
+                raise HTTPException(422, f"{name} {value} is out of range 1..{limits.max_side}")
+        if width * height > limits.max_megapixels * 1e6:
+            raise HTTPException(422, f"{width}x{height} is over {limits.max_megapixels} megapixels")
 
     def check_basics(model: str, num_images: int, **texts: str | None) -> None:
         """What needs no model and no image: the model is served, the count and the texts are in range."""
@@ -344,6 +387,7 @@ def create_app(
         image: list[UploadFile] = File(None),
         image_array: list[UploadFile] = File(None, alias="image[]"),  # how the openai client sends a list
         prompt: str = Form(...),
+        mask: UploadFile | None = File(None),  # OpenAI's: fully transparent pixels (alpha 0) are edited
         model: str = Form("nano"),
         n: int = Form(1),
         size: str | None = Form(None),
@@ -357,6 +401,12 @@ def create_app(
             raise HTTPException(422, f"{len(images)} images given (image or image[]); 1..{limits.max_refs}")
         width, height = _parse_size(size)
         check_basics(model, n, prompt=prompt)  # before any image is written
+        if mask is not None:  # inpainting: the first image is edited where the mask is transparent
+            mask_id = await asyncio.to_thread(_alpha_mask, await mask.read(limits.max_upload_bytes + 1), store, limits)
+            start, *refs = [await save_upload(f, store, limits) for f in images]
+            job = submit(job_request(model=model, prompt=prompt, width=width, height=height, num_images=n,
+                                     seed=seed, image=start, mask=mask_id, refs=refs))  # fmt: skip
+            return await _openai_result(store, job.id, response_format, request)
         refs = [await save_upload(f, store, limits) for f in images]
         if width is None:  # the output follows the first image, as in the CLI
             with Image.open(store.ref_path(refs[0])) as first:
@@ -487,6 +537,23 @@ def _store_image(raw: bytes, store: Store, limits: Limits) -> str:
     if (problem := limits.disk_problem(store.disk_bytes, len(raw))) is not None:
         raise HTTPException(507, problem)
     return store.save_ref(raw, suffix)
+
+
+def _alpha_mask(raw: bytes, store: Store, limits: Limits) -> str:
+    """OpenAI's mask (a PNG whose fully transparent pixels mark what to edit) stored as ours: white = repaint."""
+    if len(raw) > limits.max_upload_bytes:
+        raise HTTPException(413, f"mask is over {limits.max_upload_bytes} bytes")
+    with DECODES:
+        _check_image(raw, limits)
+        with Image.open(io.BytesIO(raw)) as im:
+            if not (im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info):
+                raise HTTPException(422, f"mask has no alpha channel (mode {im.mode}): OpenAI's masks are PNGs "
+                                         "whose fully transparent pixels mark the area to edit")  # fmt: skip
+            alpha = im.convert("RGBA").getchannel("A")
+    ours = alpha.point(lambda a: 255 if a == 0 else 0)
+    buf = io.BytesIO()
+    ours.save(buf, format="PNG")
+    return _store_image(buf.getvalue(), store, limits)
 
 
 def _check_image(raw: bytes, limits: Limits) -> str:

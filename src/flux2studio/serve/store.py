@@ -330,7 +330,7 @@ class Store:
     def expire_refs(self, ttl: float) -> int:
         """Delete uploads older than `ttl` seconds that no queued or running job names. Returns how many."""
         active = [*self.list(10**6, "queued"), *self.list(10**6, "running")]
-        needed = {r for j in active for r in j.settings.get("refs", [])}
+        needed = {r for j in active for r in upload_ids(j.settings)}
         cutoff, removed = time.time() - ttl, 0
         for entry in os.scandir(self.refs_dir):
             if entry.name.split(".", 1)[0] in needed:
@@ -379,8 +379,15 @@ def _is_id(value: str) -> bool:
     return len(value) == 32 and value.isascii() and value.isalnum()
 
 
+def upload_ids(settings: dict) -> list[str]:
+    """The uploads a job's settings name: references, and the start image and mask of an edit."""
+    return [*settings.get("refs", []), *(settings[k] for k in ("image", "mask") if settings.get(k))]
+
+
+PER_IMAGE = ("prompt", "seed", "num_images")  # what may differ between jobs that share one pipeline call
+
+
 def _compatible(a: dict, model: str, settings: dict) -> bool:
-    """Jobs that can share one pipeline call: same model and every setting but prompt and seed."""
-    keys = ("width", "height", "steps", "guidance", "guidance_interval", "negative_prompt", "refs", "loras",
-            "prompt_upsampling")  # fmt: skip
+    """Jobs that can share one pipeline call: same model and every setting but prompt, seed and count."""
+    keys = (set(a["settings"]) | set(settings)) - set(PER_IMAGE)
     return a["model"] == model and all(a["settings"].get(k) == settings.get(k) for k in keys)

@@ -116,8 +116,15 @@ class Worker:
             prompts = [j.settings["prompt"] for j in batch for _ in range(j.settings["num_images"])]
             seeds = [j.settings["seed"] + i for j in batch for i in range(j.settings["num_images"])]
             refs = [Image.open(self.store.ref_path(r)).convert("RGB") for r in s.get("refs", [])]
-            passed = ("steps", "guidance", "guidance_interval", "negative_prompt", "prompt_upsampling")
+            passed = ("steps", "guidance", "guidance_interval", "negative_prompt", "prompt_upsampling", "strength",
+                      "mask_blur")  # fmt: skip
             kw = {k: s[k] for k in passed if s.get(k) is not None}
+            kw["size"] = (s["width"], s["height"])
+            for key in ("image", "mask"):  # an edit: its start image and mask, as uploaded
+                if s.get(key):
+                    kw[key] = _open(self.store.ref_path(s[key]))
+            if s.get("expand"):  # the canvas is the start image plus the expansion
+                kw["expand"], kw["size"] = tuple(s["expand"]), None
             if s.get("loras") or pipe.loras:
                 pipe.set_loras([(path, scale) for path, scale in s.get("loras", [])])
 
@@ -133,7 +140,7 @@ class Worker:
                 for j in batch:
                     self.store.progress(j.id, i + 1, total, runner=self.runner)
 
-            images = pipe(prompts, seeds=seeds, size=(s["width"], s["height"]), refs=refs, callback=progress, **kw)
+            images = pipe(prompts, seeds=seeds, refs=refs, callback=progress, **kw)
         except Cancelled:
             self._drop_previews(batch)
             for j in batch:  # the cancelled job stays cancelled; the others of its batch go back to the queue
@@ -202,3 +209,8 @@ def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+def _open(path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.copy()

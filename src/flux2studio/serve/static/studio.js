@@ -3,7 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 const ASPECTS = ["1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "21:9", "9:21"];
-const state = { models: [], aspect: "1:1", refs: [] };
+const state = { models: [], aspect: "1:1", refs: [], edit: null };  // edit: { id, expand: [l, t, r, b] }
 
 function headers(json = true) {
   const h = json ? { "Content-Type": "application/json" } : {};
@@ -81,9 +81,101 @@ async function addRefs(files) {
   }
 }
 
+// ---- editing: a start image, a painted mask (opaque pixels of #mask-canvas = repaint), strength, outpainting
+async function setEditImage(file) {
+  if (!file) return;
+  const form = new FormData();
+  form.append("file", file);
+  let id;
+  try { ({ id } = await api("/v1/uploads", { method: "POST", body: form })); }
+  catch (e) { $("status").textContent = `Upload refused: ${e.message}`; return; }
+  const bitmap = await createImageBitmap(file);
+  for (const c of [$("edit-image"), $("mask-canvas")]) { c.width = bitmap.width; c.height = bitmap.height; }
+  $("edit-image").getContext("2d").drawImage(bitmap, 0, 0);
+  state.edit = { id, expand: [0, 0, 0, 0], strengthSet: false };
+  $("strength").value = 0.75; $("strength-value").textContent = "0.75";
+  $("edit-tools").hidden = false;
+  $("aspects").closest("fieldset").hidden = true;  // the image sets the size
+  showExpand();
+}
+
+function removeEditImage() {
+  state.edit = null;
+  $("edit-tools").hidden = true;
+  $("aspects").closest("fieldset").hidden = false;
+  $("edit-input").value = "";
+}
+
+function maskPainted() {
+  const c = $("mask-canvas");
+  const data = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+  for (let i = 3; i < data.length; i += 4) if (data[i] > 0) return true;
+  return false;
+}
+
+function maskDefaults() {
+  // a mask or an expansion repaints its area from noise (strength 1), unless the slider was moved
+  if (!state.edit.strengthSet) { $("strength").value = 1; $("strength-value").textContent = "1"; }
+}
+
+function paintAt(event) {
+  if (!$("eraser").checked) maskDefaults();
+  const c = $("mask-canvas");
+  const box = c.getBoundingClientRect();
+  const scale = c.width / box.width;
+  const ctx = c.getContext("2d");
+  ctx.globalCompositeOperation = $("eraser").checked ? "destination-out" : "source-over";
+  ctx.fillStyle = "#f33";
+  ctx.beginPath();
+  ctx.arc((event.clientX - box.left) * scale, (event.clientY - box.top) * scale,
+          Number($("brush").value) * scale / 2, 0, 2 * Math.PI);
+  ctx.fill();
+}
+
+function invertMask() {
+  const c = $("mask-canvas");
+  const ctx = c.getContext("2d");
+  const image = ctx.getImageData(0, 0, c.width, c.height);
+  for (let i = 0; i < image.data.length; i += 4) {
+    const painted = image.data[i + 3] > 0;
+    image.data.set(painted ? [0, 0, 0, 0] : [255, 51, 51, 255], i);
+  }
+  ctx.putImageData(image, 0, 0);
+}
+
+async function uploadMask() {
+  // white where painted, black elsewhere, at the image's own size (the server's convention: white = repaint)
+  const c = $("mask-canvas");
+  const out = document.createElement("canvas");
+  out.width = c.width; out.height = c.height;
+  const image = c.getContext("2d").getImageData(0, 0, c.width, c.height);
+  for (let i = 0; i < image.data.length; i += 4) {
+    const v = image.data[i + 3] > 0 ? 255 : 0;
+    image.data.set([v, v, v, 255], i);
+  }
+  out.getContext("2d").putImageData(image, 0, 0);
+  const blob = await new Promise((resolve) => out.toBlob(resolve, "image/png"));
+  const form = new FormData();
+  form.append("file", blob, "mask.png");
+  return (await api("/v1/uploads", { method: "POST", body: form })).id;
+}
+
+function showExpand() {
+  const e = state.edit.expand;
+  $("expand-info").textContent = e.some((v) => v) ? `left ${e[0]}, top ${e[1]}, right ${e[2]}, bottom ${e[3]} px` : "no expansion";
+}
+
+async function editFields() {
+  if (!state.edit) return {};
+  const fields = { image: state.edit.id, strength: Number($("strength").value) };
+  if (maskPainted()) fields.mask = await uploadMask();
+  if (state.edit.expand.some((v) => v)) fields.expand = state.edit.expand;
+  return fields;
+}
+
 function settings() {
   const m = model();
-  const body = { model: m.id, prompt: $("prompt").value, aspect: state.aspect,
+  const body = { model: m.id, prompt: $("prompt").value, aspect: state.edit ? null : state.aspect,
                  seed: Number($("seed").value), num_images: Number($("num").value), refs: state.refs };
   if (m.steps != null) body.steps = Number($("steps").value);
   if (m.guidance_mode !== "none") body.guidance = Number($("guidance").value);
@@ -125,7 +217,7 @@ async function generate(event) {
   $("generate").disabled = true;
   $("status").textContent = "Queued…";
   try {
-    const job = await api("/v1/jobs", { method: "POST", body: JSON.stringify(settings()) });
+    const job = await api("/v1/jobs", { method: "POST", body: JSON.stringify({ ...settings(), ...(await editFields()) }) });
     let shownStep = -1;
     const done = await follow(job, (j) => {
       $("progress").max = j.progress.steps || 1;
@@ -230,6 +322,26 @@ async function init() {
   drop.ondragleave = () => drop.classList.remove("over");
   drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); addRefs(e.dataTransfer.files); };
   document.addEventListener("keydown", (e) => { if (e.ctrlKey && e.key === "Enter") generate(e); });
+  const editDrop = $("edit-drop");
+  editDrop.onclick = () => $("edit-input").click();
+  $("edit-input").onchange = (e) => setEditImage(e.target.files[0]);
+  editDrop.ondragover = (e) => { e.preventDefault(); editDrop.classList.add("over"); };
+  editDrop.ondragleave = () => editDrop.classList.remove("over");
+  editDrop.ondrop = (e) => { e.preventDefault(); editDrop.classList.remove("over"); setEditImage(e.dataTransfer.files[0]); };
+  const mask = $("mask-canvas");
+  mask.onpointerdown = (e) => { mask.setPointerCapture(e.pointerId); paintAt(e); };
+  mask.onpointermove = (e) => { if (e.buttons & 1) paintAt(e); };
+  $("mask-clear").onclick = () => mask.getContext("2d").clearRect(0, 0, mask.width, mask.height);
+  $("mask-invert").onclick = invertMask;
+  $("edit-remove").onclick = removeEditImage;
+  $("strength").oninput = () => {
+    $("strength-value").textContent = $("strength").value;
+    if (state.edit) state.edit.strengthSet = true;
+  };
+  for (const b of document.querySelectorAll("#outpaint [data-side]")) {
+    b.onclick = () => { state.edit.expand[Number(b.dataset.side)] += 64; maskDefaults(); showExpand(); };
+  }
+  $("expand-reset").onclick = () => { state.edit.expand = [0, 0, 0, 0]; showExpand(); };
   await refreshGallery();
 }
 
