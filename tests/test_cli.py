@@ -297,3 +297,5 @@ def test_outpainting_from_the_cli_with_expand_or_canvas(klein_folder, tmp_path, 
     assert run.returncode == 0, run.stderr
     tall = Image.open(tmp_path / "tall.png")
     assert tall.size == (96, 96) and json.loads(tall.info["flux2"])["init"]["expand"] == [16, 32, 16, 0]
+    both = cli("edit", photo, "p", "--canvas", "96x96", "--size", "64x64", *common(folder), "-o", tmp_path / "z.png")
+    assert both.returncode == 2 and "--canvas sets the output size" in both.stderr

@@ -149,9 +149,11 @@ def test_outpainting_keeps_the_original_pixels_and_records_the_expansion():
 
 
 def test_the_seam_takes_on_the_kept_areas_colour_offset_and_fades_out():
-    original = Image.new("RGB", (64, 64), (100, 100, 100))
+    original = Image.new("RGB", (128, 64), (100, 100, 100))  # the left half kept, the right half generated
     decoded = Image.new("RGB", (128, 64), (120, 120, 120))  # the generated canvas came out 20 brighter
-    out = np.asarray(paste_kept(decoded, original, 0, 0, band=32)).astype(int)
+    repaint = torch.zeros(1, 1, 64, 128)
+    repaint[..., 64:] = 1
+    out = np.asarray(paste_kept(decoded, original, repaint, band=32)).astype(int)
     assert (out[:, :64] == 100).all()  # kept exactly
     assert abs(out[32, 64, 0] - 100) <= 1  # just across the seam: the offset fully applied
     assert out[32, 127, 0] == 120  # a band away: untouched
@@ -207,10 +209,12 @@ def test_edit_arguments_need_an_image_and_leave_room_for_it_among_references():
     # nano never learnt references: its start image is not one, so all four places stay free
     req = build_request(nano, "p", image=_photo(128, 128), mask=_mask(8, 8, (0, 0, 4, 4)), refs=[_photo(64, 64)] * 4)
     assert len(req.refs) == 4
+    assert build_request(nano, "p", image=_photo(1024, 768)).init.image.size == (256, 192)  # fitted to nano's sides
+    assert build_request(nano, "p", image=_photo(1024, 1024), expand=(64, 0, 0, 0)).init.image.size == (256, 192)
     with pytest.raises(
-        ValueError, match=r"the image \(1024x1024, used at 1024x1024\) does not fit: width 1024 .*pass a size"
+        ValueError, match=r"the image \(1024x64, used at 256x16\) does not fit: height 16 .*pass a size"
     ):
-        build_request(nano, "p", image=_photo(1024, 1024))
+        build_request(nano, "p", image=_photo(1024, 64))
     assert build_request(nano, "p", image=_photo(1024, 1024), size=(128, 128)).init.image.size == (128, 128)
 
 
@@ -249,3 +253,30 @@ def test_inpainting_adds_an_object_in_the_masked_cell_of_a_shapes_scene():
     budget = np.abs(np.asarray(round_trip, dtype=float)[y0:y1, x0:x1] - before).mean()
     for out in outs:
         assert np.abs(np.asarray(out, dtype=float)[y0:y1, x0:x1] - before).mean() <= 1.15 * budget
+
+
+def test_a_mask_inside_an_outpainted_image_is_repainted_not_pasted_over():
+    ours = _tiny_klein()
+    image = _photo(64, 64)
+    mask = _mask(64, 64, (0, 0, 32, 64))  # repaint the left half too
+    out = np.asarray(ours("p", steps=2, seed=1, image=image, mask=mask, expand=(0, 0, 32, 0))[0])
+    assert np.array_equal(out[:, 32:64], np.asarray(image)[:, 32:])  # the unmasked half is the original
+    assert np.abs(out[:, :32].astype(int) - np.asarray(image)[:, :32]).mean() > 5  # the masked half was generated
+
+
+def test_start_images_are_read_upright_in_eight_bits_and_a_zero_expansion_is_image_to_image():
+    import io
+
+    nano = get_variant("nano")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees to view, as phones write portraits
+    buf = io.BytesIO()
+    _photo(128, 64).save(buf, format="JPEG", exif=exif)
+    turned = Image.open(buf)
+    assert build_request(nano, "p", image=turned).init.image.size == (64, 128)  # as a browser shows it
+    grey = np.full((64, 64), int(0.3 * 65535), dtype=np.uint16)
+    grey[:, 32:] = int(0.8 * 65535)
+    mask16 = Image.fromarray(grey)  # mode I;16
+    req = build_request(nano, "p", image=_photo(64, 64), mask=mask16)
+    assert req.init.mask[0, 0, :, :32].max() == 0 and req.init.mask[0, 0, :, 32:].min() == 1  # scaled, not clipped
+    assert build_request(nano, "p", image=_photo(64, 64), expand=(0, 0, 0, 0)).init.strength == 0.75

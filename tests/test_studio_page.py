@@ -207,6 +207,9 @@ def test_paint_a_mask_and_inpaint_only_there(page, tmp_path):
     page.mouse.click(box["x"] + 120 * scale, box["y"] + 76 * scale)
     page.fill("#prompt", "a blue circle in the top left and a red square in the bottom right")
     run_and_wait(page)
+    page.wait_for_selector("#result img")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("#view-generate").screenshot(path=str(ARTIFACTS / "studio-edit.png"))
     job = job_with_prompt(page, "a blue circle in the top left and a red square in the bottom right")
     assert job["settings"]["mask"] and job["settings"]["image"] and job["settings"]["strength"] == 1.0
     fetch = "(url) => fetch(url).then((r) => r.arrayBuffer()).then((b) => Array.from(new Uint8Array(b)))"

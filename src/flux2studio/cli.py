@@ -265,7 +265,9 @@ def edit_settings(args: argparse.Namespace, image) -> dict:
     if args.expand:
         out["expand"] = args.expand
     elif args.canvas:
-        out["expand"] = expansion(args.size or start_size(image), args.canvas, args.anchor)
+        if args.size or args.aspect:
+            raise ValueError("--canvas sets the output size (the image plus what it grows by): omit --size/--aspect")
+        out["expand"] = expansion(start_size(image), args.canvas, args.anchor)
     return out
 
 

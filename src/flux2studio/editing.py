@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 from torch import Tensor
 
 from .images import REF_MAX_AREA, check_size, image_hash
@@ -46,7 +46,7 @@ class Init:
     mask_hash: str | None = None
     mask_blur: int = 0
     expand: tuple[int, int, int, int] = (0, 0, 0, 0)  # px added left, top, right, bottom
-    kept: Image.Image | None = None  # outpainting: the original pixels, put back at (left, top) after decoding
+    paste_back: bool = False  # outpainting: the unmasked pixels of `image` are put back after decoding
 
     def metadata(self) -> dict:
         return {
@@ -72,7 +72,7 @@ def build_init(
         raise ValueError(f"image must be a PIL image, got {type(image).__name__}")
     if mask is not None and not isinstance(mask, Image.Image):
         raise ValueError(f"mask must be a PIL image, got {type(mask).__name__}")
-    default = STRENGTH_DEFAULT["mask" if mask is not None or expand else "image"]
+    default = STRENGTH_DEFAULT["mask" if mask is not None or any(expand or ()) else "image"]
     strength = default if strength is None else strength
     if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0.0 < strength <= 1.0:
         raise ValueError(f"strength {strength!r} is out of range: more than 0, at most 1")
@@ -82,12 +82,15 @@ def build_init(
     if any(expand) and size is not None:
         raise ValueError("give an expansion or a size, not both: the canvas is the image plus the expansion")
     lo, hi, model = limits
+    image, mask = upright(image), None if mask is None else upright(mask)
     w, h = image.size
     if min(w, h) < 1:
         raise ValueError(f"image is {w}x{h}: empty")
     chosen = size is None
     if chosen:
-        size = start_size(image)
+        size = fitted(image.size, expand, hi)
+        if size != start_size(image):
+            log.info("image %dx%d used at %dx%d: %s takes sides up to %d", w, h, *size, model, hi)
     canvas = (size[0] + expand[0] + expand[2], size[1] + expand[1] + expand[3])
     try:
         check_size(*canvas, lo, hi, model)
@@ -98,15 +101,13 @@ def build_init(
             raise ValueError(f"the image ({w}x{h}, used at {size[0]}x{size[1]}) does not fit: {e}; "
                              "pass a size to resize it") from None  # fmt: skip
         raise
-    start = resized(image.convert("RGB") if image.mode not in ("RGB", "L", "RGBA") else image, size).convert("RGB")
+    start = resized(image, size).convert("RGB")
     binary = None
     if mask is not None:
         if mask.size != image.size:
             log.info("mask %dx%d resized to the image's %dx%d", *mask.size, *image.size)
         binary = prepare_mask(mask, size, mask_blur)
-    kept = None
     if any(expand):
-        kept = start
         start, grown = expand_canvas(start, expand)
         binary = grown if binary is None else F.pad(binary, (expand[0], expand[2], expand[1], expand[3]), value=1.0)
     if binary is not None and not _any_token(binary):
@@ -120,8 +121,30 @@ def build_init(
         mask_hash=None if mask is None else image_hash(mask),
         mask_blur=mask_blur,
         expand=expand,
-        kept=kept,
+        paste_back=any(expand),
     )
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """As it is meant to be seen (EXIF orientation applied, as browsers do: a mask painted on the page lines up)
+    in 8 bits a channel: 16-bit and float greys are scaled to 0..255 (Pillow would clip them), palettes and
+    CMYK turned RGB."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 1.0 if image.mode == "F" and values.max() <= 1.0 else 65535.0 if image.mode != "F" else values.max()
+        return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return image if image.mode in ("RGB", "L", "RGBA", "LA") else image.convert("RGB")
+
+
+def fitted(size: tuple[int, int], expand: Sequence[int], max_side: int) -> tuple[int, int]:
+    """The start size for an image of `size` (under the pixel cap, multiples of 16), scaled down if needed so
+    that it and its expansion fit `max_side`."""
+    w, h = _capped(size)
+    left, top, right, bottom = expand or (0, 0, 0, 0)
+    room_w, room_h = max_side - left - right, max_side - top - bottom
+    scale = min(1.0, room_w / w, room_h / h) if room_w > 0 and room_h > 0 else 1.0
+    return int(w * scale) // MULTIPLE * MULTIPLE, int(h * scale) // MULTIPLE * MULTIPLE
 
 
 def check_expand(expand: Sequence[int] | None) -> tuple[int, int, int, int]:
@@ -202,20 +225,23 @@ def expansion(
     return left, top, cw - w - left, ch - h - top
 
 
-def paste_kept(image: Image.Image, kept: Image.Image, left: int, top: int, band: int = SEAM_BAND) -> Image.Image:
-    """`kept` put back unchanged at (left, top); within `band` px of it the generated pixels take on the local
-    colour offset between `kept` and the decoded image there, fading to none at the band's end."""
+def paste_kept(image: Image.Image, original: Image.Image, repaint: Tensor, band: int = SEAM_BAND) -> Image.Image:
+    """`original`'s pixels put back unchanged wherever `repaint` (1, 1, H, W) is 0; within `band` px of them the
+    generated pixels take on the local colour offset between `original` and the decoded image, fading to none
+    at the band's end."""
     out = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
-    inside = torch.zeros(1, 1, *out.shape[-2:])
-    inside[..., top : top + kept.height, left : left + kept.width] = 1
-    original = torch.zeros_like(out)
-    original[..., top : top + kept.height, left : left + kept.width] = torch.from_numpy(
-        np.asarray(kept.convert("RGB"), dtype=np.float32)
-    ).permute(2, 0, 1)
-    size = 2 * band + 1
-    near = F.avg_pool2d(inside, size, stride=1, padding=band, count_include_pad=False)  # share of kept pixels
-    offset = F.avg_pool2d((original - out) * inside, size, stride=1, padding=band, count_include_pad=False)
-    offset = offset / near.clamp_min(1e-6)
+    original_t = torch.from_numpy(np.asarray(original.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
+    inside = (repaint == 0).float()
+    near = _box_mean(inside, band)  # share of kept pixels around each pixel
+    offset = _box_mean((original_t - out) * inside, band) / near.clamp_min(1e-6)
+    original = original_t
     fade = (2 * near).clamp(max=1.0)  # 1 at the seam, 0 one band away
     result = torch.where(inside.bool(), original, out + fade * offset).clamp(0, 255).round()
     return Image.fromarray(result[0].permute(1, 2, 0).to(torch.uint8).numpy())
+
+
+def _box_mean(x: Tensor, radius: int) -> Tensor:
+    """Mean over a (2r+1)^2 window of the pixels inside the image, as two 1-D passes (the same numbers)."""
+    k = 2 * radius + 1
+    rows = F.avg_pool2d(x, (1, k), stride=1, padding=(0, radius), count_include_pad=False)
+    return F.avg_pool2d(rows, (k, 1), stride=1, padding=(radius, 0), count_include_pad=False)

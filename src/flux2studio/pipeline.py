@@ -378,9 +378,8 @@ class Pipeline:
             mask_blur=mask_blur,
         )
         images = to_pil(self.decode(self.generate_latents(req, callback)))
-        if req.init is not None and req.init.kept is not None:  # outpainting: the original pixels, unchanged
-            left, top = req.init.expand[:2]
-            images = [paste_kept(im, req.init.kept, left, top) for im in images]
+        if req.init is not None and req.init.paste_back:  # outpainting: the original pixels, unchanged
+            images = [paste_kept(im, req.init.image, req.init.mask) for im in images]
         for i, out in enumerate(images):
             meta = self.metadata(req, i)
             out.info["flux2"] = json.dumps(meta)

@@ -404,8 +404,9 @@ def create_app(
         if mask is not None:  # inpainting: the first image is edited where the mask is transparent
             mask_id = await asyncio.to_thread(_alpha_mask, await mask.read(limits.max_upload_bytes + 1), store, limits)
             start, *refs = [await save_upload(f, store, limits) for f in images]
-            job = submit(job_request(model=model, prompt=prompt, width=width, height=height, num_images=n,
-                                     seed=seed, image=start, mask=mask_id, refs=refs))  # fmt: skip
+            request_ = job_request(model=model, prompt=prompt, width=width, height=height, num_images=n, seed=seed,
+                                   image=start, mask=mask_id, refs=refs)  # fmt: skip
+            job = await asyncio.to_thread(submit, request_)  # resizes and hashes the images: off the event loop
             return await _openai_result(store, job.id, response_format, request)
         refs = [await save_upload(f, store, limits) for f in images]
         if width is None:  # the output follows the first image, as in the CLI

@@ -113,13 +113,15 @@ function maskPainted() {
   return false;
 }
 
-function maskDefaults() {
-  // a mask or an expansion repaints its area from noise (strength 1), unless the slider was moved
-  if (!state.edit.strengthSet) { $("strength").value = 1; $("strength-value").textContent = "1"; }
+function syncStrength() {
+  // unless the slider was moved: a mask or an expansion repaints its area from noise (1), a whole image 0.75
+  if (!state.edit || state.edit.strengthSet) return;
+  const value = maskPainted() || state.edit.expand.some((v) => v) ? "1" : "0.75";
+  $("strength").value = value;
+  $("strength-value").textContent = value;
 }
 
 function paintAt(event) {
-  if (!$("eraser").checked) maskDefaults();
   const c = $("mask-canvas");
   const box = c.getBoundingClientRect();
   const scale = c.width / box.width;
@@ -128,7 +130,7 @@ function paintAt(event) {
   ctx.fillStyle = "#f33";
   ctx.beginPath();
   ctx.arc((event.clientX - box.left) * scale, (event.clientY - box.top) * scale,
-          Number($("brush").value) * scale / 2, 0, 2 * Math.PI);
+          Number($("brush").value) / 2, 0, 2 * Math.PI);  // brush size in the image's own pixels
   ctx.fill();
 }
 
@@ -331,17 +333,18 @@ async function init() {
   const mask = $("mask-canvas");
   mask.onpointerdown = (e) => { mask.setPointerCapture(e.pointerId); paintAt(e); };
   mask.onpointermove = (e) => { if (e.buttons & 1) paintAt(e); };
-  $("mask-clear").onclick = () => mask.getContext("2d").clearRect(0, 0, mask.width, mask.height);
-  $("mask-invert").onclick = invertMask;
+  mask.onpointerup = syncStrength;
+  $("mask-clear").onclick = () => { mask.getContext("2d").clearRect(0, 0, mask.width, mask.height); syncStrength(); };
+  $("mask-invert").onclick = () => { invertMask(); syncStrength(); };
   $("edit-remove").onclick = removeEditImage;
   $("strength").oninput = () => {
     $("strength-value").textContent = $("strength").value;
     if (state.edit) state.edit.strengthSet = true;
   };
   for (const b of document.querySelectorAll("#outpaint [data-side]")) {
-    b.onclick = () => { state.edit.expand[Number(b.dataset.side)] += 64; maskDefaults(); showExpand(); };
+    b.onclick = () => { state.edit.expand[Number(b.dataset.side)] += 64; syncStrength(); showExpand(); };
   }
-  $("expand-reset").onclick = () => { state.edit.expand = [0, 0, 0, 0]; showExpand(); };
+  $("expand-reset").onclick = () => { state.edit.expand = [0, 0, 0, 0]; syncStrength(); showExpand(); };
   await refreshGallery();
 }
 
