@@ -146,8 +146,13 @@ def test_curriculum_options_draw_fewer_objects_and_more_high_noise_levels():
 
     from flux2studio.nano.train import TrainConfig, p_state
 
-    with pytest.raises(ValueError, match="unknown option p_colr: one of p_color"):
-        p_state(TrainConfig(stage="base", extra={"p_colr": "1"}))  # a typo is named, not silently ignored
+    with pytest.raises(ValueError, match=r"unknown option p_colr: one of shift, high_t, .*, p_color, "):
+        TrainConfig(stage="base", extra={"p_colr": "1"})  # a typo is named with every known name, not ignored
+    with pytest.raises(ValueError, match=r"option substeps='two' is not a whole number"):
+        TrainConfig(stage="distill", extra={"substeps": "two"})
+    typed = TrainConfig(stage="base", extra={"p_cell": "1", "objects": "2", "shift": "2.5"})
+    assert p_state(typed) == {"cell": 1.0} and typed.options.objects == 2 and typed.options.shift == 2.5
+    assert TrainConfig(stage="base").options.siblings == 1  # defaults in one place: StageOptions
 
     plain = flow_timesteps(torch.Generator().manual_seed(0), 20_000, 2.5)
     high = flow_timesteps(torch.Generator().manual_seed(0), 20_000, 2.5, high_t=0.5)

@@ -347,7 +347,7 @@ def test_uploads_are_decoded_off_the_event_loop(tmp_path, monkeypatch):
     and /health waited for it)."""
     import httpx
 
-    from flux2studio.serve import app as app_module
+    from flux2studio.serve import uploads as app_module
 
     started, release, answers = threading.Event(), threading.Event(), []
     check = app_module._check_image

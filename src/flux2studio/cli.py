@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from functools import cache
 
+from . import variants
 from .kernels import ATTENTION_MODES
 from .precision import DTYPE_CHOICES, DTYPE_NAMES
 from .variants import ANCHORS, ASPECTS, VARIANTS, Variant, get_variant
@@ -121,10 +122,9 @@ def parse_bytes(text: str) -> int:
 
 def parse_size(text: str) -> tuple[int, int]:
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 1024x768") from None
-    return w, h
+        return variants.parse_size(text.strip().lower())  # on the command line, " 1024X768" is meant too
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @dataclasses.dataclass
@@ -404,7 +404,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         kw = dict(settings)
         if getattr(pipe, "endpoint", None) is not None and pipe.endpoint.steps is None:
             kw.pop("steps", None)  # fixed-step hosted models: the same prompt, size and seed, their own steps
-        if pipe.variant.guidance_mode != "cfg":
+        if not pipe.variant.uses_cfg:
             kw.pop("negative_prompt", None)  # what only real CFG uses: for the models that run it
             kw.pop("guidance_interval", None)
         if not (pipe.variant.upsampler or pipe.variant.hosted):
@@ -495,7 +495,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .loading import load
     from .serve.app import create_app
 
-    weights = dict(m.split("=", 1) if "=" in m else (m, None) for m in (args.model or ["nano", "nano-base"]))
+    served = args.model or [v.id for v in VARIANTS.values() if v.embedded]
+    weights = dict(m.split("=", 1) if "=" in m else (m, None) for m in served)
 
     api_models = [m for m, w in weights.items() if w == "api"]  # `--model klein-4b=api`: klein on BFL's API
     if api_models or any(get_variant(m).hosted for m in weights):

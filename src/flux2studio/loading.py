@@ -39,7 +39,7 @@ from .precision import compute_dtype, storage, widen_on_use
 from .text_encoders import TextEncoder, load_minilm
 from .variants import VARIANTS, TextEncoderSpec, TransformerConfig, Variant, get_variant
 
-EMBEDDED_IDS = ("nano", "nano-base")
+EMBEDDED_IDS = tuple(v.id for v in VARIANTS.values() if v.embedded)  # weights inside the package
 BLOCKS = ("double_blocks.", "single_blocks.")  # the transformer's streamed blocks (BFL names = ours)
 
 
@@ -68,7 +68,6 @@ PIPELINE_CLASSES = {  # diffusers pipeline class -> our variant family
     "Flux2KleinPipeline": "klein",
     "Flux2KleinKVPipeline": "klein-9b-kv",
 }
-BFL_PREFIX = "model.diffusion_model."
 
 
 def detect_variant(pipeline_class: str, is_distilled: bool, transformer: TransformerConfig) -> Variant:
@@ -233,7 +232,7 @@ def variant_for_file(path: Path, t_cfg: TransformerConfig, model_id: str | None)
         if any(f.lower() == name for f in v.files):
             return v
     kv = [v for v in matches if v.kv_cache == ("kv" in name)]
-    base = [v for v in kv if (v.guidance_mode == "cfg") == ("base" in name)]
+    base = [v for v in kv if v.uses_cfg == ("base" in name)]
     return (base or kv or matches)[0]
 
 

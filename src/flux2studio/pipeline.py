@@ -116,13 +116,13 @@ def build_request(
         lo, hi = GUIDANCE_RANGE
         if not lo <= guidance <= hi:
             raise ValueError(f"guidance {guidance} is out of range {lo}..{hi}")
-    if negative_prompt is not None and variant.guidance_mode != "cfg":
+    if negative_prompt is not None and not variant.uses_cfg:
         raise ValueError(
             f"{variant.id} does not run classifier-free guidance, so a negative prompt has no effect: omit it"
         )
-    if variant.guidance_mode == "cfg" and negative_prompt is None:
+    if variant.uses_cfg and negative_prompt is None:
         negative_prompt = ""  # FLUX.2 Base: empty negative prompt by default (FLUX2.md §6)
-    if guidance_interval is not None and variant.guidance_mode != "cfg":
+    if guidance_interval is not None and not variant.uses_cfg:
         raise ValueError(f"{variant.id} does not run classifier-free guidance, so a guidance interval has no effect")
     lo, hi = variant.guidance_interval if guidance_interval is None else _interval(guidance_interval)
     if not 0.0 <= lo < hi <= 1.0:
@@ -396,7 +396,7 @@ class Pipeline:
             "seed": req.seeds[i],
             "steps": req.steps,
             "guidance": req.guidance,
-            **({"guidance_interval": list(req.guidance_interval)} if self.variant.guidance_mode == "cfg" else {}),
+            **({"guidance_interval": list(req.guidance_interval)} if self.variant.uses_cfg else {}),
             **({"prompt_upsampling": req.prompt_upsampling} if self.variant.upsampler else {}),
             **({"upsampled_prompt": req.texts[i]} if req.prompt_upsampling else {}),
             "width": req.width,
@@ -436,7 +436,7 @@ class Pipeline:
         self.parts["transformer"].prefetch()  # read from disk while the text encoder computes
         txt = self.encode_prompts(req.texts)
         negative = None
-        if self.variant.guidance_mode == "cfg" and req.guidance > 1.0:
+        if self.variant.uses_cfg and req.guidance > 1.0:
             negative = self.encode_prompts([req.negative_prompt] * req.batch)
         self.release("text_encoder")  # phase 1 done: prompts are embeddings now
         txt_ids = sampling.text_ids(txt.shape[1]).to(self.device)

@@ -8,12 +8,24 @@ Numbers come from FLUX2.md §1 and diffusers 0.42.1's model configs.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 GuidanceMode = Literal["embedded", "cfg", "none"]
 # Aspect-ratio presets of the CLI, the API and the server (sizes come from each model's pixel count).
 ASPECTS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "21:9", "9:21")
+SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", re.ASCII)  # "1024x768": ASCII digits, nothing else
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1024x768' -> (1024, 768), strictly (ASCII digits, a lower-case x, nothing else); a ValueError otherwise."""
+    match = SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"size {text[:64]!r} is not WIDTHxHEIGHT in pixels, e.g. 1024x768")
+    return int(match[1]), int(match[2])
+
+
 # Outpainting: where the image sits on a larger canvas, as (x, y) fractions of the free space before it
 ANCHORS = {
     "center": (0.5, 0.5), "top-left": (0.0, 0.0), "top": (0.5, 0.0), "top-right": (1.0, 0.0), "left": (0.0, 0.5),
@@ -171,11 +183,17 @@ class Variant:
     # inpainting also shows the model the start image as its first reference (diffusers' Flux2KleinInpaintPipeline);
     # off for a model never trained on references (nano: with it, 0 of 6 seeds add the asked-for object; without, 6)
     inpaint_reference: bool = True
+    embedded: bool = False  # the weights ship inside the package: no download, works offline
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Real classifier-free guidance: a negative prompt, a guidance interval, two passes a step."""
+        return self.guidance_mode == "cfg"
 
     @property
     def cfg_interval(self) -> tuple[float, float] | None:
         """The noise levels CFG applies at by default, for a model that runs real CFG; else None."""
-        return self.guidance_interval if self.guidance_mode == "cfg" else None
+        return self.guidance_interval if self.uses_cfg else None
 
 
 APACHE = "Apache-2.0"
@@ -278,6 +296,7 @@ _LOCAL = [
         max_side=256,
         upsampler="shapes",
         inpaint_reference=False,
+        embedded=True,
         mu=1.0,
     ),
     Variant(
@@ -295,6 +314,7 @@ _LOCAL = [
         max_side=256,
         upsampler="shapes",
         inpaint_reference=False,
+        embedded=True,
     ),
 ]
 

@@ -70,7 +70,7 @@ def evaluate(
     steps = steps or pipe.variant.steps
     guidance = guidance if guidance is not None else pipe.variant.guidance
     kw = {"guidance": guidance} if pipe.variant.guidance_mode != "none" else {}
-    if pipe.variant.guidance_mode == "cfg" or guidance_interval is not None:  # the pipeline refuses it for others
+    if pipe.variant.uses_cfg or guidance_interval is not None:  # the pipeline refuses it for others
         kw["guidance_interval"] = guidance_interval = tuple(guidance_interval or pipe.variant.guidance_interval)
     upsampling = resolve_upsampling(pipe.variant, prompt_upsampling)
     if prompt_upsampling is not None:

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +77,57 @@ BUCKETS: tuple[tuple[tuple[int, int], float], ...] = (
 
 
 @dataclass(frozen=True)
+class StageOptions:
+    """The finer training knobs, set with `--set NAME=VALUE` (strings are converted to these types); a name not
+    here is refused with the list of those that are. Which stage reads each is in its comment."""
+
+    # base
+    shift: float = 6.0  # time shift of the training noise levels (higher: more steps near pure noise)
+    high_t: float = 0.0  # share of samples whose noise level is drawn from [0.9, 1] (`flow_timesteps`)
+    mid_t: float = 0.0  # share drawn from [0.6, 0.95], where shapes are decided
+    object_weight: float = 1.0  # loss weight of tokens covered by objects (1: all tokens alike)
+    swap: float = 0.0  # share of counterfactual samples: x_t made from the scene with its stated shapes changed
+    recount: float = 0.0  # share of counterfactuals with an object added or removed
+    swap_lo: float = 0.6  # counterfactuals' noise levels: from here ...
+    swap_hi: float = 0.95  # ... to here, where outlines and objects are decided
+    siblings: int = 1  # samples sharing one caption, its scene placed again for each (divides the batch)
+    objects: int | None = None  # at most this many objects a scene (None: the world's maximum)
+    init_step: int = 0  # with `init` and no checkpoint: the step count continues from here
+    # base and distill
+    init: str | None = None  # start from these weights (a .safetensors of the stage's model)
+    # distill
+    guidance: float | None = None  # the teacher's CFG scale (None: nano-base's default)
+    substeps: int = 6  # teacher steps per student step
+    on_policy: float = 0.0  # chance a batch after the first segment starts from the student's own rollout
+    # vae
+    stats_images: int = 1024  # images to measure the latent statistics (BatchNorm) on
+    # captions: how often each attribute is stated (None: the world's shapes.P_STATE / P_COARSE)
+    p_color: float | None = None
+    p_shape: float | None = None
+    p_size: float | None = None
+    p_cell: float | None = None
+    p_background: float | None = None
+    p_lighting: float | None = None
+    p_coarse: float | None = None  # a whole caption states one kind of attribute only
+
+    @classmethod
+    def parse(cls, values: dict) -> StageOptions:
+        """From `--set` pairs (strings or values); unknown names and unconvertible values are errors."""
+        known = {f.name: f for f in fields(cls)}
+        if unknown := sorted(set(values) - set(known)):
+            raise ValueError(f"unknown option {', '.join(unknown)}: one of {', '.join(known)}")
+        typed = {}
+        for name, value in values.items():
+            kind = {"float": float, "int": int, "str": str}[str(known[name].type).split(" ")[0]]
+            try:
+                typed[name] = None if value is None else kind(value)
+            except ValueError:
+                what = {float: "a number", int: "a whole number", str: "text"}[kind]
+                raise ValueError(f"option {name}={value!r} is not {what}") from None
+        return cls(**typed)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     stage: str  # "vae" | "base" | "distill"
     out: str = "runs/nano"
@@ -91,7 +142,7 @@ class TrainConfig:
     ema: float = 0.999
     kl_weight: float = 1e-4
     threads: int = 2
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # `--set` pairs as given (kept in checkpoints): see `options`
     stop_after: int = 0  # 0: run to `steps`; else stop (with a checkpoint) after this step of the schedule
     device: str = "cpu"  # where the models run; data, noise and timesteps are drawn on the CPU either way
     workers: int = 0  # processes rendering the next batches while this one trains (0: render in-process)
@@ -101,6 +152,7 @@ class TrainConfig:
         for name in ("workers", "max_minutes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        object.__setattr__(self, "options", StageOptions.parse(self.extra))  # typed; unknown names refused
 
     @property
     def end(self) -> int:
@@ -278,7 +330,7 @@ class Counterfactuals:
 
     @classmethod
     def of(cls, cfg: TrainConfig) -> Counterfactuals:
-        return cls(float(cfg.extra.get("swap", 0.0)), float(cfg.extra.get("recount", 0.0)))
+        return cls(cfg.options.swap, cfg.options.recount)
 
 
 # ----------------------------------------------------------------------------- stage: vae
@@ -328,7 +380,7 @@ def train_vae(cfg: TrainConfig, log: Callable[[dict], None]) -> AutoEncoder:
             )
         if stop:
             return vae  # stopped early: the latent statistics and vae.safetensors come with the finished run
-    measure_latent_stats(vae, cfg.seed, n=int(cfg.extra.get("stats_images", 1024)))
+    measure_latent_stats(vae, cfg.seed, n=cfg.options.stats_images)
     save_file({k: v.contiguous().cpu() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"))
     return vae
 
@@ -380,11 +432,8 @@ class Frozen:
 def p_state(cfg: TrainConfig) -> dict[str, float]:
     """How often captions state each attribute, from `--set p_cell=1` etc. (shapes.P_STATE otherwise);
     `p_coarse` is how often a caption states one kind of attribute only (shapes.P_COARSE otherwise)."""
-    stated = {k[2:]: float(v) for k, v in cfg.extra.items() if k.startswith("p_")}
-    if unknown := set(stated) - {*P_STATE, "coarse"}:
-        allowed = ", ".join(f"p_{k}" for k in (*P_STATE, "coarse"))
-        raise ValueError(f"unknown option {', '.join(f'p_{k}' for k in sorted(unknown))}: one of {allowed}")
-    return stated
+    given = {name: getattr(cfg.options, f"p_{name}") for name in (*P_STATE, "coarse")}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 @dataclass
@@ -408,9 +457,8 @@ def step_batch(cfg: TrainConfig, step: int, masks: bool, cf: Counterfactuals) ->
     generator: the same data whether it is made here or in a worker, in any order, and on a resume."""
     rng = np.random.default_rng([cfg.seed, step])
     size = pick_bucket(rng)
-    max_objects = int(cfg.extra["objects"]) if "objects" in cfg.extra else None
-    siblings = int(cfg.extra.get("siblings", 1))
-    batch = caption_batch(rng, cfg.batch, size, p_state(cfg), masks, max_objects, cf.swap, cf.recount, siblings)
+    o = cfg.options
+    batch = caption_batch(rng, cfg.batch, size, p_state(cfg), masks, o.objects, cf.swap, cf.recount, o.siblings)
     return batch, [bool(rng.random() < cfg.caption_dropout) for _ in batch.captions]
 
 
@@ -592,21 +640,21 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
     frozen = Frozen(out / "vae.safetensors", device)
     torch.manual_seed(cfg.seed)
     model = Flux2Transformer(get_variant("nano-base").transformer)
-    if init := cfg.extra.get("init"):
+    if init := cfg.options.init:
         model.load_state_dict({k: v.float() for k, v in load_file(init).items()})
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
     names = {p: n for n, p in model.named_parameters()}
     ema = Ema(model, cfg.ema)
-    start = resume(out / "base.ckpt.safetensors", model, ema, opt, names) or int(cfg.extra.get("init_step", 0))
-    shift = float(cfg.extra.get("shift", 6.0))
+    start = resume(out / "base.ckpt.safetensors", model, ema, opt, names) or cfg.options.init_step
+    shift = cfg.options.shift
     # Objects cover a few tokens of 64; weighting them makes the loss (and the gradient) about what the
     # caption says rather than about the background, which is learnt early anyway.
-    object_weight = float(cfg.extra.get("object_weight", 1.0))
-    high_t, mid_t = float(cfg.extra.get("high_t", 0.0)), float(cfg.extra.get("mid_t", 0.0))
+    object_weight = cfg.options.object_weight
+    high_t, mid_t = cfg.options.high_t, cfg.options.mid_t
     # Counterfactuals (stated shapes changed, an object added or removed): x_t made from the changed scene,
     # the target the true scene, at noise levels in [swap_lo, swap_hi] where outlines and objects are decided.
-    swap_lo, swap_hi = float(cfg.extra.get("swap_lo", 0.6)), float(cfg.extra.get("swap_hi", 0.95))
+    swap_lo, swap_hi = cfg.options.swap_lo, cfg.options.swap_hi
     loop = Loop(cfg, "base", "nano-base", model, ema, opt, names, log, evaluate)
     stream = batches(cfg, frozen, start, masks=object_weight != 1, cf=Counterfactuals.of(cfg))
     with contextlib.closing(stream):  # closed on a break or an error: the render workers end with it
@@ -690,7 +738,7 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
     for p in teacher.parameters():
         p.requires_grad_(False)
     model = copy.deepcopy(teacher).train()
-    if init := cfg.extra.get("init"):
+    if init := cfg.options.init:
         model.load_state_dict({k: v.float() for k, v in load_file(init).items()})
     for p in model.parameters():
         p.requires_grad_(True)
@@ -699,9 +747,8 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
     ema = Ema(model, cfg.ema)
     start = resume(out / "distill.ckpt.safetensors", model, ema, opt, names)
     student = get_variant("nano")
-    guidance = float(cfg.extra.get("guidance", get_variant("nano-base").guidance))
-    substeps = int(cfg.extra.get("substeps", 6))
-    on_policy = float(cfg.extra.get("on_policy", 0.0))
+    guidance = cfg.options.guidance or get_variant("nano-base").guidance
+    substeps, on_policy = cfg.options.substeps, cfg.options.on_policy
     plain = TrainConfig(**{**asdict(cfg), "caption_dropout": 0.0})
     loop = Loop(cfg, "distill", "nano", model, ema, opt, names, log, evaluate)
     with contextlib.closing(batches(plain, frozen, start)) as stream:

@@ -9,20 +9,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .. import sampling
+from ..checkpoints import write_safetensors
 from ..model.transformer import Flux2Transformer
 from ..precision import autocast_dtype
 
 
 def save_checkpoint(path: Path, step: int, tensors: dict[str, Tensor], config: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    """Atomic (`write_safetensors`): a kill mid-write never leaves a broken checkpoint."""
     meta = {"step": str(step), "config": json.dumps(config)}
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)  # atomic: a kill mid-write never leaves a broken checkpoint
+    write_safetensors({k: v.detach().cpu() for k, v in tensors.items()}, path, meta)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> dict[str, Tensor]:

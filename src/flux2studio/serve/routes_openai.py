@@ -1,0 +1,109 @@
+"""OpenAI-compatible image routes: `POST /v1/images/generations` and `POST /v1/images/edits`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse
+from PIL import Image
+
+from ..hosted import MODERATED
+from ..variants import parse_size
+from .responses import openai_error
+from .schemas import OpenAIGeneration, job_request
+from .store import Store
+from .uploads import alpha_mask, save_upload
+from .validation import Admission, admission
+
+router = APIRouter()
+
+
+@router.post("/v1/images/generations")
+async def openai_generations(req: OpenAIGeneration, request: Request, adm: Admission = Depends(admission)) -> dict:
+    if req.stream:
+        raise HTTPException(400, "stream=true is not supported: images come back whole (omit stream)")
+    width, height = _parse_size(req.size)
+    job = adm.submit(job_request(model=req.model, prompt=req.prompt, width=width, height=height, num_images=req.n,
+                             seed=req.seed, steps=req.steps, guidance=req.guidance,
+                             negative_prompt=req.negative_prompt))  # fmt: skip
+    return await _openai_result(adm.store, job.id, req.response_format, request)
+
+
+@router.post("/v1/images/edits")
+async def openai_edits(
+    request: Request,
+    image: list[UploadFile] = File(None),
+    image_array: list[UploadFile] = File(None, alias="image[]"),  # how the openai client sends a list
+    prompt: str = Form(...),
+    mask: UploadFile | None = File(None),  # OpenAI's: fully transparent pixels (alpha 0) are edited
+    model: str = Form("nano"),
+    n: int = Form(1),
+    size: str | None = Form(None),
+    response_format: str = Form("b64_json"),
+    seed: int | None = Form(None),
+    adm: Admission = Depends(admission),
+) -> dict:
+    if response_format not in ("b64_json", "url"):
+        raise HTTPException(422, f"response_format {response_format[:64]!r}: b64_json or url")
+    images = [*(image or []), *(image_array or [])]
+    if not 1 <= len(images) <= adm.limits.max_refs:
+        raise HTTPException(422, f"{len(images)} images given (image or image[]); 1..{adm.limits.max_refs}")
+    width, height = _parse_size(size)
+    adm.check_basics(model, n, prompt=prompt)  # before any image is written
+    if mask is not None:  # inpainting: the first image is edited where the mask is transparent
+        mask_id = await asyncio.to_thread(
+            alpha_mask, await mask.read(adm.limits.max_upload_bytes + 1), adm.store, adm.limits
+        )
+        start, *refs = [await save_upload(f, adm.store, adm.limits) for f in images]
+        request_ = job_request(model=model, prompt=prompt, width=width, height=height, num_images=n, seed=seed,
+                               image=start, mask=mask_id, refs=refs)  # fmt: skip
+        job = await asyncio.to_thread(adm.submit, request_)  # resizes and hashes the images: off the event loop
+        return await _openai_result(adm.store, job.id, response_format, request)
+    refs = [await save_upload(f, adm.store, adm.limits) for f in images]
+    if width is None:  # the output follows the first image, as in the CLI
+        with Image.open(adm.store.ref_path(refs[0])) as first:
+            width, height = first.width // 16 * 16, first.height // 16 * 16
+    job = adm.submit(job_request(model=model, prompt=prompt, width=width, height=height, num_images=n, seed=seed,
+                             refs=refs))  # fmt: skip
+    return await _openai_result(adm.store, job.id, response_format, request)
+
+
+async def _openai_result(store: Store, job_id: str, response_format: str, request: Request,
+                         timeout: float = 600) -> dict | JSONResponse:  # fmt: skip
+    """Wait for the job; a client that goes away before its job starts cancels it (nobody would see it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = store.get(job_id)
+        if job.status == "done":
+            break
+        if job.status == "failed" and any(status in (job.error or "") for status in MODERATED):
+            return openai_error(400, job.public()["error"], "invalid_request_error", "content_policy_violation")
+        if job.status == "failed":  # the generation itself went wrong: a server error, not to be retried
+            return openai_error(500, f"generation failed: {job.public()['error'] or 'unknown error'}", "server_error")
+        if job.status == "cancelled":
+            return openai_error(409, "generation cancelled", "cancelled")
+        if job.status == "queued" and await request.is_disconnected():
+            store.cancel(job_id)
+            return openai_error(409, "client went away: generation cancelled", "cancelled")
+        if time.monotonic() > deadline:
+            return JSONResponse({"id": job_id, "status": job.status}, status_code=202)
+        await asyncio.sleep(0.1)
+    data = []
+    for image_id in job.images:
+        if response_format == "url":  # absolute, as OpenAI's are: built from the request's (allow-listed) host
+            data.append({"url": str(request.url_for("get_image", name=f"{image_id}.png"))})
+        else:
+            data.append({"b64_json": base64.b64encode(store.image_path(image_id).read_bytes()).decode()})
+    return {"created": int(job.finished or time.time()), "data": data}
+
+
+def _parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None:
+        return None, None
+    try:
+        return parse_size(size)
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None

@@ -1,0 +1,54 @@
+"""The request bodies of the HTTP API (pydantic): a native job, and OpenAI's image generation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import HTTPException
+from pydantic import BaseModel, Field, ValidationError
+
+
+class JobRequest(BaseModel):
+    model: str = Field(default="nano", max_length=64)
+    prompt: str  # text fields: length, NUL and Unicode checked in validate (Limits.text_problem)
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    aspect: str | None = Field(default=None, max_length=16)
+    steps: int | None = None
+    guidance: float | None = None
+    guidance_interval: tuple[float, float] | None = None  # CFG models: noise levels guided (default: the model's)
+    prompt_upsampling: bool | None = None  # nano: the planner (default on); flex, Kontext: the API's (default off)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    num_images: int = 1
+    refs: list[str] = []  # upload ids
+    loras: list[tuple[str, float]] = []  # server-side LoRA names (see --lora-dir) and scales
+    # editing (local models): a start image (upload id) for image-to-image; with a mask (upload id, white =
+    # repaint) or an expansion (px left, top, right, bottom) only that area is generated
+    image: str | None = Field(default=None, max_length=64)
+    mask: str | None = Field(default=None, max_length=64)
+    strength: float | None = None  # (0, 1]; default 0.75, 1 with a mask or expansion
+    expand: tuple[int, int, int, int] | None = None
+    mask_blur: int = 0
+
+
+class OpenAIGeneration(BaseModel):
+    prompt: str
+    model: str = Field(default="nano", max_length=64)
+    n: int = 1
+    size: str | None = Field(default=None, max_length=16)  # "WIDTHxHEIGHT"
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    steps: int | None = None
+    guidance: float | None = None
+    negative_prompt: str | None = None
+    stream: bool = False  # partial images are not streamed: True is a clear 400
+
+
+def job_request(**fields) -> JobRequest:
+    """A JobRequest from another route's fields; a field out of range is a 422 naming it, not a crash."""
+    try:
+        return JobRequest(**fields)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise HTTPException(422, problems) from None

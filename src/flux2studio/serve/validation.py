@@ -1,0 +1,196 @@
+"""Admission of work: every check a request passes before it is queued (the limits table, then the model's
+own rules through `build_request`), and what the served models are. Routes reach it through `admission`."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from fastapi import HTTPException, Request
+from PIL import Image
+
+from ..hosted import ENDPOINTS, MIN_SIDE, check_request, price
+from ..images import size_for_aspect
+from ..pipeline import build_request
+from ..variants import get_variant
+from .limits import Limits
+from .schemas import JobRequest
+from .store import Store
+from .worker import Worker
+
+
+class Admission:
+    """The store, the worker and the limits, with the served models (`remote`: those run on BFL's API)."""
+
+    def __init__(self, store: Store, worker: Worker, limits: Limits, served: list[str], remote: set[str],
+                 lora_dir: str | Path | None) -> None:  # fmt: skip
+        self.store, self.worker, self.limits = store, worker, limits
+        self.served, self.remote, self.lora_dir = served, remote, lora_dir
+
+    def validate(self, req: JobRequest) -> tuple[dict, int]:
+        """Every check before queueing: the limits table, then the model's own rules (build_request)."""
+        self.check_basics(req.model, req.num_images, prompt=req.prompt, negative_prompt=req.negative_prompt)
+        variant = get_variant(req.model)
+        if len(req.refs) > self.limits.max_refs:
+            raise HTTPException(422, f"{len(req.refs)} references; at most {self.limits.max_refs}")
+        if len(req.loras) > self.limits.max_loras:
+            raise HTTPException(422, f"{len(req.loras)} LoRAs; at most {self.limits.max_loras}")
+        if req.steps is not None and not 1 <= req.steps <= self.limits.max_steps:
+            raise HTTPException(422, f"steps {req.steps} is out of range 1..{self.limits.max_steps}")
+        if req.aspect is not None:
+            try:
+                req.width, req.height = size_for_aspect(req.aspect, variant.default_size[0] * variant.default_size[1])
+            except ValueError as e:
+                raise HTTPException(422, str(e)) from None
+        for ref in req.refs:
+            if self.store.ref_path(ref) is None:
+                raise HTTPException(422, f"unknown reference id {ref[:64]!r}: upload it to /v1/uploads first")
+        edit = self.editing(req)
+        width = height = None  # an edit without a size: its start image (and expansion) sets it
+        if not edit or req.width is not None or req.height is not None:
+            width = variant.default_size[0] if req.width is None else req.width  # 0 is a size, and out of range
+            height = variant.default_size[1] if req.height is None else req.height
+            self.check_area(width, height)
+        loras = []
+        for name, scale in req.loras:
+            plain = len(name) <= 128 and name.isascii() and name.replace("-", "").replace("_", "").isalnum()
+            path = Path(self.lora_dir or "/nonexistent") / f"{name}.safetensors"
+            if not (plain and path.is_file()):  # a name, never a path (and never long enough to fail the OS)
+                raise HTTPException(422, f"unknown LoRA {name[:64]!r}")
+            if not abs(scale) <= self.limits.max_lora_scale:  # also refuses NaN
+                most = self.limits.max_lora_scale
+                raise HTTPException(422, f"LoRA {name!r} scale {scale} is out of range -{most:g}..{most:g}")
+            loras.append((str(path), float(scale)))
+        interval, upsampling = None, req.prompt_upsampling
+        if req.model in self.remote:  # progress of a hosted job counts its images, not steps
+            if req.guidance_interval is not None:
+                raise HTTPException(422, f"{req.model} is a hosted model: the API sets its own guidance, no interval")
+            steps, guidance = self.hosted_rules(req, width, height, loras)
+            progress_total = req.num_images
+        else:
+            size = None if width is None else (width, height)
+            try:  # the model's own checks: multiples of 16, its size range, guidance mode, negative prompt
+                built = build_request(variant, req.prompt, negative_prompt=req.negative_prompt, size=size,
+                                      steps=req.steps, guidance=req.guidance, num_images=req.num_images,
+                                      guidance_interval=req.guidance_interval, refs=(),
+                                      prompt_upsampling=req.prompt_upsampling, **edit)  # fmt: skip
+            except ValueError as e:
+                raise HTTPException(422, str(e)) from None
+            if built.init is not None:
+                room = variant.max_refs - (built.init.mask is not None and variant.inpaint_reference)
+                if len(req.refs) > room:
+                    raise HTTPException(422, f"{len(req.refs)} references; {req.model} takes 0..{room} besides the "
+                                             "image being inpainted")  # fmt: skip
+                width, height = built.width, built.height
+                self.check_area(width, height)
+                edit = {"image": req.image, "mask": req.mask, "strength": built.init.strength,
+                        "expand": list(built.init.expand) if any(built.init.expand) else None,
+                        "mask_blur": req.mask_blur}  # fmt: skip
+            steps, guidance = built.steps, built.guidance
+            if variant.uses_cfg:  # resolved, so the job runs the same whatever the defaults become
+                interval = list(built.guidance_interval)
+            if variant.upsampler:  # resolved too
+                upsampling = built.prompt_upsampling
+            progress_total = built.steps
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+        settings = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "width": width, "height": height,
+                    "steps": steps, "guidance": guidance, "guidance_interval": interval, "seed": seed,
+                    "num_images": req.num_images, "refs": req.refs, "loras": loras,
+                    "prompt_upsampling": upsampling, **edit}  # fmt: skip
+        return settings, progress_total
+
+    def editing(self, req: JobRequest) -> dict:
+        """The start image and mask opened (ids checked), with the edit's other fields; {} when not an edit."""
+        if req.image is None:
+            if req.mask is not None or req.strength is not None or req.expand is not None or req.mask_blur:
+                raise HTTPException(422, "mask, strength, expand and mask_blur edit a start image: give image")
+            return {}
+        if req.model in self.remote:
+            raise HTTPException(422, f"{req.model} is a hosted model: editing a start image runs on local models")
+        opened = {}
+        for key in ("image", "mask"):
+            upload = getattr(req, key)
+            if upload is None:
+                continue
+            if self.store.ref_path(upload) is None:
+                raise HTTPException(422, f"unknown {key} id {upload[:64]!r}: upload it to /v1/uploads first")
+            with Image.open(self.store.ref_path(upload)) as im:
+                opened[key] = im.copy()
+        return {**opened, "strength": req.strength, "expand": req.expand, "mask_blur": req.mask_blur}
+
+    def check_area(self, width: int, height: int) -> None:
+        for name, value in (("width", width), ("height", height)):
+            if not 1 <= value <= self.limits.max_side:
+                raise HTTPException(422, f"{name} {value} is out of range 1..{self.limits.max_side}")
+        if width * height > self.limits.max_megapixels * 1e6:
+            raise HTTPException(422, f"{width}x{height} is over {self.limits.max_megapixels} megapixels")
+
+    def check_basics(self, model: str, num_images: int, **texts: str | None) -> None:
+        """What needs no model and no image: the model is served, the count and the texts are in range."""
+        if model not in self.served:
+            raise HTTPException(422, f"model {model[:64]!r} is not served here; served: {', '.join(self.served)}")
+        if not 1 <= num_images <= self.limits.max_images:
+            raise HTTPException(422, f"num_images {num_images} is out of range 1..{self.limits.max_images}")
+        for name, text in texts.items():
+            if (problem := self.limits.text_problem(name, text)) is not None:
+                raise HTTPException(422, problem)
+
+    def hosted_rules(self, req: JobRequest, width: int, height: int, loras: list) -> tuple[int | None, float | None]:
+        """The hosted endpoint's own rules (no LoRAs, steps and guidance only for flex, 32-bit seeds)."""
+        if loras:
+            raise HTTPException(422, f"{req.model} runs on the hosted API, which takes no LoRA files")
+        if req.seed is not None and req.seed >= 2**32:
+            raise HTTPException(422, f"seed {req.seed} is out of range 0..2**32-1 for hosted models")
+        sizes = []
+        for r in req.refs:  # headers only: the count and the sizes
+            with Image.open(self.store.ref_path(r)) as im:
+                sizes.append(im.size)
+        try:
+            _, _, steps, guidance, _ = check_request(ENDPOINTS[req.model], size=(width, height), steps=req.steps,
+                                                     guidance=req.guidance, negative_prompt=req.negative_prompt,
+                                                     ref_sizes=sizes)  # fmt: skip
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        return steps, guidance
+
+    def submit(self, req: JobRequest):
+        settings, steps = self.validate(req)
+        if self.limits.keep_finished_s is not None:
+            self.store.expire_jobs(self.limits.keep_finished_s)
+        if (problem := self.limits.disk_problem(self.store.disk_bytes)) is not None:
+            raise HTTPException(507, problem)
+        if self.store.count("queued", "running") >= self.limits.max_queue:
+            raise HTTPException(
+                429, f"queue full ({self.limits.max_queue} jobs); retry later", headers={"Retry-After": "10"}
+            )
+        job = self.store.add(req.model, settings, steps)
+        self.worker.notify()
+        return job
+
+    def model_row(self, model_id: str, keyed: bool) -> dict:
+        """What /v1/models says of one served model (OpenAI's fields first, then ours)."""
+        v = get_variant(model_id)
+        row = {"id": v.id, "object": "model", "owned_by": "flux2studio", "description": v.description,
+               "steps": v.steps, "guidance": v.guidance, "guidance_mode": v.guidance_mode,
+               "guidance_interval": v.cfg_interval,
+               "default_size": list(v.default_size), "min_side": v.min_side,
+               "max_side": min(v.max_side, self.limits.max_side), "max_refs": min(v.max_refs, self.limits.max_refs),
+               "license": v.license, "hosted": model_id in self.remote,
+               "prompt_upsampling": True if v.upsampler else None}  # fmt: skip
+        # prompt_upsampling: the default where the model has an upsampler, None where it has none
+        if model_id in self.remote:  # what the endpoint takes, and its price when a key is configured
+            e = ENDPOINTS[model_id]
+            row |= {"owned_by": "black-forest-labs", "steps": e.steps[2] if e.steps else None,
+                    "guidance": e.guidance[2] if e.guidance else None,
+                    "guidance_mode": "embedded" if e.guidance else "none", "default_size": [1024, 1024],
+                    "min_side": MIN_SIDE, "max_side": min(2048, self.limits.max_side),
+                    "max_refs": min(e.max_refs, self.limits.max_refs), "takes_steps": e.steps is not None,
+                    "prompt_upsampling": False if e.prompt_upsampling else None}  # fmt: skip
+            if keyed:
+                row["usd_per_image"] = price(e, 1024, 1024)
+        return row
+
+
+def admission(request: Request) -> Admission:
+    """The app's `Admission` (a FastAPI dependency)."""
+    return request.app.state.admission
