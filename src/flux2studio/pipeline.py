@@ -104,6 +104,82 @@ def build_request(
     if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps {steps!r} is out of range 1..{MAX_STEPS}")
 
+    guidance, negative_prompt, (lo, hi) = _guidance(variant, guidance, negative_prompt, guidance_interval)
+
+    prepared = _references(variant, refs, image, mask, strength, expand, mask_blur)
+    if size is not None and aspect is not None:
+        raise ValueError("give size or aspect, not both")
+    if aspect is not None:  # the model's preferred pixel count at this aspect ratio
+        size = size_for_aspect(aspect, variant.default_size[0] * variant.default_size[1])
+    init = None
+    if image is not None:  # the start image sets the size (grown by an expansion) unless one is given
+        init = build_init(image, mask, strength, expand, mask_blur, size,
+                          (variant.min_side, variant.max_side, variant.id))  # fmt: skip
+        size = init.image.size
+    if size is None:  # the first reference sets the size, as in diffusers' pipelines
+        size = prepared[0].size if prepared else variant.default_size
+    width, height = size
+    check_size(width, height, variant.min_side, variant.max_side, variant.id)
+
+    seeds = _seeds(seed, seeds, len(prompts) * num_images)
+    upsampling = resolve_upsampling(variant, prompt_upsampling)
+    per_image = tuple(p for p in prompts for _ in range(num_images))
+    return Request(
+        prompts=per_image,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        seeds=tuple(seeds),
+        refs=prepared,
+        guidance_interval=(lo, hi),
+        prompt_upsampling=upsampling,
+        texts=tuple(map(_upsample, per_image, seeds)) if upsampling else per_image,
+        init=init,
+    )
+
+
+def _references(
+    variant: Variant,
+    refs: Sequence[Image.Image],
+    image: Image.Image | None,
+    mask: Image.Image | None,
+    strength: float | None,
+    expand: Sequence[int] | None,
+    mask_blur: int,
+) -> tuple[Image.Image, ...]:
+    """The references prepared, with room left for an inpainted start image where it is the first reference."""
+    if image is None and (mask is not None or strength is not None or expand is not None or mask_blur):
+        raise ValueError("mask, strength, expand and mask_blur edit a start image: give image= too")
+    masked = image is not None and (mask is not None or bool(expand and any(expand)))
+    room = variant.max_refs - (masked and variant.inpaint_reference)
+    if len(refs) > room:
+        raise ValueError(f"{len(refs)} reference images given; {variant.id} takes 0..{room}"
+                         + (" besides the image being inpainted" if masked else ""))  # fmt: skip
+    return tuple(prepare_reference(img, i) for i, img in enumerate(refs))
+
+
+def _seeds(seed: int, seeds: Sequence[int] | None, n: int) -> list[int]:
+    """One seed per image: `seed + i`, or the `seeds` given (as many as images, each in 0..2**63-1)."""
+    if seeds is None:
+        seeds = [seed + i for i in range(n)]
+    elif len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds given for {n} images: give one per image")
+    for s in seeds:
+        if not isinstance(s, int) or not 0 <= s < 2**63:
+            raise ValueError(f"seed must be an integer in 0..2**63-1, got {s!r}")
+    return list(seeds)
+
+
+def _guidance(
+    variant: Variant,
+    guidance: float | None,
+    negative_prompt: str | None,
+    guidance_interval: tuple[float, float] | None,
+) -> tuple[float, str | None, tuple[float, float]]:
+    """The guidance scale, negative prompt and guided interval a variant runs with; an error for any of them
+    given to a model that does not use it."""
     if variant.guidance_mode == "none":
         if guidance is not None and guidance != 1.0:
             raise ValueError(
@@ -127,52 +203,7 @@ def build_request(
     lo, hi = variant.guidance_interval if guidance_interval is None else _interval(guidance_interval)
     if not 0.0 <= lo < hi <= 1.0:
         raise ValueError(f"guidance interval ({lo}, {hi}) must be noise levels with 0 <= low < high <= 1")
-
-    if image is None and (mask is not None or strength is not None or expand is not None or mask_blur):
-        raise ValueError("mask, strength, expand and mask_blur edit a start image: give image= too")
-    masked = image is not None and (mask is not None or bool(expand and any(expand)))
-    room = variant.max_refs - (masked and variant.inpaint_reference)  # the start image as the first reference
-    if len(refs) > room:
-        raise ValueError(f"{len(refs)} reference images given; {variant.id} takes 0..{room}"
-                         + (" besides the image being inpainted" if masked else ""))  # fmt: skip
-    prepared = tuple(prepare_reference(img, i) for i, img in enumerate(refs))
-    if size is not None and aspect is not None:
-        raise ValueError("give size or aspect, not both")
-    if aspect is not None:  # the model's preferred pixel count at this aspect ratio
-        size = size_for_aspect(aspect, variant.default_size[0] * variant.default_size[1])
-    init = None
-    if image is not None:  # the start image sets the size (grown by an expansion) unless one is given
-        init = build_init(image, mask, strength, expand, mask_blur, size,
-                          (variant.min_side, variant.max_side, variant.id))  # fmt: skip
-        size = init.image.size
-    if size is None:  # the first reference sets the size, as in diffusers' pipelines
-        size = prepared[0].size if prepared else variant.default_size
-    width, height = size
-    check_size(width, height, variant.min_side, variant.max_side, variant.id)
-
-    if seeds is None:
-        seeds = [seed + i for i in range(len(prompts) * num_images)]
-    elif len(seeds) != len(prompts) * num_images:
-        raise ValueError(f"{len(seeds)} seeds given for {len(prompts) * num_images} images: give one per image")
-    for s in seeds:
-        if not isinstance(s, int) or not 0 <= s < 2**63:
-            raise ValueError(f"seed must be an integer in 0..2**63-1, got {s!r}")
-    upsampling = resolve_upsampling(variant, prompt_upsampling)
-    per_image = tuple(p for p in prompts for _ in range(num_images))
-    return Request(
-        prompts=per_image,
-        negative_prompt=negative_prompt,
-        width=width,
-        height=height,
-        steps=steps,
-        guidance=guidance,
-        seeds=tuple(seeds),
-        refs=prepared,
-        guidance_interval=(lo, hi),
-        prompt_upsampling=upsampling,
-        texts=tuple(map(_upsample, per_image, seeds)) if upsampling else per_image,
-        init=init,
-    )
+    return guidance, negative_prompt, (lo, hi)
 
 
 def resolve_upsampling(variant: Variant, prompt_upsampling: bool | None) -> bool:
