@@ -96,7 +96,7 @@ def write_folder(folder: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-    from flux2studio.checkpoints import transformer_config_to_diffusers, vae_config_to_diffusers
+    from flux2studio.conversion import transformer_config_to_diffusers, vae_config_to_diffusers
     from flux2studio.variants import get_variant
 
     variant = get_variant("klein-4b")

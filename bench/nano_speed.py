@@ -34,7 +34,7 @@ def main() -> None:
         Flux2Transformer2DModel,
     )
 
-    from flux2studio.checkpoints import transformer_config_to_diffusers, vae_config_to_diffusers
+    from flux2studio.conversion import transformer_config_to_diffusers, vae_config_to_diffusers
     from flux2studio.layouts.transformer import transformer_to_diffusers
     from flux2studio.layouts.vae import vae_to_diffusers
     from flux2studio.loading import load

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
-from flux2studio.checkpoints import convert, describe
+from flux2studio.conversion import convert, describe
 from tiny import TRANSFORMER, VAE, diffusers_transformer, diffusers_vae
 
 

@@ -19,7 +19,7 @@ LAYERS = {
     "nano.checker": 1,
     "text_encoders": 2, "editing": 2, "nano.planner": 2,
     # weights
-    "checkpoints": 3, "lora": 4,
+    "residency": 1, "checkpoints": 3, "conversion": 4, "lora": 4,
     # the generation call, then what builds and drives it
     "pipeline": 5,
     "hosted": 6, "nano.evaluate": 6, "train.common": 6,

@@ -180,7 +180,8 @@ def test_pages_of_converted_tensors_are_given_back(tmp_path):
     the dropped ones' contents are unchanged (clean file pages fault back in from the file)."""
     from safetensors.torch import save_file
 
-    from flux2studio.checkpoints import drop_unused_pages, read_safetensors
+    from flux2studio.checkpoints import read_safetensors
+    from flux2studio.residency import drop_unused_pages
 
     g = torch.Generator().manual_seed(0)
     original = {"kept": torch.randn(512, 512, generator=g), "fused_away": torch.randn(1024, 1024, generator=g)}

@@ -547,14 +547,14 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoints import convert
+    from .conversion import convert
 
     print(convert(args.src, args.dst, args.to))
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoints import describe
+    from .conversion import describe
 
     info = describe(args.path)
     here = here_dtype()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,24 +12,22 @@ from .checkpoints import (
     EMBEDDED,
     build,
     dequantize_fp8,
-    drop_file_pages,
-    drop_unused_pages,
     is_diffusers_folder,
     is_fp8,
-    prefault,
     read_component,
     read_json,
     read_safetensors,
     read_shapes,
     resolve_snapshot,
-    stream_weights,
     strip_prefix,
+    weights_hash,
+)
+from .conversion import (
     transformer_config_from_diffusers,
     transformer_config_from_keys,
     transformer_layout,
     vae_config_from_diffusers,
     vae_config_from_keys,
-    weights_hash,
 )
 from .layouts.transformer import transformer_from_diffusers
 from .layouts.vae import vae_from_diffusers
@@ -36,8 +35,9 @@ from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
 from .pipeline import Component, Pipeline
 from .precision import compute_dtype, storage, widen_on_use
+from .residency import drop_file_pages, drop_unused_pages, prefault, stream_weights
 from .text_encoders import TextEncoder, load_minilm
-from .variants import VARIANTS, TextEncoderSpec, TransformerConfig, Variant, get_variant
+from .variants import VARIANTS, AutoencoderConfig, TextEncoderSpec, TransformerConfig, Variant, get_variant
 
 EMBEDDED_IDS = tuple(v.id for v in VARIANTS.values() if v.embedded)  # weights inside the package
 BLOCKS = ("double_blocks.", "single_blocks.")  # the transformer's streamed blocks (BFL names = ours)
@@ -190,34 +190,72 @@ def load_diffusers_folder(
     spec = text_encoder_spec(base.text_encoder, folder / "text_encoder")
     variant = dataclasses.replace(base, transformer=t_cfg, vae=vae_cfg, text_encoder=spec)
 
-    def transformer() -> Flux2Transformer:
-        raw = read_component(folder / "transformer")
-        sd = transformer_from_diffusers(raw, copied=drop_file_pages)  # q, k, v freed as soon as fused
-        model = build(lambda: Flux2Transformer(t_cfg), storage(sd, dtype), f"{variant.id} transformer").to(device)
-        drop_unused_pages(raw, model)  # anything else read but not kept (a dtype cast)
-        return streamed(model, [*model.double_blocks, *model.single_blocks], resident, dtype)
-
-    def vae() -> AutoEncoder:
-        raw = read_component(folder / "vae")
-        model = build(lambda: AutoEncoder(vae_cfg), vae_from_diffusers(raw, vae_cfg), "VAE", dtype).to(device)
-        drop_unused_pages(raw, model)
-        prefault(model)  # small, run whole: mapped at once rather than inside the convolutions
-        return model
-
-    def text() -> TextEncoder:
-        return hf_text_encoder(spec, folder / "text_encoder", folder / "tokenizer", device, dtype, resident)
-
     files = sorted((folder / "transformer").glob("*.safetensors"))
-    return Pipeline(
+    parts = components(
         variant,
-        Component(transformer, resident, files),
-        Component(vae, resident, sorted((folder / "vae").glob("*.safetensors"))),
-        Component(text, resident),
-        device=device,
-        dtype=dtype,
-        weights_hash=weights_hash(files),
-        attention=attention,
+        (lambda: read_component(folder / "transformer"), files),
+        (lambda: read_component(folder / "vae"), sorted((folder / "vae").glob("*.safetensors"))),
+        lambda: hf_text_encoder(spec, folder / "text_encoder", folder / "tokenizer", device, dtype, resident),
+        device,
+        dtype,
+        resident,
     )
+    return Pipeline(variant, *parts, device=device, dtype=dtype, weights_hash=weights_hash(files), attention=attention)
+
+
+Reader = tuple[Callable[[], dict[str, torch.Tensor]], list[Path]]  # reads a part's tensors; the files it reads
+
+
+def components(
+    variant: Variant,
+    transformer: Reader,
+    vae: Reader,
+    text: Callable[[], TextEncoder],
+    device: str,
+    dtype: torch.dtype,
+    resident: bool,
+) -> tuple[Component, Component, Component]:
+    """The three parts of a pipeline, each loaded on first use from its reader (a folder's or a file's
+    tensors, in either layout) and freed after its phase unless `resident`."""
+    (read_transformer, transformer_files), (read_vae, vae_files) = transformer, vae
+
+    def load_t() -> Flux2Transformer:
+        return load_transformer(read_transformer(), variant, device, dtype, resident)
+
+    return (
+        Component(load_t, resident, transformer_files),
+        Component(lambda: load_vae(read_vae(), variant.vae, device, dtype), resident, vae_files),
+        Component(text, resident),
+    )
+
+
+def load_transformer(
+    raw: dict[str, torch.Tensor], variant: Variant, device: str, dtype: torch.dtype, resident: bool
+) -> Flux2Transformer:
+    """Our transformer from tensors with BFL or diffusers names, bf16 or fp8 with scales (BFL-named blocks stay
+    fp8 and are widened per layer; the rest is dequantised now), streamed block by block unless `resident`."""
+    sd, scales = raw, {}
+    if is_fp8(sd):
+        bfl = transformer_layout(sd) == "bfl"  # diffusers names: q, k, v have a scale each, fused below
+        sd, scales = dequantize_fp8(sd, dtype, keep=lambda key: bfl and key.startswith(BLOCKS))
+    if transformer_layout(sd) == "diffusers":
+        sd = transformer_from_diffusers(sd, copied=drop_file_pages)  # q, k, v freed as soon as fused
+    cfg = variant.transformer
+    model = build(lambda: Flux2Transformer(cfg), storage(sd, dtype), f"{variant.id} transformer").to(device)
+    for name, p in model.named_parameters():
+        if name in scales:
+            p.fp8_scale = scales[name].to(p.device)  # read by precision.dequantized
+    drop_unused_pages(raw, model)  # fp8 originals, unfused q, k, v, a dtype cast: read once, not kept
+    return streamed(model, [*model.double_blocks, *model.single_blocks], resident, dtype)
+
+
+def load_vae(raw: dict[str, torch.Tensor], cfg: AutoencoderConfig, device: str, dtype: torch.dtype) -> AutoEncoder:
+    """Our VAE from tensors with BFL or diffusers names, its pages faulted in at once (it runs whole)."""
+    sd = vae_from_diffusers(raw, cfg) if any(k.startswith("encoder.down_blocks.") for k in raw) else raw
+    model = build(lambda: AutoEncoder(cfg), sd, "VAE", dtype).to(device)
+    drop_unused_pages(raw, model)
+    prefault(model)  # small, run whole: mapped at once rather than inside the convolutions
+    return model
 
 
 def variant_for_file(path: Path, t_cfg: TransformerConfig, model_id: str | None) -> Variant:
@@ -275,35 +313,16 @@ def load_single_file(
     spec = text_encoder_spec(variant.text_encoder, te_folder)
     variant = dataclasses.replace(variant, text_encoder=spec, vae=vae_cfg)
 
-    def transformer() -> Flux2Transformer:
-        sd = raw = strip_prefix(read_safetensors(path))
-        scales: dict[str, torch.Tensor] = {}
-        if is_fp8(sd):  # blocks of BFL-named files stay fp8 (widened per layer); the rest is dequantised now
-            bfl = transformer_layout(sd) == "bfl"  # diffusers names: q, k, v have a scale each, fused below
-            sd, scales = dequantize_fp8(sd, dtype, keep=lambda key: bfl and key.startswith(BLOCKS))
-        if transformer_layout(sd) == "diffusers":
-            sd = transformer_from_diffusers(sd, copied=drop_file_pages)
-        model = build(lambda: Flux2Transformer(t_cfg), storage(sd, dtype), f"{variant.id} transformer").to(device)
-        for name, p in model.named_parameters():
-            if name in scales:
-                p.fp8_scale = scales[name].to(p.device)  # read by precision.dequantized
-        drop_unused_pages(raw, model)  # fp8 originals, unfused q, k, v: read once, not kept
-        return streamed(model, [*model.double_blocks, *model.single_blocks], resident, dtype)
-
-    def vae() -> AutoEncoder:
-        sd = raw = read_safetensors(vae_file)
-        if vae_diffusers:
-            sd = vae_from_diffusers(sd, vae_cfg)
-        model = build(lambda: AutoEncoder(vae_cfg), sd, "VAE", dtype).to(device)
-        drop_unused_pages(raw, model)
-        prefault(model)  # small, run whole: mapped at once rather than inside the convolutions
-        return model
-
-    def text() -> TextEncoder:
-        tok = te_folder / "tokenizer" if (te_folder / "tokenizer").is_dir() else te_folder
-        return hf_text_encoder(spec, te_folder, tok, device, dtype, resident)
-
-    parts = (Component(transformer, resident, [path]), Component(vae, resident, [vae_file]), Component(text, resident))
+    tok = te_folder / "tokenizer" if (te_folder / "tokenizer").is_dir() else te_folder
+    parts = components(
+        variant,
+        (lambda: strip_prefix(read_safetensors(path)), [path]),
+        (lambda: read_safetensors(vae_file), [vae_file]),
+        lambda: hf_text_encoder(spec, te_folder, tok, device, dtype, resident),
+        device,
+        dtype,
+        resident,
+    )
     return Pipeline(variant, *parts, device=device, dtype=dtype, weights_hash=weights_hash([path]), attention=attention)
 
 

@@ -1,0 +1,269 @@
+"""Layouts and configurations: read a model's shape from a diffusers config or from its keys, write the
+diffusers configs back, convert a transformer or VAE between the BFL and diffusers layouts, describe a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .checkpoints import (
+    check_path,
+    dequantize_fp8,
+    is_diffusers_folder,
+    is_fp8,
+    read_component,
+    read_json,
+    read_safetensors,
+    resolve_snapshot,
+    strip_prefix,
+    write_safetensors,
+)
+from .variants import AutoencoderConfig, TransformerConfig
+
+
+def transformer_config_from_diffusers(cfg: dict) -> TransformerConfig:
+    """diffusers `Flux2Transformer2DModel` config.json -> our TransformerConfig."""
+    if cfg.get("patch_size", 1) != 1:
+        raise ValueError(f"transformer patch_size {cfg['patch_size']} is not supported (FLUX.2 uses 1)")
+    heads, head_dim = cfg.get("num_attention_heads", 48), cfg.get("attention_head_dim", 128)
+    return TransformerConfig(
+        hidden_size=heads * head_dim,
+        num_heads=heads,
+        depth=cfg.get("num_layers", 8),
+        depth_single=cfg.get("num_single_layers", 48),
+        context_dim=cfg.get("joint_attention_dim", 15360),
+        in_channels=cfg.get("in_channels", 128),
+        mlp_ratio=cfg.get("mlp_ratio", 3.0),
+        axes_dim=tuple(cfg.get("axes_dims_rope", (32, 32, 32, 32))),
+        theta=cfg.get("rope_theta", 2000),
+        timestep_dim=cfg.get("timestep_guidance_channels", 256),
+        guidance_embed=cfg.get("guidance_embeds", True),
+        eps=cfg.get("eps", 1e-6),
+    )
+
+
+def vae_config_from_diffusers(cfg: dict) -> AutoencoderConfig:
+    """diffusers `AutoencoderKLFlux2` config.json -> our AutoencoderConfig."""
+    patch = cfg.get("patch_size", (2, 2))
+    if patch[0] != patch[1]:
+        raise ValueError(f"VAE patch_size {patch} is not supported (square patches only)")
+    dec = cfg.get("decoder_block_out_channels")
+    return AutoencoderConfig(
+        in_channels=cfg.get("in_channels", 3),
+        out_channels=cfg.get("out_channels", 3),
+        channels=tuple(cfg.get("block_out_channels", (128, 256, 512, 512))),
+        decoder_channels=tuple(dec) if dec else None,
+        num_res_blocks=cfg.get("layers_per_block", 2),
+        z_channels=cfg.get("latent_channels", 32),
+        norm_groups=cfg.get("norm_num_groups", 32),
+        patch=patch[0],
+        bn_eps=cfg.get("batch_norm_eps", 1e-4),
+    )
+
+
+_DIFFUSERS_NAMES = {  # diffusers names of the tensors `transformer_config_from_keys` reads
+    "x_embedder.weight": "img_in.weight",
+    "context_embedder.weight": "txt_in.weight",
+    "single_transformer_blocks.0.attn.to_out.weight": "single_blocks.0.linear2.weight",
+    "single_transformer_blocks.0.attn.norm_q.weight": "single_blocks.0.norm.query_norm.scale",
+    "time_guidance_embed.guidance_embedder.linear_1.weight": "guidance_in.in_layer.weight",
+}
+
+
+def transformer_config_from_keys(sd: dict[str, Tensor] | dict[str, tuple[int, ...]]) -> TransformerConfig:
+    """Infer a transformer's shape from its tensors or their shapes (official single files, either names)."""
+    sd = {k: torch.Size(v.shape if isinstance(v, Tensor) else v) for k, v in sd.items()}
+    if transformer_layout(sd) == "diffusers":  # only the names differ for what is read here
+        sd = {_DIFFUSERS_NAMES.get(k, k): v for k, v in sd.items()}
+        sd = {k.replace("single_transformer_blocks.", "single_blocks."): v for k, v in sd.items()}
+        sd = {k.replace("transformer_blocks.", "double_blocks."): v for k, v in sd.items()}
+    missing = [k for k in ("img_in.weight", "txt_in.weight", "single_blocks.0.linear2.weight") if k not in sd]
+    if missing:
+        raise ValueError(f"not a FLUX.2 transformer: missing {missing}")
+    hidden, in_channels = sd["img_in.weight"]
+    depth = len({k.split(".")[1] for k in sd if k.startswith("double_blocks.")})
+    depth_single = len({k.split(".")[1] for k in sd if k.startswith("single_blocks.")})
+    head_dim = sd["single_blocks.0.norm.query_norm.scale"][0]
+    mlp = sd["single_blocks.0.linear2.weight"][1] - hidden  # linear2 takes [attn (D); mlp]
+    return TransformerConfig(
+        hidden_size=hidden,
+        num_heads=hidden // head_dim,
+        depth=depth,
+        depth_single=depth_single,
+        context_dim=sd["txt_in.weight"][1],
+        in_channels=in_channels,
+        mlp_ratio=mlp / hidden,
+        axes_dim=(head_dim // 4,) * 4,  # FLUX.2 splits the head dim evenly over its 4 RoPE axes
+        guidance_embed="guidance_in.in_layer.weight" in sd,
+    )
+
+
+def vae_config_from_keys(sd: dict[str, Tensor] | dict[str, tuple[int, ...]]) -> AutoencoderConfig:
+    """Infer a BFL/LDM-layout VAE's shape from its tensors or shapes (GroupNorm groups: FLUX.2's 32)."""
+    shape = {k: tuple(v.shape if isinstance(v, Tensor) else v) for k, v in sd.items()}
+    levels = 1 + max(int(k.split(".")[2]) for k in shape if k.startswith("encoder.down."))
+    enc = tuple(shape[f"encoder.down.{i}.block.0.conv2.weight"][0] for i in range(levels))
+    dec = tuple(shape[f"decoder.up.{i}.block.0.conv2.weight"][0] for i in range(levels))
+    blocks = 1 + max(int(k.split(".")[4]) for k in shape if k.startswith("encoder.down.0.block."))
+    z = shape["decoder.post_quant_conv.weight"][0]
+    return AutoencoderConfig(
+        channels=enc,
+        decoder_channels=None if dec == enc else dec,
+        num_res_blocks=blocks,
+        z_channels=z,
+        in_channels=shape["encoder.conv_in.weight"][1],
+        out_channels=shape["decoder.conv_out.weight"][0],
+    )
+
+
+def transformer_layout(sd: dict[str, Tensor]) -> str:
+    """'bfl' (official single files, our layout) or 'diffusers', from the key names."""
+    if any(k.startswith("double_blocks.") or k.startswith("single_blocks.") for k in sd):
+        return "bfl"
+    if any(k.startswith("transformer_blocks.") or k.startswith("single_transformer_blocks.") for k in sd):
+        return "diffusers"
+    raise ValueError("not a FLUX.2 transformer: no double_blocks / transformer_blocks keys")
+
+
+def transformer_config_to_diffusers(cfg: TransformerConfig) -> dict:
+    """Our TransformerConfig -> diffusers `Flux2Transformer2DModel` config.json."""
+    return {
+        "_class_name": "Flux2Transformer2DModel",
+        "patch_size": 1,
+        "in_channels": cfg.in_channels,
+        "out_channels": None,
+        "num_layers": cfg.depth,
+        "num_single_layers": cfg.depth_single,
+        "attention_head_dim": cfg.head_dim,
+        "num_attention_heads": cfg.num_heads,
+        "joint_attention_dim": cfg.context_dim,
+        "timestep_guidance_channels": cfg.timestep_dim,
+        "mlp_ratio": cfg.mlp_ratio,
+        "axes_dims_rope": list(cfg.axes_dim),
+        "rope_theta": cfg.theta,
+        "eps": cfg.eps,
+        "guidance_embeds": cfg.guidance_embed,
+    }
+
+
+def vae_config_to_diffusers(cfg: AutoencoderConfig) -> dict:
+    """Our AutoencoderConfig -> diffusers `AutoencoderKLFlux2` config.json."""
+    n = len(cfg.channels)
+    return {
+        "_class_name": "AutoencoderKLFlux2",
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": list(cfg.channels),
+        "decoder_block_out_channels": list(cfg.decoder_channels) if cfg.decoder_channels else None,
+        "layers_per_block": cfg.num_res_blocks,
+        "latent_channels": cfg.z_channels,
+        "norm_num_groups": cfg.norm_groups,
+        "batch_norm_eps": cfg.bn_eps,
+        "patch_size": [cfg.patch, cfg.patch],
+    }
+
+
+def read_any(src: str | Path) -> tuple[str, str, dict[str, Tensor], TransformerConfig | AutoencoderConfig]:
+    """A transformer or VAE from a single file or a diffusers component folder.
+
+    Returns (component "transformer" | "vae", layout "bfl" | "diffusers", tensors in OUR layout, config).
+    """
+    from .layouts.transformer import transformer_from_diffusers
+    from .layouts.vae import vae_from_diffusers
+
+    src = resolve_snapshot(src)
+    if src.is_dir():
+        cfg_json = read_json(src / "config.json")
+        raw = read_component(src)
+        if cfg_json.get("_class_name") == "Flux2Transformer2DModel":
+            cfg = transformer_config_from_diffusers(cfg_json)
+            return "transformer", "diffusers", transformer_from_diffusers(raw), cfg
+        if cfg_json.get("_class_name") == "AutoencoderKLFlux2":
+            cfg = vae_config_from_diffusers(cfg_json)
+            return "vae", "diffusers", vae_from_diffusers(raw, cfg), cfg
+        raise ValueError(f"{src}: config.json names {cfg_json.get('_class_name')!r}, not a FLUX.2 transformer or VAE")
+    raw = strip_prefix(read_safetensors(src))
+    if any(k.startswith(("encoder.", "decoder.")) for k in raw):
+        if any(k.startswith("encoder.down_blocks.") for k in raw):
+            raise ValueError(f"{src}: a diffusers-named VAE file needs its config.json: give the vae/ folder")
+        cfg = vae_config_from_keys(raw)
+        return "vae", "bfl", raw, cfg
+    layout = transformer_layout(raw)
+    if is_fp8(raw):
+        raw = dequantize_fp8(raw, torch.bfloat16)
+    sd = transformer_from_diffusers(raw) if layout == "diffusers" else raw
+    return "transformer", layout, sd, transformer_config_from_keys(sd)
+
+
+def convert(src: str | Path, dst: str | Path, to: str) -> str:
+    """Write the transformer or VAE at `src` in the `to` layout ("diffusers" folder or "bfl" single file)."""
+    from .layouts.transformer import transformer_to_diffusers
+    from .layouts.vae import vae_to_diffusers
+
+    if to not in ("diffusers", "bfl"):
+        raise ValueError(f"--to {to!r}: choose diffusers or bfl")
+    kind, layout, sd, cfg = read_any(src)
+    dst = Path(dst)
+    if dst.exists() and (dst.is_file() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} exists: choose a new path (nothing is overwritten)")
+    if to == "bfl":
+        path = (
+            dst if dst.suffix == ".safetensors" else dst / ("ae.safetensors" if kind == "vae" else "flux2.safetensors")
+        )
+        write_safetensors(sd, path)
+    else:
+        out = transformer_to_diffusers(sd) if kind == "transformer" else vae_to_diffusers(sd, cfg)
+        config = transformer_config_to_diffusers(cfg) if kind == "transformer" else vae_config_to_diffusers(cfg)
+        dst.mkdir(parents=True, exist_ok=True)
+        (dst / "config.json").write_text(json.dumps(config, indent=2))
+        path = dst / "diffusion_pytorch_model.safetensors"
+        write_safetensors(out, path)
+    return f"{kind} ({layout} layout) -> {path} ({to} layout, {len(sd)} tensors)"
+
+
+def describe(path: str | Path) -> dict:
+    """What `flux2 info` prints: layout, component or variant, dtypes, parameter count, file sizes."""
+    path = resolve_snapshot(path)
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [check_path(path)]
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, int] = {}
+    for f in files:
+        from safetensors import safe_open
+
+        with safe_open(str(f), "pt") as handle:
+            for k in handle.keys():  # noqa: SIM118
+                piece = handle.get_slice(k)
+                shapes[f"{f.relative_to(path) if path.is_dir() else f.name}:{k}"] = tuple(piece.get_shape())
+                dtypes[piece.get_dtype()] = dtypes.get(piece.get_dtype(), 0) + 1
+    info: dict = {
+        "path": str(path),
+        "files": {str(f.relative_to(path) if path.is_dir() else f.name): f.stat().st_size for f in files},
+        "bytes": sum(f.stat().st_size for f in files),
+        "params": sum(math.prod(s) for s in shapes.values()),
+        "dtypes": dtypes,
+    }
+    if is_diffusers_folder(path):
+        info["layout"] = "diffusers folder"
+        info["pipeline"] = read_json(path / "model_index.json").get("_class_name")
+        info["transformer"] = dataclasses.asdict(
+            transformer_config_from_diffusers(read_json(path / "transformer" / "config.json"))
+        )
+    elif path.is_file():
+        keys = strip_prefix({k.split(":", 1)[1]: v for k, v in shapes.items()})
+        if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+            info["layout"], info["component"] = "single file", "vae"
+        else:
+            info["layout"] = f"single file ({transformer_layout(keys)} names)"
+            info["component"] = "transformer"
+            info["transformer"] = dataclasses.asdict(transformer_config_from_keys(keys))
+    else:
+        info["layout"] = "folder"
+    return info
