@@ -227,5 +227,5 @@ def test_paint_a_mask_and_inpaint_only_there(page, tmp_path):
     painted, far = diff[88:104, 60:108].mean(), outside(diff)
     budget = outside(np.abs(round_trip - before).mean(axis=2))
     # the decoder normalises over the whole latent grid, so new content moves kept pixels a little beyond a plain
-    # round trip (measured: 4.0 vs 2.9 mean levels here); the painted area moves by ~100
-    assert painted > 20 and far <= 1.5 * budget, (painted, far, budget)
+    # round trip (measured: 4.0 vs 2.9 mean levels in bf16, 4.5 vs 3.0 in fp32); the painted area moves by ~110
+    assert painted > 20 and far <= 2 * budget and far < painted / 10, (painted, far, budget)
