@@ -233,7 +233,7 @@ def recorded_edit(init: dict, args: argparse.Namespace, path: str) -> dict:
 
     files = {"image": (getattr(args, "init", None), "--init"), "mask": (getattr(args, "mask", None), "--mask")}
     settings = {"strength": init["strength"] if args.strength is None else args.strength,
-                "mask_blur": init.get("mask_blur", 0)}  # fmt: skip
+                "mask_blur": args.mask_blur or init.get("mask_blur", 0)}  # fmt: skip
     if init.get("expand"):
         settings["expand"], settings["size"] = tuple(init["expand"]), None
     for key, (given, flag) in files.items():
