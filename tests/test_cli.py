@@ -286,9 +286,7 @@ def test_outpainting_from_the_cli_with_expand_or_canvas(klein_folder, tmp_path, 
     _, folder = klein_folder
     cli = functools.partial(flux2_here, capsys)
     photo = _photo(tmp_path / "photo.png", (64, 64))
-    run = flux2_here(
-        capsys, "edit", photo, "--expand", "0,0,32,0", "more sky", *common(folder), "-o", tmp_path / "wide.png"
-    )
+    run = cli("edit", photo, "--expand", "0,0,32,0", "more sky", *common(folder), "-o", tmp_path / "wide.png")
     assert run.returncode == 0, run.stderr
     wide = Image.open(tmp_path / "wide.png")
     assert wide.size == (96, 64) and np.array_equal(np.asarray(wide)[:, :64], np.asarray(Image.open(photo)))

@@ -175,6 +175,16 @@ def test_fp8_single_file_is_dequantised_with_its_scales(klein_folder, tmp_path):
     assert (sd["img_in.weight"] - original).abs().max() <= original.abs().max() / 16
 
 
+def test_an_fp8_single_file_converts_to_the_diffusers_layout(klein_folder, tmp_path):
+    """`flux2 convert` on an official fp8 file (before: it passed dequantize_fp8's pair on as the tensors)."""
+    from flux2studio.conversion import convert, read_any
+
+    path, _, _ = _single_files(klein_folder, tmp_path, fp8=True)
+    convert(path, tmp_path / "out", "diffusers")
+    kind, layout, sd, _ = read_any(tmp_path / "out")
+    assert (kind, layout) == ("transformer", "diffusers") and not any(k.endswith("_scale") for k in sd)
+
+
 def test_pages_of_converted_tensors_are_given_back(tmp_path):
     """q, k, v read from the mapped file and fused are dropped from the resident set; kept tensors and
     the dropped ones' contents are unchanged (clean file pages fault back in from the file)."""

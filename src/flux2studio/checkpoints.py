@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .precision import fp8_to
+from .precision import fp8_dtypes, fp8_to
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 EMBEDDED = Path(__file__).parent / "weights"
@@ -147,7 +147,7 @@ def dequantize_fp8(
     for key, value in sd.items():
         if key.endswith(FP8_SCALE_SUFFIXES + FP8_DROPPED_SUFFIXES):
             continue
-        if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if value.dtype in fp8_dtypes():
             base = key[: -len(".weight")] if key.endswith(".weight") else key
             scale = next((sd[base + s] for s in FP8_SCALE_SUFFIXES if base + s in sd), None)
             if keep(key):
@@ -159,7 +159,7 @@ def dequantize_fp8(
 
 
 def is_fp8(sd: dict[str, Tensor]) -> bool:
-    return any(v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for v in sd.values())
+    return any(v.dtype in fp8_dtypes() for v in sd.values())
 
 
 def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
@@ -184,7 +184,7 @@ def write_safetensors(sd: dict[str, Tensor], path: Path, metadata: dict[str, str
     tmp.replace(path)
 
 
-# ----------------------------------------------------------------------------- convert / inspect
+# ----------------------------------------------------------------------------- cache and hashes
 
 
 def cache_dir() -> Path:

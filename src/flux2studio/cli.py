@@ -229,7 +229,7 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, Job]:
 
 def recorded_edit(init: dict, args: argparse.Namespace, path: str) -> dict:
     """The edit settings a PNG records, with the start image and mask the command names (hashes must match)."""
-    from .images import image_hash
+    from .images import image_hash, open_image
 
     files = {"image": (getattr(args, "init", None), "--init"), "mask": (getattr(args, "mask", None), "--mask")}
     settings = {"strength": init["strength"] if args.strength is None else args.strength,
@@ -244,8 +244,8 @@ def recorded_edit(init: dict, args: argparse.Namespace, path: str) -> dict:
         if not given:
             raise ValueError(f"{path} was made from a {key} with hash {init[key]}: pass that file with {flag}")
         opened = open_image(given, key)
-        if image_hash(opened) != init[key]:
-            raise ValueError(f"{flag} {given} is not the {key} {path} was made from (hash {image_hash(opened)}, "
+        if (found := image_hash(opened)) != init[key]:
+            raise ValueError(f"{flag} {given} is not the {key} {path} was made from (hash {found}, "
                              f"recorded {init[key]})")  # fmt: skip
         settings[key] = opened
     return settings
@@ -253,7 +253,8 @@ def recorded_edit(init: dict, args: argparse.Namespace, path: str) -> dict:
 
 def edit_settings(args: argparse.Namespace, image) -> dict:
     """The start image with the editing flags: mask, strength, blur, and an expansion (or canvas + anchor)."""
-    from .editing import expansion, start_size
+    from .editing import expansion, start_size, upright
+    from .images import open_image
 
     out = {"image": image}
     if args.mask:
@@ -267,14 +268,14 @@ def edit_settings(args: argparse.Namespace, image) -> dict:
     elif args.canvas:
         if args.size or args.aspect:
             raise ValueError("--canvas sets the output size (the image plus what it grows by): omit --size/--aspect")
-        out["expand"] = expansion(start_size(image), args.canvas, args.anchor)
+        out["expand"] = expansion(start_size(upright(image)), args.canvas, args.anchor)
     return out
 
 
 def editing_flags(args: argparse.Namespace) -> list[str]:
-    named = {"--mask": args.mask, "--strength": args.strength, "--mask-blur": args.mask_blur,
+    named = {"--mask": args.mask, "--strength": args.strength, "--mask-blur": args.mask_blur or None,
              "--expand": args.expand, "--canvas": args.canvas}  # fmt: skip
-    return [flag for flag, value in named.items() if value]
+    return [flag for flag, value in named.items() if value is not None]
 
 
 def output_paths(out: str | None, stem: str, n: int, overwrite: bool) -> list:
@@ -336,19 +337,9 @@ def run_jobs(pipe, jobs: list[Job], args: argparse.Namespace, refs=()) -> int:
 
 
 def open_images(paths: list[str]) -> list:
+    from .images import open_image
+
     return [open_image(path, "reference image").convert("RGB") for path in paths]
-
-
-def open_image(path: str, what: str):
-    """An image file read whole, in its own mode (a mask keeps its greys); a clear error if it is not one."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"cannot read {what} {path}: {e}") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -359,6 +350,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         jobs = [job]
     else:
         if args.init:
+            from .images import open_image
+
             edit = edit_settings(args, open_image(args.init, "start image"))
         elif flags := editing_flags(args):
             raise ValueError(f"{', '.join(flags)} edit a start image: give it with --init IMAGE")
@@ -382,6 +375,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise ValueError("give at least one IMAGE before the PROMPT")
     settings = settings_from_args(args)
     if editing_flags(args):
+        from .images import open_image
+
         settings.update(edit_settings(args, open_image(images[0], "image")))
         images = images[1:]
     model = args.model or (None if args.weights else "nano")
@@ -495,7 +490,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .loading import load
     from .serve.app import create_app
 
-    served = args.model or [v.id for v in VARIANTS.values() if v.embedded]
+    served = args.model or list(variants.EMBEDDED_IDS)
     weights = dict(m.split("=", 1) if "=" in m else (m, None) for m in served)
 
     api_models = [m for m, w in weights.items() if w == "api"]  # `--model klein-4b=api`: klein on BFL's API

@@ -122,6 +122,11 @@ def vae_config_from_keys(sd: dict[str, Tensor] | dict[str, tuple[int, ...]]) -> 
     )
 
 
+def vae_layout(keys) -> str:
+    """'diffusers' or 'bfl' (official `ae.safetensors`, our layout), from the key names."""
+    return "diffusers" if any(k.startswith("encoder.down_blocks.") for k in keys) else "bfl"
+
+
 def transformer_layout(sd: dict[str, Tensor]) -> str:
     """'bfl' (official single files, our layout) or 'diffusers', from the key names."""
     if any(k.startswith("double_blocks.") or k.startswith("single_blocks.") for k in sd):
@@ -192,13 +197,13 @@ def read_any(src: str | Path) -> tuple[str, str, dict[str, Tensor], TransformerC
         raise ValueError(f"{src}: config.json names {cfg_json.get('_class_name')!r}, not a FLUX.2 transformer or VAE")
     raw = strip_prefix(read_safetensors(src))
     if any(k.startswith(("encoder.", "decoder.")) for k in raw):
-        if any(k.startswith("encoder.down_blocks.") for k in raw):
+        if vae_layout(raw) == "diffusers":
             raise ValueError(f"{src}: a diffusers-named VAE file needs its config.json: give the vae/ folder")
         cfg = vae_config_from_keys(raw)
         return "vae", "bfl", raw, cfg
     layout = transformer_layout(raw)
     if is_fp8(raw):
-        raw = dequantize_fp8(raw, torch.bfloat16)
+        raw, _ = dequantize_fp8(raw, torch.bfloat16)
     sd = transformer_from_diffusers(raw) if layout == "diffusers" else raw
     return "transformer", layout, sd, transformer_config_from_keys(sd)
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .images import REF_MAX_AREA, check_size, image_hash
 from .sampling import PIXELS_PER_TOKEN as MULTIPLE
+from .sampling import mask_tokens
 from .variants import ANCHORS
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def build_init(
     if any(expand) and size is not None:
         raise ValueError("give an expansion or a size, not both: the canvas is the image plus the expansion")
     lo, hi, model = limits
+    hashes = image_hash(image), None if mask is None else image_hash(mask)  # of the files as given
     image, mask = upright(image), None if mask is None else upright(mask)
     w, h = image.size
     if min(w, h) < 1:
@@ -117,8 +119,8 @@ def build_init(
         image=start,
         mask=binary,
         strength=float(strength),
-        image_hash=image_hash(image),
-        mask_hash=None if mask is None else image_hash(mask),
+        image_hash=hashes[0],
+        mask_hash=hashes[1],
         mask_blur=mask_blur,
         expand=expand,
         paste_back=any(expand),
@@ -175,8 +177,8 @@ def _capped(size: tuple[int, int]) -> tuple[int, int]:
 
 def resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Lanczos to `size`, through the pixel cap first when the image is over it (diffusers' two resizes)."""
-    if _capped(image.size) != image.size:
-        image = image.resize(_capped(image.size), Image.Resampling.LANCZOS)
+    if (capped := _capped(image.size)) != image.size:
+        image = image.resize(capped, Image.Resampling.LANCZOS)
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
@@ -191,8 +193,6 @@ def prepare_mask(mask: Image.Image, size: tuple[int, int], blur: int = 0) -> Ten
 
 
 def _any_token(mask: Tensor) -> bool:
-    from .sampling import mask_tokens
-
     h, w = mask.shape[-2] // MULTIPLE, mask.shape[-1] // MULTIPLE
     return bool(mask_tokens(mask, h, w).amax() > 0)
 
@@ -230,13 +230,12 @@ def paste_kept(image: Image.Image, original: Image.Image, repaint: Tensor, band:
     generated pixels take on the local colour offset between `original` and the decoded image, fading to none
     at the band's end."""
     out = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
-    original_t = torch.from_numpy(np.asarray(original.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
+    kept = torch.from_numpy(np.asarray(original.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
     inside = (repaint == 0).float()
     near = _box_mean(inside, band)  # share of kept pixels around each pixel
-    offset = _box_mean((original_t - out) * inside, band) / near.clamp_min(1e-6)
-    original = original_t
+    offset = _box_mean((kept - out) * inside, band) / near.clamp_min(1e-6)
     fade = (2 * near).clamp(max=1.0)  # 1 at the seam, 0 one band away
-    result = torch.where(inside.bool(), original, out + fade * offset).clamp(0, 255).round()
+    result = torch.where(inside.bool(), kept, out + fade * offset).clamp(0, 255).round()
     return Image.fromarray(result[0].permute(1, 2, 0).to(torch.uint8).numpy())
 
 

@@ -58,6 +58,18 @@ def prepare_reference(image: Image.Image, index: int = 0) -> Image.Image:
     return image.crop((left, top, left + cw, top + ch)).convert("RGB")
 
 
+def open_image(path: str | Path, what: str = "image") -> Image.Image:
+    """An image file read whole, in its own mode (a mask keeps its greys); a clear error if it is not one."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"cannot read {what} {path}: {e}") from None
+
+
 def to_tensor(image: Image.Image) -> Tensor:
     """RGB PIL image -> (1, 3, H, W) float32 in [-1, 1]."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0

@@ -28,6 +28,7 @@ from .conversion import (
     transformer_layout,
     vae_config_from_diffusers,
     vae_config_from_keys,
+    vae_layout,
 )
 from .layouts.transformer import transformer_from_diffusers
 from .layouts.vae import vae_from_diffusers
@@ -37,9 +38,16 @@ from .pipeline import Component, Pipeline
 from .precision import compute_dtype, storage, widen_on_use
 from .residency import drop_file_pages, drop_unused_pages, prefault, stream_weights
 from .text_encoders import TextEncoder, load_minilm
-from .variants import VARIANTS, AutoencoderConfig, TextEncoderSpec, TransformerConfig, Variant, get_variant
+from .variants import (
+    EMBEDDED_IDS,
+    VARIANTS,
+    AutoencoderConfig,
+    TextEncoderSpec,
+    TransformerConfig,
+    Variant,
+    get_variant,
+)
 
-EMBEDDED_IDS = tuple(v.id for v in VARIANTS.values() if v.embedded)  # weights inside the package
 BLOCKS = ("double_blocks.", "single_blocks.")  # the transformer's streamed blocks (BFL names = ours)
 
 
@@ -234,11 +242,10 @@ def load_transformer(
 ) -> Flux2Transformer:
     """Our transformer from tensors with BFL or diffusers names, bf16 or fp8 with scales (BFL-named blocks stay
     fp8 and are widened per layer; the rest is dequantised now), streamed block by block unless `resident`."""
-    sd, scales = raw, {}
-    if is_fp8(sd):
-        bfl = transformer_layout(sd) == "bfl"  # diffusers names: q, k, v have a scale each, fused below
-        sd, scales = dequantize_fp8(sd, dtype, keep=lambda key: bfl and key.startswith(BLOCKS))
-    if transformer_layout(sd) == "diffusers":
+    sd, scales, layout = raw, {}, transformer_layout(raw)
+    if is_fp8(sd):  # diffusers names: q, k, v have a scale each, fused below
+        sd, scales = dequantize_fp8(sd, dtype, keep=lambda key: layout == "bfl" and key.startswith(BLOCKS))
+    if layout == "diffusers":
         sd = transformer_from_diffusers(sd, copied=drop_file_pages)  # q, k, v freed as soon as fused
     cfg = variant.transformer
     model = build(lambda: Flux2Transformer(cfg), storage(sd, dtype), f"{variant.id} transformer").to(device)
@@ -251,7 +258,7 @@ def load_transformer(
 
 def load_vae(raw: dict[str, torch.Tensor], cfg: AutoencoderConfig, device: str, dtype: torch.dtype) -> AutoEncoder:
     """Our VAE from tensors with BFL or diffusers names, its pages faulted in at once (it runs whole)."""
-    sd = vae_from_diffusers(raw, cfg) if any(k.startswith("encoder.down_blocks.") for k in raw) else raw
+    sd = vae_from_diffusers(raw, cfg) if vae_layout(raw) == "diffusers" else raw
     model = build(lambda: AutoEncoder(cfg), sd, "VAE", dtype).to(device)
     drop_unused_pages(raw, model)
     prefault(model)  # small, run whole: mapped at once rather than inside the convolutions
@@ -307,8 +314,7 @@ def load_single_file(
     variant = dataclasses.replace(variant_for_file(path, t_cfg, model_id), transformer=t_cfg)
     vae_file = Path(vae_path) if vae_path else path.parent / "ae.safetensors"
     vae_shapes = read_shapes(vae_file)
-    vae_diffusers = any(k.startswith("encoder.down_blocks.") for k in vae_shapes)
-    vae_cfg = variant.vae if vae_diffusers else vae_config_from_keys(vae_shapes)
+    vae_cfg = variant.vae if vae_layout(vae_shapes) == "diffusers" else vae_config_from_keys(vae_shapes)
     te_folder = find_text_encoder(variant.text_encoder, text_encoder_path)
     spec = text_encoder_spec(variant.text_encoder, te_folder)
     variant = dataclasses.replace(variant, text_encoder=spec, vae=vae_cfg)

@@ -153,11 +153,17 @@ def _references(
     if image is None and (mask is not None or strength is not None or expand is not None or mask_blur):
         raise ValueError("mask, strength, expand and mask_blur edit a start image: give image= too")
     masked = image is not None and (mask is not None or bool(expand and any(expand)))
-    room = variant.max_refs - (masked and variant.inpaint_reference)
+    room = reference_room(variant, masked)
     if len(refs) > room:
         raise ValueError(f"{len(refs)} reference images given; {variant.id} takes 0..{room}"
                          + (" besides the image being inpainted" if masked else ""))  # fmt: skip
     return tuple(prepare_reference(img, i) for i, img in enumerate(refs))
+
+
+def reference_room(variant: Variant, inpainting: bool) -> int:
+    """How many references a request may add: an inpainted start image is the first one where the model
+    takes it as one (`Variant.inpaint_reference`)."""
+    return variant.max_refs - (inpainting and variant.inpaint_reference)
 
 
 def _seeds(seed: int, seeds: Sequence[int] | None, n: int) -> list[int]:
@@ -448,16 +454,12 @@ class Pipeline:
         emb = self.text_encoder(unique, dtype=self.dtype).to(self.device)
         return emb[[unique.index(p) for p in prompts]]
 
-    def encode_references(self, refs: Sequence[Image.Image]) -> tuple[Tensor, Tensor]:
-        """Prepared references -> tokens (1, L_ref, 128) and ids (L_ref, 4), reference k at time 10+10k."""
-        return self._references([self.encode_image(r) for r in refs])
-
     def encode_image(self, image: Image.Image) -> Tensor:
         """An RGB image -> normalised latents (1, 128, H/16, W/16)."""
         return self.vae.encode(to_tensor(image).to(self.device, self.dtype))
 
     @staticmethod
-    def _references(latents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    def _reference_tokens(latents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         tokens = torch.cat([sampling.pack(z) for z in latents], dim=1)
         return tokens, sampling.reference_ids([tuple(z.shape[-2:]) for z in latents])
 
@@ -492,7 +494,7 @@ class Pipeline:
         if start is not None or conditions:
             self.release("vae")
         if conditions:
-            ref_tokens, ref_ids = self._references(conditions)
+            ref_tokens, ref_ids = self._reference_tokens(conditions)
             ref_tokens, ref_ids = ref_tokens.expand(req.batch, -1, -1), ref_ids.to(self.device)
             if self.variant.kv_cache:  # reference tokens at a fixed timestep 0, computed once
                 t0 = torch.zeros(req.batch, device=self.device)

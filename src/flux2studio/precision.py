@@ -135,6 +135,15 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if compute_dtype("auto", device).dtype == torch.bfloat16 else None
 
 
+def autocast(device: torch.device):
+    """Training's mixed precision on `device`: bf16 matmuls where they are native (CUDA, AVX512-BF16/AMX CPUs:
+    about 5x faster than fp32 there), plain fp32 elsewhere (`autocast_dtype`)."""
+    import torch
+
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def storage(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Tensors as a model computing in `dtype` keeps them: fp8 stays fp8 (its scale set on the parameter by the
     loader, `dequantized`), bf16/fp16 stay as they are when `dtype` is fp32 (both widened per layer at run time,

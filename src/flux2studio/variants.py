@@ -357,6 +357,7 @@ _HOSTED = [
 ]
 
 VARIANTS: dict[str, Variant] = {v.id: v for v in _LOCAL + _HOSTED}
+EMBEDDED_IDS = tuple(v.id for v in _LOCAL if v.embedded)  # weights inside the package; what is served by default
 
 
 def get_variant(model_id: str) -> Variant:

@@ -36,7 +36,7 @@ from .. import sampling
 from ..images import to_tensor
 from ..model.autoencoder import AutoEncoder, patchify
 from ..model.transformer import Flux2Transformer
-from ..precision import autocast_dtype
+from ..precision import autocast
 from ..text_encoders import TextEncoder, load_minilm
 from ..train.common import (
     Ema,
@@ -163,13 +163,6 @@ class TrainConfig:
         """Whether `max_minutes` ends the run after `step` (0-based), `t0` being `time.monotonic()` when training
         began (loading is not counted); never on the last step, which ends the run anyway."""
         return bool(self.max_minutes) and step + 1 < self.end and time.monotonic() - t0 > 60 * self.max_minutes
-
-
-def bf16(device: torch.device):
-    """Mixed precision on the training device: bf16 matmuls where they are native (CUDA, AVX512-BF16/AMX CPUs:
-    about 5x faster than fp32 there), fp32 elsewhere (precision.autocast_dtype)."""
-    dtype = autocast_dtype(device)
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -356,7 +349,7 @@ def train_vae(cfg: TrainConfig, log: Callable[[dict], None]) -> AutoEncoder:
         x, weight = (t.to(device) for t in vae_batch(rng, cfg.batch, (128, 128)))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        with bf16(device):
+        with autocast(device):
             mean = vae.moments(x).float()[:, : vae.cfg.z_channels]
             # Nearly deterministic: a fixed small noise instead of a learned variance. A learned variance
             # starts at 1 and drowns the signal; the diffusion model only ever sees posterior means anyway,
@@ -394,7 +387,7 @@ def measure_latent_stats(vae: AutoEncoder, seed: int, n: int = 1024, batch: int 
     zs = []
     for _ in range(n // batch):
         x = image_batch(rng, batch, (128, 128)).to(device)
-        with bf16(device):
+        with autocast(device):
             mean = vae.moments(x).float()[:, : vae.cfg.z_channels]
         zs.append(patchify(mean, vae.cfg.patch).transpose(0, 1).flatten(1))  # (128, B*h*w)
     z = torch.cat(zs, dim=1)
@@ -419,12 +412,12 @@ class Frozen:
 
     @torch.no_grad()
     def latents(self, images: Tensor) -> Tensor:
-        with bf16(self.device):
+        with autocast(self.device):
             return self.vae.encode(images.to(self.device)).float()
 
     @torch.no_grad()
     def encode(self, images: Tensor, captions: list[str]) -> tuple[Tensor, Tensor]:
-        with bf16(self.device):
+        with autocast(self.device):
             txt = self.text(captions).float()
         return self.latents(images), txt
 
@@ -669,7 +662,7 @@ def train_flow(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Callable
             for group in opt.param_groups:
                 group["lr"] = lr
             weight = None if b.masks is None else 1 + (object_weight - 1) * b.masks
-            with bf16(device):
+            with autocast(device):
                 loss = flow_loss(
                     model, b.z, b.txt, t.to(device), noise.to(device), weight=weight, start=b.start, groups=b.groups
                 )
@@ -685,7 +678,7 @@ def velocity_of(model: Flux2Transformer, ids: tuple[Tensor, Tensor], txt: Tensor
     img_ids, txt_ids = ids
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
-        with bf16(x.device):
+        with autocast(x.device):
             return model(x, img_ids, txt, txt_ids, t).float()
 
     return velocity
@@ -747,7 +740,7 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
     ema = Ema(model, cfg.ema)
     start = resume(out / "distill.ckpt.safetensors", model, ema, opt, names)
     student = get_variant("nano")
-    guidance = cfg.options.guidance or get_variant("nano-base").guidance
+    guidance = get_variant("nano-base").guidance if cfg.options.guidance is None else cfg.options.guidance
     substeps, on_policy = cfg.options.substeps, cfg.options.on_policy
     plain = TrainConfig(**{**asdict(cfg), "caption_dropout": 0.0})
     loop = Loop(cfg, "distill", "nano", model, ema, opt, names, log, evaluate)
@@ -772,7 +765,7 @@ def train_distill(cfg: TrainConfig, log: Callable[[dict], None], evaluate: Calla
             target = (x_b - x_a) / (b - a)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-            with bf16(device):
+            with autocast(device):
                 v = model(x_a, img_ids, txt, txt_ids, a.to(device).expand(z.shape[0]))
             loss = F.mse_loss(v.float(), target)
             if loop.update(step, loss, segment=segment, rollout=rollout):

@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..pipeline import Pipeline
-from ..variants import VARIANTS, get_variant
+from ..variants import EMBEDDED_IDS, get_variant
 from . import routes_files, routes_jobs, routes_models, routes_openai
 from .guard import LOOPBACK_HOSTS, Guard
 from .limits import DEFAULT_LIMITS, Limits
@@ -55,7 +55,7 @@ def create_app(
     store = store or Store(data, db=db, files=files)
     recovered = store.recover()
     worker = worker or Worker(store, loader)
-    served = models or [v.id for v in VARIANTS.values() if v.embedded]
+    served = models or list(EMBEDDED_IDS)
     remote = {m for m in served if get_variant(m).hosted} | set(api_models or [])
 
     app = FastAPI(title="Flux2 Studio", version="1", lifespan=_lifespan(worker), default_response_class=SafeJSON)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..variants import VARIANTS
+from ..variants import EMBEDDED_IDS
 from .limits import DEFAULT_LIMITS
 from .store import MAX_ATTEMPTS, Job, Store, _compatible
 from .worker import Worker
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class ScaleConfig:
     """What `flux2 serve --ray --config FILE` reads (YAML); every field optional."""
 
-    models: list[str] = field(default_factory=lambda: [v.id for v in VARIANTS.values() if v.embedded])
+    models: list[str] = field(default_factory=lambda: list(EMBEDDED_IDS))
     db: str | None = None  # postgresql://... (required across machines); None: SQLite under `data`
     data: str = "flux2-data"  # SQLite file (single machine) and, unless `files` is set, images
     files: str | None = None  # a folder every node sees (images and uploaded references)

@@ -26,9 +26,9 @@ async def openai_generations(req: OpenAIGeneration, request: Request, adm: Admis
     if req.stream:
         raise HTTPException(400, "stream=true is not supported: images come back whole (omit stream)")
     width, height = _parse_size(req.size)
-    job = adm.submit(job_request(model=req.model, prompt=req.prompt, width=width, height=height, num_images=req.n,
-                             seed=req.seed, steps=req.steps, guidance=req.guidance,
-                             negative_prompt=req.negative_prompt))  # fmt: skip
+    job = await asyncio.to_thread(adm.submit, job_request(
+        model=req.model, prompt=req.prompt, width=width, height=height, num_images=req.n, seed=req.seed,
+        steps=req.steps, guidance=req.guidance, negative_prompt=req.negative_prompt))  # fmt: skip
     return await _openai_result(adm.store, job.id, req.response_format, request)
 
 
@@ -53,21 +53,21 @@ async def openai_edits(
         raise HTTPException(422, f"{len(images)} images given (image or image[]); 1..{adm.limits.max_refs}")
     width, height = _parse_size(size)
     adm.check_basics(model, n, prompt=prompt)  # before any image is written
+    mask_id = start = None
     if mask is not None:  # inpainting: the first image is edited where the mask is transparent
-        mask_id = await asyncio.to_thread(
-            alpha_mask, await mask.read(adm.limits.max_upload_bytes + 1), adm.store, adm.limits
-        )
-        start, *refs = [await save_upload(f, adm.store, adm.limits) for f in images]
-        request_ = job_request(model=model, prompt=prompt, width=width, height=height, num_images=n, seed=seed,
-                               image=start, mask=mask_id, refs=refs)  # fmt: skip
-        job = await asyncio.to_thread(adm.submit, request_)  # resizes and hashes the images: off the event loop
-        return await _openai_result(adm.store, job.id, response_format, request)
-    refs = [await save_upload(f, adm.store, adm.limits) for f in images]
-    if width is None:  # the output follows the first image, as in the CLI
-        with Image.open(adm.store.ref_path(refs[0])) as first:
-            width, height = first.width // 16 * 16, first.height // 16 * 16
-    job = adm.submit(job_request(model=model, prompt=prompt, width=width, height=height, num_images=n, seed=seed,
-                             refs=refs))  # fmt: skip
+        raw = await mask.read(adm.limits.max_upload_bytes + 1)
+        mask_id = await asyncio.to_thread(alpha_mask, raw, adm.store, adm.limits)
+    ids = [await save_upload(f, adm.store, adm.limits) for f in images]
+    if mask_id is not None:
+        start, *refs = ids
+    else:  # references only: the output follows the first image, as in the CLI
+        refs = ids
+        if width is None:
+            with Image.open(adm.store.ref_path(refs[0])) as first:
+                width, height = first.width // 16 * 16, first.height // 16 * 16
+    fields = job_request(model=model, prompt=prompt, width=width, height=height, num_images=n, seed=seed,
+                         image=start, mask=mask_id, refs=refs)  # fmt: skip
+    job = await asyncio.to_thread(adm.submit, fields)  # may resize and hash images: off the event loop
     return await _openai_result(adm.store, job.id, response_format, request)
 
 

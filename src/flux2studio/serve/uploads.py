@@ -29,6 +29,11 @@ async def save_upload(file: UploadFile, store: Store, limits: Limits) -> str:
 def _store_image(raw: bytes, store: Store, limits: Limits) -> str:
     with DECODES:
         suffix = _check_image(raw, limits)
+    return _save_checked(raw, suffix, store, limits)
+
+
+def _save_checked(raw: bytes, suffix: str, store: Store, limits: Limits) -> str:
+    """An image already checked (or made here), stored under a new id; old unreferenced uploads go first."""
     store.expire_refs(limits.upload_ttl_s)
     if (problem := limits.disk_problem(store.disk_bytes, len(raw))) is not None:
         raise HTTPException(507, problem)
@@ -49,7 +54,7 @@ def alpha_mask(raw: bytes, store: Store, limits: Limits) -> str:
     ours = alpha.point(lambda a: 255 if a == 0 else 0)
     buf = io.BytesIO()
     ours.save(buf, format="PNG")
-    return _store_image(buf.getvalue(), store, limits)
+    return _save_checked(buf.getvalue(), ".png", store, limits)  # made here from a checked file: no second check
 
 
 def _check_image(raw: bytes, limits: Limits) -> str:

@@ -10,8 +10,8 @@ from fastapi import HTTPException, Request
 from PIL import Image
 
 from ..hosted import ENDPOINTS, MIN_SIDE, check_request, price
-from ..images import size_for_aspect
-from ..pipeline import build_request
+from ..images import open_image, size_for_aspect
+from ..pipeline import build_request, reference_room
 from ..variants import get_variant
 from .limits import Limits
 from .schemas import JobRequest
@@ -77,7 +77,7 @@ class Admission:
             except ValueError as e:
                 raise HTTPException(422, str(e)) from None
             if built.init is not None:
-                room = variant.max_refs - (built.init.mask is not None and variant.inpaint_reference)
+                room = reference_room(variant, built.init.mask is not None)
                 if len(req.refs) > room:
                     raise HTTPException(422, f"{len(req.refs)} references; {req.model} takes 0..{room} besides the "
                                              "image being inpainted")  # fmt: skip
@@ -112,10 +112,9 @@ class Admission:
             upload = getattr(req, key)
             if upload is None:
                 continue
-            if self.store.ref_path(upload) is None:
+            if (path := self.store.ref_path(upload)) is None:
                 raise HTTPException(422, f"unknown {key} id {upload[:64]!r}: upload it to /v1/uploads first")
-            with Image.open(self.store.ref_path(upload)) as im:
-                opened[key] = im.copy()
+            opened[key] = open_image(path, key)
         return {**opened, "strength": req.strength, "expand": req.expand, "mask_blur": req.mask_blur}
 
     def check_area(self, width: int, height: int) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from PIL import Image
 
+from ..images import open_image
 from ..pipeline import Pipeline
 from .store import LEASE, Job, Store, runner_id
 
@@ -122,7 +123,7 @@ class Worker:
             kw["size"] = (s["width"], s["height"])
             for key in ("image", "mask"):  # an edit: its start image and mask, as uploaded
                 if s.get(key):
-                    kw[key] = _open(self.store.ref_path(s[key]))
+                    kw[key] = open_image(self.store.ref_path(s[key]))
             if s.get("expand"):  # the canvas is the start image plus the expansion
                 kw["expand"], kw["size"] = tuple(s["expand"]), None
             if s.get("loras") or pipe.loras:
@@ -209,8 +210,3 @@ def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
-
-
-def _open(path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.copy()

@@ -3,6 +3,7 @@ schedule, and checkpoints (safetensors: model, EMA and optimizer moments, step i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from .. import sampling
 from ..checkpoints import write_safetensors
 from ..model.transformer import Flux2Transformer
-from ..precision import autocast_dtype
+from ..precision import autocast
 
 
 def save_checkpoint(path: Path, step: int, tensors: dict[str, Tensor], config: dict) -> None:
@@ -121,8 +122,7 @@ def flow_loss(
     ids = sampling.image_ids(h, w).to(xt.device)
     if ref is not None:
         xt, ids = torch.cat([xt, ref], dim=1), torch.cat([ids, ref_ids.to(xt.device)])
-    mixed = autocast_dtype(xt.device) if xt.device.type == "cpu" else None  # bf16 where the CPU has it natively
-    with torch.autocast("cpu", dtype=mixed or torch.bfloat16, enabled=mixed is not None):
+    with autocast(xt.device) if xt.device.type == "cpu" else contextlib.nullcontext():  # bf16 where the CPU has it
         v = model(xt, ids, txt, sampling.text_ids(txt.shape[1]).to(xt.device), t)[:, : h * w]
     if weight is None:
         return F.mse_loss(v.float(), target)

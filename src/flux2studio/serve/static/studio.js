@@ -65,12 +65,17 @@ function renderAspects() {
   }
 }
 
+async function upload(blob, name) {
+  // one image to /v1/uploads; its id names it in a job
+  const form = new FormData();
+  form.append("file", blob, name);
+  return (await api("/v1/uploads", { method: "POST", body: form })).id;
+}
+
 async function addRefs(files) {
   for (const file of files) {
-    const form = new FormData();
-    form.append("file", file);
     try {
-      const { id } = await api("/v1/uploads", { method: "POST", body: form });
+      const id = await upload(file, file.name);
       state.refs.push(id);
       const img = document.createElement("img");
       img.src = URL.createObjectURL(file);
@@ -84,15 +89,14 @@ async function addRefs(files) {
 // ---- editing: a start image, a painted mask (opaque pixels of #mask-canvas = repaint), strength, outpainting
 async function setEditImage(file) {
   if (!file) return;
-  const form = new FormData();
-  form.append("file", file);
   let id;
-  try { ({ id } = await api("/v1/uploads", { method: "POST", body: form })); }
+  try { id = await upload(file, file.name); }
   catch (e) { $("status").textContent = `Upload refused: ${e.message}`; return; }
   const bitmap = await createImageBitmap(file);
   for (const c of [$("edit-image"), $("mask-canvas")]) { c.width = bitmap.width; c.height = bitmap.height; }
   $("edit-image").getContext("2d").drawImage(bitmap, 0, 0);
-  state.edit = { id, expand: [0, 0, 0, 0], strengthSet: false };
+  // maskId: the painted mask as last uploaded (null: not uploaded since the last change)
+  state.edit = { id, expand: [0, 0, 0, 0], strengthSet: false, maskId: null };
   $("strength").value = 0.75; $("strength-value").textContent = "0.75";
   $("edit-tools").hidden = false;
   $("aspects").closest("fieldset").hidden = true;  // the image sets the size
@@ -122,6 +126,7 @@ function syncStrength() {
 }
 
 function paintAt(event) {
+  state.edit.maskId = null;
   const c = $("mask-canvas");
   const box = c.getBoundingClientRect();
   const scale = c.width / box.width;
@@ -157,9 +162,7 @@ async function uploadMask() {
   }
   out.getContext("2d").putImageData(image, 0, 0);
   const blob = await new Promise((resolve) => out.toBlob(resolve, "image/png"));
-  const form = new FormData();
-  form.append("file", blob, "mask.png");
-  return (await api("/v1/uploads", { method: "POST", body: form })).id;
+  return upload(blob, "mask.png");
 }
 
 function showExpand() {
@@ -170,7 +173,7 @@ function showExpand() {
 async function editFields() {
   if (!state.edit) return {};
   const fields = { image: state.edit.id, strength: Number($("strength").value) };
-  if (maskPainted()) fields.mask = await uploadMask();
+  if (maskPainted()) fields.mask = state.edit.maskId ??= await uploadMask();  // once per painted mask
   if (state.edit.expand.some((v) => v)) fields.expand = state.edit.expand;
   return fields;
 }
@@ -334,8 +337,12 @@ async function init() {
   mask.onpointerdown = (e) => { mask.setPointerCapture(e.pointerId); paintAt(e); };
   mask.onpointermove = (e) => { if (e.buttons & 1) paintAt(e); };
   mask.onpointerup = syncStrength;
-  $("mask-clear").onclick = () => { mask.getContext("2d").clearRect(0, 0, mask.width, mask.height); syncStrength(); };
-  $("mask-invert").onclick = () => { invertMask(); syncStrength(); };
+  $("mask-clear").onclick = () => {
+    mask.getContext("2d").clearRect(0, 0, mask.width, mask.height);
+    state.edit.maskId = null;
+    syncStrength();
+  };
+  $("mask-invert").onclick = () => { invertMask(); state.edit.maskId = null; syncStrength(); };
   $("edit-remove").onclick = removeEditImage;
   $("strength").oninput = () => {
     $("strength-value").textContent = $("strength").value;
