@@ -166,6 +166,20 @@ class Phases:
         reset_peak()
 
 
+def mark_phases(pipe, ph: Phases) -> None:
+    """End a phase each time the pipeline releases a part: text encoder (encode), transformer (denoise), VAE."""
+    release = pipe.release
+    names = {"text_encoder": "encode", "transformer": "denoise", "vae": "decode"}
+
+    def marked(*parts: str) -> None:
+        release(*parts)
+        for part in parts:
+            if part in names and not any(r[0] == names[part] for r in ph.rows):
+                ph.mark(names[part])
+
+    pipe.release = marked
+
+
 def run_ours(
     folder: Path, size: int, steps: int, png: Path, resident: bool = False, attention: str = "auto", dtype: str = "auto"
 ) -> dict:
@@ -180,16 +194,7 @@ def run_ours(
     ph = Phases()
     pipe = load("klein-4b", weights=folder, device="cpu", dtype=dtype, resident=resident, attention=attention)
     ph.mark("load")
-    release = pipe.release
-    names = {"text_encoder": "encode", "transformer": "denoise", "vae": "decode"}
-
-    def marked(*parts: str) -> None:
-        release(*parts)
-        for part in parts:
-            if part in names and not any(r[0] == names[part] for r in ph.rows):
-                ph.mark(names[part])
-
-    pipe.release = marked
+    mark_phases(pipe, ph)
     step_times = []
     images = pipe(
         PROMPT, size=(size, size), steps=steps, seed=0, callback=lambda i, n, x: step_times.append(time.perf_counter())

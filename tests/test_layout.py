@@ -19,18 +19,18 @@ LAYERS = {
     "nano.checker": 1,
     "text_encoders": 2, "editing": 2, "nano.planner": 2,
     # weights
-    "residency": 1, "checkpoints": 3, "conversion": 4, "lora": 4,
+    "residency": 1, "quantize": 1, "checkpoints": 3, "quantized_files": 4, "lora": 4, "conversion": 5,
     # the generation call, then what builds and drives it
-    "pipeline": 5,
-    "hosted": 6, "nano.evaluate": 6, "train.common": 6,
-    "loading": 7, "nano.train": 7, "train.lora": 7,
+    "pipeline": 6,
+    "hosted": 7, "nano.evaluate": 7, "train.common": 7,
+    "loading": 8, "nano.train": 8, "train.lora": 8,
     # the server: its parts, then the routes, then the app
-    "serve.limits": 8, "serve.guard": 8, "serve.store": 8, "serve.schemas": 8, "serve.responses": 8,
-    "serve.worker": 9, "serve.uploads": 9,
-    "serve.validation": 10,
-    "serve.routes_models": 11, "serve.routes_jobs": 11, "serve.routes_files": 11, "serve.routes_openai": 11,
-    "serve.app": 12, "serve.ray_app": 13,
-    "cli": 14,
+    "serve.limits": 9, "serve.guard": 9, "serve.store": 9, "serve.schemas": 9, "serve.responses": 9,
+    "serve.worker": 10, "serve.uploads": 10,
+    "serve.validation": 11,
+    "serve.routes_models": 12, "serve.routes_jobs": 12, "serve.routes_files": 12, "serve.routes_openai": 12,
+    "serve.app": 13, "serve.ray_app": 14,
+    "cli": 15,
 }  # fmt: skip
 
 

@@ -11,7 +11,7 @@ from functools import cache
 
 from . import variants
 from .kernels import ATTENTION_MODES
-from .precision import DTYPE_CHOICES, DTYPE_NAMES
+from .precision import DTYPE_CHOICES, DTYPE_NAMES, QUANTIZE_CHOICES
 from .variants import ANCHORS, ASPECTS, VARIANTS, Variant, get_variant
 
 
@@ -144,7 +144,8 @@ def load_pipe(model: str | None, args: argparse.Namespace):
     api = {"location": args.api, "safety_tolerance": args.safety_tolerance, "output_format": args.output_format}
     pipe = load(model, weights=args.weights, device=args.device, dtype=args.dtype,
                 text_encoder=getattr(args, "text_encoder", None), backend=args.backend, api=api,
-                attention=getattr(args, "attention", None) or "auto")  # fmt: skip
+                attention=getattr(args, "attention", None) or "auto",
+                quantize=getattr(args, "quantize", None))  # fmt: skip
     if getattr(args, "lora", None):
         pipe.set_loras([parse_lora_arg(a) for a in args.lora])
     return pipe
@@ -222,6 +223,8 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, Job]:
         given["seed"] = args.seed
     if args.dtype is None:  # same dtype as recorded, or the image will differ
         args.dtype = next((k for k, v in DTYPE_NAMES.items() if v == meta.get("dtype")), None)
+    if getattr(args, "quantize", None) is None:
+        args.quantize = meta.get("quantize")
     if getattr(args, "attention", None) is None:  # bf16 attention kernels round differently
         args.attention = meta.get("attention", "sdpa")  # images from before the kernel: PyTorch's
     return meta["model"], Job(args.prompt or meta["prompt"], {**settings, **given})
@@ -478,6 +481,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             token=token,
             device=args.device,
             dtype=args.dtype,
+            quantize=args.quantize,
         )
         cfg.allowed_hosts = [*cfg.allowed_hosts, *hosts]
         store = "PostgreSQL" if cfg.db else "SQLite"
@@ -503,7 +507,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if model_id in api_models:
             return load(model_id, backend="api", api={"location": args.api})
         return load(model_id, weights=weights.get(model_id), device=args.device, dtype=args.dtype, resident=True,
-                    api={"location": args.api})  # fmt: skip
+                    api={"location": args.api}, quantize=args.quantize)  # fmt: skip
 
     from .serve.guard import header_timeout_protocol
     from .serve.limits import DEFAULT_LIMITS
@@ -525,7 +529,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .nano.evaluate import evaluate
 
     pipe = load(args.model or "nano", weights=args.weights, vae=args.vae, device=args.device, dtype=args.dtype,
-                attention=args.attention or "auto")  # fmt: skip
+                attention=args.attention or "auto", quantize=args.quantize)  # fmt: skip
     seeds = tuple(int(s) for s in args.seeds.split(","))
     result = evaluate(pipe, seeds=seeds, limit=args.limit, steps=args.steps, guidance=args.guidance,
                       categories=args.category, guidance_interval=args.guidance_interval,
@@ -544,7 +548,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .conversion import convert
 
-    print(convert(args.src, args.dst, args.to))
+    print(convert(args.src, args.dst, args.to, args.quantize))
     return 0
 
 
@@ -586,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=DTYPE_CHOICES,
                        help="auto (default): bf16 where the device computes it natively, else fp32")  # fmt: skip
         p.add_argument("--attention", choices=ATTENTION_MODES, help="auto (default): our bf16 CPU kernel where it runs")
+        p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                       help="pack the transformer's and text encoder's layers at load: int8 (int8 matmuls "
+                            "on CPU) or int4 (Q4_0 blocks); GGUF and convert --quantize files need none")  # fmt: skip
         p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
         p.add_argument("--guidance", type=float, help="guidance scale (CFG and guidance-embedded models)")
         p.add_argument(
@@ -673,10 +680,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("model")
     pl.set_defaults(func=cmd_pull)
 
-    conv = sub.add_parser("convert", help="convert a transformer or VAE between the diffusers and BFL layouts")
-    conv.add_argument("src", help="single .safetensors file or diffusers component folder (transformer/, vae/)")
-    conv.add_argument("dst", help="new folder (--to diffusers) or .safetensors file (--to bfl)")
-    conv.add_argument("--to", choices=["diffusers", "bfl"], required=True)
+    conv = sub.add_parser("convert", help="convert a transformer or VAE between layouts (diffusers, BFL, GGUF), "
+                          "optionally quantized")  # fmt: skip
+    conv.add_argument("src", help="single .safetensors / .gguf file or diffusers component folder (transformer/, vae/)")
+    conv.add_argument("dst", help="new folder (--to diffusers), .safetensors file (--to bfl) or .gguf file (--to gguf)")
+    conv.add_argument("--to", choices=["diffusers", "bfl", "gguf"], required=True)
+    conv.add_argument("--quantize", help="bfl: int8 or int4 (loaded without re-quantizing); gguf: q8_0, q4_0, f16 or "
+                      "bf16 (default bf16; files stable-diffusion.cpp and ComfyUI-GGUF load)")  # fmt: skip
     conv.set_defaults(func=cmd_convert)
 
     info = sub.add_parser("info", help="layout, detected model, dtypes, parameter count and file sizes of weights")
@@ -730,6 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", help="Ray Serve settings (YAML): replicas, autoscaling, GPUs, models, budget")
     srv.add_argument("--device")
     srv.add_argument("--dtype", choices=DTYPE_CHOICES)
+    srv.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="pack the served models' layers: int8 or int4")
     srv.set_defaults(func=cmd_serve)
 
     train = sub.add_parser("train", help="train: the embedded model (nano) or a LoRA (lora)")
@@ -806,8 +817,8 @@ def explain(e: Exception) -> str:
     import torch
 
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
-        return (f"out of memory ({str(e).splitlines()[0]}): try --dtype bf16 or fp16, a smaller --size, "
-                "fewer images per call (--num), or a smaller model")  # fmt: skip
+        return (f"out of memory ({str(e).splitlines()[0]}): try --quantize int8 or int4, --dtype bf16 or fp16, "
+                "a smaller --size, fewer images per call (--num), or a smaller model")  # fmt: skip
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 

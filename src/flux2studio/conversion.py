@@ -13,18 +13,31 @@ import torch
 from torch import Tensor
 
 from .checkpoints import (
+    BFL_PREFIXES,
     check_path,
     dequantize_fp8,
     is_diffusers_folder,
     is_fp8,
     read_component,
     read_json,
-    read_safetensors,
     resolve_snapshot,
     strip_prefix,
     write_safetensors,
 )
+from .quantize import dequantize_weight
+from .quantized_files import (
+    in_features,
+    quantize_state,
+    read_weights,
+    strip_formats,
+    tensor_types,
+    transformer_quantizable,
+    write_gguf,
+    write_quantized,
+)
 from .variants import AutoencoderConfig, TransformerConfig
+
+CONVERT_QUANTIZE = {"bfl": ("int8", "int4"), "gguf": ("q8_0", "q4_0", "f16", "bf16"), "diffusers": ()}
 
 
 def transformer_config_from_diffusers(cfg: dict) -> TransformerConfig:
@@ -195,7 +208,11 @@ def read_any(src: str | Path) -> tuple[str, str, dict[str, Tensor], TransformerC
             cfg = vae_config_from_diffusers(cfg_json)
             return "vae", "diffusers", vae_from_diffusers(raw, cfg), cfg
         raise ValueError(f"{src}: config.json names {cfg_json.get('_class_name')!r}, not a FLUX.2 transformer or VAE")
-    raw = strip_prefix(read_safetensors(src))
+    raw, formats = read_weights(src)
+    raw, formats = strip_prefix(raw), strip_formats(formats, BFL_PREFIXES)
+    for name, fmt in formats.items():  # packed (GGUF, --quantize): unpacked to bf16, to be written anew
+        packed = raw[name + ".weight"]
+        raw[name + ".weight"] = dequantize_weight(packed, fmt, _in_features(packed, fmt), torch.bfloat16)
     if any(k.startswith(("encoder.", "decoder.")) for k in raw):
         if vae_layout(raw) == "diffusers":
             raise ValueError(f"{src}: a diffusers-named VAE file needs its config.json: give the vae/ folder")
@@ -208,21 +225,46 @@ def read_any(src: str | Path) -> tuple[str, str, dict[str, Tensor], TransformerC
     return "transformer", layout, sd, transformer_config_from_keys(sd)
 
 
-def convert(src: str | Path, dst: str | Path, to: str) -> str:
-    """Write the transformer or VAE at `src` in the `to` layout ("diffusers" folder or "bfl" single file)."""
+def _in_features(packed: Tensor, fmt: str) -> int:
+    return in_features(fmt, packed.shape[1])
+
+
+def check_convert(to: str, quantize: str | None) -> None:
+    if to not in CONVERT_QUANTIZE:
+        raise ValueError(f"--to {to!r}: choose {', '.join(CONVERT_QUANTIZE)}")
+    if quantize is not None and quantize not in CONVERT_QUANTIZE[to]:
+        allowed = ", ".join(CONVERT_QUANTIZE[to]) or "none (diffusers folders are written unquantized)"
+        raise ValueError(f"--quantize {quantize!r} with --to {to}: choose {allowed}")
+
+
+def convert(src: str | Path, dst: str | Path, to: str, quantize: str | None = None) -> str:
+    """Write the transformer or VAE at `src` in the `to` layout ("diffusers" folder, "bfl" single file, or a
+    "gguf" transformer file), the transformer's blocks and modulation layers packed as `quantize` says
+    (bfl: int8 / int4; gguf: q8_0 / q4_0 / f16 / bf16, default bf16). Files are written atomically."""
     from .layouts.transformer import transformer_to_diffusers
     from .layouts.vae import vae_to_diffusers
 
-    if to not in ("diffusers", "bfl"):
-        raise ValueError(f"--to {to!r}: choose diffusers or bfl")
+    check_convert(to, quantize)
     kind, layout, sd, cfg = read_any(src)
     dst = Path(dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} exists: choose a new path (nothing is overwritten)")
+    if kind == "vae" and (quantize or to == "gguf"):
+        raise ValueError(f"{src} is a VAE: only transformers are quantized or written as GGUF (the VAE is small)")
+    if to == "gguf":
+        path = dst if dst.suffix == ".gguf" else dst / "flux2.gguf"
+        formats = write_gguf(sd, path, (quantize or "bf16").upper(), transformer_quantizable)
+        return (
+            f"{kind} ({layout} layout) -> {path} (GGUF, {len(formats)} linear weights {(quantize or 'bf16').upper()})"
+        )
     if to == "bfl":
         path = (
             dst if dst.suffix == ".safetensors" else dst / ("ae.safetensors" if kind == "vae" else "flux2.safetensors")
         )
+        if quantize:
+            sd, formats = quantize_state(sd, quantize, transformer_quantizable)
+            write_quantized(sd, formats, path)
+            return f"{kind} ({layout} layout) -> {path} (bfl layout, {len(formats)} linear weights {quantize})"
         write_safetensors(sd, path)
     else:
         out = transformer_to_diffusers(sd) if kind == "transformer" else vae_to_diffusers(sd, cfg)
@@ -241,13 +283,9 @@ def describe(path: str | Path) -> dict:
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, int] = {}
     for f in files:
-        from safetensors import safe_open
-
-        with safe_open(str(f), "pt") as handle:
-            for k in handle.keys():  # noqa: SIM118
-                piece = handle.get_slice(k)
-                shapes[f"{f.relative_to(path) if path.is_dir() else f.name}:{k}"] = tuple(piece.get_shape())
-                dtypes[piece.get_dtype()] = dtypes.get(piece.get_dtype(), 0) + 1
+        for k, (shape, kind) in tensor_types(f).items():
+            shapes[f"{f.relative_to(path) if path.is_dir() else f.name}:{k}"] = shape
+            dtypes[kind] = dtypes.get(kind, 0) + 1
     info: dict = {
         "path": str(path),
         "files": {str(f.relative_to(path) if path.is_dir() else f.name): f.stat().st_size for f in files},

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import (
+    BFL_PREFIXES,
     EMBEDDED,
     build,
     dequantize_fp8,
@@ -17,7 +18,6 @@ from .checkpoints import (
     read_component,
     read_json,
     read_safetensors,
-    read_shapes,
     resolve_snapshot,
     strip_prefix,
     weights_hash,
@@ -36,6 +36,14 @@ from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
 from .pipeline import Component, Pipeline
 from .precision import compute_dtype, storage, widen_on_use
+from .quantize import check_mode, prepack_int8, quantize_modules, swap_in
+from .quantized_files import (
+    logical_shapes,
+    read_weights,
+    strip_formats,
+    text_encoder_quantizable,
+    transformer_quantizable,
+)
 from .residency import drop_file_pages, drop_unused_pages, prefault, stream_weights
 from .text_encoders import TextEncoder, load_minilm
 from .variants import (
@@ -109,13 +117,14 @@ def streamed(model: torch.nn.Module, blocks: list[torch.nn.Module], resident: bo
     Blocks stored narrower than `dtype` (bf16 files computing in fp32) are widened as they run (`widen_on_use`)."""
     if resident or next(model.parameters()).device.type != "cpu":
         prefault(model)
+        prepack_int8(model)  # int8 layers kept in memory: oneDNN's faster layout (CPU only; none elsewhere)
     else:
         stream_weights(blocks)
     widen_on_use(model, blocks, dtype)
     return model
 
 
-def qwen3_stack(model_dir: Path, config, dtype: torch.dtype) -> torch.nn.Module:
+def qwen3_stack(model_dir: Path, config, dtype: torch.dtype, quantize: str | None = None) -> torch.nn.Module:
     """Qwen3's decoder stack with `config.num_hidden_layers` layers, built on the meta device and given the
     memory-mapped tensors of the files (strict: every missing or mis-shaped key is named).
 
@@ -137,14 +146,22 @@ def qwen3_stack(model_dir: Path, config, dtype: torch.dtype) -> torch.nn.Module:
         sd[name] = tensor
     model = build(lambda: Qwen3Model._from_config(config, dtype=dtype), storage(sd, dtype), "text encoder")
     model.rotary_emb = type(model.rotary_emb)(config=model.config)  # its buffers are computed, not stored
+    if quantize:
+        quantize_modules(model, quantize, text_encoder_quantizable, release=drop_file_pages)
     return model
 
 
 def hf_text_encoder(
-    spec: TextEncoderSpec, model_dir: Path, tokenizer_dir: Path, device: str, dtype: torch.dtype, resident: bool = True
+    spec: TextEncoderSpec,
+    model_dir: Path,
+    tokenizer_dir: Path,
+    device: str,
+    dtype: torch.dtype,
+    resident: bool = True,
+    quantize: str | None = None,
 ):
     """Load a Qwen3 / Mistral3 text encoder with only the layers the variant takes (Qwen3's layers' weights
-    streamed unless `resident`)."""
+    streamed unless `resident`; its decoder layers' linear weights packed in `quantize`'s format if given)."""
     import transformers
     from transformers import AutoConfig
 
@@ -157,7 +174,7 @@ def hf_text_encoder(
     if getattr(text_cfg, "layer_types", None) is not None:
         text_cfg.layer_types = text_cfg.layer_types[:last]
     if spec.kind == "qwen3":
-        model = qwen3_stack(model_dir, config, dtype).to(device)
+        model = qwen3_stack(model_dir, config, dtype, quantize).to(device)
     else:
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # the skipped layers are reported as unused keys
@@ -179,6 +196,8 @@ def hf_text_encoder(
         from transformers import AutoTokenizer as loader
     tokenizer = loader.from_pretrained(tokenizer_dir, local_files_only=True)
     encoder = TextEncoder(spec, model, tokenizer)  # the stack only: vision tower and LM head dropped
+    if quantize and spec.kind != "qwen3":  # (Qwen3's stack is packed as it is built)
+        quantize_modules(encoder.model, quantize, text_encoder_quantizable, release=drop_file_pages)
     if spec.kind == "qwen3":  # memory-mapped (qwen3_stack): streamed layer by layer
         streamed(encoder.model, encoder.model.layers, resident, dtype)
     else:
@@ -187,7 +206,13 @@ def hf_text_encoder(
 
 
 def load_diffusers_folder(
-    folder: Path, model_id: str | None, device: str, dtype: torch.dtype, resident: bool, attention: str = "auto"
+    folder: Path,
+    model_id: str | None,
+    device: str,
+    dtype: torch.dtype,
+    resident: bool,
+    attention: str = "auto",
+    quantize: str | None = None,
 ) -> Pipeline:
     index = read_json(folder / "model_index.json")
     t_cfg = transformer_config_from_diffusers(read_json(folder / "transformer" / "config.json"))
@@ -201,17 +226,18 @@ def load_diffusers_folder(
     files = sorted((folder / "transformer").glob("*.safetensors"))
     parts = components(
         variant,
-        (lambda: read_component(folder / "transformer"), files),
+        (lambda: (read_component(folder / "transformer"), {}), files),
         (lambda: read_component(folder / "vae"), sorted((folder / "vae").glob("*.safetensors"))),
-        lambda: hf_text_encoder(spec, folder / "text_encoder", folder / "tokenizer", device, dtype, resident),
+        lambda: hf_text_encoder(spec, folder / "text_encoder", folder / "tokenizer", device, dtype, resident, quantize),
         device,
         dtype,
         resident,
+        quantize,
     )
     return Pipeline(variant, *parts, device=device, dtype=dtype, weights_hash=weights_hash(files), attention=attention)
 
 
-Reader = tuple[Callable[[], dict[str, torch.Tensor]], list[Path]]  # reads a part's tensors; the files it reads
+Reader = tuple[Callable, list[Path]]  # reads a part's tensors (the transformer's: with their formats); its files
 
 
 def components(
@@ -222,13 +248,15 @@ def components(
     device: str,
     dtype: torch.dtype,
     resident: bool,
+    quantize: str | None = None,
 ) -> tuple[Component, Component, Component]:
     """The three parts of a pipeline, each loaded on first use from its reader (a folder's or a file's
     tensors, in either layout) and freed after its phase unless `resident`."""
     (read_transformer, transformer_files), (read_vae, vae_files) = transformer, vae
 
     def load_t() -> Flux2Transformer:
-        return load_transformer(read_transformer(), variant, device, dtype, resident)
+        raw, formats = read_transformer()
+        return load_transformer(raw, variant, device, dtype, resident, formats, quantize)
 
     return (
         Component(load_t, resident, transformer_files),
@@ -238,20 +266,34 @@ def components(
 
 
 def load_transformer(
-    raw: dict[str, torch.Tensor], variant: Variant, device: str, dtype: torch.dtype, resident: bool
+    raw: dict[str, torch.Tensor],
+    variant: Variant,
+    device: str,
+    dtype: torch.dtype,
+    resident: bool,
+    formats: dict[str, str] | None = None,
+    quantize: str | None = None,
 ) -> Flux2Transformer:
     """Our transformer from tensors with BFL or diffusers names, bf16 or fp8 with scales (BFL-named blocks stay
-    fp8 and are widened per layer; the rest is dequantised now), streamed block by block unless `resident`."""
+    fp8 and are widened per layer; the rest is dequantised now), or packed (`formats`: {module: format}, from
+    GGUF or a quantized file; they stay packed), streamed block by block unless `resident`. `quantize` packs
+    the blocks' and modulation layers' linear weights as int8 / int4 now (layers already packed are kept)."""
+    formats = formats or {}
     sd, scales, layout = raw, {}, transformer_layout(raw)
     if is_fp8(sd):  # diffusers names: q, k, v have a scale each, fused below
         sd, scales = dequantize_fp8(sd, dtype, keep=lambda key: layout == "bfl" and key.startswith(BLOCKS))
     if layout == "diffusers":
         sd = transformer_from_diffusers(sd, copied=drop_file_pages)  # q, k, v freed as soon as fused
     cfg = variant.transformer
-    model = build(lambda: Flux2Transformer(cfg), storage(sd, dtype), f"{variant.id} transformer").to(device)
+    if formats and layout == "diffusers":
+        raise ValueError("quantized transformer files with diffusers names are not supported: use BFL names")
+    model = build(lambda: swap_in(Flux2Transformer(cfg), formats), storage(sd, dtype), f"{variant.id} transformer")
+    model = model.to(device)
     for name, p in model.named_parameters():
         if name in scales:
             p.fp8_scale = scales[name].to(p.device)  # read by precision.dequantized
+    if quantize:
+        quantize_modules(model, quantize, transformer_quantizable, release=drop_file_pages)
     drop_unused_pages(raw, model)  # fp8 originals, unfused q, k, v, a dtype cast: read once, not kept
     return streamed(model, [*model.double_blocks, *model.single_blocks], resident, dtype)
 
@@ -308,26 +350,34 @@ def load_single_file(
     vae_path: str | Path | None,
     text_encoder_path: str | Path | None,
     attention: str = "auto",
+    quantize: str | None = None,
 ) -> Pipeline:
-    """An official single transformer file (BFL or diffusers names, bf16 or fp8 with scales)."""
-    t_cfg = transformer_config_from_keys(strip_prefix(read_shapes(path)))
+    """An official single transformer file (BFL or diffusers names, bf16 or fp8 with scales), a GGUF one, or
+    one written by `flux2 convert --quantize`."""
+    t_cfg = transformer_config_from_keys(strip_prefix(logical_shapes(path)))
     variant = dataclasses.replace(variant_for_file(path, t_cfg, model_id), transformer=t_cfg)
     vae_file = Path(vae_path) if vae_path else path.parent / "ae.safetensors"
-    vae_shapes = read_shapes(vae_file)
+    vae_shapes = logical_shapes(vae_file)
     vae_cfg = variant.vae if vae_layout(vae_shapes) == "diffusers" else vae_config_from_keys(vae_shapes)
     te_folder = find_text_encoder(variant.text_encoder, text_encoder_path)
     spec = text_encoder_spec(variant.text_encoder, te_folder)
     variant = dataclasses.replace(variant, text_encoder=spec, vae=vae_cfg)
 
     tok = te_folder / "tokenizer" if (te_folder / "tokenizer").is_dir() else te_folder
+
+    def read_transformer() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        sd, formats = read_weights(path)
+        return strip_prefix(sd), strip_formats(formats, BFL_PREFIXES)
+
     parts = components(
         variant,
-        (lambda: strip_prefix(read_safetensors(path)), [path]),
+        (read_transformer, [path]),
         (lambda: read_safetensors(vae_file), [vae_file]),
-        lambda: hf_text_encoder(spec, te_folder, tok, device, dtype, resident),
+        lambda: hf_text_encoder(spec, te_folder, tok, device, dtype, resident, quantize),
         device,
         dtype,
         resident,
+        quantize,
     )
     return Pipeline(variant, *parts, device=device, dtype=dtype, weights_hash=weights_hash([path]), attention=attention)
 
@@ -344,6 +394,7 @@ def load(
     backend: str = "local",
     api: dict | None = None,
     attention: str = "auto",
+    quantize: str | None = None,
 ) -> Pipeline:
     """A `Pipeline` for `model_id` (default: the embedded `nano`, which needs no download).
 
@@ -361,7 +412,12 @@ def load(
 
     `attention`: "auto" (our AVX512-BF16 kernel for bf16 on a CPU that has it, else PyTorch's SDPA), "sdpa"
     (always PyTorch's, the reference's kernel) or "kernel" (ours, or an error saying why not).
+
+    `quantize`: "int8" (per-channel weights, int8 matmuls with per-token activations on CPU) or "int4" (Q4_0
+    blocks, dequantized per layer) for the transformer's blocks and the text encoder's layers, packed at load;
+    files already quantized (GGUF, `flux2 convert --quantize`) stay as they are without it.
     """
+    check_mode(quantize)
     if backend not in ("local", "api"):
         raise ValueError(f"backend {backend!r} is not 'local' or 'api'")
     if model_id is not None and (backend == "api" or get_variant(model_id).hosted):
@@ -376,8 +432,9 @@ def load(
         )
     device = device or default_device()
     compute = compute_dtype(dtype, device)
-    pipe = _load_local(model_id, weights, device, compute.dtype, resident, vae, text_encoder, attention)
+    pipe = _load_local(model_id, weights, device, compute.dtype, resident, vae, text_encoder, attention, quantize)
     pipe.dtype_reason = compute.reason
+    pipe.quantize = quantize
     return pipe
 
 
@@ -390,15 +447,18 @@ def _load_local(
     vae: str | Path | None,
     text_encoder: str | Path | None,
     attention: str,
+    quantize: str | None = None,
 ) -> Pipeline:
     if weights is not None:
         path = resolve_snapshot(weights)
         if is_diffusers_folder(path):
-            return load_diffusers_folder(path, model_id, device, torch_dtype, resident, attention)
+            return load_diffusers_folder(path, model_id, device, torch_dtype, resident, attention, quantize)
         if path.is_dir():
             raise ValueError(f"{path} is a folder without model_index.json: not a diffusers-format pipeline")
         if model_id not in EMBEDDED_IDS:
-            return load_single_file(path, model_id, device, torch_dtype, resident, vae, text_encoder, attention)
+            return load_single_file(
+                path, model_id, device, torch_dtype, resident, vae, text_encoder, attention, quantize
+            )
     model_id = model_id or "nano"
     variant: Variant = get_variant(model_id)
     if variant.hosted:
@@ -413,13 +473,15 @@ def _load_local(
                 f"HF_HUB_CACHE / HF_HOME; repo {variant.repo}): run `flux2 pull {model_id}`, or pass "
                 "--weights PATH (a diffusers folder or a single file)"
             )
-        return load_diffusers_folder(local, model_id, device, torch_dtype, resident, attention)
+        return load_diffusers_folder(local, model_id, device, torch_dtype, resident, attention, quantize)
     if weights is not None:  # e.g. a training run's weights: nano-base.safetensors + vae.safetensors
         t_path = Path(weights)
         vae_path = Path(vae) if vae else EMBEDDED / "nano-vae.safetensors"
     else:
         t_path, vae_path = embedded_files(model_id)
     transformer = build(lambda: Flux2Transformer(variant.transformer), read_safetensors(t_path), model_id, torch_dtype)
+    if quantize:
+        quantize_modules(transformer, quantize, transformer_quantizable, release=drop_file_pages)
     vae = build(lambda: AutoEncoder(variant.vae), read_safetensors(vae_path), "nano VAE", torch_dtype)
     text_encoder = load_minilm(variant.text_encoder, device=device)
     digest = weights_hash([t_path])

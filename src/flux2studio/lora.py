@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from .checkpoints import read_safetensors
 from .layouts.transformer import TRANSFORMER_DIFFUSERS
-from .precision import dequantized, fp8_dtypes
+from .precision import fp8_dtypes
+from .quantize import dense_weight
 
 OUTER_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
 KOHYA_PREFIX = "lora_unet_"
@@ -184,7 +185,7 @@ def _combine(target: str, ps: list[tuple[int, int, bool, Delta]], linear: nn.Lin
         _, _, swap, d = ps[0]
         if swap:  # diffusers stores the final adaLN as (scale, shift), ours is (shift, scale)
             if d.kron is not None:
-                w = d.weight(linear.weight.shape)
+                w = d.weight(_shape(linear))
                 a, b = w.chunk(2, dim=0)
                 return Delta(target, down=torch.eye(w.shape[1]), up=torch.cat([b, a]))
             a, b = d.up.chunk(2, dim=0)
@@ -242,21 +243,27 @@ def apply_loras(
     for name, items in by_layer.items():
         linear = linears[name]
         if mode == "fuse":
-            total = sum(s * d.weight(linear.weight.shape) for d, s in items)
+            total = sum(s * d.weight(_shape(linear)) for d, s in items)
             applied.backups[linear] = linear.weight.data
-            base = dequantized(linear.weight, torch.float32)  # an fp8 weight times its scale
-            kept = into or (torch.bfloat16 if linear.weight.dtype in fp8_dtypes() else linear.weight.dtype)
+            base = dense_weight(linear, torch.float32)  # an fp8 weight times its scale, a packed one unpacked
+            narrow = linear.weight.dtype in fp8_dtypes() or not linear.weight.is_floating_point()
+            kept = into or (torch.bfloat16 if narrow else linear.weight.dtype)
             linear.weight.data = (base + total.to(linear.weight.device)).to(kept)
         else:
             applied.hooks.append(linear.register_forward_hook(_hook(items, linear)))
     return applied
 
 
+def _shape(linear: nn.Linear) -> torch.Size:
+    """The weight's (out, in) shape, also for packed weights (stored as rows of bytes)."""
+    return torch.Size((linear.out_features, linear.in_features))
+
+
 def _hook(items: list[tuple[Delta, float]], linear: nn.Linear):
     factors = []
     for d, s in items:
         if d.kron is not None:
-            factors.append((None, d.weight(linear.weight.shape) * s))
+            factors.append((None, d.weight(_shape(linear)) * s))
         else:
             factors.append((d.down, d.up * s))
 

@@ -315,6 +315,7 @@ class Pipeline:
         self.device = torch.device(device)
         self.dtype = dtype  # what computes; weights may be stored narrower (precision.widen_on_use)
         self.dtype_reason = "given"  # why this dtype; `load` sets auto's reason (precision.compute_dtype)
+        self.quantize: str | None = None  # int8 / int4 packing done at load (`load(quantize=)`), if any
         # "auto": our bf16 CPU kernel where it runs (kernels/attention.py), else PyTorch's SDPA; "sdpa"; "kernel"
         self.sdpa = attention_for(attention, self.device, dtype, cache_dir())
         self.attention = "sdpa" if self.sdpa is F.scaled_dot_product_attention else "kernel"
@@ -442,6 +443,7 @@ class Pipeline:
             **({"init": req.init.metadata()} if req.init is not None else {}),
             "dtype": str(self.dtype).removeprefix("torch."),
             "dtype_reason": self.dtype_reason,
+            **({"quantize": self.quantize} if self.quantize else {}),
             "device": self.device.type,
             "attention": self.attention,
             "loras": [{"file": Path(f.path).name, "hash": h, "scale": s} for f, s, h in self.loras],

@@ -33,14 +33,14 @@ def drop_file_pages(tensors: list[Tensor]) -> int:
     Converting on load (q, k, v fused into qkv; fp8 dequantised; a dtype cast) reads the original
     tensors from the mapped file once; their pages would otherwise stay in the process's resident set
     for as long as any tensor of that file is alive (the whole model). Only whole pages inside such a
-    tensor, inside a `.safetensors` file mapping, are dropped: they are clean, so a later read would
+    tensor, inside a `.safetensors` or `.gguf` file mapping, are dropped: they are clean, so a later read would
     simply fault them in again from the file. Linux only; returns the bytes dropped.
     """
     return _dont_need(file_pages(tensors))
 
 
 def file_pages(tensors: list[Tensor]) -> list[tuple[int, int]]:
-    """The whole pages (start, end) inside each CPU tensor that lies in a `.safetensors` file mapping."""
+    """The whole pages (start, end) inside each CPU tensor that lies in a `.safetensors` or `.gguf` file mapping."""
     import sys
 
     if not sys.platform.startswith("linux"):
@@ -49,7 +49,7 @@ def file_pages(tensors: list[Tensor]) -> list[tuple[int, int]]:
     with open("/proc/self/maps") as f:
         for line in f:
             parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[5].strip().endswith(".safetensors"):
+            if len(parts) == 6 and parts[5].strip().endswith((".safetensors", ".gguf")):
                 lo, hi = (int(v, 16) for v in parts[0].split("-"))
                 maps.append((lo, hi))
     page, ranges = 4096, []

@@ -1,0 +1,282 @@
+"""Linear weights that stay quantized at run time: int8, 4-bit, and the GGUF block formats people share.
+
+Every quantized weight is one uint8 tensor of rows of blocks, (out_features, row_bytes), and a type name:
+- "int8" (ours): per output channel, each row its in_features int8 values then its fp32 scale
+  (w = q * scale). On a CPU it multiplies with dynamically quantized activations (per token, int8) through
+  PyTorch's `torch._int_mm` (oneDNN: VNNI/AMX where the CPU has them); elsewhere it is dequantized per layer.
+- GGUF's blocks, byte for byte as ggml lays them out: Q8_0, Q4_0 (our "int4": 32 weights per block, an fp16
+  scale, w = d * (q - 8)), Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, and the plain F16 / BF16 / F32. Q8_0 and Q4_0
+  are dequantized in PyTorch; the others through the `gguf` package's own dequantizer (numpy). Every block
+  format is dequantized one layer at a time as the layer runs, in the compute dtype, and dropped after.
+
+So a file written by `flux2 convert --quantize int4` and a GGUF Q4_0 file hold the same bytes per row.
+This module knows nothing of models or files beyond the tensors it is given (`QuantLinear` is an
+`nn.Linear`, so LoRA hooks and per-layer widening of its bias see it as one).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .precision import QUANTIZE_CHOICES, cpu_capped, cpu_features
+
+MODE_FORMAT = {"int8": "int8", "int4": "Q4_0"}  # --quantize -> the stored format
+# GGUF types we run: (weights per block, bytes per block); F16/BF16/F32 are one weight a "block"
+GGUF_BLOCKS = {
+    "F32": (1, 4),
+    "F16": (1, 2),
+    "BF16": (1, 2),
+    "Q8_0": (32, 34),
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+}
+FORMATS = ("int8", *GGUF_BLOCKS)
+GGUF_WRITABLE = ("Q8_0", "Q4_0", "F16", "BF16")  # `flux2 convert --to gguf --quantize`
+
+
+def check_mode(mode: str | None) -> str | None:
+    if mode is not None and mode not in QUANTIZE_CHOICES:
+        raise ValueError(f"--quantize {mode!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+    return mode
+
+
+def check_format(fmt: str, where: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"{where}: quantization type {fmt} is not supported; supported: {', '.join(FORMATS)}")
+    return fmt
+
+
+def row_bytes(fmt: str, in_features: int) -> int:
+    """Bytes of one stored row of `in_features` weights in `fmt`."""
+    if fmt == "int8":
+        return in_features + 4
+    per, size = GGUF_BLOCKS[fmt]
+    if in_features % per:
+        raise ValueError(f"{fmt} packs {per} weights a block; a row of {in_features} does not divide")
+    return in_features // per * size
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def quantize_weight(w: Tensor, fmt: str) -> Tensor:
+    """A float weight (out, in) -> its packed rows in `fmt` ("int8" or "Q4_0"; others through `gguf`)."""
+    w = w.detach().float()
+    if fmt == "int8":
+        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+        q = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
+        return torch.cat([q.view(torch.uint8), scale.view(torch.uint8).reshape(-1, 4)], dim=1)
+    if fmt == "Q4_0":  # ggml's rule: d = (the value of largest magnitude) / -8, q = round(w / d) + 8 in 0..15
+        blocks = w.reshape(w.shape[0], -1, 32)
+        idx = blocks.abs().argmax(dim=-1, keepdim=True)
+        d = blocks.gather(-1, idx) / -8  # the inverse from the fp32 scale, the stored scale in fp16 (as ggml)
+        inv = torch.where(d == 0, 0.0, 1.0 / d)
+        q = torch.clamp(torch.trunc(blocks * inv + 8.5), 0, 15).to(torch.uint8)
+        qs = q[..., :16] | (q[..., 16:] << 4)  # elements 0-15 in the low nibbles, 16-31 in the high ones
+        return torch.cat([d.to(torch.float16).view(torch.uint8), qs], dim=-1).reshape(w.shape[0], -1)
+    if fmt in ("F16", "BF16", "F32"):
+        dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[fmt]
+        return w.to(dtype).view(torch.uint8)
+    import gguf
+
+    packed = gguf.quants.quantize(w.numpy(), getattr(gguf.GGMLQuantizationType, fmt))
+    return torch.from_numpy(packed)
+
+
+def dequantize_weight(packed: Tensor, fmt: str, in_features: int, dtype: torch.dtype) -> Tensor:
+    """Packed rows -> the float weight (out, in) in `dtype`."""
+    n = packed.shape[0]
+    if fmt == "int8":
+        q, scale = _int8_parts(packed, in_features)
+        return (q.float() * scale).to(dtype)
+    if fmt in ("F16", "BF16", "F32"):
+        stored = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[fmt]
+        return packed.contiguous().view(stored).to(dtype)
+    if fmt == "Q8_0":
+        blocks = packed.reshape(n, -1, 34)
+        d = blocks[..., :2].contiguous().view(torch.float16).float()
+        return (blocks[..., 2:].contiguous().view(torch.int8).float() * d).reshape(n, in_features).to(dtype)
+    if fmt == "Q4_0":
+        blocks = packed.reshape(n, -1, 18)
+        d = blocks[..., :2].contiguous().view(torch.float16).float()
+        qs = blocks[..., 2:]
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).to(torch.int8) - 8
+        return (q.float() * d).reshape(n, in_features).to(dtype)
+    import gguf
+
+    out = gguf.quants.dequantize(packed.numpy(), getattr(gguf.GGMLQuantizationType, fmt))
+    return torch.from_numpy(out).reshape(n, in_features).to(dtype)
+
+
+def _int8_parts(packed: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
+    """An int8 row block -> (q (out, in) int8, scale (out, 1) fp32)."""
+    q = packed[:, :in_features].contiguous().view(torch.int8)
+    scale = packed[:, in_features:].contiguous().view(torch.float32)
+    return q, scale
+
+
+# ----------------------------------------------------------------------------- int8 matmul
+
+
+@functools.cache
+def int8_weight_limit() -> int:
+    """The largest weight magnitude oneDNN's int8 product is exact for on this CPU. Without VNNI (AVX2, plain
+    AVX-512) it multiplies unsigned activations by signed weights and adds pairs into int16, which saturates
+    unless |w| <= 64 (measured: ±127 weights gave 11% error with PyTorch capped at AVX2, ±64 exact)."""
+    f = cpu_features()
+    return 127 if (f["avx512_vnni"] or f["amx"]) and cpu_capped() is None else 64
+
+
+def _int8_weight(packed: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
+    """(q, scale) as this CPU's int8 kernels take them exactly: halved (rounded) with a doubled scale where
+    `int8_weight_limit()` is 64."""
+    q, scale = _int8_parts(packed, in_features)
+    if int8_weight_limit() < 127:
+        q = torch.div(q.to(torch.int16) + q.sign(), 2, rounding_mode="trunc").to(torch.int8)
+        scale = scale * 2
+    return q, scale
+
+
+def _per_token(x: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
+    """x (..., in) -> (int8 rows (tokens, in), their scales (tokens, 1)): each token scaled to ±127."""
+    rows = x.reshape(-1, in_features).float()
+    s = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+    return torch.round(rows / s).clamp_(-127, 127).to(torch.int8), s
+
+
+def int8_linear(
+    x: Tensor, packed: Tensor, in_features: int, bias: Tensor | None, onednn: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """x (..., in) @ int8 weight: activations quantized per token to int8, one integer product (`torch._int_mm`,
+    or oneDNN's prepacked u8 x s8 kernel when the layer holds one: `prepack_int8`), both scales applied to the
+    exact int32 sums; returns x's dtype."""
+    xq, s = _per_token(x, in_features)
+    if onednn is not None:  # u8 = int8 + 128 with zero point 128: the same integer sums
+        weight, scale = onednn
+        xu = (xq.to(torch.int16) + 128).to(torch.uint8)
+        y = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, weight, scale, _zeros(scale.shape[0]), None, 1.0, 0,
+                                               torch.float32, "none", [], "")  # fmt: skip
+        y = y * s
+    else:
+        q, scale = _int8_weight(packed, in_features)
+        y = torch._int_mm(xq, q.t()).float() * s * scale.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+@functools.cache
+def _zeros(n: int) -> Tensor:
+    return torch.zeros(n, dtype=torch.long)
+
+
+def prepack_int8(model: nn.Module) -> int:
+    """For models kept resident on a CPU: give every int8 layer a copy of its weight in oneDNN's blocked layout
+    (`torch.ops.onednn.qlinear_prepack`, PyTorch's x86 int8 path), which multiplies ~1.6x faster than
+    `torch._int_mm` with VNNI/AMX (bench/quant_kernels.py) but costs ~150 ms a layer to make: worth it only
+    for weights that stay in memory. Returns how many layers got one (0 where this PyTorch lacks the op)."""
+    onednn = getattr(torch.ops, "onednn", None)
+    if onednn is None or not hasattr(onednn, "qlinear_prepack"):
+        return 0
+    count = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.fmt == "int8" and m.weight.device.type == "cpu":
+            q, scale = _int8_weight(m.weight.data, m.in_features)
+            m.onednn = (onednn.qlinear_prepack(q, None), scale.reshape(-1).contiguous())
+            count += 1
+    return count
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+class QuantLinear(nn.Linear):
+    """An `nn.Linear` whose weight is stored packed (`fmt`): int8 computes in int8 on a CPU, every format is
+    otherwise dequantized to the input's dtype for the call. A float weight (a LoRA fused in) runs plainly."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, device=None) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        shape = (out_features, row_bytes(fmt, in_features))
+        self.weight = nn.Parameter(torch.empty(shape, dtype=torch.uint8, device=device), requires_grad=False)
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_features, device=device)) if bias else None)
+        self.onednn: tuple[Tensor, Tensor] | None = None  # a resident prepacked copy (`prepack_int8`)
+
+    def dense(self, dtype: torch.dtype) -> Tensor:
+        """The weight as a float (out, in) tensor in `dtype`."""
+        w = self.weight
+        if w.is_floating_point():
+            return w.data.to(dtype)
+        return dequantize_weight(w.data, self.fmt, self.in_features, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        grad = torch.is_grad_enabled() and x.requires_grad  # _int_mm has no gradient: dequantize then
+        if not w.is_floating_point() and self.fmt == "int8" and x.device.type == "cpu" and not grad:
+            return int8_linear(x, w.data, self.in_features, self.bias, self.onednn)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dense(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+def dense_weight(linear: nn.Linear, dtype: torch.dtype) -> Tensor:
+    """Any linear layer's weight as a float tensor in `dtype` (packed, fp8 with its scale, or plain)."""
+    from .precision import dequantized
+
+    return linear.dense(dtype) if isinstance(linear, QuantLinear) else dequantized(linear.weight, dtype)
+
+
+def linear_names(model: nn.Module, eligible: Callable[[str], bool]) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and eligible(name)]
+
+
+def swap_in(model: nn.Module, formats: dict[str, str]) -> nn.Module:
+    """Replace each linear layer named in `formats` ({module name: format}) by an empty `QuantLinear` of that
+    format, on the layer's device (meta while a model is being built), so packed tensors load into it."""
+    for name, fmt in formats.items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        old = owner.get_submodule(child)
+        if not isinstance(old, nn.Linear):
+            raise ValueError(f"{name} is quantized ({fmt}) in the file but is not a linear layer of the model")
+        new = QuantLinear(old.in_features, old.out_features, old.bias is not None, fmt, device=old.weight.device)
+        owner.register_module(child, new)
+    return model
+
+
+def quantize_modules(
+    model: nn.Module,
+    mode: str,
+    eligible: Callable[[str], bool],
+    release: Callable[[list[Tensor]], object] | None = None,
+) -> dict[str, str]:
+    """Quantize, in place, every eligible linear layer of a loaded model to `mode` (int8 / int4), one layer at
+    a time; each float weight is handed to `release` as soon as it is packed (the loader drops its memory-mapped
+    pages, which would otherwise stay resident: 8 GB for Qwen3-4B). Returns {module name: format}."""
+    fmt = MODE_FORMAT[check_mode(mode)]
+    formats = {}
+    for name in linear_names(model, eligible):
+        old = model.get_submodule(name)
+        if isinstance(old, QuantLinear) or old.in_features % 32:
+            continue
+        formats[name] = fmt
+        swap_in(model, {name: fmt})
+        new = model.get_submodule(name)
+        new.weight.data = quantize_weight(dense_weight(old, torch.float32), fmt).to(old.weight.device)
+        if old.bias is not None:
+            new.bias = old.bias
+        if release is not None:
+            release([old.weight.data])
+    return formats
