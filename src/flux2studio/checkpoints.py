@@ -162,15 +162,6 @@ def is_fp8(sd: dict[str, Tensor]) -> bool:
     return any(v.dtype in fp8_dtypes() for v in sd.values())
 
 
-def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of a safetensors file without reading any data (for detection and `flux2 info`)."""
-    from safetensors import safe_open
-
-    path = check_path(path)
-    with safe_open(str(path), "pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-
-
 # ----------------------------------------------------------------------------- writing
 
 
@@ -180,7 +171,11 @@ def write_safetensors(sd: dict[str, Tensor], path: Path, metadata: dict[str, str
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
+    try:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing half-written is left, under either name
+        raise
     tmp.replace(path)
 
 

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from .checkpoints import (
-    BFL_PREFIXES,
     check_path,
     dequantize_fp8,
     is_diffusers_folder,
@@ -28,8 +27,7 @@ from .quantize import dequantize_weight
 from .quantized_files import (
     in_features,
     quantize_state,
-    read_weights,
-    strip_formats,
+    read_transformer_file,
     tensor_types,
     transformer_quantizable,
     write_gguf,
@@ -208,8 +206,7 @@ def read_any(src: str | Path) -> tuple[str, str, dict[str, Tensor], TransformerC
             cfg = vae_config_from_diffusers(cfg_json)
             return "vae", "diffusers", vae_from_diffusers(raw, cfg), cfg
         raise ValueError(f"{src}: config.json names {cfg_json.get('_class_name')!r}, not a FLUX.2 transformer or VAE")
-    raw, formats = read_weights(src)
-    raw, formats = strip_prefix(raw), strip_formats(formats, BFL_PREFIXES)
+    raw, formats = read_transformer_file(src)
     for name, fmt in formats.items():  # packed (GGUF, --quantize): unpacked to bf16, to be written anew
         packed = raw[name + ".weight"]
         raw[name + ".weight"] = dequantize_weight(packed, fmt, _in_features(packed, fmt), torch.bfloat16)
@@ -232,7 +229,7 @@ def _in_features(packed: Tensor, fmt: str) -> int:
 def check_convert(to: str, quantize: str | None) -> None:
     if to not in CONVERT_QUANTIZE:
         raise ValueError(f"--to {to!r}: choose {', '.join(CONVERT_QUANTIZE)}")
-    if quantize is not None and quantize not in CONVERT_QUANTIZE[to]:
+    if quantize is not None and quantize.lower() not in CONVERT_QUANTIZE[to]:
         allowed = ", ".join(CONVERT_QUANTIZE[to]) or "none (diffusers folders are written unquantized)"
         raise ValueError(f"--quantize {quantize!r} with --to {to}: choose {allowed}")
 
@@ -245,6 +242,7 @@ def convert(src: str | Path, dst: str | Path, to: str, quantize: str | None = No
     from .layouts.vae import vae_to_diffusers
 
     check_convert(to, quantize)
+    quantize = quantize.lower() if quantize else None
     kind, layout, sd, cfg = read_any(src)
     dst = Path(dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from .checkpoints import (
-    BFL_PREFIXES,
     EMBEDDED,
     build,
     dequantize_fp8,
@@ -39,8 +38,7 @@ from .precision import compute_dtype, storage, widen_on_use
 from .quantize import check_mode, prepack_int8, quantize_modules, swap_in
 from .quantized_files import (
     logical_shapes,
-    read_weights,
-    strip_formats,
+    read_transformer_file,
     text_encoder_quantizable,
     transformer_quantizable,
 )
@@ -280,13 +278,13 @@ def load_transformer(
     the blocks' and modulation layers' linear weights as int8 / int4 now (layers already packed are kept)."""
     formats = formats or {}
     sd, scales, layout = raw, {}, transformer_layout(raw)
+    if formats and layout == "diffusers":
+        raise ValueError("quantized transformer files with diffusers names are not supported: use BFL names")
     if is_fp8(sd):  # diffusers names: q, k, v have a scale each, fused below
         sd, scales = dequantize_fp8(sd, dtype, keep=lambda key: layout == "bfl" and key.startswith(BLOCKS))
     if layout == "diffusers":
         sd = transformer_from_diffusers(sd, copied=drop_file_pages)  # q, k, v freed as soon as fused
     cfg = variant.transformer
-    if formats and layout == "diffusers":
-        raise ValueError("quantized transformer files with diffusers names are not supported: use BFL names")
     model = build(lambda: swap_in(Flux2Transformer(cfg), formats), storage(sd, dtype), f"{variant.id} transformer")
     model = model.to(device)
     for name, p in model.named_parameters():
@@ -365,13 +363,9 @@ def load_single_file(
 
     tok = te_folder / "tokenizer" if (te_folder / "tokenizer").is_dir() else te_folder
 
-    def read_transformer() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        sd, formats = read_weights(path)
-        return strip_prefix(sd), strip_formats(formats, BFL_PREFIXES)
-
     parts = components(
         variant,
-        (read_transformer, [path]),
+        (lambda: read_transformer_file(path), [path]),
         (lambda: read_safetensors(vae_file), [vae_file]),
         lambda: hf_text_encoder(spec, te_folder, tok, device, dtype, resident, quantize),
         device,

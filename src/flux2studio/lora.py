@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .checkpoints import read_safetensors
 from .layouts.transformer import TRANSFORMER_DIFFUSERS
 from .precision import fp8_dtypes
-from .quantize import dense_weight
+from .quantize import QuantLinear, dense_weight
 
 OUTER_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
 KOHYA_PREFIX = "lora_unet_"
@@ -231,7 +231,8 @@ def apply_loras(
     """Apply each (LoRA, user scale). mode "fuse": add the deltas into the weights (fast; a backup of each
     touched weight allows an exact `remove`), stored in `into` (the compute dtype, so a model computing in
     fp32 on bf16 or fp8 weights keeps the sum exact) or else as the weight was (bf16 for fp8). mode "hooks":
-    add the low-rank path at run time (no copy)."""
+    add the low-rank path at run time (no copy); packed (quantized) layers always take this path, so that
+    they stay packed (a fused copy would be 4-7x their size)."""
     if mode not in ("fuse", "hooks"):
         raise ValueError(f"mode {mode!r}: choose fuse or hooks")
     linears = _linears(model)
@@ -242,7 +243,7 @@ def apply_loras(
             by_layer.setdefault(d.module, []).append((d, scale))
     for name, items in by_layer.items():
         linear = linears[name]
-        if mode == "fuse":
+        if mode == "fuse" and not isinstance(linear, QuantLinear):  # packed layers stay packed: hooks
             total = sum(s * d.weight(_shape(linear)) for d, s in items)
             applied.backups[linear] = linear.weight.data
             base = dense_weight(linear, torch.float32)  # an fp8 weight times its scale, a packed one unpacked

@@ -67,9 +67,10 @@ def cpu_features() -> dict[str, bool]:
 
 def cpu_capped() -> str | None:
     """The environment variable that keeps PyTorch from the CPU's bf16 instructions, if one does."""
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    if isa and isa not in ("ALL", "DEFAULT") and not isa.startswith(_ONEDNN_BF16_ISAS):
-        return f"ONEDNN_MAX_CPU_ISA={isa}"
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # oneDNN reads either spelling
+        isa = os.environ.get(name, "").strip().upper()
+        if isa and isa not in ("ALL", "DEFAULT") and not isa.startswith(_ONEDNN_BF16_ISAS):
+            return f"{name}={isa}"
     aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
     if aten in ("default", "avx2"):
         return f"ATEN_CPU_CAPABILITY={aten}"

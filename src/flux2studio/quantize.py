@@ -114,8 +114,8 @@ def dequantize_weight(packed: Tensor, fmt: str, in_features: int, dtype: torch.d
         return (q.float() * d).reshape(n, in_features).to(dtype)
     import gguf
 
-    out = gguf.quants.dequantize(packed.numpy(), getattr(gguf.GGMLQuantizationType, fmt))
-    return torch.from_numpy(out).reshape(n, in_features).to(dtype)
+    out = gguf.quants.dequantize(packed.cpu().numpy(), getattr(gguf.GGMLQuantizationType, fmt))
+    return torch.from_numpy(out).reshape(n, in_features).to(packed.device, dtype)
 
 
 def _int8_parts(packed: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
@@ -192,7 +192,10 @@ def prepack_int8(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.fmt == "int8" and m.weight.device.type == "cpu":
             q, scale = _int8_weight(m.weight.data, m.in_features)
-            m.onednn = (onednn.qlinear_prepack(q, None), scale.reshape(-1).contiguous())
+            try:
+                m.onednn = (onednn.qlinear_prepack(q, None), scale.reshape(-1).contiguous())
+            except RuntimeError:  # registered but not supported by this build or CPU: `torch._int_mm` then
+                return count
             count += 1
     return count
 
@@ -247,8 +250,11 @@ def swap_in(model: nn.Module, formats: dict[str, str]) -> nn.Module:
     format, on the layer's device (meta while a model is being built), so packed tensors load into it."""
     for name, fmt in formats.items():
         parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        old = owner.get_submodule(child)
+        try:
+            owner = model.get_submodule(parent) if parent else model
+            old = owner.get_submodule(child)
+        except AttributeError:
+            raise ValueError(f"{name} is quantized ({fmt}) in the file but the model has no such layer") from None
         if not isinstance(old, nn.Linear):
             raise ValueError(f"{name} is quantized ({fmt}) in the file but is not a linear layer of the model")
         new = QuantLinear(old.in_features, old.out_features, old.bias is not None, fmt, device=old.weight.device)

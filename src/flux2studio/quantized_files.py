@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoints import check_path, read_safetensors, write_safetensors
+from .checkpoints import BFL_PREFIXES, check_path, read_safetensors, write_safetensors
 from .quantize import GGUF_BLOCKS, MODE_FORMAT, check_format, quantize_weight
 
 META_KEY = "flux2studio.quantized"
@@ -150,11 +150,14 @@ def _read_gguf(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return sd, formats
 
 
-def strip_formats(formats: dict[str, str], prefixes: tuple[str, ...]) -> dict[str, str]:
-    for prefix in prefixes:
-        if formats and all(k.startswith(prefix) for k in formats):
-            return {k[len(prefix) :]: v for k, v in formats.items()}
-    return formats
+def read_transformer_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """`read_weights` of a single transformer file, the `model.diffusion_model.` prefix some carry removed from
+    the tensors' and the formats' names alike (chosen once, from the tensors: all of them or none)."""
+    sd, formats = read_weights(path)
+    prefix = next((p for p in BFL_PREFIXES if sd and all(k.startswith(p) for k in sd)), "")
+    if not prefix:
+        return sd, formats
+    return {k[len(prefix) :]: v for k, v in sd.items()}, {k[len(prefix) :]: v for k, v in formats.items()}
 
 
 def quantize_state(
