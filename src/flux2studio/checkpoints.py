@@ -127,12 +127,17 @@ FP8_SCALE_SUFFIXES = (".weight_scale", ".scale_weight")  # diffusers / ComfyUI s
 FP8_DROPPED_SUFFIXES = (".input_scale", ".scale_input")  # activation hints: meaningless once dequantised
 
 
-def strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Remove the `model.diffusion_model.` prefix some single files carry (all keys or none)."""
-    for prefix in BFL_PREFIXES:
-        if sd and all(k.startswith(prefix) for k in sd):
-            return {k[len(prefix) :]: v for k, v in sd.items()}
-    return sd
+def bfl_prefix(keys) -> str:
+    """The `model.diffusion_model.`-style prefix every key carries, or "" (all keys or none)."""
+    keys = list(keys)
+    return next((p for p in BFL_PREFIXES if keys and all(k.startswith(p) for k in keys)), "")
+
+
+def strip_prefix(sd: dict[str, Tensor], prefix: str | None = None) -> dict:
+    """Remove the `model.diffusion_model.` prefix some single files carry (all keys or none); `prefix` given:
+    remove that one (chosen from another dict's keys)."""
+    prefix = bfl_prefix(sd) if prefix is None else prefix
+    return {k[len(prefix) :]: v for k, v in sd.items()} if prefix else sd
 
 
 def dequantize_fp8(

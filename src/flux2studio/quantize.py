@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .precision import QUANTIZE_CHOICES, cpu_capped, cpu_features
+from .precision import QUANTIZE_CHOICES, cpu_capped, cpu_features, dequantized
 
 MODE_FORMAT = {"int8": "int8", "int4": "Q4_0"}  # --quantize -> the stored format
 # GGUF types we run: (weights per block, bytes per block); F16/BF16/F32 are one weight a "block"
@@ -41,7 +41,7 @@ GGUF_BLOCKS = {
     "Q6_K": (256, 210),
 }
 FORMATS = ("int8", *GGUF_BLOCKS)
-GGUF_WRITABLE = ("Q8_0", "Q4_0", "F16", "BF16")  # `flux2 convert --to gguf --quantize`
+PLAIN_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}  # one weight a "block"
 
 
 def check_mode(mode: str | None) -> str | None:
@@ -84,9 +84,8 @@ def quantize_weight(w: Tensor, fmt: str) -> Tensor:
         q = torch.clamp(torch.trunc(blocks * inv + 8.5), 0, 15).to(torch.uint8)
         qs = q[..., :16] | (q[..., 16:] << 4)  # elements 0-15 in the low nibbles, 16-31 in the high ones
         return torch.cat([d.to(torch.float16).view(torch.uint8), qs], dim=-1).reshape(w.shape[0], -1)
-    if fmt in ("F16", "BF16", "F32"):
-        dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[fmt]
-        return w.to(dtype).view(torch.uint8)
+    if fmt in PLAIN_DTYPES:
+        return w.to(PLAIN_DTYPES[fmt]).view(torch.uint8)
     import gguf
 
     packed = gguf.quants.quantize(w.numpy(), getattr(gguf.GGMLQuantizationType, fmt))
@@ -99,9 +98,8 @@ def dequantize_weight(packed: Tensor, fmt: str, in_features: int, dtype: torch.d
     if fmt == "int8":
         q, scale = _int8_parts(packed, in_features)
         return (q.float() * scale).to(dtype)
-    if fmt in ("F16", "BF16", "F32"):
-        stored = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[fmt]
-        return packed.contiguous().view(stored).to(dtype)
+    if fmt in PLAIN_DTYPES:
+        return packed.contiguous().view(PLAIN_DTYPES[fmt]).to(dtype)
     if fmt == "Q8_0":
         blocks = packed.reshape(n, -1, 34)
         d = blocks[..., :2].contiguous().view(torch.float16).float()
@@ -236,13 +234,7 @@ class QuantLinear(nn.Linear):
 
 def dense_weight(linear: nn.Linear, dtype: torch.dtype) -> Tensor:
     """Any linear layer's weight as a float tensor in `dtype` (packed, fp8 with its scale, or plain)."""
-    from .precision import dequantized
-
     return linear.dense(dtype) if isinstance(linear, QuantLinear) else dequantized(linear.weight, dtype)
-
-
-def linear_names(model: nn.Module, eligible: Callable[[str], bool]) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and eligible(name)]
 
 
 def swap_in(model: nn.Module, formats: dict[str, str]) -> nn.Module:
@@ -273,7 +265,8 @@ def quantize_modules(
     pages, which would otherwise stay resident: 8 GB for Qwen3-4B). Returns {module name: format}."""
     fmt = MODE_FORMAT[check_mode(mode)]
     formats = {}
-    for name in linear_names(model, eligible):
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and eligible(name)]
+    for name in names:
         old = model.get_submodule(name)
         if isinstance(old, QuantLinear) or old.in_features % 32:
             continue

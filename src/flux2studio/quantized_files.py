@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoints import BFL_PREFIXES, check_path, read_safetensors, write_safetensors
-from .quantize import GGUF_BLOCKS, MODE_FORMAT, check_format, quantize_weight
+from .checkpoints import bfl_prefix, check_path, read_safetensors, strip_prefix, write_safetensors
+from .quantize import GGUF_BLOCKS, MODE_FORMAT, PLAIN_DTYPES, check_format, quantize_weight
 
 META_KEY = "flux2studio.quantized"
 GGUF_ARCHES = ("flux", "flux2")  # what ComfyUI-GGUF's converter writes for FLUX.2 (it has no own name yet)
@@ -132,7 +132,6 @@ def _read_gguf(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     reader = _gguf_reader(path)
     sd: dict[str, Tensor] = {}
     formats: dict[str, str] = {}
-    plain = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     for t in reader.tensors:
         fmt = check_format(t.tensor_type.name, f"{path} tensor {t.name}")
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
@@ -140,8 +139,8 @@ def _read_gguf(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             warnings.simplefilter("ignore", UserWarning)
             data = torch.from_numpy(t.data)
         linear = len(shape) == 2 and t.name.endswith(".weight")
-        if fmt in plain and not (fmt == "F16" and linear):
-            sd[t.name] = data.view(torch.uint8).view(plain[fmt]).reshape(shape)
+        if fmt in PLAIN_DTYPES and not (fmt == "F16" and linear):
+            sd[t.name] = data.view(torch.uint8).view(PLAIN_DTYPES[fmt]).reshape(shape)
         elif not linear:
             raise ValueError(f"{path}: tensor {t.name} {shape} is {fmt}; only linear weights can be quantized")
         else:
@@ -154,10 +153,8 @@ def read_transformer_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str
     """`read_weights` of a single transformer file, the `model.diffusion_model.` prefix some carry removed from
     the tensors' and the formats' names alike (chosen once, from the tensors: all of them or none)."""
     sd, formats = read_weights(path)
-    prefix = next((p for p in BFL_PREFIXES if sd and all(k.startswith(p) for k in sd)), "")
-    if not prefix:
-        return sd, formats
-    return {k[len(prefix) :]: v for k, v in sd.items()}, {k[len(prefix) :]: v for k, v in formats.items()}
+    prefix = bfl_prefix(sd)
+    return strip_prefix(sd, prefix), strip_prefix(formats, prefix)
 
 
 def quantize_state(
