@@ -215,7 +215,7 @@ def test_guidance_interval_in_compare_and_prompt_files(tmp_path):
 
     rows = tmp_path / "p.jsonl"
     rows.write_text('{"prompt": "a", "guidance_interval": "0,0.9"}\n{"prompt": "b", "guidance_interval": [0.1, 1]}\n')
-    assert [j.settings["guidance_interval"] for j in jobs_from_file(str(rows), {})] == [(0.0, 0.9), [0.1, 1]]
+    assert [j.guidance_interval for j in jobs_from_file(str(rows), {})] == [(0.0, 0.9), [0.1, 1]]
 
 
 def test_prompt_upsampling_is_on_for_nano_recorded_and_replayed(klein_folder, tmp_path):

@@ -23,6 +23,7 @@ from flux2studio.layouts.vae import vae_from_diffusers
 from flux2studio.model.autoencoder import AutoEncoder
 from flux2studio.model.transformer import Flux2Transformer
 from flux2studio.pipeline import Pipeline, build_request
+from flux2studio.settings import GenerationSettings
 from flux2studio.text_encoders import TextEncoder
 from flux2studio.variants import get_variant
 from tiny import (
@@ -206,6 +207,18 @@ def test_denoise_with_a_toy_velocity_reaches_the_target():
 def test_bad_requests_name_the_value_and_range(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_request(get_variant("klein-4b"), "a prompt", **kwargs)
+
+
+def test_settings_object_and_keywords_are_one_request():
+    """`build_request` (and so `Pipeline.__call__`) takes a GenerationSettings, keywords, or both (they change it)."""
+    v = get_variant("klein-base-4b")
+    saved = GenerationSettings("p", size=(128, 64), steps=3, negative_prompt="blur", num_images=2)
+    assert build_request(v, saved) == build_request(
+        v, "p", size=(128, 64), steps=3, negative_prompt="blur", num_images=2
+    )
+    assert build_request(v, saved, seed=7).seeds == (7, 8) and saved.seed == 0
+    with pytest.raises(ValueError, match=r"unknown setting.s. stepz; known: aspect"):
+        build_request(v, "p", stepz=3)
 
 
 def test_bad_references_and_guidance_are_refused():

@@ -19,6 +19,7 @@ from flux2studio.loading import load
 from flux2studio.serve.app import create_app
 from flux2studio.serve.guard import header_timeout_protocol
 from flux2studio.serve.limits import Limits
+from flux2studio.settings import GenerationSettings
 
 TOKEN = "s3cret"
 LOCAL = "http://127.0.0.1"
@@ -125,11 +126,11 @@ def test_a_poisoned_prompt_is_refused_and_cannot_fail_other_jobs(tmp_path):
         assert r.status_code == 422 and message in r.json()["detail"], (field, r.text)
 
     settings = {"prompt": "a red circle", "negative_prompt": None, "width": 128, "height": 128, "steps": 2,
-                "guidance": 1.0, "guidance_interval": None, "seed": 0, "num_images": 1, "refs": [], "loras": [],
+                "guidance": 1.0, "guidance_interval": None, "seed": 0, "num_images": 1, "refs": [],
                 "prompt_upsampling": False}  # fmt: skip
     store = app.state.store
-    poisoned = store.add("nano", settings | {"prompt": "a\ud800b"}, 2).id  # written before the edge checked it
-    good = [store.add("nano", settings | {"seed": i}, 2).id for i in range(1, 8)]
+    poisoned = store.add("nano", GenerationSettings.from_json(settings | {"prompt": "a\ud800b"}), 2).id  # unchecked
+    good = [store.add("nano", GenerationSettings.from_json(settings | {"seed": i}), 2).id for i in range(1, 8)]
     with TestClient(app, base_url="http://127.0.0.1") as running:
         deadline = time.monotonic() + 300
         while any(store.get(i).status not in ("done", "failed") for i in [poisoned, *good]):
@@ -242,7 +243,7 @@ def test_a_client_that_goes_away_cancels_its_queued_job(server):
     def job(prompt: str, status: str):
         deadline = time.monotonic() + 60
         while True:
-            found = [j for j in store.list(500, None) if j.settings["prompt"] == prompt and j.status == status]
+            found = [j for j in store.list(500, None) if j.settings.prompt == prompt and j.status == status]
             if found:
                 return found[0]
             assert time.monotonic() < deadline, f"no {status} job for {prompt!r}"
@@ -334,7 +335,7 @@ def test_no_server_path_reaches_a_client_and_old_jobs_can_expire(tmp_path):
         assert str(tmp_path) not in json.dumps(job) + listing and "secret" not in json.dumps(job) + listing
         assert job["error"].startswith("broken.safetensors is not a readable safetensors file")
         stored = app.state.store.get(job["id"])  # the row keeps what the worker needs
-        assert stored.settings["loras"][0][0] == str(lora_dir / "broken.safetensors") and str(lora_dir) in stored.error
+        assert stored.loras[0][0] == str(lora_dir / "broken.safetensors") and str(lora_dir) in stored.error
 
     keep = create_app(tmp_path / "d", _nano, models=["nano"], limits=Limits(keep_finished_s=0))
     client = TestClient(keep, base_url="http://127.0.0.1")

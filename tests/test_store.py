@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from flux2studio.serve.store import MAX_ATTEMPTS, MIGRATIONS, Store
+from flux2studio.settings import GenerationSettings
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -22,8 +23,7 @@ def db(request, tmp_path):
 
 
 def settings(seed=0, width=64):
-    return {"prompt": "p", "width": width, "height": 64, "steps": 2, "guidance": 1.0, "seed": seed,
-            "num_images": 1, "refs": [], "loras": [], "negative_prompt": None}  # fmt: skip
+    return GenerationSettings("p", size=(width, 64), steps=2, guidance=1.0, seed=seed)
 
 
 def test_lifecycle(db):
@@ -32,7 +32,7 @@ def test_lifecycle(db):
     assert store.version == MIGRATIONS[-1][0]
     a = store.add("nano", settings(0), 4)
     b = store.add("nano", settings(1), 4)
-    assert store.count("queued") == 2 and store.get(a.id).settings["seed"] == 0
+    assert store.count("queued") == 2 and store.get(a.id).settings.seed == 0
     job = store.claim(runner="r1")
     assert job.id == a.id and job.status == "running" and job.runner == "r1" and job.attempts == 1
     store.progress(a.id, 2, 4)
@@ -54,9 +54,9 @@ def test_compatible_claims_batch_only_matching_jobs(db):
     store.add("nano", settings(1, width=128), 4)
     third = store.add("nano", settings(2), 4)
     job = store.claim()
-    more = store.claim(compatible={"model": job.model, "settings": job.settings})
+    more = store.claim(like=job)
     assert (job.id, more.id) == (first.id, third.id)
-    assert store.claim(compatible={"model": job.model, "settings": job.settings}) is None
+    assert store.claim(like=job) is None
 
 
 def test_dead_runners_jobs_are_taken_back_then_failed(db):
@@ -111,3 +111,38 @@ def test_no_job_is_claimed_twice_by_concurrent_processes(db):
         p.join(timeout=60)
     assert sorted(claimed) == sorted(ids)  # every job once, none twice
     assert all(json.loads(json.dumps(store.get(i).attempts)) == 1 for i in ids)
+
+
+def test_rows_of_every_settings_version_are_read(db):
+    """Rows written before `GenerationSettings` (version 1: a flat dict, LoRAs inside) still load, batch with new
+    ones and show clients the same fields; a row from a newer version, or with an unknown field, is a clear error."""
+    data, url = db
+    store = Store(data, db=url)
+    old = {"prompt": "p", "negative_prompt": None, "width": 64, "height": 64, "steps": 2, "guidance": 1.0,
+           "guidance_interval": None, "seed": 5, "num_images": 2, "refs": ["a" * 32], "prompt_upsampling": True,
+           "loras": [["/srv/loras/style.safetensors", 0.5]]}  # fmt: skip
+    store.db.execute(
+        "INSERT INTO jobs (id, status, model, settings, created, steps) VALUES (?, 'queued', ?, ?, ?, ?)",
+        ("1" * 32, "nano", json.dumps(old), 1.0, 2),
+    )
+    job = store.get("1" * 32)
+    assert job.settings == GenerationSettings("p", size=(64, 64), steps=2, guidance=1.0, seed=5, num_images=2,
+                                              refs=("a" * 32,), prompt_upsampling=True)  # fmt: skip
+    assert job.loras == (("/srv/loras/style.safetensors", 0.5),)
+    public = job.public()["settings"]
+    assert {k: public[k] for k in old} == old | {"loras": [["style", 0.5]]}  # the same fields as before
+    new = store.add("nano", job.settings.replace(prompt="q", seed=9), 2, loras=job.loras)
+    assert new.batch_key == job.batch_key and store.get(new.id).settings.to_json()["version"] == 2
+    assert store.add("nano", job.settings.replace(steps=3), 2, loras=job.loras).batch_key != job.batch_key
+    assert store.add("nano", job.settings, 2).batch_key != job.batch_key  # without the LoRA
+    for bad, message in (({**old, "version": 99}, "reads 1..2"), ({**old, "colour": 1}, r"unknown setting.s. colour")):
+        with pytest.raises(ValueError, match=message):
+            GenerationSettings.from_json({k: v for k, v in bad.items() if k != "loras"})
+
+
+def test_settings_object():
+    s = GenerationSettings.of(["a", "b"], num_images=3, seed=4)
+    assert s.prompts == ("a", "b") and s.images == 6 and s.replace(seed=1).seed == 1 and s.seed == 4
+    assert GenerationSettings.from_json(s.to_json()) == s.replace(prompt=("a", "b"))
+    with pytest.raises(ValueError, match=r"unknown setting.s. stepz; known: aspect, expand"):
+        GenerationSettings.of("p", stepz=4)

@@ -12,6 +12,7 @@ from functools import cache
 from . import variants
 from .kernels import ATTENTION_MODES
 from .precision import DTYPE_CHOICES, DTYPE_NAMES, QUANTIZE_CHOICES
+from .settings import GenerationSettings
 from .variants import ANCHORS, ASPECTS, VARIANTS, Variant, get_variant
 
 
@@ -127,14 +128,6 @@ def parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-@dataclasses.dataclass
-class Job:
-    """One generate call: a prompt and its settings (from flags, a --prompts line or a --from PNG)."""
-
-    prompt: str
-    settings: dict
-
-
 def load_pipe(model: str | None, args: argparse.Namespace):
     import transformers
 
@@ -172,7 +165,7 @@ def settings_from_args(args: argparse.Namespace) -> dict:
     return out
 
 
-def jobs_from_file(path: str, base: dict) -> list[Job]:
+def jobs_from_file(path: str, base: dict) -> list[GenerationSettings]:
     """.txt: one prompt a line; .jsonl: one object a line with "prompt" and any of the settings."""
     from pathlib import Path
 
@@ -194,12 +187,15 @@ def jobs_from_file(path: str, base: dict) -> list[Job]:
                 extra["num_images"] = extra.pop("num")
             if isinstance(extra.get("guidance_interval"), str):  # "0,0.9" as on the command line
                 extra["guidance_interval"] = parse_interval(extra["guidance_interval"])
-            jobs.append(Job(row["prompt"], {**base, **extra}))
+            try:
+                jobs.append(GenerationSettings.of(row["prompt"], **{**base, **extra}))
+            except ValueError as e:
+                raise ValueError(f"{path} line {n}: {e}") from None
         return jobs
-    return [Job(line.strip(), dict(base)) for line in text.splitlines() if line.strip()]
+    return [GenerationSettings.of(line.strip(), **base) for line in text.splitlines() if line.strip()]
 
 
-def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, Job]:
+def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSettings]:
     """Settings recorded in a PNG made by this tool; flags given on the command line override them."""
     from .images import read_metadata
 
@@ -227,7 +223,7 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, Job]:
         args.quantize = meta.get("quantize")
     if getattr(args, "attention", None) is None:  # bf16 attention kernels round differently
         args.attention = meta.get("attention", "sdpa")  # images from before the kernel: PyTorch's
-    return meta["model"], Job(args.prompt or meta["prompt"], {**settings, **given})
+    return meta["model"], GenerationSettings.of(args.prompt or meta["prompt"], **{**settings, **given})
 
 
 def recorded_edit(init: dict, args: argparse.Namespace, path: str) -> dict:
@@ -305,7 +301,7 @@ def output_paths(out: str | None, stem: str, n: int, overwrite: bool) -> list:
     return paths
 
 
-def run_jobs(pipe, jobs: list[Job], args: argparse.Namespace, refs=()) -> int:
+def run_jobs(pipe, jobs: list[GenerationSettings], args: argparse.Namespace, refs=()) -> int:
     import time
 
     from tqdm import tqdm
@@ -319,12 +315,12 @@ def run_jobs(pipe, jobs: list[Job], args: argparse.Namespace, refs=()) -> int:
             bar.total = total
             bar.update(1)
 
-        n = job.settings.get("num_images", 1)
-        stem = f"{pipe.variant.id}-{job.settings.get('seed', 0)}"
+        n = job.images
+        stem = f"{pipe.variant.id}-{job.seed}"
         paths = output_paths(args.out, stem, n, args.overwrite)  # checked before any work is done
         started = time.perf_counter()
         try:
-            images = list(enumerate(pipe(job.prompt, refs=refs, callback=progress, **job.settings)))
+            images = list(enumerate(pipe(job.replace(refs=refs), callback=progress)))
         except Exception as e:  # a hosted batch may fail part-way: save what was made, then report
             for i, image in getattr(e, "images", []):
                 save_png(image, paths[i])
@@ -363,7 +359,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.prompts:
             jobs = jobs_from_file(args.prompts, {**settings_from_args(args), **edit})
         elif args.prompt:
-            jobs = [Job(args.prompt, {**settings_from_args(args), **edit})]
+            jobs = [GenerationSettings.of(args.prompt, **settings_from_args(args), **edit)]
         else:
             raise ValueError("give a PROMPT, --prompts FILE or --from IMAGE.png")
     model = model or (None if args.weights else "nano")
@@ -383,7 +379,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         settings.update(edit_settings(args, open_image(images[0], "image")))
         images = images[1:]
     model = args.model or (None if args.weights else "nano")
-    return run_jobs(load_pipe(model, args), [Job(prompt, settings)], args, open_images(images))
+    return run_jobs(load_pipe(model, args), [GenerationSettings.of(prompt, **settings)], args, open_images(images))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import __version__
 from .images import MULTIPLE, image_hash, parameters_text, size_for_aspect
+from .settings import GenerationSettings
 from .variants import ASPECTS, Variant, get_variant
 
 REGIONS = {"global": "https://api.bfl.ai", "eu": "https://api.eu.bfl.ai", "us": "https://api.us.bfl.ai"}
@@ -149,19 +150,20 @@ class HostedRequest:
 
 
 def check_request(
-    endpoint: Endpoint,
-    *,
-    size: tuple[int, int] | None = None,
-    aspect: str | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    negative_prompt: str | None = None,
-    ref_sizes: Sequence[tuple[int, int]] = (),
-) -> tuple[int, int, int | None, float | None, str | None]:
-    """(width, height, steps, guidance, kontext aspect) after every check; errors name value and range.
-    `ref_sizes`: (width, height) of each reference image (the first one sets the size when none is given)."""
+    endpoint: Endpoint, settings: GenerationSettings, ref_sizes: Sequence[tuple[int, int]] = ()
+) -> tuple[GenerationSettings, str | None]:
+    """The settings with size, steps and guidance resolved after every check (errors name value and range), and
+    Kontext's aspect ratio. `ref_sizes`: (width, height) of each reference (the first sets the size when none is
+    given). Editing a start image and a guidance interval are refused: they run on local models."""
     name = endpoint.model
-    if negative_prompt:
+    edit = {k: getattr(settings, k) for k in ("image", "mask", "strength", "expand")}
+    if given := [k for k, v in {**edit, "mask_blur": settings.mask_blur}.items() if v is not None and v != 0]:
+        raise ValueError(f"{name} is a hosted model: {', '.join(given)} (editing a start image) runs on "
+                         "local models only; reference images (refs) work here")  # fmt: skip
+    if settings.guidance_interval is not None:
+        raise ValueError(f"{name} is a hosted model: the API sets its own guidance, no interval")
+    size, aspect, steps, guidance = settings.size, settings.aspect, settings.steps, settings.guidance
+    if settings.negative_prompt:
         raise ValueError(f"{name} (hosted) takes no negative prompt: omit it")
     if endpoint.steps is None and steps is not None:
         raise ValueError(f"{name} (hosted) has a fixed number of steps: omit steps (flex takes 1..50)")
@@ -195,7 +197,7 @@ def check_request(
     kontext = None
     if endpoint.family == "kontext":
         kontext = aspect or kontext_aspect(width, height)
-    return width, height, steps, guidance, kontext
+    return settings.replace(size=(width, height), aspect=None, steps=steps, guidance=guidance), kontext
 
 
 def encode_image(image: Image.Image) -> str:
@@ -480,52 +482,27 @@ class HostedPipeline:
             raise ValueError(f"{self.variant.id} runs on the hosted API, which takes no LoRA files")
 
     def __call__(
-        self,
-        prompt: str | Sequence[str],
-        *,
-        negative_prompt: str | None = None,
-        size: tuple[int, int] | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int = 0,
-        num_images: int = 1,
-        refs: Sequence[Image.Image] = (),
-        seeds: Sequence[int] | None = None,
-        aspect: str | None = None,
-        callback: Callable | None = None,
-        guidance_interval: tuple[float, float] | None = None,
-        prompt_upsampling: bool | None = None,
-        image: Image.Image | None = None,
-        mask: Image.Image | None = None,
-        strength: float | None = None,
-        expand: Sequence[int] | None = None,
-        mask_blur: int = 0,
+        self, prompt: str | Sequence[str] | GenerationSettings, *, callback: Callable | None = None, **fields: Any
     ) -> list[Image.Image]:
-        """`prompt_upsampling` for this call only (default: the pipeline's); the API's, where it has one."""
-        edit = {"image": image, "mask": mask, "strength": strength, "expand": expand, "mask_blur": mask_blur}
-        if given := [k for k, v in edit.items() if v is not None and v != 0]:
-            raise ValueError(f"{self.variant.id} is a hosted model: {', '.join(given)} (editing a start image) runs on "
-                             "local models only; reference images (refs) work here")  # fmt: skip
-        if guidance_interval is not None:
-            raise ValueError(f"{self.variant.id} is a hosted model: the API sets its own guidance, no interval")
-        prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
+        """The local pipeline's call (`GenerationSettings`); `prompt_upsampling` for this call only (default: the
+        pipeline's), the API's, where it has one."""
+        s = GenerationSettings.of(prompt, **fields)
+        prompts, refs = s.prompts, s.refs
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ValueError("prompt must be a non-empty string or a non-empty list of them")
-        if aspect is not None and aspect not in ASPECTS:
-            raise ValueError(f"aspect {aspect!r} is not one of {', '.join(ASPECTS)}")
-        width, height, steps, guidance, kontext = check_request(
-            self.endpoint, size=size, aspect=aspect, steps=steps, guidance=guidance,
-            negative_prompt=negative_prompt, ref_sizes=[r.size for r in refs],
-        )  # fmt: skip
-        prompts = tuple(p for p in prompts for _ in range(num_images))
-        seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
+        if s.aspect is not None and s.aspect not in ASPECTS:
+            raise ValueError(f"aspect {s.aspect!r} is not one of {', '.join(ASPECTS)}")
+        s, kontext = check_request(self.endpoint, s, [r.size for r in refs])
+        (width, height), steps, guidance = s.size, s.steps, s.guidance
+        prompts = tuple(p for p in prompts for _ in range(s.num_images))
+        seeds = list(s.seeds) if s.seeds is not None else [s.seed + i for i in range(len(prompts))]
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds given for {len(prompts)} images: give one per image")
-        for s in seeds:
-            if not isinstance(s, int) or not 0 <= s < 2**32:
-                raise ValueError(f"seed must be an integer in 0..2**32-1 for hosted models, got {s!r}")
+        for seed in seeds:
+            if not isinstance(seed, int) or not 0 <= seed < 2**32:
+                raise ValueError(f"seed must be an integer in 0..2**32-1 for hosted models, got {seed!r}")
         encoded = [encode_image(r) for r in refs]
-        upsampling = self.prompt_upsampling if prompt_upsampling is None else prompt_upsampling
+        upsampling = self.prompt_upsampling if s.prompt_upsampling is None else s.prompt_upsampling
         reqs = [
             HostedRequest(p, width, height, s, steps, guidance, kontext) for p, s in zip(prompts, seeds, strict=True)
         ]

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from .kernels.attention import attention_for
 from .lora import Applied, LoraFile, apply_loras, load_lora
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
+from .settings import GenerationSettings
 from .text_encoders import TextEncoder
 from .variants import Variant
 
@@ -63,27 +64,7 @@ class Request:
         return len(self.seeds)
 
 
-def build_request(
-    variant: Variant,
-    prompt: str | Sequence[str],
-    *,
-    negative_prompt: str | None = None,
-    size: tuple[int, int] | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-    num_images: int = 1,
-    refs: Sequence[Image.Image] = (),
-    seeds: Sequence[int] | None = None,
-    aspect: str | None = None,
-    guidance_interval: tuple[float, float] | None = None,
-    prompt_upsampling: bool | None = None,
-    image: Image.Image | None = None,
-    mask: Image.Image | None = None,
-    strength: float | None = None,
-    expand: Sequence[int] | None = None,
-    mask_blur: int = 0,
-) -> Request:
+def build_request(variant: Variant, prompt: str | Sequence[str] | GenerationSettings, **fields: Any) -> Request:
     """Resolve defaults and check every value against the variant; errors name the value and the range.
 
     `prompt_upsampling` (default: on where the model has an upsampler) rewrites each prompt before encoding,
@@ -93,27 +74,29 @@ def build_request(
     default 1) and the start image is also the first reference, as in diffusers' inpainting pipeline
     (`Variant.inpaint_reference`).
     """
-    prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
+    s = GenerationSettings.of(prompt, **fields)
+    prompts, num_images = s.prompts, s.num_images
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompt must be a string or a non-empty list of strings")
     if not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES // len(prompts):
         raise ValueError(
             f"num_images {num_images!r} is out of range: 1..{MAX_IMAGES // len(prompts)} for {len(prompts)} prompt(s)"
         )
-    steps = variant.steps if steps is None else steps
+    steps = variant.steps if s.steps is None else s.steps
     if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps {steps!r} is out of range 1..{MAX_STEPS}")
 
-    guidance, negative_prompt, (lo, hi) = _guidance(variant, guidance, negative_prompt, guidance_interval)
+    guidance, negative_prompt, (lo, hi) = _guidance(variant, s.guidance, s.negative_prompt, s.guidance_interval)
 
-    prepared = _references(variant, refs, image, mask, strength, expand, mask_blur)
-    if size is not None and aspect is not None:
+    prepared = _references(variant, s.refs, s.image, s.mask, s.strength, s.expand, s.mask_blur)
+    if s.size is not None and s.aspect is not None:
         raise ValueError("give size or aspect, not both")
-    if aspect is not None:  # the model's preferred pixel count at this aspect ratio
-        size = size_for_aspect(aspect, variant.default_size[0] * variant.default_size[1])
+    size = s.size
+    if s.aspect is not None:  # the model's preferred pixel count at this aspect ratio
+        size = size_for_aspect(s.aspect, variant.default_size[0] * variant.default_size[1])
     init = None
-    if image is not None:  # the start image sets the size (grown by an expansion) unless one is given
-        init = build_init(image, mask, strength, expand, mask_blur, size,
+    if s.image is not None:  # the start image sets the size (grown by an expansion) unless one is given
+        init = build_init(s.image, s.mask, s.strength, s.expand, s.mask_blur, size,
                           (variant.min_side, variant.max_side, variant.id))  # fmt: skip
         size = init.image.size
     if size is None:  # the first reference sets the size, as in diffusers' pipelines
@@ -121,8 +104,8 @@ def build_request(
     width, height = size
     check_size(width, height, variant.min_side, variant.max_side, variant.id)
 
-    seeds = _seeds(seed, seeds, len(prompts) * num_images)
-    upsampling = resolve_upsampling(variant, prompt_upsampling)
+    seeds = _seeds(s.seed, s.seeds, len(prompts) * num_images)
+    upsampling = resolve_upsampling(variant, s.prompt_upsampling)
     per_image = tuple(p for p in prompts for _ in range(num_images))
     return Request(
         prompts=per_image,
@@ -368,53 +351,20 @@ class Pipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | GenerationSettings,
         *,
-        negative_prompt: str | None = None,
-        size: tuple[int, int] | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int = 0,
-        num_images: int = 1,
-        refs: Sequence[Image.Image] = (),
-        seeds: Sequence[int] | None = None,
-        aspect: str | None = None,
         callback: sampling.StepCallback | None = None,
-        guidance_interval: tuple[float, float] | None = None,
-        prompt_upsampling: bool | None = None,
-        image: Image.Image | None = None,
-        mask: Image.Image | None = None,
-        strength: float | None = None,
-        expand: Sequence[int] | None = None,
-        mask_blur: int = 0,
+        **fields: Any,
     ) -> list[Image.Image]:
-        """Generate `num_images` images per prompt; image i uses seed `seed + i` (or `seeds[i]`).
+        """Generate `num_images` images per prompt; image i uses seed `seed + i` (or `seeds[i]`). `fields` are
+        `GenerationSettings`'s (or pass one, with fields that change it); `build_request` checks them.
 
         CFG models: `guidance_interval=(lo, hi)` guides only the noise levels in [lo, hi] (default: the model's).
         Models with an upsampler (nano): `prompt_upsampling=False` encodes the prompts exactly as given.
         Editing: `image=` start image (image-to-image with `strength`), `mask=` (white = repaint) to inpaint,
-        `expand=(left, top, right, bottom)` px to outpaint (`build_request`).
+        `expand=(left, top, right, bottom)` px to outpaint.
         """
-        req = build_request(
-            self.variant,
-            prompt,
-            negative_prompt=negative_prompt,
-            size=size,
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            num_images=num_images,
-            refs=refs,
-            seeds=seeds,
-            aspect=aspect,
-            guidance_interval=guidance_interval,
-            prompt_upsampling=prompt_upsampling,
-            image=image,
-            mask=mask,
-            strength=strength,
-            expand=expand,
-            mask_blur=mask_blur,
-        )
+        req = build_request(self.variant, prompt, **fields)
         images = to_pil(self.decode(self.generate_latents(req, callback)))
         if req.init is not None and req.init.paste_back:  # outpainting: the original pixels, unchanged
             images = [paste_kept(im, req.init.image, req.init.mask) for im in images]

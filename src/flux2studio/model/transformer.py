@@ -187,7 +187,7 @@ class SingleStreamBlock(nn.Module):
         only, and the block returns the image tokens (B, L - n_txt, D): the same numbers for them, without
         the text tokens' queries, MLP and output projection (~3% of a klein step).
 
-        Inference with a plain `linear1` (no LoRA hook or adapter around it) computes its rows in two
+        Inference with a plain `linear1` (a torch nn.Linear, no hook around it) computes its rows in two
         parts, qkv for every token and MLP-in for TOKEN_CHUNK tokens at a time, written straight into
         linear2's input: the same numbers, without holding the whole fused projection (at 512x512 on
         klein-4b, 81 MiB plus its SwiGLU and concatenation copies) at once.

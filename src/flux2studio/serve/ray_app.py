@@ -19,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..variants import EMBEDDED_IDS
 from .limits import DEFAULT_LIMITS
-from .store import MAX_ATTEMPTS, Job, Store, _compatible
+from .store import MAX_ATTEMPTS, Job, Store
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class Generator:
                 if job is None or job.status != "running" or job.model != model_id:
                     continue
                 for group in groups:
-                    if _compatible({"model": group[0].model, "settings": group[0].settings}, job.model, job.settings):
+                    if group[0].batch_key == job.batch_key:
                         group.append(job)
                         break
                 else:
@@ -147,7 +148,7 @@ class RemoteWorker(Worker):
         import ray.exceptions
 
         ids = [j.id for j in batch]
-        pixels = sum(j.settings["width"] * j.settings["height"] * j.settings["num_images"] for j in batch)
+        pixels = sum(math.prod(j.settings.size) * j.settings.images for j in batch)
         try:
             self.handle.options(multiplexed_model_id=batch[0].model).run.remote(ids, pixels).result()
         except ray.exceptions.RayError as e:  # the replica died or was unreachable: not the jobs' fault

@@ -21,8 +21,11 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..settings import PER_IMAGE, GenerationSettings
 
 MAX_ATTEMPTS = 3  # a job whose worker died this often is failed, not retried forever
 LEASE = 60.0  # seconds without a heartbeat after which a running job is taken back
@@ -71,7 +74,7 @@ class Job:
     id: str
     status: str
     model: str
-    settings: dict
+    settings: GenerationSettings  # images by upload id
     created: float
     started: float | None
     finished: float | None
@@ -82,13 +85,19 @@ class Job:
     images: list[str]
     runner: str | None = None
     heartbeat: float | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # (file on the server, scale)
+
+    @property
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can share one pipeline call: same model, LoRAs and every setting but the prompt,
+        the seed and the count."""
+        row = self.settings.to_json()
+        return self.model, self.loras, *(row[k] for k in sorted(row) if k not in PER_IMAGE)
 
     def public(self) -> dict:
         """What clients see: the settings with LoRAs by name, and no path of the server in them or in the error
         (the stored row keeps the paths the worker loads)."""
-        settings = dict(self.settings)
-        if settings.get("loras"):
-            settings["loras"] = [[Path(path).stem, scale] for path, scale in settings["loras"]]
+        settings = self.settings.to_json() | {"loras": [[Path(path).stem, scale] for path, scale in self.loras]}
         return {
             "id": self.id,
             "status": self.status,
@@ -186,14 +195,17 @@ class Store:
     def _row(self, row) -> Job:
         (id_, status, model, settings, created, started, finished, step, steps, attempts, error, images, runner,
          heartbeat) = row  # fmt: skip
-        return Job(id_, status, model, json.loads(settings), created, started, finished, step, steps, attempts, error,
-                   json.loads(images), runner, heartbeat)  # fmt: skip
+        settings, loras = _settings(settings)
+        return Job(id_, status, model, settings, created, started, finished, step, steps, attempts, error,
+                   json.loads(images), runner, heartbeat, loras)  # fmt: skip
 
-    def add(self, model: str, settings: dict, steps: int) -> Job:
+    def add(self, model: str, settings: GenerationSettings, steps: int, loras: Sequence[tuple[str, float]] = ()) -> Job:
+        """Queue a job: its settings (images by upload id) and LoRAs (server files) in one versioned JSON row."""
         job_id = uuid.uuid4().hex
+        row = settings.to_json() | {"loras": [[path, scale] for path, scale in loras]}
         self.db.execute(
             "INSERT INTO jobs (id, status, model, settings, created, steps) VALUES (?, 'queued', ?, ?, ?, ?)",
-            (job_id, model, json.dumps(settings), time.time(), steps),
+            (job_id, model, json.dumps(row), time.time(), steps),
         )
         return self.get(job_id)
 
@@ -212,14 +224,13 @@ class Store:
         marks = ",".join("?" * len(statuses))
         return self.db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks})", statuses).fetchone()[0]
 
-    def claim(self, compatible: dict | None = None, runner: str = "") -> Job | None:
-        """Atomically take the oldest queued job (optionally one whose model and key settings match)."""
-        rows = self.db.execute(
-            "SELECT id, model, settings FROM jobs WHERE status = 'queued' ORDER BY created"
-        ).fetchall()
+    def claim(self, like: Job | None = None, runner: str = "") -> Job | None:
+        """Atomically take the oldest queued job (optionally one that can share a call with `like`)."""
+        rows = self.db.execute(f"SELECT {COLUMNS} FROM jobs WHERE status = 'queued' ORDER BY created").fetchall()
         now = time.time()
-        for job_id, model, settings in rows:
-            if compatible is not None and not _compatible(compatible, model, json.loads(settings)):
+        for row in rows:
+            job_id = row[0]
+            if like is not None and self._row(row).batch_key != like.batch_key:
                 continue
             cur = self.db.execute(
                 "UPDATE jobs SET status='running', started=?, heartbeat=?, runner=?, attempts=attempts+1 "
@@ -379,15 +390,13 @@ def _is_id(value: str) -> bool:
     return len(value) == 32 and value.isascii() and value.isalnum()
 
 
-def upload_ids(settings: dict) -> list[str]:
+def upload_ids(settings: GenerationSettings) -> list[str]:
     """The uploads a job's settings name: references, and the start image and mask of an edit."""
-    return [*settings.get("refs", []), *(settings[k] for k in ("image", "mask") if settings.get(k))]
+    return [*settings.refs, *(name for name in (settings.image, settings.mask) if name)]
 
 
-PER_IMAGE = ("prompt", "seed", "num_images")  # what may differ between jobs that share one pipeline call
-
-
-def _compatible(a: dict, model: str, settings: dict) -> bool:
-    """Jobs that can share one pipeline call: same model and every setting but prompt, seed and count."""
-    keys = (set(a["settings"]) | set(settings)) - set(PER_IMAGE)
-    return a["model"] == model and all(a["settings"].get(k) == settings.get(k) for k in keys)
+def _settings(text: str) -> tuple[GenerationSettings, tuple[tuple[str, float], ...]]:
+    """A stored row (any version: `GenerationSettings.from_json`) and the job's LoRAs."""
+    row = json.loads(text)
+    loras = tuple((path, scale) for path, scale in row.pop("loras", None) or ())
+    return GenerationSettings.from_json(row), loras

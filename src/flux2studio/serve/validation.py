@@ -12,6 +12,7 @@ from PIL import Image
 from ..hosted import ENDPOINTS, MIN_SIDE, check_request, price
 from ..images import open_image, size_for_aspect
 from ..pipeline import build_request, reference_room
+from ..settings import GenerationSettings
 from ..variants import get_variant
 from .limits import Limits
 from .schemas import JobRequest
@@ -27,14 +28,14 @@ class Admission:
         self.store, self.worker, self.limits = store, worker, limits
         self.served, self.remote, self.lora_dir = served, remote, lora_dir
 
-    def validate(self, req: JobRequest) -> tuple[dict, int]:
-        """Every check before queueing: the limits table, then the model's own rules (build_request)."""
+    def validate(self, req: JobRequest) -> tuple[GenerationSettings, list[tuple[str, float]], int]:
+        """Every check before queueing: the limits table, then the model's own rules (build_request). Returns the
+        settings to store (defaults resolved, so a job runs the same whatever the defaults become; images by
+        upload id), the LoRA files and the progress total."""
         self.check_basics(req.model, req.num_images, prompt=req.prompt, negative_prompt=req.negative_prompt)
         variant = get_variant(req.model)
         if len(req.refs) > self.limits.max_refs:
             raise HTTPException(422, f"{len(req.refs)} references; at most {self.limits.max_refs}")
-        if len(req.loras) > self.limits.max_loras:
-            raise HTTPException(422, f"{len(req.loras)} LoRAs; at most {self.limits.max_loras}")
         if req.steps is not None and not 1 <= req.steps <= self.limits.max_steps:
             raise HTTPException(422, f"steps {req.steps} is out of range 1..{self.limits.max_steps}")
         if req.aspect is not None:
@@ -46,13 +47,46 @@ class Admission:
             if self.store.ref_path(ref) is None:
                 raise HTTPException(422, f"unknown reference id {ref[:64]!r}: upload it to /v1/uploads first")
         edit = self.editing(req)
-        width = height = None  # an edit without a size: its start image (and expansion) sets it
+        size = None  # an edit without a size: its start image (and expansion) sets it
         if not edit or req.width is not None or req.height is not None:
-            width = variant.default_size[0] if req.width is None else req.width  # 0 is a size, and out of range
-            height = variant.default_size[1] if req.height is None else req.height
-            self.check_area(width, height)
+            size = (variant.default_size[0] if req.width is None else req.width,  # 0 is a size, and out of range
+                    variant.default_size[1] if req.height is None else req.height)  # fmt: skip
+            self.check_area(*size)
+        loras = self.loras(req.loras)
+        asked = GenerationSettings(
+            req.prompt, negative_prompt=req.negative_prompt, size=size, steps=req.steps, guidance=req.guidance,
+            guidance_interval=req.guidance_interval, prompt_upsampling=req.prompt_upsampling,
+            seed=req.seed if req.seed is not None else secrets.randbelow(2**31), num_images=req.num_images,
+            refs=tuple(req.refs), strength=req.strength, expand=req.expand, mask_blur=req.mask_blur,
+        )  # fmt: skip
+        if req.model in self.remote:  # progress of a hosted job counts its images, not steps
+            return self.hosted_rules(req, asked, loras), loras, req.num_images
+        try:  # the model's own checks: multiples of 16, its size range, guidance mode, negative prompt
+            built = build_request(variant, asked, refs=(), **edit)  # references: counted below, by id
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        stored = asked.replace(
+            steps=built.steps, guidance=built.guidance,
+            guidance_interval=built.guidance_interval if variant.uses_cfg else None,
+            prompt_upsampling=built.prompt_upsampling if variant.upsampler else req.prompt_upsampling,
+        )  # fmt: skip
+        if built.init is not None:
+            room = reference_room(variant, built.init.mask is not None)
+            if len(req.refs) > room:
+                raise HTTPException(422, f"{len(req.refs)} references; {req.model} takes 0..{room} besides the "
+                                         "image being inpainted")  # fmt: skip
+            self.check_area(built.width, built.height)
+            stored = stored.replace(size=(built.width, built.height), image=req.image, mask=req.mask,
+                                    strength=built.init.strength,
+                                    expand=built.init.expand if any(built.init.expand) else None)  # fmt: skip
+        return stored, loras, built.steps
+
+    def loras(self, asked: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        """LoRAs by name in the server's LoRA folder, scales in range: (file, scale)."""
+        if len(asked) > self.limits.max_loras:
+            raise HTTPException(422, f"{len(asked)} LoRAs; at most {self.limits.max_loras}")
         loras = []
-        for name, scale in req.loras:
+        for name, scale in asked:
             plain = len(name) <= 128 and name.isascii() and name.replace("-", "").replace("_", "").isalnum()
             path = Path(self.lora_dir or "/nonexistent") / f"{name}.safetensors"
             if not (plain and path.is_file()):  # a name, never a path (and never long enough to fail the OS)
@@ -61,46 +95,10 @@ class Admission:
                 most = self.limits.max_lora_scale
                 raise HTTPException(422, f"LoRA {name!r} scale {scale} is out of range -{most:g}..{most:g}")
             loras.append((str(path), float(scale)))
-        interval, upsampling = None, req.prompt_upsampling
-        if req.model in self.remote:  # progress of a hosted job counts its images, not steps
-            if req.guidance_interval is not None:
-                raise HTTPException(422, f"{req.model} is a hosted model: the API sets its own guidance, no interval")
-            steps, guidance = self.hosted_rules(req, width, height, loras)
-            progress_total = req.num_images
-        else:
-            size = None if width is None else (width, height)
-            try:  # the model's own checks: multiples of 16, its size range, guidance mode, negative prompt
-                built = build_request(variant, req.prompt, negative_prompt=req.negative_prompt, size=size,
-                                      steps=req.steps, guidance=req.guidance, num_images=req.num_images,
-                                      guidance_interval=req.guidance_interval, refs=(),
-                                      prompt_upsampling=req.prompt_upsampling, **edit)  # fmt: skip
-            except ValueError as e:
-                raise HTTPException(422, str(e)) from None
-            if built.init is not None:
-                room = reference_room(variant, built.init.mask is not None)
-                if len(req.refs) > room:
-                    raise HTTPException(422, f"{len(req.refs)} references; {req.model} takes 0..{room} besides the "
-                                             "image being inpainted")  # fmt: skip
-                width, height = built.width, built.height
-                self.check_area(width, height)
-                edit = {"image": req.image, "mask": req.mask, "strength": built.init.strength,
-                        "expand": list(built.init.expand) if any(built.init.expand) else None,
-                        "mask_blur": req.mask_blur}  # fmt: skip
-            steps, guidance = built.steps, built.guidance
-            if variant.uses_cfg:  # resolved, so the job runs the same whatever the defaults become
-                interval = list(built.guidance_interval)
-            if variant.upsampler:  # resolved too
-                upsampling = built.prompt_upsampling
-            progress_total = built.steps
-        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-        settings = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "width": width, "height": height,
-                    "steps": steps, "guidance": guidance, "guidance_interval": interval, "seed": seed,
-                    "num_images": req.num_images, "refs": req.refs, "loras": loras,
-                    "prompt_upsampling": upsampling, **edit}  # fmt: skip
-        return settings, progress_total
+        return loras
 
     def editing(self, req: JobRequest) -> dict:
-        """The start image and mask opened (ids checked), with the edit's other fields; {} when not an edit."""
+        """The start image and mask opened (ids checked); {} when not an edit."""
         if req.image is None:
             if req.mask is not None or req.strength is not None or req.expand is not None or req.mask_blur:
                 raise HTTPException(422, "mask, strength, expand and mask_blur edit a start image: give image")
@@ -115,7 +113,7 @@ class Admission:
             if (path := self.store.ref_path(upload)) is None:
                 raise HTTPException(422, f"unknown {key} id {upload[:64]!r}: upload it to /v1/uploads first")
             opened[key] = open_image(path, key)
-        return {**opened, "strength": req.strength, "expand": req.expand, "mask_blur": req.mask_blur}
+        return opened
 
     def check_area(self, width: int, height: int) -> None:
         for name, value in (("width", width), ("height", height)):
@@ -134,8 +132,8 @@ class Admission:
             if (problem := self.limits.text_problem(name, text)) is not None:
                 raise HTTPException(422, problem)
 
-    def hosted_rules(self, req: JobRequest, width: int, height: int, loras: list) -> tuple[int | None, float | None]:
-        """The hosted endpoint's own rules (no LoRAs, steps and guidance only for flex, 32-bit seeds)."""
+    def hosted_rules(self, req: JobRequest, asked: GenerationSettings, loras: list) -> GenerationSettings:
+        """The hosted endpoint's own rules (no LoRAs, steps and guidance only for flex, 32-bit seeds, no editing)."""
         if loras:
             raise HTTPException(422, f"{req.model} runs on the hosted API, which takes no LoRA files")
         if req.seed is not None and req.seed >= 2**32:
@@ -145,15 +143,13 @@ class Admission:
             with Image.open(self.store.ref_path(r)) as im:
                 sizes.append(im.size)
         try:
-            _, _, steps, guidance, _ = check_request(ENDPOINTS[req.model], size=(width, height), steps=req.steps,
-                                                     guidance=req.guidance, negative_prompt=req.negative_prompt,
-                                                     ref_sizes=sizes)  # fmt: skip
+            resolved, _ = check_request(ENDPOINTS[req.model], asked, sizes)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
-        return steps, guidance
+        return asked.replace(steps=resolved.steps, guidance=resolved.guidance)
 
     def submit(self, req: JobRequest):
-        settings, steps = self.validate(req)
+        settings, loras, steps = self.validate(req)
         if self.limits.keep_finished_s is not None:
             self.store.expire_jobs(self.limits.keep_finished_s)
         if (problem := self.limits.disk_problem(self.store.disk_bytes)) is not None:
@@ -162,7 +158,7 @@ class Admission:
             raise HTTPException(
                 429, f"queue full ({self.limits.max_queue} jobs); retry later", headers={"Retry-After": "10"}
             )
-        job = self.store.add(req.model, settings, steps)
+        job = self.store.add(req.model, settings, steps, loras)
         self.worker.notify()
         return job
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from ..images import open_image
 from ..pipeline import Pipeline
+from ..settings import GenerationSettings
 from .store import LEASE, Job, Store, runner_id
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,8 @@ class Worker:
                 self._wake.clear()
                 continue
             batch = [job]
-            while sum(j.settings["num_images"] for j in batch) < MAX_BATCH_IMAGES:
-                more = self.store.claim(compatible={"model": job.model, "settings": job.settings}, runner=self.runner)
+            while sum(j.settings.num_images for j in batch) < MAX_BATCH_IMAGES:
+                more = self.store.claim(like=job, runner=self.runner)
                 if more is None:
                     break
                 batch.append(more)
@@ -113,21 +114,9 @@ class Worker:
     def _run_batch(self, batch: list[Job], pipe: Pipeline | None = None) -> None:
         try:
             pipe = pipe or self._pipeline(batch[0].model)
-            s = batch[0].settings
-            prompts = [j.settings["prompt"] for j in batch for _ in range(j.settings["num_images"])]
-            seeds = [j.settings["seed"] + i for j in batch for i in range(j.settings["num_images"])]
-            refs = [Image.open(self.store.ref_path(r)).convert("RGB") for r in s.get("refs", [])]
-            passed = ("steps", "guidance", "guidance_interval", "negative_prompt", "prompt_upsampling", "strength",
-                      "mask_blur")  # fmt: skip
-            kw = {k: s[k] for k in passed if s.get(k) is not None}
-            kw["size"] = (s["width"], s["height"])
-            for key in ("image", "mask"):  # an edit: its start image and mask, as uploaded
-                if s.get(key):
-                    kw[key] = open_image(self.store.ref_path(s[key]))
-            if s.get("expand"):  # the canvas is the start image plus the expansion
-                kw["expand"], kw["size"] = tuple(s["expand"]), None
-            if s.get("loras") or pipe.loras:
-                pipe.set_loras([(path, scale) for path, scale in s.get("loras", [])])
+            s = self.opened(batch)
+            if batch[0].loras or pipe.loras:
+                pipe.set_loras(list(batch[0].loras))
 
             last = [0.0]
 
@@ -136,12 +125,12 @@ class Worker:
                     if self.store.get(j.id).status == "cancelled":
                         raise Cancelled(j.id)
                 if x0 is not None and i + 1 < total and time.monotonic() - last[0] >= self.preview_every > 0:
-                    self._previews(pipe, batch, x0, s["width"], s["height"])
+                    self._previews(pipe, batch, x0, *batch[0].settings.size)
                     last[0] = time.monotonic()
                 for j in batch:
                     self.store.progress(j.id, i + 1, total, runner=self.runner)
 
-            images = pipe(prompts, seeds=seeds, refs=refs, callback=progress, **kw)
+            images = pipe(s, callback=progress)
         except Cancelled:
             self._drop_previews(batch)
             for j in batch:  # the cancelled job stays cancelled; the others of its batch go back to the queue
@@ -163,12 +152,27 @@ class Worker:
             return
         self._settle(batch, dict(enumerate(images)), "")
 
+    def opened(self, batch: list[Job]) -> GenerationSettings:
+        """One call's settings for a batch of compatible jobs: every job's prompts and seeds, the uploads opened,
+        and an outpainting's size left to its start image and expansion (the canvas)."""
+        s = batch[0].settings
+        path = self.store.ref_path
+        return s.replace(
+            prompt=[p for j in batch for p in j.settings.prompts for _ in range(j.settings.num_images)],
+            seeds=[j.settings.seed + i for j in batch for i in range(j.settings.images)],
+            num_images=1,
+            refs=[Image.open(path(r)).convert("RGB") for r in s.refs],
+            image=open_image(path(s.image)) if s.image else None,
+            mask=open_image(path(s.mask)) if s.mask else None,
+            size=None if s.expand else s.size,
+        )
+
     def _settle(self, batch: list[Job], made: dict[int, Image.Image], error: str) -> None:
         """Finish each job whose images (by index in the batch's call) are all in `made`; fail the others."""
         self._drop_previews(batch)
         k = 0
         for j in batch:
-            wanted = range(k, k + j.settings["num_images"])
+            wanted = range(k, k + j.settings.num_images)
             if all(i in made for i in wanted):
                 self.store.finish(j.id, [_png(made[i]) for i in wanted])
             else:
@@ -193,7 +197,7 @@ class Worker:
             buf = io.BytesIO()
             image.save(buf, format="JPEG", quality=80)
             self.previews[j.id] = buf.getvalue()
-            k += j.settings["num_images"]
+            k += j.settings.num_images
 
     def _drop_previews(self, batch: list[Job]) -> None:
         for j in batch:
