@@ -231,6 +231,32 @@ def test_text_encoder_built_from_mapped_files_equals_from_pretrained(klein_folde
         hf_text_encoder(spec, broken, folder / "tokenizer", "cpu", torch.float32)
 
 
+def test_text_encoder_stored_packed_loads_as_packed_at_load(klein_folder, tmp_path):
+    """A text encoder folder whose layers were saved packed (int8 rows, formats in the metadata) loads packed and
+    encodes exactly as the plain folder packed at load; its packed rows are read memory-mapped, not copied."""
+    from flux2studio.checkpoints import read_component
+    from flux2studio.loading import hf_text_encoder
+    from flux2studio.quantize import QuantLinear
+    from flux2studio.quantized_files import quantize_state, text_encoder_quantizable, write_quantized
+
+    _, folder = klein_folder
+    spec = load(weights=folder).variant.text_encoder
+    packed_dir = tmp_path / "text_encoder"
+    packed_dir.mkdir()
+    shutil.copy(folder / "text_encoder" / "config.json", packed_dir)
+    sd, formats = quantize_state(read_component(folder / "text_encoder"), "int8",
+                                 lambda name: text_encoder_quantizable(name.removeprefix("model.")))  # fmt: skip
+    write_quantized(sd, formats, packed_dir / "model.safetensors")
+    stored = hf_text_encoder(spec, packed_dir, folder / "tokenizer", "cpu", torch.float32)
+    at_load = hf_text_encoder(
+        spec, folder / "text_encoder", folder / "tokenizer", "cpu", torch.float32, quantize="int8"
+    )
+    layer = stored.model.layers[0].mlp.up_proj
+    assert isinstance(layer, QuantLinear) and layer.weight.dtype == torch.uint8
+    prompts = ["a red circle", "two blue squares on a black background"]
+    assert torch.equal(stored(prompts), at_load(prompts))
+
+
 def test_next_part_is_read_ahead_without_being_loaded(klein_folder):
     _, folder = klein_folder
     pipe = load(weights=folder)

@@ -103,21 +103,25 @@ def read_json(path: Path) -> dict:
 
 def read_component(folder: Path) -> dict[str, Tensor]:
     """All tensors of one diffusers/transformers component folder: a single file or an indexed shard set."""
+    sd: dict[str, Tensor] = {}
+    for path in component_files(folder):
+        sd.update(read_safetensors(path))
+    return sd
+
+
+def component_files(folder: Path) -> list[Path]:
+    """The weight files of a component folder: the shards its index names, or its one .safetensors file."""
     if any(folder.glob(f"*{s}") for s in PICKLE_SUFFIXES) and not any(folder.glob("*.safetensors")):
         check_path(next(p for s in PICKLE_SUFFIXES for p in folder.glob(f"*{s}")))  # raises the refusal
     index = sorted(folder.glob("*.safetensors.index.json"))
     if index:
-        shards = sorted(set(read_json(index[0])["weight_map"].values()))
-        sd: dict[str, Tensor] = {}
-        for shard in shards:
-            sd.update(read_safetensors(folder / shard))
-        return sd
+        return [folder / shard for shard in sorted(set(read_json(index[0])["weight_map"].values()))]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {folder}")
     if len(files) > 1:
         raise ValueError(f"{folder} holds {len(files)} .safetensors files but no index: {[f.name for f in files]}")
-    return read_safetensors(files[0])
+    return files
 
 
 # ----------------------------------------------------------------------------- single files

@@ -29,15 +29,17 @@ from .conversion import (
     vae_config_from_keys,
     vae_layout,
 )
+from .device_streaming import available_ram, device_free_bytes, human, module_bytes, parse_bytes, plan_blocks
 from .layouts.transformer import transformer_from_diffusers
 from .layouts.vae import vae_from_diffusers
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
 from .pipeline import Component, Pipeline
 from .precision import compute_dtype, storage, widen_on_use
-from .quantize import check_mode, prepack_int8, quantize_modules, swap_in
+from .quantize import MODE_FORMAT, check_mode, prepack_int8, quantize_modules, row_bytes, swap_in
 from .quantized_files import (
     logical_shapes,
+    read_component_weights,
     read_transformer_file,
     text_encoder_quantizable,
     transformer_quantizable,
@@ -122,27 +124,37 @@ def streamed(model: torch.nn.Module, blocks: list[torch.nn.Module], resident: bo
     return model
 
 
-def qwen3_stack(model_dir: Path, config, dtype: torch.dtype, quantize: str | None = None) -> torch.nn.Module:
-    """Qwen3's decoder stack with `config.num_hidden_layers` layers, built on the meta device and given the
-    memory-mapped tensors of the files (strict: every missing or mis-shaped key is named).
+STACK_PREFIXES = {"qwen3": ("model.",), "mistral3": ("model.language_model.", "language_model.model.")}
 
-    The same module transformers' `from_pretrained` makes, without its copy of every weight; the weights
-    of later layers and of the LM head are never read.
+
+def decoder_stack(model_dir: Path, kind: str, config, dtype: torch.dtype, quantize: str | None = None):
+    """The decoder stack of a Qwen3 or Mistral3 text encoder with `config.num_hidden_layers` layers, built on the
+    meta device and given the memory-mapped tensors of the files (strict: every missing or mis-shaped key is
+    named); layers stored packed (`flux2 convert --quantize`) stay packed, and `quantize` packs the others.
+
+    The same module transformers' `from_pretrained` makes, without its copy of every weight; the weights of later
+    layers, of the LM head and of Mistral's vision tower are never read.
     """
-    from transformers import Qwen3Model
+    from transformers import MistralModel, Qwen3Model
 
-    raw = read_component(model_dir)
+    stack = Qwen3Model if kind == "qwen3" else MistralModel
+    raw, packed = read_component_weights(model_dir)
     keep = {f"layers.{i}." for i in range(config.num_hidden_layers)}
-    sd = {}
+    sd, formats = {}, {}
     for key, tensor in raw.items():
-        name = key.removeprefix("model.")
-        if name.startswith("layers."):
-            if name[: name.index(".", 7) + 1] not in keep:
-                continue  # a layer after the last one the variant takes
-        elif key.startswith("lm_head."):
-            continue
+        prefix = next((p for p in STACK_PREFIXES[kind] if key.startswith(p)), None)
+        if prefix is None:
+            continue  # the LM head, a vision tower and its projector
+        name = key.removeprefix(prefix)
+        if name.startswith("layers.") and name[: name.index(".", 7) + 1] not in keep:
+            continue  # a layer after the last one the variant takes
         sd[name] = tensor
-    model = build(lambda: Qwen3Model._from_config(config, dtype=dtype), storage(sd, dtype), "text encoder")
+    for module, fmt in packed.items():
+        if (prefix := next((p for p in STACK_PREFIXES[kind] if module.startswith(p)), None)) is not None:
+            name = module.removeprefix(prefix)
+            if name + ".weight" in sd:
+                formats[name] = fmt
+    model = build(lambda: swap_in(stack._from_config(config, dtype=dtype), formats), storage(sd, dtype), "text encoder")
     model.rotary_emb = type(model.rotary_emb)(config=model.config)  # its buffers are computed, not stored
     if quantize:
         quantize_modules(model, quantize, text_encoder_quantizable, release=drop_file_pages)
@@ -160,7 +172,6 @@ def hf_text_encoder(
 ):
     """Load a Qwen3 / Mistral3 text encoder with only the layers the variant takes (Qwen3's layers' weights
     streamed unless `resident`; its decoder layers' linear weights packed in `quantize`'s format if given)."""
-    import transformers
     from transformers import AutoConfig
 
     last = max(spec.layers)
@@ -171,20 +182,7 @@ def hf_text_encoder(
     text_cfg.num_hidden_layers = last  # later layers are never read: do not even load them
     if getattr(text_cfg, "layer_types", None) is not None:
         text_cfg.layer_types = text_cfg.layer_types[:last]
-    if spec.kind == "qwen3":
-        model = qwen3_stack(model_dir, config, dtype, quantize).to(device)
-    else:
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()  # the skipped layers are reported as unused keys
-        try:
-            model = transformers.Mistral3ForConditionalGeneration.from_pretrained(
-                model_dir,
-                config=config,
-                dtype="auto" if dtype == torch.float32 else dtype,  # fp32: the files' dtype, widened per layer
-                local_files_only=True,
-            ).to(device)
-        finally:
-            transformers.logging.set_verbosity(verbosity)
+    model = decoder_stack(model_dir, spec.kind, text_cfg, dtype, quantize).to(device)
     has_processor = (tokenizer_dir / "processor_config.json").is_file() or (
         tokenizer_dir / "preprocessor_config.json"
     ).is_file()
@@ -194,12 +192,7 @@ def hf_text_encoder(
         from transformers import AutoTokenizer as loader
     tokenizer = loader.from_pretrained(tokenizer_dir, local_files_only=True)
     encoder = TextEncoder(spec, model, tokenizer)  # the stack only: vision tower and LM head dropped
-    if quantize and spec.kind != "qwen3":  # (Qwen3's stack is packed as it is built)
-        quantize_modules(encoder.model, quantize, text_encoder_quantizable, release=drop_file_pages)
-    if spec.kind == "qwen3":  # memory-mapped (qwen3_stack): streamed layer by layer
-        streamed(encoder.model, encoder.model.layers, resident, dtype)
-    else:
-        widen_on_use(encoder.model, encoder.model.layers, dtype)
+    streamed(encoder.model, encoder.model.layers, resident, dtype)  # memory-mapped: streamed layer by layer
     return encoder
 
 
@@ -389,6 +382,7 @@ def load(
     api: dict | None = None,
     attention: str = "auto",
     quantize: str | None = None,
+    vram_budget: str | int | None = None,
 ) -> Pipeline:
     """A `Pipeline` for `model_id` (default: the embedded `nano`, which needs no download).
 
@@ -410,6 +404,12 @@ def load(
     `quantize`: "int8" (per-channel weights, int8 matmuls with per-token activations on CPU) or "int4" (Q4_0
     blocks, dequantized per layer) for the transformer's blocks and the text encoder's layers, packed at load;
     files already quantized (GGUF, `flux2 convert --quantize`) stay as they are without it.
+
+    `vram_budget` ("8GB", bytes): on an accelerator, the most bytes of weights a phase holds there. Parts load into
+    host memory and are put on the device for their phase; the transformer's and text encoder's blocks that do not
+    fit are copied in ahead of use on a side stream (`device_streaming`). Parts are then loaded per phase (as
+    without `resident`). Without a budget, a model larger than the device's free memory (or, `resident` on CPU,
+    than the machine's) is refused before loading, with what would fit.
     """
     check_mode(quantize)
     if backend not in ("local", "api"):
@@ -426,7 +426,16 @@ def load(
         )
     device = device or default_device()
     compute = compute_dtype(dtype, device)
-    pipe = _load_local(model_id, weights, device, compute.dtype, resident, vae, text_encoder, attention, quantize)
+    budget = None if vram_budget is None else parse_bytes(vram_budget)
+    if budget is not None and torch.device(device).type == "cpu":
+        raise ValueError("--vram is a budget of accelerator memory (cuda, mps); on CPU, weights stream from the files")
+    if model_id is not None:  # before any weights are read: does the transformer fit the device (or budget)?
+        check_fits(get_variant(model_id), device, compute.dtype, quantize, resident, budget)
+    host = "cpu" if budget is not None else device
+    pipe = _load_local(model_id, weights, host, compute.dtype, resident and budget is None, vae, text_encoder,
+                       attention, quantize)  # fmt: skip
+    if budget is not None:
+        pipe.use_device(device, budget, attention)
     pipe.dtype_reason = compute.reason
     pipe.quantize = quantize
     return pipe
@@ -481,6 +490,42 @@ def _load_local(
     digest = weights_hash([t_path])
     parts = (transformer, vae, text_encoder)
     return Pipeline(variant, *parts, device=device, dtype=torch_dtype, weights_hash=digest, attention=attention)
+
+
+def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str | None, resident: bool,
+               budget: int | None) -> None:  # fmt: skip
+    """Refuse, before any weights are read, a transformer that cannot run there: a budget below streaming's least,
+    an accelerator with less free memory than the whole model (without a budget), or a resident model larger than
+    the machine's available memory; the error says what would fit."""
+    with torch.device("meta"):
+        skeleton = Flux2Transformer(variant.transformer)
+    blocks = [*skeleton.double_blocks, *skeleton.single_blocks]
+    sizes = [packed_bytes(b, dtype, quantize) for b in blocks]
+    whole = packed_bytes(skeleton, dtype, quantize)
+    what = f"{variant.id}'s transformer"
+    if budget is not None:
+        plan_blocks(sizes, whole - sum(sizes), budget, what=what)
+        return
+    kind = torch.device(device).type
+    free = device_free_bytes(device) if kind != "cpu" else (available_ram() if resident else None)
+    if free is not None and whole > free:
+        where = f"{device} has {human(free)} free" if kind != "cpu" else f"this machine has {human(free)} available"
+        smaller = {None: "--quantize int8 (about half) or int4", "int8": "--quantize int4"}.get(quantize, "")
+        ways = [f"--vram {human(free * 0.9)} (stream blocks)" if kind != "cpu" else "without resident (stream from "
+                "the files)", *([smaller] if smaller else [])]  # fmt: skip
+        stored = str(dtype).removeprefix("torch.") + (f", {quantize}" if quantize else "")
+        raise ValueError(f"{what} needs {human(whole)} ({stored}); {where}: try {' or '.join(ways)}")
+
+
+def packed_bytes(module: torch.nn.Module, dtype: torch.dtype, quantize: str | None) -> int:
+    """A module's weight bytes in `dtype`, its quantizable linear layers packed by `quantize`."""
+    total = module_bytes(module, dtype)
+    if quantize:
+        for name, m in module.named_modules():
+            if isinstance(m, torch.nn.Linear) and transformer_quantizable(name or "double_blocks.x"):
+                fmt = MODE_FORMAT[quantize]
+                total += row_bytes(fmt, m.in_features) * m.out_features - m.weight.numel() * dtype.itemsize
+    return total
 
 
 def find_local(variant: Variant) -> Path | None:

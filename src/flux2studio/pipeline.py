@@ -26,6 +26,7 @@ from torch import Tensor
 
 from . import __version__, sampling
 from .checkpoints import cache_dir, weights_hash
+from .device_streaming import stream_to_device, to_host
 from .editing import Init, build_init, paste_kept
 from .images import check_size, image_hash, parameters_text, prepare_reference, size_for_aspect, to_pil, to_tensor
 from .kernels.attention import attention_for
@@ -40,6 +41,7 @@ MAX_STEPS = 200
 MAX_IMAGES = 64  # images per call (prompts x num_images)
 GUIDANCE_RANGE = (1.0, 30.0)
 T = TypeVar("T")
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 @dataclass(frozen=True)
@@ -288,6 +290,7 @@ class Pipeline:
         dtype: torch.dtype = torch.float32,
         weights_hash: str = "",
         attention: str = "auto",
+        vram_budget: int | None = None,
     ) -> None:
         if variant.vae.downscale != sampling.PIXELS_PER_TOKEN:
             raise ValueError(
@@ -302,9 +305,12 @@ class Pipeline:
         # "auto": our bf16 CPU kernel where it runs (kernels/attention.py), else PyTorch's SDPA; "sdpa"; "kernel"
         self.sdpa = attention_for(attention, self.device, dtype, cache_dir())
         self.attention = "sdpa" if self.sdpa is F.scaled_dot_product_attention else "kernel"
+        # bytes of weights a phase may hold on the device: parts are put there for their phase, blocks that do not
+        # fit streamed from host memory (`device_streaming`), and brought back after it; None: parts live there
+        self.vram_budget = vram_budget
         for part in (transformer, vae):
             if isinstance(part, torch.nn.Module):
-                part.to(self.device, dtype).eval()
+                part.to("cpu" if vram_budget else self.device, dtype).eval()
         self.parts = {
             "transformer": Component.of(transformer),
             "vae": Component.of(vae),
@@ -312,6 +318,13 @@ class Pipeline:
         }
         self.loras: list[tuple[LoraFile, float, str]] = []  # (parsed file, scale, short hash)
         self._lora_state: tuple[Flux2Transformer, Applied] | None = None
+
+    def use_device(self, device: torch.device | str, vram_budget: int, attention: str = "auto") -> None:
+        """Run on `device` holding at most `vram_budget` bytes of weights there per phase (parts built on the host;
+        `_placed` puts each on the device for its phase)."""
+        self.device, self.vram_budget = torch.device(device), vram_budget
+        self.sdpa = attention_for(attention, self.device, self.dtype, cache_dir())
+        self.attention = "sdpa" if self.sdpa is F.scaled_dot_product_attention else "kernel"
 
     @property
     def transformer(self) -> Flux2Transformer:
@@ -321,6 +334,15 @@ class Pipeline:
             # fused into this (possibly freshly loaded) transformer; removed exactly by set_loras
             loras = [(f, s) for f, s, _ in self.loras]
             self._lora_state = (model, apply_loras(model, loras, mode="fuse", into=self.dtype))
+        return self._placed(model, [*model.double_blocks, *model.single_blocks], "transformer")
+
+    def _placed(self, model: M, blocks: Sequence[torch.nn.Module] | None, what: str) -> M:
+        """With a device budget: `model` put on the device for its phase, its `blocks` streamed as they fit."""
+        if self.vram_budget is not None and getattr(model, "block_streamer", None) is None:
+            if blocks is None:  # runs whole (the VAE)
+                model.to(self.device)
+            else:
+                stream_to_device(model, blocks, self.device, self.vram_budget, f"{self.variant.id}'s {what}")
         return model
 
     def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
@@ -336,17 +358,25 @@ class Pipeline:
 
     @property
     def vae(self) -> AutoEncoder:
-        model = self.parts["vae"].get()
+        model = self._placed(self.parts["vae"].get(), None, "VAE")
         model.set_attention(self.sdpa)
         return model
 
     @property
     def text_encoder(self) -> TextEncoder:
-        return self.parts["text_encoder"].get()
+        encoder = self.parts["text_encoder"].get()
+        if isinstance(model := getattr(encoder, "model", None), torch.nn.Module):
+            self._placed(model, getattr(model, "layers", None), "text encoder")  # MiniLM (nano): runs whole
+        return encoder
 
     def release(self, *names: str) -> None:
+        """The end of these parts' phase: freed unless resident; with a device budget, off the device either way."""
         for name in names:
-            self.parts[name].release()
+            part = self.parts[name]
+            if self.vram_budget is not None and part.loaded:
+                value = part.get()
+                to_host(value.model if isinstance(value, TextEncoder) else value)
+            part.release()
 
     @torch.no_grad()
     def __call__(

@@ -165,7 +165,10 @@ def fp8_to(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> t
 
 def dequantized(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A stored weight in `dtype`: an fp8 one with its scale (`p.fp8_scale`, set by the loader), others cast."""
-    return fp8_to(p.data, getattr(p, "fp8_scale", None), dtype) if p.dtype in fp8_dtypes() else p.data.to(dtype)
+    if p.dtype not in fp8_dtypes():
+        return p.data.to(dtype)
+    scale = getattr(p, "fp8_scale", None)
+    return fp8_to(p.data, None if scale is None else scale.to(p.device), dtype)  # (a streamed block's is on the host)
 
 
 def widen_on_use(model: nn.Module, blocks: Sequence[nn.Module], dtype: torch.dtype) -> list:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoints import bfl_prefix, check_path, read_safetensors, strip_prefix, write_safetensors
+from .checkpoints import bfl_prefix, check_path, component_files, read_safetensors, strip_prefix, write_safetensors
 from .quantize import GGUF_BLOCKS, MODE_FORMAT, PLAIN_DTYPES, check_format, quantize_weight
 
 META_KEY = "flux2studio.quantized"
@@ -62,6 +62,17 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         return _read_gguf(path)
     sd = read_safetensors(path)
     return sd, _safetensors_formats(path, sd)
+
+
+def read_component_weights(folder: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """`read_weights` over a component folder's files (`checkpoints.component_files`): plain or packed shards."""
+    sd: dict[str, Tensor] = {}
+    formats: dict[str, str] = {}
+    for path in component_files(folder):
+        part, fmts = read_weights(path)
+        sd.update(part)
+        formats.update(fmts)
+    return sd, formats
 
 
 def logical_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,235 @@
+"""Block streaming to an accelerator under a memory budget: a model's blocks that do not fit stay in host memory
+and are copied to the device just ahead of use, on a side stream, while the previous block computes (as diffusers'
+group offload with streams does). `plan_blocks` decides what stays resident and how many streamed blocks are on
+the device at once; `BlockStreamer` carries a plan out through forward hooks. Both run on any device: tests use the
+CPU as a stand-in device whose bytes a `Ledger` counts, a GPU uses the same code with CUDA streams.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+         "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(text: str | int) -> int:
+    """ "8GB", "7.5 GiB", "512MB" or a byte count -> bytes (GB = GiB = 2**30, as GPU tools report memory)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if not match or match.group(2).lower() not in UNITS:
+            raise ValueError(f"memory size {text!r}: give a number with a unit, like 8GB or 512MB")
+        value = int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"memory size {text!r} must be positive")
+    return value
+
+
+def human(n: float) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def module_bytes(module: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """The bytes of a module's parameters and buffers once cast to `dtype` (floating ones; packed stay as is)."""
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        size = dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size()
+        total += t.numel() * size
+    return total
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Which blocks stay on the device and how many streamed ones are there at once (the one running and the
+    ones prefetched)."""
+
+    budget: int
+    fixed: int  # bytes always on the device: the weights outside the blocks
+    block_bytes: tuple[int, ...]
+    resident: tuple[int, ...]
+    streamed: tuple[int, ...]
+    slots: int
+
+    @property
+    def peak(self) -> int:
+        """The most bytes of weights on the device at any time."""
+        window = sorted((self.block_bytes[i] for i in self.streamed), reverse=True)[: self.slots]
+        return self.fixed + sum(self.block_bytes[i] for i in self.resident) + sum(window)
+
+
+def plan_blocks(
+    block_bytes: Sequence[int], fixed: int, budget: int, *, prefetch: int = 1, what: str = "model"
+) -> BlockPlan:
+    """Keep blocks resident, in order, while the rest can still stream through `prefetch + 1` device slots within
+    `budget`. A budget below the least streaming needs is a ValueError saying what would fit."""
+    sizes = tuple(int(b) for b in block_bytes)
+    slots = prefetch + 1
+    if fixed + sum(sizes) <= budget:
+        return BlockPlan(budget, fixed, sizes, tuple(range(len(sizes))), (), slots)
+    least = fixed + sum(sorted(sizes, reverse=True)[:slots])
+    if budget < least:
+        raise ValueError(
+            f"a device budget of {human(budget)} is too small for {what}: streaming it needs at least {human(least)} "
+            f"({human(fixed)} always on the device and {slots} blocks of up to {human(max(sizes))}); give "
+            f"--vram {human(least)} or more, or a smaller format (--quantize int8 halves bf16 weights, int4 quarters)"
+        )
+    resident: list[int] = []
+    used = fixed
+    for i, size in enumerate(sizes):
+        rest = [sizes[j] for j in range(len(sizes)) if j != i and j not in resident]
+        window = sum(sorted(rest, reverse=True)[:slots])
+        if used + size + window <= budget:
+            resident.append(i)
+            used += size
+    streamed = tuple(i for i in range(len(sizes)) if i not in resident)
+    return BlockPlan(budget, fixed, sizes, tuple(resident), streamed, slots)
+
+
+@dataclass
+class Ledger:
+    """Bytes of streamed weights on the device now and at most (what a test checks against the plan)."""
+
+    now: int = 0
+    peak: int = 0
+    copies: list[int] = field(default_factory=list)  # block indices, in the order their copies started
+
+    def add(self, n: int) -> None:
+        self.now += n
+        self.peak = max(self.peak, self.now)
+
+
+class BlockStreamer:
+    """Carries out a plan on `blocks`: resident blocks are moved to `device` once; each streamed block's weights
+    stay on the host (pinned for CUDA) and are copied in before it runs, the next streamed block's copy started
+    as it starts (on a side CUDA stream: the copy overlaps its compute), and dropped from the device after it ran.
+    Blocks run in list order, every pass (the next pass's first streamed block is prefetched by the last)."""
+
+    def __init__(self, blocks: Sequence[nn.Module], plan: BlockPlan, device: torch.device | str,
+                 dtype: torch.dtype | None = None, ledger: Ledger | None = None,
+                 pin: bool = False) -> None:  # fmt: skip
+        self.blocks, self.plan = list(blocks), plan
+        self.device, self.ledger = torch.device(device), ledger or Ledger()
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        # block -> (host tensors, device tensors, copy-done event); the host ones are read as the copy starts, so
+        # weights changed in between (a LoRA fused, a new one set) are the ones copied and put back
+        self.pending: dict[int, tuple[list[Tensor], list[Tensor], object]] = {}
+        for i, block in enumerate(self.blocks):
+            if i in plan.resident:
+                block.to(self.device, dtype)
+                continue
+            block.to("cpu", dtype)
+            for module in block.modules():  # buffers (small) live on the device; only parameters stream
+                for name, b in module._buffers.items():
+                    if b is not None:
+                        module._buffers[name] = b.to(self.device)
+            if cuda and pin:  # page-locked: the copies run asynchronously, at full bus speed
+                for p in block.parameters():
+                    p.data = p.data.pin_memory()
+        self.order = list(plan.streamed)
+        self.handles = []
+        for i in self.order:
+            self.handles.append(self.blocks[i].register_forward_pre_hook(self._before(i)))
+            self.handles.append(self.blocks[i].register_forward_hook(self._after(i)))
+
+    def _copy(self, i: int) -> None:
+        if i in self.pending:
+            return
+        self.ledger.copies.append(i)
+        self.ledger.add(self.plan.block_bytes[i])
+        host = [p.data for p in self.blocks[i].parameters()]
+        if self.stream is None:  # a stand-in device: a plain copy
+            self.pending[i] = (host, [h.to(self.device, copy=True) for h in host], None)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the memory it reuses is free
+        with torch.cuda.stream(self.stream):
+            tensors = [h.to(self.device, non_blocking=True) for h in host]
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.pending[i] = (host, tensors, done)
+
+    def _before(self, i: int):
+        def hook(block: nn.Module, _args) -> None:
+            self._copy(i)  # already under way, unless this is the first block of the first pass
+            _, tensors, done = self.pending[i]
+            if done is not None:
+                torch.cuda.current_stream(self.device).wait_event(done)
+                for t in tensors:
+                    t.record_stream(torch.cuda.current_stream(self.device))  # freed only after this block's compute
+            for p, t in zip(block.parameters(), tensors, strict=True):
+                p.data = t
+            k = self.order.index(i)
+            for ahead in range(1, self.plan.slots):  # prefetch while this block computes
+                self._copy(self.order[(k + ahead) % len(self.order)])
+
+        return hook
+
+    def _after(self, i: int):
+        def hook(block: nn.Module, _args, _out) -> None:
+            host, _, _ = self.pending.pop(i)
+            for p, h in zip(block.parameters(), host, strict=True):
+                p.data = h
+            self.ledger.now -= self.plan.block_bytes[i]
+
+        return hook
+
+    def remove(self) -> None:
+        """Stop streaming; the streamed blocks' weights stay on the host."""
+        for h in self.handles:
+            h.remove()
+        self.pending.clear()
+        self.ledger.now = 0
+        self.handles = []
+
+
+def stream_to_device(model: nn.Module, blocks: Sequence[nn.Module], device: torch.device | str, budget: int,
+                     what: str = "model", pin: bool = False) -> BlockStreamer:  # fmt: skip
+    """Put `model` on `device` within `budget` bytes of weights: what lies outside `blocks` moves there now, the
+    blocks as `plan_blocks` decides (stored dtypes kept: packed and fp8 weights move as they are). The streamer
+    is kept on the model (`model.block_streamer`); `to_host` undoes it all."""
+    sizes = [module_bytes(b) for b in blocks]
+    plan = plan_blocks(sizes, module_bytes(model) - sum(sizes), budget, what=what)
+    inside = {id(t) for b in blocks for t in [*b.parameters(), *b.buffers()]}
+    for module in model.modules():
+        for t in [*module._parameters.values(), *module._buffers.values()]:
+            if t is not None and id(t) not in inside:
+                t.data = t.data.to(device)
+    streamer = BlockStreamer(blocks, plan, device, pin=pin)
+    model.block_streamer = streamer
+    return streamer
+
+
+def to_host(model: nn.Module) -> None:
+    """Stop a model's streaming and bring every weight back to host memory (the end of its phase)."""
+    streamer = getattr(model, "block_streamer", None)
+    if streamer is not None:
+        streamer.remove()
+        del model.block_streamer
+    model.to("cpu")
+
+
+def device_free_bytes(device: torch.device | str) -> int | None:
+    """Free memory of an accelerator (None where it cannot be asked)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(device)[0]
+    return None
+
+
+def available_ram() -> int | None:
+    """The machine's available memory (Linux's MemAvailable: free plus reclaimable cache), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,132 @@
+"""Block streaming under a device budget: the plan (what stays resident, how many streamed blocks at once, the
+errors) and its execution with the CPU standing in for the device, a Ledger counting the bytes copied in. On a
+machine with a CUDA GPU the execution test runs on it too (side stream, pinned host memory)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from flux2studio.device_streaming import BlockStreamer, Ledger, module_bytes, parse_bytes, plan_blocks
+from flux2studio.model.transformer import Flux2Transformer
+from flux2studio.sampling import image_ids, text_ids
+from flux2studio.variants import TransformerConfig
+
+TINY = TransformerConfig(in_channels=16, hidden_size=32, num_heads=2, depth=3, depth_single=4, context_dim=24,
+                         axes_dim=(4, 4, 4, 4), guidance_embed=False)  # fmt: skip
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def test_parse_bytes():
+    assert parse_bytes("8GB") == parse_bytes("8 GiB") == 8 * 2**30 and parse_bytes("512mb") == 2**29
+    assert parse_bytes("1.5G") == 3 * 2**29 and parse_bytes(1000) == 1000
+    for bad in ("eight", "8 parsecs", "0GB", "-1GB", ""):
+        with pytest.raises(ValueError, match="memory size"):
+            parse_bytes(bad)
+
+
+def test_plan_keeps_what_fits_and_streams_the_rest():
+    sizes = [100] * 6
+    everything = plan_blocks(sizes, fixed=50, budget=650)
+    assert everything.resident == tuple(range(6)) and everything.streamed == () and everything.peak == 650
+    tight = plan_blocks(sizes, fixed=50, budget=250)  # room for the fixed part and two slots, nothing resident
+    assert tight.resident == () and tight.streamed == tuple(range(6)) and tight.peak == 250
+    mixed = plan_blocks(sizes, fixed=50, budget=480)
+    assert mixed.resident == (0, 1) and mixed.streamed == (2, 3, 4, 5) and mixed.peak == 450 <= 480
+    deeper = plan_blocks(sizes, fixed=50, budget=480, prefetch=2)  # three slots: one block fewer resident
+    assert deeper.resident == (0,) and deeper.peak == 450
+    uneven = plan_blocks([300, 300, 100, 100, 100], fixed=0, budget=700)  # the window holds the other big one
+    assert uneven.resident == (0,) and uneven.streamed == (1, 2, 3, 4) and uneven.peak == 700
+
+
+def test_a_budget_below_two_blocks_says_what_would_fit():
+    with pytest.raises(ValueError) as e:
+        plan_blocks([2**30] * 4, fixed=2**29, budget=2 * 2**30, what="klein-9b's transformer")
+    message = str(e.value)
+    assert "2.00 GB is too small for klein-9b's transformer" in message and "at least 2.50 GB" in message
+    assert "--vram 2.50 GB or more" in message and "--quantize int8" in message
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_streamed_blocks_give_the_same_output_within_the_budget(device):
+    torch.manual_seed(0)
+    model = Flux2Transformer(TINY).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    img, txt, t = torch.randn(1, 6, 16), torch.randn(1, 5, 24), torch.tensor([0.7])
+    args = (img, image_ids(2, 3), txt, text_ids(5), t)
+    with torch.no_grad():
+        expected = model(*args)
+    blocks = [*model.double_blocks, *model.single_blocks]
+    sizes = [module_bytes(b) for b in blocks]
+    fixed = module_bytes(model) - sum(sizes)
+    assert max(sizes[3:]) < min(sizes[:3])  # single-stream blocks are the smaller ones
+    plan = plan_blocks(sizes, fixed, budget=fixed + 2 * max(sizes) + min(sizes))  # room for one single block
+    assert plan.resident == (3,) and plan.streamed == (0, 1, 2, 4, 5, 6)
+    for name, module in model.named_children():  # the parts outside the blocks live on the device
+        if name not in ("double_blocks", "single_blocks"):
+            module.to(device)
+    ledger = Ledger()
+    streamer = BlockStreamer(blocks, plan, device, ledger=ledger)
+    seen = []  # at each streamed block's start: the copies started so far (its own and the prefetched next)
+    for i in plan.streamed:
+        blocks[i].register_forward_pre_hook(lambda _m, _a, i=i: seen.append((i, list(ledger.copies))))
+    on_device = [a.to(device) for a in args]
+    with torch.no_grad():
+        first, second = model(*on_device), model(*on_device)  # the second pass reuses the prefetched block
+    exact = {"rtol": 0, "atol": 0} if device == "cpu" else {"rtol": 1e-4, "atol": 1e-4}  # a GPU rounds otherwise
+    torch.testing.assert_close(first.cpu(), expected, **exact)
+    torch.testing.assert_close(second.cpu(), expected, **exact)
+    streamed = list(plan.streamed)
+    for k, (i, copies) in enumerate(seen[: len(streamed)]):  # pass 1: block i and the next were copied in
+        assert i == streamed[k] and copies[-1] == streamed[(k + 1) % len(streamed)]
+    assert ledger.peak == plan.peak - fixed - sizes[3]  # the two largest streamed blocks, never more
+    assert ledger.now == sizes[streamed[0]] and ledger.copies.count(streamed[0]) == 3  # prefetched for pass 3
+    assert all(p.device.type == "cpu" for i in plan.streamed for p in blocks[i].parameters())  # back on the host
+    assert all(p.device.type == torch.device(device).type for p in blocks[3].parameters())
+    streamer.remove()
+    assert not streamer.pending and dataclasses.replace(plan, resident=()).peak < plan.peak
+
+
+def test_a_pipeline_under_a_budget_makes_the_same_image():
+    """The whole generation with a budget that streams every block (the CPU standing in for the device): the same
+    image, no streamed block on the device after its phase, at most two of them during it."""
+    from flux2studio.loading import load
+    from flux2studio.pipeline import Pipeline
+
+    plain = load("nano", device="cpu", resident=True)
+    expected = plain("a red circle", size=(64, 64), steps=2, seed=3)[0]
+    model = plain.transformer
+    blocks = [*model.double_blocks, *model.single_blocks]
+    sizes = [module_bytes(b) for b in blocks]
+    budget = module_bytes(model) - sum(sizes) + 2 * max(sizes)
+    piped = Pipeline(plain.variant, model, plain.vae, plain.text_encoder, device="cpu", dtype=plain.dtype,
+                     vram_budget=budget)  # fmt: skip
+    peaks = []
+    image = piped("a red circle", size=(64, 64), steps=2, seed=3,
+                  callback=lambda i, n, x: peaks.append(model.block_streamer.ledger.peak))[0]  # fmt: skip
+    assert image.tobytes() == expected.tobytes()
+    assert peaks and max(peaks) <= 2 * max(sizes) and not hasattr(model, "block_streamer")  # released: back home
+    with pytest.raises(ValueError, match="too small for nano's transformer"):
+        Pipeline(plain.variant, model, plain.vae, plain.text_encoder, vram_budget=max(sizes))("x", size=(64, 64))
+
+
+def test_what_does_not_fit_is_refused_before_loading(monkeypatch):
+    from flux2studio import loading
+    from flux2studio.variants import get_variant
+
+    klein9 = get_variant("klein-9b")
+    monkeypatch.setattr(loading, "device_free_bytes", lambda device: 8 * 2**30)
+    with pytest.raises(ValueError) as e:
+        loading.check_fits(klein9, "cuda", torch.bfloat16, None, False, None)
+    assert "klein-9b's transformer needs 16.9" in str(e.value) and "cuda has 8.00 GB free" in str(e.value)
+    assert "--vram 7.20 GB (stream blocks)" in str(e.value) and "--quantize int8" in str(e.value)
+    loading.check_fits(klein9, "cuda", torch.bfloat16, "int4", False, None)  # 4-bit: about 5 GB, fits
+    with pytest.raises(ValueError, match="budget of 512 MB is too small for klein-9b's transformer"):
+        loading.check_fits(klein9, "cuda", torch.bfloat16, None, False, 2**29)
+    monkeypatch.setattr(loading, "available_ram", lambda: 4 * 2**30)
+    with pytest.raises(ValueError, match=r"this machine has 4\.00 GB available: try without resident"):
+        loading.check_fits(klein9, "cpu", torch.bfloat16, None, True, None)
+    loading.check_fits(klein9, "cpu", torch.bfloat16, None, False, None)  # streamed from the files: runs
+    with pytest.raises(ValueError, match="--vram is a budget of accelerator memory"):
+        loading.load("nano", device="cpu", vram_budget="8GB")
