@@ -38,6 +38,8 @@ PROMPT = "a large red circle in the top left and a small blue square at the bott
 QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
                 rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=True)  # fmt: skip
+QWEN3_8B = QWEN3_4B | dict(hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)  # klein-9b's
+TEXT_CONFIGS = {"klein-4b": QWEN3_4B, "klein-9b": QWEN3_8B}  # the variants `write_folder` writes
 CHAT = (
     "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{%- endfor %}"
     "{%- if add_generation_prompt %}<|im_start|>assistant\n"
@@ -90,7 +92,8 @@ def write_random(folder: Path, stem: str, shapes: dict, index_name: str) -> None
     (folder / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
 
 
-def write_folder(folder: Path) -> None:
+def write_folder(folder: Path, variant_id: str = "klein-4b") -> None:
+    """A diffusers folder of random weights in `variant_id`'s real shapes (a klein: TEXT_CONFIGS)."""
     import torch
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -99,12 +102,12 @@ def write_folder(folder: Path) -> None:
     from flux2studio.conversion import transformer_config_to_diffusers, vae_config_to_diffusers
     from flux2studio.variants import get_variant
 
-    variant = get_variant("klein-4b")
+    variant = get_variant(variant_id)
     folder.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         transformer = Flux2Transformer2DModel(**transformer_config_to_diffusers(variant.transformer))
         vae = AutoencoderKLFlux2(**vae_config_to_diffusers(variant.vae))
-        qcfg = Qwen3Config(**QWEN3_4B, torch_dtype="bfloat16")
+        qcfg = Qwen3Config(**TEXT_CONFIGS[variant_id], torch_dtype="bfloat16")
         text = Qwen3ForCausalLM(qcfg)
     for name, model in (("transformer", transformer), ("vae", vae)):
         model.register_to_config(_diffusers_version="0.42.1")
@@ -113,7 +116,7 @@ def write_folder(folder: Path) -> None:
         write_random(folder / name, "diffusion_pytorch_model", shapes, "diffusion_pytorch_model.safetensors.index.json")
     qcfg.architectures = ["Qwen3ForCausalLM"]
     qcfg.save_pretrained(folder / "text_encoder")
-    shapes = {k: tuple(v.shape) for k, v in text.state_dict().items() if k != "lm_head.weight"}  # tied
+    shapes = {k: tuple(v.shape) for k, v in text.state_dict().items() if k != "lm_head.weight"}  # unused
     write_random(folder / "text_encoder", "model", shapes, "model.safetensors.index.json")
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]

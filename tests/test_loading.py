@@ -231,23 +231,19 @@ def test_text_encoder_built_from_mapped_files_equals_from_pretrained(klein_folde
         hf_text_encoder(spec, broken, folder / "tokenizer", "cpu", torch.float32)
 
 
-def test_text_encoder_stored_packed_loads_as_packed_at_load(klein_folder, tmp_path):
-    """A text encoder folder whose layers were saved packed (int8 rows, formats in the metadata) loads packed and
-    encodes exactly as the plain folder packed at load; its packed rows are read memory-mapped, not copied."""
-    from flux2studio.checkpoints import read_component
+def test_text_encoder_stored_packed_loads_as_packed_at_load(klein_folder, tmp_path, monkeypatch):
+    """`flux2 convert TEXT_ENCODER_FOLDER DST --to bfl --quantize int8` writes the decoder layers packed, shard by
+    shard; the folder loads packed (memory-mapped) and encodes exactly as the plain folder packed at load."""
+    from flux2studio import conversion
     from flux2studio.loading import hf_text_encoder
     from flux2studio.quantize import QuantLinear
-    from flux2studio.quantized_files import quantize_state, text_encoder_quantizable, write_quantized
 
     _, folder = klein_folder
     spec = load(weights=folder).variant.text_encoder
-    packed_dir = tmp_path / "text_encoder"
-    packed_dir.mkdir()
-    shutil.copy(folder / "text_encoder" / "config.json", packed_dir)
-    sd, formats = quantize_state(read_component(folder / "text_encoder"), "int8",
-                                 lambda name: text_encoder_quantizable(name.removeprefix("model.")))  # fmt: skip
-    write_quantized(sd, formats, packed_dir / "model.safetensors")
-    stored = hf_text_encoder(spec, packed_dir, folder / "tokenizer", "cpu", torch.float32)
+    monkeypatch.setattr(conversion, "SHARD_BYTES", 2**16)  # several shards, each written before the next is read
+    message = conversion.convert(folder / "text_encoder", tmp_path / "te-int8", "bfl", "int8")
+    assert "text encoder (qwen3)" in message and len(list((tmp_path / "te-int8").glob("model-*.safetensors"))) > 2
+    stored = hf_text_encoder(spec, tmp_path / "te-int8", folder / "tokenizer", "cpu", torch.float32)
     at_load = hf_text_encoder(
         spec, folder / "text_encoder", folder / "tokenizer", "cpu", torch.float32, quantize="int8"
     )
@@ -255,6 +251,8 @@ def test_text_encoder_stored_packed_loads_as_packed_at_load(klein_folder, tmp_pa
     assert isinstance(layer, QuantLinear) and layer.weight.dtype == torch.uint8
     prompts = ["a red circle", "two blue squares on a black background"]
     assert torch.equal(stored(prompts), at_load(prompts))
+    with pytest.raises(ValueError, match="is a text encoder: it is written packed, as a folder: --to bfl"):
+        conversion.convert(folder / "text_encoder", tmp_path / "te-gguf", "gguf", "q8_0")
 
 
 def test_next_part_is_read_ahead_without_being_loaded(klein_folder):

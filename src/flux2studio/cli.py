@@ -680,7 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", help="convert a transformer or VAE between layouts (diffusers, BFL, GGUF), "
                           "optionally quantized")  # fmt: skip
-    conv.add_argument("src", help="single .safetensors / .gguf file or diffusers component folder (transformer/, vae/)")
+    conv.add_argument("src", help="single .safetensors / .gguf file, or a component folder (transformer/, vae/, or a "
+                      "text encoder: --to bfl --quantize int8|int4 writes it packed, as a folder)")  # fmt: skip
     conv.add_argument("dst", help="new folder (--to diffusers), .safetensors file (--to bfl) or .gguf file (--to gguf)")
     conv.add_argument("--to", choices=["diffusers", "bfl", "gguf"], required=True)
     conv.add_argument("--quantize", help="bfl: int8 or int4 (loaded without re-quantizing); gguf: q8_0, q4_0, f16 or "

@@ -25,10 +25,13 @@ from .checkpoints import (
 )
 from .quantize import dequantize_weight
 from .quantized_files import (
+    STACK_PREFIXES,
     in_features,
     quantize_state,
     read_transformer_file,
+    stack_name,
     tensor_types,
+    text_encoder_quantizable,
     transformer_quantizable,
     write_gguf,
     write_quantized,
@@ -226,6 +229,61 @@ def _in_features(packed: Tensor, fmt: str) -> int:
     return in_features(fmt, packed.shape[1])
 
 
+SHARD_BYTES = 2 * 2**30  # a packed text encoder's shards: about this much each
+
+
+def text_encoder_kind(src: Path) -> str | None:
+    """ "qwen3" / "mistral3" for a text encoder folder (its config.json), else None."""
+    if not (src.is_dir() and (src / "config.json").is_file()):
+        return None
+    kind = read_json(src / "config.json").get("model_type")
+    return kind if kind in STACK_PREFIXES else None
+
+
+def convert_text_encoder(src: Path, dst: Path, kind: str, quantize: str) -> str:
+    """A Qwen3 / Mistral3 text encoder folder with its decoder layers' linear weights packed (int8 / int4): shards
+    of about 2 GB, each packed and written before the next is read (never the whole model in memory; 24B
+    parameters in int8 would not fit 24 GB), an index, and the folder's config and tokenizer files. It loads
+    packed and memory-mapped (`loading.decoder_stack`)."""
+    import shutil
+
+    from .quantize import MODE_FORMAT, quantize_weight, row_bytes
+    from .residency import drop_file_pages
+
+    fmt = MODE_FORMAT[quantize]
+    raw = read_component(src)
+
+    def packed(key: str) -> bool:
+        name = stack_name(key, kind)
+        return (name is not None and key.endswith(".weight") and raw[key].ndim == 2
+                and text_encoder_quantizable(name.removesuffix(".weight")))  # fmt: skip
+
+    def size(key: str) -> int:
+        t = raw[key]
+        return row_bytes(fmt, t.shape[1]) * t.shape[0] if packed(key) else t.numel() * t.element_size()
+
+    shards: list[list[str]] = [[]]
+    for key in raw:
+        if shards[-1] and sum(map(size, shards[-1])) + size(key) > SHARD_BYTES:
+            shards.append([])
+        shards[-1].append(key)
+    dst.mkdir(parents=True)
+    weight_map = {}
+    for i, keys in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        sd = {k: quantize_weight(raw[k], fmt) if packed(k) else raw[k] for k in keys}
+        write_quantized(sd, {k.removesuffix(".weight"): fmt for k in keys if packed(k)}, dst / name)
+        drop_file_pages([raw[k] for k in keys])  # read once: hand the pages back
+        weight_map |= dict.fromkeys(keys, name)
+    index = {"metadata": {"total_size": sum(map(size, raw))}, "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for f in src.iterdir():  # config, tokenizer and processor files
+        if not f.name.endswith((".safetensors", ".safetensors.index.json")) and f.is_file():
+            shutil.copy(f, dst / f.name)
+    n = sum(packed(k) for k in raw)
+    return f"text encoder ({kind}) -> {dst} ({len(shards)} shards, {n} linear weights {quantize})"
+
+
 def check_convert(to: str, quantize: str | None) -> None:
     if to not in CONVERT_QUANTIZE:
         raise ValueError(f"--to {to!r}: choose {', '.join(CONVERT_QUANTIZE)}")
@@ -243,10 +301,16 @@ def convert(src: str | Path, dst: str | Path, to: str, quantize: str | None = No
 
     check_convert(to, quantize)
     quantize = quantize.lower() if quantize else None
-    kind, layout, sd, cfg = read_any(src)
     dst = Path(dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} exists: choose a new path (nothing is overwritten)")
+    if text_kind := text_encoder_kind(resolve_snapshot(src)):
+        if to != "bfl" or quantize is None:
+            raise ValueError(
+                f"{src} is a text encoder: it is written packed, as a folder: --to bfl --quantize int8|int4"
+            )
+        return convert_text_encoder(resolve_snapshot(src), dst, text_kind, quantize)
+    kind, layout, sd, cfg = read_any(src)
     if kind == "vae" and (quantize or to == "gguf"):
         raise ValueError(f"{src} is a VAE: only transformers are quantized or written as GGUF (the VAE is small)")
     if to == "gguf":

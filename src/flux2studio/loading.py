@@ -41,6 +41,7 @@ from .quantized_files import (
     logical_shapes,
     read_component_weights,
     read_transformer_file,
+    stack_name,
     text_encoder_quantizable,
     transformer_quantizable,
 )
@@ -124,9 +125,6 @@ def streamed(model: torch.nn.Module, blocks: list[torch.nn.Module], resident: bo
     return model
 
 
-STACK_PREFIXES = {"qwen3": ("model.",), "mistral3": ("model.language_model.", "language_model.model.")}
-
-
 def decoder_stack(model_dir: Path, kind: str, config, dtype: torch.dtype, quantize: str | None = None):
     """The decoder stack of a Qwen3 or Mistral3 text encoder with `config.num_hidden_layers` layers, built on the
     meta device and given the memory-mapped tensors of the files (strict: every missing or mis-shaped key is
@@ -142,18 +140,14 @@ def decoder_stack(model_dir: Path, kind: str, config, dtype: torch.dtype, quanti
     keep = {f"layers.{i}." for i in range(config.num_hidden_layers)}
     sd, formats = {}, {}
     for key, tensor in raw.items():
-        prefix = next((p for p in STACK_PREFIXES[kind] if key.startswith(p)), None)
-        if prefix is None:
+        if (name := stack_name(key, kind)) is None:
             continue  # the LM head, a vision tower and its projector
-        name = key.removeprefix(prefix)
         if name.startswith("layers.") and name[: name.index(".", 7) + 1] not in keep:
             continue  # a layer after the last one the variant takes
         sd[name] = tensor
     for module, fmt in packed.items():
-        if (prefix := next((p for p in STACK_PREFIXES[kind] if module.startswith(p)), None)) is not None:
-            name = module.removeprefix(prefix)
-            if name + ".weight" in sd:
-                formats[name] = fmt
+        if (name := stack_name(module, kind)) is not None and name + ".weight" in sd:
+            formats[name] = fmt
     model = build(lambda: swap_in(stack._from_config(config, dtype=dtype), formats), storage(sd, dtype), "text encoder")
     model.rotary_emb = type(model.rotary_emb)(config=model.config)  # its buffers are computed, not stored
     if quantize:

@@ -37,7 +37,18 @@ def transformer_quantizable(name: str) -> bool:
 
 
 def text_encoder_quantizable(name: str) -> bool:
+    """A module of a text encoder's decoder stack (names without the stack's prefix) that is packed."""
     return name.startswith("layers.")
+
+
+# where a text encoder's decoder stack sits in its files (Mistral3: the current and the older transformers names)
+STACK_PREFIXES = {"qwen3": ("model.",), "mistral3": ("model.language_model.", "language_model.model.")}
+
+
+def stack_name(key: str, kind: str) -> str | None:
+    """A text encoder file's key as the decoder stack names it, or None outside the stack (LM head, vision)."""
+    prefix = next((p for p in STACK_PREFIXES[kind] if key.startswith(p)), None)
+    return None if prefix is None else key.removeprefix(prefix)
 
 
 def is_gguf(path: Path) -> bool:
