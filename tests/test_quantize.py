@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from flux2studio import load
+from flux2studio import quantize as quantize_module
 from flux2studio.quantize import (
     QuantLinear,
     dequantize_weight,
@@ -28,7 +29,7 @@ def _psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
-def test_packed_rows_are_ggml_blocks_byte_for_byte():
+def test_packed_rows_are_ggml_blocks_byte_for_byte(monkeypatch):
     """Our Q4_0 packing (the int4 mode) is ggml's, byte for byte; our own Q8_0/Q4_0 unpacking equals the gguf
     package's (the other block formats are unpacked by it: here only their shapes are ours to get right);
     int8 rows are within half a step of the weights."""
@@ -36,11 +37,13 @@ def test_packed_rows_are_ggml_blocks_byte_for_byte():
     ours = quantize_weight(w, "Q4_0")
     assert ours.shape == (48, row_bytes("Q4_0", 256))
     assert np.array_equal(ours.numpy(), gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_0))
-    for fmt in ("Q8_0", "Q4_0"):
-        qtype = getattr(gguf.GGMLQuantizationType, fmt)
-        packed = gguf.quants.quantize(w.numpy(), qtype)
-        mine = dequantize_weight(torch.from_numpy(packed), fmt, 256, torch.float32)
-        assert np.array_equal(mine.numpy(), gguf.quants.dequantize(packed, qtype).reshape(48, 256)), fmt
+    for pieces in (1, 7):  # unpacked whole, and a few rows at a time (as large weights are): the same numbers
+        monkeypatch.setattr(quantize_module, "UNPACK_ELEMENTS", 2**20 if pieces == 1 else 256 * 7)
+        for fmt in ("Q8_0", "Q4_0"):
+            qtype = getattr(gguf.GGMLQuantizationType, fmt)
+            packed = gguf.quants.quantize(w.numpy(), qtype)
+            mine = dequantize_weight(torch.from_numpy(packed), fmt, 256, torch.float32)
+            assert np.array_equal(mine.numpy(), gguf.quants.dequantize(packed, qtype).reshape(48, 256)), fmt
     for fmt, step in (("Q4_1", 0.2), ("Q5_0", 0.1), ("Q5_1", 0.1)):
         packed = torch.from_numpy(gguf.quants.quantize(w.numpy(), getattr(gguf.GGMLQuantizationType, fmt)))
         assert packed.shape == (48, row_bytes(fmt, 256))

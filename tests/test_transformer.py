@@ -12,6 +12,7 @@ from diffusers.models.transformers.transformer_flux2 import (
 from flux2studio.layouts.transformer import transformer_from_diffusers, transformer_to_diffusers
 from flux2studio.model import transformer as transformer_module
 from flux2studio.model.transformer import Flux2Transformer
+from flux2studio.pipeline import allow_split_projection
 from flux2studio.sampling import image_ids, reference_ids, text_ids
 from flux2studio.variants import TransformerConfig
 from tiny import diffusers_transformer
@@ -52,6 +53,8 @@ def test_forward_matches_diffusers(guidance_embed, token_chunk, monkeypatch):
     monkeypatch.setattr(transformer_module, "TOKEN_CHUNK", token_chunk)
     cfg = dataclasses.replace(TINY, guidance_embed=guidance_embed)
     ref, ours = _pair(cfg)
+    allow_split_projection(ours)  # as the pipeline does: the rows-apart path
+    assert all(b.split_linear1 for b in ours.single_blocks)
     img, img_ids, txt, txt_ids, t = _inputs(cfg)
     guidance = torch.tensor([4.0, 2.5]) if guidance_embed else None
     with torch.no_grad():
@@ -74,6 +77,7 @@ def test_training_forward_equals_inference_forward(monkeypatch):
     """With autograd on (training, LoRA adapters) blocks take the plain fused path: same numbers."""
     monkeypatch.setattr(transformer_module, "TOKEN_CHUNK", 4)
     _, ours = _pair(TINY)
+    allow_split_projection(ours)
     img, img_ids, txt, txt_ids, t = _inputs(TINY)
     guidance = torch.tensor([4.0, 2.5])
     with torch.no_grad():
@@ -81,6 +85,25 @@ def test_training_forward_equals_inference_forward(monkeypatch):
     plain = ours(img, img_ids, txt, txt_ids, t, guidance)
     assert plain.requires_grad
     assert (fast - plain.detach()).abs().max().item() <= TOL * plain.abs().max().item()
+
+
+def test_a_hook_on_the_fused_projection_turns_the_split_off():
+    """A hook around linear1 (a LoRA's, a widening one) makes the block call it whole, so the hook counts."""
+    _, ours = _pair(TINY)
+    img, img_ids, txt, txt_ids, t = _inputs(TINY)
+    guidance = torch.tensor([4.0, 2.5])
+    with torch.no_grad():
+        before = ours(img, img_ids, txt, txt_ids, t, guidance)
+        handle = ours.single_blocks[0].linear1.register_forward_hook(lambda _m, _a, out: out * 1.5)
+        allow_split_projection(ours)
+        assert not ours.single_blocks[0].split_linear1 and ours.single_blocks[1].split_linear1
+        hooked = ours(img, img_ids, txt, txt_ids, t, guidance)
+        handle.remove()
+        allow_split_projection(ours)
+        assert ours.single_blocks[0].split_linear1
+        again = ours(img, img_ids, txt, txt_ids, t, guidance)
+    assert (hooked - before).abs().max() > 1e-3  # the hook was applied
+    assert (again - before).abs().max().item() <= TOL * before.abs().max().item()
 
 
 def test_forward_with_references_matches_diffusers():

@@ -219,6 +219,15 @@ def _interval(value: object) -> tuple[float, float]:
     return lo, hi
 
 
+def allow_split_projection(model: Flux2Transformer) -> None:
+    """Let each single-stream block compute its fused input projection's rows apart at inference (qkv for every
+    token, then the MLP rows a chunk of tokens at a time: the same numbers, less memory) where that layer is a
+    plain nn.Linear with nothing around it: no LoRA hook, no packed weight, no widening hook."""
+    for block in model.single_blocks:
+        lin = block.linear1
+        block.split_linear1 = type(lin) is torch.nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks)
+
+
 class Component(Generic[T]):
     """A model part loaded on first use; unless `resident`, `release()` frees it until the next use.
 
@@ -334,6 +343,7 @@ class Pipeline:
             # fused into this (possibly freshly loaded) transformer; removed exactly by set_loras
             loras = [(f, s) for f, s, _ in self.loras]
             self._lora_state = (model, apply_loras(model, loras, mode="fuse", into=self.dtype))
+        allow_split_projection(model)
         return self._placed(model, [*model.double_blocks, *model.single_blocks], "transformer")
 
     def _placed(self, model: M, blocks: Sequence[torch.nn.Module] | None, what: str) -> M:

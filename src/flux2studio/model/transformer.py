@@ -179,6 +179,9 @@ class SingleStreamBlock(nn.Module):
         self.linear1 = nn.Linear(d, 3 * d + 2 * self.mlp_hidden, bias=False)
         self.linear2 = nn.Linear(d + self.mlp_hidden, d, bias=False)
         self.norm = QKNorm(cfg.head_dim, cfg.eps)
+        # inference may compute linear1's rows apart (below): true only while linear1 is exactly x @ weight.T,
+        # which whoever runs the model decides (`pipeline.allow_split_projection`); off, it is called whole
+        self.split_linear1 = False
 
     def forward(self, x, rope, mod, n_txt: int = 0, ref_kv=None, image_only: bool = False, sdpa=SDPA):
         """x (B, L, D) = [txt; img]; mod = (shift, scale, gate).
@@ -187,8 +190,8 @@ class SingleStreamBlock(nn.Module):
         only, and the block returns the image tokens (B, L - n_txt, D): the same numbers for them, without
         the text tokens' queries, MLP and output projection (~3% of a klein step).
 
-        Inference with a plain `linear1` (a torch nn.Linear, no hook around it) computes its rows in two
-        parts, qkv for every token and MLP-in for TOKEN_CHUNK tokens at a time, written straight into
+        Inference with `split_linear1` (set where linear1 is a plain linear map of its weight) computes its rows
+        in two parts, qkv for every token and MLP-in for TOKEN_CHUNK tokens at a time, written straight into
         linear2's input: the same numbers, without holding the whole fused projection (at 512x512 on
         klein-4b, 81 MiB plus its SwiGLU and concatenation copies) at once.
         """
@@ -197,8 +200,7 @@ class SingleStreamBlock(nn.Module):
         first = n_txt if image_only else 0
         h = modulate(x, shift, scale, self.eps)
         lin = self.linear1
-        split = not torch.is_grad_enabled() and type(lin) is nn.Linear
-        if split and not (lin._forward_hooks or lin._forward_pre_hooks):
+        if self.split_linear1 and not torch.is_grad_enabled():
             qkv, mlp = F.linear(h, lin.weight[: 3 * d]), None
         else:
             qkv, mlp = lin(h).split([3 * d, 2 * self.mlp_hidden], dim=-1)
