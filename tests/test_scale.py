@@ -140,9 +140,10 @@ def test_scale_config_file(tmp_path):
     from flux2studio.serve.ray_app import ScaleConfig
 
     path = tmp_path / "scale.yaml"
-    path.write_text("models: [nano]\nnum_gpus: 0.5\nmin_replicas: 1\nmax_replicas: 4\n")
+    path.write_text("models: [nano]\nnum_gpus: 0.5\nmin_replicas: 1\nmax_replicas: 4\nvram: 8GB\n")
     cfg = ScaleConfig.read(path, db="postgresql://x@127.0.0.1/db")
     assert cfg.models == ["nano"] and cfg.num_gpus == 0.5 and cfg.db.startswith("postgresql://")
+    assert cfg.vram == "8GB" and ScaleConfig.read(path, vram="12GB").vram == "12GB"  # --vram wins
     assert cfg.autoscaling() == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 1,
                                  "target_ongoing_requests": 2.0}  # fmt: skip
     path.write_text("replicas: 3\n")

@@ -478,6 +478,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             quantize=args.quantize,
+            vram=args.vram,
         )
         cfg.allowed_hosts = [*cfg.allowed_hosts, *hosts]
         store = "PostgreSQL" if cfg.db else "SQLite"
