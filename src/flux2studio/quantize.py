@@ -153,7 +153,14 @@ def int8_weight_limit() -> int:
     AVX-512) it multiplies unsigned activations by signed weights and adds pairs into int16, which saturates
     unless |w| <= 64 (measured: ±127 weights gave 11% error with PyTorch capped at AVX2, ±64 exact)."""
     f = cpu_features()
-    return 127 if (f["avx512_vnni"] or f["amx"]) and cpu_capped() is None else 64
+    if not (f["avx512_vnni"] or f["amx"]) or cpu_capped() is not None:
+        return 64
+    # and as the kernel behaves in this process: oneDNN fixes its instruction set at its first use, so a cap set
+    # after start-up (or lifted) is not what runs; one small product settles it
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (32, 256), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (256, 16), dtype=torch.int8, generator=g)
+    return 127 if torch.equal(torch._int_mm(a, b), (a.long() @ b.long()).int()) else 64
 
 
 def _int8_weight(packed: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
