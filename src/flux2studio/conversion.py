@@ -263,10 +263,13 @@ def convert_text_encoder(src: Path, dst: Path, kind: str, quantize: str) -> str:
         return row_bytes(fmt, t.shape[1]) * t.shape[0] if packed(key) else t.numel() * t.element_size()
 
     shards: list[list[str]] = [[]]
+    filled = 0  # bytes in the last shard
     for key in raw:
-        if shards[-1] and sum(map(size, shards[-1])) + size(key) > SHARD_BYTES:
+        if shards[-1] and filled + size(key) > SHARD_BYTES:
             shards.append([])
+            filled = 0
         shards[-1].append(key)
+        filled += size(key)
     dst.mkdir(parents=True)
     weight_map = {}
     for i, keys in enumerate(shards):
@@ -304,12 +307,13 @@ def convert(src: str | Path, dst: str | Path, to: str, quantize: str | None = No
     dst = Path(dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} exists: choose a new path (nothing is overwritten)")
-    if text_kind := text_encoder_kind(resolve_snapshot(src)):
+    folder = resolve_snapshot(src)
+    if text_kind := text_encoder_kind(folder):
         if to != "bfl" or quantize is None:
             raise ValueError(
                 f"{src} is a text encoder: it is written packed, as a folder: --to bfl --quantize int8|int4"
             )
-        return convert_text_encoder(resolve_snapshot(src), dst, text_kind, quantize)
+        return convert_text_encoder(folder, dst, text_kind, quantize)
     kind, layout, sd, cfg = read_any(src)
     if kind == "vae" and (quantize or to == "gguf"):
         raise ValueError(f"{src} is a VAE: only transformers are quantized or written as GGUF (the VAE is small)")

@@ -134,6 +134,7 @@ class BlockStreamer:
                 for p in block.parameters():
                     p.data = p.data.pin_memory()
         self.order = list(plan.streamed)
+        self.position = {i: k for k, i in enumerate(self.order)}  # looked up in every streamed block's hook
         self.handles = []
         for i in self.order:
             self.handles.append(self.blocks[i].register_forward_pre_hook(self._before(i)))
@@ -165,7 +166,7 @@ class BlockStreamer:
                     t.record_stream(torch.cuda.current_stream(self.device))  # freed only after this block's compute
             for p, t in zip(block.parameters(), tensors, strict=True):
                 p.data = t
-            k = self.order.index(i)
+            k = self.position[i]
             for ahead in range(1, self.plan.slots):  # prefetch while this block computes
                 self._copy(self.order[(k + ahead) % len(self.order)])
 

@@ -491,18 +491,22 @@ def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str 
     """Refuse, before any weights are read, a transformer that cannot run there: a budget below streaming's least,
     an accelerator with less free memory than the whole model (without a budget), or a resident model larger than
     the machine's available memory; the error says what would fit."""
+    kind = torch.device(device).type
+    free = None
+    if budget is None:  # what the whole model is compared with, if anything (not streamed from files on CPU)
+        free = device_free_bytes(device) if kind != "cpu" else (available_ram() if resident else None)
+        if free is None:
+            return
     with torch.device("meta"):
         skeleton = Flux2Transformer(variant.transformer)
     blocks = [*skeleton.double_blocks, *skeleton.single_blocks]
-    sizes = [packed_bytes(b, dtype, quantize) for b in blocks]
     whole = packed_bytes(skeleton, dtype, quantize)
     what = f"{variant.id}'s transformer"
     if budget is not None:
+        sizes = [packed_bytes(b, dtype, quantize) for b in blocks]
         plan_blocks(sizes, whole - sum(sizes), budget, what=what)
         return
-    kind = torch.device(device).type
-    free = device_free_bytes(device) if kind != "cpu" else (available_ram() if resident else None)
-    if free is not None and whole > free:
+    if whole > free:
         where = f"{device} has {human(free)} free" if kind != "cpu" else f"this machine has {human(free)} available"
         smaller = {None: "--quantize int8 (about half) or int4", "int8": "--quantize int4"}.get(quantize, "")
         ways = [f"--vram {human(free * 0.9)} (stream blocks)" if kind != "cpu" else "without resident (stream from "
@@ -515,9 +519,9 @@ def packed_bytes(module: torch.nn.Module, dtype: torch.dtype, quantize: str | No
     """A module's weight bytes in `dtype`, its quantizable linear layers packed by `quantize`."""
     total = module_bytes(module, dtype)
     if quantize:
+        fmt = MODE_FORMAT[quantize]
         for name, m in module.named_modules():
-            if isinstance(m, torch.nn.Linear) and transformer_quantizable(name or "double_blocks.x"):
-                fmt = MODE_FORMAT[quantize]
+            if isinstance(m, torch.nn.Linear) and transformer_quantizable(name):
                 total += row_bytes(fmt, m.in_features) * m.out_features - m.weight.numel() * dtype.itemsize
     return total
 

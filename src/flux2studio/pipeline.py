@@ -493,12 +493,14 @@ class Pipeline:
                 ref_kv = self.transformer.ref_kv(ref_tokens, ref_ids, t0, guidance)
 
         def model(context: Tensor) -> sampling.Velocity:
+            transformer = self.transformer  # once, not per step (the property applies LoRAs and placement)
+
             def velocity(x: Tensor, t: Tensor) -> Tensor:
                 if ref_tokens is None or ref_kv is not None:
-                    return self.transformer(x, img_ids, context, txt_ids, t, guidance, ref_kv)
+                    return transformer(x, img_ids, context, txt_ids, t, guidance, ref_kv)
                 joint = torch.cat([x, ref_tokens], dim=1)
                 ids = torch.cat([img_ids, ref_ids])
-                return self.transformer(joint, ids, context, txt_ids, t, guidance)[:, :n_img]
+                return transformer(joint, ids, context, txt_ids, t, guidance)[:, :n_img]
 
             return velocity
 

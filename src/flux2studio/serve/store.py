@@ -13,6 +13,7 @@ id only; no path ever comes from a request.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -87,7 +88,7 @@ class Job:
     heartbeat: float | None = None
     loras: tuple[tuple[str, float], ...] = ()  # (file on the server, scale)
 
-    @property
+    @functools.cached_property
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share one pipeline call: same model, LoRAs and every setting but the prompt,
         the seed and the count."""
@@ -228,9 +229,10 @@ class Store:
         """Atomically take the oldest queued job (optionally one that can share a call with `like`)."""
         rows = self.db.execute(f"SELECT {COLUMNS} FROM jobs WHERE status = 'queued' ORDER BY created").fetchall()
         now = time.time()
+        key = like.batch_key if like is not None else None
         for row in rows:
             job_id = row[0]
-            if like is not None and self._row(row).batch_key != like.batch_key:
+            if key is not None and (row[2] != like.model or self._row(row).batch_key != key):
                 continue
             cur = self.db.execute(
                 "UPDATE jobs SET status='running', started=?, heartbeat=?, runner=?, attempts=attempts+1 "
