@@ -9,9 +9,11 @@ in the page cache. Files derived once from the folder (beside it, in `<folder>-f
                                   both we and stable-diffusion.cpp load
   qwen3-4b.safetensors            the text encoder's shards in one file (stable-diffusion.cpp's --llm)
   te/                             the text encoder folder with its tokenizer (ours, for single files)
+  te-int8/ / te-int4/             the text encoder's layers saved packed (`flux2 convert TE DST --quantize`)
 
-Modes. ours: auto / fp32 / bf16 (the diffusers folder), int8 / int4 (the packed files; the text encoder packed
-at load by --quantize), gguf-q8_0 / gguf-q4_0 (the GGUF files; text encoder as auto). diffusers:
+Modes. ours: auto / fp32 / bf16 (the diffusers folder), int8 / int4 (the packed files and text encoder: what
+`flux2 convert --quantize` writes once; packing at load costs 20-45 s a run), gguf-q8_0 / gguf-q4_0 (the GGUF
+files; text encoder as auto). diffusers:
 `Flux2KleinPipeline` in bf16. stable-diffusion.cpp (`pip install stable-diffusion-cpp-python`, built from
 source by pip; the `bench` extra): the GGUF files at F16 / Q8_0 / Q4_0 with the text encoder at the same type
 (`wtype`), VAE and text encoder from the same files. Its phases come from its own log lines.
@@ -82,6 +84,12 @@ def derive_files(folder: Path) -> Path:
 
         print("  writing qwen3-4b.safetensors", flush=True)
         write_safetensors(read_component(folder / "text_encoder"), out / "qwen3-4b.safetensors")
+    for mode in ("int8", "int4"):  # the text encoder's layers saved packed (`flux2 convert TE DST --quantize`)
+        packed = out / f"te-{mode}"
+        if not packed.exists():
+            print(f"  writing {packed}", flush=True)
+            print("  " + convert(folder / "text_encoder", packed, "bfl", mode), flush=True)
+            (packed / "tokenizer").symlink_to(folder / "tokenizer")
     te = out / "te"
     if not te.exists():
         te.mkdir()
@@ -102,12 +110,12 @@ def run_ours(folder: Path, files: Path, mode: str, size: int, steps: int, png: P
 
     kw: dict = {"weights": folder, "dtype": mode if mode in ("fp32", "bf16") else "auto"}
     if mode.startswith(("int8", "int4")):  # int8-resident: kept loaded (servers): oneDNN's prepacked kernel
-        kw = {"weights": files / f"klein-{mode[:4]}.safetensors", "quantize": mode[:4]}
+        kw = {"weights": files / f"klein-{mode[:4]}.safetensors", "text_encoder": files / f"te-{mode[:4]}"}
         kw |= {"resident": True} if mode.endswith("-resident") else {}
     elif mode.startswith("gguf-"):
         kw = {"weights": files / f"klein-{mode[5:].upper()}.gguf"}
     if "weights" in kw and kw["weights"] != folder:
-        kw |= {"vae": files / "ae.safetensors", "text_encoder": files / "te"}
+        kw = {"vae": files / "ae.safetensors", "text_encoder": files / "te"} | kw
     torch.manual_seed(0)
     ph = Phases()
     pipe = load("klein-4b", device="cpu", **kw)
@@ -174,8 +182,11 @@ def inputs(impl: str, mode: str, folder: Path, files: Path) -> list[Path]:
     if impl == "sdcpp":
         return [files / f"klein-{mode.upper()}.gguf", files / "ae.safetensors", files / "qwen3-4b.safetensors"]
     if impl == "ours" and mode not in ("auto", "fp32", "bf16"):
-        name = f"klein-{mode[:4]}.safetensors" if mode.startswith("int") else f"klein-{mode[5:].upper()}.gguf"
-        return [files / name, files / "ae.safetensors", *sorted((folder / "text_encoder").glob("*.safetensors"))]
+        if mode.startswith("int"):
+            return [files / f"klein-{mode[:4]}.safetensors", files / "ae.safetensors",
+                    *sorted((files / f"te-{mode[:4]}").glob("*.safetensors"))]  # fmt: skip
+        te = sorted((folder / "text_encoder").glob("*.safetensors"))
+        return [files / f"klein-{mode[5:].upper()}.gguf", files / "ae.safetensors", *te]
     return sorted(folder.rglob("*.safetensors"))
 
 

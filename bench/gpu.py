@@ -1,4 +1,5 @@
-"""One GPU, within 5 minutes: klein-4b shapes at 1024x1024, 4 steps. Ours resident, ours streamed under device
+"""One GPU, within 5 minutes: klein-4b shapes at 1024x1024, 4 steps. Ours resident, ours resident with
+`--quantize fp8` (fp8 products where the GPU has fp8 units: compute capability 8.9+), ours streamed under device
 budgets (--budgets, default 4, 8 and 12 GB), diffusers' Flux2KleinPipeline plain, with enable_model_cpu_offload
 and with group offload (block level, CUDA streams): per phase time, peak VRAM (max allocated and reserved), and
 every image compared with ours resident.
@@ -110,6 +111,12 @@ def run_ours(args, budget: float | None) -> dict:
 
     device = torch.device(args.device)
     variant, transformer, vae, text = models(args.tiny)
+    if args.child == "ours-fp8":  # `--quantize fp8`: fp8 rows, one fp8 product a layer on GPUs with fp8 units
+        from flux2studio.quantize import quantize_modules
+        from flux2studio.quantized_files import text_encoder_quantizable, transformer_quantizable
+
+        quantize_modules(transformer, "fp8", transformer_quantizable)
+        quantize_modules(text, "fp8", text_encoder_quantizable)
     encoder = TextEncoder(variant.text_encoder, text, tokenizer())
     if budget is None:
         encoder.model.to(device)
@@ -209,7 +216,7 @@ def child(args) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     if args.child.startswith("diffusers"):
         return run_diffusers(args, args.child)
-    budget = None if args.child == "ours" else float(args.child.removeprefix("ours-"))
+    budget = None if args.child in ("ours", "ours-fp8") else float(args.child.removeprefix("ours-"))
     return run_ours(args, budget)
 
 
@@ -218,7 +225,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--budgets", default="4,8,12", help="GB: ours streamed under each")
-    parser.add_argument("--runs", help="comma-separated: ours, ours-GB, " + ", ".join(DIFFUSERS_RUNS))
+    parser.add_argument("--runs", help="comma-separated: ours, ours-fp8, ours-GB, " + ", ".join(DIFFUSERS_RUNS))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: check the script itself, anywhere")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -230,7 +237,7 @@ def main() -> None:
     import torch
 
     runs = (args.runs.split(",") if args.runs else
-            ["ours", *(f"ours-{b}" for b in args.budgets.split(",")), *DIFFUSERS_RUNS])  # fmt: skip
+            ["ours", "ours-fp8", *(f"ours-{b}" for b in args.budgets.split(",")), *DIFFUSERS_RUNS])  # fmt: skip
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     tmp = Path(tempfile.mkdtemp(prefix="flux2-gpu-"))
     results = {}

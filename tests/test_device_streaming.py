@@ -20,8 +20,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def test_parse_bytes():
     assert parse_bytes("8GB") == parse_bytes("8 GiB") == 8 * 2**30 and parse_bytes("512mb") == 2**29
     assert parse_bytes("1.5G") == 3 * 2**29 and parse_bytes(1000) == 1000
-    for bad in ("eight", "8 parsecs", "0GB", "-1GB", ""):
-        with pytest.raises(ValueError, match="memory size"):
+    assert parse_bytes("20GB", base=1000) == 20 * 10**9 and parse_bytes("1.5tb", base=1000) == 15 * 10**11  # disks
+    for bad in ("eight", "8 parsecs", "0GB", "-1GB", "", "8 GBs"):
+        with pytest.raises(ValueError, match="size"):
             parse_bytes(bad)
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from flux2studio.checkpoints import build, read_safetensors
+from flux2studio.conversion import convert
 from flux2studio.loading import load
 from flux2studio.model.transformer import Flux2Transformer
 from tiny import (
@@ -71,6 +72,8 @@ def test_dev_folder_with_embedded_guidance_matches_diffusers(tmp_path):
     assert ours.variant.id == "dev"
     got = ours("a cat", size=(64, 80), steps=2, guidance=3.0, seed=1)[0]
     assert _max_pixel_diff(got, expected) <= 1
+    with pytest.raises(ValueError, match="is a mistral3 text encoder: only Qwen3 ones"):  # llama.cpp's differ
+        convert(tmp_path / "text_encoder", tmp_path / "mistral.gguf", "gguf", "q8_0")
 
 
 def test_hf_cache_snapshot_is_found(klein_folder, tmp_path):
@@ -251,8 +254,8 @@ def test_text_encoder_stored_packed_loads_as_packed_at_load(klein_folder, tmp_pa
     assert isinstance(layer, QuantLinear) and layer.weight.dtype == torch.uint8
     prompts = ["a red circle", "two blue squares on a black background"]
     assert torch.equal(stored(prompts), at_load(prompts))
-    with pytest.raises(ValueError, match="is a text encoder: it is written packed, as a folder: --to bfl"):
-        conversion.convert(folder / "text_encoder", tmp_path / "te-gguf", "gguf", "q8_0")
+    with pytest.raises(ValueError, match=r"is a text encoder: it is written packed, as a folder \(--to bfl"):
+        conversion.convert(folder / "text_encoder", tmp_path / "te-plain", "bfl", None)
 
 
 def test_next_part_is_read_ahead_without_being_loaded(klein_folder):

@@ -14,6 +14,7 @@ from flux2studio import quantize as quantize_module
 from flux2studio.quantize import (
     QuantLinear,
     dequantize_weight,
+    fp8_linear,
     int8_linear,
     int8_weight_limit,
     prepack_int8,
@@ -75,6 +76,48 @@ def test_the_int8_product_is_exact_on_this_cpu_and_close_to_float(monkeypatch):
     halved = int8_linear(x, rows, 512, None)
     assert ((halved - ref).abs().mean() / ref.abs().mean()) < 0.03
     assert torch.equal(halved, y) == (limit == 64)  # the path this CPU already takes when it lacks VNNI
+    # the halving rounds half away from zero (symmetric: no bias), for every int8 value, within ±64
+    every = torch.arange(-127, 128, dtype=torch.int8)
+    packed = torch.cat([every.view(-1, 1).view(torch.uint8), torch.ones(255, 1).view(torch.uint8)], dim=1)
+    half, scale = quantize_module._int8_weight(packed, 1)
+    assert torch.equal(half.long().view(-1), torch.round(every.double() / 2 + every.sign() * 1e-9).long())
+    assert half.abs().max() == 64 and torch.equal(scale, torch.full((255, 1), 2.0))
+
+
+def test_fp8_layers_multiply_in_fp8_where_the_device_has_it_and_are_widened_elsewhere(monkeypatch):
+    """`fp8` rows: e4m3 weights scaled per output channel. Where the device multiplies fp8 (CUDA 8.9+; the CPU
+    stands in here: PyTorch runs `_scaled_mm` on it too) a layer is one fp8 product of per-token-scaled
+    activations, equal to that arithmetic written out; elsewhere the weight is widened for the call. An fp8
+    file's e4m3 weight with its per-tensor scale is packed byte for byte (the same weights, exactly)."""
+    g = torch.Generator().manual_seed(2)
+    w, x, bias = torch.randn(48, 64, generator=g), torch.randn(3, 5, 64, generator=g), torch.randn(48, generator=g)
+    rows = quantize_weight(w, "fp8")
+    assert rows.shape == (48, row_bytes("fp8", 64)) == (48, 68)
+    dense = dequantize_weight(rows, "fp8", 64, torch.float32)
+    assert ((dense - w).abs().max(dim=1).values / w.abs().max(dim=1).values).max() <= 1 / 16  # e4m3: 3 mantissa bits
+
+    y = fp8_linear(x, rows, 64, bias)
+    q, s = rows[:, :64].contiguous().view(torch.float8_e4m3fn).float(), rows[:, 64:].contiguous().view(torch.float32)
+    flat = x.reshape(-1, 64)
+    sx = flat.abs().amax(dim=1, keepdim=True) / 448
+    xq = (flat / sx).to(torch.float8_e4m3fn).float()
+    by_hand = ((xq @ q.t()) * sx * s.t()).to(torch.bfloat16) + bias.to(torch.bfloat16)
+    assert y.dtype == x.dtype and torch.allclose(y.reshape(-1, 48), by_hand.float(), rtol=2**-7, atol=1e-2)
+    ref = x @ w.t() + bias
+    assert ((y - ref).norm() / ref.norm()) < 0.08
+
+    layer = QuantLinear(64, 48, True, "fp8")
+    layer.weight.data, layer.bias.data = rows, bias
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, dense, bias))  # a CPU: widened for the call
+    monkeypatch.setattr(QuantLinear, "fp8_matmul", staticmethod(lambda device: True))
+    assert torch.equal(layer(x), y)
+
+    fp8_file = torch.nn.Sequential(torch.nn.Linear(64, 48))  # as an fp8 file loads: e4m3 data and its scale
+    fp8_file[0].weight.data = (w / 0.01).clamp(-448, 448).to(torch.float8_e4m3fn)
+    fp8_file[0].weight.fp8_scale = torch.tensor(0.01)
+    expected = fp8_file[0].weight.data.float() * 0.01
+    assert quantize_module.quantize_modules(fp8_file, "fp8", lambda _: True) == {"0": "fp8"}
+    assert torch.equal(fp8_file[0].dense(torch.float32), expected)
 
 
 def _single_file(klein_folder, tmp_path):
@@ -92,18 +135,19 @@ def _run(weights, te, **kw):
     return pipe, pipe(PROMPT, size=SIZE, steps=STEPS, seed=SEED)[0]
 
 
-def test_int8_and_int4_stay_packed_and_their_quality_is_measured(klein_folder, tmp_path, capsys):
-    """`--quantize int8|int4` packs the transformer's blocks and modulation layers and the text encoder's layers
-    (1 byte / 0.56 bytes a weight, kept so while they run); the image against fp32 on the tiny klein (random
-    weights): int8 PSNR >= 30 dB (measured 33.4), int4 >= 15 dB (measured 19.5). The metadata says so."""
+def test_int8_int4_and_fp8_stay_packed_and_their_quality_is_measured(klein_folder, tmp_path, capsys, monkeypatch):
+    """`--quantize int8|int4|fp8` packs the transformer's blocks and modulation layers and the text encoder's
+    layers (1 / 0.56 / 1 byte a weight, kept so while they run); the image against fp32 on the tiny klein (random
+    weights): int8 PSNR >= 30 dB (measured 33.4), int4 >= 15 dB (measured 19.5), fp8 widened per layer >= 27 dB
+    (30.0), fp8 multiplied in fp8 as GPUs with fp8 units do >= 23 dB (26.2). The metadata says so."""
     path, te = _single_file(klein_folder, tmp_path)
     _, ref = _run(path, te)
     rows = []
-    for mode, floor in (("int8", 30.0), ("int4", 15.0)):
+    for mode, floor in (("int8", 30.0), ("int4", 15.0), ("fp8", 27.0)):
         pipe, img = _run(path, te, quantize=mode)
         qkv = pipe.transformer.double_blocks[0].img_attn.qkv
         assert isinstance(qkv, QuantLinear) and qkv.weight.dtype == torch.uint8
-        assert qkv.fmt == {"int8": "int8", "int4": "Q4_0"}[mode]
+        assert qkv.fmt == {"int8": "int8", "int4": "Q4_0", "fp8": "fp8"}[mode]
         assert isinstance(pipe.transformer.double_stream_modulation_img.lin, QuantLinear)
         assert not isinstance(pipe.transformer.img_in, QuantLinear)  # input / output layers stay as they are
         assert pipe.transformer.double_blocks[0].img_attn.qkv.weight.dtype == torch.uint8  # still, after running
@@ -113,6 +157,12 @@ def test_int8_and_int4_stay_packed_and_their_quality_is_measured(klein_folder, t
         diff = np.abs(np.asarray(img).astype(int) - np.asarray(ref).astype(int))
         rows.append(f"{mode}: max {diff.max()}, mean {diff.mean():.2f} levels, PSNR {_psnr(img, ref):.1f} dB")
         assert _psnr(img, ref) >= floor, rows[-1]
+        if mode == "fp8":  # as a GPU with fp8 units runs it: one fp8 product a layer (`_scaled_mm`, here on the CPU)
+            monkeypatch.setattr(QuantLinear, "fp8_matmul", staticmethod(lambda device: True))
+            _, fast = _run(path, te, quantize=mode)
+            monkeypatch.undo()
+            rows.append(f"fp8 products: PSNR {_psnr(fast, ref):.1f} dB")
+            assert _psnr(fast, ref) >= 23.0, rows[-1]
         if mode == "int8":  # resident (servers): oneDNN's prepacked kernel where PyTorch has it; same sums
             pipe, kept = _run(path, te, quantize=mode, resident=True)
             assert _psnr(kept, img) >= 35.0  # measured 39.1: scales applied in another order, amplified
@@ -212,7 +262,7 @@ def test_bad_quantization_input_gets_one_clear_error(klein_folder, tmp_path, cap
     from flux2studio.cli import main
     from flux2studio.quantized_files import read_weights
 
-    with pytest.raises(ValueError, match=r"--quantize 'int3' is not one of int8, int4"):
+    with pytest.raises(ValueError, match=r"--quantize 'int3' is not one of int8, int4, fp8"):
         load("nano", quantize="int3")
     with pytest.raises(SystemExit):
         main(["generate", "x", "--quantize", "int3"])
@@ -220,12 +270,12 @@ def test_bad_quantization_input_gets_one_clear_error(klein_folder, tmp_path, cap
 
     other = tmp_path / "llama.gguf"
     _gguf(other, "llama", {"blk.0.attn_q.weight": (np.zeros((4, 32), np.float32), None)})
-    with pytest.raises(ValueError, match=r"llama.gguf is a GGUF of architecture 'llama'; FLUX.2 transformer"):
+    with pytest.raises(ValueError, match=r"llama.gguf is a GGUF of architecture 'llama' \(not a FLUX.2 compo"):
         read_weights(other)
     q2k = tmp_path / "q2k.gguf"
     raw = np.zeros((4, 84), np.uint8)  # one Q2_K block (256 weights) a row
     _gguf(q2k, "flux", {"double_blocks.0.img_attn.qkv.weight": (raw, gguf.GGMLQuantizationType.Q2_K)})
-    with pytest.raises(ValueError, match=r"quantization type Q2_K is not supported; supported: int8, F32, .*Q6_K"):
+    with pytest.raises(ValueError, match=r"quantization type Q2_K is not supported; supported: int8, fp8, F32, .*Q6_K"):
         read_weights(q2k)
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(q2k.read_bytes()[:40])
@@ -266,3 +316,53 @@ def test_bad_quantization_input_gets_one_clear_error(klein_folder, tmp_path, cap
     finally:
         gguf.GGUFWriter.write_tensors_to_file = original
     assert not dst.exists() and not list(tmp_path.glob("half.gguf*"))  # nothing half-written left behind
+
+
+def test_a_text_encoder_gguf_as_llama_cpp_writes_it_loads_with_its_own_tokenizer(klein_folder, tmp_path):
+    """A Qwen3 text encoder as one GGUF file (`flux2 convert TE x.gguf --to gguf`: architecture "qwen3",
+    llama.cpp's tensor names, the tokenizer and chat template in the header, as stable-diffusion.cpp and
+    ComfyUI-GGUF users share them) loads with `--text-encoder x.gguf`. BF16: the same encoding as the folder in
+    bf16, bit for bit (so the tokenizer rebuilt from the header tokenizes alike); Q8_0: its layers and token
+    table stay packed and encode close to it. Later layers are never read; `flux2 info` describes it; given in
+    each other's place, a transformer GGUF and a text encoder GGUF are refused by name."""
+    from flux2studio.cli import main
+    from flux2studio.conversion import describe
+    from flux2studio.quantize import QuantEmbedding
+
+    path, te = _single_file(klein_folder, tmp_path)
+    files = {fmt: tmp_path / f"qwen3-{fmt}.gguf" for fmt in ("bf16", "q8_0")}
+    for fmt, file in files.items():
+        assert main(["convert", str(te), str(file), "--to", "gguf", "--quantize", fmt]) == 0
+    reader = gguf.GGUFReader(str(files["q8_0"]))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert reader.get_field("general.architecture").contents() == "qwen3" and "output.weight" not in types
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == "Q8_0"
+    assert types["blk.27.ffn_down.weight"] == "Q8_0" and types["blk.0.attn_q_norm.weight"] == "F32"
+    assert "<|im_start|>" in reader.get_field("tokenizer.chat_template").contents()
+
+    prompts = ["a red circle", "a cat holding a sign that says hello world, photo, 35mm"]
+    ref = load("klein-4b", weights=path, text_encoder=te, dtype="bf16").text_encoder(prompts)
+    exact = load("klein-4b", weights=path, text_encoder=files["bf16"], dtype="bf16")
+    assert type(exact.text_encoder.tokenizer).__name__ == "Qwen2Tokenizer"  # rebuilt from the header
+    assert torch.equal(exact.text_encoder(prompts), ref)
+    packed = load("klein-4b", weights=path, text_encoder=files["q8_0"], dtype="fp32").text_encoder
+    stack = packed.model
+    assert len(stack.layers) == 27  # klein takes layers 9, 18, 27: blk.27 is never read
+    assert isinstance(stack.layers[0].self_attn.q_proj, QuantLinear) and stack.layers[0].self_attn.q_proj.fmt == "Q8_0"
+    assert isinstance(stack.embed_tokens, QuantEmbedding) and stack.embed_tokens.weight.dtype == torch.uint8
+    full = load("klein-4b", weights=path, text_encoder=te, dtype="fp32").text_encoder(prompts)
+    error = ((packed(prompts) - full).norm() / full.norm()).item()
+    print(
+        f"\nQ8_0 text encoder GGUF vs the folder, fp32: relative error {error:.4f}; bf16 vs fp32 "
+        f"{((ref.float() - full).norm() / full.norm()).item():.4f}"
+    )
+    assert error < 0.05, error
+
+    info = describe(files["q8_0"])
+    assert info["component"] == "text encoder" and info["text_encoder"]["config"]["num_hidden_layers"] == 28
+    with pytest.raises(ValueError, match="text encoder GGUF"):
+        load("klein-4b", weights=files["q8_0"], text_encoder=te)
+    q4 = tmp_path / "klein-Q4_0.gguf"
+    assert main(["convert", str(path), str(q4), "--to", "gguf", "--quantize", "q4_0"]) == 0
+    with pytest.raises(ValueError, match="transformer GGUF, not a text encoder"):
+        load("klein-4b", weights=path, text_encoder=q4)

@@ -6,8 +6,9 @@ a model never exists twice in memory. Pickle checkpoints are refused: loading on
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -71,6 +72,16 @@ def build(factory: Callable[[], nn.Module], sd: dict[str, Tensor], what: str, dt
 
 
 # ----------------------------------------------------------------------------- diffusers folders
+
+
+def tokenizer_folder(te_folder: Path) -> Path:
+    """Where a text encoder folder's tokenizer files are: its `tokenizer/` subfolder, the folder itself (a
+    Hugging Face repo), or beside it (a diffusers pipeline's `text_encoder/` and `tokenizer/`)."""
+    if (te_folder / "tokenizer").is_dir():
+        return te_folder / "tokenizer"
+    if not (te_folder / "tokenizer_config.json").is_file() and (te_folder.parent / "tokenizer").is_dir():
+        return te_folder.parent / "tokenizer"
+    return te_folder
 
 
 def resolve_snapshot(path: str | Path) -> Path:
@@ -174,18 +185,26 @@ def is_fp8(sd: dict[str, Tensor]) -> bool:
 # ----------------------------------------------------------------------------- writing
 
 
-def write_safetensors(sd: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write atomically (a temporary file renamed into place): an interrupted write leaves no broken file."""
-    from safetensors.torch import save_file
-
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to, renamed into place when the block ends without an error and
+    removed when it does not: an interrupted write leaves no file, under either name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     try:
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
+        yield tmp
     except BaseException:
-        tmp.unlink(missing_ok=True)  # nothing half-written is left, under either name
+        tmp.unlink(missing_ok=True)
         raise
     tmp.replace(path)
+
+
+def write_safetensors(sd: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write atomically (`atomic_path`)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
 
 
 # ----------------------------------------------------------------------------- cache and hashes

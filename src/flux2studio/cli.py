@@ -108,17 +108,14 @@ def parse_expand(text: str) -> tuple[int, int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def parse_bytes(text: str) -> int:
+def disk_bytes(text: str) -> int:
     """'20GB', '512MB', '1.5TB', '100000' -> bytes (decimal units, as disks are sold)."""
-    import re
+    from .device_streaming import parse_bytes
 
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE | re.ASCII)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not a byte count like 20GB or 500MB")
-    value = float(match[1]) * 1000 ** " KMGT".index(match[2].upper() or " ")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"size {text!r} must be more than 0 bytes")
-    return int(value)
+    try:
+        return parse_bytes(text, base=1000)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -591,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--attention", choices=ATTENTION_MODES, help="auto (default): our bf16 CPU kernel where it runs")
         p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                        help="pack the transformer's and text encoder's layers at load: int8 (int8 matmuls "
-                            "on CPU) or int4 (Q4_0 blocks); GGUF and convert --quantize files need none")  # fmt: skip
+                            "on CPU), int4 (Q4_0 blocks) or fp8 (fp8 matmuls on GPUs with them: Ada, Hopper and "
+                            "later); GGUF and convert --quantize files need none")  # fmt: skip
         p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
         p.add_argument("--guidance", type=float, help="guidance scale (CFG and guidance-embedded models)")
         p.add_argument(
@@ -623,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num", type=int, default=1, help="images per prompt")
         p.add_argument("-o", "--out", help="output PNG file or folder (default: outputs/)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
-        p.add_argument("--text-encoder", help="text encoder folder, for single-file weights")
+        p.add_argument("--text-encoder", help="text encoder folder (or a Qwen3 GGUF file), for single-file weights")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     def edit_args(p: argparse.ArgumentParser) -> None:
@@ -682,11 +680,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a transformer or VAE between layouts (diffusers, BFL, GGUF), "
                           "optionally quantized")  # fmt: skip
     conv.add_argument("src", help="single .safetensors / .gguf file, or a component folder (transformer/, vae/, or a "
-                      "text encoder: --to bfl --quantize int8|int4 writes it packed, as a folder)")  # fmt: skip
+                      "text encoder: --to bfl --quantize int8|int4|fp8 writes it packed, as a folder; a Qwen3 one --to "
+                      "gguf as one file with llama.cpp's names and its tokenizer)")  # fmt: skip
     conv.add_argument("dst", help="new folder (--to diffusers), .safetensors file (--to bfl) or .gguf file (--to gguf)")
     conv.add_argument("--to", choices=["diffusers", "bfl", "gguf"], required=True)
-    conv.add_argument("--quantize", help="bfl: int8 or int4 (loaded without re-quantizing); gguf: q8_0, q4_0, f16 or "
-                      "bf16 (default bf16; files stable-diffusion.cpp and ComfyUI-GGUF load)")  # fmt: skip
+    conv.add_argument("--quantize", help="bfl: int8, int4 or fp8 (loaded without re-quantizing); gguf: q8_0, q4_0, "
+                      "f16 or bf16 (default bf16; files stable-diffusion.cpp and ComfyUI-GGUF load)")  # fmt: skip
     conv.set_defaults(func=cmd_convert)
 
     info = sub.add_parser("info", help="layout, detected model, dtypes, parameter count and file sizes of weights")
@@ -708,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--cors", action="append", metavar="ORIGIN", help="allow browser calls from ORIGIN")
     srv.add_argument(
         "--max-disk",
-        type=parse_bytes,
+        type=disk_bytes,
         metavar="SIZE",
         help="bound images and uploads on disk, e.g. 20GB (beyond: new jobs and uploads get 507)",
     )
@@ -741,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device")
     srv.add_argument("--vram", metavar="SIZE", help="accelerator memory the weights may use (see generate --vram)")
     srv.add_argument("--dtype", choices=DTYPE_CHOICES)
-    srv.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="pack the served models' layers: int8 or int4")
+    srv.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="pack the served models' layers: int8, int4 or fp8")
     srv.set_defaults(func=cmd_serve)
 
     train = sub.add_parser("train", help="train: the embedded model (nano) or a LoRA (lora)")

@@ -21,16 +21,21 @@ from .checkpoints import (
     read_json,
     resolve_snapshot,
     strip_prefix,
+    tokenizer_folder,
     write_safetensors,
 )
-from .quantize import dequantize_weight
+from .quantize import MODE_FORMAT, dequantize_weight
 from .quantized_files import (
+    GGUF_TEXT_ARCHES,
     STACK_PREFIXES,
+    gguf_component,
     in_features,
+    packable,
     quantize_state,
     read_transformer_file,
     stack_name,
     tensor_types,
+    text_encoder_gguf_config,
     text_encoder_quantizable,
     transformer_quantizable,
     write_gguf,
@@ -38,7 +43,7 @@ from .quantized_files import (
 )
 from .variants import AutoencoderConfig, TransformerConfig
 
-CONVERT_QUANTIZE = {"bfl": ("int8", "int4"), "gguf": ("q8_0", "q4_0", "f16", "bf16"), "diffusers": ()}
+CONVERT_QUANTIZE = {"bfl": ("int8", "int4", "fp8"), "gguf": ("q8_0", "q4_0", "f16", "bf16"), "diffusers": ()}
 
 
 def transformer_config_from_diffusers(cfg: dict) -> TransformerConfig:
@@ -247,20 +252,19 @@ def convert_text_encoder(src: Path, dst: Path, kind: str, quantize: str) -> str:
     packed and memory-mapped (`loading.decoder_stack`)."""
     import shutil
 
-    from .quantize import MODE_FORMAT, quantize_weight, row_bytes
+    from .quantize import row_bytes
     from .residency import drop_file_pages
 
     fmt = MODE_FORMAT[quantize]
     raw = read_component(src)
 
-    def packed(key: str) -> bool:
-        name = stack_name(key, kind)
-        return (name is not None and key.endswith(".weight") and raw[key].ndim == 2
-                and text_encoder_quantizable(name.removesuffix(".weight")))  # fmt: skip
+    def eligible(module: str) -> bool:
+        name = stack_name(module, kind)
+        return name is not None and text_encoder_quantizable(name)
 
     def size(key: str) -> int:
         t = raw[key]
-        return row_bytes(fmt, t.shape[1]) * t.shape[0] if packed(key) else t.numel() * t.element_size()
+        return row_bytes(fmt, t.shape[1]) * t.shape[0] if packable(key, t, fmt, eligible) else t.nbytes
 
     shards: list[list[str]] = [[]]
     filled = 0  # bytes in the last shard
@@ -272,19 +276,74 @@ def convert_text_encoder(src: Path, dst: Path, kind: str, quantize: str) -> str:
         filled += size(key)
     dst.mkdir(parents=True)
     weight_map = {}
+    count = 0
     for i, keys in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        sd = {k: quantize_weight(raw[k], fmt) if packed(k) else raw[k] for k in keys}
-        write_quantized(sd, {k.removesuffix(".weight"): fmt for k in keys if packed(k)}, dst / name)
+        sd, formats = quantize_state({k: raw[k] for k in keys}, fmt, eligible)
+        write_quantized(sd, formats, dst / name)
         drop_file_pages([raw[k] for k in keys])  # read once: hand the pages back
         weight_map |= dict.fromkeys(keys, name)
+        count += len(formats)
     index = {"metadata": {"total_size": sum(map(size, raw))}, "weight_map": weight_map}
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     for f in src.iterdir():  # config, tokenizer and processor files
         if not f.name.endswith((".safetensors", ".safetensors.index.json")) and f.is_file():
             shutil.copy(f, dst / f.name)
-    n = sum(packed(k) for k in raw)
-    return f"text encoder ({kind}) -> {dst} ({len(shards)} shards, {n} linear weights {quantize})"
+    return f"text encoder ({kind}) -> {dst} ({len(shards)} shards, {count} linear weights {quantize})"
+
+
+def convert_text_encoder_gguf(src: Path, dst: Path, kind: str, fmt: str) -> str:
+    """A Qwen3 text encoder folder as one GGUF file the way llama.cpp writes one (architecture "qwen3", its
+    tensor names, the tokenizer and chat template in the header): what stable-diffusion.cpp (`--llm`),
+    ComfyUI-GGUF and `--text-encoder x.gguf` here load. Linear and embedding weights in `fmt`, norms in F32."""
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+
+    if kind not in GGUF_TEXT_ARCHES:
+        raise ValueError(f"{src} is a {kind} text encoder: only Qwen3 ones (klein's) are written as GGUF; "
+                         "write it packed with --to bfl --quantize int8|int4")  # fmt: skip
+    config = AutoConfig.from_pretrained(src, local_files_only=True)
+    tok_dir = tokenizer_folder(src)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    table = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, GGUF_TEXT_ARCHES[kind]), config.num_hidden_layers)
+    sd = {}
+    for key, tensor in read_component(src).items():
+        if (name := stack_name(key, kind)) is not None:  # (the LM head is not part of the stack)
+            module, _, suffix = name.rpartition(".")
+            sd[f"{table.get_name('model.' + module)}.{suffix}"] = tensor
+
+    def header(w) -> None:
+        rope = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
+        w.add_context_length(config.max_position_embeddings)
+        w.add_embedding_length(config.hidden_size)
+        w.add_block_count(config.num_hidden_layers)
+        w.add_feed_forward_length(config.intermediate_size)
+        w.add_head_count(config.num_attention_heads)
+        w.add_head_count_kv(config.num_key_value_heads)
+        w.add_key_length(config.head_dim)
+        w.add_value_length(config.head_dim)
+        w.add_rope_freq_base(rope)
+        w.add_layer_norm_rms_eps(config.rms_norm_eps)
+        ids = {i: t for t, i in tokenizer.get_vocab().items()}
+        added = tokenizer.added_tokens_decoder
+        tokens = [ids.get(i, f"[PAD{i}]") for i in range(max(config.vocab_size, len(ids)))]
+        kinds = [
+            gguf.TokenType.UNUSED if i not in ids
+            else (gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED) if i in added
+            else gguf.TokenType.NORMAL
+            for i in range(len(tokens))
+        ]  # fmt: skip
+        splits = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+        w.add_tokenizer_model("gpt2")  # byte-level BPE; "qwen2" names Qwen's split of text into words
+        w.add_tokenizer_pre("qwen2" if '"Split"' in json.dumps(splits) else "gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types(kinds)
+        special = gguf.SpecialVocab(tok_dir, load_merges=True, n_vocab=len(tokens))
+        special.chat_template = tokenizer.chat_template
+        special.add_to_gguf(w)
+
+    formats = write_gguf(sd, dst, fmt, lambda _: True, arch=kind, header=header)
+    return f"text encoder ({kind}) -> {dst} (GGUF, llama.cpp names, {len(formats)} weights {fmt})"
 
 
 def check_convert(to: str, quantize: str | None) -> None:
@@ -309,10 +368,12 @@ def convert(src: str | Path, dst: str | Path, to: str, quantize: str | None = No
         raise FileExistsError(f"{dst} exists: choose a new path (nothing is overwritten)")
     folder = resolve_snapshot(src)
     if text_kind := text_encoder_kind(folder):
+        if to == "gguf":
+            path = dst if dst.suffix == ".gguf" else dst / f"{text_kind}.gguf"
+            return convert_text_encoder_gguf(folder, path, text_kind, (quantize or "bf16").upper())
         if to != "bfl" or quantize is None:
-            raise ValueError(
-                f"{src} is a text encoder: it is written packed, as a folder: --to bfl --quantize int8|int4"
-            )
+            raise ValueError(f"{src} is a text encoder: it is written packed, as a folder (--to bfl --quantize "
+                             "int8|int4), or as one GGUF file (--to gguf [--quantize q8_0|q4_0|f16|bf16])")  # fmt: skip
         return convert_text_encoder(folder, dst, text_kind, quantize)
     kind, layout, sd, cfg = read_any(src)
     if kind == "vae" and (quantize or to == "gguf"):
@@ -328,7 +389,7 @@ def convert(src: str | Path, dst: str | Path, to: str, quantize: str | None = No
             dst if dst.suffix == ".safetensors" else dst / ("ae.safetensors" if kind == "vae" else "flux2.safetensors")
         )
         if quantize:
-            sd, formats = quantize_state(sd, quantize, transformer_quantizable)
+            sd, formats = quantize_state(sd, MODE_FORMAT[quantize], transformer_quantizable)
             write_quantized(sd, formats, path)
             return f"{kind} ({layout} layout) -> {path} (bfl layout, {len(formats)} linear weights {quantize})"
         write_safetensors(sd, path)
@@ -365,6 +426,9 @@ def describe(path: str | Path) -> dict:
         info["transformer"] = dataclasses.asdict(
             transformer_config_from_diffusers(read_json(path / "transformer" / "config.json"))
         )
+    elif gguf_component(path) == "text encoder":
+        info["layout"], info["component"] = "single file (GGUF, llama.cpp names)", "text encoder"
+        info["text_encoder"] = dict(zip(("kind", "config"), text_encoder_gguf_config(path), strict=True))
     elif path.is_file():
         keys = strip_prefix({k.split(":", 1)[1]: v for k, v in shapes.items()})
         if any(k.startswith(("encoder.", "decoder.")) for k in keys):

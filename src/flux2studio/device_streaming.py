@@ -14,21 +14,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-         "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}  # fmt: skip
+POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
-def parse_bytes(text: str | int) -> int:
-    """ "8GB", "7.5 GiB", "512MB" or a byte count -> bytes (GB = GiB = 2**30, as GPU tools report memory)."""
+def parse_bytes(text: str | int, base: int = 1024) -> int:
+    """ "8GB", "7.5 GiB", "512MB" or a byte count -> bytes, K/M/G/T being powers of `base`: 1024 for memory
+    (GB = GiB, as GPU tools report it), 1000 for disks (as they are sold)."""
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-        if not match or match.group(2).lower() not in UNITS:
-            raise ValueError(f"memory size {text!r}: give a number with a unit, like 8GB or 512MB")
-        value = int(float(match.group(1)) * UNITS[match.group(2).lower()])
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", str(text), re.IGNORECASE | re.ASCII)
+        if not match:
+            raise ValueError(f"size {text!r}: give a number with a unit, like 8GB or 512MB")
+        value = int(float(match[1]) * base ** POWERS[match[2].lower()])
     if value <= 0:
-        raise ValueError(f"memory size {text!r} must be positive")
+        raise ValueError(f"size {text!r} must be more than 0 bytes")
     return value
 
 

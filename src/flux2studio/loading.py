@@ -19,6 +19,7 @@ from .checkpoints import (
     read_safetensors,
     resolve_snapshot,
     strip_prefix,
+    tokenizer_folder,
     weights_hash,
 )
 from .conversion import (
@@ -38,10 +39,13 @@ from .pipeline import Component, Pipeline
 from .precision import compute_dtype, storage, widen_on_use
 from .quantize import MODE_FORMAT, check_mode, prepack_int8, quantize_modules, row_bytes, swap_in
 from .quantized_files import (
+    gguf_component,
     logical_shapes,
     read_component_weights,
+    read_text_encoder_gguf,
     read_transformer_file,
     stack_name,
+    text_encoder_gguf_config,
     text_encoder_quantizable,
     transformer_quantizable,
 )
@@ -103,7 +107,10 @@ def detect_variant(pipeline_class: str, is_distilled: bool, transformer: Transfo
 
 
 def text_encoder_spec(base: TextEncoderSpec, folder: Path) -> TextEncoderSpec:
-    """The variant's text-encoder spec, with the width read from the folder's config."""
+    """The variant's text-encoder spec, with the width read from the folder's config (or the GGUF's header)."""
+    if folder.is_file():
+        kind, cfg = text_encoder_gguf_config(folder)
+        return dataclasses.replace(base, kind=kind, hidden_size=cfg["hidden_size"])
     cfg = read_json(folder / "config.json")
     kind = {"qwen3": "qwen3", "mistral3": "mistral3"}.get(cfg.get("model_type"))
     if kind is None:
@@ -125,10 +132,11 @@ def streamed(model: torch.nn.Module, blocks: list[torch.nn.Module], resident: bo
     return model
 
 
-def decoder_stack(model_dir: Path, kind: str, config, dtype: torch.dtype, quantize: str | None = None):
+def decoder_stack(source: Path, kind: str, config, dtype: torch.dtype, quantize: str | None = None):
     """The decoder stack of a Qwen3 or Mistral3 text encoder with `config.num_hidden_layers` layers, built on the
-    meta device and given the memory-mapped tensors of the files (strict: every missing or mis-shaped key is
-    named); layers stored packed (`flux2 convert --quantize`) stay packed, and `quantize` packs the others.
+    meta device and given the memory-mapped tensors of `source`, a folder of files or a GGUF file as llama.cpp
+    writes one (strict: every missing or mis-shaped key is named); layers stored packed (`flux2 convert
+    --quantize`, GGUF) stay packed, and `quantize` packs the others.
 
     The same module transformers' `from_pretrained` makes, without its copy of every weight; the weights of later
     layers, of the LM head and of Mistral's vision tower are never read.
@@ -136,8 +144,23 @@ def decoder_stack(model_dir: Path, kind: str, config, dtype: torch.dtype, quanti
     from transformers import MistralModel, Qwen3Model
 
     stack = Qwen3Model if kind == "qwen3" else MistralModel
+    if source.is_file():
+        with torch.device("meta"):
+            keys = list(stack._from_config(config).state_dict())
+        sd, formats = read_text_encoder_gguf(source, keys)
+    else:
+        sd, formats = _stack_tensors(source, kind, config.num_hidden_layers)
+    model = build(lambda: swap_in(stack._from_config(config, dtype=dtype), formats), storage(sd, dtype), "text encoder")
+    model.rotary_emb = type(model.rotary_emb)(config=model.config)  # its buffers are computed, not stored
+    if quantize:
+        quantize_modules(model, quantize, text_encoder_quantizable, release=drop_file_pages)
+    return model
+
+
+def _stack_tensors(model_dir: Path, kind: str, layers: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A text encoder folder's tensors of its first `layers` decoder layers, named as the stack names them."""
     raw, packed = read_component_weights(model_dir)
-    keep = {f"layers.{i}." for i in range(config.num_hidden_layers)}
+    keep = {f"layers.{i}." for i in range(layers)}
     sd, formats = {}, {}
     for key, tensor in raw.items():
         if (name := stack_name(key, kind)) is None:
@@ -148,11 +171,7 @@ def decoder_stack(model_dir: Path, kind: str, config, dtype: torch.dtype, quanti
     for module, fmt in packed.items():
         if (name := stack_name(module, kind)) is not None and name + ".weight" in sd:
             formats[name] = fmt
-    model = build(lambda: swap_in(stack._from_config(config, dtype=dtype), formats), storage(sd, dtype), "text encoder")
-    model.rotary_emb = type(model.rotary_emb)(config=model.config)  # its buffers are computed, not stored
-    if quantize:
-        quantize_modules(model, quantize, text_encoder_quantizable, release=drop_file_pages)
-    return model
+    return sd, formats
 
 
 def hf_text_encoder(
@@ -165,11 +184,15 @@ def hf_text_encoder(
     quantize: str | None = None,
 ):
     """Load a Qwen3 / Mistral3 text encoder with only the layers the variant takes (Qwen3's layers' weights
-    streamed unless `resident`; its decoder layers' linear weights packed in `quantize`'s format if given)."""
-    from transformers import AutoConfig
+    streamed unless `resident`; its decoder layers' linear weights packed in `quantize`'s format if given).
+    `model_dir` may be a Qwen3 GGUF file: config, weights, tokenizer and chat template then come from it."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen3Config
 
     last = max(spec.layers)
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    if model_dir.is_file():
+        config = Qwen3Config(**text_encoder_gguf_config(model_dir)[1])
+    else:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     text_cfg = config.text_config if spec.kind == "mistral3" else config
     if text_cfg.num_hidden_layers < last:
         raise ValueError(f"text encoder in {model_dir} has {text_cfg.num_hidden_layers} layers; {spec.layers} needed")
@@ -180,11 +203,14 @@ def hf_text_encoder(
     has_processor = (tokenizer_dir / "processor_config.json").is_file() or (
         tokenizer_dir / "preprocessor_config.json"
     ).is_file()
-    if has_processor:  # Mistral's: imported only then (it pulls in transformers' image processing)
-        from transformers import AutoProcessor as loader
+    if model_dir.is_file():  # the GGUF's own tokenizer, built by transformers
+        tokenizer = AutoTokenizer.from_pretrained(model_dir.parent, gguf_file=model_dir.name, local_files_only=True)
+    elif has_processor:  # Mistral's: imported only then (it pulls in transformers' image processing)
+        from transformers import AutoProcessor
+
+        tokenizer = AutoProcessor.from_pretrained(tokenizer_dir, local_files_only=True)
     else:
-        from transformers import AutoTokenizer as loader
-    tokenizer = loader.from_pretrained(tokenizer_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     encoder = TextEncoder(spec, model, tokenizer)  # the stack only: vision tower and LM head dropped
     streamed(encoder.model, encoder.model.layers, resident, dtype)  # memory-mapped: streamed layer by layer
     return encoder
@@ -309,8 +335,13 @@ def variant_for_file(path: Path, t_cfg: TransformerConfig, model_id: str | None)
 
 
 def find_text_encoder(spec: TextEncoderSpec, given: str | Path | None) -> Path:
-    """A local folder holding the text encoder (config + weights + tokenizer): given, or in the HF cache."""
+    """A local folder holding the text encoder (config + weights + tokenizer), given or in the HF cache, or a
+    given text encoder GGUF file."""
     if given is not None:
+        if gguf_component(Path(given)) is not None:  # (a transformer GGUF is refused, named as one)
+            if gguf_component(Path(given)) != "text encoder":
+                raise ValueError(f"--text-encoder {given} is a FLUX.2 transformer GGUF, not a text encoder")
+            return Path(given)
         folder = resolve_snapshot(given)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"text encoder folder {folder} has no config.json")
@@ -339,6 +370,8 @@ def load_single_file(
 ) -> Pipeline:
     """An official single transformer file (BFL or diffusers names, bf16 or fp8 with scales), a GGUF one, or
     one written by `flux2 convert --quantize`."""
+    if gguf_component(path) == "text encoder":
+        raise ValueError(f"{path} is a text encoder GGUF: give it as the text encoder (--text-encoder), not as weights")
     t_cfg = transformer_config_from_keys(strip_prefix(logical_shapes(path)))
     variant = dataclasses.replace(variant_for_file(path, t_cfg, model_id), transformer=t_cfg)
     vae_file = Path(vae_path) if vae_path else path.parent / "ae.safetensors"
@@ -348,7 +381,7 @@ def load_single_file(
     spec = text_encoder_spec(variant.text_encoder, te_folder)
     variant = dataclasses.replace(variant, text_encoder=spec, vae=vae_cfg)
 
-    tok = te_folder / "tokenizer" if (te_folder / "tokenizer").is_dir() else te_folder
+    tok = tokenizer_folder(te_folder) if te_folder.is_dir() else te_folder
 
     parts = components(
         variant,

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # --dtype name -> torch's (in metadata)
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
-QUANTIZE_CHOICES = ("int8", "int4")  # --quantize: packed weights (quantize.py)
+QUANTIZE_CHOICES = ("int8", "int4", "fp8")  # --quantize: packed weights (quantize.py)
 
 
 def torch_dtype(name: str) -> torch.dtype:

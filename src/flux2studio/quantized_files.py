@@ -20,12 +20,23 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoints import bfl_prefix, check_path, component_files, read_safetensors, strip_prefix, write_safetensors
-from .quantize import GGUF_BLOCKS, MODE_FORMAT, PLAIN_DTYPES, check_format, quantize_weight
+from .checkpoints import (
+    atomic_path,
+    bfl_prefix,
+    check_path,
+    component_files,
+    read_safetensors,
+    strip_prefix,
+    write_safetensors,
+)
+from .quantize import GGUF_BLOCKS, PLAIN_DTYPES, check_format, quantize_weight
 
 META_KEY = "flux2studio.quantized"
 GGUF_ARCHES = ("flux", "flux2")  # what ComfyUI-GGUF's converter writes for FLUX.2 (it has no own name yet)
 GGUF_MAGIC = b"GGUF"
+# text encoders as llama.cpp writes them: GGUF architecture -> the `gguf` package's name table for it (Qwen3, klein's).
+# Mistral-Small (dev's) is written as "llama" with its attention rows permuted: read from its folder instead.
+GGUF_TEXT_ARCHES = {"qwen3": "QWEN3"}
 
 # Linear layers quantized by `--quantize` and by convert: the blocks and the shared modulation layers. The
 # input and output projections and the timestep MLP stay as they are (small and sensitive; as ComfyUI-GGUF)
@@ -60,7 +71,7 @@ def is_gguf(path: Path) -> bool:
 
 
 def in_features(fmt: str, row_bytes: int) -> int:
-    if fmt == "int8":
+    if fmt in ("int8", "fp8"):
         return row_bytes - 4
     per, size = GGUF_BLOCKS[fmt]
     return row_bytes // size * per
@@ -95,7 +106,7 @@ def tensor_types(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """{key: (shape as the model sees it, stored type: "BF16", "F8_E4M3", "Q4_0", "int8"...)} from the header."""
     path = check_path(path)
     if is_gguf(path):
-        reader = _gguf_reader(path)
+        reader = _gguf_reader(path, (*GGUF_ARCHES, *GGUF_TEXT_ARCHES))
         return {t.name: (tuple(int(n) for n in reversed(t.shape.tolist())), t.tensor_type.name) for t in reader.tensors}
     from safetensors import safe_open
 
@@ -133,25 +144,44 @@ def _formats_of(path: Path, metadata: dict | None) -> dict[str, str]:
     return formats
 
 
-def _gguf_reader(path: Path):
+def _gguf_reader(path: Path, arches: tuple[str, ...] = GGUF_ARCHES):
+    """A GGUF file's reader (memory-mapped), refused unless its architecture is one of `arches`."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(str(path), "r")
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on a bad header
         raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt header?): {e}") from None
-    field = reader.get_field("general.architecture")
-    arch = field.contents() if field is not None else None
-    if arch not in GGUF_ARCHES:
+    arch = gguf_architecture(reader)
+    if arch not in arches:
+        known = dict.fromkeys(GGUF_ARCHES, "FLUX.2 transformers") | dict.fromkeys(GGUF_TEXT_ARCHES, "text encoders")
+        wanted = " or ".join(sorted({known[a] for a in arches}))
         raise ValueError(
-            f"{path} is a GGUF of architecture {arch!r}; FLUX.2 transformer files are {' or '.join(GGUF_ARCHES)}"
-            + (" (text encoder GGUF files are not supported yet: give the text encoder's folder)" if arch else "")
+            f"{path} is a GGUF of architecture {arch!r} ({known.get(arch, 'not a FLUX.2 component')}); {wanted} are "
+            + ", ".join(repr(a) for a in arches)
+            + ("; a Mistral (dev) text encoder is read from its folder" if arch in ("llama", "mistral3") else "")
         )
     return reader
 
 
+def gguf_architecture(reader) -> str | None:
+    field = reader.get_field("general.architecture")
+    return field.contents() if field is not None else None
+
+
+def gguf_component(path: Path) -> str | None:
+    """ "transformer" or "text encoder" for a GGUF file of either kind we run; None for anything else."""
+    if not is_gguf(path):
+        return None
+    arch = gguf_architecture(_gguf_reader(path, (*GGUF_ARCHES, *GGUF_TEXT_ARCHES)))
+    return "transformer" if arch in GGUF_ARCHES else "text encoder"
+
+
 def _read_gguf(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    reader = _gguf_reader(path)
+    return _gguf_tensors(_gguf_reader(path), path)
+
+
+def _gguf_tensors(reader, path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     sd: dict[str, Tensor] = {}
     formats: dict[str, str] = {}
     for t in reader.tensors:
@@ -171,6 +201,60 @@ def _read_gguf(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return sd, formats
 
 
+def read_text_encoder_gguf(path: Path, keys: list[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A text encoder GGUF as llama.cpp writes it (Qwen3: `blk.N.attn_q.weight`...), its tensors renamed to
+    the decoder stack's `keys` (transformers' names, `layers.N.self_attn.q_proj.weight`...) by the `gguf`
+    package's own name table; tensors the stack does not take (the LM head, later layers) are left out.
+    Packed tensors stay packed, formats keyed by module name as `read_weights` gives them."""
+    import gguf
+
+    reader = _gguf_reader(path, tuple(GGUF_TEXT_ARCHES))
+    arch = getattr(gguf.MODEL_ARCH, GGUF_TEXT_ARCHES[gguf_architecture(reader)])
+    table = gguf.get_tensor_name_map(arch, 1 + max(_layer(k) for k in keys))
+    names = {}
+    for key in keys:
+        module, _, suffix = key.rpartition(".")
+        found = table.get_name("model." + module)
+        if found is None:
+            raise ValueError(f"{path}: no llama.cpp name for the text encoder's {key}")
+        names[f"{found}.{suffix}"] = key
+    raw, packed = _gguf_tensors(reader, path)
+    sd = {names[k]: t for k, t in raw.items() if k in names}
+    formats = {names[m + ".weight"].removesuffix(".weight"): f for m, f in packed.items() if m + ".weight" in names}
+    return sd, formats
+
+
+# transformers' config fields of a decoder stack <- llama.cpp's header keys (after "<architecture>.")
+GGUF_CONFIG_KEYS = {
+    "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length",
+    "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "max_position_embeddings": "context_length",
+}
+
+
+def text_encoder_gguf_config(path: Path) -> tuple[str, dict]:
+    """(kind, transformers config fields) of a text encoder GGUF, from its header alone."""
+    reader = _gguf_reader(path, tuple(GGUF_TEXT_ARCHES))
+    arch = gguf_architecture(reader)
+    header = {name: field.contents() for name, field in reader.fields.items() if name.startswith(arch + ".")}
+    missing = [f"{arch}.{k}" for k in GGUF_CONFIG_KEYS.values() if f"{arch}.{k}" not in header]
+    if missing or "token_embd.weight" not in (shapes := {t.name: t.shape for t in reader.tensors}):
+        raise ValueError(f"{path}: a {arch} GGUF without {', '.join(missing) or 'token_embd.weight'}")
+    config = {field: header[f"{arch}.{key}"] for field, key in GGUF_CONFIG_KEYS.items()}
+    config["vocab_size"] = int(shapes["token_embd.weight"][-1])
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": header.get(f"{arch}.rope.freq_base", 1e6)}
+    return arch, config
+
+
+def _layer(key: str) -> int:
+    return int(key.split(".")[1]) if key.startswith("layers.") else -1
+
+
 def read_transformer_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """`read_weights` of a single transformer file, the `model.diffusion_model.` prefix some carry removed from
     the tensors' and the formats' names alike (chosen once, from the tensors: all of them or none)."""
@@ -180,19 +264,23 @@ def read_transformer_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str
 
 
 def quantize_state(
-    sd: dict[str, Tensor], mode: str, eligible: Callable[[str], bool], fmt: str | None = None
+    sd: dict[str, Tensor], fmt: str, eligible: Callable[[str], bool]
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Pack every eligible 2-D `.weight` of a state dict (rows divisible into blocks) in the format of `mode`."""
-    fmt = fmt or MODE_FORMAT[mode]
-    per = GGUF_BLOCKS.get(fmt, (1, 0))[0]
+    """Pack every eligible 2-D `.weight` of a state dict (rows divisible into blocks) in `fmt` ("int8", "Q4_0"...);
+    returns the state dict and {module name: format}."""
     out, formats = {}, {}
     for key, value in sd.items():
-        name = key.removesuffix(".weight")
-        if key.endswith(".weight") and value.ndim == 2 and eligible(name) and value.shape[1] % per == 0:
-            out[key], formats[name] = quantize_weight(value, fmt), fmt
+        if packable(key, value, fmt, eligible):
+            out[key], formats[key.removesuffix(".weight")] = quantize_weight(value, fmt), fmt
         else:
             out[key] = value
     return out, formats
+
+
+def packable(key: str, value: Tensor, fmt: str, eligible: Callable[[str], bool]) -> bool:
+    """Whether `quantize_state` packs this tensor: an eligible module's 2-D weight whose rows divide into blocks."""
+    per = GGUF_BLOCKS.get(fmt, (1, 0))[0]
+    return key.endswith(".weight") and value.ndim == 2 and eligible(key[:-7]) and value.shape[1] % per == 0
 
 
 def write_quantized(sd: dict[str, Tensor], formats: dict[str, str], path: Path) -> None:
@@ -200,30 +288,35 @@ def write_quantized(sd: dict[str, Tensor], formats: dict[str, str], path: Path) 
     write_safetensors(sd, path, metadata={META_KEY: json.dumps(formats, sort_keys=True)})
 
 
-def write_gguf(sd: dict[str, Tensor], path: Path, fmt: str, eligible: Callable[[str], bool]) -> dict[str, str]:
-    """A FLUX.2 transformer GGUF (BFL names, architecture "flux", as ComfyUI-GGUF writes it) with eligible
-    linear weights in `fmt` and every other tensor in F32; written to a temporary file renamed into place."""
+def write_gguf(
+    sd: dict[str, Tensor],
+    path: Path,
+    fmt: str,
+    eligible: Callable[[str], bool],
+    arch: str = "flux",
+    header: Callable[[object], None] | None = None,
+) -> dict[str, str]:
+    """A GGUF file of architecture `arch` (default: a FLUX.2 transformer with BFL names, "flux", as ComfyUI-GGUF
+    writes it) with eligible 2-D weights in `fmt` and every other tensor in F32; `header(writer)` adds the
+    architecture's own keys. Written to a temporary file renamed into place."""
     import gguf
 
-    packed, formats = quantize_state(sd, "", eligible, fmt=fmt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(str(tmp), arch="flux")
-    try:
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for key, value in packed.items():
-            name = key.removesuffix(".weight")
-            if name in formats:
-                writer.add_tensor(key, value.numpy(), raw_dtype=getattr(gguf.GGMLQuantizationType, formats[name]))
-            else:
-                writer.add_tensor(key, value.float().numpy())
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)  # nothing half-written is left, under either name
-        raise
-    tmp.replace(path)
+    packed, formats = quantize_state(sd, fmt, eligible)
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch=arch)
+        try:
+            if header is not None:
+                header(writer)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            for key, value in packed.items():
+                name = key.removesuffix(".weight")
+                if name in formats:
+                    writer.add_tensor(key, value.numpy(), raw_dtype=getattr(gguf.GGMLQuantizationType, formats[name]))
+                else:
+                    writer.add_tensor(key, value.float().numpy())
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return formats
