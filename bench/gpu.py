@@ -1,5 +1,6 @@
 """One GPU, within 5 minutes: klein-4b shapes at 1024x1024, 4 steps. Ours resident, ours resident with
-`--quantize fp8` (fp8 products where the GPU has fp8 units: compute capability 8.9+), ours streamed under device
+`--quantize fp8` (fp8 products where the GPU has fp8 units: compute capability 8.9+) and with `--compile` (the
+first call's time includes compiling), ours streamed under device
 budgets (--budgets, default 4, 8 and 12 GB), diffusers' Flux2KleinPipeline plain, with enable_model_cpu_offload
 and with group offload (block level, CUDA streams): per phase time, peak VRAM (max allocated and reserved), and
 every image compared with ours resident.
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from memory import PROMPT, QWEN3_4B
 
 DIFFUSERS_RUNS = ("diffusers", "diffusers-cpu-offload", "diffusers-group-offload")
+RESIDENT_RUNS = ("ours", "ours-fp8", "ours-compile")  # ours without a budget
 
 
 def models(tiny: bool):
@@ -122,6 +124,7 @@ def run_ours(args, budget: float | None) -> dict:
         encoder.model.to(device)
     pipe = Pipeline(variant, transformer, vae, encoder, device=device, dtype=torch.bfloat16,
                     vram_budget=None if budget is None else int(budget * 2**30))  # fmt: skip
+    pipe.compile = args.child == "ours-compile"  # `--compile`: the blocks through torch.compile
     phases: dict[str, float] = {}
     release = pipe.release
     mark = [time.perf_counter()]
@@ -135,7 +138,10 @@ def run_ours(args, budget: float | None) -> dict:
 
     pipe.release = timed
     size = (args.size, args.size)
-    pipe(PROMPT, size=size, steps=args.steps, seed=0)  # warm-up
+    first = time.perf_counter()
+    pipe(PROMPT, size=size, steps=args.steps, seed=0)  # warm-up (and, compiled, the compiling)
+    sync(device)
+    first = time.perf_counter() - first
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     phases.clear()
@@ -146,7 +152,12 @@ def run_ours(args, budget: float | None) -> dict:
     total = time.perf_counter() - started
     image.save(args.png)
     names = {"text_encoder": "encode", "transformer": "denoise", "vae": "decode"}
-    return {"total": total, "phases": {names.get(k, k): v for k, v in phases.items()}, "vram": memory(device)}
+    return {
+        "total": total,
+        "phases": {names.get(k, k): v for k, v in phases.items()},
+        "vram": memory(device),
+        "first": first,
+    }
 
 
 def run_diffusers(args, mode: str) -> dict:
@@ -216,7 +227,7 @@ def child(args) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     if args.child.startswith("diffusers"):
         return run_diffusers(args, args.child)
-    budget = None if args.child in ("ours", "ours-fp8") else float(args.child.removeprefix("ours-"))
+    budget = None if args.child in RESIDENT_RUNS else float(args.child.removeprefix("ours-"))
     return run_ours(args, budget)
 
 
@@ -225,7 +236,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--budgets", default="4,8,12", help="GB: ours streamed under each")
-    parser.add_argument("--runs", help="comma-separated: ours, ours-fp8, ours-GB, " + ", ".join(DIFFUSERS_RUNS))
+    parser.add_argument("--runs", help="comma-separated: " + ", ".join([*RESIDENT_RUNS, "ours-GB", *DIFFUSERS_RUNS]))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: check the script itself, anywhere")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -237,7 +248,7 @@ def main() -> None:
     import torch
 
     runs = (args.runs.split(",") if args.runs else
-            ["ours", "ours-fp8", *(f"ours-{b}" for b in args.budgets.split(",")), *DIFFUSERS_RUNS])  # fmt: skip
+            [*RESIDENT_RUNS, *(f"ours-{b}" for b in args.budgets.split(",")), *DIFFUSERS_RUNS])  # fmt: skip
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     tmp = Path(tempfile.mkdtemp(prefix="flux2-gpu-"))
     results = {}
@@ -263,15 +274,17 @@ def report(results: dict, tmp: Path, args, name: str) -> None:
 
     print(f"\n{name}; klein-4b shapes{' (tiny)' if args.tiny else ''}, random bf16 weights, {args.size}x{args.size}, "
           f"{args.steps} steps; figures from the second call")  # fmt: skip
-    print("\n| run | total | encode | denoise | decode | peak VRAM allocated / reserved | vs ours resident |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| run | total | encode | denoise | decode | first call | peak VRAM allocated / reserved "
+          "| vs ours resident |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     base = tmp / "ours.png"
     for run, r in results.items():
         if "failed" in r:
-            print(f"| {run} | failed: {r['failed'][:80]} | | | | | |")
+            print(f"| {run} | failed: {r['failed'][:80]} | | | | | | |")
             continue
         ph = r["phases"]
         cells = [f"{ph[k]:.2f} s" if k in ph else "" for k in ("encode", "denoise", "decode")]
+        cells.append(f"{r['first']:.2f} s" if "first" in r else "")
         diff = ""
         if base.exists() and (tmp / f"{run}.png").exists():
             a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (base, tmp / f"{run}.png"))

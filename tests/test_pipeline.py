@@ -7,6 +7,7 @@ summation order only (fused qkv, separate reference K/V pass).
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -293,3 +294,30 @@ def test_package_exposes_load():
     import flux2studio
 
     assert flux2studio.load.__module__ == "flux2studio.loading"
+
+
+def test_compiled_blocks_give_the_same_image_and_compile_once():
+    """`load(compile=True)` (`--compile`) puts each transformer block through `torch.compile` on first use; the
+    image matches the eager one (fp32, within 1/255: the compiler may fuse and reorder float ops) and the blocks
+    of a kind share their compiled code: a second call compiles nothing. Compiled blocks take the rotations as
+    real (cos, sin) pairs (no complex numbers in compiled code): the same numbers as the complex product."""
+    from flux2studio import load
+    from flux2studio.model.transformer import apply_rope, rope_freqs
+
+    rope = rope_freqs(torch.randint(0, 64, (50, 4)), (32, 32, 32, 32), 2000)
+    x = torch.randn(2, 3, 50, 128)
+    assert torch.equal(apply_rope(x, torch.view_as_real(rope)), apply_rope(x, rope))
+
+    eager = load("nano", device="cpu", dtype="fp32", attention="sdpa")
+    compiled = load("nano", device="cpu", dtype="fp32", attention="sdpa", compile=True)
+    want = np.asarray(eager("a red circle", size=(64, 64), steps=2, seed=1)[0]).astype(int)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    got = np.asarray(compiled("a red circle", size=(64, 64), steps=2, seed=1)[0]).astype(int)
+    model = compiled.transformer
+    assert model.compiled and all(b._compiled_call_impl is not None for b in model.single_blocks)
+    assert np.abs(got - want).max() <= 1
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # (a double and a single block at least)
+    compiled("a blue square", size=(64, 64), steps=2, seed=2)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled again

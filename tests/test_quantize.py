@@ -31,20 +31,28 @@ def _psnr(a, b) -> float:
 
 
 def test_packed_rows_are_ggml_blocks_byte_for_byte(monkeypatch):
-    """Our Q4_0 packing (the int4 mode) is ggml's, byte for byte; our own Q8_0/Q4_0 unpacking equals the gguf
-    package's (the other block formats are unpacked by it: here only their shapes are ours to get right);
-    int8 rows are within half a step of the weights."""
+    """Our Q4_0 packing (the int4 mode) is ggml's, byte for byte; our unpacking of every GGUF block format
+    (PyTorch, a few rows at a time: on any device and ~Nx faster than numpy) equals the gguf package's
+    dequantizer bit for bit, on real blocks and on random bytes; int8 rows are within half a step of the weights."""
     w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
     ours = quantize_weight(w, "Q4_0")
     assert ours.shape == (48, row_bytes("Q4_0", 256))
     assert np.array_equal(ours.numpy(), gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_0))
     for pieces in (1, 7):  # unpacked whole, and a few rows at a time (as large weights are): the same numbers
         monkeypatch.setattr(quantize_module, "UNPACK_ELEMENTS", 2**20 if pieces == 1 else 256 * 7)
-        for fmt in ("Q8_0", "Q4_0"):
+        for fmt in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
             qtype = getattr(gguf.GGMLQuantizationType, fmt)
             packed = gguf.quants.quantize(w.numpy(), qtype)
             mine = dequantize_weight(torch.from_numpy(packed), fmt, 256, torch.float32)
             assert np.array_equal(mine.numpy(), gguf.quants.dequantize(packed, qtype).reshape(48, 256)), fmt
+        for fmt in ("Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"):  # any bytes (gguf cannot make K blocks)
+            qtype = getattr(gguf.GGMLQuantizationType, fmt)
+            packed = np.random.default_rng(1).integers(0, 256, (48, row_bytes(fmt, 512)), dtype=np.uint8)
+            packed &= 0xBF  # bit 6 off in every byte: each fp16 scale's exponent below 16 (finite)
+            mine = dequantize_weight(torch.from_numpy(packed), fmt, 512, torch.float32)
+            with np.errstate(all="ignore"):
+                theirs = gguf.quants.dequantize(packed, qtype).reshape(48, 512)
+            assert np.array_equal(mine.numpy(), theirs), fmt
     for fmt, step in (("Q4_1", 0.2), ("Q5_0", 0.1), ("Q5_1", 0.1)):
         packed = torch.from_numpy(gguf.quants.quantize(w.numpy(), getattr(gguf.GGMLQuantizationType, fmt)))
         assert packed.shape == (48, row_bytes(fmt, 256))

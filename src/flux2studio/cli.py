@@ -135,7 +135,8 @@ def load_pipe(model: str | None, args: argparse.Namespace):
     pipe = load(model, weights=args.weights, device=args.device, dtype=args.dtype,
                 text_encoder=getattr(args, "text_encoder", None), backend=args.backend, api=api,
                 attention=getattr(args, "attention", None) or "auto",
-                quantize=getattr(args, "quantize", None), vram_budget=getattr(args, "vram", None))  # fmt: skip
+                quantize=getattr(args, "quantize", None), vram_budget=getattr(args, "vram", None),
+                compile=getattr(args, "compile", False))  # fmt: skip
     if getattr(args, "lora", None):
         pipe.set_loras([parse_lora_arg(a) for a in args.lora])
     return pipe
@@ -476,6 +477,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             quantize=args.quantize,
             vram=args.vram,
+            compile=args.compile or None,  # (None: the config file's)
         )
         cfg.allowed_hosts = [*cfg.allowed_hosts, *hosts]
         store = "PostgreSQL" if cfg.db else "SQLite"
@@ -501,7 +503,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if model_id in api_models:
             return load(model_id, backend="api", api={"location": args.api})
         return load(model_id, weights=weights.get(model_id), device=args.device, dtype=args.dtype, resident=True,
-                    api={"location": args.api}, quantize=args.quantize, vram_budget=args.vram)  # fmt: skip
+                    api={"location": args.api}, quantize=args.quantize, vram_budget=args.vram,
+                    compile=args.compile)  # fmt: skip
 
     from .serve.guard import header_timeout_protocol
     from .serve.limits import DEFAULT_LIMITS
@@ -583,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
         p.add_argument("--vram", metavar="SIZE", help="accelerator memory the weights may use, e.g. 8GB: blocks that "
                        "do not fit are streamed from host memory")  # fmt: skip
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the transformer's blocks (GPUs; the first image compiles them)")  # fmt: skip
         p.add_argument("--dtype", choices=DTYPE_CHOICES,
                        help="auto (default): bf16 where the device computes it natively, else fp32")  # fmt: skip
         p.add_argument("--attention", choices=ATTENTION_MODES, help="auto (default): our bf16 CPU kernel where it runs")
@@ -739,6 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", help="Ray Serve settings (YAML): replicas, autoscaling, GPUs, models, budget")
     srv.add_argument("--device")
     srv.add_argument("--vram", metavar="SIZE", help="accelerator memory the weights may use (see generate --vram)")
+    srv.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (see generate)")
     srv.add_argument("--dtype", choices=DTYPE_CHOICES)
     srv.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="pack the served models' layers: int8, int4 or fp8")
     srv.set_defaults(func=cmd_serve)

@@ -410,6 +410,7 @@ def load(
     attention: str = "auto",
     quantize: str | None = None,
     vram_budget: str | int | None = None,
+    compile: bool = False,
 ) -> Pipeline:
     """A `Pipeline` for `model_id` (default: the embedded `nano`, which needs no download).
 
@@ -437,6 +438,10 @@ def load(
     fit are copied in ahead of use on a side stream (`device_streaming`). Parts are then loaded per phase (as
     without `resident`). Without a budget, a model larger than the device's free memory (or, `resident` on CPU,
     than the machine's) is refused before loading, with what would fit.
+
+    `compile`: the transformer's blocks through `torch.compile` (`pipeline.compile_blocks`); the first call
+    compiles them (tens of seconds), later calls of the same size run the compiled code. For GPUs; on a CPU it
+    needs a C compiler.
     """
     check_mode(quantize)
     if backend not in ("local", "api"):
@@ -465,6 +470,7 @@ def load(
         pipe.use_device(device, budget, attention)
     pipe.dtype_reason = compute.reason
     pipe.quantize = quantize
+    pipe.compile = compile
     return pipe
 
 

@@ -228,6 +228,16 @@ def allow_split_projection(model: Flux2Transformer) -> None:
         block.split_linear1 = type(lin) is torch.nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks)
 
 
+def compile_blocks(model: Flux2Transformer) -> None:
+    """`torch.compile` each double and single block in place (regional compilation, as diffusers'
+    `compile_repeated_blocks`: the blocks of one kind share their compiled code, so the first call compiles two
+    graphs, not a whole model's). Compiling happens during the first call; later calls of the same shapes reuse it."""
+    model.complex_rope = False  # torch.compile generates no code for complex numbers
+    for block in (*model.double_blocks, *model.single_blocks):
+        block.compile()
+    model.compiled = True
+
+
 class Component(Generic[T]):
     """A model part loaded on first use; unless `resident`, `release()` frees it until the next use.
 
@@ -311,6 +321,7 @@ class Pipeline:
         self.dtype = dtype  # what computes; weights may be stored narrower (precision.widen_on_use)
         self.dtype_reason = "given"  # why this dtype; `load` sets auto's reason (precision.compute_dtype)
         self.quantize: str | None = None  # int8 / int4 packing done at load (`load(quantize=)`), if any
+        self.compile = False  # the transformer's blocks through `torch.compile` (`load(compile=True)`)
         # "auto": our bf16 CPU kernel where it runs (kernels/attention.py), else PyTorch's SDPA; "sdpa"; "kernel"
         self.sdpa = attention_for(attention, self.device, dtype, cache_dir())
         self.attention = "sdpa" if self.sdpa is F.scaled_dot_product_attention else "kernel"
@@ -344,6 +355,8 @@ class Pipeline:
             loras = [(f, s) for f, s, _ in self.loras]
             self._lora_state = (model, apply_loras(model, loras, mode="fuse", into=self.dtype))
         allow_split_projection(model)
+        if self.compile and not getattr(model, "compiled", False):
+            compile_blocks(model)
         return self._placed(model, [*model.double_blocks, *model.single_blocks], "transformer")
 
     def _placed(self, model: M, blocks: Sequence[torch.nn.Module] | None, what: str) -> M:

@@ -5,9 +5,11 @@ Every quantized weight is one uint8 tensor of rows of blocks, (out_features, row
   (w = q * scale). On a CPU it multiplies with dynamically quantized activations (per token, int8) through
   PyTorch's `torch._int_mm` (oneDNN: VNNI/AMX where the CPU has them); elsewhere it is dequantized per layer.
 - GGUF's blocks, byte for byte as ggml lays them out: Q8_0, Q4_0 (our "int4": 32 weights per block, an fp16
-  scale, w = d * (q - 8)), Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, and the plain F16 / BF16 / F32. Q8_0 and Q4_0
-  are dequantized in PyTorch; the others through the `gguf` package's own dequantizer (numpy). Every block
+  scale, w = d * (q - 8)), Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, and the plain F16 / BF16 / F32, all unpacked
+  in PyTorch on the weight's device, bit for bit what the `gguf` package's dequantizer gives. Every block
   format is dequantized one layer at a time as the layer runs, in the compute dtype, and dropped after.
+- "fp8" (ours): per output channel, each row its in_features e4m3 values then its fp32 scale. On GPUs with fp8
+  units one `torch._scaled_mm` product with per-token e4m3 activations; elsewhere dequantized per layer.
 
 So a file written by `flux2 convert --quantize int4` and a GGUF Q4_0 file hold the same bytes per row.
 This module knows nothing of models or files beyond the tensors it is given (`QuantLinear` is an
@@ -98,17 +100,12 @@ def quantize_weight(w: Tensor, fmt: str) -> Tensor:
 
 
 def dequantize_weight(packed: Tensor, fmt: str, in_features: int, dtype: torch.dtype) -> Tensor:
-    """Packed rows -> the float weight (out, in) in `dtype`. int8, Q8_0 and Q4_0 are unpacked a few rows at a
-    time into the result (their fp32 temporaries stay in the CPU's cache: 2.5x faster than whole-matrix passes
-    on a 3072x12288 Q4_0 weight, the same numbers); other GGUF formats by the gguf package's numpy code."""
+    """Packed rows -> the float weight (out, in) in `dtype`, unpacked a few rows at a time into the result (the
+    fp32 temporaries stay in the CPU's cache: 2.5x faster than whole-matrix passes on a 3072x12288 Q4_0 weight,
+    the same numbers)."""
     n = packed.shape[0]
     if fmt in PLAIN_DTYPES:
         return packed.contiguous().view(PLAIN_DTYPES[fmt]).to(dtype)
-    if fmt not in ROW_UNPACKERS:
-        import gguf
-
-        out = gguf.quants.dequantize(packed.cpu().numpy(), getattr(gguf.GGMLQuantizationType, fmt))
-        return torch.from_numpy(out).reshape(n, in_features).to(packed.device, dtype)
     unpack = ROW_UNPACKERS[fmt]
     out = torch.empty(n, in_features, dtype=dtype, device=packed.device)
     rows = max(1, UNPACK_ELEMENTS // in_features)
@@ -144,7 +141,79 @@ def _unpack_fp8(packed: Tensor, in_features: int) -> Tensor:
     return q.float() * scale
 
 
-ROW_UNPACKERS = {"int8": _unpack_int8, "fp8": _unpack_fp8, "Q8_0": _unpack_q8_0, "Q4_0": _unpack_q4_0}
+def _fp16(b: Tensor) -> Tensor:
+    """(..., 2) bytes -> (..., 1) fp32: a little-endian fp16 in each pair."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: Tensor, groups: int) -> Tensor:
+    """(blocks, groups * n) bytes -> (blocks, 2 * groups, n): each group's low nibbles, then its high ones."""
+    qs = qs.reshape(qs.shape[0], groups, 1, -1)
+    return torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(qs.shape[0], 2 * groups, -1)
+
+
+def _bits(b: Tensor) -> Tensor:
+    """(blocks, k) bytes -> (blocks, 8k) 0/1 bytes: bit i of the little-endian integer they make."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=b.device)
+    return ((b.unsqueeze(-1) >> shifts) & 1).reshape(b.shape[0], -1)
+
+
+def _unpack_q4_1(packed: Tensor, in_features: int) -> Tensor:
+    b = packed.reshape(-1, 20)  # d, m (fp16), 16 bytes of nibbles: w = d * q + m
+    q = _nibbles(b[:, 4:], 1).reshape(b.shape[0], 32).float()
+    return (_fp16(b[:, 0:2]) * q + _fp16(b[:, 2:4])).reshape(-1, in_features)
+
+
+def _unpack_q5_0(packed: Tensor, in_features: int) -> Tensor:
+    b = packed.reshape(-1, 22)  # d (fp16), 32 high bits, 16 bytes of nibbles: w = d * (q - 16)
+    q = (_nibbles(b[:, 6:], 1).reshape(b.shape[0], 32) | (_bits(b[:, 2:6]) << 4)).to(torch.int8) - 16
+    return (_fp16(b[:, 0:2]) * q.float()).reshape(-1, in_features)
+
+
+def _unpack_q5_1(packed: Tensor, in_features: int) -> Tensor:
+    b = packed.reshape(-1, 24)  # d, m (fp16), 32 high bits, 16 bytes of nibbles: w = d * q + m
+    q = (_nibbles(b[:, 8:], 1).reshape(b.shape[0], 32) | (_bits(b[:, 4:8]) << 4)).float()
+    return (_fp16(b[:, 0:2]) * q + _fp16(b[:, 2:4])).reshape(-1, in_features)
+
+
+def _k_scales(b: Tensor) -> tuple[Tensor, Tensor]:
+    """The 8 six-bit scales and mins packed in 12 bytes of a Q4_K / Q5_K block, as fp32 (blocks, 8, 1) each."""
+    d, m, md = b.reshape(-1, 3, 4).unbind(1)
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc.float().unsqueeze(-1), mn.float().unsqueeze(-1)
+
+
+def _unpack_q4_k(packed: Tensor, in_features: int) -> Tensor:
+    b = packed.reshape(-1, 144)  # d, dmin (fp16), 12 bytes of scales, 128 of nibbles: 8 groups of 32
+    sc, mn = _k_scales(b[:, 4:16])
+    d, dm = _fp16(b[:, 0:2]).unsqueeze(-1) * sc, _fp16(b[:, 2:4]).unsqueeze(-1) * mn
+    return (d * _nibbles(b[:, 16:], 4).float() - dm).reshape(-1, in_features)
+
+
+def _unpack_q5_k(packed: Tensor, in_features: int) -> Tensor:
+    b = packed.reshape(-1, 176)  # as Q4_K, with 32 bytes of fifth bits (bit j of byte l: group j, weight l)
+    sc, mn = _k_scales(b[:, 4:16])
+    d, dm = _fp16(b[:, 0:2]).unsqueeze(-1) * sc, _fp16(b[:, 2:4]).unsqueeze(-1) * mn
+    high = (b[:, 16:48].unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=b.device).view(1, 8, 1)) & 1
+    q = (_nibbles(b[:, 48:], 4) | (high << 4)).float()
+    return (d * q - dm).reshape(-1, in_features)
+
+
+def _unpack_q6_k(packed: Tensor, in_features: int) -> Tensor:
+    b = packed.reshape(-1, 210)  # 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales, d (fp16)
+    n = b.shape[0]
+    d = (_fp16(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()).reshape(n, 16, 1)
+    low = _nibbles(b[:, :128], 2)  # (n, 4, 64) -> groups of 32 below
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
+    high = ((b[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 8, 32)
+    q = (low.reshape(n, 8, 32) | (high << 4)).to(torch.int8) - 32
+    return (d * q.reshape(n, 16, 16).float()).reshape(-1, in_features)
+
+
+ROW_UNPACKERS = {"int8": _unpack_int8, "fp8": _unpack_fp8, "Q8_0": _unpack_q8_0, "Q4_0": _unpack_q4_0,
+                 "Q4_1": _unpack_q4_1, "Q5_0": _unpack_q5_0, "Q5_1": _unpack_q5_1, "Q4_K": _unpack_q4_k,
+                 "Q5_K": _unpack_q5_k, "Q6_K": _unpack_q6_k}  # fmt: skip
 
 
 def _int8_parts(packed: Tensor, in_features: int) -> tuple[Tensor, Tensor]:

@@ -53,10 +53,11 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
 
     One complex product per pair: (x0 cos - x1 sin, x1 cos + x0 sin), the same float32 products and sums
     as diffusers' real-valued form (which builds the rotated copy and two full-size products), ~5x faster.
+    `rope` is complex, or its real (cos, sin) pairs (L, D/2, 2) (`Flux2Transformer.complex_rope`).
     """
-    if x.device.type == "mps":  # complex kernels are incomplete there: the same products, written out
+    if x.device.type == "mps" or not rope.is_complex():  # (complex kernels are incomplete on Apple GPUs)
         x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-        cos, sin = rope.real, rope.imag
+        cos, sin = (rope.real, rope.imag) if rope.is_complex() else rope.unbind(-1)
         return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).to(x.dtype)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rope).flatten(-2).to(x.dtype)
@@ -286,6 +287,13 @@ class Flux2Transformer(nn.Module):
         self.grad_checkpointing = False  # training: recompute block activations in backward to save memory
         # (q, k, v) (B, H, L, Dh) -> (B, H, Lq, Dh); a pipeline may give a faster kernel with the same arithmetic
         self.sdpa: Callable[[Tensor, Tensor, Tensor], Tensor] = SDPA
+        # rotations as complex numbers (L, D/2), or as real (cos, sin) pairs (L, D/2, 2): for compiled blocks
+        # (torch.compile generates no code for complex numbers), the same products
+        self.complex_rope = True
+
+    def _rope(self, ids: Tensor) -> Tensor:
+        rope = rope_freqs(ids, self.cfg.axes_dim, self.cfg.theta)
+        return rope if self.complex_rope else torch.view_as_real(rope)
 
     @staticmethod
     def _checkpointed(block: nn.Module, *args):
@@ -324,7 +332,7 @@ class Flux2Transformer(nn.Module):
         mod_txt = self.double_stream_modulation_txt(vec)
         mod_single = self.single_stream_modulation(vec)
         img, txt = self.img_in(img), self.txt_in(txt)
-        rope = rope_freqs(torch.cat([txt_ids, img_ids]), self.cfg.axes_dim, self.cfg.theta)
+        rope = self._rope(torch.cat([txt_ids, img_ids]))
         n_txt, n_double = txt.shape[1], len(self.double_blocks)
 
         run = self._checkpointed if self.grad_checkpointing and torch.is_grad_enabled() else _call
@@ -350,7 +358,7 @@ class Flux2Transformer(nn.Module):
         mod_single = self.single_stream_modulation(vec)
         x = self.img_in(ref)
         no_txt = x[:, :0]  # (B, 0, D): the double blocks run on the image stream alone
-        rope = rope_freqs(ref_ids, self.cfg.axes_dim, self.cfg.theta)
+        rope = self._rope(ref_ids)
         out: RefKV = []
         for block in self.double_blocks:
             x, _, kv = block(x, no_txt, rope, mod_img, mod_txt, sdpa=self.sdpa)
