@@ -6,6 +6,7 @@ summation order only (fused qkv, separate reference K/V pass).
 """
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -316,6 +317,8 @@ def test_compiled_blocks_give_the_same_image_and_compile_once():
     got = np.asarray(compiled("a red circle", size=(64, 64), steps=2, seed=1)[0]).astype(int)
     model = compiled.transformer
     assert model.compiled and all(b._compiled_call_impl is not None for b in model.single_blocks)
+    # Inductor's code cached per CPU capability (its keys omit it: AVX2-capped code loaded uncapped crashed)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith(os.sep + torch.backends.cpu.get_cpu_capability())
     assert np.abs(got - want).max() <= 1
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs >= 2  # (a double and a single block at least)

@@ -233,9 +233,23 @@ def compile_blocks(model: Flux2Transformer) -> None:
     `compile_repeated_blocks`: the blocks of one kind share their compiled code, so the first call compiles two
     graphs, not a whole model's). Compiling happens during the first call; later calls of the same shapes reuse it."""
     model.complex_rope = False  # torch.compile generates no code for complex numbers
+    _inductor_cache_per_isa()
     for block in (*model.double_blocks, *model.single_blocks):
         block.compile()
     model.compiled = True
+
+
+def _inductor_cache_per_isa() -> None:
+    """One Inductor cache folder per PyTorch CPU capability ("AVX512", "AVX2"...). Its on-disk cache keys leave the
+    capability out, so CPU code compiled in a process capped at AVX2 (`ATEN_CPU_CAPABILITY=avx2`, as to test an
+    AVX2 machine on a newer one) and loaded in an uncapped one, or the reverse, gave black images (NaN) and a crash
+    (`free(): invalid pointer`) here."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    if Path(base).name != isa:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(base) / isa)
 
 
 class Component(Generic[T]):
