@@ -200,12 +200,10 @@ def hf_text_encoder(
     if getattr(text_cfg, "layer_types", None) is not None:
         text_cfg.layer_types = text_cfg.layer_types[:last]
     model = decoder_stack(model_dir, spec.kind, text_cfg, dtype, quantize).to(device)
-    has_processor = (tokenizer_dir / "processor_config.json").is_file() or (
-        tokenizer_dir / "preprocessor_config.json"
-    ).is_file()
     if model_dir.is_file():  # the GGUF's own tokenizer, built by transformers
         tokenizer = AutoTokenizer.from_pretrained(model_dir.parent, gguf_file=model_dir.name, local_files_only=True)
-    elif has_processor:  # Mistral's: imported only then (it pulls in transformers' image processing)
+    elif any((tokenizer_dir / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
+        # Mistral's: imported only then (it pulls in transformers' image processing)
         from transformers import AutoProcessor
 
         tokenizer = AutoProcessor.from_pretrained(tokenizer_dir, local_files_only=True)
@@ -338,9 +336,10 @@ def find_text_encoder(spec: TextEncoderSpec, given: str | Path | None) -> Path:
     """A local folder holding the text encoder (config + weights + tokenizer), given or in the HF cache, or a
     given text encoder GGUF file."""
     if given is not None:
-        if gguf_component(Path(given)) is not None:  # (a transformer GGUF is refused, named as one)
-            if gguf_component(Path(given)) != "text encoder":
-                raise ValueError(f"--text-encoder {given} is a FLUX.2 transformer GGUF, not a text encoder")
+        component = gguf_component(Path(given))
+        if component == "transformer":
+            raise ValueError(f"--text-encoder {given} is a FLUX.2 transformer GGUF, not a text encoder")
+        if component == "text encoder":
             return Path(given)
         folder = resolve_snapshot(given)
         if not (folder / "config.json").is_file():
@@ -547,7 +546,8 @@ def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str 
         return
     if whole > free:
         where = f"{device} has {human(free)} free" if kind != "cpu" else f"this machine has {human(free)} available"
-        smaller = {None: "--quantize int8 (about half) or int4", "int8": "--quantize int4"}.get(quantize, "")
+        smaller = {None: "--quantize int8 (about half) or int4", "int8": "--quantize int4", "fp8": "--quantize int4"}
+        smaller = smaller.get(quantize, "")
         ways = [f"--vram {human(free * 0.9)} (stream blocks)" if kind != "cpu" else "without resident (stream from "
                 "the files)", *([smaller] if smaller else [])]  # fmt: skip
         stored = str(dtype).removeprefix("torch.") + (f", {quantize}" if quantize else "")

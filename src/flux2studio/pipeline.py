@@ -334,7 +334,7 @@ class Pipeline:
         self.device = torch.device(device)
         self.dtype = dtype  # what computes; weights may be stored narrower (precision.widen_on_use)
         self.dtype_reason = "given"  # why this dtype; `load` sets auto's reason (precision.compute_dtype)
-        self.quantize: str | None = None  # int8 / int4 packing done at load (`load(quantize=)`), if any
+        self.quantize: str | None = None  # int8 / int4 / fp8 packing done at load (`load(quantize=)`), if any
         self.compile = False  # the transformer's blocks through `torch.compile` (`load(compile=True)`)
         # "auto": our bf16 CPU kernel where it runs (kernels/attention.py), else PyTorch's SDPA; "sdpa"; "kernel"
         self.sdpa = attention_for(attention, self.device, dtype, cache_dir())

@@ -44,7 +44,7 @@ class ScaleConfig:
     allowed_hosts: list[str] = field(default_factory=list)  # Host names served besides loopback (see guard.py)
     device: str | None = None
     dtype: str | None = None
-    quantize: str | None = None  # int8 / int4 packing at load (`load(quantize=)`)
+    quantize: str | None = None  # int8 / int4 / fp8 packing at load (`load(quantize=)`)
     vram: str | None = None  # accelerator memory a replica's weights may use, e.g. "8GB" (`load(vram_budget=)`)
     compile: bool = False  # torch.compile the transformer's blocks (`load(compile=)`)
     threads: int = 1  # torch threads per CPU replica
