@@ -298,14 +298,15 @@ def main() -> None:
         prepare(args.folder)
     if "ours-dev:int4" in runs:
         prepare_dev(args.folder)
-    tmp = Path(tempfile.mkdtemp(prefix="flux2-big-"))
-    saved = files_of(args.folder) / f"results-{args.size}-{args.steps}.json"  # kept: a run's figures survive the next
-    results = json.loads(saved.read_text()) if saved.exists() else {}
-    for run in runs:
-        results[run] = run_child(run, args, tmp / f"{run.replace(':', '-')}.png")
-        saved.write_text(json.dumps(results, indent=1))
-        print(f"{run}: {results[run].get('oom') or 'done'}", flush=True)
-    report({r: results[r] for r in RUNS if r in results}, args)
+    with tempfile.TemporaryDirectory(prefix="flux2-big-") as folder:  # the images, compared and then removed
+        tmp = Path(folder)
+        saved = files_of(args.folder) / f"results-{args.size}-{args.steps}.json"  # kept: figures survive the next run
+        results = json.loads(saved.read_text()) if saved.exists() else {}
+        for run in runs:
+            results[run] = run_child(run, args, tmp / f"{run.replace(':', '-')}.png")
+            saved.write_text(json.dumps(results, indent=1))
+            print(f"{run}: {results[run].get('oom') or 'done'}", flush=True)
+        report({r: results[r] for r in RUNS if r in results}, args)
 
 
 if __name__ == "__main__":

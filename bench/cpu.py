@@ -296,17 +296,18 @@ def main() -> None:
         print(f"writing random klein-4b-shaped weights to {args.folder} (once, ~16 GB)", flush=True)
         write_folder(args.folder)
     derive_files(args.folder)
-    tmp = Path(tempfile.mkdtemp(prefix="flux2-cpu-"))
-    results, pngs = {}, {}
-    for key in args.modes.split(","):
-        impl, mode = key.split(":")
-        png = tmp / f"{impl}-{mode}.png"
-        results[key] = run_child(impl, mode, args, files, png)
-        if "error" not in results[key]:
-            pngs[key] = png
-        state = results[key].get("error") or f"{total(results[key]):.1f} s, {peak(results[key]):.2f} GB"
-        print(f"{key}: {state}", flush=True)
-    report(results, pngs, args)
+    with tempfile.TemporaryDirectory(prefix="flux2-cpu-") as folder:  # the images, compared and then removed
+        tmp = Path(folder)
+        results, pngs = {}, {}
+        for key in args.modes.split(","):
+            impl, mode = key.split(":")
+            png = tmp / f"{impl}-{mode}.png"
+            results[key] = run_child(impl, mode, args, files, png)
+            if "error" not in results[key]:
+                pngs[key] = png
+            state = results[key].get("error") or f"{total(results[key]):.1f} s, {peak(results[key]):.2f} GB"
+            print(f"{key}: {state}", flush=True)
+        report(results, pngs, args)
 
 
 if __name__ == "__main__":

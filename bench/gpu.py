@@ -250,22 +250,23 @@ def main() -> None:
     runs = (args.runs.split(",") if args.runs else
             [*RESIDENT_RUNS, *(f"ours-{b}" for b in args.budgets.split(",")), *DIFFUSERS_RUNS])  # fmt: skip
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    tmp = Path(tempfile.mkdtemp(prefix="flux2-gpu-"))
-    results = {}
-    for run in runs:
-        cmd = [sys.executable, __file__, "--child", run, "--size", str(args.size), "--steps", str(args.steps),
-               "--device", args.device, "--png", str(tmp / f"{run}.png")]  # fmt: skip
-        cmd += ["--tiny"] if args.tiny else []
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not line:
-            last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
-            results[run] = {"failed": last}
-        else:
-            results[run] = json.loads(line[0][7:])
-        done = results[run].get("failed") or f"{results[run]['total']:.2f} s"
-        print(f"{run}: {done}", flush=True)
-    report(results, tmp, args, name)
+    with tempfile.TemporaryDirectory(prefix="flux2-gpu-") as folder:  # the images, compared and then removed
+        tmp = Path(folder)
+        results = {}
+        for run in runs:
+            cmd = [sys.executable, __file__, "--child", run, "--size", str(args.size), "--steps", str(args.steps),
+                   "--device", args.device, "--png", str(tmp / f"{run}.png")]  # fmt: skip
+            cmd += ["--tiny"] if args.tiny else []
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
+                results[run] = {"failed": last}
+            else:
+                results[run] = json.loads(line[0][7:])
+            done = results[run].get("failed") or f"{results[run]['total']:.2f} s"
+            print(f"{run}: {done}", flush=True)
+        report(results, tmp, args, name)
 
 
 def report(results: dict, tmp: Path, args, name: str) -> None:

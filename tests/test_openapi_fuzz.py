@@ -14,8 +14,9 @@ from flux2studio.serve.app import create_app
 from flux2studio.serve.limits import Limits
 
 LIMITS = Limits(max_side=128, max_steps=4, max_images=2, max_queue=32, max_upload_bytes=2**20)
+DATA = tempfile.TemporaryDirectory(prefix="flux2-fuzz-")  # removed after the module's tests
 app = create_app(
-    tempfile.mkdtemp(prefix="flux2-fuzz-"),
+    DATA.name,
     lambda m: load(m, device="cpu", resident=True),
     limits=LIMITS,
     models=["nano"],
@@ -30,6 +31,7 @@ schema.config.generation.update(modes=list(schemathesis.GenerationMode), determi
 def running_worker():
     with TestClient(app):  # runs the lifespan: the worker thread takes and finishes the accepted jobs
         yield
+    DATA.cleanup()
 
 
 @schema.parametrize()
