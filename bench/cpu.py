@@ -13,7 +13,9 @@ in the page cache. Files derived once from the folder (beside it, in `<folder>-f
 
 Modes. ours: auto / fp32 / bf16 (the diffusers folder), int8 / int4 (the packed files and text encoder: what
 `flux2 convert --quantize` writes once; packing at load costs 20-45 s a run), gguf-q8_0 / gguf-q4_0 (the GGUF
-files; text encoder as auto). diffusers:
+files; text encoder as auto); "-resident" (auto-resident, int8-resident): every part kept loaded between
+phases, as a server keeps them (int8: oneDNN's prepacked kernel). Only the files the chosen runs read are
+derived. diffusers:
 `Flux2KleinPipeline` in bf16. stable-diffusion.cpp (`pip install stable-diffusion-cpp-python`, built from
 source by pip; the `bench` extra): the GGUF files at F16 / Q8_0 / Q4_0 with the text encoder at the same type
 (`wtype`), VAE and text encoder from the same files. Its phases come from its own log lines.
@@ -42,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from flux2studio.precision import describe_cpu
 from memory import AVX2_ONLY, PROMPT, Phases, mark_phases, rss_peak_gb, write_folder
 
-OURS = ("auto", "fp32", "bf16", "int8", "int8-resident", "int4", "gguf-q8_0", "gguf-q4_0")
+OURS = ("auto", "auto-resident", "fp32", "bf16", "int8", "int8-resident", "int4", "gguf-q8_0", "gguf-q4_0")
 SDCPP = ("f16", "q8_0", "q4_0")
 DEFAULT_MODES = [f"ours:{m}" for m in OURS] + ["diffusers:bf16"] + [f"sdcpp:{m}" for m in SDCPP]
 # matching precisions: (ours, theirs) pairs whose ratio the report prints
@@ -52,6 +54,8 @@ PAIRS = [
     ("ours:bf16", "diffusers:bf16"),
     ("ours:auto", "diffusers:bf16"),
     ("ours:int8", "sdcpp:q8_0"),
+    ("ours:int8", "ours:auto"),
+    ("ours:int8-resident", "ours:auto-resident"),
     ("ours:gguf-q8_0", "sdcpp:q8_0"),
     ("ours:int4", "sdcpp:q4_0"),
     ("ours:gguf-q4_0", "sdcpp:q4_0"),
@@ -61,8 +65,20 @@ PAIRS = [
 # ----------------------------------------------------------------------------- derived files
 
 
-def derive_files(folder: Path) -> Path:
-    """The single files both sides load, converted from the folder once (see the module doc)."""
+def needed_files(key: str) -> set[str]:
+    """The derived files one run (impl:mode) reads."""
+    impl, mode = key.split(":")
+    if impl == "sdcpp":
+        return {"ae.safetensors", "qwen3-4b.safetensors", f"klein-{mode.upper()}.gguf"}
+    if impl == "ours" and mode.startswith(("int8", "int4")):
+        return {"ae.safetensors", f"klein-{mode[:4]}.safetensors", f"te-{mode[:4]}"}
+    if impl == "ours" and mode.startswith("gguf-"):
+        return {"ae.safetensors", "te", f"klein-{mode[5:].upper()}.gguf"}
+    return set()  # the folder itself
+
+
+def derive_files(folder: Path, names: set[str]) -> Path:
+    """The single files both sides load (`names` of them), converted from the folder once (see the module doc)."""
     from flux2studio.conversion import convert
 
     out = folder.parent / f"{folder.name}-files"
@@ -76,22 +92,22 @@ def derive_files(folder: Path) -> Path:
         ("klein-Q4_0.gguf", folder / "transformer", "gguf", "q4_0"),
     ]
     for name, src, to, quantize in jobs:
-        if not (out / name).exists():
+        if name in names and not (out / name).exists():
             print(f"  writing {out / name}", flush=True)
             print("  " + convert(src, out / name, to, quantize), flush=True)
-    if not (out / "qwen3-4b.safetensors").exists():
+    if "qwen3-4b.safetensors" in names and not (out / "qwen3-4b.safetensors").exists():
         from flux2studio.checkpoints import read_component, write_safetensors
 
         print("  writing qwen3-4b.safetensors", flush=True)
         write_safetensors(read_component(folder / "text_encoder"), out / "qwen3-4b.safetensors")
     for mode in ("int8", "int4"):  # the text encoder's layers saved packed (`flux2 convert TE DST --quantize`)
         packed = out / f"te-{mode}"
-        if not packed.exists():
+        if packed.name in names and not packed.exists():
             print(f"  writing {packed}", flush=True)
             print("  " + convert(folder / "text_encoder", packed, "bfl", mode), flush=True)
             (packed / "tokenizer").symlink_to(folder / "tokenizer")
     te = out / "te"
-    if not te.exists():
+    if "te" in names and not te.exists():
         te.mkdir()
         for f in (folder / "text_encoder").iterdir():
             (te / f.name).symlink_to(f)
@@ -111,11 +127,11 @@ def run_ours(folder: Path, files: Path, mode: str, size: int, steps: int, png: P
     kw: dict = {"weights": folder, "dtype": mode if mode in ("fp32", "bf16") else "auto"}
     if mode.startswith(("int8", "int4")):  # int8-resident: kept loaded (servers): oneDNN's prepacked kernel
         kw = {"weights": files / f"klein-{mode[:4]}.safetensors", "text_encoder": files / f"te-{mode[:4]}"}
-        kw |= {"resident": True} if mode.endswith("-resident") else {}
     elif mode.startswith("gguf-"):
         kw = {"weights": files / f"klein-{mode[5:].upper()}.gguf"}
     if "weights" in kw and kw["weights"] != folder:
         kw = {"vae": files / "ae.safetensors", "text_encoder": files / "te"} | kw
+    kw |= {"resident": True} if mode.endswith("-resident") else {}
     torch.manual_seed(0)
     ph = Phases()
     pipe = load("klein-4b", device="cpu", **kw)
@@ -179,15 +195,11 @@ def sdcpp_phases(result: dict, log: str) -> dict:
 
 def inputs(impl: str, mode: str, folder: Path, files: Path) -> list[Path]:
     """The weight files a run reads (warmed into the page cache before it starts)."""
-    if impl == "sdcpp":
-        return [files / f"klein-{mode.upper()}.gguf", files / "ae.safetensors", files / "qwen3-4b.safetensors"]
-    if impl == "ours" and mode not in ("auto", "fp32", "bf16"):
-        if mode.startswith("int"):
-            return [files / f"klein-{mode[:4]}.safetensors", files / "ae.safetensors",
-                    *sorted((files / f"te-{mode[:4]}").glob("*.safetensors"))]  # fmt: skip
-        te = sorted((folder / "text_encoder").glob("*.safetensors"))
-        return [files / f"klein-{mode[5:].upper()}.gguf", files / "ae.safetensors", *te]
-    return sorted(folder.rglob("*.safetensors"))
+    names = needed_files(f"{impl}:{mode}")
+    if not names:
+        return sorted(folder.rglob("*.safetensors"))
+    paths = [files / n for n in sorted(names)]
+    return [f for p in paths for f in (sorted(p.glob("*.safetensors")) if p.is_dir() else [p])]
 
 
 def run_child(impl: str, mode: str, args: argparse.Namespace, files: Path, png: Path) -> dict:
@@ -295,11 +307,12 @@ def main() -> None:
     if not (args.folder / ".complete").exists():
         print(f"writing random klein-4b-shaped weights to {args.folder} (once, ~16 GB)", flush=True)
         write_folder(args.folder)
-    derive_files(args.folder)
+    keys = args.modes.split(",")
+    derive_files(args.folder, set().union(*map(needed_files, keys)))  # only what these runs read
     with tempfile.TemporaryDirectory(prefix="flux2-cpu-") as folder:  # the images, compared and then removed
         tmp = Path(folder)
         results, pngs = {}, {}
-        for key in args.modes.split(","):
+        for key in keys:
             impl, mode = key.split(":")
             png = tmp / f"{impl}-{mode}.png"
             results[key] = run_child(impl, mode, args, files, png)

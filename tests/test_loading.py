@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from flux2studio.checkpoints import build, read_safetensors
 from flux2studio.conversion import convert
 from flux2studio.loading import load
+from flux2studio.model.autoencoder import AutoEncoder
 from flux2studio.model.transformer import Flux2Transformer
 from tiny import (
     MISTRAL_TEMPLATE,
@@ -86,7 +87,7 @@ def test_hf_cache_snapshot_is_found(klein_folder, tmp_path):
     assert pipe.variant.id == "klein-4b" and pipe.variant.transformer.hidden_size == TRANSFORMER.hidden_size
 
 
-def test_parts_are_loaded_per_phase_and_freed(klein_folder):
+def test_parts_are_loaded_per_phase_and_freed(klein_folder, monkeypatch):
     _, folder = klein_folder
     pipe = load(weights=folder, device="cpu", dtype="fp32")
     seen = []
@@ -94,6 +95,11 @@ def test_parts_are_loaded_per_phase_and_freed(klein_folder):
         (n, c.loaded) for n, c in pipe.parts.items())))  # fmt: skip
     assert seen[0] == {"transformer": True, "vae": False, "text_encoder": False}
     assert not any(c.loaded for c in pipe.parts.values())
+    encoding, encode = [], AutoEncoder.encode  # an edit: the VAE encodes the reference alone, before the transformer
+    monkeypatch.setattr(AutoEncoder, "encode", lambda vae, x: [encoding.append(dict(
+        (n, c.loaded) for n, c in pipe.parts.items())), encode(vae, x)][1])  # fmt: skip
+    pipe("a red circle", size=(64, 64), steps=1, refs=[Image.new("RGB", (64, 64), "red")])
+    assert encoding == [{"transformer": False, "vae": True, "text_encoder": False}]
     resident = load(weights=folder, device="cpu", dtype="fp32", resident=True)
     resident("a red circle", size=(64, 64), steps=1)
     assert all(c.loaded for c in resident.parts.values())

@@ -33,6 +33,7 @@ from .kernels.attention import attention_for
 from .lora import Applied, LoraFile, apply_loras, load_lora
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
+from .quantize import QuantLinear
 from .settings import GenerationSettings
 from .text_encoders import TextEncoder
 from .variants import Variant
@@ -231,9 +232,13 @@ def allow_split_projection(model: Flux2Transformer) -> None:
 def compile_blocks(model: Flux2Transformer) -> None:
     """`torch.compile` each double and single block in place (regional compilation, as diffusers'
     `compile_repeated_blocks`: the blocks of one kind share their compiled code, so the first call compiles two
-    graphs, not a whole model's). Compiling happens during the first call; later calls of the same shapes reuse it."""
-    model.complex_rope = False  # torch.compile generates no code for complex numbers
+    graphs, not a whole model's). Compiling happens during the first call; later calls of the same shapes reuse it.
+    int8 layers multiply through `torch._int_mm` there, with their scaling fused around it: oneDNN's prepacked
+    copies (`prepack_int8`, resident models) are opaque to the compiler (it stopped with an error), so dropped."""
     _inductor_cache_per_isa()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.onednn = None
     for block in (*model.double_blocks, *model.single_blocks):
         block.compile()
     model.compiled = True
@@ -336,9 +341,7 @@ class Pipeline:
         self.dtype_reason = "given"  # why this dtype; `load` sets auto's reason (precision.compute_dtype)
         self.quantize: str | None = None  # int8 / int4 / fp8 packing done at load (`load(quantize=)`), if any
         self.compile = False  # the transformer's blocks through `torch.compile` (`load(compile=True)`)
-        # "auto": our bf16 CPU kernel where it runs (kernels/attention.py), else PyTorch's SDPA; "sdpa"; "kernel"
-        self.sdpa = attention_for(attention, self.device, dtype, cache_dir())
-        self.attention = "sdpa" if self.sdpa is F.scaled_dot_product_attention else "kernel"
+        self.use_attention(attention)
         # bytes of weights a phase may hold on the device: parts are put there for their phase, blocks that do not
         # fit streamed from host memory (`device_streaming`), and brought back after it; None: parts live there
         self.vram_budget = vram_budget
@@ -357,6 +360,11 @@ class Pipeline:
         """Run on `device` holding at most `vram_budget` bytes of weights there per phase (parts built on the host;
         `_placed` puts each on the device for its phase)."""
         self.device, self.vram_budget = torch.device(device), vram_budget
+        self.use_attention(attention)
+
+    def use_attention(self, attention: str) -> None:
+        """The attention to run: "auto" (our bf16 CPU kernel where it runs, kernels/attention.py; else PyTorch's
+        SDPA), "sdpa" or "kernel"."""
         self.sdpa = attention_for(attention, self.device, self.dtype, cache_dir())
         self.attention = "sdpa" if self.sdpa is F.scaled_dot_product_attention else "kernel"
 
@@ -369,7 +377,7 @@ class Pipeline:
             loras = [(f, s) for f, s, _ in self.loras]
             self._lora_state = (model, apply_loras(model, loras, mode="fuse", into=self.dtype))
         allow_split_projection(model)
-        if self.compile and not getattr(model, "compiled", False):
+        if self.compile and not model.compiled:
             compile_blocks(model)
         return self._placed(model, [*model.double_blocks, *model.single_blocks], "transformer")
 
@@ -493,7 +501,7 @@ class Pipeline:
         self.release("text_encoder")  # phase 1 done: prompts are embeddings now
         txt_ids = sampling.text_ids(txt.shape[1]).to(self.device)
         x = sampling.pack(
-            sampling.noise(req.seeds, self.transformer.cfg.in_channels, req.height, req.width, self.dtype)
+            sampling.noise(req.seeds, self.variant.transformer.in_channels, req.height, req.width, self.dtype)
         )
         x = x.to(self.device)
         img_ids = sampling.image_ids(h, w).to(self.device)

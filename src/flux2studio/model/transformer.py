@@ -53,7 +53,7 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
 
     One complex product per pair: (x0 cos - x1 sin, x1 cos + x0 sin), the same float32 products and sums
     as diffusers' real-valued form (which builds the rotated copy and two full-size products), ~5x faster.
-    `rope` is complex, or its real (cos, sin) pairs (L, D/2, 2) (`Flux2Transformer.complex_rope`).
+    `rope` is complex, or its real (cos, sin) pairs (L, D/2, 2) (`Flux2Transformer.compiled`).
     """
     if x.device.type == "mps" or not rope.is_complex():  # (complex kernels are incomplete on Apple GPUs)
         x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
@@ -287,13 +287,13 @@ class Flux2Transformer(nn.Module):
         self.grad_checkpointing = False  # training: recompute block activations in backward to save memory
         # (q, k, v) (B, H, L, Dh) -> (B, H, Lq, Dh); a pipeline may give a faster kernel with the same arithmetic
         self.sdpa: Callable[[Tensor, Tensor, Tensor], Tensor] = SDPA
-        # rotations as complex numbers (L, D/2), or as real (cos, sin) pairs (L, D/2, 2): for compiled blocks
-        # (torch.compile generates no code for complex numbers), the same products
-        self.complex_rope = True
+        # blocks run through torch.compile (`pipeline.compile_blocks`): they get the rotations as real (cos, sin)
+        # pairs (L, D/2, 2), since torch.compile generates no code for complex numbers; the same products
+        self.compiled = False
 
     def _rope(self, ids: Tensor) -> Tensor:
         rope = rope_freqs(ids, self.cfg.axes_dim, self.cfg.theta)
-        return rope if self.complex_rope else torch.view_as_real(rope)
+        return torch.view_as_real(rope) if self.compiled else rope
 
     @staticmethod
     def _checkpointed(block: nn.Module, *args):
