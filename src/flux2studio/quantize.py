@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .precision import QUANTIZE_CHOICES, cpu_capped, cpu_features, dequantized
+from .precision import QUANTIZE_CHOICES, cpu_bf16_native, cpu_capped, cpu_features, dequantized
 
 MODE_FORMAT = {"int8": "int8", "int4": "Q4_0", "fp8": "fp8"}  # --quantize -> the stored format
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
@@ -313,7 +313,8 @@ def int8_linear(
     if onednn is not None:  # u8 = int8 + 128 with zero point 128: the same integer sums, weight scales applied
         weight, scale = onednn
         xu, s = _per_token(x, in_features, unsigned=True)
-        out = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32  # what oneDNN writes
+        # bf16 written by oneDNN only where the CPU has it (capped at AVX2 one layer did not finish in a minute)
+        out = torch.bfloat16 if x.dtype == torch.bfloat16 and cpu_bf16_native() else torch.float32
         y = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, weight, scale, _zeros(scale.shape[0]), None, 1.0, 0,
                                                out, "none", [], "")  # fmt: skip
         y = y.mul_(s.to(y.dtype)) if bias is None else torch.addcmul(bias.to(y.dtype), y, s.to(y.dtype))
