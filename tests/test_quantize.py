@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flux2studio import load
+from flux2studio import load, sampling
 from flux2studio import quantize as quantize_module
 from flux2studio.quantize import (
     QuantLinear,
@@ -378,12 +378,17 @@ def test_a_text_encoder_gguf_as_llama_cpp_writes_it_loads_with_its_own_tokenizer
 
 def test_a_resident_int8_model_compiles():
     """`--compile` with int8 layers kept in memory: the compiled blocks multiply through `torch._int_mm` (oneDNN's
-    prepacked copies, which the compiler cannot take, are dropped); the image matches the eager int8 one."""
-    eager = load("nano", device="cpu", dtype="fp32", quantize="int8", resident=True)
-    compiled = load("nano", device="cpu", dtype="fp32", quantize="int8", resident=True, compile=True)
-    want = np.asarray(eager("a red circle", size=(64, 64), steps=1, seed=1)[0]).astype(int)
-    got = np.asarray(compiled("a red circle", size=(64, 64), steps=1, seed=1)[0]).astype(int)
-    layers = [m for m in compiled.transformer.modules() if isinstance(m, QuantLinear)]
-    assert layers and all(m.onednn is None for m in layers) and compiled.transformer.compiled
-    diff = np.abs(got - want)  # fused float ops round differently, and a token's int8 value may flip by one
-    assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
+    prepacked copies, which the compiler cannot take, are dropped); the output matches the eager int8 one."""
+    from flux2studio.pipeline import compile_blocks
+
+    model = load("nano", device="cpu", dtype="fp32", quantize="int8", resident=True).transformer
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(1, 16, 128, generator=g), torch.randn(1, 8, model.cfg.context_dim, generator=g)
+    args = (img, sampling.image_ids(4, 4), txt, sampling.text_ids(8), torch.tensor([0.5]))
+    want = model(*args)
+    compile_blocks(model)
+    got = model(*args)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.onednn is None for m in layers) and model.compiled
+    # fused float ops round differently, so a token's int8 value may flip by one: close, not equal
+    assert ((got - want).abs().mean() / want.abs().mean()) < 0.02
