@@ -125,13 +125,13 @@ def run_ours(folder: Path, files: Path, mode: str, size: int, steps: int, png: P
     from flux2studio.loading import load
 
     kw: dict = {"weights": folder, "dtype": mode if mode in ("fp32", "bf16") else "auto"}
-    if mode.startswith(("int8", "int4")):  # int8-resident: kept loaded (servers): oneDNN's prepacked kernel
+    if mode.startswith(("int8", "int4")):
         kw = {"weights": files / f"klein-{mode[:4]}.safetensors", "text_encoder": files / f"te-{mode[:4]}"}
     elif mode.startswith("gguf-"):
         kw = {"weights": files / f"klein-{mode[5:].upper()}.gguf"}
     if "weights" in kw and kw["weights"] != folder:
         kw = {"vae": files / "ae.safetensors", "text_encoder": files / "te"} | kw
-    kw |= {"resident": True} if mode.endswith("-resident") else {}
+    kw |= {"resident": True} if mode.endswith("-resident") else {}  # kept loaded (servers); int8: prepacked
     torch.manual_seed(0)
     ph = Phases()
     pipe = load("klein-4b", device="cpu", **kw)
