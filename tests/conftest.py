@@ -1,10 +1,29 @@
 import dataclasses
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests share tiny.py
+
+
+@pytest.fixture
+def cli(capsys):
+    """`flux2 ARGS...` run in this process (`cli.main`: no interpreter start, torch already imported), as a
+    CompletedProcess with its exit code and output. tests/test_cli.py runs the real `python -m` entry too."""
+    from flux2studio.cli import main
+
+    def run(*args) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
 
 
 @pytest.fixture(scope="session")

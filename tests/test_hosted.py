@@ -7,10 +7,7 @@ never shows up in errors, metadata, the job store or on a delivery host."""
 import base64
 import io
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 import time
 
 import pytest
@@ -154,12 +151,19 @@ def test_unknown_task_and_missing_key(bfl, tmp_path, monkeypatch):
     assert BflClient("k", "eu").base == "https://api.eu.bfl.ai" and "k" not in repr(BflClient("k"))
 
 
-def flux2(*args, env):
-    return subprocess.run([sys.executable, "-m", "flux2studio.cli", *map(str, args)], capture_output=True,
-                          text=True, env=os.environ | env)  # fmt: skip
+@pytest.fixture
+def flux2(cli, monkeypatch):
+    """The CLI in this process with these environment variables set (read when a command runs)."""
+
+    def run(*args, env):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return cli(*args)
+
+    return run
 
 
-def test_cli_generate_and_compare_local_beside_hosted(bfl, tmp_path):
+def test_cli_generate_and_compare_local_beside_hosted(bfl, tmp_path, flux2):
     env = {"BFL_API_KEY": GOOD_KEY, "BFL_API_URL": bfl.url}
     run = flux2("generate", "a hosted cat", "--model", "max", "--size", "256x160", "--seed", "3", "-o",
                 tmp_path / "max.png", "-q", env=env)  # fmt: skip
@@ -226,7 +230,7 @@ def test_server_queues_hosted_jobs_and_lists_prices(bfl, tmp_path, monkeypatch):
         assert db.execute("select count(*) from jobs where status = 'done'").fetchone()[0] == 2
 
 
-def test_a_failed_image_does_not_lose_the_others(bfl, tmp_path):
+def test_a_failed_image_does_not_lose_the_others(bfl, tmp_path, flux2):
     """Tasks already submitted run to the end; what was made comes with the error (paid for, kept)."""
     with pytest.raises(HostedError, match=r"2 of 3 images made; .*failed on the BFL side") as e:
         pipe(bfl)(["first fine", "second [error]", "third fine"], size=(128, 128), seed=10)

@@ -2,8 +2,6 @@
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -127,26 +125,27 @@ def test_grad_checkpointing_trains_the_same_lora(klein_folder, dataset, tmp_path
     assert all(torch.equal(files[0][k], files[1][k]) for k in files[0])  # bit for bit (same seed, same data)
 
 
-def test_cli_trains_from_a_jsonl_with_samples(klein_folder, dataset, tmp_path):
+def test_cli_trains_from_a_jsonl_with_samples(klein_folder, dataset, tmp_path, cli):
     """`flux2 train lora` end to end: a .jsonl data set, batches of two in aspect buckets, gradient
-    checkpointing, a sample image every 2 steps (the text encoder and VAE come back for it), progress with
-    the loss, and a LoRA file that loads."""
+    checkpointing, a sample image every 2 steps at the training resolution (the text encoder and VAE come back
+    for it), progress with the loss, and a LoRA file that loads. Bad sample settings stop it before any work."""
     _, folder = klein_folder
     rows = [{"image": f"img{i}.png", "caption": f"a pattern number {i}"} for i in range(3)]
     (dataset / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "run"
-    run = subprocess.run([sys.executable, "-m", "flux2studio.cli", "train", "lora", dataset / "data.jsonl",
-                          "--model", "klein-base-4b", "--weights", folder, "--dtype", "fp32", "--device", "cpu",
-                          "--rank", "4", "--alpha", "4", "--lr", "1e-2", "--steps", "4", "--batch", "2",
-                          "--resolution", "64", "--grad-checkpointing", "--sample-every", "2",
-                          "--sample-prompt", "a pattern", "--out", out],
-                         capture_output=True, text=True)  # fmt: skip
+    args = ["train", "lora", dataset / "data.jsonl", "--model", "klein-base-4b", "--weights", folder,
+            "--dtype", "fp32", "--device", "cpu", "--rank", "4", "--alpha", "4", "--lr", "1e-2", "--steps", "4",
+            "--batch", "2", "--resolution", "64", "--grad-checkpointing", "--sample-every", "2",
+            "--sample-prompt", "a pattern", "--out", out]  # fmt: skip
+    bad = cli(*args, "--sample-steps", "0")
+    assert bad.returncode == 2 and "steps 0 is out of range 1.." in bad.stderr and not out.exists()
+    run = cli(*args, "--sample-steps", "2")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().endswith(f"{out / 'lora.safetensors'}  rank 4  4 steps")
     assert "loss=" in run.stderr and "4/4" in run.stderr  # the progress bar
     samples = sorted(p.name for p in out.glob("sample-*.png"))
     assert samples == ["sample-00002-0.png", "sample-00004-0.png"]
     with Image.open(out / "sample-00004-0.png") as im:
-        assert im.size[0] % 16 == 0 and im.size[1] % 16 == 0
+        assert im.size == (64, 64) and json.loads(im.info["flux2"])["steps"] == 2
     pipe = load("klein-base-4b", weights=folder, device="cpu", dtype="fp32", resident=True)
     assert load_lora(out / "lora.safetensors", pipe.transformer).format == "diffusers"

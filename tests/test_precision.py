@@ -6,8 +6,6 @@ ONEDNN_MAX_CPU_ISA=AVX2 (what a user of such a machine gets from the same code p
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -143,23 +141,23 @@ def test_auto_on_a_cpu_without_bf16_computes_nothing_in_bf16(klein_folder, tmp_p
     assert nano.dtype == torch.float32 and nano.dtype_reason.startswith("auto:")
 
 
-def test_the_cli_says_what_computes_here(tmp_path, klein_folder):
-    def cli(*args, **env):
-        run = subprocess.run([sys.executable, "-m", "flux2studio.cli", *args], capture_output=True, text=True,
-                             env={**__import__("os").environ, **env})  # fmt: skip
+def test_the_cli_says_what_computes_here(tmp_path, klein_folder, cli, monkeypatch):
+    def stdout(*args):
+        run = cli(*args)
         assert run.returncode == 0, run.stderr
         return run.stdout
 
-    out = cli("models", ONEDNN_MAX_CPU_ISA="AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # read when asked (`precision.cpu_capped`)
+    out = stdout("models")
     assert "local models compute here in fp32 (auto: ONEDNN_MAX_CPU_ISA=AVX2" in out
-    rows = json.loads(cli("models", "--json", ONEDNN_MAX_CPU_ISA="AVX2"))
+    rows = json.loads(stdout("models", "--json"))
     assert {r["id"]: r["compute_dtype"] for r in rows}["nano"] == "fp32"
     assert {r["id"]: r["compute_dtype"] for r in rows}["pro"] is None
     _, folder = klein_folder
-    info = cli("info", str(folder), ONEDNN_MAX_CPU_ISA="AVX2")
+    info = stdout("info", str(folder))
     assert "computes here in: fp32 (auto: ONEDNN_MAX_CPU_ISA=AVX2" in info
     image = tmp_path / "x.png"
-    cli("generate", "a red circle", "--steps", "1", "--dtype", "fp32", "-o", str(image))
+    stdout("generate", "a red circle", "--steps", "1", "--dtype", "fp32", "-o", str(image))
     from PIL import Image
 
     assert json.loads(Image.open(image).info["flux2"])["dtype_reason"] == "given"

@@ -437,7 +437,8 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, rank=args.rank, alpha=args.alpha, lr=args.lr, steps=args.steps,
         batch=args.batch, resolution=args.resolution, caption_dropout=args.caption_dropout,
         grad_checkpointing=args.grad_checkpointing, mode=args.mode, sample_every=args.sample_every,
-        sample_prompts=tuple(args.sample_prompt), ckpt_every=args.ckpt_every, seed=args.seed, save_kohya=args.kohya,
+        sample_prompts=tuple(args.sample_prompt), sample_steps=args.sample_steps, ckpt_every=args.ckpt_every,
+        seed=args.seed, save_kohya=args.kohya,
     )  # fmt: skip
     pipe = load(args.model, weights=args.weights, device=args.device, dtype=args.dtype)
     bar = tqdm(total=cfg.steps, desc=f"lora {args.model}", dynamic_ncols=True)
@@ -787,8 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--caption-dropout", type=float, default=0.05)
     lo.add_argument("--grad-checkpointing", action="store_true")
     lo.add_argument("--mode", choices=["t2i", "edit"], default="t2i", help="edit: a reference image per sample")
-    lo.add_argument("--sample-every", type=int, default=0)
+    lo.add_argument("--sample-every", type=int, default=0, help="a sample image per --sample-prompt every N steps")
     lo.add_argument("--sample-prompt", action="append", default=[])
+    lo.add_argument("--sample-steps", type=int, help="steps of the samples (default: the model's); size: R x R")
     lo.add_argument("--ckpt-every", type=int, default=100)
     lo.add_argument("--seed", type=int, default=0)
     lo.add_argument("--kohya", action="store_true", help="also save the ComfyUI/kohya layout")

@@ -23,9 +23,10 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .. import sampling
-from ..images import ASPECTS, size_for_aspect, to_tensor
+from ..images import ASPECTS, save_png, size_for_aspect, to_tensor
 from ..lora import _diffusers_names
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, build_request
+from ..settings import GenerationSettings
 from .common import checkpoint_meta, flow_loss, lr_at, optimizer_tensors, restore_optimizer, save_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -50,6 +51,7 @@ class LoraTrainConfig:
     mode: str = "t2i"  # "t2i" or "edit" (one reference image per sample)
     sample_every: int = 0
     sample_prompts: tuple[str, ...] = ()
+    sample_steps: int | None = None  # None: the model's default; samples are resolution x resolution
     ckpt_every: int = 100
     seed: int = 0
     targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -204,7 +206,15 @@ def save_lora(model: nn.Module, cfg: LoraTrainConfig, path: Path) -> list[Path]:
 
 
 # Settings a run may change when it resumes from its checkpoint; any other change is a different run.
-RESUMABLE_CHANGES = ("steps", "sample_every", "sample_prompts", "ckpt_every", "save_kohya", "grad_checkpointing")
+RESUMABLE_CHANGES = (
+    "steps",
+    "sample_every",
+    "sample_prompts",
+    "sample_steps",
+    "ckpt_every",
+    "save_kohya",
+    "grad_checkpointing",
+)
 
 
 def resume_step(ckpt: Path, cfg: LoraTrainConfig) -> int:
@@ -226,6 +236,17 @@ def resume_step(ckpt: Path, cfg: LoraTrainConfig) -> int:
     return step
 
 
+def sample_settings(pipe: Pipeline, cfg: LoraTrainConfig) -> GenerationSettings | None:
+    """What the sample images are made with (checked now, before training): the sample prompts at the training
+    resolution (square, a multiple of 16), `sample_steps` or the model's steps."""
+    if not (cfg.sample_every and cfg.sample_prompts):
+        return None
+    side = max(16, cfg.resolution // 16 * 16)
+    settings = GenerationSettings(list(cfg.sample_prompts), size=(side, side), steps=cfg.sample_steps, seed=cfg.seed)
+    build_request(pipe.variant, settings)  # an error names the value and its range
+    return settings
+
+
 def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]) -> Path:
     """Train; resumable from OUT/lora.ckpt.safetensors. Returns the final LoRA file (diffusers layout)."""
     from peft import inject_adapter_in_model
@@ -235,6 +256,7 @@ def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]
         raise ValueError(f"mode {cfg.mode!r}: t2i or edit")
     if pipe.variant.guidance_mode == "none":
         raise ValueError(f"{pipe.variant.id} is distilled; train LoRAs on a Base variant (klein-base-*, nano-base)")
+    sample = sample_settings(pipe, cfg)  # checked before any work, like the checkpoint below
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "lora.ckpt.safetensors"
@@ -286,8 +308,10 @@ def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]
         if cfg.sample_every and cfg.sample_prompts and (step + 1) % cfg.sample_every == 0:
             model.eval()
             with torch.no_grad():
-                for i, image in enumerate(pipe(list(cfg.sample_prompts), seed=cfg.seed)):
-                    image.save(out / f"sample-{step + 1:05d}-{i}.png")
+                for i, image in enumerate(pipe(sample)):
+                    path = out / f"sample-{step + 1:05d}-{i}.png"
+                    path.unlink(missing_ok=True)  # a resumed run makes it again
+                    save_png(image, path)  # with its settings, as `flux2 generate` writes them
             model.train()
     model.eval()
     return save_lora(model, cfg, out / "lora.safetensors")[0]
