@@ -14,8 +14,9 @@ in the page cache. Files derived once from the folder (beside it, in `<folder>-f
 Modes. ours: auto / fp32 / bf16 (the diffusers folder), int8 / int4 (the packed files and text encoder: what
 `flux2 convert --quantize` writes once; packing at load costs 20-45 s a run), gguf-q8_0 / gguf-q4_0 (the GGUF
 files; text encoder as auto); "-resident" (auto-resident, int8-resident): every part kept loaded between
-phases, as a server keeps them (int8: oneDNN's prepacked kernel). Only the files the chosen runs read are
-derived. diffusers:
+phases, as a server keeps them (int8: oneDNN's prepacked kernel); "-compile" (e.g. int8-resident-compile, not
+run by default): `--compile`, its step time taken after the first step compiled. Only the files the chosen runs
+read are derived. diffusers:
 `Flux2KleinPipeline` in bf16. stable-diffusion.cpp (`pip install stable-diffusion-cpp-python`, built from
 source by pip; the `bench` extra): the GGUF files at F16 / Q8_0 / Q4_0 with the text encoder at the same type
 (`wtype`), VAE and text encoder from the same files. Its phases come from its own log lines.
@@ -47,6 +48,7 @@ from memory import AVX2_ONLY, PROMPT, Phases, mark_phases, rss_peak_gb, write_fo
 OURS = ("auto", "auto-resident", "fp32", "bf16", "int8", "int8-resident", "int4", "gguf-q8_0", "gguf-q4_0")
 SDCPP = ("f16", "q8_0", "q4_0")
 DEFAULT_MODES = [f"ours:{m}" for m in OURS] + ["diffusers:bf16"] + [f"sdcpp:{m}" for m in SDCPP]
+# also runnable, not in the default set: any ours mode + "-compile" (`--compile`; a step is timed after compiling)
 # matching precisions: (ours, theirs) pairs whose ratio the report prints
 PAIRS = [
     ("ours:auto", "sdcpp:q8_0"),
@@ -56,6 +58,7 @@ PAIRS = [
     ("ours:int8", "sdcpp:q8_0"),
     ("ours:int8", "ours:auto"),
     ("ours:int8-resident", "ours:auto-resident"),
+    ("ours:int8-resident-compile", "ours:auto-resident-compile"),
     ("ours:gguf-q8_0", "sdcpp:q8_0"),
     ("ours:int4", "sdcpp:q4_0"),
     ("ours:gguf-q4_0", "sdcpp:q4_0"),
@@ -131,7 +134,8 @@ def run_ours(folder: Path, files: Path, mode: str, size: int, steps: int, png: P
         kw = {"weights": files / f"klein-{mode[5:].upper()}.gguf"}
     if "weights" in kw and kw["weights"] != folder:
         kw = {"vae": files / "ae.safetensors", "text_encoder": files / "te"} | kw
-    kw |= {"resident": True} if mode.endswith("-resident") else {}  # kept loaded (servers); int8: prepacked
+    kw |= {"resident": True} if "-resident" in mode else {}  # kept loaded (servers); int8: prepacked
+    kw |= {"compile": True} if mode.endswith("-compile") else {}
     torch.manual_seed(0)
     ph = Phases()
     pipe = load("klein-4b", device="cpu", **kw)

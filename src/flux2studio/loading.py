@@ -517,6 +517,8 @@ def _load_local(
     transformer = build(lambda: Flux2Transformer(variant.transformer), read_safetensors(t_path), model_id, torch_dtype)
     if quantize:
         quantize_modules(transformer, quantize, transformer_quantizable, release=drop_file_pages)
+        if torch.device(device).type == "cpu":  # held in memory whole (never streamed): oneDNN's int8 layout
+            prepack_int8(transformer)
     vae = build(lambda: AutoEncoder(variant.vae), read_safetensors(vae_path), "nano VAE", torch_dtype)
     text_encoder = load_minilm(variant.text_encoder, device=device)
     digest = weights_hash([t_path])

@@ -33,7 +33,6 @@ from .kernels.attention import attention_for
 from .lora import Applied, LoraFile, apply_loras, load_lora
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
-from .quantize import QuantLinear
 from .settings import GenerationSettings
 from .text_encoders import TextEncoder
 from .variants import Variant
@@ -233,12 +232,9 @@ def compile_blocks(model: Flux2Transformer) -> None:
     """`torch.compile` each double and single block in place (regional compilation, as diffusers'
     `compile_repeated_blocks`: the blocks of one kind share their compiled code, so the first call compiles two
     graphs, not a whole model's). Compiling happens during the first call; later calls of the same shapes reuse it.
-    int8 layers multiply through `torch._int_mm` there, with their scaling fused around it: oneDNN's prepacked
-    copies (`prepack_int8`, resident models) are opaque to the compiler (it stopped with an error), so dropped."""
+    int8 layers keep their kernel there (oneDNN's prepacked one where resident, as the opaque op
+    `prepacked_int8_mm`; `torch._int_mm` otherwise) with the activations' quantization and the scaling fused."""
     _inductor_cache_per_isa()
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.onednn = None
     for block in (*model.double_blocks, *model.single_blocks):
         block.compile()
     model.compiled = True

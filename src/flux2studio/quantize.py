@@ -315,8 +315,7 @@ def int8_linear(
         xu, s = _per_token(x, in_features, unsigned=True)
         # bf16 written by oneDNN only where the CPU has it (capped at AVX2 one layer did not finish in a minute)
         out = torch.bfloat16 if x.dtype == torch.bfloat16 and cpu_bf16_native() else torch.float32
-        y = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, weight, scale, _zeros(scale.shape[0]), None, 1.0, 0,
-                                               out, "none", [], "")  # fmt: skip
+        y = prepacked_int8_mm(xu, weight, scale, out)
         y = y.mul_(s.to(y.dtype)) if bias is None else torch.addcmul(bias.to(y.dtype), y, s.to(y.dtype))
     else:
         xq, s = _per_token(x, in_features)
@@ -325,6 +324,21 @@ def int8_linear(
         if bias is not None:
             y = y.add_(bias)
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+@torch.library.custom_op("flux2studio::prepacked_int8_mm", mutates_args=())
+def prepacked_int8_mm(xu: Tensor, packed: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """uint8 activations (zero point 128, scale 1) x oneDNN's prepacked int8 weight, the weight's per-channel
+    `scale` applied: (tokens, out) in `out_dtype`. An opaque op to the compiler, so that compiled blocks call the
+    prepacked kernel with the blocked weight as an input (traced as the plain op, Inductor stopped with an error:
+    it lowers that op only for weights it froze itself) and share one compiled graph across blocks."""
+    return torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, packed, scale, _zeros(scale.shape[0]), None, 1.0, 0,
+                                              out_dtype, "none", [], "")  # fmt: skip
+
+
+@prepacked_int8_mm.register_fake
+def _(xu: Tensor, packed: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    return xu.new_empty((xu.shape[0], scale.shape[0]), dtype=out_dtype)
 
 
 @functools.cache
