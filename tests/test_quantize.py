@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 
 import gguf
 import numpy as np
@@ -400,3 +401,33 @@ def test_a_resident_int8_model_compiles():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 < len(model.single_blocks)
     # fused float ops round differently, so a token's int8 value may flip by one: close, not equal
     assert ((got - want).abs().mean() / want.abs().mean()) < 0.02
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page residency is read from /proc (Linux)")
+def test_prepacked_int8_layers_hand_back_their_file_pages(tmp_path):
+    """A resident int8 layer from a saved int8 file is held once: after oneDNN's copy is made, the rows' pages
+    of the mapped file go back to the OS (read again only if a dense weight is rebuilt); it computes the same."""
+    from flux2studio.checkpoints import read_safetensors
+    from flux2studio.quantize import prepack_int8
+    from flux2studio.residency import prefault
+    from test_loading import _mapped_kb
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 1024, generator=g)
+    save_file({"w": quantize_weight(w, "int8")}, str(tmp_path / "layer.safetensors"))
+    layer = QuantLinear(1024, 512, bias=False, fmt="int8")
+    layer.weight.data = read_safetensors(tmp_path / "layer.safetensors")["w"]  # memory-mapped rows
+    prefault(layer)
+    size_kb = (tmp_path / "layer.safetensors").stat().st_size // 1024
+    assert _mapped_kb(tmp_path) > 0.9 * size_kb
+    x = torch.randn(2, 16, 1024, generator=g)
+    with torch.no_grad():
+        want = layer(x)  # torch._int_mm on the rows
+        if prepack_int8(layer) != 1:
+            pytest.fail("this PyTorch has no oneDNN int8 kernel (torch.ops.onednn.qlinear_prepack)")
+        assert _mapped_kb(tmp_path) < 0.1 * size_kb
+        got = layer(x)
+        assert _mapped_kb(tmp_path) < 0.1 * size_kb  # the prepacked product does not read the rows
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # the same int32 sums, scaled in another order
+        assert torch.equal(layer.dense(torch.float32), dequantize_weight(quantize_weight(w, "int8"), "int8", 1024,
+                                                                         torch.float32))  # fmt: skip
