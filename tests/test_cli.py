@@ -103,9 +103,10 @@ def test_errors_are_one_actionable_line(tmp_path, klein_folder, cli):
         main(["--debug", "generate", "p", "--model", "klien-4b"])
 
 
-def test_models_shows_downloaded_weights_and_generate_finds_them(klein_folder, tmp_path):
-    import os
+def test_models_shows_downloaded_weights_and_generate_finds_them(klein_folder, tmp_path, cli, monkeypatch):
     import shutil
+
+    from huggingface_hub import constants
 
     _, folder = klein_folder
     cache = tmp_path / "hub"
@@ -113,14 +114,14 @@ def test_models_shows_downloaded_weights_and_generate_finds_them(klein_folder, t
     shutil.copytree(folder, entry / "snapshots" / "0123abc")
     (entry / "refs").mkdir()
     (entry / "refs" / "main").write_text("0123abc")
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "flux2studio.cli", "models", "--json"], capture_output=True,
-                         text=True, env=env)  # fmt: skip
+    # what HF_HUB_CACHE / HF_HUB_OFFLINE set at start-up (huggingface_hub reads them into these at import)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    run = cli("models", "--json")
     present = {r["id"]: r["present"] for r in json.loads(run.stdout)}
     assert present["klein-4b"] and not present["klein-9b"]
-    run = subprocess.run([sys.executable, "-m", "flux2studio.cli", "generate", "p", "--model", "klein-4b",
-                          "--size", "64x64", "--steps", "1", "--dtype", "fp32", "-q", "-o", str(tmp_path / "k.png")],
-                         capture_output=True, text=True, env=env)  # fmt: skip
+    run = cli("generate", "p", "--model", "klein-4b", "--size", "64x64", "--steps", "1", "--dtype", "fp32", "-q",
+              "-o", tmp_path / "k.png")  # fmt: skip
     assert run.returncode == 0, run.stderr
 
 
