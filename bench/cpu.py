@@ -68,16 +68,21 @@ PAIRS = [
 # ----------------------------------------------------------------------------- derived files
 
 
+def ours_files(mode: str) -> dict[str, str]:
+    """The derived files our run in `mode` loads, by `load` argument; none: the diffusers folder itself."""
+    if mode.startswith(("int8", "int4")):
+        return {"weights": f"klein-{mode[:4]}.safetensors", "text_encoder": f"te-{mode[:4]}", "vae": "ae.safetensors"}
+    if mode.startswith("gguf-"):
+        return {"weights": f"klein-{mode[5:].upper()}.gguf", "text_encoder": "te", "vae": "ae.safetensors"}
+    return {}
+
+
 def needed_files(key: str) -> set[str]:
     """The derived files one run (impl:mode) reads."""
     impl, mode = key.split(":")
     if impl == "sdcpp":
         return {"ae.safetensors", "qwen3-4b.safetensors", f"klein-{mode.upper()}.gguf"}
-    if impl == "ours" and mode.startswith(("int8", "int4")):
-        return {"ae.safetensors", f"klein-{mode[:4]}.safetensors", f"te-{mode[:4]}"}
-    if impl == "ours" and mode.startswith("gguf-"):
-        return {"ae.safetensors", "te", f"klein-{mode[5:].upper()}.gguf"}
-    return set()  # the folder itself
+    return set(ours_files(mode).values()) if impl == "ours" else set()
 
 
 def derive_files(folder: Path, names: set[str]) -> Path:
@@ -128,12 +133,7 @@ def run_ours(folder: Path, files: Path, mode: str, size: int, steps: int, png: P
     from flux2studio.loading import load
 
     kw: dict = {"weights": folder, "dtype": mode if mode in ("fp32", "bf16") else "auto"}
-    if mode.startswith(("int8", "int4")):
-        kw = {"weights": files / f"klein-{mode[:4]}.safetensors", "text_encoder": files / f"te-{mode[:4]}"}
-    elif mode.startswith("gguf-"):
-        kw = {"weights": files / f"klein-{mode[5:].upper()}.gguf"}
-    if "weights" in kw and kw["weights"] != folder:
-        kw = {"vae": files / "ae.safetensors", "text_encoder": files / "te"} | kw
+    kw |= {arg: files / name for arg, name in ours_files(mode).items()}
     kw |= {"resident": True} if "-resident" in mode else {}  # kept loaded (servers); int8: prepacked
     kw |= {"compile": True} if mode.endswith("-compile") else {}
     torch.manual_seed(0)

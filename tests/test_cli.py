@@ -10,9 +10,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 
-def flux2(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "flux2studio.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd)  # fmt: skip
+def flux2(*args):
+    return subprocess.run([sys.executable, "-m", "flux2studio.cli", *map(str, args)], capture_output=True, text=True)
 
 
 def common(folder):

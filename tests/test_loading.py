@@ -96,8 +96,12 @@ def test_parts_are_loaded_per_phase_and_freed(klein_folder, monkeypatch):
     assert seen[0] == {"transformer": True, "vae": False, "text_encoder": False}
     assert not any(c.loaded for c in pipe.parts.values())
     encoding, encode = [], AutoEncoder.encode  # an edit: the VAE encodes the reference alone, before the transformer
-    monkeypatch.setattr(AutoEncoder, "encode", lambda vae, x: [encoding.append(dict(
-        (n, c.loaded) for n, c in pipe.parts.items())), encode(vae, x)][1])  # fmt: skip
+
+    def watched(vae, x):
+        encoding.append({n: c.loaded for n, c in pipe.parts.items()})
+        return encode(vae, x)
+
+    monkeypatch.setattr(AutoEncoder, "encode", watched)
     pipe("a red circle", size=(64, 64), steps=1, refs=[Image.new("RGB", (64, 64), "red")])
     assert encoding == [{"transformer": False, "vae": True, "text_encoder": False}]
     resident = load(weights=folder, device="cpu", dtype="fp32", resident=True)

@@ -316,8 +316,8 @@ def int8_linear(
         xu, s = _per_token(x, in_features, unsigned=True)
         # bf16 written by oneDNN only where the CPU has it (capped at AVX2 one layer did not finish in a minute)
         out = torch.bfloat16 if x.dtype == torch.bfloat16 and cpu_bf16_native() else torch.float32
-        y = prepacked_int8_mm(xu, weight, scale, out)
-        y = y.mul_(s.to(y.dtype)) if bias is None else torch.addcmul(bias.to(y.dtype), y, s.to(y.dtype))
+        y, s = prepacked_int8_mm(xu, weight, scale, out), s.to(out)
+        y = y.mul_(s) if bias is None else torch.addcmul(bias.to(out), y, s)
     else:
         xq, s = _per_token(x, in_features)
         q, scale = _int8_weight(packed, in_features)

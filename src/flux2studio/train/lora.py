@@ -305,7 +305,7 @@ def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(model).items()}
             save_checkpoint(ckpt, step + 1, state | optimizer_tensors(opt, names), asdict(cfg))
-        if cfg.sample_every and cfg.sample_prompts and (step + 1) % cfg.sample_every == 0:
+        if sample is not None and (step + 1) % cfg.sample_every == 0:
             model.eval()
             with torch.no_grad():
                 for i, image in enumerate(pipe(sample)):
