@@ -16,7 +16,7 @@ from flux2studio.sampling import image_ids, text_ids
 from tiny import TRANSFORMER, diffusers_transformer
 
 CFG = dataclasses.replace(TRANSFORMER, guidance_embed=False)
-TOL = 1e-5  # fp32, a 4-block model: summation order only
+TOL = 1e-5  # fp32, a 4-block model: summation order only; relative to the largest output (they reach ~9)
 RANK, ALPHA = 4, 8
 TARGETS = (  # every Linear kind of the model, as a PEFT regex (diffusers names)
     r".*(to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|to_add_out|linear_in|linear_out|to_qkv_mlp_proj"
@@ -105,7 +105,7 @@ def test_diffusers_peft_layout_with_adapter_metadata(peft_pair, tmp_path):
     path = _save(tmp_path, "peft", {f"transformer.{k}": v for k, v in lora_sd.items()}, meta)
     lora, got = _run(ours, path)
     assert lora.format == "diffusers"
-    assert (got - expected).abs().max().item() <= TOL
+    assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
 
 
 def test_bfl_names_ai_toolkit_and_fal_style(peft_pair, tmp_path):
@@ -115,7 +115,7 @@ def test_bfl_names_ai_toolkit_and_fal_style(peft_pair, tmp_path):
                                                   for k, v in bfl.items()})):  # fmt: skip
         lora, got = _run(ours, _save(tmp_path, name, sd))
         assert lora.format == "bfl"
-        assert (got - expected).abs().max().item() <= TOL, name
+        assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item(), name
 
 
 def test_kohya_musubi_layout_with_alpha(peft_pair, tmp_path):
@@ -129,7 +129,7 @@ def test_kohya_musubi_layout_with_alpha(peft_pair, tmp_path):
         sd[f"{kohya}.alpha"] = torch.tensor(float(ALPHA))
     lora, got = _run(ours, _save(tmp_path, "kohya", sd))
     assert lora.format == "kohya"
-    assert (got - expected).abs().max().item() <= TOL
+    assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
 
 
 def test_lokr_matches_the_merged_weights(tmp_path):
@@ -151,7 +151,8 @@ def test_lokr_matches_the_merged_weights(tmp_path):
             lin.weight += d
         ref.single_transformer_blocks[1].attn.to_out.weight += torch.kron(m1, sd[
             "diffusion_model.single_blocks.1.linear2.lokr_w2"])  # fmt: skip
-    assert (got - _diffusers_out(ref, _inputs())).abs().max().item() <= TOL
+    expected = _diffusers_out(ref, _inputs())
+    assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
 
 
 def test_lycoris_lokr_matches_diffusers(tmp_path):
@@ -177,7 +178,6 @@ def test_lycoris_lokr_matches_diffusers(tmp_path):
     ref.load_lora_adapter(Flux2Pipeline.lora_state_dict(dict(sd)), prefix="transformer")
     expected = _diffusers_out(ref, _inputs())
     assert (expected - plain).abs().max().item() > 1e-2  # the LoKr does something in diffusers too
-    # outputs reach ~3 here: the bound is TOL relative to the largest value (summation order only)
     assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
 
 

@@ -5,7 +5,10 @@ ONEDNN_MAX_CPU_ISA=AVX2 (what a user of such a machine gets from the same code p
 `precision.cpu_features`."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +223,14 @@ def test_a_layer_that_raises_gets_its_stored_weight_back():
     with pytest.raises(MemoryError):
         model(torch.zeros(1, 4))
     assert model[0].weight.dtype == torch.bfloat16
+
+
+def test_importing_the_package_asks_mkl_for_reproducible_results_unless_the_user_chose():
+    """MKL_CBWR (see flux2studio/__init__.py): without it two parity tests failed on an AMD EPYC."""
+    code = "import os, flux2studio; print(os.environ['MKL_CBWR'])"
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "AUTO"
+    env["MKL_CBWR"] = "COMPATIBLE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "COMPATIBLE"
