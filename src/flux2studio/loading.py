@@ -49,7 +49,7 @@ from .quantized_files import (
     text_encoder_quantizable,
     transformer_quantizable,
 )
-from .residency import drop_file_pages, drop_unused_pages, prefault, stream_weights
+from .residency import drop_file_pages, drop_unused_pages, prefault, scratch, stream_weights
 from .text_encoders import TextEncoder, load_minilm
 from .variants import (
     EMBEDDED_IDS,
@@ -128,7 +128,7 @@ def streamed(model: torch.nn.Module, blocks: list[torch.nn.Module], resident: bo
         prepack_int8(model)  # int8 layers kept in memory: oneDNN's faster layout (CPU only; none elsewhere)
     else:
         stream_weights(blocks)
-    widen_on_use(model, blocks, dtype)
+    widen_on_use(model, blocks, dtype, scratch)
     return model
 
 

@@ -9,7 +9,6 @@ parity). It does not read files: see `checkpoints` for building one from weights
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -33,6 +32,8 @@ from .kernels.attention import attention_for
 from .lora import Applied, LoraFile, apply_loras, load_lora
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
+from .quantize import multiplies_int8
+from .residency import reuse_freed_memory, trim_heap
 from .settings import GenerationSettings
 from .text_encoders import TextEncoder
 from .variants import Variant
@@ -292,19 +293,13 @@ class Component(Generic[T]):
         if not self.resident and self._value is not None:
             self._value = None
             gc.collect()
-            _trim_heap()
+            trim_heap()
 
 
 def _read_ahead(files: Sequence[Path]) -> None:
     for path in files:
         with contextlib.suppress(OSError), open(path, "rb") as f:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
-
-
-def _trim_heap() -> None:
-    """Give freed memory back to the OS now (glibc keeps it otherwise), so RSS follows the phases."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class Pipeline:
@@ -474,8 +469,17 @@ class Pipeline:
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """(B, L, C) text embeddings in the pipeline dtype; identical prompts are encoded once."""
         unique = list(dict.fromkeys(prompts))
-        emb = self.text_encoder(unique, dtype=self.dtype).to(self.device)
+        encoder = self.text_encoder
+        with self._computing(getattr(encoder, "model", None)):
+            emb = encoder(unique, dtype=self.dtype).to(self.device)
         return emb[[unique.index(p) for p in prompts]]
+
+    def _computing(self, model: torch.nn.Module | None) -> contextlib.AbstractContextManager:
+        """Around a model's computation on the CPU: memory reused between its layers and steps, the heap held where
+        it multiplies in int8 (`residency.reuse_freed_memory`)."""
+        if self.device.type != "cpu":
+            return contextlib.nullcontext()
+        return reuse_freed_memory(hold_heap=isinstance(model, torch.nn.Module) and multiplies_int8(model))
 
     def encode_image(self, image: Image.Image) -> Tensor:
         """An RGB image -> normalised latents (1, 128, H/16, W/16)."""
@@ -549,7 +553,8 @@ class Pipeline:
             if req.init.mask is not None:
                 mask = sampling.mask_tokens(req.init.mask, h, w).to(self.device)
                 inpaint = sampling.Inpaint(clean, noise, mask)
-        x = sampling.denoise(velocity, x, sigmas, callback, inpaint)
+        with self._computing(self.parts["transformer"].get()):
+            x = sampling.denoise(velocity, x, sigmas, callback, inpaint)
         self.release("transformer")
         return sampling.unpack(x, h, w)
 

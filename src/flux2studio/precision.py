@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    # where a tensor that lives for one layer's call may be written (`residency.scratch`)
+    Scratch = Callable[[Sequence[tuple[tuple[int, ...], torch.dtype]], torch.device], list[torch.Tensor] | None]
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # --dtype name -> torch's (in metadata)
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
@@ -171,13 +174,16 @@ def dequantized(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return fp8_to(p.data, None if scale is None else scale.to(p.device), dtype)  # (a streamed block's is on the host)
 
 
-def widen_on_use(model: nn.Module, blocks: Sequence[nn.Module], dtype: torch.dtype) -> list:
+def widen_on_use(
+    model: nn.Module, blocks: Sequence[nn.Module], dtype: torch.dtype, scratch: Scratch | None = None
+) -> list:
     """Compute `model` in `dtype` while it keeps narrower weights: each linear layer's weight is converted just
     before the layer runs and dropped right after, a block's other weights (norms) around the block (forward
     hooks; weights being trained are left alone), so at most one layer's wide copy exists at a time (klein-4b's
     largest: 226 MB in fp32; a whole double block would be 980 MB, its shared modulation layers 566 MB).
     Embedding tables stay narrow and their rows are converted as they are looked up; what is left (small:
-    norms outside the blocks) is converted now. Returns the hook handles."""
+    norms outside the blocks) is converted now. `scratch` (`residency.scratch`): where a layer's wide weight may be
+    written at inference instead of a new tensor each call (None from it: a new tensor). Returns the hook handles."""
     import torch
     from torch import nn
 
@@ -196,12 +202,15 @@ def widen_on_use(model: nn.Module, blocks: Sequence[nn.Module], dtype: torch.dty
             if id(t) not in on_use and t.is_floating_point() and t.dtype != dtype:
                 t.data = dequantized(t, dtype)
     for m in linears:
-        handles += _widen_around(m, list(m.parameters(recurse=False)), dtype)
+        handles += _widen_around(m, list(m.parameters(recurse=False)), dtype, (m.weight, scratch) if scratch else None)
     return handles
 
 
-def _widen_around(module: nn.Module, params: list[nn.Parameter], dtype: torch.dtype) -> list:
-    """Hooks that give `params` wide data while `module` runs and their stored data back after."""
+def _widen_around(
+    module: nn.Module, params: list[nn.Parameter], dtype: torch.dtype, reuse: tuple[nn.Parameter, Scratch] | None = None
+) -> list:
+    """Hooks that give `params` wide data while `module` runs and their stored data back after. `reuse`: (a parameter,
+    a scratch provider): that parameter's wide copy is written where the provider says, at inference."""
     import torch
 
     params = [p for p in params if p.is_floating_point() and p.dtype != dtype]
@@ -214,7 +223,11 @@ def _widen_around(module: nn.Module, params: list[nn.Parameter], dtype: torch.dt
         for p in params:
             if p.dtype != dtype and not (training and p.requires_grad):
                 stored.append((p, p.data))
-                p.data = dequantized(p, dtype)
+                # a plain cast into the scratch buffer; never while training (autograd keeps the weight for the
+                # backward pass)
+                plain = reuse is not None and p is reuse[0] and p.dtype not in fp8_dtypes() and not training
+                buf = reuse[1]([(p.shape, dtype)], p.device) if plain else None
+                p.data = dequantized(p, dtype) if buf is None else buf[0].copy_(p.data)
 
     def after(_m: nn.Module, _args, _out) -> None:
         for p, data in stored:

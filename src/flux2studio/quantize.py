@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .precision import QUANTIZE_CHOICES, cpu_bf16_native, cpu_capped, cpu_features, dequantized
-from .residency import drop_file_pages
+from .residency import drop_file_pages, scratch
 
 MODE_FORMAT = {"int8": "int8", "int4": "Q4_0", "fp8": "fp8"}  # --quantize -> the stored format
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
@@ -321,10 +321,26 @@ def int8_linear(
     else:
         xq, s = _per_token(x, in_features)
         q, scale = _int8_weight(packed, in_features)
-        y = torch.mul(torch._int_mm(xq, q.t()), s).mul_(scale.t())  # int32 * float32: one float32 result
+        # the int32 sums, and their scaled copy unless that is the output (fp32), in scratch memory
+        shape = (xq.shape[0], q.shape[0])
+        parts = [(shape, torch.int32)] + ([(shape, torch.float32)] if x.dtype != torch.float32 else [])
+        bufs = scratch(parts, x.device) or [None] * len(parts)
+        acc = torch._int_mm(xq, q.t(), out=bufs[0])
+        y = torch.mul(acc, s, out=bufs[1] if len(bufs) > 1 else None).mul_(scale.t())  # one float32 result
         if bias is not None:
             y = y.add_(bias)
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def multiplies_int8(model: nn.Module) -> bool:
+    """Whether `model` has int8 layers that multiply in int8 here (packed int8 weights on a CPU)."""
+    return any(
+        isinstance(m, QuantLinear)
+        and m.fmt == "int8"
+        and m.weight.device.type == "cpu"
+        and not m.weight.is_floating_point()
+        for m in model.modules()
+    )
 
 
 @torch.library.custom_op("flux2studio::prepacked_int8_mm", mutates_args=())
