@@ -193,15 +193,15 @@ def reuse_freed_memory(hold_heap: bool = True) -> Iterator[None]:
     copy of the weight come and go. Holding the heap costs 0.1-0.2 GB of peak memory (freed memory kept in pieces)
     and gave float layers nothing, so callers ask for it where the model multiplies in int8. The heap is left alone
     where the C library is not glibc or the user tuned its allocator (MALLOC_* variables, glibc.malloc tunables)."""
-    outer = getattr(_thread, "buffers", None) is None
-    if outer:
-        _thread.buffers = {}
-    try:
-        with _heap_held() if hold_heap else contextlib.nullcontext():
-            yield
-    finally:
+    with _heap_held() if hold_heap else contextlib.nullcontext():
+        outer = getattr(_thread, "buffers", None) is None
         if outer:
-            _thread.buffers = None
+            _thread.buffers = {}
+        try:
+            yield
+        finally:
+            if outer:
+                _thread.buffers = None  # freed before the heap is handed back
 
 
 @contextlib.contextmanager
