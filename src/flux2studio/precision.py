@@ -202,15 +202,15 @@ def widen_on_use(
             if id(t) not in on_use and t.is_floating_point() and t.dtype != dtype:
                 t.data = dequantized(t, dtype)
     for m in linears:
-        handles += _widen_around(m, list(m.parameters(recurse=False)), dtype, (m.weight, scratch) if scratch else None)
+        handles += _widen_around(m, list(m.parameters(recurse=False)), dtype, scratch)
     return handles
 
 
 def _widen_around(
-    module: nn.Module, params: list[nn.Parameter], dtype: torch.dtype, reuse: tuple[nn.Parameter, Scratch] | None = None
+    module: nn.Module, params: list[nn.Parameter], dtype: torch.dtype, scratch: Scratch | None = None
 ) -> list:
-    """Hooks that give `params` wide data while `module` runs and their stored data back after. `reuse`: (a parameter,
-    a scratch provider): that parameter's wide copy is written where the provider says, at inference."""
+    """Hooks that give `params` wide data while `module` runs and their stored data back after; with `scratch`, the
+    module's weight is written where it says at inference (`widen_on_use`)."""
     import torch
 
     params = [p for p in params if p.is_floating_point() and p.dtype != dtype]
@@ -225,8 +225,8 @@ def _widen_around(
                 stored.append((p, p.data))
                 # a plain cast into the scratch buffer; never while training (autograd keeps the weight for the
                 # backward pass)
-                plain = reuse is not None and p is reuse[0] and p.dtype not in fp8_dtypes() and not training
-                buf = reuse[1]([(p.shape, dtype)], p.device) if plain else None
+                plain = scratch and p is getattr(module, "weight", None) and p.dtype not in fp8_dtypes()
+                buf = scratch([(p.shape, dtype)], p.device) if plain and not training else None
                 p.data = dequantized(p, dtype) if buf is None else buf[0].copy_(p.data)
 
     def after(_m: nn.Module, _args, _out) -> None:

@@ -72,11 +72,9 @@ def file_pages(tensors: list[Tensor]) -> list[tuple[int, int]]:
 
 
 def _dont_need(ranges: list[tuple[int, int]]) -> int:
-    import ctypes
-
     if not ranges:
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     dropped = 0
     for lo, hi in ranges:
         if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0:  # MADV_DONTNEED
@@ -129,6 +127,12 @@ _held_lock = threading.Lock()
 
 
 @functools.cache
+def _libc() -> ctypes.CDLL:
+    """The process's C library (madvise, and glibc's mallopt / malloc_trim where it is glibc)."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """The process's C library where it is glibc and the user has not tuned its allocator (MALLOC_* variables,
     glibc.malloc tunables, a preloaded allocator): theirs to decide then."""
@@ -137,7 +141,7 @@ def _glibc() -> ctypes.CDLL | None:
     if "malloc" in os.environ.get("LD_PRELOAD", ""):  # jemalloc, tcmalloc, mimalloc
         return None
     try:
-        libc = ctypes.CDLL(None)
+        libc = _libc()
         libc.gnu_get_libc_version  # noqa: B018  (only glibc has it)
         libc.mallopt, libc.malloc_trim  # noqa: B018
     except (OSError, AttributeError):
@@ -148,7 +152,7 @@ def _glibc() -> ctypes.CDLL | None:
 def trim_heap() -> None:
     """Give the heap's free memory back to the OS now (glibc keeps it otherwise), so RSS follows the phases."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
+        _libc().malloc_trim(0)
 
 
 _thread = threading.local()  # .buffers: this thread's scratch buffers while it computes ({device: bytes}), or None
