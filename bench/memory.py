@@ -11,8 +11,9 @@ padded to 512 tokens). Both sides generate one 512x512 image in 4 steps from the
 
 Ours computes in --dtype (auto: bf16 where the CPU has AVX512-BF16/AMX, else fp32 on the bf16 weights);
 diffusers in bf16, as its documentation loads FLUX.2 (fp32 would need the whole model widened: 32 GB).
---avx2 runs both as on a CPU without AVX-512 (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2: oneDNN's and
-ATen's kernels limited to AVX2; bf16 nn.Linear then runs at ~20 GFLOP/s on 2 cores, as on such machines).
+--avx2 runs both as on a CPU without AVX-512 (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2,
+MKL_ENABLE_INSTRUCTIONS=AVX2: oneDNN's, ATen's and MKL's kernels (fp32 products) limited to AVX2; bf16 nn.Linear then
+runs at ~20 GFLOP/s on 2 cores, as on such machines).
 
 Peak RSS is the process's high-water mark (VmHWM), reset before each phase to get per-phase peaks. The
 weight files are read once before each side runs, so both start with them in the page cache.
@@ -47,7 +48,7 @@ CHAT = (
     "{%- endif %}"
 )
 SHARD_BYTES = 2 * 2**30
-AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # --avx2
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}  # --avx2
 
 
 # ----------------------------------------------------------------------------- writing the folder

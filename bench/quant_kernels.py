@@ -6,7 +6,8 @@ activations unless named, median of --runs, --threads threads. GFLOP/s counts 2*
 uniformly, as nn.Linear initialises them: many reach the int8 range's ends, which is where kernels saturate).
 
     python bench/quant_kernels.py [--threads 2] [--runs 5]
-    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python bench/quant_kernels.py   # as on an AVX2-only CPU
+    # as on an AVX2-only CPU:
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench/quant_kernels.py
 
 torchao rows need `pip install torchao` (the `bench` extra); they are skipped, and said so, without it.
 """
