@@ -3,7 +3,7 @@
 first call's time includes compiling), ours streamed under device
 budgets (--budgets, default 4, 8 and 12 GB), diffusers' Flux2KleinPipeline plain, with enable_model_cpu_offload
 and with group offload (block level, CUDA streams): per phase time, peak VRAM (max allocated and reserved), and
-every image compared with ours resident.
+every image compared with ours resident. Each run is a process, stopped after --timeout seconds (reported so).
 
 Random weights in the real shapes are built in memory from one seed in each run's own process (no files to
 write: the same numbers everywhere), bf16. The first call of each run is a warm-up at the same size (CUDA's
@@ -53,6 +53,8 @@ def models(tiny: bool):
         text_cfg = QWEN3_4B | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
                                    num_key_value_heads=1, head_dim=32)  # fmt: skip
     g = torch.Generator().manual_seed(0)
+    pool = 2**25  # random values drawn once and laid into every weight from a different offset (drawing 7.9B
+    ring = (torch.randn(pool, generator=g) * 0.02).to(torch.bfloat16).repeat(2)  # values took ~40 s a run)
     with torch.device("meta"):
         parts = (Flux2Transformer(variant.transformer), AutoEncoder(variant.vae),
                  Qwen3Model(Qwen3Config(**text_cfg)))  # fmt: skip
@@ -62,11 +64,14 @@ def models(tiny: bool):
         with torch.no_grad():
             for name, b in module.named_buffers():  # the VAE's latent statistics: mean 0, variance 1
                 b.fill_(1 if name.endswith("running_var") else 0)
-            for name, p in module.named_parameters():
+            for k, (name, p) in enumerate(module.named_parameters()):
                 if p.ndim == 1:
                     p.fill_(1.0 if "norm" in name or "scale" in name else 0.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                    continue
+                flat, start = p.view(-1), (k * 1_000_003) % pool
+                for done in range(0, flat.numel(), pool):
+                    n = min(pool, flat.numel() - done)
+                    flat[done : done + n].copy_(ring[start : start + n])
         built.append(module.eval())
     built[2].rotary_emb = type(built[2].rotary_emb)(config=built[2].config)  # computed buffers
     return variant, *built
@@ -143,6 +148,7 @@ def run_ours(args, budget: float | None) -> dict:
     sync(device)
     first = time.perf_counter() - first
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # the peaks below are the measured call's, not the warm-up's cache
         torch.cuda.reset_peak_memory_stats(device)
     phases.clear()
     sync(device)
@@ -199,7 +205,8 @@ def run_diffusers(args, mode: str) -> dict:
                                         num_blocks_per_group=1, use_stream=device.type == "cuda")  # fmt: skip
         from diffusers.hooks import apply_group_offloading
 
-        apply_group_offloading(pipe.text_encoder, onload_device=device, offload_type="block_level",
+        # on the decoder stack: block level groups a top-level ModuleList only (Qwen3's layers are under `.model`)
+        apply_group_offloading(pipe.text_encoder.model, onload_device=device, offload_type="block_level",
                                num_blocks_per_group=1, use_stream=device.type == "cuda")  # fmt: skip
     kw = dict(
         prompt=PROMPT,
@@ -211,6 +218,7 @@ def run_diffusers(args, mode: str) -> dict:
     )
     pipe(**kw, generator=torch.Generator("cpu").manual_seed(0))  # warm-up
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # the peaks below are the measured call's, not the warm-up's cache
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     started = time.perf_counter()
@@ -238,6 +246,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="4,8,12", help="GB: ours streamed under each")
     parser.add_argument("--runs", help="comma-separated: " + ", ".join([*RESIDENT_RUNS, "ours-GB", *DIFFUSERS_RUNS]))
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--timeout", type=int, default=120, help="seconds a run may take before it is reported so")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: check the script itself, anywhere")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--png", type=Path, help=argparse.SUPPRESS)
@@ -257,7 +266,10 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", run, "--size", str(args.size), "--steps", str(args.steps),
                    "--device", args.device, "--png", str(tmp / f"{run}.png")]  # fmt: skip
             cmd += ["--tiny"] if args.tiny else []
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                out = subprocess.CompletedProcess(cmd, -9, "", f"stopped after {args.timeout} s")
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode or not line:
                 last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"

@@ -68,7 +68,7 @@ def test_streamed_blocks_give_the_same_output_within_the_budget(device):
         if name not in ("double_blocks", "single_blocks"):
             module.to(device)
     ledger = Ledger()
-    streamer = BlockStreamer(blocks, plan, device, ledger=ledger)
+    streamer = BlockStreamer(blocks, plan, device, ledger=ledger, pin=device == "cuda")
     seen = []  # at each streamed block's start: the copies started so far (its own and the prefetched next)
     for i in plan.streamed:
         blocks[i].register_forward_pre_hook(lambda _m, _a, i=i: seen.append((i, list(ledger.copies))))
@@ -89,11 +89,50 @@ def test_streamed_blocks_give_the_same_output_within_the_budget(device):
     assert not streamer.pending and dataclasses.replace(plan, resident=()).peak < plan.peak
 
 
+def _tiny_model() -> tuple[Flux2Transformer, list, tuple]:
+    torch.manual_seed(0)
+    model = Flux2Transformer(TINY).eval()
+    args = (torch.randn(1, 6, 16), image_ids(2, 3), torch.randn(1, 5, 24), text_ids(5), torch.tensor([0.7]))
+    return model, [*model.double_blocks, *model.single_blocks], args
+
+
+def test_compiled_blocks_stream_without_recompiling():
+    """The streamer's hooks stay out of compiled graphs: passes after the first compile nothing new (its ledger
+    grows every pass; traced, it would be a guard failing on every call)."""
+    import torch._dynamo
+
+    model, blocks, args = _tiny_model()
+    with torch.no_grad():
+        expected = model(*args)
+    sizes = [module_bytes(b) for b in blocks]
+    plan = plan_blocks(
+        sizes, module_bytes(model) - sum(sizes), budget=module_bytes(model) - sum(sizes) + 2 * max(sizes)
+    )
+    BlockStreamer(blocks, plan, "cpu")
+    graphs = []
+
+    def backend(gm, _inputs):  # counts what the compiler is given
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    for b in blocks:
+        b.compile(backend=backend)
+    with torch.no_grad():
+        model(*args)
+        compiled = len(graphs)
+        for _ in range(3):
+            torch.testing.assert_close(model(*args), expected, rtol=0, atol=0)
+    torch._dynamo.reset()
+    assert compiled > 0 and len(graphs) == compiled
+
+
 def test_a_pipeline_under_a_budget_makes_the_same_image():
     """The whole generation with a budget that streams every block (the CPU standing in for the device): the same
     image, no streamed block on the device after its phase, at most two of them during it."""
     from flux2studio.loading import load
     from flux2studio.pipeline import Pipeline
+    from flux2studio.residency import stream_weights
 
     plain = load("nano", device="cpu", resident=True)
     expected = plain("a red circle", size=(64, 64), steps=2, seed=3)[0]
@@ -101,6 +140,7 @@ def test_a_pipeline_under_a_budget_makes_the_same_image():
     blocks = [*model.double_blocks, *model.single_blocks]
     sizes = [module_bytes(b) for b in blocks]
     budget = module_bytes(model) - sum(sizes) + 2 * max(sizes)
+    stream_weights(blocks)  # as a CPU load installs them: they must go when the weights move to the device
     piped = Pipeline(plain.variant, model, plain.vae, plain.text_encoder, device="cpu", dtype=plain.dtype,
                      vram_budget=budget)  # fmt: skip
     peaks = []
@@ -108,6 +148,7 @@ def test_a_pipeline_under_a_budget_makes_the_same_image():
                   callback=lambda i, n, x: peaks.append(model.block_streamer.ledger.peak))[0]  # fmt: skip
     assert image.tobytes() == expected.tobytes()
     assert peaks and max(peaks) <= 2 * max(sizes) and not hasattr(model, "block_streamer")  # released: back home
+    assert not any(b._forward_hooks or b._forward_pre_hooks or hasattr(b, "page_hooks") for b in blocks)
     with pytest.raises(ValueError, match="too small for nano's transformer"):
         Pipeline(plain.variant, model, plain.vae, plain.text_encoder, vram_budget=max(sizes))("x", size=(64, 64))
 

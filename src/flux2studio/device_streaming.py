@@ -105,11 +105,24 @@ class Ledger:
         self.peak = max(self.peak, self.now)
 
 
+_side_streams: dict[torch.device, object] = {}  # one copy stream per device: its cached memory serves every phase
+
+
+def _side_stream(device: torch.device):
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
 class BlockStreamer:
     """Carries out a plan on `blocks`: resident blocks are moved to `device` once; each streamed block's weights
-    stay on the host (pinned for CUDA) and are copied in before it runs, the next streamed block's copy started
-    as it starts (on a side CUDA stream: the copy overlaps its compute), and dropped from the device after it ran.
-    Blocks run in list order, every pass (the next pass's first streamed block is prefetched by the last)."""
+    stay on the host (pinned for CUDA with `pin`: otherwise a copy cannot run beside compute) and are copied in
+    before it runs, the next streamed block's copy started as it starts (on a side CUDA stream: the copy overlaps
+    its compute), and dropped from the device after it ran. At most `plan.slots` streamed blocks' weights exist on
+    the device, in flight or not yet reusable: before a copy the host waits for the compute of the block whose
+    memory it takes (CUDA's allocator would otherwise take fresh memory while the host runs ahead). Blocks run in
+    list order, every pass (the next pass's first streamed block is prefetched by the last). The hooks are kept
+    out of `torch.compile`'s graphs (compiled blocks: the blocks' own computation is compiled, not the copying)."""
 
     def __init__(self, blocks: Sequence[nn.Module], plan: BlockPlan, device: torch.device | str,
                  dtype: torch.dtype | None = None, ledger: Ledger | None = None,
@@ -117,7 +130,8 @@ class BlockStreamer:
         self.blocks, self.plan = list(blocks), plan
         self.device, self.ledger = torch.device(device), ledger or Ledger()
         cuda = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.stream = _side_stream(self.device) if cuda else None
+        self.leaving: list = []  # CUDA events: recorded after a streamed block's compute, its memory reusable then
         # block -> (host tensors, device tensors, copy-done event); the host ones are read as the copy starts, so
         # weights changed in between (a LoRA fused, a new one set) are the ones copied and put back
         self.pending: dict[int, tuple[list[Tensor], list[Tensor], object]] = {}
@@ -143,12 +157,16 @@ class BlockStreamer:
     def _copy(self, i: int) -> None:
         if i in self.pending:
             return
-        self.ledger.copies.append(i)
-        self.ledger.add(self.plan.block_bytes[i])
         host = [p.data for p in self.blocks[i].parameters()]
         if self.stream is None:  # a stand-in device: a plain copy
+            self.ledger.copies.append(i)
+            self.ledger.add(self.plan.block_bytes[i])
             self.pending[i] = (host, [h.to(self.device, copy=True) for h in host], None)
             return
+        while self.leaving and len(self.pending) + len(self.leaving) >= self.plan.slots:
+            self.leaving.pop(0).synchronize()  # that block's compute is done: its memory serves this copy
+        self.ledger.copies.append(i)
+        self.ledger.add(self.plan.block_bytes[i])
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the memory it reuses is free
         with torch.cuda.stream(self.stream):
             tensors = [h.to(self.device, non_blocking=True) for h in host]
@@ -157,6 +175,7 @@ class BlockStreamer:
         self.pending[i] = (host, tensors, done)
 
     def _before(self, i: int):
+        @torch.compiler.disable
         def hook(block: nn.Module, _args) -> None:
             self._copy(i)  # already under way, unless this is the first block of the first pass
             _, tensors, done = self.pending[i]
@@ -173,11 +192,16 @@ class BlockStreamer:
         return hook
 
     def _after(self, i: int):
+        @torch.compiler.disable
         def hook(block: nn.Module, _args, _out) -> None:
             host, _, _ = self.pending.pop(i)
             for p, h in zip(block.parameters(), host, strict=True):
                 p.data = h
             self.ledger.now -= self.plan.block_bytes[i]
+            if self.stream is not None:
+                left = torch.cuda.Event()
+                left.record(torch.cuda.current_stream(self.device))  # after the block's kernels and its frees
+                self.leaving.append(left)
 
         return hook
 
@@ -186,6 +210,7 @@ class BlockStreamer:
         for h in self.handles:
             h.remove()
         self.pending.clear()
+        self.leaving.clear()
         self.ledger.now = 0
         self.handles = []
 
@@ -194,7 +219,8 @@ def stream_to_device(model: nn.Module, blocks: Sequence[nn.Module], device: torc
                      what: str = "model", pin: bool = False) -> BlockStreamer:  # fmt: skip
     """Put `model` on `device` within `budget` bytes of weights: what lies outside `blocks` moves there now, the
     blocks as `plan_blocks` decides (stored dtypes kept: packed and fp8 weights move as they are). The streamer
-    is kept on the model (`model.block_streamer`); `to_host` undoes it all."""
+    is kept on the model (`model.block_streamer`); `to_host` undoes it all. Callers first remove hooks that hand
+    back the blocks' file pages (`residency.stop_streaming_weights`): the weights leave those pages."""
     sizes = [module_bytes(b) for b in blocks]
     plan = plan_blocks(sizes, module_bytes(model) - sum(sizes), budget, what=what)
     inside = {id(t) for b in blocks for t in [*b.parameters(), *b.buffers()]}
@@ -214,6 +240,8 @@ def to_host(model: nn.Module) -> None:
         streamer.remove()
         del model.block_streamer
     model.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the phase's cached blocks back to the driver, for the next part
 
 
 def device_free_bytes(device: torch.device | str) -> int | None:

@@ -33,7 +33,7 @@ from .lora import Applied, LoraFile, apply_loras, load_lora
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
 from .quantize import multiplies_int8
-from .residency import reuse_freed_memory, trim_heap
+from .residency import reuse_freed_memory, stop_streaming_weights, trim_heap
 from .settings import GenerationSettings
 from .text_encoders import TextEncoder
 from .variants import Variant
@@ -378,7 +378,9 @@ class Pipeline:
             if blocks is None:  # runs whole (the VAE)
                 model.to(self.device)
             else:
-                stream_to_device(model, blocks, self.device, self.vram_budget, f"{self.variant.id}'s {what}")
+                stop_streaming_weights(blocks)  # the weights leave their file pages
+                stream_to_device(model, blocks, self.device, self.vram_budget, f"{self.variant.id}'s {what}",
+                                 pin=self.device.type == "cuda")  # fmt: skip
         return model
 
     def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:

@@ -106,8 +106,17 @@ def stream_weights(blocks: Iterable[nn.Module]) -> list:
             if not torch.is_grad_enabled():
                 _dont_need(pages)
 
-        handles += [block.register_forward_pre_hook(before), block.register_forward_hook(after)]
+        block.page_hooks = [block.register_forward_pre_hook(before), block.register_forward_hook(after)]
+        handles += block.page_hooks
     return handles
+
+
+def stop_streaming_weights(blocks: Iterable[nn.Module]) -> None:
+    """Remove `stream_weights`' hooks (the weights are moving elsewhere: handing back the pages they left would
+    hit whatever the freed address range holds next)."""
+    for block in blocks:
+        for handle in block.__dict__.pop("page_hooks", []):
+            handle.remove()
 
 
 def drop_unused_pages(source: dict[str, Tensor], module: nn.Module) -> int:
