@@ -166,6 +166,11 @@ def test_what_does_not_fit_is_refused_before_loading(monkeypatch):
     loading.check_fits(klein9, "cuda", torch.bfloat16, "int4", False, None)  # 4-bit: about 5 GB, fits
     with pytest.raises(ValueError, match="budget of 512 MB is too small for klein-9b's transformer"):
         loading.check_fits(klein9, "cuda", torch.bfloat16, None, False, 2**29)
+    with pytest.raises(
+        ValueError, match=r"--vram 12\.00 GB is more than cuda has free \(8\.00 GB\): try --vram 7\.20 GB"
+    ):
+        loading.check_fits(klein9, "cuda", torch.bfloat16, None, False, 12 * 2**30)
+    loading.check_fits(klein9, "cuda", torch.bfloat16, None, False, 6 * 2**30)  # within free memory: streams
     monkeypatch.setattr(loading, "available_ram", lambda: 4 * 2**30)
     with pytest.raises(ValueError, match=r"this machine has 4\.00 GB available: try without resident"):
         loading.check_fits(klein9, "cpu", torch.bfloat16, None, True, None)

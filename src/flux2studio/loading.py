@@ -528,11 +528,16 @@ def _load_local(
 
 def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str | None, resident: bool,
                budget: int | None) -> None:  # fmt: skip
-    """Refuse, before any weights are read, a transformer that cannot run there: a budget below streaming's least,
-    an accelerator with less free memory than the whole model (without a budget), or a resident model larger than
-    the machine's available memory; the error says what would fit."""
+    """Refuse, before any weights are read, a transformer that cannot run there: a budget above the accelerator's
+    free memory or below streaming's least, an accelerator with less free memory than the whole model (without a
+    budget), or a resident model larger than the machine's available memory; the error says what would fit."""
     kind = torch.device(device).type
     free = None
+    if budget is not None and kind != "cpu":
+        room = device_free_bytes(device)
+        if room is not None and budget > room:  # weights alone; activations come on top
+            raise ValueError(f"--vram {human(budget)} is more than {device} has free ({human(room)}): "
+                             f"try --vram {human(room * 0.9)} or less")  # fmt: skip
     if budget is None:  # what the whole model is compared with, if anything (not streamed from files on CPU)
         free = device_free_bytes(device) if kind != "cpu" else (available_ram() if resident else None)
         if free is None:
