@@ -82,7 +82,7 @@ def _dont_need(ranges: list[tuple[int, int]]) -> int:
     return dropped
 
 
-def stream_weights(blocks: Iterable[nn.Module]) -> list:
+def stream_weights(blocks: Iterable[nn.Module]) -> None:
     """Keep only the running block's file-backed weights in the process's memory (inference on CPU).
 
     Before a block runs its pages are mapped in one strided read (`prefault`); after it ran they are
@@ -91,14 +91,13 @@ def stream_weights(blocks: Iterable[nn.Module]) -> list:
     they are read from disk again instead of the process being killed. Peak memory is then about one
     block's weights, not the model's. Each block's file pages are found once, here: a LoRA fused later
     puts its weights in new tensors, and the file pages it leaves are the clean originals (kept for an
-    exact unfuse, re-read from the file if needed). Returns the hook handles.
+    exact unfuse, re-read from the file if needed). The hooks are kept on each block (`stop_streaming_weights`).
     """
 
     def before(block: nn.Module, _args) -> None:
         if not torch.is_grad_enabled():
             prefault(block)
 
-    handles = []
     for block in blocks:
         pages = file_pages(list(block.parameters()))
 
@@ -107,8 +106,6 @@ def stream_weights(blocks: Iterable[nn.Module]) -> list:
                 _dont_need(pages)
 
         block.page_hooks = [block.register_forward_pre_hook(before), block.register_forward_hook(after)]
-        handles += block.page_hooks
-    return handles
 
 
 def stop_streaming_weights(blocks: Iterable[nn.Module]) -> None:
@@ -236,4 +233,4 @@ def _heap_held() -> Iterator[None]:
             if _held[0] == 0:
                 for param, value in _GLIBC_USUAL:
                     libc.mallopt(param, value)
-                libc.malloc_trim(0)
+                trim_heap()
