@@ -4,6 +4,8 @@ first call's time includes compiling), ours streamed under device
 budgets (--budgets, default 4, 8 and 12 GB), diffusers' Flux2KleinPipeline plain, with enable_model_cpu_offload
 and with group offload (block level, CUDA streams): per phase time, peak VRAM (max allocated and reserved), and
 every image compared with ours resident. Each run is a process, stopped after --timeout seconds (reported so).
+A streamed run also reports what its budget's plan gave the largest phase ("planned": weights and the estimated
+work memory, `work_memory`): the estimate's check against the measured peak.
 
 Random weights in the real shapes are built in memory from one seed in each run's own process (no files to
 write: the same numbers everywhere), bf16. The first call of each run is a warm-up at the same size (CUDA's
@@ -163,6 +165,7 @@ def run_ours(args, budget: float | None) -> dict:
         "phases": {names.get(k, k): v for k, v in phases.items()},
         "vram": memory(device),
         "first": first,
+        "planned": max(pipe.planned.values(), default=0) / 2**30,  # weights and work memory, the largest phase
     }
 
 
@@ -287,13 +290,13 @@ def report(results: dict, tmp: Path, args, name: str) -> None:
 
     print(f"\n{name}; klein-4b shapes{' (tiny)' if args.tiny else ''}, random bf16 weights, {args.size}x{args.size}, "
           f"{args.steps} steps; figures from the second call")  # fmt: skip
-    print("\n| run | total | encode | denoise | decode | first call | peak VRAM allocated / reserved "
+    print("\n| run | total | encode | denoise | decode | first call | peak VRAM allocated / reserved | planned "
           "| vs ours resident |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     base = tmp / "ours.png"
     for run, r in results.items():
         if "failed" in r:
-            print(f"| {run} | failed: {r['failed'][:80]} | | | | | | |")
+            print(f"| {run} | failed: {r['failed'][:80]} | | | | | | | |")
             continue
         ph = r["phases"]
         cells = [f"{ph[k]:.2f} s" if k in ph else "" for k in ("encode", "denoise", "decode")]
@@ -303,7 +306,9 @@ def report(results: dict, tmp: Path, args, name: str) -> None:
             a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (base, tmp / f"{run}.png"))
             diff = f"max {np.abs(a - b).max()}/255, mean {np.abs(a - b).mean():.2f}"
         alloc, reserved = r["vram"]
-        print(f"| {run} | {r['total']:.2f} s | " + " | ".join(cells) + f" | {alloc:.2f} / {reserved:.2f} GB | {diff} |")
+        planned = f"{r['planned']:.2f} GB" if r.get("planned") else ""  # the budget's plan: weights and work
+        print(f"| {run} | {r['total']:.2f} s | " + " | ".join(cells) + f" | {alloc:.2f} / {reserved:.2f} GB | "
+              f"{planned} | {diff} |")  # fmt: skip
 
 
 if __name__ == "__main__":

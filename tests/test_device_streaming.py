@@ -127,30 +127,35 @@ def test_compiled_blocks_stream_without_recompiling():
     assert compiled > 0 and len(graphs) == compiled
 
 
-def test_a_pipeline_under_a_budget_makes_the_same_image():
+def test_a_pipeline_under_a_budget_makes_the_same_image(monkeypatch):
     """The whole generation with a budget that streams every block (the CPU standing in for the device): the same
     image, no streamed block on the device after its phase, at most two of them during it."""
-    from flux2studio.loading import load
-    from flux2studio.pipeline import Pipeline
+    from flux2studio import device_streaming
+    from flux2studio.pipeline import build_request
     from flux2studio.residency import stream_weights
+    from tiny import klein_pipeline
 
-    plain = load("nano", device="cpu", resident=True)
+    monkeypatch.setattr(device_streaming, "WORK_HEADROOM", 0)  # a tiny model's work as traced
+    plain = klein_pipeline()
     expected = plain("a red circle", size=(64, 64), steps=2, seed=3)[0]
     model = plain.transformer
     blocks = [*model.double_blocks, *model.single_blocks]
     sizes = [module_bytes(b) for b in blocks]
-    budget = module_bytes(model) - sum(sizes) + 2 * max(sizes)
+    work = plain.work_estimates(build_request(plain.variant, "x", size=(64, 64)))
+    budget = module_bytes(model) - sum(sizes) + 2 * max(sizes) + work["transformer"]
+    assert budget >= module_bytes(plain.vae) + work["VAE"]
     stream_weights(blocks)  # as a CPU load installs them: they must go when the weights move to the device
-    piped = Pipeline(plain.variant, model, plain.vae, plain.text_encoder, device="cpu", dtype=plain.dtype,
-                     vram_budget=budget)  # fmt: skip
+    piped = klein_pipeline(budget)
+    piped.parts["transformer"] = type(piped.parts["transformer"]).of(model)
     peaks = []
     image = piped("a red circle", size=(64, 64), steps=2, seed=3,
                   callback=lambda i, n, x: peaks.append(model.block_streamer.ledger.peak))[0]  # fmt: skip
     assert image.tobytes() == expected.tobytes()
     assert peaks and max(peaks) <= 2 * max(sizes) and not hasattr(model, "block_streamer")  # released: back home
     assert not any(b._forward_hooks or b._forward_pre_hooks or hasattr(b, "page_hooks") for b in blocks)
-    with pytest.raises(ValueError, match="too small for nano's transformer"):
-        Pipeline(plain.variant, model, plain.vae, plain.text_encoder, vram_budget=max(sizes))("x", size=(64, 64))
+    piped.vram_budget = 2 * max(sizes)
+    with pytest.raises(ValueError, match="too small for klein-4b's transformer at 64x64"):
+        piped("x", size=(64, 64))
 
 
 def test_what_does_not_fit_is_refused_before_loading(monkeypatch):

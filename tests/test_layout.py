@@ -19,7 +19,7 @@ LAYERS = {
     "nano.checker": 1,
     "text_encoders": 2, "editing": 2, "nano.planner": 2,
     # weights
-    "residency": 1, "device_streaming": 1, "quantize": 2,  # (hands back file pages: residency)
+    "residency": 1, "device_streaming": 1, "quantize": 2, "work_memory": 2,  # (hands back file pages: residency)
     "checkpoints": 3, "quantized_files": 4, "lora": 4, "conversion": 5,
     # the generation call, then what builds and drives it
     "pipeline": 6,

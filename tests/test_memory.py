@@ -34,10 +34,20 @@ class MallInfo2(ctypes.Structure):
 
 def _heap() -> tuple[int, int]:
     """(bytes of the heap, bytes of chunks glibc mapped on their own)."""
+    info = _mallinfo()
+    return info.arena, info.hblkhd
+
+
+def _mallinfo() -> MallInfo2:
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = MallInfo2
-    info = libc.mallinfo2()
-    return info.arena, info.hblkhd
+    return libc.mallinfo2()
+
+
+def _larger_than_the_heaps_free_memory() -> int:
+    """A size no free piece of the heap can serve (earlier tests leave free pieces; glibc reuses one that fits
+    before it maps a chunk of its own)."""
+    return 64 * MB + _mallinfo().fordblks
 
 
 def _rss() -> int:
@@ -51,25 +61,29 @@ MB = 1 << 20
 
 @glibc
 def test_large_tensors_come_from_the_heap_while_computing_and_go_back_after():
+    assert residency._held[0] == 0, "a computation of an earlier test still holds the heap"
+    size = _larger_than_the_heaps_free_memory()
+
     def big() -> torch.Tensor:
-        return torch.ones(64 * MB, dtype=torch.uint8)
+        return torch.ones(size, dtype=torch.uint8)
 
     t = big()
-    assert _heap()[1] >= 64 * MB  # glibc's default: a chunk this large is mapped on its own, unmapped when freed
+    assert _heap()[1] >= size  # glibc's default: a chunk this large is mapped on its own, unmapped when freed
     del t
     with residency.reuse_freed_memory():
         with residency.reuse_freed_memory():  # nested: held until the outer one ends
             pass
         arena, mapped = _heap()
         t = big()
-        assert _heap()[1] == mapped and _heap()[0] >= arena + 32 * MB  # from the heap
+        assert _heap()[1] == mapped and _heap()[0] >= arena + size // 2  # from the heap
         grown = _heap()[0]
         del t
         assert _heap()[0] >= grown  # kept for the next allocation, not handed back (to be faulted in again)
         held = _rss()
     assert _rss() < held - 32 * MB  # handed back at the end (its pages: the heap may not shrink from the top)
-    t = torch.empty(512 * MB, dtype=torch.uint8)  # larger than any free piece of the heap (which it would reuse)
-    assert _heap()[1] >= 512 * MB  # glibc maps large chunks again
+    size = max(512 * MB, _larger_than_the_heaps_free_memory())
+    t = torch.empty(size, dtype=torch.uint8)  # larger than any free piece of the heap (which it would reuse)
+    assert _heap()[1] >= size  # glibc maps large chunks again
     del t
 
 

@@ -160,3 +160,20 @@ def diffusers_vae(cfg: AutoencoderConfig, seed: int = 0):
 
 def transformer_config(guidance_embed: bool) -> TransformerConfig:
     return dataclasses.replace(TRANSFORMER, guidance_embed=guidance_embed)
+
+
+def klein_pipeline(budget: int | None = None):
+    """klein-4b's pipeline on tiny random parts, the transformer the largest part as in the real models: with a
+    device budget, the CPU stands in for the device."""
+    from flux2studio.model.autoencoder import AutoEncoder
+    from flux2studio.model.transformer import Flux2Transformer
+    from flux2studio.pipeline import Pipeline
+    from flux2studio.text_encoders import TextEncoder
+    from flux2studio.variants import get_variant
+
+    cfg = dataclasses.replace(TRANSFORMER, hidden_size=256, num_heads=4, axes_dim=(16,) * 4, guidance_embed=False)
+    vae = dataclasses.replace(get_variant("nano").vae, channels=(32, 32, 32, 32))  # 4 levels: 16 px per token
+    variant = dataclasses.replace(get_variant("klein-4b"), transformer=cfg, vae=vae, text_encoder=QWEN3_SPEC)
+    parts = randomize_(Flux2Transformer(cfg), std=0.05), randomize_(AutoEncoder(vae), std=0.05)
+    encoder = TextEncoder(QWEN3_SPEC, qwen3(), tokenizer(QWEN3_TEMPLATE))
+    return Pipeline(variant, *parts, encoder, vram_budget=budget)

@@ -585,8 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="model id (default: the embedded nano, or detected from --weights)")
         p.add_argument("--weights", help="weights file or folder (default: embedded / registered location)")
         p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
-        p.add_argument("--vram", metavar="SIZE", help="accelerator memory the weights may use, e.g. 8GB: blocks that "
-                       "do not fit are streamed from host memory")  # fmt: skip
+        p.add_argument("--vram", metavar="SIZE", help="accelerator memory a phase may use, weights and "
+                       "work, e.g. 8GB: blocks that do not fit beside the work stream from host memory")  # fmt: skip
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the transformer's blocks (GPUs; the first image compiles them)")  # fmt: skip
         p.add_argument("--dtype", choices=DTYPE_CHOICES,
@@ -744,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     srv.add_argument("--config", help="Ray Serve settings (YAML): replicas, autoscaling, GPUs, models, budget")
     srv.add_argument("--device")
-    srv.add_argument("--vram", metavar="SIZE", help="accelerator memory the weights may use (see generate --vram)")
+    srv.add_argument("--vram", metavar="SIZE", help="accelerator memory a phase may use (see generate --vram)")
     srv.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (see generate)")
     srv.add_argument("--dtype", choices=DTYPE_CHOICES)
     srv.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="pack the served models' layers: int8, int4 or fp8")

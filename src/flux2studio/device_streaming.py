@@ -3,16 +3,24 @@ and are copied to the device just ahead of use, on a side stream, while the prev
 group offload with streams does). `plan_blocks` decides what stays resident and how many streamed blocks are on
 the device at once; `BlockStreamer` carries a plan out through forward hooks. Both run on any device: tests use the
 CPU as a stand-in device whose bytes a `Ledger` counts, a GPU uses the same code with CUDA streams.
+
+A budget covers a phase's weights and its work memory (activations): `PeakBytes` measures the latter by running
+the computation on the meta device (shapes only, no arithmetic), and `work_reserve` adds room for what such a
+trace cannot see (kernels' workspaces, the allocator's rounding).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
@@ -45,10 +53,64 @@ def module_bytes(module: nn.Module, dtype: torch.dtype | None = None) -> int:
     return total
 
 
+class PeakBytes(TorchDispatchMode):
+    """The most bytes that tensors made inside it held at once (a tensor's storage counted while it lives; views
+    and in-place results add nothing), tensors made before it (weights, inputs) not counted. Run a model on the
+    meta device under it to know its work memory at a shape without computing anything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def _gone(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, Tensor):
+                continue
+            storage = t.untyped_storage()
+            if id(storage) in inputs or storage in self._seen:
+                continue
+            n = storage.nbytes()
+            self._seen[storage] = n
+            weakref.finalize(storage, self._gone, n)
+            self.live += n
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def flash_attention_shapes(q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:
+    """F.scaled_dot_product_attention's result shape with the memory of the fused kernels an accelerator runs
+    (output and log-sum-exp, no (L, L) matrix): a meta trace's stand-in for attention."""
+    q.new_empty(q.shape[:-1], dtype=torch.float32)  # the log-sum-exp rows, freed at once
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def traced_work(run: Callable[[], object]) -> int:
+    """Peak bytes of the tensors `run` makes (given meta tensors: shapes only, nothing computed)."""
+    with torch.no_grad(), PeakBytes() as tracker:
+        result = run()
+        del result
+    return tracker.peak
+
+
+WORK_FACTOR, WORK_HEADROOM = 1.2, 128 * 2**20  # traced work memory x 1.2, plus 128 MB (not yet measured on a GPU)
+
+
+def work_reserve(traced: int) -> int:
+    """Device bytes kept for a phase's work whose tensors a trace counted as `traced`: the trace does not see
+    kernels' own workspaces (cuBLAS, cuDNN), the caching allocator's rounding or fragmentation."""
+    return int(traced * WORK_FACTOR) + WORK_HEADROOM
+
+
 @dataclass(frozen=True)
 class BlockPlan:
     """Which blocks stay on the device and how many streamed ones are there at once (the one running and the
-    ones prefetched)."""
+    ones prefetched); `work` bytes of the budget are kept for the phase's activations."""
 
     budget: int
     fixed: int  # bytes always on the device: the weights outside the blocks
@@ -56,6 +118,7 @@ class BlockPlan:
     resident: tuple[int, ...]
     streamed: tuple[int, ...]
     slots: int
+    work: int = 0
 
     @property
     def peak(self) -> int:
@@ -65,31 +128,45 @@ class BlockPlan:
 
 
 def plan_blocks(
-    block_bytes: Sequence[int], fixed: int, budget: int, *, prefetch: int = 1, what: str = "model"
+    block_bytes: Sequence[int], fixed: int, budget: int, *, prefetch: int = 1, what: str = "model", work: int = 0
 ) -> BlockPlan:
     """Keep blocks resident, in order, while the rest can still stream through `prefetch + 1` device slots within
-    `budget`. A budget below the least streaming needs is a ValueError saying what would fit."""
+    `budget` less `work` (the phase's activations: `work_reserve`). A budget below the least streaming needs is a
+    ValueError saying what would fit."""
     sizes = tuple(int(b) for b in block_bytes)
     slots = prefetch + 1
-    if fixed + sum(sizes) <= budget:
-        return BlockPlan(budget, fixed, sizes, tuple(range(len(sizes))), (), slots)
+    room = budget - work
+    if fixed + sum(sizes) <= room:
+        return BlockPlan(budget, fixed, sizes, tuple(range(len(sizes))), (), slots, work)
     least = fixed + sum(sorted(sizes, reverse=True)[:slots])
-    if budget < least:
+    if room < least:
+        working = f" and about {human(work)} of work memory" if work else ""
         raise ValueError(
-            f"a device budget of {human(budget)} is too small for {what}: streaming it needs at least {human(least)} "
-            f"({human(fixed)} always on the device and {slots} blocks of up to {human(max(sizes))}); give "
-            f"--vram {human(least)} or more, or a smaller format (--quantize int8 halves bf16 weights, int4 quarters)"
+            f"a device budget of {human(budget)} is too small for {what}: streaming it needs at least "
+            f"{human(least + work)} ({human(fixed)} always on the device, {slots} blocks of up to {human(max(sizes))}"
+            f"{working}); give --vram {human(least + work)} or more, {'a smaller image, ' if work else ''}or a "
+            "smaller format (--quantize int8 halves bf16 weights, int4 quarters)"
         )
     resident: list[int] = []
     used = fixed
     for i, size in enumerate(sizes):
         rest = [sizes[j] for j in range(len(sizes)) if j != i and j not in resident]
         window = sum(sorted(rest, reverse=True)[:slots])
-        if used + size + window <= budget:
+        if used + size + window <= room:
             resident.append(i)
             used += size
     streamed = tuple(i for i in range(len(sizes)) if i not in resident)
-    return BlockPlan(budget, fixed, sizes, tuple(resident), streamed, slots)
+    return BlockPlan(budget, fixed, sizes, tuple(resident), streamed, slots, work)
+
+
+def check_whole(weights: int, work: int, budget: int, what: str) -> None:
+    """Refuse a part that runs whole on the device (no blocks to stream) when its weights and work exceed `budget`."""
+    if weights + work > budget:
+        raise ValueError(
+            f"a device budget of {human(budget)} is too small for {what}: it runs whole, {human(weights)} of "
+            f"weights and about {human(work)} of work memory; give --vram {human(weights + work)} or more, or a "
+            "smaller image"
+        )
 
 
 @dataclass
@@ -216,13 +293,14 @@ class BlockStreamer:
 
 
 def stream_to_device(model: nn.Module, blocks: Sequence[nn.Module], device: torch.device | str, budget: int,
-                     what: str = "model", pin: bool = False) -> BlockStreamer:  # fmt: skip
-    """Put `model` on `device` within `budget` bytes of weights: what lies outside `blocks` moves there now, the
-    blocks as `plan_blocks` decides (stored dtypes kept: packed and fp8 weights move as they are). The streamer
+                     what: str = "model", pin: bool = False, work: int = 0) -> BlockStreamer:  # fmt: skip
+    """Put `model` on `device` within `budget` bytes, `work` of them kept for activations: what lies outside
+    `blocks` moves there now, the blocks as `plan_blocks` decides (stored dtypes kept: packed and fp8 weights move
+    as they are). The streamer
     is kept on the model (`model.block_streamer`); `to_host` undoes it all. Callers first remove hooks that hand
     back the blocks' file pages (`residency.stop_streaming_weights`): the weights leave those pages."""
     sizes = [module_bytes(b) for b in blocks]
-    plan = plan_blocks(sizes, module_bytes(model) - sum(sizes), budget, what=what)
+    plan = plan_blocks(sizes, module_bytes(model) - sum(sizes), budget, what=what, work=work)
     inside = {id(t) for b in blocks for t in [*b.parameters(), *b.buffers()]}
     for module in model.modules():
         for t in [*module._parameters.values(), *module._buffers.values()]:

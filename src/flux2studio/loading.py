@@ -30,17 +30,18 @@ from .conversion import (
     vae_config_from_keys,
     vae_layout,
 )
-from .device_streaming import available_ram, device_free_bytes, human, module_bytes, parse_bytes, plan_blocks
+from .device_streaming import available_ram, device_free_bytes, human, parse_bytes, plan_blocks
 from .layouts.transformer import transformer_from_diffusers
 from .layouts.vae import vae_from_diffusers
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
 from .pipeline import Component, Pipeline
 from .precision import compute_dtype, storage, widen_on_use
-from .quantize import MODE_FORMAT, check_mode, prepack_int8, quantize_modules, row_bytes, swap_in
+from .quantize import check_mode, prepack_int8, quantize_modules, swap_in
 from .quantized_files import (
     gguf_component,
     logical_shapes,
+    packed_bytes,
     read_component_weights,
     read_text_encoder_gguf,
     read_transformer_file,
@@ -432,11 +433,12 @@ def load(
     blocks, dequantized per layer) for the transformer's blocks and the text encoder's layers, packed at load;
     files already quantized (GGUF, `flux2 convert --quantize`) stay as they are without it.
 
-    `vram_budget` ("8GB", bytes): on an accelerator, the most bytes of weights a phase holds there. Parts load into
-    host memory and are put on the device for their phase; the transformer's and text encoder's blocks that do not
-    fit are copied in ahead of use on a side stream (`device_streaming`). Parts are then loaded per phase (as
-    without `resident`). Without a budget, a model larger than the device's free memory (or, `resident` on CPU,
-    than the machine's) is refused before loading, with what would fit.
+    `vram_budget` ("8GB", bytes): on an accelerator, the most bytes a phase uses there, its weights and its work
+    memory at each request's size (`work_memory`). Parts load into host memory and are put on the device for their
+    phase; the transformer's and text encoder's blocks that do not fit are copied in ahead of use on a side stream
+    (`device_streaming`); a request whose work cannot fit is refused before any work. Parts are then loaded per
+    phase (as without `resident`). Without a budget, a model larger than the device's free memory (or, `resident`
+    on CPU, than the machine's) is refused before loading, with what would fit.
 
     `compile`: the transformer's blocks through `torch.compile` (`pipeline.compile_blocks`); the first call
     compiles them (tens of seconds), later calls of the same size run the compiled code. For GPUs; on a CPU it
@@ -535,7 +537,7 @@ def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str 
     free = None
     if budget is not None and kind != "cpu":
         room = device_free_bytes(device)
-        if room is not None and budget > room:  # weights alone; activations come on top
+        if room is not None and budget > room:  # each request's work is checked against it as it comes
             raise ValueError(f"--vram {human(budget)} is more than {device} has free ({human(room)}): "
                              f"try --vram {human(room * 0.9)} or less")  # fmt: skip
     if budget is None:  # what the whole model is compared with, if anything (not streamed from files on CPU)
@@ -559,17 +561,6 @@ def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str 
                 "the files)", *([smaller] if smaller else [])]  # fmt: skip
         stored = str(dtype).removeprefix("torch.") + (f", {quantize}" if quantize else "")
         raise ValueError(f"{what} needs {human(whole)} ({stored}); {where}: try {' or '.join(ways)}")
-
-
-def packed_bytes(module: torch.nn.Module, dtype: torch.dtype, quantize: str | None) -> int:
-    """A module's weight bytes in `dtype`, its quantizable linear layers packed by `quantize`."""
-    total = module_bytes(module, dtype)
-    if quantize:
-        fmt = MODE_FORMAT[quantize]
-        for name, m in module.named_modules():
-            if isinstance(m, torch.nn.Linear) and transformer_quantizable(name):
-                total += row_bytes(fmt, m.in_features) * m.out_features - m.weight.numel() * dtype.itemsize
-    return total
 
 
 def find_local(variant: Variant) -> Path | None:

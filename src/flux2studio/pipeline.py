@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import __version__, sampling
 from .checkpoints import cache_dir, weights_hash
-from .device_streaming import stream_to_device, to_host
+from .device_streaming import check_whole, module_bytes, plan_blocks, stream_to_device, to_host
 from .editing import Init, build_init, paste_kept
 from .images import check_size, image_hash, parameters_text, prepare_reference, size_for_aspect, to_pil, to_tensor
 from .kernels.attention import attention_for
@@ -33,10 +33,12 @@ from .lora import Applied, LoraFile, apply_loras, load_lora
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
 from .quantize import multiplies_int8
+from .quantized_files import packed_bytes
 from .residency import reuse_freed_memory, stop_streaming_weights, trim_heap
 from .settings import GenerationSettings
 from .text_encoders import TextEncoder
 from .variants import Variant
+from .work_memory import text_encoder_work, transformer_work, vae_work
 
 MAX_STEPS = 200
 MAX_IMAGES = 64  # images per call (prompts x num_images)
@@ -225,8 +227,11 @@ def allow_split_projection(model: Flux2Transformer) -> None:
     token, then the MLP rows a chunk of tokens at a time: the same numbers, less memory) where that layer is a
     plain nn.Linear with nothing around it: no LoRA hook, no packed weight, no widening hook."""
     for block in model.single_blocks:
-        lin = block.linear1
-        block.split_linear1 = type(lin) is torch.nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks)
+        block.split_linear1 = _plain_linear(block.linear1)
+
+
+def _plain_linear(lin: torch.nn.Module) -> bool:
+    return type(lin) is torch.nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks)
 
 
 def compile_blocks(model: Flux2Transformer) -> None:
@@ -333,9 +338,12 @@ class Pipeline:
         self.quantize: str | None = None  # int8 / int4 / fp8 packing done at load (`load(quantize=)`), if any
         self.compile = False  # the transformer's blocks through `torch.compile` (`load(compile=True)`)
         self.use_attention(attention)
-        # bytes of weights a phase may hold on the device: parts are put there for their phase, blocks that do not
-        # fit streamed from host memory (`device_streaming`), and brought back after it; None: parts live there
+        # device bytes a phase may use, weights and work: parts are put there for their phase, blocks that do not fit
+        # streamed from host memory (`device_streaming`), and brought back after it; None: parts live there
         self.vram_budget = vram_budget
+        self.work: dict[str, int] = {}  # with a budget: device bytes each phase keeps for activations, this request
+        self._request: Request | None = None  # the request being generated (its shapes size the work)
+        self.planned: dict[str, int] = {}  # device bytes each phase was planned to use at most, weights and work
         for part in (transformer, vae):
             if isinstance(part, torch.nn.Module):
                 part.to("cpu" if vram_budget else self.device, dtype).eval()
@@ -348,8 +356,8 @@ class Pipeline:
         self._lora_state: tuple[Flux2Transformer, Applied] | None = None
 
     def use_device(self, device: torch.device | str, vram_budget: int, attention: str = "auto") -> None:
-        """Run on `device` holding at most `vram_budget` bytes of weights there per phase (parts built on the host;
-        `_placed` puts each on the device for its phase)."""
+        """Run on `device` using at most `vram_budget` bytes there per phase, weights and work memory (parts built
+        on the host; `_placed` puts each on the device for its phase)."""
         self.device, self.vram_budget = torch.device(device), vram_budget
         self.use_attention(attention)
 
@@ -370,18 +378,78 @@ class Pipeline:
         allow_split_projection(model)
         if self.compile and not model.compiled:
             compile_blocks(model)
+        if self.vram_budget is not None and self._request is not None:  # exact now that the blocks are known
+            self.work["transformer"] = self.work_estimates(self._request)["transformer"]
         return self._placed(model, [*model.double_blocks, *model.single_blocks], "transformer")
 
     def _placed(self, model: M, blocks: Sequence[torch.nn.Module] | None, what: str) -> M:
-        """With a device budget: `model` put on the device for its phase, its `blocks` streamed as they fit."""
+        """With a device budget: `model` put on the device for its phase, its `blocks` streamed as they fit in the
+        budget less the phase's work memory (`self.work[what]`)."""
         if self.vram_budget is not None and getattr(model, "block_streamer", None) is None:
+            work, name = self.work.get(what, 0), f"{self.variant.id}'s {what}"
             if blocks is None:  # runs whole (the VAE)
+                check_whole(module_bytes(model), work, self.vram_budget, name)
                 model.to(self.device)
+                self.planned[what] = module_bytes(model) + work
             else:
                 stop_streaming_weights(blocks)  # the weights leave their file pages
-                stream_to_device(model, blocks, self.device, self.vram_budget, f"{self.variant.id}'s {what}",
-                                 pin=self.device.type == "cuda")  # fmt: skip
+                if what == "transformer" and self._request is not None:
+                    name += self._at(self._request)
+                streamer = stream_to_device(model, blocks, self.device, self.vram_budget, name, work=work,
+                                            pin=self.device.type == "cuda")  # fmt: skip
+                self.planned[what] = streamer.plan.peak + work
         return model
+
+    @staticmethod
+    def _at(req: Request) -> str:
+        return f" at {req.width}x{req.height}" + (f", {req.batch} images" if req.batch > 1 else "")
+
+    def work_estimates(self, req: Request) -> dict[str, int]:
+        """Device bytes the transformer and VAE phases keep for their work at this request (`work_memory`): one
+        denoising call of the batch with its reference tokens; the VAE decoding the batch or encoding the start or
+        a reference image, whichever needs more."""
+        per = sampling.PIXELS_PER_TOKEN
+        masked = req.init is not None and req.init.mask is not None and self.variant.inpaint_reference
+        conditions = [*([req.init.image] if masked else []), *req.refs]
+        n_ref = sum((im.height // per) * (im.width // per) for im in conditions)
+        part = self.parts["transformer"]
+        if part.loaded:  # the single blocks' projections computed apart (`allow_split_projection`) or whole
+            split = all(_plain_linear(b.linear1) for b in part.get().single_blocks)
+        else:
+            split = self.quantize is None
+        n_txt = self.variant.text_encoder.max_length
+        transformer = transformer_work(self.variant.transformer, self.dtype, req.batch, (req.height // per) *
+                                       (req.width // per), n_txt, n_ref, self.variant.kv_cache, split)  # fmt: skip
+        starts = [req.init.image] if req.init is not None else []
+        vae = [vae_work(self.variant.vae, self.dtype, 1, im.height, im.width, False) for im in [*starts, *req.refs]]
+        vae.append(vae_work(self.variant.vae, self.dtype, req.batch, req.height, req.width, True))
+        return {"transformer": transformer, "VAE": max(vae)}
+
+    def _check_budget(self, req: Request) -> None:
+        """Before any work: refuse a request whose transformer or VAE phase cannot fit the device budget with its
+        work memory, saying what would fit (the text encoder, whose shape is known once loaded, is checked as it
+        is placed: it runs first)."""
+        self.work = self.work_estimates(req)
+        part = self.parts["transformer"]
+        if part.loaded:
+            model = part.get()
+            sizes = [module_bytes(b) for b in [*model.double_blocks, *model.single_blocks]]
+            whole = module_bytes(model)
+        else:
+            with torch.device("meta"):
+                skeleton = Flux2Transformer(self.variant.transformer)
+            blocks = [*skeleton.double_blocks, *skeleton.single_blocks]
+            sizes = [packed_bytes(b, self.dtype, self.quantize) for b in blocks]
+            whole = packed_bytes(skeleton, self.dtype, self.quantize)
+        plan_blocks(sizes, whole - sum(sizes), self.vram_budget, what=f"{self.variant.id}'s transformer{self._at(req)}",
+                    work=self.work["transformer"])  # fmt: skip
+        vae = self.parts["vae"]
+        if not vae.loaded:
+            with torch.device("meta"):
+                vae_bytes = module_bytes(AutoEncoder(self.variant.vae), self.dtype)
+        else:
+            vae_bytes = module_bytes(vae.get())
+        check_whole(vae_bytes, self.work["VAE"], self.vram_budget, f"{self.variant.id}'s VAE{self._at(req)}")
 
     def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
         """Use these LoRA files with these scales from the next call on ([] removes them, exactly)."""
@@ -471,6 +539,10 @@ class Pipeline:
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """(B, L, C) text embeddings in the pipeline dtype; identical prompts are encoded once."""
         unique = list(dict.fromkeys(prompts))
+        if self.vram_budget is not None:  # its work memory, known from its config once loaded
+            config = self.parts["text_encoder"].get().model.config
+            self.work["text encoder"] = text_encoder_work(config, self.dtype, len(unique),
+                                                          self.variant.text_encoder.max_length)  # fmt: skip
         encoder = self.text_encoder
         with self._computing(getattr(encoder, "model", None)):
             emb = encoder(unique, dtype=self.dtype).to(self.device)
@@ -485,6 +557,8 @@ class Pipeline:
 
     def encode_image(self, image: Image.Image) -> Tensor:
         """An RGB image -> normalised latents (1, 128, H/16, W/16)."""
+        if self.vram_budget is not None:
+            self.work["VAE"] = vae_work(self.variant.vae, self.dtype, 1, image.height, image.width, False)
         return self.vae.encode(to_tensor(image).to(self.device, self.dtype))
 
     @staticmethod
@@ -495,6 +569,9 @@ class Pipeline:
     def generate_latents(self, req: Request, callback: sampling.StepCallback | None = None) -> Tensor:
         """Run the flow for a validated request; returns normalised latents (B, 128, H/16, W/16)."""
         h, w = req.height // sampling.PIXELS_PER_TOKEN, req.width // sampling.PIXELS_PER_TOKEN
+        self._request = req
+        if self.vram_budget is not None:
+            self._check_budget(req)
         self.parts["transformer"].prefetch()  # read from disk while the text encoder computes
         txt = self.encode_prompts(req.texts)
         negative = None
@@ -563,8 +640,9 @@ class Pipeline:
     @torch.no_grad()
     def preview(self, tokens: Tensor, width: int, height: int, index: int = 0) -> Image.Image | None:
         """Image `index` of a step's x0 estimate (from the callback), decoded; None unless the VAE is
-        resident (servers), so a preview never loads a model part mid-generation."""
-        if not self.parts["vae"].resident:
+        resident (servers) and no device budget is set, so a preview never loads a model part or puts one on the
+        device mid-generation."""
+        if not self.parts["vae"].resident or self.vram_budget is not None:  # under a budget: not mid-phase
             return None
         h, w = height // sampling.PIXELS_PER_TOKEN, width // sampling.PIXELS_PER_TOKEN
         z = sampling.unpack(tokens[index : index + 1].to(self.device), h, w)
@@ -572,6 +650,9 @@ class Pipeline:
 
     def decode(self, latents: Tensor) -> Tensor:
         """Normalised latents -> images (B, 3, H, W) in [-1, 1]."""
+        if self.vram_budget is not None:
+            (b, _, h, w), per = latents.shape, sampling.PIXELS_PER_TOKEN
+            self.work["VAE"] = vae_work(self.variant.vae, self.dtype, b, h * per, w * per, True)
         images = self.vae.decode(latents.to(self.dtype))
         self.release("vae")
         return images

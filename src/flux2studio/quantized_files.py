@@ -29,7 +29,8 @@ from .checkpoints import (
     strip_prefix,
     write_safetensors,
 )
-from .quantize import GGUF_BLOCKS, PLAIN_DTYPES, check_format, quantize_weight
+from .device_streaming import module_bytes
+from .quantize import GGUF_BLOCKS, MODE_FORMAT, PLAIN_DTYPES, check_format, quantize_weight, row_bytes
 
 META_KEY = "flux2studio.quantized"
 GGUF_ARCHES = ("flux", "flux2")  # what ComfyUI-GGUF's converter writes for FLUX.2 (it has no own name yet)
@@ -320,3 +321,14 @@ def write_gguf(
         finally:
             writer.close()
     return formats
+
+
+def packed_bytes(module: torch.nn.Module, dtype: torch.dtype, quantize: str | None) -> int:
+    """A module's weight bytes in `dtype`, its quantizable linear layers packed by `quantize`."""
+    total = module_bytes(module, dtype)
+    if quantize:
+        fmt = MODE_FORMAT[quantize]
+        for name, m in module.named_modules():
+            if isinstance(m, torch.nn.Linear) and transformer_quantizable(name):
+                total += row_bytes(fmt, m.in_features) * m.out_features - m.weight.numel() * dtype.itemsize
+    return total

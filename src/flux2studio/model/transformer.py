@@ -126,6 +126,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, ref_kv=None, at: in
     return out.transpose(1, 2).flatten(2), kv
 
 
+def _own(kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Keys and values in memory of their own: the values are a view of the block's qkv projection (a single
+    block's whole fused one where it runs whole), which a cache holding the view would keep alive (3-9x the values'
+    bytes, every block, the whole phase)."""
+    return kv[0].contiguous(), kv[1].contiguous()
+
+
 def _call(block: nn.Module, *args):
     return block(*args)
 
@@ -362,8 +369,8 @@ class Flux2Transformer(nn.Module):
         out: RefKV = []
         for block in self.double_blocks:
             x, _, kv = block(x, no_txt, rope, mod_img, mod_txt, sdpa=self.sdpa)
-            out.append(kv)
+            out.append(_own(kv))
         for block in self.single_blocks:
             x, kv = block(x, rope, mod_single, sdpa=self.sdpa)
-            out.append(kv)
+            out.append(_own(kv))
         return out

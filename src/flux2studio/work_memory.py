@@ -1,0 +1,99 @@
+"""How much device memory a phase needs besides its weights, at a request's shapes: what a `--vram` budget keeps
+free for activations. Our transformer and VAE are run on the meta device under `PeakBytes` (every tensor our code
+makes, at its real shape, nothing computed: chunking and fused paths counted as they run); the text encoders,
+transformers' models whose mask code needs real values, are counted from their configs. Traces are cached per
+shape: a server's repeated requests trace once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .device_streaming import flash_attention_shapes, traced_work, work_reserve
+from .model.autoencoder import AutoEncoder
+from .model.transformer import Flux2Transformer
+from .variants import AutoencoderConfig, TransformerConfig
+
+
+def transformer_work(cfg: TransformerConfig, dtype: torch.dtype, batch: int, n_img: int, n_txt: int,
+                     n_ref: int = 0, kv_cache: bool = False, split: bool = True) -> int:  # fmt: skip
+    """Device bytes to keep for one denoising call of a transformer of shape `cfg` (`work_reserve` of its traced
+    peak): `batch` images of `n_img` tokens, `n_txt` text tokens, `n_ref` reference tokens (attended with the
+    image tokens, or with `kv_cache` given as cached keys and values, held for the whole phase). `split`: the
+    single blocks compute their fused projection in parts (`pipeline.allow_split_projection`: plain weights)."""
+    return work_reserve(traced_transformer(cfg, dtype, batch, n_img, n_txt, n_ref, kv_cache, split))
+
+
+@functools.lru_cache(maxsize=64)
+def traced_transformer(cfg: TransformerConfig, dtype: torch.dtype, batch: int, n_img: int, n_txt: int,
+                       n_ref: int, kv_cache: bool, split: bool) -> int:  # fmt: skip
+    """The peak bytes of tensors one such call makes, traced on the meta device."""
+    with torch.device("meta"):
+        model = Flux2Transformer(cfg).to(dtype)
+    model.sdpa = flash_attention_shapes
+    for block in model.single_blocks:
+        block.split_linear1 = split
+
+    def run() -> torch.Tensor:
+        with torch.device("meta"):
+            context = torch.empty(batch, n_txt, cfg.context_dim, dtype=dtype)  # the prompts' embeddings
+            x = torch.empty(batch, n_img, cfg.in_channels, dtype=dtype)
+            txt_ids, img_ids = torch.empty(n_txt, 4, dtype=torch.long), torch.empty(n_img, 4, dtype=torch.long)
+            t = torch.empty(batch)
+            guidance = torch.empty(batch) if cfg.guidance_embed else None
+            if not n_ref:
+                return x - model(x, img_ids, context, txt_ids, t, guidance)  # a sampler step's update
+            ref = torch.empty(batch, n_ref, cfg.in_channels, dtype=dtype)
+            ref_ids = torch.empty(n_ref, 4, dtype=torch.long)
+            if kv_cache:
+                ref_kv = model.ref_kv(ref, ref_ids, torch.zeros(batch), guidance)
+                return x - model(x, img_ids, context, txt_ids, t, guidance, ref_kv)
+            joint, ids = torch.cat([x, ref], dim=1), torch.cat([img_ids, ref_ids])
+            return x - model(joint, ids, context, txt_ids, t, guidance)[:, :n_img]
+
+    return traced_work(run)
+
+
+def vae_work(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool) -> int:
+    """Device bytes to keep for decoding `batch` images of `height` x `width` pixels (or encoding them)."""
+    return work_reserve(traced_vae(cfg, dtype, batch, height, width, decode))
+
+
+@functools.lru_cache(maxsize=64)
+def traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool) -> int:
+    """The peak bytes of tensors the VAE makes decoding (or encoding) such images, traced on the meta device."""
+    with torch.device("meta"):
+        vae = AutoEncoder(cfg).to(dtype)
+    vae.set_attention(flash_attention_shapes)
+    down = cfg.downscale  # pixels per latent (patchified) side
+
+    def run() -> torch.Tensor:
+        with torch.device("meta"):
+            if decode:
+                return vae.decode(torch.empty(batch, cfg.latent_channels, height // down, width // down, dtype=dtype))
+            return vae.encode(torch.empty(batch, cfg.in_channels, height, width, dtype=dtype))
+
+    return traced_work(run)
+
+
+def text_encoder_work(config, dtype: torch.dtype, batch: int, length: int) -> int:
+    """Device bytes to keep for encoding `batch` prompts of `length` tokens with a transformers model of `config`:
+    every layer's hidden states (they are all returned), one layer's temporaries (attention projections, the
+    MLP's gate, up and product, attention scores where a kernel materialises them) and the stacked output."""
+    return work_reserve(text_encoder_bytes(config, dtype, batch, length))
+
+
+def text_encoder_bytes(config, dtype: torch.dtype, batch: int, length: int) -> int:
+    """The bytes of tensors such an encoding holds at most, counted from the model's shape."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    inner = getattr(config, "intermediate_size", 4 * hidden)
+    row = batch * length * dtype.itemsize  # bytes per feature over all tokens
+    states = (layers + 1) * row * hidden
+    layer = row * (3 * inner + 2 * heads * head_dim + 2 * kv_heads * head_dim + 2 * hidden)
+    scores = batch * heads * length * length * 4  # fp32 scores (eager attention; fused kernels need less)
+    return states + layer + scores + 3 * row * hidden

@@ -1,0 +1,164 @@
+"""Work memory under a device budget: what each phase needs besides its weights, traced on the meta device (our
+transformer and VAE) or counted from the config (text encoders), checked against the same count taken during a
+real run on the CPU; and a pipeline keeping that room free, or refusing a request that cannot fit before any
+work."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flux2studio import device_streaming
+from flux2studio.device_streaming import PeakBytes, module_bytes, work_reserve
+from flux2studio.model.autoencoder import AutoEncoder
+from flux2studio.model.transformer import Flux2Transformer
+from flux2studio.pipeline import Pipeline, allow_split_projection, build_request
+from flux2studio.sampling import image_ids, text_ids
+from flux2studio.text_encoders import TextEncoder
+from flux2studio.work_memory import text_encoder_bytes, traced_transformer, traced_vae
+from tiny import QWEN3_SPEC, QWEN3_TEMPLATE, TRANSFORMER, VAE, klein_pipeline, qwen3, randomize_, tokenizer
+
+
+def test_peak_bytes_counts_the_tensors_made_inside():
+    a = torch.zeros(1000)  # made before: not counted
+    with PeakBytes() as tracker:
+        b = a * 2  # 4000 bytes
+        c = b + 1  # 8000 live
+        del b  # 4000
+        c.add_(1)  # in place: nothing new
+        view = c[:10]  # a view: nothing new
+        d = view.exp()  # 40 bytes: 4040
+    assert tracker.peak == 8000 and tracker.live == 4040
+    del c, view, d
+
+
+def _real_peak(run) -> int:
+    with torch.no_grad(), PeakBytes() as tracker:
+        out = run()
+        del out
+    return tracker.peak
+
+
+@pytest.mark.parametrize("n_ref,kv,split", [(0, False, False), (0, False, True), (6, False, True), (6, True, True)])
+def test_the_transformer_trace_counts_what_a_real_call_holds(n_ref, kv, split):
+    """The meta trace (nothing computed) sees the bytes a real CPU call makes, through plain, joint-reference and
+    cached-reference calls, single blocks' projections whole or split; the CPU's fused attention holds what the
+    trace's stand-in does."""
+    model = randomize_(Flux2Transformer(TRANSFORMER), std=0.05).eval()
+    model.sdpa = F.scaled_dot_product_attention
+    if split:
+        allow_split_projection(model)
+    h, w, n_txt, batch = 4, 6, 10, 2
+    g = torch.Generator().manual_seed(0)
+    x, txt = (
+        torch.randn(batch, h * w, 128, generator=g),
+        torch.randn(batch, n_txt, TRANSFORMER.context_dim, generator=g),
+    )
+    ids, t_ids, t, guidance = image_ids(h, w), text_ids(n_txt), torch.full((batch,), 0.5), torch.full((batch,), 4.0)
+    ref, r_ids = torch.randn(batch, n_ref, 128, generator=g), image_ids(2, 3) + 1
+
+    def run():
+        if not n_ref:
+            return x - model(x.clone(), ids, txt.clone(), t_ids, t, guidance)
+        if kv:
+            cache = model.ref_kv(ref, r_ids, torch.zeros(batch), guidance)
+            return x - model(x.clone(), ids, txt.clone(), t_ids, t, guidance, cache)
+        joint, joint_ids = torch.cat([x, ref], dim=1), torch.cat([ids, r_ids])
+        return x - model(joint, joint_ids, txt.clone(), t_ids, t, guidance)[:, : h * w]
+
+    real = _real_peak(run)  # the clones stand for the inputs the trace makes itself
+    traced = traced_transformer(TRANSFORMER, torch.float32, batch, h * w, n_txt, n_ref, kv, split)
+    assert 0 < real <= traced <= 1.1 * real, (traced, real)  # never less; the trace holds its inputs too
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_the_vae_trace_counts_what_a_real_call_holds(decode):
+    vae = randomize_(AutoEncoder(VAE), std=0.05).eval()
+    per = VAE.downscale
+    z = torch.randn(2, VAE.latent_channels, 3, 4)
+    image = torch.rand(2, 3, 3 * per, 4 * per) * 2 - 1
+    real = _real_peak(lambda: vae.decode(z) if decode else vae.encode(image))
+    traced = traced_vae(VAE, torch.float32, 2, 3 * per, 4 * per, decode)
+    assert 0 < real <= traced <= 1.1 * real, (traced, real)  # never less; the trace holds its inputs too
+
+
+def test_the_text_encoders_count_covers_a_real_encoding():
+    """Text encoders are counted from their config (transformers' mask code needs real values, no meta trace): the
+    count bounds what a real encoding holds, without doubling it."""
+    encoder = TextEncoder(QWEN3_SPEC, qwen3(), tokenizer(QWEN3_TEMPLATE))
+    prompts = ["a red fox", "a blue bird"]
+    real = _real_peak(lambda: encoder(prompts))
+    counted = text_encoder_bytes(encoder.model.config, torch.float32, len(prompts), QWEN3_SPEC.max_length)
+    assert real <= counted <= 2 * real, (counted, real)
+
+
+def test_the_reference_cache_holds_only_its_keys_and_values():
+    """Cached keys and values own their memory: a view of a block's fused projection would keep all of it alive
+    (3x the values' bytes in every block, for the whole phase)."""
+    model = Flux2Transformer(TRANSFORMER).eval()
+    with torch.no_grad():
+        cache = model.ref_kv(torch.randn(1, 6, 128), image_ids(2, 3) + 1, torch.zeros(1), torch.full((1,), 4.0))
+    for k, v in cache:
+        for t in (k, v):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+@pytest.fixture
+def no_headroom(monkeypatch):
+    """Work reserved as traced (the fixed headroom for a GPU's workspaces would dwarf a tiny model's work)."""
+    monkeypatch.setattr(device_streaming, "WORK_HEADROOM", 0)
+
+
+def _weights(pipe: Pipeline) -> tuple[int, list[int]]:
+    model = pipe.parts["transformer"].get()
+    sizes = [module_bytes(b) for b in [*model.double_blocks, *model.single_blocks]]
+    return module_bytes(model) - sum(sizes), sizes
+
+
+def test_a_budget_keeps_room_for_the_work_of_each_request(no_headroom):
+    """The streaming plan leaves the request's work memory free: a larger image streams more blocks within the
+    same budget; the images are the same as without a budget."""
+    plain = klein_pipeline()
+    fixed, sizes = _weights(plain)
+    small, large = (build_request(plain.variant, "x", size=(s, s)) for s in (64, 128))
+    work_small, work_large = (plain.work_estimates(r)["transformer"] for r in (small, large))
+    assert work_large > work_small
+    budget = fixed + sum(sizes) + work_small  # the whole transformer fits beside the small image's work only
+    assert budget >= fixed + 2 * max(sizes) + work_large  # the large one's streams
+    pipe = klein_pipeline(budget)
+    model = pipe.parts["transformer"].get()
+    plans = []
+    for size in (64, 128):
+        expected = plain("a red circle", size=(size, size), steps=2, seed=3)[0]
+        seen = lambda i, n, x: plans.append((model.block_streamer.plan, pipe.work["transformer"]))  # noqa: E731
+        got = pipe("a red circle", size=(size, size), steps=2, seed=3, callback=seen)[0]
+        assert got.tobytes() == expected.tobytes()
+    (first, w1), (second, w2) = plans[0], plans[-1]
+    assert (w1, w2) == (work_small, work_large)
+    for plan, work in ((first, w1), (second, w2)):
+        assert plan.work == work and plan.peak + work <= budget
+    assert not first.streamed and second.streamed
+
+
+def test_a_request_that_cannot_fit_is_refused_before_any_work(no_headroom):
+    """A budget with room for the streamed weights and a small image's work but not a large image's: the large
+    one is refused before the text encoder runs, naming the size and what would fit; the small one runs."""
+    plain = klein_pipeline()
+    fixed, sizes = _weights(plain)
+    small, large = (build_request(plain.variant, "x", size=(s, s)) for s in (64, 256))
+    work_small, work_large = (plain.work_estimates(r) for r in (small, large))
+    need = max(fixed + 2 * max(sizes) + work_small["transformer"], work_small["VAE"] + module_bytes(plain.vae))
+    pipe = klein_pipeline(need)
+    assert need < fixed + 2 * max(sizes) + work_large["transformer"]
+    encoded = []
+    original = pipe.encode_prompts
+    pipe.encode_prompts = lambda prompts: encoded.append(prompts) or original(prompts)
+    with pytest.raises(ValueError, match=r"klein-4b's (transformer|VAE) at 256x256: .*work memory.*smaller image"):
+        pipe("a red circle", size=(256, 256), steps=1)
+    assert not encoded
+    pipe("a red circle", size=(64, 64), steps=1)
+    assert encoded
+
+
+def test_work_reserve_adds_room_for_what_a_trace_cannot_see():
+    assert work_reserve(0) == device_streaming.WORK_HEADROOM
+    assert work_reserve(10 * 2**20) == int(10 * 2**20 * device_streaming.WORK_FACTOR) + device_streaming.WORK_HEADROOM
