@@ -288,3 +288,20 @@ def test_outpainting_from_the_cli_with_expand_or_canvas(klein_folder, tmp_path, 
     assert tall.size == (96, 96) and json.loads(tall.info["flux2"])["init"]["expand"] == [16, 32, 16, 0]
     both = cli("edit", photo, "p", "--canvas", "96x96", "--size", "64x64", *common(folder), "-o", tmp_path / "z.png")
     assert both.returncode == 2 and "--canvas sets the output size" in both.stderr
+
+
+def test_vae_tile_is_recorded_and_from_decodes_with_it(klein_folder, tmp_path, cli):
+    """--vae-tile decodes in tiles (pixels differ from a whole decode near the seams): the PNG records the tile and
+    --from uses it again, bit-identical; a bad tile is refused naming the allowed ones."""
+    _, folder = klein_folder
+    tiled, whole, again = tmp_path / "tiled.png", tmp_path / "whole.png", tmp_path / "again.png"
+    assert cli("generate", "a red circle", *common(folder), "--size", "256x192", "--vae-tile", "128", "-o",
+               tiled).returncode == 0  # fmt: skip
+    assert cli("generate", "a red circle", *common(folder), "--size", "256x192", "-o", whole).returncode == 0
+    assert json.loads(Image.open(tiled).info["flux2"])["vae_tile"] == 128
+    assert "vae_tile" not in json.loads(Image.open(whole).info["flux2"])
+    assert not np.array_equal(np.asarray(Image.open(tiled)), np.asarray(Image.open(whole)))
+    assert cli("generate", "--from", tiled, "--weights", folder, "--device", "cpu", "-q", "-o", again).returncode == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(tiled)))
+    run = cli("generate", "p", *common(folder), "--vae-tile", "100", "-o", tmp_path / "bad.png")
+    assert run.returncode == 2 and "VAE tile 100: give a multiple of 64 pixels from 128 to 2048" in run.stderr

@@ -167,12 +167,12 @@ def test_what_does_not_fit_is_refused_before_loading(monkeypatch):
     with pytest.raises(ValueError) as e:
         loading.check_fits(klein9, "cuda", torch.bfloat16, None, False, None)
     assert "klein-9b's transformer needs 16.9" in str(e.value) and "cuda has 8.00 GB free" in str(e.value)
-    assert "--vram 7.20 GB (stream blocks)" in str(e.value) and "--quantize int8" in str(e.value)
+    assert "--vram auto (stream blocks through 7.60 GB)" in str(e.value) and "--quantize int8" in str(e.value)
     loading.check_fits(klein9, "cuda", torch.bfloat16, "int4", False, None)  # 4-bit: about 5 GB, fits
     with pytest.raises(ValueError, match="budget of 512 MB is too small for klein-9b's transformer"):
         loading.check_fits(klein9, "cuda", torch.bfloat16, None, False, 2**29)
     with pytest.raises(
-        ValueError, match=r"--vram 12\.00 GB is more than cuda has free \(8\.00 GB\): try --vram 7\.20 GB"
+        ValueError, match=r"--vram 12\.00 GB is more than cuda has free \(8\.00 GB\): try --vram auto \(7\.60 GB\)"
     ):
         loading.check_fits(klein9, "cuda", torch.bfloat16, None, False, 12 * 2**30)
     loading.check_fits(klein9, "cuda", torch.bfloat16, None, False, 6 * 2**30)  # within free memory: streams
@@ -182,3 +182,16 @@ def test_what_does_not_fit_is_refused_before_loading(monkeypatch):
     loading.check_fits(klein9, "cpu", torch.bfloat16, None, False, None)  # streamed from the files: runs
     with pytest.raises(ValueError, match="--vram is a budget of accelerator memory"):
         loading.load("nano", device="cpu", vram_budget="8GB")
+
+
+def test_vram_auto_is_a_share_of_the_devices_free_memory(monkeypatch):
+    from flux2studio import loading
+
+    monkeypatch.setattr(loading, "device_free_bytes", lambda device: 8 * 2**30)
+    assert loading.vram_bytes("auto", "cuda") == int(8 * 2**30 * 0.95) == loading.vram_bytes(" AUTO ", "cuda:0")
+    assert loading.vram_bytes("6GB", "cuda") == 6 * 2**30 and loading.vram_bytes(None, "cuda") is None
+    with pytest.raises(ValueError, match="--vram is a budget of accelerator memory"):
+        loading.vram_bytes("auto", "cpu")
+    monkeypatch.setattr(loading, "device_free_bytes", lambda device: None)
+    with pytest.raises(ValueError, match=r"--vram auto: the free memory of mps cannot be asked; give a size"):
+        loading.vram_bytes("auto", "mps")

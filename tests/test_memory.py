@@ -94,8 +94,9 @@ def test_a_user_who_tuned_the_allocator_keeps_their_settings(monkeypatch):
     try:
         assert residency._glibc() is None
         with residency.reuse_freed_memory():
-            t = torch.empty(512 * MB, dtype=torch.uint8)  # larger than any free piece of the heap
-            assert _heap()[1] >= 512 * MB  # mapped on its own, as glibc does by default: the heap is not held
+            size = max(512 * MB, _larger_than_the_heaps_free_memory())
+            t = torch.empty(size, dtype=torch.uint8)  # larger than any free piece of the heap
+            assert _heap()[1] >= size  # mapped on its own, as glibc does by default: the heap is not held
             del t
     finally:
         monkeypatch.undo()

@@ -42,3 +42,23 @@ def test_mistral3_embeddings_match_diffusers():
 def test_output_dtype_is_explicit():
     encoder = TextEncoder(QWEN3_SPEC, qwen3(), tokenizer(QWEN3_TEMPLATE))
     assert encoder(PROMPTS[:1], dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_the_embedded_encoder_loads_without_transformers_bars_or_warnings(capfd):
+    """`load("nano")` from Python prints nothing of transformers' (its loading bar, the unused pooler's report) and
+    leaves its settings as they were."""
+    import transformers
+
+    from flux2studio.text_encoders import load_minilm
+    from flux2studio.variants import MINILM
+
+    verbosity, bar = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    transformers.logging.enable_progress_bar()  # as in a fresh process (the CLI turns it off)
+    try:
+        load_minilm(MINILM)
+        out, err = capfd.readouterr()
+        assert "Loading weights" not in out + err and "pooler" not in out + err
+        assert transformers.logging.is_progress_bar_enabled() and transformers.logging.get_verbosity() == verbosity
+    finally:
+        if not bar:
+            transformers.logging.disable_progress_bar()

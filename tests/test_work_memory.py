@@ -1,7 +1,9 @@
 """Work memory under a device budget: what each phase needs besides its weights, traced on the meta device (our
 transformer and VAE) or counted from the config (text encoders), checked against the same count taken during a
-real run on the CPU; and a pipeline keeping that room free, or refusing a request that cannot fit before any
-work."""
+real run on the CPU; and a pipeline keeping that room free, decoding in VAE tiles where a whole decode does not
+fit, or refusing a request that cannot fit before any work."""
+
+import json
 
 import pytest
 import torch
@@ -9,12 +11,13 @@ import torch.nn.functional as F
 
 from flux2studio import device_streaming
 from flux2studio.device_streaming import PeakBytes, module_bytes, work_reserve
+from flux2studio.images import to_pil
 from flux2studio.model.autoencoder import AutoEncoder
 from flux2studio.model.transformer import Flux2Transformer
-from flux2studio.pipeline import Pipeline, allow_split_projection, build_request
+from flux2studio.pipeline import Pipeline, allow_split_projection, build_request, check_vae_tile
 from flux2studio.sampling import image_ids, text_ids
 from flux2studio.text_encoders import TextEncoder
-from flux2studio.work_memory import text_encoder_bytes, traced_transformer, traced_vae
+from flux2studio.work_memory import text_encoder_bytes, traced_transformer, traced_vae, vae_work
 from tiny import QWEN3_SPEC, QWEN3_TEMPLATE, TRANSFORMER, VAE, klein_pipeline, qwen3, randomize_, tokenizer
 
 
@@ -70,15 +73,17 @@ def test_the_transformer_trace_counts_what_a_real_call_holds(n_ref, kv, split):
     assert 0 < real <= traced <= 1.1 * real, (traced, real)  # never less; the trace holds its inputs too
 
 
-@pytest.mark.parametrize("decode", [True, False])
-def test_the_vae_trace_counts_what_a_real_call_holds(decode):
+@pytest.mark.parametrize("decode,tile", [(True, None), (False, None), (True, 32)])
+def test_the_vae_trace_counts_what_a_real_call_holds(decode, tile):
+    """Decoding and encoding traced whole; decoding in tiles counted from one tile's trace and every tile, row and
+    image held (a bound: edge tiles are smaller)."""
     vae = randomize_(AutoEncoder(VAE), std=0.05).eval()
     per = VAE.downscale
-    z = torch.randn(2, VAE.latent_channels, 3, 4)
-    image = torch.rand(2, 3, 3 * per, 4 * per) * 2 - 1
-    real = _real_peak(lambda: vae.decode(z) if decode else vae.encode(image))
-    traced = traced_vae(VAE, torch.float32, 2, 3 * per, 4 * per, decode)
-    assert 0 < real <= traced <= 1.1 * real, (traced, real)  # never less; the trace holds its inputs too
+    z = torch.randn(2, VAE.latent_channels, 12, 16)
+    image = torch.rand(2, 3, 12 * per, 16 * per) * 2 - 1
+    real = _real_peak(lambda: vae.decode(z, tile=tile) if decode else vae.encode(image))
+    traced = traced_vae(VAE, torch.float32, 2, 12 * per, 16 * per, decode, tile)
+    assert 0 < real <= traced <= (1.5 if tile else 1.1) * real, (traced, real)
 
 
 def test_the_text_encoders_count_covers_a_real_encoding():
@@ -162,3 +167,48 @@ def test_a_request_that_cannot_fit_is_refused_before_any_work(no_headroom):
 def test_work_reserve_adds_room_for_what_a_trace_cannot_see():
     assert work_reserve(0) == device_streaming.WORK_HEADROOM
     assert work_reserve(10 * 2**20) == int(10 * 2**20 * device_streaming.WORK_FACTOR) + device_streaming.WORK_HEADROOM
+
+
+def test_vae_tiles_decode_larger_images_and_are_recorded():
+    """`vae_tile`: larger images decoded in tiles (the VAE's own tiled decode, parity-tested in test_vae), the tile
+    written in the image's metadata; images within a tile decoded whole; a bad tile named with the allowed ones."""
+    pipe = klein_pipeline()
+    pipe.vae_tile = 256
+    req = build_request(pipe.variant, "a red circle", size=(512, 384), steps=1, seed=2)
+    with torch.no_grad():
+        latents = pipe.generate_latents(req)
+        expected = pipe.parts["vae"].get().decode(latents, tile=256)
+        whole = pipe.parts["vae"].get().decode(latents)
+    image = pipe("a red circle", size=(512, 384), steps=1, seed=2)[0]
+    assert image.tobytes() == to_pil(expected)[0].tobytes() != to_pil(whole)[0].tobytes()
+    assert json.loads(image.info["flux2"])["vae_tile"] == 256
+    small = pipe("a red circle", size=(256, 192), steps=1, seed=2)[0]
+    assert "vae_tile" not in json.loads(small.info["flux2"])
+    for bad in (100, 4096, "512"):
+        with pytest.raises(ValueError, match=rf"VAE tile {bad!r}: give a multiple of 64 pixels from 128 to 2048"):
+            check_vae_tile(bad)
+
+
+def test_a_budget_decodes_in_tiles_where_a_whole_decode_does_not_fit(no_headroom):
+    """Under a budget too small for a whole decode, the VAE decodes in the largest tiles that fit (the same image
+    as that tile asked for without a budget); with no tile small enough, refused before any work."""
+    plain = klein_pipeline()
+    vae_bytes = module_bytes(plain.vae)
+    cfg = plain.variant.vae
+    whole, tiled = (vae_work(cfg, plain.dtype, 1, 512, 512, True, t) for t in (None, 384))
+    fixed, sizes = _weights(plain)
+    req = build_request(plain.variant, "x", size=(512, 512))
+    budget = vae_bytes + tiled
+    assert vae_bytes + whole > budget >= fixed + 2 * max(sizes) + plain.work_estimates(req)["transformer"]
+    pipe = klein_pipeline(budget)
+    image = pipe("a red circle", size=(512, 512), steps=1, seed=4)[0]
+    assert json.loads(image.info["flux2"])["vae_tile"] == 384  # 1024, 768 and 512 are whole decodes at 512x512
+    plain.vae_tile = 384
+    assert image.tobytes() == plain("a red circle", size=(512, 512), steps=1, seed=4)[0].tobytes()
+    pipe.vram_budget = vae_bytes + vae_work(cfg, plain.dtype, 1, 512, 512, True, 256) - 1
+    encoded = []
+    original = pipe.encode_prompts
+    pipe.encode_prompts = lambda prompts: encoded.append(prompts) or original(prompts)
+    with pytest.raises(ValueError, match=r"klein-4b's VAE decoding 512x512: even in 256-pixel tiles it needs"):
+        pipe("a red circle", size=(512, 512), steps=1)
+    assert not encoded

@@ -136,7 +136,7 @@ def load_pipe(model: str | None, args: argparse.Namespace):
                 text_encoder=getattr(args, "text_encoder", None), backend=args.backend, api=api,
                 attention=getattr(args, "attention", None) or "auto",
                 quantize=getattr(args, "quantize", None), vram_budget=getattr(args, "vram", None),
-                compile=getattr(args, "compile", False))  # fmt: skip
+                compile=getattr(args, "compile", False), vae_tile=getattr(args, "vae_tile", None))  # fmt: skip
     if getattr(args, "lora", None):
         pipe.set_loras([parse_lora_arg(a) for a in args.lora])
     return pipe
@@ -219,6 +219,8 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSe
         args.dtype = next((k for k, v in DTYPE_NAMES.items() if v == meta.get("dtype")), None)
     if getattr(args, "quantize", None) is None:
         args.quantize = meta.get("quantize")
+    if getattr(args, "vae_tile", None) is None:  # tiles change the pixels near their seams
+        args.vae_tile = meta.get("vae_tile")
     if getattr(args, "attention", None) is None:  # bf16 attention kernels round differently
         args.attention = meta.get("attention", "sdpa")  # images from before the kernel: PyTorch's
     return meta["model"], GenerationSettings.of(args.prompt or meta["prompt"], **{**settings, **given})
@@ -479,6 +481,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             quantize=args.quantize,
             vram=args.vram,
             compile=args.compile or None,  # (None: the config file's)
+            vae_tile=args.vae_tile,
         )
         cfg.allowed_hosts = [*cfg.allowed_hosts, *hosts]
         store = "PostgreSQL" if cfg.db else "SQLite"
@@ -505,7 +508,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return load(model_id, backend="api", api={"location": args.api})
         return load(model_id, weights=weights.get(model_id), device=args.device, dtype=args.dtype, resident=True,
                     api={"location": args.api}, quantize=args.quantize, vram_budget=args.vram,
-                    compile=args.compile)  # fmt: skip
+                    compile=args.compile, vae_tile=args.vae_tile)  # fmt: skip
 
     from .serve.guard import header_timeout_protocol
     from .serve.limits import DEFAULT_LIMITS
@@ -586,7 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", help="weights file or folder (default: embedded / registered location)")
         p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
         p.add_argument("--vram", metavar="SIZE", help="accelerator memory a phase may use, weights and "
-                       "work, e.g. 8GB: blocks that do not fit beside the work stream from host memory")  # fmt: skip
+                       "work: 8GB, or auto (95%% of the free memory); blocks that do not fit stream in")  # fmt: skip
+        p.add_argument("--vae-tile", type=int, metavar="PX", help="decode larger images in overlapping tiles of PX "
+                       "(128..2048, step 64) pixels: less memory, seams blended as by diffusers")  # fmt: skip
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the transformer's blocks (GPUs; the first image compiles them)")  # fmt: skip
         p.add_argument("--dtype", choices=DTYPE_CHOICES,
@@ -746,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device")
     srv.add_argument("--vram", metavar="SIZE", help="accelerator memory a phase may use (see generate --vram)")
     srv.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (see generate)")
+    srv.add_argument("--vae-tile", type=int, metavar="PX", help="decode larger images in tiles (see generate)")
     srv.add_argument("--dtype", choices=DTYPE_CHOICES)
     srv.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="pack the served models' layers: int8, int4 or fp8")
     srv.set_defaults(func=cmd_serve)

@@ -323,10 +323,13 @@ def to_host(model: nn.Module) -> None:
 
 
 def device_free_bytes(device: torch.device | str) -> int | None:
-    """Free memory of an accelerator (None where it cannot be asked)."""
+    """Free memory of an accelerator (None where it cannot be asked): CUDA's, or what Metal recommends at most less
+    what it holds (Apple GPUs share the machine's memory)."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return max(0, torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
     return None
 
 

@@ -35,7 +35,7 @@ from .layouts.transformer import transformer_from_diffusers
 from .layouts.vae import vae_from_diffusers
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
-from .pipeline import Component, Pipeline
+from .pipeline import Component, Pipeline, check_vae_tile
 from .precision import compute_dtype, storage, widen_on_use
 from .quantize import check_mode, prepack_int8, quantize_modules, swap_in
 from .quantized_files import (
@@ -411,6 +411,7 @@ def load(
     quantize: str | None = None,
     vram_budget: str | int | None = None,
     compile: bool = False,
+    vae_tile: int | None = None,
 ) -> Pipeline:
     """A `Pipeline` for `model_id` (default: the embedded `nano`, which needs no download).
 
@@ -433,18 +434,21 @@ def load(
     blocks, dequantized per layer) for the transformer's blocks and the text encoder's layers, packed at load;
     files already quantized (GGUF, `flux2 convert --quantize`) stay as they are without it.
 
-    `vram_budget` ("8GB", bytes): on an accelerator, the most bytes a phase uses there, its weights and its work
-    memory at each request's size (`work_memory`). Parts load into host memory and are put on the device for their
-    phase; the transformer's and text encoder's blocks that do not fit are copied in ahead of use on a side stream
-    (`device_streaming`); a request whose work cannot fit is refused before any work. Parts are then loaded per
-    phase (as without `resident`). Without a budget, a model larger than the device's free memory (or, `resident`
-    on CPU, than the machine's) is refused before loading, with what would fit.
+    `vram_budget` ("8GB", bytes, or "auto": 95% of the device's free memory at load): on an accelerator, the most
+    bytes a phase uses there, weights and work memory at each request's size (`work_memory`). Parts are loaded per
+    phase into host memory and put on the device for it; blocks that do not fit are copied in ahead of use on a
+    side stream (`device_streaming`); a request that cannot fit is refused before any work. Without a budget, a
+    model larger than the device's free memory (or, `resident` on CPU, the machine's) is refused before loading.
+
+    `vae_tile` (pixels, 128..2048, step 64): larger images decoded in overlapping tiles (`AutoEncoder.decode_tiled`;
+    less memory, pixels near the seams differ); under a budget, tiles are chosen where a whole decode cannot fit.
 
     `compile`: the transformer's blocks through `torch.compile` (`pipeline.compile_blocks`); the first call
     compiles them (tens of seconds), later calls of the same size run the compiled code. For GPUs; on a CPU it
     needs a C compiler.
     """
     check_mode(quantize)
+    check_vae_tile(vae_tile)
     if backend not in ("local", "api"):
         raise ValueError(f"backend {backend!r} is not 'local' or 'api'")
     if model_id is not None and (backend == "api" or get_variant(model_id).hosted):
@@ -459,9 +463,7 @@ def load(
         )
     device = device or default_device()
     compute = compute_dtype(dtype, device)
-    budget = None if vram_budget is None else parse_bytes(vram_budget)
-    if budget is not None and torch.device(device).type == "cpu":
-        raise ValueError("--vram is a budget of accelerator memory (cuda, mps); on CPU, weights stream from the files")
+    budget = vram_bytes(vram_budget, device)
     if model_id is not None:  # before any weights are read: does the transformer fit the device (or budget)?
         check_fits(get_variant(model_id), device, compute.dtype, quantize, resident, budget)
     host = "cpu" if budget is not None else device
@@ -472,6 +474,7 @@ def load(
     pipe.dtype_reason = compute.reason
     pipe.quantize = quantize
     pipe.compile = compile
+    pipe.vae_tile = vae_tile
     return pipe
 
 
@@ -528,6 +531,23 @@ def _load_local(
     return Pipeline(variant, *parts, device=device, dtype=torch_dtype, weights_hash=digest, attention=attention)
 
 
+AUTO_VRAM_SHARE = 0.95  # `--vram auto`: this share of the device's free memory (the rest: the CUDA context's growth)
+
+
+def vram_bytes(vram_budget: str | int | None, device: str) -> int | None:
+    """A `--vram` value in bytes: a size ("8GB", bytes) or "auto" (95% of the accelerator's free memory now)."""
+    if vram_budget is None:
+        return None
+    if torch.device(device).type == "cpu":
+        raise ValueError("--vram is a budget of accelerator memory (cuda, mps); on CPU, weights stream from the files")
+    if isinstance(vram_budget, str) and vram_budget.strip().lower() == "auto":
+        free = device_free_bytes(device)
+        if free is None:
+            raise ValueError(f"--vram auto: the free memory of {device} cannot be asked; give a size, e.g. --vram 8GB")
+        return int(free * AUTO_VRAM_SHARE)
+    return parse_bytes(vram_budget)
+
+
 def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str | None, resident: bool,
                budget: int | None) -> None:  # fmt: skip
     """Refuse, before any weights are read, a transformer that cannot run there: a budget above the accelerator's
@@ -539,7 +559,7 @@ def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str 
         room = device_free_bytes(device)
         if room is not None and budget > room:  # each request's work is checked against it as it comes
             raise ValueError(f"--vram {human(budget)} is more than {device} has free ({human(room)}): "
-                             f"try --vram {human(room * 0.9)} or less")  # fmt: skip
+                             f"try --vram auto ({human(room * AUTO_VRAM_SHARE)}) or less")  # fmt: skip
     if budget is None:  # what the whole model is compared with, if anything (not streamed from files on CPU)
         free = device_free_bytes(device) if kind != "cpu" else (available_ram() if resident else None)
         if free is None:
@@ -557,8 +577,8 @@ def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str 
         where = f"{device} has {human(free)} free" if kind != "cpu" else f"this machine has {human(free)} available"
         smaller = {None: "--quantize int8 (about half) or int4", "int8": "--quantize int4", "fp8": "--quantize int4"}
         smaller = smaller.get(quantize, "")
-        ways = [f"--vram {human(free * 0.9)} (stream blocks)" if kind != "cpu" else "without resident (stream from "
-                "the files)", *([smaller] if smaller else [])]  # fmt: skip
+        ways = [f"--vram auto (stream blocks through {human(free * AUTO_VRAM_SHARE)})" if kind != "cpu" else
+                "without resident (stream from the files)", *([smaller] if smaller else [])]  # fmt: skip
         stored = str(dtype).removeprefix("torch.") + (f", {quantize}" if quantize else "")
         raise ValueError(f"{what} needs {human(whole)} ({stored}); {where}: try {' or '.join(ways)}")
 

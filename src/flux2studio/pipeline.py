@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import __version__, sampling
 from .checkpoints import cache_dir, weights_hash
-from .device_streaming import check_whole, module_bytes, plan_blocks, stream_to_device, to_host
+from .device_streaming import check_whole, human, module_bytes, plan_blocks, stream_to_device, to_host
 from .editing import Init, build_init, paste_kept
 from .images import check_size, image_hash, parameters_text, prepare_reference, size_for_aspect, to_pil, to_tensor
 from .kernels.attention import attention_for
@@ -41,6 +41,8 @@ from .variants import Variant
 from .work_memory import text_encoder_work, transformer_work, vae_work
 
 MAX_STEPS = 200
+VAE_TILES = range(128, 2049, 64)  # tile sides (pixels) the VAE may decode in
+AUTO_TILES = (1024, 768, 512, 384, 256)  # tried in turn under a device budget where a whole decode does not fit
 MAX_IMAGES = 64  # images per call (prompts x num_images)
 GUIDANCE_RANGE = (1.0, 30.0)
 T = TypeVar("T")
@@ -222,6 +224,14 @@ def _interval(value: object) -> tuple[float, float]:
     return lo, hi
 
 
+def check_vae_tile(tile: int | None) -> int | None:
+    """A VAE tile side as given (pixels), or a ValueError naming it and the allowed values."""
+    if tile is not None and (not isinstance(tile, int) or isinstance(tile, bool) or tile not in VAE_TILES):
+        raise ValueError(f"VAE tile {tile!r}: give a multiple of {VAE_TILES.step} pixels from {VAE_TILES.start} to "
+                         f"{VAE_TILES.stop - 1}")  # fmt: skip
+    return tile
+
+
 def allow_split_projection(model: Flux2Transformer) -> None:
     """Let each single-stream block compute its fused input projection's rows apart at inference (qkv for every
     token, then the MLP rows a chunk of tokens at a time: the same numbers, less memory) where that layer is a
@@ -344,6 +354,8 @@ class Pipeline:
         self.work: dict[str, int] = {}  # with a budget: device bytes each phase keeps for activations, this request
         self._request: Request | None = None  # the request being generated (its shapes size the work)
         self.planned: dict[str, int] = {}  # device bytes each phase was planned to use at most, weights and work
+        self.vae_tile: int | None = None  # decode larger images in tiles of this many pixels (`load(vae_tile=)`)
+        self._tiled: int | None = None  # the tile the last decode used, if it tiled (written in the metadata)
         for part in (transformer, vae):
             if isinstance(part, torch.nn.Module):
                 part.to("cpu" if vram_budget else self.device, dtype).eval()
@@ -406,8 +418,8 @@ class Pipeline:
 
     def work_estimates(self, req: Request) -> dict[str, int]:
         """Device bytes the transformer and VAE phases keep for their work at this request (`work_memory`): one
-        denoising call of the batch with its reference tokens; the VAE decoding the batch or encoding the start or
-        a reference image, whichever needs more."""
+        denoising call of the batch with its reference tokens; the VAE decoding the batch (in `vae_tile` tiles if
+        set) or encoding the start or a reference image, whichever needs more."""
         per = sampling.PIXELS_PER_TOKEN
         masked = req.init is not None and req.init.mask is not None and self.variant.inpaint_reference
         conditions = [*([req.init.image] if masked else []), *req.refs]
@@ -422,7 +434,7 @@ class Pipeline:
                                        (req.width // per), n_txt, n_ref, self.variant.kv_cache, split)  # fmt: skip
         starts = [req.init.image] if req.init is not None else []
         vae = [vae_work(self.variant.vae, self.dtype, 1, im.height, im.width, False) for im in [*starts, *req.refs]]
-        vae.append(vae_work(self.variant.vae, self.dtype, req.batch, req.height, req.width, True))
+        vae.append(vae_work(self.variant.vae, self.dtype, req.batch, req.height, req.width, True, self.vae_tile))
         return {"transformer": transformer, "VAE": max(vae)}
 
     def _check_budget(self, req: Request) -> None:
@@ -443,13 +455,39 @@ class Pipeline:
             whole = packed_bytes(skeleton, self.dtype, self.quantize)
         plan_blocks(sizes, whole - sum(sizes), self.vram_budget, what=f"{self.variant.id}'s transformer{self._at(req)}",
                     work=self.work["transformer"])  # fmt: skip
+        starts = [*([req.init.image] if req.init is not None else []), *req.refs]
+        for im in starts:  # encoded whole
+            work = vae_work(self.variant.vae, self.dtype, 1, im.height, im.width, False)
+            check_whole(self._vae_bytes(), work, self.vram_budget, f"{self.variant.id}'s VAE encoding "
+                        f"{im.width}x{im.height}")  # fmt: skip
+        self._decode_tile(req.batch, req.height, req.width)  # whole or in tiles: raises if neither fits
+
+    def _vae_bytes(self) -> int:
         vae = self.parts["vae"]
-        if not vae.loaded:
-            with torch.device("meta"):
-                vae_bytes = module_bytes(AutoEncoder(self.variant.vae), self.dtype)
-        else:
-            vae_bytes = module_bytes(vae.get())
-        check_whole(vae_bytes, self.work["VAE"], self.vram_budget, f"{self.variant.id}'s VAE{self._at(req)}")
+        if vae.loaded:
+            return module_bytes(vae.get())
+        with torch.device("meta"):
+            return module_bytes(AutoEncoder(self.variant.vae), self.dtype)
+
+    def _decode_tile(self, batch: int, height: int, width: int) -> int | None:
+        """The tile side (pixels) the VAE decodes such images in, None for whole: `vae_tile`; under a budget, the
+        first of it (or a whole decode) and AUTO_TILES below it whose work fits beside the VAE's weights, and a
+        ValueError naming the size when none does."""
+        if self.vram_budget is None:
+            return self.vae_tile
+        weights = self._vae_bytes()
+        tries = [self.vae_tile, *(t for t in AUTO_TILES if self.vae_tile is None or t < self.vae_tile)]
+        for tile in tries:
+            work = vae_work(self.variant.vae, self.dtype, batch, height, width, True, tile)
+            if weights + work <= self.vram_budget:
+                return tile
+        need = human(weights + work)
+        raise ValueError(
+            f"a device budget of {human(self.vram_budget)} is too small for {self.variant.id}'s VAE decoding "
+            f"{width}x{height}{f', {batch} images' if batch > 1 else ''}: even in {tries[-1]}-pixel tiles it needs "
+            f"{need} ({human(weights)} of weights and about {human(work)} of work memory); give --vram {need} or "
+            "more, or a smaller image or batch"
+        )
 
     def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
         """Use these LoRA files with these scales from the next call on ([] removes them, exactly)."""
@@ -527,6 +565,7 @@ class Pipeline:
             "height": req.height,
             "refs": [image_hash(r) for r in req.refs],
             **({"init": req.init.metadata()} if req.init is not None else {}),
+            **({"vae_tile": self._tiled} if self._tiled else {}),  # tiles change the pixels near their seams
             "dtype": str(self.dtype).removeprefix("torch."),
             "dtype_reason": self.dtype_reason,
             **({"quantize": self.quantize} if self.quantize else {}),
@@ -646,13 +685,16 @@ class Pipeline:
             return None
         h, w = height // sampling.PIXELS_PER_TOKEN, width // sampling.PIXELS_PER_TOKEN
         z = sampling.unpack(tokens[index : index + 1].to(self.device), h, w)
-        return to_pil(self.vae.decode(z.to(self.dtype)))[0]
+        return to_pil(self.vae.decode(z.to(self.dtype), tile=self.vae_tile))[0]
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Normalised latents -> images (B, 3, H, W) in [-1, 1]."""
+        """Normalised latents -> images (B, 3, H, W) in [-1, 1]; in tiles with `vae_tile` or where a device budget
+        leaves no room for a whole decode (`_decode_tile`)."""
+        (b, _, h, w), per = latents.shape, sampling.PIXELS_PER_TOKEN
+        tile = self._decode_tile(b, h * per, w * per)
         if self.vram_budget is not None:
-            (b, _, h, w), per = latents.shape, sampling.PIXELS_PER_TOKEN
-            self.work["VAE"] = vae_work(self.variant.vae, self.dtype, b, h * per, w * per, True)
-        images = self.vae.decode(latents.to(self.dtype))
+            self.work["VAE"] = vae_work(self.variant.vae, self.dtype, b, h * per, w * per, True, tile)
+        self._tiled = tile if tile is not None and max(h, w) * per > tile else None
+        images = self.vae.decode(latents.to(self.dtype), tile=tile)
         self.release("vae")
         return images

@@ -136,10 +136,13 @@ def load_minilm(spec: TextEncoderSpec, device: torch.device | str = "cpu", check
     import transformers
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    verbosity = transformers.logging.get_verbosity()
+    verbosity, bar = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # the unused pooler weights are reported as a load "problem"
+    transformers.logging.disable_progress_bar()  # a bar for 101 small tensors, on every Python `load("nano")`
     try:
         model = BertModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False).to(device)
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if bar:
+            transformers.logging.enable_progress_bar()
     return TextEncoder(spec, model, tokenizer)

@@ -8,11 +8,12 @@ shape: a server's repeated requests trace once.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
 from .device_streaming import flash_attention_shapes, traced_work, work_reserve
-from .model.autoencoder import AutoEncoder
+from .model.autoencoder import AutoEncoder, tile_layout
 from .model.transformer import Flux2Transformer
 from .variants import AutoencoderConfig, TransformerConfig
 
@@ -56,14 +57,28 @@ def traced_transformer(cfg: TransformerConfig, dtype: torch.dtype, batch: int, n
     return traced_work(run)
 
 
-def vae_work(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool) -> int:
-    """Device bytes to keep for decoding `batch` images of `height` x `width` pixels (or encoding them)."""
-    return work_reserve(traced_vae(cfg, dtype, batch, height, width, decode))
+def vae_work(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool,
+             tile: int | None = None) -> int:  # fmt: skip
+    """Device bytes to keep for decoding `batch` images of `height` x `width` pixels (in `tile`-pixel tiles: the
+    decoded tiles held, one tile's work), or encoding them."""
+    return work_reserve(traced_vae(cfg, dtype, batch, height, width, decode, tile))
+
+
+def traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool,
+               tile: int | None = None) -> int:  # fmt: skip
+    """The peak bytes of tensors the VAE makes decoding (or encoding) such images: traced on the meta device; in
+    tiles, one tile's decode traced and the decoded tiles, rows and image counted (every tile at full size)."""
+    if decode and tile is not None and max(height, width) > tile:
+        f = cfg.downscale // cfg.patch
+        _, stride, _, _ = tile_layout(tile, f)
+        tiles = math.ceil(height // f / stride) * math.ceil(width // f / stride)
+        pixel = batch * cfg.out_channels * dtype.itemsize
+        return _traced_vae(cfg, dtype, batch, tile, tile, True) + pixel * (tiles * tile * tile + 2 * height * width)
+    return _traced_vae(cfg, dtype, batch, height, width, decode)
 
 
 @functools.lru_cache(maxsize=64)
-def traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool) -> int:
-    """The peak bytes of tensors the VAE makes decoding (or encoding) such images, traced on the meta device."""
+def _traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool) -> int:
     with torch.device("meta"):
         vae = AutoEncoder(cfg).to(dtype)
     vae.set_attention(flash_attention_shapes)
@@ -72,7 +87,8 @@ def traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: i
     def run() -> torch.Tensor:
         with torch.device("meta"):
             if decode:
-                return vae.decode(torch.empty(batch, cfg.latent_channels, height // down, width // down, dtype=dtype))
+                zp = torch.empty(batch, cfg.latent_channels, height // down, width // down, dtype=dtype)
+                return vae.decode(zp)
             return vae.encode(torch.empty(batch, cfg.in_channels, height, width, dtype=dtype))
 
     return traced_work(run)

@@ -47,6 +47,23 @@ def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=NORM_EPS, affine=True)
 
 
+def tile_layout(tile: int, f: int) -> tuple[int, int, int, int]:
+    """Tiled decoding of `tile`-pixel tiles, `f` pixels per latent -> (a tile's side in latents, latents between
+    tile starts, pixels blended with the previous tile, pixels of each tile kept)."""
+    size, blend = tile // f, int(tile * 0.25)  # a quarter overlaps
+    return size, int(size * 0.75), blend, tile - blend
+
+
+def _fade(a: Tensor, b: Tensor, extent: int, dim: int) -> None:
+    """Blend the last `extent` rows (dim 2) or columns (dim 3) of `a` into the first of `b`, in place: row k is
+    a's share (1 - k/extent) plus b's (k/extent), row by row in diffusers' order and arithmetic."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    for k in range(extent):
+        b.select(dim, k).copy_(
+            a.select(dim, a.shape[dim] - extent + k) * (1 - k / extent) + b.select(dim, k) * (k / extent)
+        )
+
+
 class ResnetBlock(nn.Module):
     """x + conv(silu(norm(conv(silu(norm(x)))))); a 1x1 `nin_shortcut` when the width changes."""
 
@@ -255,11 +272,35 @@ class AutoEncoder(nn.Module):
         """Unpatchified, unnormalised latents (B, z, H/8, W/8) -> image (B, 3, H, W)."""
         return self.decoder(z)
 
-    def decode(self, zp: Tensor) -> Tensor:
-        """Normalised latents (B, 4z, H/16, W/16) -> image (B, 3, H, W), roughly in [-1, 1]."""
+    def decode(self, zp: Tensor, tile: int | None = None) -> Tensor:
+        """Normalised latents (B, 4z, H/16, W/16) -> image (B, 3, H, W), roughly in [-1, 1]. With `tile` (pixels)
+        and an image larger than a tile, decoded in overlapping tiles (`decode_tiled`)."""
         if zp.shape[1] != self.cfg.latent_channels:
             raise ValueError(f"latents have {zp.shape[1]} channels, expected {self.cfg.latent_channels}")
-        return self.decode_raw(unpatchify(self.denormalize(zp), self.cfg.patch))
+        z = unpatchify(self.denormalize(zp), self.cfg.patch)
+        return self.decode_raw(z) if tile is None else self.decode_tiled(z, tile)
+
+    def decode_tiled(self, z: Tensor, tile: int) -> Tensor:
+        """Unpatchified latents (B, z, H/8, W/8) -> image, decoded in `tile` x `tile` pixel tiles overlapping by a
+        quarter, each blended into its upper and left neighbours linearly over that quarter (diffusers'
+        `AutoencoderKLFlux2.tiled_decode` with `tile_sample_min_size = tile`; images no larger than a tile are
+        decoded whole). The decoder's work memory is one tile's; the numbers differ from a whole decode near the
+        seams (each tile sees only its own context)."""
+        size, stride, blend, keep = tile_layout(tile, self.cfg.downscale // self.cfg.patch)
+        if z.shape[-2] <= size and z.shape[-1] <= size:
+            return self.decode_raw(z)
+        rows: list[list[Tensor]] = []
+        for i in range(0, z.shape[-2], stride):
+            row = []
+            for j in range(0, z.shape[-1], stride):
+                t = self.decode_raw(z[:, :, i : i + size, j : j + size])
+                if rows:  # the tile above, already blended, fades into this one's top rows
+                    _fade(rows[-1][len(row)], t, blend, dim=2)
+                if row:  # and the tile to the left into its first columns
+                    _fade(row[-1], t, blend, dim=3)
+                row.append(t)
+            rows.append(row)
+        return torch.cat([torch.cat([t[:, :, :keep, :keep] for t in row], dim=3) for row in rows], dim=2)
 
     def _stats(self, zp: Tensor) -> tuple[Tensor, Tensor]:
         # sqrt in the buffers' dtype, then cast to the latents' dtype: the order diffusers' pipelines use

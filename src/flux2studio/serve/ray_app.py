@@ -47,6 +47,7 @@ class ScaleConfig:
     quantize: str | None = None  # int8 / int4 / fp8 packing at load (`load(quantize=)`)
     vram: str | None = None  # accelerator memory a replica's weights may use, e.g. "8GB" (`load(vram_budget=)`)
     compile: bool = False  # torch.compile the transformer's blocks (`load(compile=)`)
+    vae_tile: int | None = None  # decode larger images in tiles of this many pixels (`load(vae_tile=)`)
     threads: int = 1  # torch threads per CPU replica
     num_cpus: float = 1.0  # per Generator replica
     num_gpus: float = 0.0  # per Generator replica (e.g. 1, or 0.5 to pack two on a GPU)
@@ -105,7 +106,7 @@ class Generator:
         from ..loading import load
 
         return load(model_id, device=self.cfg.device, dtype=self.cfg.dtype, resident=True, quantize=self.cfg.quantize,
-                    vram_budget=self.cfg.vram, compile=self.cfg.compile)  # fmt: skip
+                    vram_budget=self.cfg.vram, compile=self.cfg.compile, vae_tile=self.cfg.vae_tile)  # fmt: skip
 
     async def get_pipeline(self, model_id: str):  # wrapped by @serve.multiplexed in build_application
         return await asyncio.to_thread(self.load, model_id)
