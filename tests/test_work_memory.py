@@ -212,3 +212,21 @@ def test_a_budget_decodes_in_tiles_where_a_whole_decode_does_not_fit(no_headroom
     with pytest.raises(ValueError, match=r"klein-4b's VAE decoding 512x512: even in 256-pixel tiles it needs"):
         pipe("a red circle", size=(512, 512), steps=1)
     assert not encoded
+
+
+def test_estimates_count_what_the_device_and_the_weights_add():
+    """Where attention materialises its scores (Apple GPUs) they are counted; where a layer's weight is widened
+    for its call (packed, fp8 or narrower weights) the widest layer is added; a pipeline keeps no request after
+    its call."""
+    from flux2studio.work_memory import transformer_work, widest_layer
+
+    cfg, n_img, n_txt = TRANSFORMER, 1024, 16  # long: the scores outweigh the rest
+    fused = transformer_work(cfg, torch.float32, 1, n_img, n_txt)
+    scores = 1 * TRANSFORMER.num_heads * (n_img + n_txt) ** 2 * 4
+    assert transformer_work(cfg, torch.float32, 1, n_img, n_txt, fused=False) >= fused + scores
+    plain = transformer_work(cfg, torch.float32, 1, n_img, n_txt, split=False)
+    packed = traced_transformer(cfg, torch.float32, 1, n_img, n_txt, 0, False, False) + widest_layer(cfg) * 4
+    assert plain == work_reserve(packed) and widest_layer(cfg) == 64 * (3 * 64 + 2 * 3 * 64)  # linear1
+    pipe = klein_pipeline(10 * 2**30)
+    pipe("x", size=(64, 64), steps=1)
+    assert pipe._request is None and set(pipe.planned) == {"text encoder", "transformer", "VAE"}

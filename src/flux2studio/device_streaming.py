@@ -84,10 +84,19 @@ class PeakBytes(TorchDispatchMode):
 
 
 def flash_attention_shapes(q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:
-    """F.scaled_dot_product_attention's result shape with the memory of the fused kernels an accelerator runs
-    (output and log-sum-exp, no (L, L) matrix): a meta trace's stand-in for attention."""
+    """F.scaled_dot_product_attention's result shape with the memory of CUDA's fused kernels (output and
+    log-sum-exp, no (L, L) matrix): a meta trace's stand-in for attention."""
     q.new_empty(q.shape[:-1], dtype=torch.float32)  # the log-sum-exp rows, freed at once
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def attention_shapes(q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:
+    """The same where attention materialises its (B, H, L, L) scores and their softmax (Apple GPUs, PyTorch's
+    math path)."""
+    scores = q.new_empty((*q.shape[:-1], k.shape[-2]))
+    weights = torch.empty_like(scores)
+    del scores
+    return weights.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def traced_work(run: Callable[[], object]) -> int:
@@ -127,12 +136,11 @@ class BlockPlan:
         return self.fixed + sum(self.block_bytes[i] for i in self.resident) + sum(window)
 
 
-def plan_blocks(
-    block_bytes: Sequence[int], fixed: int, budget: int, *, prefetch: int = 1, what: str = "model", work: int = 0
-) -> BlockPlan:
+def plan_blocks(block_bytes: Sequence[int], fixed: int, budget: int, *, prefetch: int = 1, what: str = "model",
+                work: int = 0, smaller: str = "a smaller image") -> BlockPlan:  # fmt: skip
     """Keep blocks resident, in order, while the rest can still stream through `prefetch + 1` device slots within
     `budget` less `work` (the phase's activations: `work_reserve`). A budget below the least streaming needs is a
-    ValueError saying what would fit."""
+    ValueError saying what would fit (`smaller`: what needs less work)."""
     sizes = tuple(int(b) for b in block_bytes)
     slots = prefetch + 1
     room = budget - work
@@ -144,7 +152,7 @@ def plan_blocks(
         raise ValueError(
             f"a device budget of {human(budget)} is too small for {what}: streaming it needs at least "
             f"{human(least + work)} ({human(fixed)} always on the device, {slots} blocks of up to {human(max(sizes))}"
-            f"{working}); give --vram {human(least + work)} or more, {'a smaller image, ' if work else ''}or a "
+            f"{working}); give --vram {human(least + work)} or more, {smaller + ', ' if work else ''}or a "
             "smaller format (--quantize int8 halves bf16 weights, int4 quarters)"
         )
     resident: list[int] = []
@@ -159,13 +167,13 @@ def plan_blocks(
     return BlockPlan(budget, fixed, sizes, tuple(resident), streamed, slots, work)
 
 
-def check_whole(weights: int, work: int, budget: int, what: str) -> None:
+def check_whole(weights: int, work: int, budget: int, what: str, smaller: str = "a smaller image") -> None:
     """Refuse a part that runs whole on the device (no blocks to stream) when its weights and work exceed `budget`."""
     if weights + work > budget:
         raise ValueError(
             f"a device budget of {human(budget)} is too small for {what}: it runs whole, {human(weights)} of "
-            f"weights and about {human(work)} of work memory; give --vram {human(weights + work)} or more, or a "
-            "smaller image"
+            f"weights and about {human(work)} of work memory; give --vram {human(weights + work)} or more, or "
+            f"{smaller}"
         )
 
 
@@ -293,14 +301,15 @@ class BlockStreamer:
 
 
 def stream_to_device(model: nn.Module, blocks: Sequence[nn.Module], device: torch.device | str, budget: int,
-                     what: str = "model", pin: bool = False, work: int = 0) -> BlockStreamer:  # fmt: skip
+                     what: str = "model", pin: bool = False, work: int = 0,
+                     smaller: str = "a smaller image") -> BlockStreamer:  # fmt: skip
     """Put `model` on `device` within `budget` bytes, `work` of them kept for activations: what lies outside
     `blocks` moves there now, the blocks as `plan_blocks` decides (stored dtypes kept: packed and fp8 weights move
-    as they are). The streamer
-    is kept on the model (`model.block_streamer`); `to_host` undoes it all. Callers first remove hooks that hand
-    back the blocks' file pages (`residency.stop_streaming_weights`): the weights leave those pages."""
+    as they are). The streamer is kept on the model (`model.block_streamer`); `to_host` undoes it all. Callers
+    first remove hooks that hand back the blocks' file pages (`residency.stop_streaming_weights`): the weights
+    leave those pages."""
     sizes = [module_bytes(b) for b in blocks]
-    plan = plan_blocks(sizes, module_bytes(model) - sum(sizes), budget, what=what, work=work)
+    plan = plan_blocks(sizes, module_bytes(model) - sum(sizes), budget, what=what, work=work, smaller=smaller)
     inside = {id(t) for b in blocks for t in [*b.parameters(), *b.buffers()]}
     for module in model.modules():
         for t in [*module._parameters.values(), *module._buffers.values()]:

@@ -545,7 +545,10 @@ def vram_bytes(vram_budget: str | int | None, device: str) -> int | None:
         if free is None:
             raise ValueError(f"--vram auto: the free memory of {device} cannot be asked; give a size, e.g. --vram 8GB")
         return int(free * AUTO_VRAM_SHARE)
-    return parse_bytes(vram_budget)
+    try:
+        return parse_bytes(vram_budget)
+    except ValueError as e:
+        raise ValueError(f"--vram: {e}, or auto") from None
 
 
 def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str | None, resident: bool,

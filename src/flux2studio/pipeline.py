@@ -399,8 +399,9 @@ class Pipeline:
         budget less the phase's work memory (`self.work[what]`)."""
         if self.vram_budget is not None and getattr(model, "block_streamer", None) is None:
             work, name = self.work.get(what, 0), f"{self.variant.id}'s {what}"
+            smaller = "fewer prompts at once" if what == "text encoder" else "a smaller image"
             if blocks is None:  # runs whole (the VAE)
-                check_whole(module_bytes(model), work, self.vram_budget, name)
+                check_whole(module_bytes(model), work, self.vram_budget, name, smaller)
                 model.to(self.device)
                 self.planned[what] = module_bytes(model) + work
             else:
@@ -408,7 +409,7 @@ class Pipeline:
                 if what == "transformer" and self._request is not None:
                     name += self._at(self._request)
                 streamer = stream_to_device(model, blocks, self.device, self.vram_budget, name, work=work,
-                                            pin=self.device.type == "cuda")  # fmt: skip
+                                            pin=self.device.type == "cuda", smaller=smaller)  # fmt: skip
                 self.planned[what] = streamer.plan.peak + work
         return model
 
@@ -430,12 +431,21 @@ class Pipeline:
         else:
             split = self.quantize is None
         n_txt = self.variant.text_encoder.max_length
-        transformer = transformer_work(self.variant.transformer, self.dtype, req.batch, (req.height // per) *
-                                       (req.width // per), n_txt, n_ref, self.variant.kv_cache, split)  # fmt: skip
+        fused = self._fused_attention
+        n_img = (req.height // per) * (req.width // per)
+        transformer = transformer_work(self.variant.transformer, self.dtype, req.batch, n_img, n_txt, n_ref,
+                                       self.variant.kv_cache, split, fused)  # fmt: skip
         starts = [req.init.image] if req.init is not None else []
-        vae = [vae_work(self.variant.vae, self.dtype, 1, im.height, im.width, False) for im in [*starts, *req.refs]]
-        vae.append(vae_work(self.variant.vae, self.dtype, req.batch, req.height, req.width, True, self.vae_tile))
+        vae = [vae_work(self.variant.vae, self.dtype, 1, im.height, im.width, False, None, fused)
+               for im in [*starts, *req.refs]]  # fmt: skip
+        vae.append(vae_work(self.variant.vae, self.dtype, req.batch, req.height, req.width, True, self.vae_tile, fused))
         return {"transformer": transformer, "VAE": max(vae)}
+
+    @property
+    def _fused_attention(self) -> bool:
+        """Whether attention runs without materialising its scores (CUDA's fused kernels; the CPU standing in for
+        a device in tests runs PyTorch's flash kernel)."""
+        return self.device.type in ("cuda", "cpu")
 
     def _check_budget(self, req: Request) -> None:
         """Before any work: refuse a request whose transformer or VAE phase cannot fit the device budget with its
@@ -457,7 +467,7 @@ class Pipeline:
                     work=self.work["transformer"])  # fmt: skip
         starts = [*([req.init.image] if req.init is not None else []), *req.refs]
         for im in starts:  # encoded whole
-            work = vae_work(self.variant.vae, self.dtype, 1, im.height, im.width, False)
+            work = vae_work(self.variant.vae, self.dtype, 1, im.height, im.width, False, None, self._fused_attention)
             check_whole(self._vae_bytes(), work, self.vram_budget, f"{self.variant.id}'s VAE encoding "
                         f"{im.width}x{im.height}")  # fmt: skip
         self._decode_tile(req.batch, req.height, req.width)  # whole or in tiles: raises if neither fits
@@ -478,15 +488,15 @@ class Pipeline:
         weights = self._vae_bytes()
         tries = [self.vae_tile, *(t for t in AUTO_TILES if self.vae_tile is None or t < self.vae_tile)]
         for tile in tries:
-            work = vae_work(self.variant.vae, self.dtype, batch, height, width, True, tile)
+            work = vae_work(self.variant.vae, self.dtype, batch, height, width, True, tile, self._fused_attention)
             if weights + work <= self.vram_budget:
                 return tile
         need = human(weights + work)
+        tiled = f"even in {tries[-1]}-pixel tiles " if tries[-1] is not None and max(height, width) > tries[-1] else ""
         raise ValueError(
             f"a device budget of {human(self.vram_budget)} is too small for {self.variant.id}'s VAE decoding "
-            f"{width}x{height}{f', {batch} images' if batch > 1 else ''}: even in {tries[-1]}-pixel tiles it needs "
-            f"{need} ({human(weights)} of weights and about {human(work)} of work memory); give --vram {need} or "
-            "more, or a smaller image or batch"
+            f"{width}x{height}{f', {batch} images' if batch > 1 else ''}: {tiled}it needs {need} ({human(weights)} "
+            f"of weights and about {human(work)} of work memory); give --vram {need} or more, or a smaller batch"
         )
 
     def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
@@ -597,7 +607,8 @@ class Pipeline:
     def encode_image(self, image: Image.Image) -> Tensor:
         """An RGB image -> normalised latents (1, 128, H/16, W/16)."""
         if self.vram_budget is not None:
-            self.work["VAE"] = vae_work(self.variant.vae, self.dtype, 1, image.height, image.width, False)
+            self.work["VAE"] = vae_work(self.variant.vae, self.dtype, 1, image.height, image.width, False, None,
+                                        self._fused_attention)  # fmt: skip
         return self.vae.encode(to_tensor(image).to(self.device, self.dtype))
 
     @staticmethod
@@ -607,10 +618,16 @@ class Pipeline:
 
     def generate_latents(self, req: Request, callback: sampling.StepCallback | None = None) -> Tensor:
         """Run the flow for a validated request; returns normalised latents (B, 128, H/16, W/16)."""
+        self._request, self.planned = req, {}
+        try:
+            if self.vram_budget is not None:
+                self._check_budget(req)
+            return self._generate_latents(req, callback)
+        finally:
+            self._request = None  # its images are not kept; later uses of the parts size no work from it
+
+    def _generate_latents(self, req: Request, callback: sampling.StepCallback | None) -> Tensor:
         h, w = req.height // sampling.PIXELS_PER_TOKEN, req.width // sampling.PIXELS_PER_TOKEN
-        self._request = req
-        if self.vram_budget is not None:
-            self._check_budget(req)
         self.parts["transformer"].prefetch()  # read from disk while the text encoder computes
         txt = self.encode_prompts(req.texts)
         negative = None
@@ -693,7 +710,8 @@ class Pipeline:
         (b, _, h, w), per = latents.shape, sampling.PIXELS_PER_TOKEN
         tile = self._decode_tile(b, h * per, w * per)
         if self.vram_budget is not None:
-            self.work["VAE"] = vae_work(self.variant.vae, self.dtype, b, h * per, w * per, True, tile)
+            self.work["VAE"] = vae_work(self.variant.vae, self.dtype, b, h * per, w * per, True, tile,
+                                        self._fused_attention)  # fmt: skip
         self._tiled = tile if tile is not None and max(h, w) * per > tile else None
         images = self.vae.decode(latents.to(self.dtype), tile=tile)
         self.release("vae")

@@ -1,8 +1,9 @@
 """How much device memory a phase needs besides its weights, at a request's shapes: what a `--vram` budget keeps
-free for activations. Our transformer and VAE are run on the meta device under `PeakBytes` (every tensor our code
-makes, at its real shape, nothing computed: chunking and fused paths counted as they run); the text encoders,
-transformers' models whose mask code needs real values, are counted from their configs. Traces are cached per
-shape: a server's repeated requests trace once.
+free for activations. Our transformer and VAE are run on the meta device under `PeakBytes` (the tensors our
+modules make, at their real shapes, nothing computed: chunking and split paths counted as they run; a widened
+packed weight, which the plain skeleton does not make, is added); the text encoders, transformers' models whose
+mask code needs real values, are counted from their configs. Traces are cached per shape: a server's repeated
+requests trace once.
 """
 
 from __future__ import annotations
@@ -12,28 +13,40 @@ import math
 
 import torch
 
-from .device_streaming import flash_attention_shapes, traced_work, work_reserve
+from .device_streaming import attention_shapes, flash_attention_shapes, traced_work, work_reserve
 from .model.autoencoder import AutoEncoder, tile_layout
 from .model.transformer import Flux2Transformer
 from .variants import AutoencoderConfig, TransformerConfig
 
 
-def transformer_work(cfg: TransformerConfig, dtype: torch.dtype, batch: int, n_img: int, n_txt: int,
-                     n_ref: int = 0, kv_cache: bool = False, split: bool = True) -> int:  # fmt: skip
+def transformer_work(cfg: TransformerConfig, dtype: torch.dtype, batch: int, n_img: int, n_txt: int, n_ref: int = 0,
+                     kv_cache: bool = False, split: bool = True, fused: bool = True) -> int:  # fmt: skip
     """Device bytes to keep for one denoising call of a transformer of shape `cfg` (`work_reserve` of its traced
     peak): `batch` images of `n_img` tokens, `n_txt` text tokens, `n_ref` reference tokens (attended with the
     image tokens, or with `kv_cache` given as cached keys and values, held for the whole phase). `split`: the
-    single blocks compute their fused projection in parts (`pipeline.allow_split_projection`: plain weights)."""
-    return work_reserve(traced_transformer(cfg, dtype, batch, n_img, n_txt, n_ref, kv_cache, split))
+    single blocks compute their fused projection in parts (`pipeline.allow_split_projection`: plain weights);
+    otherwise a layer's weight may also be widened to the compute dtype for its call (packed, fp8 or narrower
+    weights, LoRA hooks): the largest one is added. `fused`: attention without the (L, L) scores (CUDA's kernels;
+    elsewhere they are counted, `attention_shapes`)."""
+    traced = traced_transformer(cfg, dtype, batch, n_img, n_txt, n_ref, kv_cache, split, fused)
+    return work_reserve(traced + (0 if split else widest_layer(cfg) * dtype.itemsize))
+
+
+@functools.lru_cache(maxsize=16)
+def widest_layer(cfg: TransformerConfig) -> int:
+    """The most weights one linear layer of the transformer has."""
+    with torch.device("meta"):
+        model = Flux2Transformer(cfg)
+    return max(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 @functools.lru_cache(maxsize=64)
 def traced_transformer(cfg: TransformerConfig, dtype: torch.dtype, batch: int, n_img: int, n_txt: int,
-                       n_ref: int, kv_cache: bool, split: bool) -> int:  # fmt: skip
+                       n_ref: int, kv_cache: bool, split: bool, fused: bool = True) -> int:  # fmt: skip
     """The peak bytes of tensors one such call makes, traced on the meta device."""
     with torch.device("meta"):
         model = Flux2Transformer(cfg).to(dtype)
-    model.sdpa = flash_attention_shapes
+    model.sdpa = attention_shapes if not fused else flash_attention_shapes
     for block in model.single_blocks:
         block.split_linear1 = split
 
@@ -58,14 +71,14 @@ def traced_transformer(cfg: TransformerConfig, dtype: torch.dtype, batch: int, n
 
 
 def vae_work(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool,
-             tile: int | None = None) -> int:  # fmt: skip
+             tile: int | None = None, fused: bool = True) -> int:  # fmt: skip
     """Device bytes to keep for decoding `batch` images of `height` x `width` pixels (in `tile`-pixel tiles: the
-    decoded tiles held, one tile's work), or encoding them."""
-    return work_reserve(traced_vae(cfg, dtype, batch, height, width, decode, tile))
+    decoded tiles held, one tile's work), or encoding them; `fused` as for `transformer_work`."""
+    return work_reserve(traced_vae(cfg, dtype, batch, height, width, decode, tile, fused))
 
 
 def traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool,
-               tile: int | None = None) -> int:  # fmt: skip
+               tile: int | None = None, fused: bool = True) -> int:  # fmt: skip
     """The peak bytes of tensors the VAE makes decoding (or encoding) such images: traced on the meta device; in
     tiles, one tile's decode traced and the decoded tiles, rows and image counted (every tile at full size)."""
     if decode and tile is not None and max(height, width) > tile:
@@ -73,15 +86,17 @@ def traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: i
         _, stride, _, _ = tile_layout(tile, f)
         tiles = math.ceil(height // f / stride) * math.ceil(width // f / stride)
         pixel = batch * cfg.out_channels * dtype.itemsize
-        return _traced_vae(cfg, dtype, batch, tile, tile, True) + pixel * (tiles * tile * tile + 2 * height * width)
-    return _traced_vae(cfg, dtype, batch, height, width, decode)
+        held = pixel * (tiles * tile * tile + 2 * height * width)
+        return _traced_vae(cfg, dtype, batch, tile, tile, True, fused) + held
+    return _traced_vae(cfg, dtype, batch, height, width, decode, fused)
 
 
 @functools.lru_cache(maxsize=64)
-def _traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool) -> int:
+def _traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool,
+                fused: bool) -> int:  # fmt: skip
     with torch.device("meta"):
         vae = AutoEncoder(cfg).to(dtype)
-    vae.set_attention(flash_attention_shapes)
+    vae.set_attention(flash_attention_shapes if fused else attention_shapes)
     down = cfg.downscale  # pixels per latent (patchified) side
 
     def run() -> torch.Tensor:
@@ -97,7 +112,8 @@ def _traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: 
 def text_encoder_work(config, dtype: torch.dtype, batch: int, length: int) -> int:
     """Device bytes to keep for encoding `batch` prompts of `length` tokens with a transformers model of `config`:
     every layer's hidden states (they are all returned), one layer's temporaries (attention projections, the
-    MLP's gate, up and product, attention scores where a kernel materialises them) and the stacked output."""
+    MLP's gate, up and product, attention scores where a kernel materialises them, its MLP weight widened where
+    it is stored packed or narrower) and the stacked output."""
     return work_reserve(text_encoder_bytes(config, dtype, batch, length))
 
 
@@ -112,4 +128,5 @@ def text_encoder_bytes(config, dtype: torch.dtype, batch: int, length: int) -> i
     states = (layers + 1) * row * hidden
     layer = row * (3 * inner + 2 * heads * head_dim + 2 * kv_heads * head_dim + 2 * hidden)
     scores = batch * heads * length * length * 4  # fp32 scores (eager attention; fused kernels need less)
-    return states + layer + scores + 3 * row * hidden
+    widened = inner * hidden * dtype.itemsize  # a packed or narrower MLP weight dequantized for its call
+    return states + layer + scores + widened + 3 * row * hidden

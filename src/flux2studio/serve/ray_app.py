@@ -45,7 +45,8 @@ class ScaleConfig:
     device: str | None = None
     dtype: str | None = None
     quantize: str | None = None  # int8 / int4 / fp8 packing at load (`load(quantize=)`)
-    vram: str | None = None  # accelerator memory a replica's weights may use, e.g. "8GB" (`load(vram_budget=)`)
+    vram: str | None = None  # accelerator memory a replica's phase may use, "8GB" (`load(vram_budget=)`); "auto"
+    # takes 95% of what is free as the replica loads: replicas sharing a GPU (num_gpus < 1) each need a size
     compile: bool = False  # torch.compile the transformer's blocks (`load(compile=)`)
     vae_tile: int | None = None  # decode larger images in tiles of this many pixels (`load(vae_tile=)`)
     threads: int = 1  # torch threads per CPU replica
