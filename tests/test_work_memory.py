@@ -144,6 +144,13 @@ def test_a_budget_keeps_room_for_the_work_of_each_request(no_headroom):
     assert not first.streamed and second.streamed
 
 
+def _counting_encodes(pipe: Pipeline) -> list:
+    """The prompts `pipe` encodes from now on, one entry per encoding (empty: no work started)."""
+    encoded, original = [], pipe.encode_prompts
+    pipe.encode_prompts = lambda prompts: encoded.append(prompts) or original(prompts)
+    return encoded
+
+
 def test_a_request_that_cannot_fit_is_refused_before_any_work(no_headroom):
     """A budget with room for the streamed weights and a small image's work but not a large image's: the large
     one is refused before the text encoder runs, naming the size and what would fit; the small one runs."""
@@ -154,9 +161,7 @@ def test_a_request_that_cannot_fit_is_refused_before_any_work(no_headroom):
     need = max(fixed + 2 * max(sizes) + work_small["transformer"], work_small["VAE"] + module_bytes(plain.vae))
     pipe = klein_pipeline(need)
     assert need < fixed + 2 * max(sizes) + work_large["transformer"]
-    encoded = []
-    original = pipe.encode_prompts
-    pipe.encode_prompts = lambda prompts: encoded.append(prompts) or original(prompts)
+    encoded = _counting_encodes(pipe)
     with pytest.raises(ValueError, match=r"klein-4b's (transformer|VAE) at 256x256: .*work memory.*smaller image"):
         pipe("a red circle", size=(256, 256), steps=1)
     assert not encoded
@@ -206,9 +211,7 @@ def test_a_budget_decodes_in_tiles_where_a_whole_decode_does_not_fit(no_headroom
     plain.vae_tile = 384
     assert image.tobytes() == plain("a red circle", size=(512, 512), steps=1, seed=4)[0].tobytes()
     pipe.vram_budget = vae_bytes + vae_work(cfg, plain.dtype, 1, 512, 512, True, 256) - 1
-    encoded = []
-    original = pipe.encode_prompts
-    pipe.encode_prompts = lambda prompts: encoded.append(prompts) or original(prompts)
+    encoded = _counting_encodes(pipe)
     with pytest.raises(ValueError, match=r"klein-4b's VAE decoding 512x512: even in 256-pixel tiles it needs"):
         pipe("a red circle", size=(512, 512), steps=1)
     assert not encoded
