@@ -195,3 +195,22 @@ def test_vram_auto_is_a_share_of_the_devices_free_memory(monkeypatch):
     monkeypatch.setattr(loading, "device_free_bytes", lambda device: None)
     with pytest.raises(ValueError, match=r"--vram auto: the free memory of mps cannot be asked; give a size"):
         loading.vram_bytes("auto", "mps")
+
+
+def test_a_file_stored_smaller_is_sized_as_stored(monkeypatch, tmp_path):
+    """A GGUF (or int8, fp8) transformer file stays its size in memory: the checks before loading scale the model
+    to it instead of refusing what fits (klein-9b as bf16 is 16.9 GB; a 5 GB Q4_0 file fits 8 GB)."""
+    from flux2studio import loading
+    from flux2studio.variants import get_variant
+
+    klein9 = get_variant("klein-9b")
+    q4 = tmp_path / "klein-9b-Q4_0.gguf"
+    with open(q4, "wb") as f:
+        f.truncate(5 * 2**30)  # sparse: a size, no disk
+    monkeypatch.setattr(loading, "device_free_bytes", lambda device: 8 * 2**30)
+    with pytest.raises(ValueError, match=r"needs 16\.9"):
+        loading.check_fits(klein9, "cuda", torch.bfloat16, None, False, None)
+    loading.check_fits(klein9, "cuda", torch.bfloat16, None, False, None, [q4])
+    with pytest.raises(ValueError, match=r"needs 5\.00 GB \(as stored in klein-9b-Q4_0\.gguf\); cuda has 4\.00 GB"):
+        monkeypatch.setattr(loading, "device_free_bytes", lambda device: 4 * 2**30)
+        loading.check_fits(klein9, "cuda", torch.bfloat16, None, False, None, [q4])

@@ -233,3 +233,27 @@ def test_estimates_count_what_the_device_and_the_weights_add():
     pipe = klein_pipeline(10 * 2**30)
     pipe("x", size=(64, 64), steps=1)
     assert pipe._request is None and set(pipe.planned) == {"text encoder", "transformer", "VAE"}
+
+
+def test_an_unloaded_transformer_is_sized_as_its_file_stores_it(no_headroom, tmp_path):
+    """Before the transformer is loaded, the up-front check sizes it from the skeleton, scaled to its single file
+    where that is stored smaller (a GGUF or int8 file stays that size in memory): a budget that the bf16 size
+    would refuse passes."""
+    from flux2studio.pipeline import Component
+
+    plain = klein_pipeline()
+    model, (fixed, sizes) = plain.parts["transformer"].get(), _weights(plain)
+    req = build_request(plain.variant, "x", size=(64, 64))
+    budget = (fixed + 2 * max(sizes)) // 3 + plain.work_estimates(req)["transformer"]
+    small = tmp_path / "transformer-Q4_0.gguf"
+    with open(small, "wb") as f:
+        f.truncate(module_bytes(model) // 4)
+
+    def lazy(files):
+        pipe = Pipeline(plain.variant, Component(lambda: model, files=files), plain.vae, plain.text_encoder,
+                        vram_budget=budget)  # fmt: skip
+        pipe._check_budget(req)
+
+    with pytest.raises(ValueError, match="too small for klein-4b's transformer at 64x64"):
+        lazy(())
+    lazy([small])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ from .quantized_files import (
     read_text_encoder_gguf,
     read_transformer_file,
     stack_name,
+    stored_scale,
     text_encoder_gguf_config,
     text_encoder_quantizable,
     transformer_quantizable,
@@ -465,16 +466,15 @@ def load(
     compute = compute_dtype(dtype, device)
     budget = vram_bytes(vram_budget, device)
     if model_id is not None:  # before any weights are read: does the transformer fit the device (or budget)?
-        check_fits(get_variant(model_id), device, compute.dtype, quantize, resident, budget)
+        single = [Path(weights)] if weights is not None and Path(weights).is_file() else []
+        check_fits(get_variant(model_id), device, compute.dtype, quantize, resident, budget, single)
     host = "cpu" if budget is not None else device
     pipe = _load_local(model_id, weights, host, compute.dtype, resident and budget is None, vae, text_encoder,
                        attention, quantize)  # fmt: skip
     if budget is not None:
         pipe.use_device(device, budget, attention)
     pipe.dtype_reason = compute.reason
-    pipe.quantize = quantize
-    pipe.compile = compile
-    pipe.vae_tile = vae_tile
+    pipe.quantize, pipe.compile, pipe.vae_tile = quantize, compile, vae_tile
     return pipe
 
 
@@ -552,10 +552,12 @@ def vram_bytes(vram_budget: str | int | None, device: str) -> int | None:
 
 
 def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str | None, resident: bool,
-               budget: int | None) -> None:  # fmt: skip
+               budget: int | None, files: Sequence[Path] = ()) -> None:  # fmt: skip
     """Refuse, before any weights are read, a transformer that cannot run there: a budget above the accelerator's
     free memory or below streaming's least, an accelerator with less free memory than the whole model (without a
-    budget), or a resident model larger than the machine's available memory; the error says what would fit."""
+    budget), or a resident model larger than the machine's available memory; the error says what would fit. Sizes
+    are the skeleton's in `dtype` (packed by `quantize`), scaled to a single weights file's size where it is
+    stored smaller (`files`: a GGUF, int8 or fp8 file stays that size in memory)."""
     kind = torch.device(device).type
     free = None
     if budget is not None and kind != "cpu":
@@ -571,9 +573,11 @@ def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str 
         skeleton = Flux2Transformer(variant.transformer)
     blocks = [*skeleton.double_blocks, *skeleton.single_blocks]
     whole = packed_bytes(skeleton, dtype, quantize)
+    scale = stored_scale(files, whole)  # `files`: a single transformer file, stored smaller than bf16 (GGUF...)
+    whole = int(whole * scale)
     what = f"{variant.id}'s transformer"
     if budget is not None:
-        sizes = [packed_bytes(b, dtype, quantize) for b in blocks]
+        sizes = [int(packed_bytes(b, dtype, quantize) * scale) for b in blocks]
         plan_blocks(sizes, whole - sum(sizes), budget, what=what)
         return
     if whole > free:
@@ -583,6 +587,7 @@ def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str 
         ways = [f"--vram auto (stream blocks through {human(free * AUTO_VRAM_SHARE)})" if kind != "cpu" else
                 "without resident (stream from the files)", *([smaller] if smaller else [])]  # fmt: skip
         stored = str(dtype).removeprefix("torch.") + (f", {quantize}" if quantize else "")
+        stored = f"as stored in {files[0].name}" if scale < 1 else stored
         raise ValueError(f"{what} needs {human(whole)} ({stored}); {where}: try {' or '.join(ways)}")
 
 

@@ -33,7 +33,7 @@ from .lora import Applied, LoraFile, apply_loras, load_lora
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
 from .quantize import multiplies_int8
-from .quantized_files import packed_bytes
+from .quantized_files import packed_bytes, stored_scale
 from .residency import reuse_freed_memory, stop_streaming_weights, trim_heap
 from .settings import GenerationSettings
 from .text_encoders import TextEncoder
@@ -461,8 +461,10 @@ class Pipeline:
             with torch.device("meta"):
                 skeleton = Flux2Transformer(self.variant.transformer)
             blocks = [*skeleton.double_blocks, *skeleton.single_blocks]
-            sizes = [packed_bytes(b, self.dtype, self.quantize) for b in blocks]
             whole = packed_bytes(skeleton, self.dtype, self.quantize)
+            scale = stored_scale(part.files if len(part.files) == 1 else (), whole)  # a GGUF, int8, fp8 file
+            sizes = [int(packed_bytes(b, self.dtype, self.quantize) * scale) for b in blocks]
+            whole = int(whole * scale)
         plan_blocks(sizes, whole - sum(sizes), self.vram_budget, what=f"{self.variant.id}'s transformer{self._at(req)}",
                     work=self.work["transformer"])  # fmt: skip
         starts = [*([req.init.image] if req.init is not None else []), *req.refs]

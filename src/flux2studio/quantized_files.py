@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -332,3 +332,10 @@ def packed_bytes(module: torch.nn.Module, dtype: torch.dtype, quantize: str | No
             if isinstance(m, torch.nn.Linear) and transformer_quantizable(name):
                 total += row_bytes(fmt, m.in_features) * m.out_features - m.weight.numel() * dtype.itemsize
     return total
+
+
+def stored_scale(files: Sequence[Path], whole: int) -> float:
+    """How much smaller than `whole` (a model's bytes at full width) its weights files are: a GGUF, int8 or fp8
+    file's weights stay that size in memory, which a skeleton sized by dtype alone does not know (1: not smaller)."""
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    return min(1.0, size / whole) if size and whole else 1.0
