@@ -41,15 +41,14 @@ from .quantize import check_mode, prepack_int8, quantize_modules, swap_in
 from .quantized_files import (
     gguf_component,
     logical_shapes,
-    packed_bytes,
     read_component_weights,
     read_text_encoder_gguf,
     read_transformer_file,
     stack_name,
-    stored_scale,
     text_encoder_gguf_config,
     text_encoder_quantizable,
     transformer_quantizable,
+    transformer_sizes,
 )
 from .residency import drop_file_pages, drop_unused_pages, prefault, scratch, stream_weights
 from .text_encoders import TextEncoder, load_minilm
@@ -569,16 +568,11 @@ def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str 
         free = device_free_bytes(device) if kind != "cpu" else (available_ram() if resident else None)
         if free is None:
             return
-    with torch.device("meta"):
-        skeleton = Flux2Transformer(variant.transformer)
-    blocks = [*skeleton.double_blocks, *skeleton.single_blocks]
-    whole = packed_bytes(skeleton, dtype, quantize)
-    scale = stored_scale(files, whole)  # `files`: a single transformer file, stored smaller than bf16 (GGUF...)
-    whole = int(whole * scale)
+    fixed, sizes, scale = transformer_sizes(variant.transformer, dtype, quantize, files)
+    whole = fixed + sum(sizes)
     what = f"{variant.id}'s transformer"
     if budget is not None:
-        sizes = [int(packed_bytes(b, dtype, quantize) * scale) for b in blocks]
-        plan_blocks(sizes, whole - sum(sizes), budget, what=what)
+        plan_blocks(sizes, fixed, budget, what=what)
         return
     if whole > free:
         where = f"{device} has {human(free)} free" if kind != "cpu" else f"this machine has {human(free)} available"

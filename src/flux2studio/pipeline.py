@@ -33,7 +33,7 @@ from .lora import Applied, LoraFile, apply_loras, load_lora
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
 from .quantize import multiplies_int8
-from .quantized_files import packed_bytes, stored_scale
+from .quantized_files import transformer_sizes
 from .residency import reuse_freed_memory, stop_streaming_weights, trim_heap
 from .settings import GenerationSettings
 from .text_encoders import TextEncoder
@@ -391,7 +391,7 @@ class Pipeline:
         if self.compile and not model.compiled:
             compile_blocks(model)
         if self.vram_budget is not None and self._request is not None:  # exact now that the blocks are known
-            self.work["transformer"] = self.work_estimates(self._request)["transformer"]
+            self.work["transformer"] = self._transformer_work(self._request)
         return self._placed(model, [*model.double_blocks, *model.single_blocks], "transformer")
 
     def _placed(self, model: M, blocks: Sequence[torch.nn.Module] | None, what: str) -> M:
@@ -421,6 +421,12 @@ class Pipeline:
         """Device bytes the transformer and VAE phases keep for their work at this request (`work_memory`): one
         denoising call of the batch with its reference tokens; the VAE decoding the batch (in `vae_tile` tiles if
         set) or encoding the start or a reference image, whichever needs more."""
+        starts = [*([req.init.image] if req.init is not None else []), *req.refs]
+        vae = [self._vae_work(1, im.height, im.width, decode=False) for im in starts]
+        vae.append(self._vae_work(req.batch, req.height, req.width, tile=self.vae_tile))
+        return {"transformer": self._transformer_work(req), "VAE": max(vae)}
+
+    def _transformer_work(self, req: Request) -> int:
         per = sampling.PIXELS_PER_TOKEN
         masked = req.init is not None and req.init.mask is not None and self.variant.inpaint_reference
         conditions = [*([req.init.image] if masked else []), *req.refs]
@@ -430,16 +436,12 @@ class Pipeline:
             split = all(_plain_linear(b.linear1) for b in part.get().single_blocks)
         else:
             split = self.quantize is None
-        n_txt = self.variant.text_encoder.max_length
-        fused = self._fused_attention
-        n_img = (req.height // per) * (req.width // per)
-        transformer = transformer_work(self.variant.transformer, self.dtype, req.batch, n_img, n_txt, n_ref,
-                                       self.variant.kv_cache, split, fused)  # fmt: skip
-        starts = [req.init.image] if req.init is not None else []
-        vae = [vae_work(self.variant.vae, self.dtype, 1, im.height, im.width, False, None, fused)
-               for im in [*starts, *req.refs]]  # fmt: skip
-        vae.append(vae_work(self.variant.vae, self.dtype, req.batch, req.height, req.width, True, self.vae_tile, fused))
-        return {"transformer": transformer, "VAE": max(vae)}
+        n_txt, n_img = self.variant.text_encoder.max_length, (req.height // per) * (req.width // per)
+        return transformer_work(self.variant.transformer, self.dtype, req.batch, n_img, n_txt, n_ref,
+                                self.variant.kv_cache, split, self._fused_attention)  # fmt: skip
+
+    def _vae_work(self, batch: int, height: int, width: int, decode: bool = True, tile: int | None = None) -> int:
+        return vae_work(self.variant.vae, self.dtype, batch, height, width, decode, tile, self._fused_attention)
 
     @property
     def _fused_attention(self) -> bool:
@@ -451,25 +453,20 @@ class Pipeline:
         """Before any work: refuse a request whose transformer or VAE phase cannot fit the device budget with its
         work memory, saying what would fit (the text encoder, whose shape is known once loaded, is checked as it
         is placed: it runs first)."""
-        self.work = self.work_estimates(req)
+        self.work = {"transformer": self._transformer_work(req)}  # the VAE's: as it is used (tiles chosen below)
         part = self.parts["transformer"]
         if part.loaded:
             model = part.get()
             sizes = [module_bytes(b) for b in [*model.double_blocks, *model.single_blocks]]
-            whole = module_bytes(model)
-        else:
-            with torch.device("meta"):
-                skeleton = Flux2Transformer(self.variant.transformer)
-            blocks = [*skeleton.double_blocks, *skeleton.single_blocks]
-            whole = packed_bytes(skeleton, self.dtype, self.quantize)
-            scale = stored_scale(part.files if len(part.files) == 1 else (), whole)  # a GGUF, int8, fp8 file
-            sizes = [int(packed_bytes(b, self.dtype, self.quantize) * scale) for b in blocks]
-            whole = int(whole * scale)
-        plan_blocks(sizes, whole - sum(sizes), self.vram_budget, what=f"{self.variant.id}'s transformer{self._at(req)}",
+            fixed = module_bytes(model) - sum(sizes)
+        else:  # a single weights file (GGUF, int8, fp8) sizes it as stored
+            single = part.files if len(part.files) == 1 else ()
+            fixed, sizes, _ = transformer_sizes(self.variant.transformer, self.dtype, self.quantize, single)
+        plan_blocks(sizes, fixed, self.vram_budget, what=f"{self.variant.id}'s transformer{self._at(req)}",
                     work=self.work["transformer"])  # fmt: skip
         starts = [*([req.init.image] if req.init is not None else []), *req.refs]
         for im in starts:  # encoded whole
-            work = vae_work(self.variant.vae, self.dtype, 1, im.height, im.width, False, None, self._fused_attention)
+            work = self._vae_work(1, im.height, im.width, decode=False)
             check_whole(self._vae_bytes(), work, self.vram_budget, f"{self.variant.id}'s VAE encoding "
                         f"{im.width}x{im.height}")  # fmt: skip
         self._decode_tile(req.batch, req.height, req.width)  # whole or in tiles: raises if neither fits
@@ -490,7 +487,7 @@ class Pipeline:
         weights = self._vae_bytes()
         tries = [self.vae_tile, *(t for t in AUTO_TILES if self.vae_tile is None or t < self.vae_tile)]
         for tile in tries:
-            work = vae_work(self.variant.vae, self.dtype, batch, height, width, True, tile, self._fused_attention)
+            work = self._vae_work(batch, height, width, tile=tile)
             if weights + work <= self.vram_budget:
                 return tile
         need = human(weights + work)
@@ -609,8 +606,7 @@ class Pipeline:
     def encode_image(self, image: Image.Image) -> Tensor:
         """An RGB image -> normalised latents (1, 128, H/16, W/16)."""
         if self.vram_budget is not None:
-            self.work["VAE"] = vae_work(self.variant.vae, self.dtype, 1, image.height, image.width, False, None,
-                                        self._fused_attention)  # fmt: skip
+            self.work["VAE"] = self._vae_work(1, image.height, image.width, decode=False)
         return self.vae.encode(to_tensor(image).to(self.device, self.dtype))
 
     @staticmethod
@@ -712,8 +708,7 @@ class Pipeline:
         (b, _, h, w), per = latents.shape, sampling.PIXELS_PER_TOKEN
         tile = self._decode_tile(b, h * per, w * per)
         if self.vram_budget is not None:
-            self.work["VAE"] = vae_work(self.variant.vae, self.dtype, b, h * per, w * per, True, tile,
-                                        self._fused_attention)  # fmt: skip
+            self.work["VAE"] = self._vae_work(b, h * per, w * per, tile=tile)
         self._tiled = tile if tile is not None and max(h, w) * per > tile else None
         images = self.vae.decode(latents.to(self.dtype), tile=tile)
         self.release("vae")

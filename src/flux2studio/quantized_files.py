@@ -30,7 +30,9 @@ from .checkpoints import (
     write_safetensors,
 )
 from .device_streaming import module_bytes
+from .model.transformer import Flux2Transformer
 from .quantize import GGUF_BLOCKS, MODE_FORMAT, PLAIN_DTYPES, check_format, quantize_weight, row_bytes
+from .variants import TransformerConfig
 
 META_KEY = "flux2studio.quantized"
 GGUF_ARCHES = ("flux", "flux2")  # what ComfyUI-GGUF's converter writes for FLUX.2 (it has no own name yet)
@@ -332,6 +334,19 @@ def packed_bytes(module: torch.nn.Module, dtype: torch.dtype, quantize: str | No
             if isinstance(m, torch.nn.Linear) and transformer_quantizable(name):
                 total += row_bytes(fmt, m.in_features) * m.out_features - m.weight.numel() * dtype.itemsize
     return total
+
+
+def transformer_sizes(cfg: TransformerConfig, dtype: torch.dtype, quantize: str | None,
+                      files: Sequence[Path] = ()) -> tuple[int, list[int], float]:  # fmt: skip
+    """A transformer of shape `cfg` before it is loaded: (bytes outside its blocks, each block's bytes, the scale
+    applied), in `dtype` packed by `quantize`, scaled to its single weights file where that is stored smaller
+    (`stored_scale`)."""
+    with torch.device("meta"):
+        skeleton = Flux2Transformer(cfg)
+    whole = packed_bytes(skeleton, dtype, quantize)
+    scale = stored_scale(files, whole)
+    sizes = [int(packed_bytes(b, dtype, quantize) * scale) for b in [*skeleton.double_blocks, *skeleton.single_blocks]]
+    return int(whole * scale) - sum(sizes), sizes, scale
 
 
 def stored_scale(files: Sequence[Path], whole: int) -> float:
