@@ -97,9 +97,9 @@ def test_parts_are_loaded_per_phase_and_freed(klein_folder, monkeypatch):
     assert not any(c.loaded for c in pipe.parts.values())
     encoding, encode = [], AutoEncoder.encode  # an edit: the VAE encodes the reference alone, before the transformer
 
-    def watched(vae, x):
+    def watched(vae, x, tile=None):
         encoding.append({n: c.loaded for n, c in pipe.parts.items()})
-        return encode(vae, x)
+        return encode(vae, x, tile)
 
     monkeypatch.setattr(AutoEncoder, "encode", watched)
     pipe("a red circle", size=(64, 64), steps=1, refs=[Image.new("RGB", (64, 64), "red")])

@@ -5,9 +5,11 @@ fit, or refusing a request that cannot fit before any work."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from flux2studio import device_streaming
 from flux2studio.device_streaming import PeakBytes, module_bytes, work_reserve
@@ -73,15 +75,15 @@ def test_the_transformer_trace_counts_what_a_real_call_holds(n_ref, kv, split):
     assert 0 < real <= traced <= 1.1 * real, (traced, real)  # never less; the trace holds its inputs too
 
 
-@pytest.mark.parametrize("decode,tile", [(True, None), (False, None), (True, 32)])
+@pytest.mark.parametrize("decode,tile", [(True, None), (False, None), (True, 32), (False, 48)])
 def test_the_vae_trace_counts_what_a_real_call_holds(decode, tile):
-    """Decoding and encoding traced whole; decoding in tiles counted from one tile's trace and every tile, row and
-    image held (a bound: edge tiles are smaller)."""
+    """Decoding and encoding traced whole; in tiles, counted from one tile's trace and every tile, row and result
+    held (a bound: edge tiles are smaller)."""
     vae = randomize_(AutoEncoder(VAE), std=0.05).eval()
     per = VAE.downscale
     z = torch.randn(2, VAE.latent_channels, 12, 16)
     image = torch.rand(2, 3, 12 * per, 16 * per) * 2 - 1
-    real = _real_peak(lambda: vae.decode(z, tile=tile) if decode else vae.encode(image))
+    real = _real_peak(lambda: vae.decode(z, tile=tile) if decode else vae.encode(image.clone(), tile=tile))
     traced = traced_vae(VAE, torch.float32, 2, 12 * per, 16 * per, decode, tile)
     assert 0 < real <= traced <= (1.5 if tile else 1.1) * real, (traced, real)
 
@@ -257,3 +259,49 @@ def test_an_unloaded_transformer_is_sized_as_its_file_stores_it(no_headroom, tmp
     with pytest.raises(ValueError, match="too small for klein-4b's transformer at 64x64"):
         lazy(())
     lazy([small])
+
+
+def _vae_calls(pipe: Pipeline) -> list[tuple[str, tuple[int, int], int | None]]:
+    """The VAE's calls from now on: (encode or decode, input size, tile)."""
+    vae, calls = pipe.parts["vae"].get(), []
+    encode, decode = vae.encode, vae.decode
+    vae.encode = lambda x, tile=None: calls.append(("encode", tuple(x.shape[-2:]), tile)) or encode(x, tile=tile)
+    vae.decode = lambda z, tile=None: calls.append(("decode", tuple(z.shape[-2:]), tile)) or decode(z, tile=tile)
+    return calls
+
+
+def test_vae_tiles_also_encode_the_images_a_request_starts_from(no_headroom):
+    """Start and reference images larger than the request's VAE tile are encoded in it too (the VAE's tiled encode,
+    parity-tested in test_vae), one tile for the request, recorded when any image was tiled; under a budget that a
+    large reference's whole encode does not fit, its tiles are chosen for it; with none small enough, the up-front
+    check refuses, naming the encoding."""
+    plain = klein_pipeline()
+    ref = Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8))
+    args = dict(size=(256, 256), steps=1, seed=5, refs=[ref])
+    whole = plain("a red circle", **args)[0]
+    assert "vae_tile" not in json.loads(whole.info["flux2"])
+    plain.vae_tile = 384
+    calls = _vae_calls(plain)
+    tiled = plain("a red circle", **args)[0]
+    assert calls == [("encode", (512, 512), 384), ("decode", (16, 16), 384)]  # the decode is within one tile
+    assert json.loads(tiled.info["flux2"])["vae_tile"] == 384 and tiled.tobytes() != whole.tobytes()
+
+    cfg, vae_bytes = plain.variant.vae, module_bytes(plain.vae)
+    encode, decode = (vae_work(cfg, plain.dtype, 1, 512, 512, False, t) for t in (None, 384))
+    budget = vae_bytes + decode
+    assert vae_bytes + encode > budget >= vae_bytes + vae_work(cfg, plain.dtype, 1, 256, 256, True)
+    fixed, sizes = _weights(plain)
+    assert (
+        budget
+        >= fixed + 2 * max(sizes) + plain.work_estimates(build_request(plain.variant, "x", **args))["transformer"]
+    )
+    pipe = klein_pipeline(budget)
+    calls = _vae_calls(pipe)
+    image = pipe("a red circle", **args)[0]
+    assert calls == [("encode", (512, 512), 384), ("decode", (16, 16), 384)]
+    assert json.loads(image.info["flux2"])["vae_tile"] == 384 and image.tobytes() == tiled.tobytes()
+    big = dict(size=(128, 128), refs=[ref.resize((1024, 1024))])  # the encoding needs more than the decoding
+    pipe.vram_budget = vae_bytes + vae_work(cfg, plain.dtype, 1, 1024, 1024, False, 256) - 1
+    assert pipe.vram_budget > vae_bytes + vae_work(cfg, plain.dtype, 1, 128, 128, True)
+    with pytest.raises(ValueError, match=r"klein-4b's VAE encoding a 1024x1024 image: even in 256-pixel tiles it "):
+        pipe._request_tile(build_request(plain.variant, "x", **big))  # (the transformer's check runs before this)

@@ -590,8 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
         p.add_argument("--vram", metavar="SIZE", help="accelerator memory a phase may use, weights and "
                        "work: 8GB, or auto (95%% of the free memory); blocks that do not fit stream in")  # fmt: skip
-        p.add_argument("--vae-tile", type=int, metavar="PX", help="decode larger images in overlapping tiles of PX "
-                       "(128..2048, step 64) pixels: less memory, seams blended as by diffusers")  # fmt: skip
+        p.add_argument("--vae-tile", type=int, metavar="PX", help="encode and decode larger images in overlapping "
+                       "tiles of PX (128..2048, step 64) pixels: less memory, seams blended as diffusers")  # fmt: skip
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the transformer's blocks (GPUs; the first image compiles them)")  # fmt: skip
         p.add_argument("--dtype", choices=DTYPE_CHOICES,
@@ -751,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device")
     srv.add_argument("--vram", metavar="SIZE", help="accelerator memory a phase may use (see generate --vram)")
     srv.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (see generate)")
-    srv.add_argument("--vae-tile", type=int, metavar="PX", help="decode larger images in tiles (see generate)")
+    srv.add_argument("--vae-tile", type=int, metavar="PX", help="VAE in tiles for larger images (see generate)")
     srv.add_argument("--dtype", choices=DTYPE_CHOICES)
     srv.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="pack the served models' layers: int8, int4 or fp8")
     srv.set_defaults(func=cmd_serve)

@@ -440,8 +440,8 @@ def load(
     side stream (`device_streaming`); a request that cannot fit is refused before any work. Without a budget, a
     model larger than the device's free memory (or, `resident` on CPU, the machine's) is refused before loading.
 
-    `vae_tile` (pixels, 128..2048, step 64): larger images decoded in overlapping tiles (`AutoEncoder.decode_tiled`;
-    less memory, pixels near the seams differ); under a budget, tiles are chosen where a whole decode cannot fit.
+    `vae_tile` (pixels, 128..2048, step 64): larger images encoded and decoded in overlapping tiles (less memory,
+    pixels near the seams differ); under a budget, tiles are chosen where a whole encode or decode cannot fit.
 
     `compile`: the transformer's blocks through `torch.compile` (`pipeline.compile_blocks`); the first call
     compiles them (tens of seconds), later calls of the same size run the compiled code. For GPUs; on a CPU it

@@ -9,6 +9,7 @@ parity). It does not read files: see `checkpoints` for building one from weights
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -16,7 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +38,12 @@ from .quantized_files import transformer_sizes
 from .residency import reuse_freed_memory, stop_streaming_weights, trim_heap
 from .settings import GenerationSettings
 from .text_encoders import TextEncoder
-from .variants import Variant
+from .variants import AutoencoderConfig, Variant
 from .work_memory import text_encoder_work, transformer_work, vae_work
 
 MAX_STEPS = 200
 VAE_TILES = range(128, 2049, 64)  # tile sides (pixels) the VAE may decode in
-AUTO_TILES = (1024, 768, 512, 384, 256)  # tried in turn under a device budget where a whole decode does not fit
+AUTO_TILES = (1024, 768, 512, 384, 256)  # tried in turn under a device budget where the VAE does not fit whole
 MAX_IMAGES = 64  # images per call (prompts x num_images)
 GUIDANCE_RANGE = (1.0, 30.0)
 T = TypeVar("T")
@@ -240,6 +241,13 @@ def allow_split_projection(model: Flux2Transformer) -> None:
         block.split_linear1 = _plain_linear(block.linear1)
 
 
+@functools.lru_cache(maxsize=8)
+def _unloaded_vae_bytes(cfg: AutoencoderConfig, dtype: torch.dtype) -> int:
+    """The bytes of a VAE of `cfg` in `dtype` (a skeleton on the meta device, built once per shape)."""
+    with torch.device("meta"):
+        return module_bytes(AutoEncoder(cfg), dtype)
+
+
 def _plain_linear(lin: torch.nn.Module) -> bool:
     return type(lin) is torch.nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks)
 
@@ -354,8 +362,8 @@ class Pipeline:
         self.work: dict[str, int] = {}  # with a budget: device bytes each phase keeps for activations, this request
         self._request: Request | None = None  # the request being generated (its shapes size the work)
         self.planned: dict[str, int] = {}  # device bytes each phase was planned to use at most, weights and work
-        self.vae_tile: int | None = None  # decode larger images in tiles of this many pixels (`load(vae_tile=)`)
-        self._tiled: int | None = None  # the tile the last decode used, if it tiled (written in the metadata)
+        self.vae_tile: int | None = None  # the VAE in tiles of this many pixels for larger images (`load(vae_tile=)`)
+        self._tiled: int | None = None  # the VAE tile of the last call, if it tiled an image (in the metadata)
         for part in (transformer, vae):
             if isinstance(part, torch.nn.Module):
                 part.to("cpu" if vram_budget else self.device, dtype).eval()
@@ -419,11 +427,11 @@ class Pipeline:
 
     def work_estimates(self, req: Request) -> dict[str, int]:
         """Device bytes the transformer and VAE phases keep for their work at this request (`work_memory`): one
-        denoising call of the batch with its reference tokens; the VAE decoding the batch (in `vae_tile` tiles if
-        set) or encoding the start or a reference image, whichever needs more."""
-        starts = [*([req.init.image] if req.init is not None else []), *req.refs]
-        vae = [self._vae_work(1, im.height, im.width, decode=False) for im in starts]
-        vae.append(self._vae_work(req.batch, req.height, req.width, tile=self.vae_tile))
+        denoising call of the batch with its reference tokens; the VAE decoding the batch or encoding the start or
+        a reference image (in the request's tiles, if any: `_request_tile`), whichever needs more."""
+        tile = self._request_tile(req)
+        vae = [self._vae_work(1, h, w, decode=False, tile=tile) for w, h in _starts(req)]
+        vae.append(self._vae_work(req.batch, req.height, req.width, tile=tile))
         return {"transformer": self._transformer_work(req), "VAE": max(vae)}
 
     def _transformer_work(self, req: Request) -> int:
@@ -464,38 +472,40 @@ class Pipeline:
             fixed, sizes, _ = transformer_sizes(self.variant.transformer, self.dtype, self.quantize, single)
         plan_blocks(sizes, fixed, self.vram_budget, what=f"{self.variant.id}'s transformer{self._at(req)}",
                     work=self.work["transformer"])  # fmt: skip
-        starts = [*([req.init.image] if req.init is not None else []), *req.refs]
-        for im in starts:  # encoded whole
-            work = self._vae_work(1, im.height, im.width, decode=False)
-            check_whole(self._vae_bytes(), work, self.vram_budget, f"{self.variant.id}'s VAE encoding "
-                        f"{im.width}x{im.height}")  # fmt: skip
-        self._decode_tile(req.batch, req.height, req.width)  # whole or in tiles: raises if neither fits
+        self._request_tile(req)  # whole or in tiles: raises if neither fits
 
     def _vae_bytes(self) -> int:
         vae = self.parts["vae"]
-        if vae.loaded:
-            return module_bytes(vae.get())
-        with torch.device("meta"):
-            return module_bytes(AutoEncoder(self.variant.vae), self.dtype)
+        return module_bytes(vae.get()) if vae.loaded else _unloaded_vae_bytes(self.variant.vae, self.dtype)
 
-    def _decode_tile(self, batch: int, height: int, width: int) -> int | None:
-        """The tile side (pixels) the VAE decodes such images in, None for whole: `vae_tile`; under a budget, the
-        first of it (or a whole decode) and AUTO_TILES below it whose work fits beside the VAE's weights, and a
-        ValueError naming the size when none does."""
+    def _request_tile(self, req: Request) -> int | None:
+        """The tile side (pixels) the VAE encodes the request's start and reference images and decodes its images
+        in, one for all (`_vae_tile`)."""
+        return self._vae_tile(req.batch, req.height, req.width, _starts(req))
+
+    def _vae_tile(self, batch: int, height: int, width: int, starts: Sequence[tuple[int, int]] = ()) -> int | None:
+        """The tile side (pixels) the VAE decodes `batch` images of this size and encodes images of the `starts`
+        sizes (width, height) in, None for whole: `vae_tile`; under a budget, the first of it (or whole) and
+        AUTO_TILES below it where each of these fits beside the VAE's weights, and a ValueError naming the one that
+        needs most when no tile does."""
         if self.vram_budget is None:
             return self.vae_tile
         weights = self._vae_bytes()
         tries = [self.vae_tile, *(t for t in AUTO_TILES if self.vae_tile is None or t < self.vae_tile)]
+        decoding = f"decoding {width}x{height}" + (f", {batch} images" if batch > 1 else "")
         for tile in tries:
-            work = self._vae_work(batch, height, width, tile=tile)
+            needs = [(self._vae_work(batch, height, width, tile=tile), decoding, max(height, width))]
+            needs += [(self._vae_work(1, h, w, decode=False, tile=tile), f"encoding a {w}x{h} image", max(w, h))
+                      for w, h in starts]  # fmt: skip
+            work, what, side = max(needs, key=lambda need: need[0])
             if weights + work <= self.vram_budget:
                 return tile
-        need = human(weights + work)
-        tiled = f"even in {tries[-1]}-pixel tiles " if tries[-1] is not None and max(height, width) > tries[-1] else ""
+        need, smaller = human(weights + work), "batch" if what.startswith("decoding") and batch > 1 else "image"
+        tiled = f"even in {tries[-1]}-pixel tiles " if tries[-1] is not None and side > tries[-1] else ""
         raise ValueError(
-            f"a device budget of {human(self.vram_budget)} is too small for {self.variant.id}'s VAE decoding "
-            f"{width}x{height}{f', {batch} images' if batch > 1 else ''}: {tiled}it needs {need} ({human(weights)} "
-            f"of weights and about {human(work)} of work memory); give --vram {need} or more, or a smaller batch"
+            f"a device budget of {human(self.vram_budget)} is too small for {self.variant.id}'s VAE {what}: {tiled}"
+            f"it needs {need} ({human(weights)} of weights and about {human(work)} of work memory); give --vram "
+            f"{need} or more, or a smaller {smaller}"
         )
 
     def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
@@ -548,7 +558,10 @@ class Pipeline:
         `expand=(left, top, right, bottom)` px to outpaint.
         """
         req = build_request(self.variant, prompt, **fields)
-        images = to_pil(self.decode(self.generate_latents(req, callback)))
+        latents = self.generate_latents(req, callback)
+        tile = self._request_tile(req)  # the VAE encoded and decodes the request's images in these tiles, if any
+        images = to_pil(self.decode(latents, tile=tile))
+        self._tiled = tile if tile is not None and max(req.width, req.height, *map(max, _starts(req))) > tile else None
         if req.init is not None and req.init.paste_back:  # outpainting: the original pixels, unchanged
             images = [paste_kept(im, req.init.image, req.init.mask) for im in images]
         for i, out in enumerate(images):
@@ -603,11 +616,11 @@ class Pipeline:
             return contextlib.nullcontext()
         return reuse_freed_memory(hold_heap=isinstance(model, torch.nn.Module) and multiplies_int8(model))
 
-    def encode_image(self, image: Image.Image) -> Tensor:
-        """An RGB image -> normalised latents (1, 128, H/16, W/16)."""
+    def encode_image(self, image: Image.Image, tile: int | None = None) -> Tensor:
+        """An RGB image -> normalised latents (1, 128, H/16, W/16), in `tile`-pixel tiles if larger than one."""
         if self.vram_budget is not None:
-            self.work["VAE"] = self._vae_work(1, image.height, image.width, decode=False)
-        return self.vae.encode(to_tensor(image).to(self.device, self.dtype))
+            self.work["VAE"] = self._vae_work(1, image.height, image.width, decode=False, tile=tile)
+        return self.vae.encode(to_tensor(image).to(self.device, self.dtype), tile=tile)
 
     @staticmethod
     def _reference_tokens(latents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -645,11 +658,12 @@ class Pipeline:
 
         start = None  # image-to-image / inpainting: the start image's latents, and the first reference if masked
         conditions = []
+        tile = self._request_tile(req) if _starts(req) else None
         if req.init is not None:
-            start = self.encode_image(req.init.image)
+            start = self.encode_image(req.init.image, tile)
             if req.init.mask is not None and self.variant.inpaint_reference:
                 conditions.append(start)
-        conditions += [self.encode_image(r) for r in req.refs]
+        conditions += [self.encode_image(r, tile) for r in req.refs]
         ref_tokens = ref_ids = ref_kv = None
         if start is not None or conditions:
             self.release("vae")
@@ -702,14 +716,19 @@ class Pipeline:
         z = sampling.unpack(tokens[index : index + 1].to(self.device), h, w)
         return to_pil(self.vae.decode(z.to(self.dtype), tile=self.vae_tile))[0]
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Normalised latents -> images (B, 3, H, W) in [-1, 1]; in tiles with `vae_tile` or where a device budget
-        leaves no room for a whole decode (`_decode_tile`)."""
+    def decode(self, latents: Tensor, tile: int | Literal["auto"] | None = "auto") -> Tensor:
+        """Normalised latents -> images (B, 3, H, W) in [-1, 1]; in `tile`-pixel tiles if larger than one; "auto":
+        in `vae_tile` tiles, or where a device budget leaves no room for a whole decode (`_vae_tile`)."""
         (b, _, h, w), per = latents.shape, sampling.PIXELS_PER_TOKEN
-        tile = self._decode_tile(b, h * per, w * per)
+        if tile == "auto":
+            tile = self._vae_tile(b, h * per, w * per)
         if self.vram_budget is not None:
             self.work["VAE"] = self._vae_work(b, h * per, w * per, tile=tile)
-        self._tiled = tile if tile is not None and max(h, w) * per > tile else None
         images = self.vae.decode(latents.to(self.dtype), tile=tile)
         self.release("vae")
         return images
+
+
+def _starts(req: Request) -> list[tuple[int, int]]:
+    """(width, height) of the images the VAE encodes for a request: its start image and its references."""
+    return [im.size for im in [*([req.init.image] if req.init is not None else []), *req.refs]]

@@ -9,12 +9,11 @@ requests trace once.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
 from .device_streaming import attention_shapes, flash_attention_shapes, traced_work, work_reserve
-from .model.autoencoder import AutoEncoder, tile_layout
+from .model.autoencoder import AutoEncoder, tile_grid
 from .model.transformer import Flux2Transformer
 from .variants import AutoencoderConfig, TransformerConfig
 
@@ -72,23 +71,33 @@ def traced_transformer(cfg: TransformerConfig, dtype: torch.dtype, batch: int, n
 
 def vae_work(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool,
              tile: int | None = None, fused: bool = True) -> int:  # fmt: skip
-    """Device bytes to keep for decoding `batch` images of `height` x `width` pixels (in `tile`-pixel tiles: the
-    decoded tiles held, one tile's work), or encoding them; `fused` as for `transformer_work`."""
+    """Device bytes to keep for decoding `batch` images of `height` x `width` pixels, or encoding them (in
+    `tile`-pixel tiles: one tile's work and the tiles' results held); `fused` as for `transformer_work`."""
     return work_reserve(traced_vae(cfg, dtype, batch, height, width, decode, tile, fused))
 
 
 def traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool,
                tile: int | None = None, fused: bool = True) -> int:  # fmt: skip
     """The peak bytes of tensors the VAE makes decoding (or encoding) such images: traced on the meta device; in
-    tiles, one tile's decode traced and the decoded tiles, rows and image counted (every tile at full size)."""
-    if decode and tile is not None and max(height, width) > tile:
-        f = cfg.downscale // cfg.patch
-        _, stride, _, _ = tile_layout(tile, f)
-        tiles = math.ceil(height // f / stride) * math.ceil(width // f / stride)
-        pixel = batch * cfg.out_channels * dtype.itemsize
-        held = pixel * (tiles * tile * tile + 2 * height * width)
-        return _traced_vae(cfg, dtype, batch, tile, tile, True, fused) + held
-    return _traced_vae(cfg, dtype, batch, height, width, decode, fused)
+    tiles, one whole tile traced (or the joined rows and result, if more) on top of every tile's result held (as
+    `AutoEncoder._tiled` keeps them) and the input: the image, or the latents denormalised and unpatchified."""
+    if tile is None or max(height, width) <= tile:
+        return _traced_vae(cfg, dtype, batch, height, width, decode, fused)
+    f = cfg.downscale // cfg.patch  # pixels per unpatchified latent
+    size, out, channels = (tile // f, tile, cfg.out_channels) if decode else (tile, tile // f, 2 * cfg.z_channels)
+    stride, _, _ = tile_grid(size, out)
+    scale = out / size  # results per input a side
+
+    def sides(extent: int) -> int:  # the results along one side of every tile (edge tiles are smaller)
+        return sum(round(min(size, extent - start) * scale) for start in range(0, extent, stride))
+
+    item = batch * dtype.itemsize
+    results = item * channels * sides(height // (f if decode else 1)) * sides(width // (f if decode else 1))
+    latents = item * cfg.z_channels * height * width // f // f  # one copy, unpatchified
+    joined = 2 * (item * cfg.out_channels * height * width if decode else latents)
+    # held throughout: the latents denormalised and unpatchified, or the image (a whole call's trace makes these)
+    inputs = 2 * latents if decode else item * cfg.in_channels * height * width
+    return inputs + results + max(_traced_vae(cfg, dtype, batch, tile, tile, decode, fused), joined)
 
 
 @functools.lru_cache(maxsize=64)

@@ -47,11 +47,12 @@ def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=NORM_EPS, affine=True)
 
 
-def tile_layout(tile: int, f: int) -> tuple[int, int, int, int]:
-    """Tiled decoding of `tile`-pixel tiles, `f` pixels per latent -> (a tile's side in latents, latents between
-    tile starts, pixels blended with the previous tile, pixels of each tile kept)."""
-    size, blend = tile // f, int(tile * 0.25)  # a quarter overlaps
-    return size, int(size * 0.75), blend, tile - blend
+def tile_grid(size: int, out: int) -> tuple[int, int, int]:
+    """Tiles of `size` inputs (pixels or latents) a side, each giving `out` outputs a side -> (inputs between tile
+    starts, outputs blended with the previous tile, outputs of each tile kept): a quarter overlaps, as diffusers
+    tiles `AutoencoderKLFlux2`."""
+    blend = int(out * 0.25)
+    return int(size * 0.75), blend, out - blend
 
 
 def _fade(a: Tensor, b: Tensor, extent: int, dim: int) -> None:
@@ -261,12 +262,19 @@ class AutoEncoder(nn.Module):
         mean, std = self._stats(zp)
         return zp * std + mean
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Image (B, 3, H, W) in [-1, 1] -> normalised latents (B, 4z, H/16, W/16), posterior mean."""
+    def encode(self, x: Tensor, tile: int | None = None) -> Tensor:
+        """Image (B, 3, H, W) in [-1, 1] -> normalised latents (B, 4z, H/16, W/16), posterior mean. With `tile`
+        (pixels) and an image larger than a tile, encoded in overlapping tiles (as diffusers' `enable_tiling()`:
+        one tile's work memory; the latents near the seams differ from a whole encode's)."""
         if x.shape[-2] % self.cfg.downscale or x.shape[-1] % self.cfg.downscale:
             raise ValueError(f"image size {tuple(x.shape[-2:])} must be a multiple of {self.cfg.downscale}")
-        mean = self.moments(x)[:, : self.cfg.z_channels]  # (B, z, H/8, W/8); the log-variance is unused
-        return self.normalize(patchify(mean, self.cfg.patch))
+
+        def mean(image: Tensor) -> Tensor:  # (B, z, H/8, W/8); the log-variance is unused
+            return self.moments(image)[:, : self.cfg.z_channels]
+
+        f = self.cfg.downscale // self.cfg.patch
+        tiled = tile is not None and max(x.shape[-2:]) > tile
+        return self.normalize(patchify(self._tiled(mean, x, tile, tile // f) if tiled else mean(x), self.cfg.patch))
 
     def decode_raw(self, z: Tensor) -> Tensor:
         """Unpatchified, unnormalised latents (B, z, H/8, W/8) -> image (B, 3, H, W)."""
@@ -281,19 +289,25 @@ class AutoEncoder(nn.Module):
         return self.decode_raw(z) if tile is None else self.decode_tiled(z, tile)
 
     def decode_tiled(self, z: Tensor, tile: int) -> Tensor:
-        """Unpatchified latents (B, z, H/8, W/8) -> image, decoded in `tile` x `tile` pixel tiles overlapping by a
-        quarter, each blended into its upper and left neighbours linearly over that quarter (diffusers'
-        `AutoencoderKLFlux2.tiled_decode` with `tile_sample_min_size = tile`; images no larger than a tile are
-        decoded whole). The decoder's work memory is one tile's; the numbers differ from a whole decode near the
-        seams (each tile sees only its own context)."""
-        size, stride, blend, keep = tile_layout(tile, self.cfg.downscale // self.cfg.patch)
-        if z.shape[-2] <= size and z.shape[-1] <= size:
+        """Unpatchified latents (B, z, H/8, W/8) -> image, decoded in `tile` x `tile` pixel tiles (`_tiled`; images
+        no larger than a tile are decoded whole). The decoder's work memory is one tile's; the numbers differ from
+        a whole decode near the seams (each tile sees only its own context)."""
+        f = self.cfg.downscale // self.cfg.patch
+        if max(z.shape[-2:]) * f <= tile:
             return self.decode_raw(z)
+        return self._tiled(self.decode_raw, z, tile // f, tile)
+
+    @staticmethod
+    def _tiled(fn: Callable[[Tensor], Tensor], x: Tensor, size: int, out: int) -> Tensor:
+        """`fn` over `size` x `size` tiles of x (B, C, H, W) overlapping by a quarter, each result (`out` a side)
+        blended into its upper and left neighbours linearly over a quarter of `out`, then cut and joined: the
+        arithmetic and order of diffusers' `AutoencoderKLFlux2` tiled encode and decode at that tile size."""
+        stride, blend, keep = tile_grid(size, out)
         rows: list[list[Tensor]] = []
-        for i in range(0, z.shape[-2], stride):
+        for i in range(0, x.shape[-2], stride):
             row = []
-            for j in range(0, z.shape[-1], stride):
-                t = self.decode_raw(z[:, :, i : i + size, j : j + size])
+            for j in range(0, x.shape[-1], stride):
+                t = fn(x[:, :, i : i + size, j : j + size])
                 if rows:  # the tile above, already blended, fades into this one's top rows
                     _fade(rows[-1][len(row)], t, blend, dim=2)
                 if row:  # and the tile to the left into its first columns

@@ -48,7 +48,7 @@ class ScaleConfig:
     vram: str | None = None  # accelerator memory a replica's phase may use, "8GB" (`load(vram_budget=)`); "auto"
     # takes 95% of what is free as the replica loads: replicas sharing a GPU (num_gpus < 1) each need a size
     compile: bool = False  # torch.compile the transformer's blocks (`load(compile=)`)
-    vae_tile: int | None = None  # decode larger images in tiles of this many pixels (`load(vae_tile=)`)
+    vae_tile: int | None = None  # the VAE in tiles of this many pixels for larger images (`load(vae_tile=)`)
     threads: int = 1  # torch threads per CPU replica
     num_cpus: float = 1.0  # per Generator replica
     num_gpus: float = 0.0  # per Generator replica (e.g. 1, or 0.5 to pack two on a GPU)
