@@ -233,6 +233,10 @@ def test_pipeline_and_cli_take_several_loras_and_record_them(klein_folder, tmp_p
         "style.safetensors",
         "other.safetensors",
     ]
+    bad = _save(tmp_path, "bad", {"transformer.not_a_layer.lora_A.weight": torch.zeros(4, 4)})
+    with pytest.raises(ValueError, match="map to no layer"):
+        pipe.set_loras([(bad, 1.0)])
+    assert pipe("p", size=(64, 64), steps=1)[0].tobytes() == styled.tobytes()  # a file refused changes nothing
     pipe.set_loras([])
     assert np.array_equal(np.asarray(pipe("p", size=(64, 64), steps=1)[0]), plain)  # unfused exactly
     run = subprocess.run([sys.executable, "-m", "flux2studio.cli", "generate", "p", "--weights", str(folder),

@@ -364,6 +364,7 @@ class Pipeline:
         self.planned: dict[str, int] = {}  # device bytes each phase was planned to use at most, weights and work
         self.vae_tile: int | None = None  # the VAE in tiles of this many pixels for larger images (`load(vae_tile=)`)
         self._tiled: int | None = None  # the VAE tile of the last call, if it tiled an image (in the metadata)
+        self._busy = threading.RLock()  # calls from several threads take turns: a call's state is the pipeline's
         for part in (transformer, vae):
             if isinstance(part, torch.nn.Module):
                 part.to("cpu" if vram_budget else self.device, dtype).eval()
@@ -509,15 +510,18 @@ class Pipeline:
         )
 
     def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
-        """Use these LoRA files with these scales from the next call on ([] removes them, exactly)."""
-        if self._lora_state is not None:
-            model, applied = self._lora_state
-            if self.parts["transformer"].loaded and self.parts["transformer"].get() is model:
-                applied.remove()
-            self._lora_state = None
+        """Use these LoRA files with these scales from the next call on ([] removes them, exactly). Files are read
+        first: one that cannot be used changes nothing; a call under way finishes with the LoRAs it began with."""
         with torch.device("meta"):  # names and shapes only: parse without touching the real weights
             skeleton = Flux2Transformer(self.variant.transformer)
-        self.loras = [(load_lora(path, skeleton), float(scale), weights_hash([Path(path)])) for path, scale in loras]
+        parsed = [(load_lora(path, skeleton), float(scale), weights_hash([Path(path)])) for path, scale in loras]
+        with self._busy:
+            if self._lora_state is not None:
+                model, applied = self._lora_state
+                if self.parts["transformer"].loaded and self.parts["transformer"].get() is model:
+                    applied.remove()
+                self._lora_state = None
+            self.loras = parsed
 
     @property
     def vae(self) -> AutoEncoder:
@@ -557,17 +561,19 @@ class Pipeline:
         Editing: `image=` start image (image-to-image with `strength`), `mask=` (white = repaint) to inpaint,
         `expand=(left, top, right, bottom)` px to outpaint.
         """
-        req = build_request(self.variant, prompt, **fields)
-        latents = self.generate_latents(req, callback)
-        tile = self._request_tile(req)  # the VAE encoded and decodes the request's images in these tiles, if any
-        images = to_pil(self.decode(latents, tile=tile))
-        self._tiled = tile if tile is not None and max(req.width, req.height, *map(max, _starts(req))) > tile else None
-        if req.init is not None and req.init.paste_back:  # outpainting: the original pixels, unchanged
-            images = [paste_kept(im, req.init.image, req.init.mask) for im in images]
-        for i, out in enumerate(images):
-            meta = self.metadata(req, i)
-            out.info["flux2"] = json.dumps(meta)
-            out.info["parameters"] = parameters_text(meta)
+        req = build_request(self.variant, prompt, **fields)  # bad input refused at once, without waiting a turn
+        with self._busy:
+            latents = self.generate_latents(req, callback)
+            tile = self._request_tile(req)  # the VAE encoded and decodes the request's images in these tiles
+            images = to_pil(self.decode(latents, tile=tile))
+            tiled = tile is not None and max(req.width, req.height, *map(max, _starts(req))) > tile
+            self._tiled = tile if tiled else None
+            if req.init is not None and req.init.paste_back:  # outpainting: the original pixels, unchanged
+                images = [paste_kept(im, req.init.image, req.init.mask) for im in images]
+            for i, out in enumerate(images):
+                meta = self.metadata(req, i)
+                out.info["flux2"] = json.dumps(meta)
+                out.info["parameters"] = parameters_text(meta)
         return images
 
     def metadata(self, req: Request, i: int) -> dict:
@@ -629,13 +635,14 @@ class Pipeline:
 
     def generate_latents(self, req: Request, callback: sampling.StepCallback | None = None) -> Tensor:
         """Run the flow for a validated request; returns normalised latents (B, 128, H/16, W/16)."""
-        self._request, self.planned = req, {}
-        try:
-            if self.vram_budget is not None:
-                self._check_budget(req)
-            return self._generate_latents(req, callback)
-        finally:
-            self._request = None  # its images are not kept; later uses of the parts size no work from it
+        with self._busy:
+            self._request, self.planned = req, {}
+            try:
+                if self.vram_budget is not None:
+                    self._check_budget(req)
+                return self._generate_latents(req, callback)
+            finally:
+                self._request = None  # its images are not kept; later uses of the parts size no work from it
 
     def _generate_latents(self, req: Request, callback: sampling.StepCallback | None) -> Tensor:
         h, w = req.height // sampling.PIXELS_PER_TOKEN, req.width // sampling.PIXELS_PER_TOKEN
@@ -720,12 +727,13 @@ class Pipeline:
         """Normalised latents -> images (B, 3, H, W) in [-1, 1]; in `tile`-pixel tiles if larger than one; "auto":
         in `vae_tile` tiles, or where a device budget leaves no room for a whole decode (`_vae_tile`)."""
         (b, _, h, w), per = latents.shape, sampling.PIXELS_PER_TOKEN
-        if tile == "auto":
-            tile = self._vae_tile(b, h * per, w * per)
-        if self.vram_budget is not None:
-            self.work["VAE"] = self._vae_work(b, h * per, w * per, tile=tile)
-        images = self.vae.decode(latents.to(self.dtype), tile=tile)
-        self.release("vae")
+        with self._busy:
+            if tile == "auto":
+                tile = self._vae_tile(b, h * per, w * per)
+            if self.vram_budget is not None:
+                self.work["VAE"] = self._vae_work(b, h * per, w * per, tile=tile)
+            images = self.vae.decode(latents.to(self.dtype), tile=tile)
+            self.release("vae")
         return images
 
 
