@@ -42,6 +42,7 @@ def child(side: str, op: str, size: int, tile: int | None, dtype_name: str, out:
     import torch
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
 
+    from flux2studio.conversion import vae_config_to_diffusers
     from flux2studio.layouts.vae import vae_to_diffusers
     from flux2studio.model.autoencoder import AutoEncoder
     from flux2studio.variants import get_variant
@@ -51,20 +52,7 @@ def child(side: str, op: str, size: int, tile: int | None, dtype_name: str, out:
     dtype, cfg = getattr(torch, DTYPES[dtype_name]), get_variant("klein-4b").vae
     torch.manual_seed(0)
     ours = AutoEncoder(cfg).eval()  # PyTorch's default initialisation, the same in every child
-    n = len(cfg.channels)
-    theirs = AutoencoderKLFlux2(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.channels,
-        decoder_block_out_channels=cfg.decoder_channels,
-        layers_per_block=cfg.num_res_blocks,
-        latent_channels=cfg.z_channels,
-        norm_num_groups=cfg.norm_groups,
-        batch_norm_eps=cfg.bn_eps,
-        patch_size=(cfg.patch, cfg.patch),
-    ).eval()
+    theirs = AutoencoderKLFlux2.from_config(vae_config_to_diffusers(cfg)).eval()
     theirs.load_state_dict(vae_to_diffusers(ours.state_dict(), cfg), strict=True)
     ours, theirs = ours.to(dtype), theirs.to(dtype)  # both built in every child: the same heap before the call
     g = torch.Generator().manual_seed(1)
