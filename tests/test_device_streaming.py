@@ -185,10 +185,19 @@ def test_what_does_not_fit_is_refused_before_loading(monkeypatch):
 
 
 def test_vram_auto_is_a_share_of_the_devices_free_memory(monkeypatch):
+    """95% of what is free; for replicas packed on one GPU (a share below 1), of that share of the GPU's memory, or
+    of what is free if less; a size as given; refused where the device cannot be asked."""
     from flux2studio import loading
+    from flux2studio.serve.ray_app import ScaleConfig, replica_vram
 
     monkeypatch.setattr(loading, "device_free_bytes", lambda device: 8 * 2**30)
+    monkeypatch.setattr(loading, "device_total_bytes", lambda device: 24 * 2**30)
     assert loading.vram_bytes("auto", "cuda") == int(8 * 2**30 * 0.95) == loading.vram_bytes(" AUTO ", "cuda:0")
+    assert loading.vram_bytes("auto", "cuda", share=0.25) == int(6 * 2**30 * 0.95)  # a quarter of 24 GB
+    assert loading.vram_bytes("auto", "cuda", share=0.5) == int(8 * 2**30 * 0.95)  # 12 GB, but 8 GB are free
+    assert replica_vram(ScaleConfig(vram="auto", num_gpus=0.25)) == int(6 * 2**30 * 0.95)
+    assert replica_vram(ScaleConfig(vram="auto", num_gpus=1)) == "auto"  # its own GPU: what is free as it loads
+    assert replica_vram(ScaleConfig(vram="8GB", num_gpus=0.25)) == "8GB"
     assert loading.vram_bytes("6GB", "cuda") == 6 * 2**30 and loading.vram_bytes(None, "cuda") is None
     with pytest.raises(ValueError, match="--vram is a budget of accelerator memory"):
         loading.vram_bytes("auto", "cpu")

@@ -342,6 +342,16 @@ def device_free_bytes(device: torch.device | str) -> int | None:
     return None
 
 
+def device_total_bytes(device: torch.device | str) -> int | None:
+    """An accelerator's whole memory (None where it cannot be asked): CUDA's, or what Metal recommends at most."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(device)[1]
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return torch.mps.recommended_max_memory()
+    return None
+
+
 def available_ram() -> int | None:
     """The machine's available memory (Linux's MemAvailable: free plus reclaimable cache), None elsewhere."""
     try:

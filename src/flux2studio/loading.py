@@ -30,7 +30,14 @@ from .conversion import (
     vae_config_from_keys,
     vae_layout,
 )
-from .device_streaming import available_ram, device_free_bytes, human, parse_bytes, plan_blocks
+from .device_streaming import (
+    available_ram,
+    device_free_bytes,
+    device_total_bytes,
+    human,
+    parse_bytes,
+    plan_blocks,
+)
 from .layouts.transformer import transformer_from_diffusers
 from .layouts.vae import vae_from_diffusers
 from .model.autoencoder import AutoEncoder
@@ -533,17 +540,19 @@ def _load_local(
 AUTO_VRAM_SHARE = 0.95  # `--vram auto`: this share of the device's free memory (the rest: the CUDA context's growth)
 
 
-def vram_bytes(vram_budget: str | int | None, device: str) -> int | None:
-    """A `--vram` value in bytes: a size ("8GB", bytes) or "auto" (95% of the accelerator's free memory now)."""
+def vram_bytes(vram_budget: str | int | None, device: str, share: float = 1.0) -> int | None:
+    """A `--vram` value in bytes: a size ("8GB", bytes) or "auto": 95% of the accelerator's free memory now; with
+    a `share` below 1 (processes packed on one GPU, each its part), of that share of its whole memory, or of what
+    is free if less (the others' CUDA contexts)."""
     if vram_budget is None:
         return None
     if torch.device(device).type == "cpu":
         raise ValueError("--vram is a budget of accelerator memory (cuda, mps); on CPU, weights stream from the files")
     if isinstance(vram_budget, str) and vram_budget.strip().lower() == "auto":
-        free = device_free_bytes(device)
-        if free is None:
+        free, total = device_free_bytes(device), device_total_bytes(device)
+        if free is None or total is None:
             raise ValueError(f"--vram auto: the free memory of {device} cannot be asked; give a size, e.g. --vram 8GB")
-        return int(free * AUTO_VRAM_SHARE)
+        return int((free if share >= 1 else min(free, total * share)) * AUTO_VRAM_SHARE)
     try:
         return parse_bytes(vram_budget)
     except ValueError as e:

@@ -45,8 +45,8 @@ class ScaleConfig:
     device: str | None = None
     dtype: str | None = None
     quantize: str | None = None  # int8 / int4 / fp8 packing at load (`load(quantize=)`)
-    vram: str | None = None  # accelerator memory a replica's phase may use, "8GB" (`load(vram_budget=)`); "auto"
-    # takes 95% of what is free as the replica loads: replicas sharing a GPU (num_gpus < 1) each need a size
+    vram: str | None = None  # accelerator memory a replica's phase may use, "8GB" (`load(vram_budget=)`); "auto":
+    # 95% of what is free as the replica loads, or with num_gpus < 1 (replicas packed on a GPU) of its share
     compile: bool = False  # torch.compile the transformer's blocks (`load(compile=)`)
     vae_tile: int | None = None  # the VAE in tiles of this many pixels for larger images (`load(vae_tile=)`)
     threads: int = 1  # torch threads per CPU replica
@@ -81,6 +81,17 @@ class ScaleConfig:
                 "target_ongoing_requests": self.target_ongoing_requests}  # fmt: skip
 
 
+def replica_vram(cfg: ScaleConfig) -> str | int | None:
+    """The device budget a replica loads with: `vram`, except "auto" on a shared GPU (0 < num_gpus < 1), which is
+    the replica's share of the GPU's memory in bytes (`loading.vram_bytes`): "auto" alone would let the first
+    replica to load take 95% of the GPU, leaving the others nothing."""
+    if isinstance(cfg.vram, str) and cfg.vram.strip().lower() == "auto" and 0 < cfg.num_gpus < 1:
+        from ..loading import vram_bytes
+
+        return vram_bytes("auto", cfg.device or "cuda", share=cfg.num_gpus)
+    return cfg.vram
+
+
 def _store(cfg: ScaleConfig) -> Store:
     return Store(cfg.data, db=cfg.db, files=cfg.files, shared=True)
 
@@ -106,8 +117,9 @@ class Generator:
     def load(self, model_id: str):
         from ..loading import load
 
-        return load(model_id, device=self.cfg.device, dtype=self.cfg.dtype, resident=True, quantize=self.cfg.quantize,
-                    vram_budget=self.cfg.vram, compile=self.cfg.compile, vae_tile=self.cfg.vae_tile)  # fmt: skip
+        cfg = self.cfg
+        return load(model_id, device=cfg.device, dtype=cfg.dtype, resident=True, quantize=cfg.quantize,
+                    vram_budget=replica_vram(cfg), compile=cfg.compile, vae_tile=cfg.vae_tile)  # fmt: skip
 
     async def get_pipeline(self, model_id: str):  # wrapped by @serve.multiplexed in build_application
         return await asyncio.to_thread(self.load, model_id)
