@@ -43,6 +43,11 @@ def unpatchify(zp: Tensor, p: int) -> Tensor:
     return rearrange(zp, "b (c pi pj) i j -> b c (i pi) (j pj)", pi=p, pj=p)
 
 
+def _silu(h: Tensor) -> Tensor:
+    """SiLU of a result nothing else holds: in place where no gradient needs its input (the same numbers)."""
+    return F.silu(h, inplace=not torch.is_grad_enabled())
+
+
 def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=NORM_EPS, affine=True)
 
@@ -77,8 +82,12 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        # one step a line, each result freeing the one before (nested calls kept conv1's output alive through
+        # conv2), the SiLUs in place: one or two feature maps fewer at the encoder's and decoder's peaks
+        h = _silu(self.norm1(x))
+        h = self.conv1(h)
+        h = _silu(self.norm2(h))
+        h = self.conv2(h)
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -198,7 +207,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)  # (B, ch[-1], H/f, W/f) after the last level
         h = self.mid(h)
-        h = self.conv_out(F.silu(self.norm_out(h)))  # (B, 2z, H/f, W/f)
+        h = self.conv_out(_silu(self.norm_out(h)))  # (B, 2z, H/f, W/f)
         return self.quant_conv(h)
 
 
@@ -225,7 +234,7 @@ class Decoder(nn.Module):
         h = self.mid(h)
         for level in reversed(self.up):  # lowest resolution first
             h = level(h)  # (B, ch[0], h*f, w*f) after up[0]
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, h*f, w*f)
+        return self.conv_out(_silu(self.norm_out(h)))  # (B, 3, h*f, w*f)
 
 
 class AutoEncoder(nn.Module):
