@@ -72,7 +72,7 @@ def child(side: str, op: str, size: int, tile: int | None, dtype_name: str, out:
         del ours
         if tile is not None:
             model.enable_tiling()
-            model.tile_sample_min_size, model.tile_latent_min_size = tile, tile // (cfg.downscale // cfg.patch)
+            model.tile_sample_min_size, model.tile_latent_min_size = tile, tile // cfg.spatial_scale
         mean = model.bn.running_mean.view(1, -1, 1, 1).to(dtype)
         std = torch.sqrt(model.bn.running_var.view(1, -1, 1, 1) + cfg.bn_eps).to(dtype)
 

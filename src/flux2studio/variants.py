@@ -92,6 +92,11 @@ class AutoencoderConfig:
         """Pixels per latent token side after patchify (16 for the 4-level FLUX.2 VAE)."""
         return 2 ** (len(self.channels) - 1) * self.patch
 
+    @property
+    def spatial_scale(self) -> int:
+        """Pixels per latent side before patchify (8 for the 4-level FLUX.2 VAE): what the encoder shrinks by."""
+        return 2 ** (len(self.channels) - 1)
+
 
 @dataclass(frozen=True)
 class TextEncoderSpec:

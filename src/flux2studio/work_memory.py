@@ -83,7 +83,7 @@ def traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: i
     `AutoEncoder._tiled` keeps them) and the input: the image, or the latents denormalised and unpatchified."""
     if tile is None or max(height, width) <= tile:
         return _traced_vae(cfg, dtype, batch, height, width, decode, fused)
-    f = cfg.downscale // cfg.patch  # pixels per unpatchified latent
+    f = cfg.spatial_scale  # pixels per unpatchified latent
     size, out, channels = (tile // f, tile, cfg.out_channels) if decode else (tile, tile // f, 2 * cfg.z_channels)
     stride, _, _ = tile_grid(size, out)
     scale = out / size  # results per input a side

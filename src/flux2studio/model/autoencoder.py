@@ -281,7 +281,7 @@ class AutoEncoder(nn.Module):
         def mean(image: Tensor) -> Tensor:  # (B, z, H/8, W/8); the log-variance is unused
             return self.moments(image)[:, : self.cfg.z_channels]
 
-        f = self.cfg.downscale // self.cfg.patch
+        f = self.cfg.spatial_scale
         tiled = tile is not None and max(x.shape[-2:]) > tile
         return self.normalize(patchify(self._tiled(mean, x, tile, tile // f) if tiled else mean(x), self.cfg.patch))
 
@@ -301,7 +301,7 @@ class AutoEncoder(nn.Module):
         """Unpatchified latents (B, z, H/8, W/8) -> image, decoded in `tile` x `tile` pixel tiles (`_tiled`; images
         no larger than a tile are decoded whole). The decoder's work memory is one tile's; the numbers differ from
         a whole decode near the seams (each tile sees only its own context)."""
-        f = self.cfg.downscale // self.cfg.patch
+        f = self.cfg.spatial_scale
         if max(z.shape[-2:]) * f <= tile:
             return self.decode_raw(z)
         return self._tiled(self.decode_raw, z, tile // f, tile)
