@@ -38,6 +38,7 @@ from tiny import (
     diffusers_vae,
     mistral3,
     qwen3,
+    randomize_,
     tokenizer,
 )
 
@@ -153,6 +154,27 @@ def test_dev_with_embedded_guidance_and_references_matches_diffusers():
     got = _ours_images(ours, "a cat holding a sign", size=(80, 64), steps=3, guidance=2.5, seed=42,
                        refs=_refs())  # fmt: skip
     assert (got - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("variant_id,dtype", [("klein-base-4b", torch.float32), ("klein-base-4b", torch.bfloat16),
+                                              ("klein-9b-kv", torch.float32), ("dev", torch.float32)])  # fmt: skip
+def test_image_i_of_a_batch_is_its_seed_alone_bit_for_bit(variant_id, dtype):
+    """`--from` remakes image i of a `--num 4` call alone, and the server batches different jobs into one call: an
+    image's pixels must not depend on the batch it was made in. Through CFG, references (joint and cached), embedded
+    guidance, both text encoders, fp32 and bf16: image i of a batch is bit for bit its prompt and seed alone."""
+    spec, model_fn, template = (MISTRAL_SPEC, mistral3, MISTRAL_TEMPLATE) if variant_id == "dev" else \
+        (QWEN3_SPEC, qwen3, QWEN3_TEMPLATE)  # fmt: skip
+    t_cfg = dataclasses.replace(TRANSFORMER, guidance_embed=variant_id == "dev")
+    variant = dataclasses.replace(get_variant(variant_id), transformer=t_cfg, vae=VAE, text_encoder=spec)
+    parts = randomize_(Flux2Transformer(t_cfg), std=0.05), randomize_(AutoEncoder(VAE), std=0.05)
+    pipe = Pipeline(variant, *parts, TextEncoder(spec, model_fn(), tokenizer(template)), dtype=dtype)
+    prompts = ["a red circle", "a blue square on a white background"]
+    kw = dict(size=(80, 64), steps=2, refs=_refs()[:1], **({"negative_prompt": "blurry"} if variant.uses_cfg else {}))
+    batch = pipe(prompts, num_images=2, seed=5, **kw)
+    assert len(batch) == 4
+    for i, image in enumerate(batch):
+        alone = pipe(prompts[i // 2], seed=5 + i, **kw)[0]
+        assert image.tobytes() == alone.tobytes(), i
 
 
 def test_schedule_matches_diffusers_scheduler_bit_for_bit():

@@ -58,16 +58,21 @@ def test_the_transformer_trace_counts_what_a_real_call_holds(n_ref, kv, split):
         torch.randn(batch, h * w, 128, generator=g),
         torch.randn(batch, n_txt, TRANSFORMER.context_dim, generator=g),
     )
-    ids, t_ids, t, guidance = image_ids(h, w), text_ids(n_txt), torch.full((batch,), 0.5), torch.full((batch,), 4.0)
-    ref, r_ids = torch.randn(batch, n_ref, 128, generator=g), image_ids(2, 3) + 1
+    ids, t_ids, t, guidance = (
+        image_ids(h, w),
+        text_ids(n_txt),
+        torch.full((1,), 0.5),
+        torch.full((1,), 4.0),
+    )  # as sampled
+    ref, r_ids = torch.randn(1, n_ref, 128, generator=g), image_ids(2, 3) + 1  # one copy for the batch, as sampled
 
     def run():
         if not n_ref:
             return x - model(x.clone(), ids, txt.clone(), t_ids, t, guidance)
         if kv:
-            cache = model.ref_kv(ref, r_ids, torch.zeros(batch), guidance)
+            cache = model.ref_kv(ref, r_ids, torch.zeros(1), guidance)
             return x - model(x.clone(), ids, txt.clone(), t_ids, t, guidance, cache)
-        joint, joint_ids = torch.cat([x, ref], dim=1), torch.cat([ids, r_ids])
+        joint, joint_ids = torch.cat([x, ref.expand(batch, -1, -1)], dim=1), torch.cat([ids, r_ids])
         return x - model(joint, joint_ids, txt.clone(), t_ids, t, guidance)[:, : h * w]
 
     real = _real_peak(run)  # the clones stand for the inputs the trace makes itself
@@ -83,7 +88,7 @@ def test_the_vae_trace_counts_what_a_real_call_holds(decode, tile):
     per = VAE.downscale
     z = torch.randn(2, VAE.latent_channels, 12, 16)
     image = torch.rand(2, 3, 12 * per, 16 * per) * 2 - 1
-    real = _real_peak(lambda: vae.decode(z, tile=tile) if decode else vae.encode(image.clone(), tile=tile))
+    real = _real_peak(lambda: vae.decode(z.clone(), tile=tile) if decode else vae.encode(image.clone(), tile=tile))
     traced = traced_vae(VAE, torch.float32, 2, 12 * per, 16 * per, decode, tile)
     assert 0 < real <= traced <= (1.5 if tile else 1.1) * real, (traced, real)
 

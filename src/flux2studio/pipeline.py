@@ -661,7 +661,7 @@ class Pipeline:
         n_img = x.shape[1]
         guidance = None
         if self.variant.guidance_mode == "embedded":
-            guidance = torch.full((req.batch,), req.guidance, device=self.device, dtype=torch.float32)
+            guidance = torch.full((1,), req.guidance, device=self.device, dtype=torch.float32)  # the batch's
 
         start = None  # image-to-image / inpainting: the start image's latents, and the first reference if masked
         conditions = []
@@ -676,10 +676,11 @@ class Pipeline:
             self.release("vae")
         if conditions:
             ref_tokens, ref_ids = self._reference_tokens(conditions)
-            ref_tokens, ref_ids = ref_tokens.expand(req.batch, -1, -1), ref_ids.to(self.device)
-            if self.variant.kv_cache:  # reference tokens at a fixed timestep 0, computed once
-                t0 = torch.zeros(req.batch, device=self.device)
+            ref_ids = ref_ids.to(self.device)
+            if self.variant.kv_cache:  # reference tokens at a fixed timestep 0, computed once, one copy for the batch
+                t0 = torch.zeros(1, device=self.device)
                 ref_kv = self.transformer.ref_kv(ref_tokens, ref_ids, t0, guidance)
+            ref_tokens = ref_tokens.expand(req.batch, -1, -1)
 
         def model(context: Tensor) -> sampling.Velocity:
             transformer = self.transformer  # once, not per step (the property applies LoRAs and placement)

@@ -135,11 +135,13 @@ def denoise(
 ) -> Tensor:
     """Euler integration x <- x + (t_next - t) v from sigmas[0] to sigmas[-1]; x (B, L, C) tokens.
 
-    The update runs in float32 and is cast back to the velocity's dtype, as diffusers' scheduler does.
+    The velocity gets one noise level t (1,) for the whole batch: the transformer embeds it once and broadcasts it,
+    so an image's numbers do not depend on the batch it is in. The update runs in float32 and is cast back to the
+    velocity's dtype, as diffusers' scheduler does.
     """
     steps = len(sigmas) - 1
     for i in range(steps):
-        t = sigmas[i].expand(x.shape[0])
+        t = sigmas[i].reshape(1)
         v = velocity(x, t)
         if callback is not None:
             x0 = (x.float() - sigmas[i] * v.float()).to(v.dtype)

@@ -54,16 +54,16 @@ def traced_transformer(cfg: TransformerConfig, dtype: torch.dtype, batch: int, n
             context = torch.empty(batch, n_txt, cfg.context_dim, dtype=dtype)  # the prompts' embeddings
             x = torch.empty(batch, n_img, cfg.in_channels, dtype=dtype)
             txt_ids, img_ids = torch.empty(n_txt, 4, dtype=torch.long), torch.empty(n_img, 4, dtype=torch.long)
-            t = torch.empty(batch)
-            guidance = torch.empty(batch) if cfg.guidance_embed else None
+            t = torch.empty(1)  # one noise level (and guidance) for the batch, as the sampler gives it
+            guidance = torch.empty(1) if cfg.guidance_embed else None
             if not n_ref:
                 return x - model(x, img_ids, context, txt_ids, t, guidance)  # a sampler step's update
-            ref = torch.empty(batch, n_ref, cfg.in_channels, dtype=dtype)
+            ref = torch.empty(1, n_ref, cfg.in_channels, dtype=dtype)  # the batch's references, one copy
             ref_ids = torch.empty(n_ref, 4, dtype=torch.long)
             if kv_cache:
-                ref_kv = model.ref_kv(ref, ref_ids, torch.zeros(batch), guidance)
+                ref_kv = model.ref_kv(ref, ref_ids, torch.zeros(1), guidance)
                 return x - model(x, img_ids, context, txt_ids, t, guidance, ref_kv)
-            joint, ids = torch.cat([x, ref], dim=1), torch.cat([img_ids, ref_ids])
+            joint, ids = torch.cat([x, ref.expand(batch, -1, -1)], dim=1), torch.cat([img_ids, ref_ids])
             return x - model(joint, ids, context, txt_ids, t, guidance)[:, :n_img]
 
     return traced_work(run)
@@ -71,16 +71,17 @@ def traced_transformer(cfg: TransformerConfig, dtype: torch.dtype, batch: int, n
 
 def vae_work(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool,
              tile: int | None = None, fused: bool = True) -> int:  # fmt: skip
-    """Device bytes to keep for decoding `batch` images of `height` x `width` pixels, or encoding them (in
-    `tile`-pixel tiles: one tile's work and the tiles' results held); `fused` as for `transformer_work`."""
+    """Device bytes to keep for decoding `batch` images of `height` x `width` pixels, or encoding them, one at a
+    time (in `tile`-pixel tiles: one tile's work and the tiles' results held); `fused` as for `transformer_work`."""
     return work_reserve(traced_vae(cfg, dtype, batch, height, width, decode, tile, fused))
 
 
 def traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool,
                tile: int | None = None, fused: bool = True) -> int:  # fmt: skip
-    """The peak bytes of tensors the VAE makes decoding (or encoding) such images: traced on the meta device; in
-    tiles, one whole tile traced (or the joined rows and result, if more) on top of every tile's result held (as
-    `AutoEncoder._tiled` keeps them) and the input: the image, or the latents denormalised and unpatchified."""
+    """The peak bytes of tensors the VAE makes decoding (or encoding) such images, one at a time: traced on the
+    meta device; in tiles, one whole tile traced (or the joined rows and result, if more) on top of one image's
+    tile results held (as `AutoEncoder._tiled` keeps them), the other images' results and the inputs: the images,
+    or the latents denormalised and unpatchified."""
     if tile is None or max(height, width) <= tile:
         return _traced_vae(cfg, dtype, batch, height, width, decode, fused)
     f = cfg.spatial_scale  # pixels per unpatchified latent
@@ -91,13 +92,14 @@ def traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: i
     def sides(extent: int) -> int:  # the results along one side of every tile (edge tiles are smaller)
         return sum(round(min(size, extent - start) * scale) for start in range(0, extent, stride))
 
-    item = batch * dtype.itemsize
+    item = dtype.itemsize  # an image's
     results = item * channels * sides(height // (f if decode else 1)) * sides(width // (f if decode else 1))
     latents = item * cfg.z_channels * height * width // f // f  # one copy, unpatchified
-    joined = 2 * (item * cfg.out_channels * height * width if decode else latents)
-    # held throughout: the latents denormalised and unpatchified, or the image (a whole call's trace makes these)
-    inputs = 2 * latents if decode else item * cfg.in_channels * height * width
-    return inputs + results + max(_traced_vae(cfg, dtype, batch, tile, tile, decode, fused), joined)
+    output = item * cfg.out_channels * height * width if decode else latents
+    # held throughout: the latents denormalised and unpatchified, or the images (a whole call's trace makes these)
+    inputs = batch * (2 * latents if decode else item * cfg.in_channels * height * width)
+    others = (batch - 1) * output  # the images done before the last
+    return inputs + others + results + max(_traced_vae(cfg, dtype, 1, tile, tile, decode, fused), 2 * output)
 
 
 @functools.lru_cache(maxsize=64)

@@ -60,6 +60,21 @@ def tile_grid(size: int, out: int) -> tuple[int, int, int]:
     return int(size * 0.75), blend, out - blend
 
 
+def _each(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """`fn` over the images of a batch x (B, ...) one at a time, the results written into one tensor: each image's
+    numbers are those it has alone (a convolution over a batch can round otherwise), and the work memory is one
+    image's (as diffusers' `enable_slicing()`)."""
+    first = fn(x[:1])
+    if x.shape[0] == 1:
+        return first
+    out = first.new_empty((x.shape[0], *first.shape[1:]))
+    out[:1] = first
+    del first
+    for i in range(1, x.shape[0]):
+        out[i : i + 1] = fn(x[i : i + 1])
+    return out
+
+
 def _fade(a: Tensor, b: Tensor, extent: int, dim: int) -> None:
     """Blend the last `extent` rows (dim 2) or columns (dim 3) of `a` into the first of `b`, in place: row k is
     a's share (1 - k/extent) plus b's (k/extent), row by row in diffusers' order and arithmetic."""
@@ -110,15 +125,15 @@ class AttnBlock(nn.Module):
         self.sdpa: Callable[[Tensor, Tensor, Tensor], Tensor] = F.scaled_dot_product_attention  # see set_attention
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
-        height, width = x.shape[-2:]
         tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")  # (B, H*W, C)
         # A 1x1 conv is a Linear over tokens; applied as one so the sums run in diffusers' order.
         q, k, v = (F.linear(tokens, p.weight.flatten(1), p.bias) for p in (self.q, self.k, self.v))
         h = self.sdpa(q[:, None], k[:, None], v[:, None])[:, 0]  # one head of width C
         h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, H*W, C)
-        # h first: the sum then keeps h's channels-last strides, as in diffusers, so the convs that follow
-        # pick the same CPU kernels and the whole VAE matches diffusers bit for bit (tests/test_vae.py).
-        return rearrange(h, "b (h w) c -> b c h w", h=height, w=width) + x
+        # h first, viewed as diffusers views it: the sum then keeps h's channels-last strides (a lone image's batch
+        # stride included), so the convs that follow pick the same CPU kernels and the whole VAE matches diffusers
+        # bit for bit (tests/test_vae.py).
+        return h.transpose(1, 2).reshape(*x.shape) + x
 
 
 class Downsample(nn.Module):
@@ -272,9 +287,10 @@ class AutoEncoder(nn.Module):
         return zp * std + mean
 
     def encode(self, x: Tensor, tile: int | None = None) -> Tensor:
-        """Image (B, 3, H, W) in [-1, 1] -> normalised latents (B, 4z, H/16, W/16), posterior mean. With `tile`
-        (pixels) and an image larger than a tile, encoded in overlapping tiles (as diffusers' `enable_tiling()`:
-        one tile's work memory; the latents near the seams differ from a whole encode's)."""
+        """Image (B, 3, H, W) in [-1, 1] -> normalised latents (B, 4z, H/16, W/16), posterior mean, one image at a
+        time (`_each`). With `tile` (pixels) and an image larger than a tile, encoded in overlapping tiles (as
+        diffusers' `enable_tiling()`: one tile's work memory; the latents near the seams differ from a whole
+        encode's)."""
         if x.shape[-2] % self.cfg.downscale or x.shape[-1] % self.cfg.downscale:
             raise ValueError(f"image size {tuple(x.shape[-2:])} must be a multiple of {self.cfg.downscale}")
 
@@ -283,19 +299,21 @@ class AutoEncoder(nn.Module):
 
         f = self.cfg.spatial_scale
         tiled = tile is not None and max(x.shape[-2:]) > tile
-        return self.normalize(patchify(self._tiled(mean, x, tile, tile // f) if tiled else mean(x), self.cfg.patch))
+        means = _each(lambda image: self._tiled(mean, image, tile, tile // f) if tiled else mean(image), x)
+        return self.normalize(patchify(means, self.cfg.patch))
 
     def decode_raw(self, z: Tensor) -> Tensor:
         """Unpatchified, unnormalised latents (B, z, H/8, W/8) -> image (B, 3, H, W)."""
         return self.decoder(z)
 
     def decode(self, zp: Tensor, tile: int | None = None) -> Tensor:
-        """Normalised latents (B, 4z, H/16, W/16) -> image (B, 3, H, W), roughly in [-1, 1]. With `tile` (pixels)
-        and an image larger than a tile, decoded in overlapping tiles (`decode_tiled`)."""
+        """Normalised latents (B, 4z, H/16, W/16) -> image (B, 3, H, W), roughly in [-1, 1], one image at a time
+        (`_each`). With `tile` (pixels) and an image larger than a tile, decoded in overlapping tiles
+        (`decode_tiled`)."""
         if zp.shape[1] != self.cfg.latent_channels:
             raise ValueError(f"latents have {zp.shape[1]} channels, expected {self.cfg.latent_channels}")
         z = unpatchify(self.denormalize(zp), self.cfg.patch)
-        return self.decode_raw(z) if tile is None else self.decode_tiled(z, tile)
+        return _each(self.decode_raw if tile is None else lambda one: self.decode_tiled(one, tile), z)
 
     def decode_tiled(self, z: Tensor, tile: int) -> Tensor:
         """Unpatchified latents (B, z, H/8, W/8) -> image, decoded in `tile` x `tile` pixel tiles (`_tiled`; images

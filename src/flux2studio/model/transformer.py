@@ -114,14 +114,15 @@ class SelfAttention(nn.Module):
 def attention(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, ref_kv=None, at: int = 0, first_query: int = 0, sdpa=SDPA):
     """Joint attention with RoPE. Returns (out (B, L - first_query, H*Dh), (k, v) post-RoPE).
 
-    `ref_kv` (cached reference keys/values, already rotated) are inserted after the first `at` tokens
-    (the text), the layout diffusers' KV pipeline uses. Queries before `first_query` are not computed.
+    `ref_kv` (cached reference keys/values, already rotated; one copy serves a batch) are inserted after the first
+    `at` tokens (the text), the layout diffusers' KV pipeline uses. Queries before `first_query` are not computed.
     """
     q, k = apply_rope(q[:, :, first_query:], rope[first_query:]), apply_rope(k, rope)
     kv = (k, v)
     if ref_kv is not None:
-        k = torch.cat([k[:, :, :at], ref_kv[0], k[:, :, at:]], dim=2)
-        v = torch.cat([v[:, :, :at], ref_kv[1], v[:, :, at:]], dim=2)
+        ref_k, ref_v = (t.expand(k.shape[0], -1, -1, -1) for t in ref_kv)
+        k = torch.cat([k[:, :, :at], ref_k, k[:, :, at:]], dim=2)
+        v = torch.cat([v[:, :, :at], ref_v, v[:, :, at:]], dim=2)
     out = sdpa(q, k, v)  # (B, H, L, Dh)
     return out.transpose(1, 2).flatten(2), kv
 
@@ -307,7 +308,8 @@ class Flux2Transformer(nn.Module):
         return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
 
     def embed_time(self, t: Tensor, guidance: Tensor | None, dtype: torch.dtype) -> Tensor:
-        """t, guidance (B,) in [0, 1] / guidance scale -> vec (B, D). Scaled by 1000 (FLUX2.md §2)."""
+        """t, guidance (B,) in [0, 1] / guidance scale -> vec (B, D); (1,) ones -> (1, D), broadcast over the batch.
+        Scaled by 1000 (FLUX2.md §2)."""
         # Cast before scaling, as diffusers does: in bf16 the timestep is rounded like the reference.
         t = t.to(dtype) * 1000
         vec = self.time_in(timestep_embedding(t, self.cfg.timestep_dim).to(dtype))
@@ -328,7 +330,9 @@ class Flux2Transformer(nn.Module):
         guidance: Tensor | None = None,
         ref_kv: RefKV | None = None,
     ) -> Tensor:
-        """img (B, Li, 128), img_ids (Li, 4), txt (B, Lt, C), txt_ids (Lt, 4), t (B,) -> (B, Li, 128).
+        """img (B, Li, 128), img_ids (Li, 4), txt (B, Lt, C), txt_ids (Lt, 4), t (B,) -> (B, Li, 128). A t (and
+        guidance) of shape (1,) serves every image (the sampler's): embedded once, so each image's numbers are those
+        it has alone (B rows through `time_in` can round otherwise than one).
 
         `img` may carry reference tokens after the target tokens (plain multi-reference); the output then
         covers every image token and the caller slices the target part. With `ref_kv` (from `ref_kv()`),
