@@ -37,6 +37,18 @@ def test_generate_writes_metadata_and_from_reproduces_bit_identical(klein_folder
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(image))  # bit-identical
 
 
+def test_notes_go_to_stderr_and_quiet_keeps_warnings_only(tmp_path, cli):
+    """Why the input was changed (a large reference downscaled) is one line on stderr; `-q` keeps only warnings."""
+    big = tmp_path / "big.png"
+    Image.new("RGB", (1200, 1000), (200, 30, 30)).save(big)
+    run = cli("generate", "a red circle", "--ref", big, "--steps", "1", "-o", tmp_path / "a.png")
+    assert run.returncode == 0, run.stderr
+    assert "reference 0 resized from 1200x1000" in run.stderr
+    quiet = cli("generate", "a red circle", "--ref", big, "--steps", "1", "-q", "-o", tmp_path / "b.png")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "resized" not in quiet.stderr
+
+
 def test_never_overwrites_silently(klein_folder, tmp_path, cli):
     _, folder = klein_folder
     out = tmp_path / "x.png"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from functools import cache
@@ -305,6 +307,7 @@ def run_jobs(pipe, jobs: list[GenerationSettings], args: argparse.Namespace, ref
     import time
 
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .images import save_png
 
@@ -320,7 +323,9 @@ def run_jobs(pipe, jobs: list[GenerationSettings], args: argparse.Namespace, ref
         paths = output_paths(args.out, stem, n, args.overwrite)  # checked before any work is done
         started = time.perf_counter()
         try:
-            images = list(enumerate(pipe(job.replace(refs=refs), callback=progress)))
+            notes = logging.getLogger("flux2studio")
+            with contextlib.nullcontext() if args.quiet else logging_redirect_tqdm(loggers=[notes]):  # above the bar
+                images = list(enumerate(pipe(job.replace(refs=refs), callback=progress)))
         except Exception as e:  # a hosted batch may fail part-way: save what was made, then report
             for i, image in getattr(e, "images", []):
                 save_png(image, paths[i])
@@ -815,6 +820,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.seed_given = getattr(args, "seed", None) is not None
     if getattr(args, "seed", 0) is None:
         args.seed = 0
+    show_notes(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     if args.debug:
         return args.func(args)
     try:
@@ -825,6 +831,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # one actionable line; --debug shows the traceback
         print(f"error: {explain(e)}", file=sys.stderr)
         return 2
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a line comes (tests swap it between in-process runs)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def show_notes(level: int) -> None:
+    """The package's log lines at `level` and above on stderr, one line each: why a reference was resized, why a
+    batch was denoised in parts or the VAE worked in tiles (`-q`: warnings only)."""
+    logger = logging.getLogger("flux2studio")
+    logger.setLevel(logging.INFO)  # what reaches handlers; the line's own handler filters by `level`
+    handler = next((h for h in logger.handlers if isinstance(h, _Stderr)), None)
+    if handler is None:
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    handler.setLevel(level)
 
 
 def explain(e: Exception) -> str:
