@@ -177,6 +177,17 @@ def test_image_i_of_a_batch_is_its_seed_alone_bit_for_bit(variant_id, dtype):
         assert image.tobytes() == alone.tobytes(), i
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_nano_image_i_of_a_batch_is_its_seed_alone_bit_for_bit(quantize):
+    """The embedded model as loaded by default (`auto` dtype), and with its weights packed: the same."""
+    from flux2studio import load
+
+    pipe = load("nano", quantize=quantize)
+    batch = pipe("a red circle above a blue square", num_images=3, seed=5)
+    for i, image in enumerate(batch):
+        assert image.tobytes() == pipe("a red circle above a blue square", seed=5 + i)[0].tobytes(), i
+
+
 def test_schedule_matches_diffusers_scheduler_bit_for_bit():
     for steps, seq_len in [(4, 4096), (50, 1024), (28, 6000), (1, 64)]:
         sched = _scheduler()
@@ -285,6 +296,15 @@ def test_guidance_interval_guides_only_the_noise_levels_in_it():
         build_request(get_variant("nano-base"), "p", guidance_interval=(0.5,))
     with pytest.raises(ValueError, match="nano does not run classifier-free guidance, so a guidance interval"):
         build_request(get_variant("nano"), "p", guidance_interval=(0, 0.9))
+
+
+def test_a_reference_sets_a_size_the_model_takes():
+    """Without a size the first reference sets it (as in diffusers), scaled into the model's sides: nano takes
+    sides up to 256, so a 1024x768 reference gives 256x192, not an error about a width nobody gave."""
+    req = build_request(get_variant("nano"), "a red circle", refs=[Image.new("RGB", (1024, 768))])
+    assert (req.width, req.height) == (256, 192)
+    klein = build_request(get_variant("klein-4b"), "a red circle", refs=[Image.new("RGB", (1024, 768))])
+    assert (klein.width, klein.height) == (1024, 768)
 
 
 def test_large_reference_is_resized_with_a_log_line(caplog):

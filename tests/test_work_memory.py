@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from flux2studio import device_streaming
+from flux2studio import device_streaming, pipeline
 from flux2studio.device_streaming import PeakBytes, module_bytes, work_reserve
 from flux2studio.images import to_pil
 from flux2studio.model.autoencoder import AutoEncoder
@@ -174,6 +174,62 @@ def test_a_request_that_cannot_fit_is_refused_before_any_work(no_headroom):
     assert not encoded
     pipe("a red circle", size=(64, 64), steps=1)
     assert encoded
+
+
+def _available(monkeypatch, room: int) -> None:
+    """The machine has memory available for a call to plan `room` bytes (`pipeline.RAM_SHARE` of it)."""
+    monkeypatch.setattr(pipeline, "available_ram", lambda: int(room / pipeline.RAM_SHARE) + 2)
+
+
+@pytest.mark.parametrize("where", ["budget", "cpu"])
+def test_a_batch_whose_work_does_not_fit_at_once_is_denoised_in_parts(no_headroom, monkeypatch, where):
+    """Room for two of three images' work, under a device budget or in a CPU's available memory: the transformer
+    denoises two images, then one (a budget was refused before), each bit for bit the image of one call; progress
+    counts the steps of both parts. With room for all, one part."""
+    plain = klein_pipeline()
+    fixed, sizes = _weights(plain)
+    prompts, kw = ["a red circle", "a blue square", "a green triangle"], dict(size=(64, 64), steps=2, seed=3)
+    req = build_request(plain.variant, prompts, **kw)
+    held = fixed + 2 * max(sizes)
+    room = held + plain._transformer_work(req, 2)
+    assert held + plain._transformer_work(req, 3) > room >= module_bytes(plain.vae) + plain.work_estimates(req)["VAE"]
+    expected = [im.tobytes() for im in plain(prompts, **kw)]
+    if where == "budget":
+        pipe = klein_pipeline(room)
+    else:
+        pipe = klein_pipeline()
+        _available(monkeypatch, room)
+    batches, steps = [], []
+    pipe.parts["transformer"].get().register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
+    got = pipe(prompts, **kw, callback=lambda i, n, x0: steps.append((i, n, x0)))
+    assert [im.tobytes() for im in got] == expected
+    assert batches == [2, 2, 1, 1]
+    assert steps == [(0, 4, None), (1, 4, None), (2, 4, None), (3, 4, None)]  # no x0: it would not cover the batch
+    if where == "cpu":
+        _available(monkeypatch, 100 * room)
+        batches.clear()
+        assert [im.tobytes() for im in pipe(prompts, **kw)] == expected
+        assert batches == [3, 3]
+
+
+def test_a_cpu_without_memory_for_a_whole_decode_works_in_tiles(no_headroom, monkeypatch, caplog):
+    """On a CPU (no device budget) whose available memory holds a 256-pixel tile's VAE work but not a whole
+    384x384 decode's: the VAE works in 256-pixel tiles, recorded in the image (as `vae_tile=256` makes it), and a
+    log line says why. With memory enough it decodes whole, as before."""
+    pipe = klein_pipeline()
+    vae = module_bytes(pipe.vae)
+    whole, tiled = (pipe._vae_work(1, 384, 384, tile=t) for t in (None, 256))
+    assert tiled < whole
+    _available(monkeypatch, vae + tiled)
+    kw = dict(size=(384, 384), steps=1, seed=2)
+    with caplog.at_level("INFO", logger="flux2studio.pipeline"):
+        image = pipe("a red circle", **kw)[0]
+    assert json.loads(image.info["flux2"])["vae_tile"] == 256
+    assert "256-pixel tiles" in caplog.text
+    _available(monkeypatch, 100 * (vae + whole))
+    assert "vae_tile" not in json.loads(pipe("a red circle", **kw)[0].info["flux2"])
+    pipe.vae_tile = 256
+    assert pipe("a red circle", **kw)[0].tobytes() == image.tobytes()
 
 
 def test_work_reserve_adds_room_for_what_a_trace_cannot_see():

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import gc
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -26,8 +27,8 @@ from torch import Tensor
 
 from . import __version__, sampling
 from .checkpoints import cache_dir, weights_hash
-from .device_streaming import check_whole, human, module_bytes, plan_blocks, stream_to_device, to_host
-from .editing import Init, build_init, paste_kept
+from .device_streaming import available_ram, check_whole, human, module_bytes, plan_blocks, stream_to_device, to_host
+from .editing import Init, build_init, fitted, paste_kept
 from .images import check_size, image_hash, parameters_text, prepare_reference, size_for_aspect, to_pil, to_tensor
 from .kernels.attention import attention_for
 from .lora import Applied, LoraFile, apply_loras, load_lora
@@ -44,10 +45,12 @@ from .work_memory import text_encoder_work, transformer_work, vae_work
 MAX_STEPS = 200
 VAE_TILES = range(128, 2049, 64)  # tile sides (pixels) the VAE may decode in
 AUTO_TILES = (1024, 768, 512, 384, 256)  # tried in turn under a device budget where the VAE does not fit whole
+RAM_SHARE = 0.9  # on a CPU without a device budget: a call plans its phases within this share of available memory
 MAX_IMAGES = 64  # images per call (prompts x num_images)
 GUIDANCE_RANGE = (1.0, 30.0)
 T = TypeVar("T")
 M = TypeVar("M", bound=torch.nn.Module)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,8 @@ def build_request(variant: Variant, prompt: str | Sequence[str] | GenerationSett
         init = build_init(s.image, s.mask, s.strength, s.expand, s.mask_blur, size,
                           (variant.min_side, variant.max_side, variant.id))  # fmt: skip
         size = init.image.size
-    if size is None:  # the first reference sets the size, as in diffusers' pipelines
-        size = prepared[0].size if prepared else variant.default_size
+    if size is None:  # the first reference sets the size, as in diffusers' pipelines, within the model's sides
+        size = fitted(prepared[0].size, (), variant.max_side) if prepared else variant.default_size
     width, height = size
     check_size(width, height, variant.min_side, variant.max_side, variant.id)
 
@@ -361,6 +364,8 @@ class Pipeline:
         self.vram_budget = vram_budget
         self.work: dict[str, int] = {}  # with a budget: device bytes each phase keeps for activations, this request
         self._request: Request | None = None  # the request being generated (its shapes size the work)
+        self._at_once: int | None = None  # how many of its images the transformer denoises together
+        self._ram: int | None = None  # on a CPU without a budget, within a call: the memory it may plan with
         self.planned: dict[str, int] = {}  # device bytes each phase was planned to use at most, weights and work
         self.vae_tile: int | None = None  # the VAE in tiles of this many pixels for larger images (`load(vae_tile=)`)
         self._tiled: int | None = None  # the VAE tile of the last call, if it tiled an image (in the metadata)
@@ -400,7 +405,7 @@ class Pipeline:
         if self.compile and not model.compiled:
             compile_blocks(model)
         if self.vram_budget is not None and self._request is not None:  # exact now that the blocks are known
-            self.work["transformer"] = self._transformer_work(self._request)
+            self.work["transformer"] = self._transformer_work(self._request, self._at_once)
         return self._placed(model, [*model.double_blocks, *model.single_blocks], "transformer")
 
     def _placed(self, model: M, blocks: Sequence[torch.nn.Module] | None, what: str) -> M:
@@ -428,14 +433,17 @@ class Pipeline:
 
     def work_estimates(self, req: Request) -> dict[str, int]:
         """Device bytes the transformer and VAE phases keep for their work at this request (`work_memory`): one
-        denoising call of the batch with its reference tokens; the VAE decoding the batch or encoding the start or
-        a reference image (in the request's tiles, if any: `_request_tile`), whichever needs more."""
-        tile = self._request_tile(req)
-        vae = [self._vae_work(1, h, w, decode=False, tile=tile) for w, h in _starts(req)]
-        vae.append(self._vae_work(req.batch, req.height, req.width, tile=tile))
-        return {"transformer": self._transformer_work(req), "VAE": max(vae)}
+        denoising call of the images denoised together (`_images_at_once`) with its reference tokens; the VAE
+        decoding the batch or encoding the start or a reference image (in the request's tiles, if any:
+        `_request_tile`), whichever needs more."""
+        with self._busy, self._memory_measured():
+            tile = self._request_tile(req)
+            vae = [self._vae_work(1, h, w, decode=False, tile=tile) for w, h in _starts(req)]
+            vae.append(self._vae_work(req.batch, req.height, req.width, tile=tile))
+            return {"transformer": self._transformer_work(req, self._images_at_once(req)), "VAE": max(vae)}
 
-    def _transformer_work(self, req: Request) -> int:
+    def _transformer_work(self, req: Request, images: int | None = None) -> int:
+        """One denoising call's work at this request for `images` of its images at once (default: all)."""
         per = sampling.PIXELS_PER_TOKEN
         masked = req.init is not None and req.init.mask is not None and self.variant.inpaint_reference
         conditions = [*([req.init.image] if masked else []), *req.refs]
@@ -446,7 +454,7 @@ class Pipeline:
         else:
             split = self.quantize is None
         n_txt, n_img = self.variant.text_encoder.max_length, (req.height // per) * (req.width // per)
-        return transformer_work(self.variant.transformer, self.dtype, req.batch, n_img, n_txt, n_ref,
+        return transformer_work(self.variant.transformer, self.dtype, images or req.batch, n_img, n_txt, n_ref,
                                 self.variant.kv_cache, split, self._fused_attention)  # fmt: skip
 
     def _vae_work(self, batch: int, height: int, width: int, decode: bool = True, tile: int | None = None) -> int:
@@ -461,19 +469,65 @@ class Pipeline:
     def _check_budget(self, req: Request) -> None:
         """Before any work: refuse a request whose transformer or VAE phase cannot fit the device budget with its
         work memory, saying what would fit (the text encoder, whose shape is known once loaded, is checked as it
-        is placed: it runs first)."""
-        self.work = {"transformer": self._transformer_work(req)}  # the VAE's: as it is used (tiles chosen below)
+        is placed: it runs first). The transformer's work is for the images it denoises together (`_at_once`)."""
+        self.work = {"transformer": self._transformer_work(req, self._at_once)}  # the VAE's: as it is used
+        fixed, sizes = self._transformer_bytes()
+        at = self._at(req) if self._at_once in (None, req.batch) else f" at {req.width}x{req.height}"
+        plan_blocks(sizes, fixed, self.vram_budget, what=f"{self.variant.id}'s transformer{at}",
+                    work=self.work["transformer"])  # fmt: skip
+        self._request_tile(req)  # whole or in tiles: raises if neither fits
+
+    def _transformer_bytes(self) -> tuple[int, list[int]]:
+        """The transformer's weights: (bytes outside the blocks, each block's bytes), as loaded or as stored."""
         part = self.parts["transformer"]
         if part.loaded:
             model = part.get()
             sizes = [module_bytes(b) for b in [*model.double_blocks, *model.single_blocks]]
-            fixed = module_bytes(model) - sum(sizes)
-        else:  # a single weights file (GGUF, int8, fp8) sizes it as stored
-            single = part.files if len(part.files) == 1 else ()
-            fixed, sizes, _ = transformer_sizes(self.variant.transformer, self.dtype, self.quantize, single)
-        plan_blocks(sizes, fixed, self.vram_budget, what=f"{self.variant.id}'s transformer{self._at(req)}",
-                    work=self.work["transformer"])  # fmt: skip
-        self._request_tile(req)  # whole or in tiles: raises if neither fits
+            return module_bytes(model) - sum(sizes), sizes
+        single = part.files if len(part.files) == 1 else ()  # a single weights file (GGUF, int8, fp8): as stored
+        fixed, sizes, _ = transformer_sizes(self.variant.transformer, self.dtype, self.quantize, single)
+        return fixed, list(sizes)
+
+    def _room(self) -> int | None:
+        """The bytes a phase may plan with, weights and work: the device budget, or on a CPU without one, within a
+        call, `RAM_SHARE` of the memory the machine had available as the call began (`_memory_measured`)."""
+        return self.vram_budget if self.vram_budget is not None else self._ram
+
+    @contextlib.contextmanager
+    def _memory_measured(self):
+        """Around a call on a CPU without a device budget: `self._ram` measured as it begins (an outer call's stands:
+        one measure, one plan, for a call's encodes, denoising and decode)."""
+        if self._ram is not None or self.vram_budget is not None or self.device.type != "cpu":
+            yield
+            return
+        available = available_ram()
+        self._ram = None if available is None else int(available * RAM_SHARE)
+        try:
+            yield
+        finally:
+            self._ram = None
+
+    def _images_at_once(self, req: Request) -> int:
+        """How many of the request's images the transformer denoises together: all, or where their work and the
+        weights it holds at once (the part outside the blocks and two blocks, as streaming holds them) exceed the
+        room (`_room`), as many as fit, at least one (a device budget too small for one is refused by
+        `_check_budget`). Exact either way: an image's numbers do not depend on its batch."""
+        room = self._room()
+        if room is None or req.batch == 1:
+            return req.batch
+        fixed, sizes = self._transformer_bytes()
+        held = fixed + sum(sorted(sizes, reverse=True)[:2])
+
+        def fits(images: int) -> bool:
+            return held + self._transformer_work(req, images) <= room
+
+        if fits(req.batch):
+            return req.batch
+        lo, hi = 1, req.batch  # the largest that fits, by bisection (the work grows with the images); 1 if none
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
 
     def _vae_bytes(self) -> int:
         vae = self.parts["vae"]
@@ -486,10 +540,12 @@ class Pipeline:
 
     def _vae_tile(self, batch: int, height: int, width: int, starts: Sequence[tuple[int, int]] = ()) -> int | None:
         """The tile side (pixels) the VAE decodes `batch` images of this size and encodes images of the `starts`
-        sizes (width, height) in, None for whole: `vae_tile`; under a budget, the first of it (or whole) and
-        AUTO_TILES below it where each of these fits beside the VAE's weights, and a ValueError naming the one that
-        needs most when no tile does."""
-        if self.vram_budget is None:
+        sizes (width, height) in, None for whole: `vae_tile`; where there is a room (`_room`: a device budget, or a
+        CPU's available memory), the first of it (or whole) and AUTO_TILES below it where each of these fits beside
+        the VAE's weights. When no tile does: under a budget, a ValueError naming the one that needs most; on a CPU,
+        the smallest tile (the machine may still have swap)."""
+        room = self._room()
+        if room is None:
             return self.vae_tile
         weights = self._vae_bytes()
         tries = [self.vae_tile, *(t for t in AUTO_TILES if self.vae_tile is None or t < self.vae_tile)]
@@ -499,8 +555,12 @@ class Pipeline:
             needs += [(self._vae_work(1, h, w, decode=False, tile=tile), f"encoding a {w}x{h} image", max(w, h))
                       for w, h in starts]  # fmt: skip
             work, what, side = max(needs, key=lambda need: need[0])
-            if weights + work <= self.vram_budget:
+            if weights + work <= room:
                 return tile
+        if self.vram_budget is None:
+            log.warning("%s's VAE %s needs about %s even in %s-pixel tiles; this machine has %s available",
+                        self.variant.id, what, human(weights + work), tries[-1], human(room / RAM_SHARE))  # fmt: skip
+            return tries[-1]
         need, smaller = human(weights + work), "batch" if what.startswith("decoding") and batch > 1 else "image"
         tiled = f"even in {tries[-1]}-pixel tiles " if tries[-1] is not None and side > tries[-1] else ""
         raise ValueError(
@@ -562,9 +622,12 @@ class Pipeline:
         `expand=(left, top, right, bottom)` px to outpaint.
         """
         req = build_request(self.variant, prompt, **fields)  # bad input refused at once, without waiting a turn
-        with self._busy:
+        with self._busy, self._memory_measured():
             latents = self.generate_latents(req, callback)
             tile = self._request_tile(req)  # the VAE encoded and decodes the request's images in these tiles
+            if tile != self.vae_tile and self.vram_budget is None:
+                log.info("%s: the VAE works in %d-pixel tiles: whole it needs more than the %s available",
+                         self.variant.id, tile, human(self._ram / RAM_SHARE))  # fmt: skip
             images = to_pil(self.decode(latents, tile=tile))
             tiled = tile is not None and max(req.width, req.height, *map(max, _starts(req))) > tile
             self._tiled = tile if tiled else None
@@ -635,14 +698,19 @@ class Pipeline:
 
     def generate_latents(self, req: Request, callback: sampling.StepCallback | None = None) -> Tensor:
         """Run the flow for a validated request; returns normalised latents (B, 128, H/16, W/16)."""
-        with self._busy:
+        with self._busy, self._memory_measured():
             self._request, self.planned = req, {}
+            self._at_once = self._images_at_once(req)
             try:
                 if self.vram_budget is not None:
                     self._check_budget(req)
+                elif self._at_once < req.batch:
+                    log.info("%s: %d images at %dx%d need more than the %s this machine has available at once: "
+                             "denoising %d at a time (the same images)", self.variant.id, req.batch, req.width,
+                             req.height, human(self._ram / RAM_SHARE), self._at_once)  # fmt: skip
                 return self._generate_latents(req, callback)
             finally:
-                self._request = None  # its images are not kept; later uses of the parts size no work from it
+                self._request = self._at_once = None  # later uses of the parts size no work from this request
 
     def _generate_latents(self, req: Request, callback: sampling.StepCallback | None) -> Tensor:
         h, w = req.height // sampling.PIXELS_PER_TOKEN, req.width // sampling.PIXELS_PER_TOKEN
@@ -662,25 +730,7 @@ class Pipeline:
         guidance = None
         if self.variant.guidance_mode == "embedded":
             guidance = torch.full((1,), req.guidance, device=self.device, dtype=torch.float32)  # the batch's
-
-        start = None  # image-to-image / inpainting: the start image's latents, and the first reference if masked
-        conditions = []
-        tile = self._request_tile(req) if _starts(req) else None
-        if req.init is not None:
-            start = self.encode_image(req.init.image, tile)
-            if req.init.mask is not None and self.variant.inpaint_reference:
-                conditions.append(start)
-        conditions += [self.encode_image(r, tile) for r in req.refs]
-        ref_tokens = ref_ids = ref_kv = None
-        if start is not None or conditions:
-            self.release("vae")
-        if conditions:
-            ref_tokens, ref_ids = self._reference_tokens(conditions)
-            ref_ids = ref_ids.to(self.device)
-            if self.variant.kv_cache:  # reference tokens at a fixed timestep 0, computed once, one copy for the batch
-                t0 = torch.zeros(1, device=self.device)
-                ref_kv = self.transformer.ref_kv(ref_tokens, ref_ids, t0, guidance)
-            ref_tokens = ref_tokens.expand(req.batch, -1, -1)
+        start, ref_tokens, ref_ids, ref_kv = self._conditions(req, guidance)
 
         def model(context: Tensor) -> sampling.Velocity:
             transformer = self.transformer  # once, not per step (the property applies LoRAs and placement)
@@ -688,15 +738,17 @@ class Pipeline:
             def velocity(x: Tensor, t: Tensor) -> Tensor:
                 if ref_tokens is None or ref_kv is not None:
                     return transformer(x, img_ids, context, txt_ids, t, guidance, ref_kv)
-                joint = torch.cat([x, ref_tokens], dim=1)
+                joint = torch.cat([x, ref_tokens.expand(x.shape[0], -1, -1)], dim=1)
                 ids = torch.cat([img_ids, ref_ids])
                 return transformer(joint, ids, context, txt_ids, t, guidance)[:, :n_img]
 
             return velocity
 
-        velocity = model(txt)
-        if negative is not None:
-            velocity = sampling.cfg_velocity(velocity, model(negative), req.guidance, req.guidance_interval)
+        def velocity_of(images: slice) -> sampling.Velocity:  # the velocity of these images of the batch
+            velocity = model(txt[images])
+            if negative is None:
+                return velocity
+            return sampling.cfg_velocity(velocity, model(negative[images]), req.guidance, req.guidance_interval)
 
         self.parts["vae"].prefetch()
         sigmas = sampling.schedule(req.steps, n_img, self.variant.mu).to(self.device)
@@ -706,12 +758,50 @@ class Pipeline:
             clean, noise = sampling.pack(start).expand(req.batch, -1, -1), x
             x = sampling.add_noise(clean, noise, sigmas[0])
             if req.init.mask is not None:
-                mask = sampling.mask_tokens(req.init.mask, h, w).to(self.device)
-                inpaint = sampling.Inpaint(clean, noise, mask)
+                inpaint = sampling.Inpaint(clean, noise, sampling.mask_tokens(req.init.mask, h, w).to(self.device))
         with self._computing(self.parts["transformer"].get()):
-            x = sampling.denoise(velocity, x, sigmas, callback, inpaint)
+            x = self._denoise(velocity_of, x, sigmas, callback, inpaint)
         self.release("transformer")
         return sampling.unpack(x, h, w)
+
+    def _conditions(self, req: Request, guidance: Tensor | None) -> tuple[Tensor | None, ...]:
+        """The VAE's part of a request before the denoising: the start image's latents (image-to-image,
+        inpainting), and the reference tokens (B=1: one copy for the batch), their ids and, for a KV-cached model,
+        their keys and values; None where there are none."""
+        start = None  # image-to-image / inpainting: the start image's latents, and the first reference if masked
+        conditions = []
+        tile = self._request_tile(req) if _starts(req) else None
+        if req.init is not None:
+            start = self.encode_image(req.init.image, tile)
+            if req.init.mask is not None and self.variant.inpaint_reference:
+                conditions.append(start)
+        conditions += [self.encode_image(r, tile) for r in req.refs]
+        if start is not None or conditions:
+            self.release("vae")
+        if not conditions:
+            return start, None, None, None
+        ref_tokens, ref_ids = self._reference_tokens(conditions)
+        ref_ids, ref_kv = ref_ids.to(self.device), None
+        if self.variant.kv_cache:  # reference tokens at a fixed timestep 0, computed once, one copy for the batch
+            ref_kv = self.transformer.ref_kv(ref_tokens, ref_ids, torch.zeros(1, device=self.device), guidance)
+        return start, ref_tokens, ref_ids, ref_kv
+
+    def _denoise(self, velocity_of: Callable[[slice], sampling.Velocity], x: Tensor, sigmas: Tensor,
+                 callback: sampling.StepCallback | None, inpaint: sampling.Inpaint | None) -> Tensor:  # fmt: skip
+        """The sampler over the batch, `self._at_once` images at a time (`_images_at_once`; bit for bit the whole
+        batch's). In parts, progress counts every part's steps and no step's x0 estimate is given (it would not
+        cover the batch)."""
+        batch, steps = x.shape[0], len(sigmas) - 1
+        at_once = self._at_once or batch
+        if at_once >= batch:
+            return sampling.denoise(velocity_of(slice(None)), x, sigmas, callback, inpaint)
+        parts = [slice(lo, lo + at_once) for lo in range(0, batch, at_once)]
+        out = []
+        for n, images in enumerate(parts):
+            step = None if callback is None else _steps_after(callback, n * steps, len(parts) * steps)
+            part_inpaint = None if inpaint is None else inpaint.of(images)
+            out.append(sampling.denoise(velocity_of(images), x[images], sigmas, step, part_inpaint))
+        return torch.cat(out)
 
     @torch.no_grad()
     def preview(self, tokens: Tensor, width: int, height: int, index: int = 0) -> Image.Image | None:
@@ -726,9 +816,10 @@ class Pipeline:
 
     def decode(self, latents: Tensor, tile: int | Literal["auto"] | None = "auto") -> Tensor:
         """Normalised latents -> images (B, 3, H, W) in [-1, 1]; in `tile`-pixel tiles if larger than one; "auto":
-        in `vae_tile` tiles, or where a device budget leaves no room for a whole decode (`_vae_tile`)."""
+        in `vae_tile` tiles, or where a device budget or a CPU's available memory leaves no room for a whole decode
+        (`_vae_tile`)."""
         (b, _, h, w), per = latents.shape, sampling.PIXELS_PER_TOKEN
-        with self._busy:
+        with self._busy, self._memory_measured():
             if tile == "auto":
                 tile = self._vae_tile(b, h * per, w * per)
             if self.vram_budget is not None:
@@ -736,6 +827,11 @@ class Pipeline:
             images = self.vae.decode(latents.to(self.dtype), tile=tile)
             self.release("vae")
         return images
+
+
+def _steps_after(callback: sampling.StepCallback, before: int, total: int) -> sampling.StepCallback:
+    """A part of the batch's step callback: its steps counted after `before` others, of `total`, with no x0."""
+    return lambda i, _steps, _x0: callback(before + i, total, None)
 
 
 def _starts(req: Request) -> list[tuple[int, int]]:

@@ -22,10 +22,10 @@ REF_TIME_SCALE = 10
 # One latent token covers 16x16 pixels: VAE 8x down, then 2x2 patchify (FLUX2.md §5).
 PIXELS_PER_TOKEN = 16
 
-Velocity = Callable[[Tensor, Tensor], Tensor]  # (x (B, L, C), t (B,)) -> v (B, L, C)
-# (step index, total steps, the step's estimate of the clean latents x0 = x_t - t v, tokens (B, L, C)):
-# what previews show, since the running x_t is mostly noise in the first steps.
-StepCallback = Callable[[int, int, Tensor], None]
+Velocity = Callable[[Tensor, Tensor], Tensor]  # (x (B, L, C), t (1,) for the batch, or (B,)) -> v (B, L, C)
+# (step index, total steps, the step's estimate of the clean latents x0 = x_t - t v, tokens (B, L, C), or None
+# where a batch is denoised in parts): what previews show, since the running x_t is mostly noise at first.
+StepCallback = Callable[[int, int, Tensor | None], None]
 
 
 def noise(seeds: Sequence[int], channels: int, height: int, width: int, dtype: torch.dtype) -> Tensor:
@@ -120,6 +120,10 @@ class Inpaint:
 
     def __init__(self, clean: Tensor, noise: Tensor, mask: Tensor) -> None:
         self.clean, self.noise, self.mask = clean, noise, mask.to(clean.dtype)
+
+    def of(self, images: slice) -> Inpaint:
+        """The same reset for these images of the batch."""
+        return Inpaint(self.clean[images], self.noise[images], self.mask)
 
     def __call__(self, x: Tensor, sigma_next: Tensor, last: bool) -> Tensor:
         kept = self.clean if last else add_noise(self.clean, self.noise, sigma_next)
