@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from flux2studio.device_streaming import BlockStreamer, Ledger, module_bytes, parse_bytes, plan_blocks
+from flux2studio.device_streaming import BlockStreamer, Ledger, available_ram, module_bytes, parse_bytes, plan_blocks
 from flux2studio.model.transformer import Flux2Transformer
 from flux2studio.sampling import image_ids, text_ids
 from flux2studio.variants import TransformerConfig
@@ -182,6 +182,42 @@ def test_what_does_not_fit_is_refused_before_loading(monkeypatch):
     loading.check_fits(klein9, "cpu", torch.bfloat16, None, False, None)  # streamed from the files: runs
     with pytest.raises(ValueError, match="--vram is a budget of accelerator memory"):
         loading.load("nano", device="cpu", vram_budget="8GB")
+
+
+def _files(root, files: dict) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_available_memory_is_what_the_containers_limit_leaves(tmp_path, version):
+    """In a container the machine's MemAvailable is not what the process may take: the memory cgroup's limit less
+    its usage is (its own, or a parent's if smaller; inactive file cache counted as free), v1 and v2 layouts."""
+    gib, proc, groups = 2**30, tmp_path / "proc", tmp_path / "cgroup"
+    _files(proc, {"meminfo": f"MemTotal: {64 * 2**20} kB\nMemAvailable: {48 * 2**20} kB\n"})
+    if version == 1:
+        _files(proc, {"self/cgroup": "5:cpu:/\n4:memory:/pod/box\n0::/\n"})
+        pod, box, cache, unlimited = (
+            groups / "memory/pod",
+            groups / "memory/pod/box",
+            "total_inactive_file",
+            2**63 - 4096,
+        )
+        limit, usage = "memory.limit_in_bytes", "memory.usage_in_bytes"
+    else:
+        _files(proc, {"self/cgroup": "0::/pod/box\n"})
+        pod, box, cache, unlimited = groups / "pod", groups / "pod/box", "inactive_file", "max"
+        limit, usage = "memory.max", "memory.current"
+    _files(box, {limit: f"{16 * gib}\n", usage: f"{6 * gib}\n", "memory.stat": f"anon 1\n{cache} {2 * gib}\n"})
+    _files(pod, {limit: f"{unlimited}\n", usage: f"{9 * gib}\n", "memory.stat": f"{cache} 0\n"})
+    assert available_ram(proc, groups) == 12 * gib  # 16 GB limit, 6 GB used of which 2 GB inactive cache
+    _files(pod, {limit: f"{14 * gib}\n"})  # the pod's limit, with its other containers' use, leaves less
+    assert available_ram(proc, groups) == 5 * gib
+    _files(box, {limit: f"{unlimited}\n"})
+    _files(pod, {limit: f"{unlimited}\n"})
+    assert available_ram(proc, groups) == 48 * gib  # no limit: the machine's
+    assert available_ram(tmp_path / "nowhere", groups) is None
 
 
 def test_vram_auto_is_a_share_of_the_devices_free_memory(monkeypatch):

@@ -15,6 +15,7 @@ import re
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+CGROUP_UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
 
 
 def parse_bytes(text: str | int, base: int = 1024) -> int:
@@ -352,13 +354,56 @@ def device_total_bytes(device: torch.device | str) -> int | None:
     return None
 
 
-def available_ram() -> int | None:
-    """The machine's available memory (Linux's MemAvailable: free plus reclaimable cache), None elsewhere."""
+def available_ram(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The memory this process may still take: Linux's MemAvailable (free plus reclaimable cache), or less where a
+    memory cgroup it runs in (a container's limit, a Kubernetes pod's; v1 or v2, its own or one above) has less
+    room left: the limit less the usage, inactive file cache counted as free (as `docker stats` counts it). None
+    where neither can be read (not Linux)."""
+    rooms = [room for room in (_mem_available(proc), *_cgroup_rooms(proc, cgroups)) if room is not None]
+    return max(0, min(rooms)) if rooms else None
+
+
+def _mem_available(proc: Path) -> int | None:
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+        for line in (proc / "meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
         return None
     return None
+
+
+def _cgroup_rooms(proc: Path, cgroups: Path) -> list[int]:
+    """Limit less usage of every memory cgroup this process is in, from its own up, that has a limit."""
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    rooms: list[int] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if not controllers:  # v2, mounted alone or beside v1 ("unified")
+            files = ("memory.max", "memory.current", "inactive_file")
+            for base in (cgroups, cgroups / "unified"):
+                rooms += _rooms_up(base, path, *files)
+        elif "memory" in controllers.split(","):
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            rooms += _rooms_up(cgroups / "memory", path, *files)
+    return rooms
+
+
+def _rooms_up(base: Path, path: str, limit: str, usage: str, inactive: str) -> list[int]:
+    group, rooms = base / path.strip("/"), []
+    while group == base or base in group.parents:
+        try:
+            bound = (group / limit).read_text().strip()
+            if bound != "max" and int(bound) < CGROUP_UNLIMITED:
+                stat = dict(line.split(" ", 1) for line in (group / "memory.stat").read_text().splitlines())
+                used = int((group / usage).read_text()) - int(stat.get(inactive, 0))
+                rooms.append(int(bound) - used)
+        except (OSError, ValueError):
+            pass
+        if group == base:
+            break
+        group = group.parent
+    return rooms
