@@ -19,7 +19,7 @@ from flux2studio.model.transformer import Flux2Transformer
 from flux2studio.pipeline import Pipeline, allow_split_projection, build_request, check_vae_tile
 from flux2studio.sampling import image_ids, text_ids
 from flux2studio.text_encoders import TextEncoder
-from flux2studio.work_memory import text_encoder_bytes, traced_transformer, traced_vae, vae_work
+from flux2studio.work_memory import text_encoder_bytes, text_encoder_work, traced_transformer, traced_vae, vae_work
 from tiny import QWEN3_SPEC, QWEN3_TEMPLATE, TRANSFORMER, VAE, klein_pipeline, qwen3, randomize_, tokenizer
 
 
@@ -210,6 +210,26 @@ def test_a_batch_whose_work_does_not_fit_at_once_is_denoised_in_parts(no_headroo
         batches.clear()
         assert [im.tobytes() for im in pipe(prompts, **kw)] == expected
         assert batches == [3, 3]
+
+
+def test_prompts_whose_encoding_does_not_fit_at_once_are_encoded_in_parts(no_headroom, monkeypatch):
+    """Room for two prompts' text-encoder work (every layer's hidden states kept) but not three: two are encoded,
+    then one; the images are bit for bit those of one call."""
+    plain = klein_pipeline()
+    prompts, kw = ["a red circle", "a blue square", "a green triangle"], dict(size=(64, 64), steps=1, seed=3)
+    expected = [im.tobytes() for im in plain(prompts, **kw)]
+    pipe = klein_pipeline()
+    model = pipe.parts["text_encoder"].get().model
+    sizes = [module_bytes(layer) for layer in model.layers]
+    held = module_bytes(model) - sum(sizes) + sum(sorted(sizes, reverse=True)[:2])
+    work = [text_encoder_work(model.config, pipe.dtype, k, QWEN3_SPEC.max_length) for k in (2, 3)]
+    _available(monkeypatch, held + work[0])
+    assert held + work[1] > held + work[0]
+    batches = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: batches.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)  # fmt: skip
+    assert [im.tobytes() for im in pipe(prompts, **kw)] == expected
+    assert batches == [2, 1]
 
 
 def test_a_cpu_without_memory_for_a_whole_decode_works_in_tiles(no_headroom, monkeypatch, caplog):

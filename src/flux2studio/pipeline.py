@@ -517,17 +517,22 @@ class Pipeline:
             return req.batch
         fixed, sizes = self._transformer_bytes()
         held = fixed + sum(sorted(sizes, reverse=True)[:2])
+        return _most(req.batch, lambda images: held + self._transformer_work(req, images) <= room)
 
-        def fits(images: int) -> bool:
-            return held + self._transformer_work(req, images) <= room
-
-        if fits(req.batch):
-            return req.batch
-        lo, hi = 1, req.batch  # the largest that fits, by bisection (the work grows with the images); 1 if none
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return lo
+    def _prompts_at_once(self, count: int) -> int:
+        """How many of `count` distinct prompts the text encoder encodes together: all, or where their work (every
+        layer's hidden states are kept) and the weights it holds at once (the part outside its layers and two
+        layers) exceed the room (`_room`), as many as fit, at least one (the same embeddings either way)."""
+        room = self._room()
+        if room is None or count == 1:
+            return count
+        model = getattr(self.parts["text_encoder"].get(), "model", None)
+        if not isinstance(model, torch.nn.Module):
+            return count
+        sizes = [module_bytes(layer) for layer in getattr(model, "layers", [])]
+        held = module_bytes(model) - sum(sizes) + sum(sorted(sizes, reverse=True)[:2])
+        length = self.variant.text_encoder.max_length
+        return _most(count, lambda k: held + text_encoder_work(model.config, self.dtype, k, length) <= room)
 
     def _vae_bytes(self) -> int:
         vae = self.parts["vae"]
@@ -667,15 +672,19 @@ class Pipeline:
         }
 
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
-        """(B, L, C) text embeddings in the pipeline dtype; identical prompts are encoded once."""
+        """(B, L, C) text embeddings in the pipeline dtype; identical prompts are encoded once, distinct ones as many
+        at once as fit (`_prompts_at_once`)."""
         unique = list(dict.fromkeys(prompts))
+        with self._memory_measured():
+            at_once = self._prompts_at_once(len(unique))
         if self.vram_budget is not None:  # its work memory, known from its config once loaded
             config = self.parts["text_encoder"].get().model.config
-            self.work["text encoder"] = text_encoder_work(config, self.dtype, len(unique),
+            self.work["text encoder"] = text_encoder_work(config, self.dtype, at_once,
                                                           self.variant.text_encoder.max_length)  # fmt: skip
         encoder = self.text_encoder
         with self._computing(getattr(encoder, "model", None)):
-            emb = encoder(unique, dtype=self.dtype).to(self.device)
+            parts = [unique[i : i + at_once] for i in range(0, len(unique), at_once)]
+            emb = torch.cat([encoder(part, dtype=self.dtype).to(self.device) for part in parts])
         return emb[[unique.index(p) for p in prompts]]
 
     def _computing(self, model: torch.nn.Module | None) -> contextlib.AbstractContextManager:
@@ -827,6 +836,17 @@ class Pipeline:
             images = self.vae.decode(latents.to(self.dtype), tile=tile)
             self.release("vae")
         return images
+
+
+def _most(count: int, fits: Callable[[int], bool]) -> int:
+    """The largest k in 1..count with fits(k), by bisection (what k needs grows with k); 1 if none fits."""
+    if fits(count):
+        return count
+    lo, hi = 1, count
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def _steps_after(callback: sampling.StepCallback, before: int, total: int) -> sampling.StepCallback:
