@@ -675,16 +675,16 @@ class Pipeline:
         """(B, L, C) text embeddings in the pipeline dtype; identical prompts are encoded once, distinct ones as many
         at once as fit (`_prompts_at_once`)."""
         unique = list(dict.fromkeys(prompts))
-        with self._memory_measured():
+        with self._busy, self._memory_measured():  # a call's turn (threads) and its one measure of memory
             at_once = self._prompts_at_once(len(unique))
-        if self.vram_budget is not None:  # its work memory, known from its config once loaded
-            config = self.parts["text_encoder"].get().model.config
-            self.work["text encoder"] = text_encoder_work(config, self.dtype, at_once,
-                                                          self.variant.text_encoder.max_length)  # fmt: skip
-        encoder = self.text_encoder
-        with self._computing(getattr(encoder, "model", None)):
-            parts = [unique[i : i + at_once] for i in range(0, len(unique), at_once)]
-            emb = torch.cat([encoder(part, dtype=self.dtype).to(self.device) for part in parts])
+            if self.vram_budget is not None:  # its work memory, known from its config once loaded
+                config = self.parts["text_encoder"].get().model.config
+                self.work["text encoder"] = text_encoder_work(config, self.dtype, at_once,
+                                                              self.variant.text_encoder.max_length)  # fmt: skip
+            encoder = self.text_encoder
+            with self._computing(getattr(encoder, "model", None)):
+                parts = [unique[i : i + at_once] for i in range(0, len(unique), at_once)]
+                emb = torch.cat([encoder(part, dtype=self.dtype).to(self.device) for part in parts])
         return emb[[unique.index(p) for p in prompts]]
 
     def _computing(self, model: torch.nn.Module | None) -> contextlib.AbstractContextManager:
