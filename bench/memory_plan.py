@@ -56,23 +56,25 @@ def child(args: argparse.Namespace) -> None:
 
 def make_cgroup(limit: int) -> tuple[Path, str]:
     """A child of this process's memory cgroup limited to `limit` bytes, swap off: (its folder, v1 or v2)."""
+    paths = {}  # controllers -> this process's cgroup path
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            group = Path("/sys/fs/cgroup/memory") / path.strip("/") / f"flux2-bench-{os.getpid()}"
-            group.mkdir()
-            (group / "memory.limit_in_bytes").write_text(str(limit))
-            if (group / "memory.memsw.limit_in_bytes").exists():
-                (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
-            return group, "v1"
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        if line.startswith("0::"):
-            group = Path("/sys/fs/cgroup") / line[3:].strip("/") / f"flux2-bench-{os.getpid()}"
-            group.mkdir()
-            (group / "memory.max").write_text(str(limit))
-            if (group / "memory.swap.max").exists():
-                (group / "memory.swap.max").write_text("0")
-            return group, "v2"
+        paths["memory" if "memory" in controllers.split(",") else controllers] = path.strip("/")
+    name = f"flux2-bench-{os.getpid()}"
+    if "memory" in paths:  # v1 (preferred where both are mounted: the memory controller lives there)
+        group = Path("/sys/fs/cgroup/memory") / paths["memory"] / name
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        if (group / "memory.memsw.limit_in_bytes").exists():
+            (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        return group, "v1"
+    if "" in paths:
+        group = Path("/sys/fs/cgroup") / paths[""] / name
+        group.mkdir()
+        (group / "memory.max").write_text(str(limit))
+        if (group / "memory.swap.max").exists():
+            (group / "memory.swap.max").write_text("0")
+        return group, "v2"
     raise SystemExit("no memory cgroup to limit: run as root on Linux with the memory controller")
 
 

@@ -138,6 +138,12 @@ class BlockPlan:
         return self.fixed + sum(self.block_bytes[i] for i in self.resident) + sum(window)
 
 
+def least_held(fixed: int, block_bytes: Sequence[int], slots: int = 2) -> int:
+    """The fewest weight bytes streaming holds at once: the part outside the blocks and the `slots` largest blocks
+    (the one computing and the one arriving)."""
+    return fixed + sum(sorted(block_bytes, reverse=True)[:slots])
+
+
 def plan_blocks(block_bytes: Sequence[int], fixed: int, budget: int, *, prefetch: int = 1, what: str = "model",
                 work: int = 0, smaller: str = "a smaller image") -> BlockPlan:  # fmt: skip
     """Keep blocks resident, in order, while the rest can still stream through `prefetch + 1` device slots within
@@ -148,7 +154,7 @@ def plan_blocks(block_bytes: Sequence[int], fixed: int, budget: int, *, prefetch
     room = budget - work
     if fixed + sum(sizes) <= room:
         return BlockPlan(budget, fixed, sizes, tuple(range(len(sizes))), (), slots, work)
-    least = fixed + sum(sorted(sizes, reverse=True)[:slots])
+    least = least_held(fixed, sizes, slots)
     if room < least:
         working = f" and about {human(work)} of work memory" if work else ""
         raise ValueError(

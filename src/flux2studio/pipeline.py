@@ -27,7 +27,16 @@ from torch import Tensor
 
 from . import __version__, sampling
 from .checkpoints import cache_dir, weights_hash
-from .device_streaming import available_ram, check_whole, human, module_bytes, plan_blocks, stream_to_device, to_host
+from .device_streaming import (
+    available_ram,
+    check_whole,
+    human,
+    least_held,
+    module_bytes,
+    plan_blocks,
+    stream_to_device,
+    to_host,
+)
 from .editing import Init, build_init, fitted, paste_kept
 from .images import check_size, image_hash, parameters_text, prepare_reference, size_for_aspect, to_pil, to_tensor
 from .kernels.attention import attention_for
@@ -421,15 +430,17 @@ class Pipeline:
             else:
                 stop_streaming_weights(blocks)  # the weights leave their file pages
                 if what == "transformer" and self._request is not None:
-                    name += self._at(self._request)
+                    name += self._at(self._request, self._at_once)
                 streamer = stream_to_device(model, blocks, self.device, self.vram_budget, name, work=work,
                                             pin=self.device.type == "cuda", smaller=smaller)  # fmt: skip
                 self.planned[what] = streamer.plan.peak + work
         return model
 
     @staticmethod
-    def _at(req: Request) -> str:
-        return f" at {req.width}x{req.height}" + (f", {req.batch} images" if req.batch > 1 else "")
+    def _at(req: Request, images: int | None = None) -> str:
+        """ " at WxH[, N images]" for errors: `images` of the request's at once (default: all)."""
+        images = images or req.batch
+        return f" at {req.width}x{req.height}" + (f", {images} images" if images > 1 else "")
 
     def work_estimates(self, req: Request) -> dict[str, int]:
         """Device bytes the transformer and VAE phases keep for their work at this request (`work_memory`): one
@@ -472,9 +483,8 @@ class Pipeline:
         is placed: it runs first). The transformer's work is for the images it denoises together (`_at_once`)."""
         self.work = {"transformer": self._transformer_work(req, self._at_once)}  # the VAE's: as it is used
         fixed, sizes = self._transformer_bytes()
-        at = self._at(req) if self._at_once in (None, req.batch) else f" at {req.width}x{req.height}"
-        plan_blocks(sizes, fixed, self.vram_budget, what=f"{self.variant.id}'s transformer{at}",
-                    work=self.work["transformer"])  # fmt: skip
+        what = f"{self.variant.id}'s transformer{self._at(req, self._at_once)}"
+        plan_blocks(sizes, fixed, self.vram_budget, what=what, work=self.work["transformer"])
         self._request_tile(req)  # whole or in tiles: raises if neither fits
 
     def _transformer_bytes(self) -> tuple[int, list[int]]:
@@ -515,8 +525,7 @@ class Pipeline:
         room = self._room()
         if room is None or req.batch == 1:
             return req.batch
-        fixed, sizes = self._transformer_bytes()
-        held = fixed + sum(sorted(sizes, reverse=True)[:2])
+        held = least_held(*self._transformer_bytes())
         return _most(req.batch, lambda images: held + self._transformer_work(req, images) <= room)
 
     def _prompts_at_once(self, count: int) -> int:
@@ -530,7 +539,7 @@ class Pipeline:
         if not isinstance(model, torch.nn.Module):
             return count
         sizes = [module_bytes(layer) for layer in getattr(model, "layers", [])]
-        held = module_bytes(model) - sum(sizes) + sum(sorted(sizes, reverse=True)[:2])
+        held = least_held(module_bytes(model) - sum(sizes), sizes)
         length = self.variant.text_encoder.max_length
         return _most(count, lambda k: held + text_encoder_work(model.config, self.dtype, k, length) <= room)
 

@@ -90,7 +90,7 @@ class AutoencoderConfig:
     @property
     def downscale(self) -> int:
         """Pixels per latent token side after patchify (16 for the 4-level FLUX.2 VAE)."""
-        return 2 ** (len(self.channels) - 1) * self.patch
+        return self.spatial_scale * self.patch
 
     @property
     def spatial_scale(self) -> int:

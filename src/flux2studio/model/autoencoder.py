@@ -299,8 +299,8 @@ class AutoEncoder(nn.Module):
 
         f = self.cfg.spatial_scale
         tiled = tile is not None and max(x.shape[-2:]) > tile
-        means = _each(lambda image: self._tiled(mean, image, tile, tile // f) if tiled else mean(image), x)
-        return self.normalize(patchify(means, self.cfg.patch))
+        one = (lambda image: self._tiled(mean, image, tile, tile // f)) if tiled else mean
+        return self.normalize(patchify(_each(one, x), self.cfg.patch))
 
     def decode_raw(self, z: Tensor) -> Tensor:
         """Unpatchified, unnormalised latents (B, z, H/8, W/8) -> image (B, 3, H, W)."""
