@@ -4,6 +4,7 @@ real run on the CPU; and a pipeline keeping that room free, decoding in VAE tile
 fit, or refusing a request that cannot fit before any work."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -99,8 +100,20 @@ def test_the_text_encoders_count_covers_a_real_encoding():
     encoder = TextEncoder(QWEN3_SPEC, qwen3(), tokenizer(QWEN3_TEMPLATE))
     prompts = ["a red fox", "a blue bird"]
     real = _real_peak(lambda: encoder(prompts))
-    counted = text_encoder_bytes(encoder.model.config, torch.float32, len(prompts), QWEN3_SPEC.max_length)
+    counted = text_encoder_bytes(encoder.model.config, torch.float32, len(prompts), QWEN3_SPEC.max_length, 3)
     assert real <= counted <= 2 * real, (counted, real)
+
+
+def test_an_encoding_keeps_only_the_hidden_states_it_stacks():
+    """A 24-layer encoder stacking 3 layers' states holds less than its 25 hidden states alone would take (as with
+    `output_hidden_states`, 1.2 MB here): the others are freed as the next layer runs. The count bounds it."""
+    spec = replace(QWEN3_SPEC, layers=(1, 12, 24))
+    encoder = TextEncoder(spec, qwen3(layers=24), tokenizer(QWEN3_TEMPLATE))
+    prompts = ["a red fox", "a blue bird"]
+    real = _real_peak(lambda: encoder(prompts))
+    every_state = 25 * len(prompts) * spec.max_length * encoder.model.config.hidden_size * 4
+    counted = text_encoder_bytes(encoder.model.config, torch.float32, len(prompts), spec.max_length, 3)
+    assert real <= counted < every_state, (real, counted, every_state)
 
 
 def test_the_reference_cache_holds_only_its_keys_and_values():
@@ -213,7 +226,7 @@ def test_a_batch_whose_work_does_not_fit_at_once_is_denoised_in_parts(no_headroo
 
 
 def test_prompts_whose_encoding_does_not_fit_at_once_are_encoded_in_parts(no_headroom, monkeypatch):
-    """Room for two prompts' text-encoder work (every layer's hidden states kept) but not three: two are encoded,
+    """Room for two prompts' text-encoder work (the stacked layers' hidden states kept) but not three: two are encoded,
     then one; the images are bit for bit those of one call."""
     plain = klein_pipeline()
     prompts, kw = ["a red circle", "a blue square", "a green triangle"], dict(size=(64, 64), steps=1, seed=3)
@@ -222,7 +235,7 @@ def test_prompts_whose_encoding_does_not_fit_at_once_are_encoded_in_parts(no_hea
     model = pipe.parts["text_encoder"].get().model
     sizes = [module_bytes(layer) for layer in model.layers]
     held = module_bytes(model) - sum(sizes) + sum(sorted(sizes, reverse=True)[:2])
-    work = [text_encoder_work(model.config, pipe.dtype, k, QWEN3_SPEC.max_length) for k in (2, 3)]
+    work = [text_encoder_work(model.config, pipe.dtype, k, QWEN3_SPEC.max_length, 3) for k in (2, 3)]
     _available(monkeypatch, held + work[0])
     assert held + work[1] > held + work[0]
     batches = []

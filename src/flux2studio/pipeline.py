@@ -541,7 +541,8 @@ class Pipeline:
         sizes = [module_bytes(layer) for layer in getattr(model, "layers", [])]
         held = least_held(module_bytes(model) - sum(sizes), sizes)
         length = self.variant.text_encoder.max_length
-        return _most(count, lambda k: held + text_encoder_work(model.config, self.dtype, k, length) <= room)
+        kept = len(self.variant.text_encoder.layers)
+        return _most(count, lambda k: held + text_encoder_work(model.config, self.dtype, k, length, kept) <= room)
 
     def _vae_bytes(self) -> int:
         vae = self.parts["vae"]
@@ -688,8 +689,9 @@ class Pipeline:
             at_once = self._prompts_at_once(len(unique))
             if self.vram_budget is not None:  # its work memory, known from its config once loaded
                 config = self.parts["text_encoder"].get().model.config
-                self.work["text encoder"] = text_encoder_work(config, self.dtype, at_once,
-                                                              self.variant.text_encoder.max_length)  # fmt: skip
+                spec = self.variant.text_encoder
+                self.work["text encoder"] = text_encoder_work(config, self.dtype, at_once, spec.max_length,
+                                                              len(spec.layers))  # fmt: skip
             encoder = self.text_encoder
             with self._computing(getattr(encoder, "model", None)):
                 parts = [unique[i : i + at_once] for i in range(0, len(unique), at_once)]

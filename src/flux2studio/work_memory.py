@@ -120,24 +120,25 @@ def _traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: 
     return traced_work(run)
 
 
-def text_encoder_work(config, dtype: torch.dtype, batch: int, length: int) -> int:
+def text_encoder_work(config, dtype: torch.dtype, batch: int, length: int, kept: int) -> int:
     """Device bytes to keep for encoding `batch` prompts of `length` tokens with a transformers model of `config`:
-    every layer's hidden states (they are all returned), one layer's temporaries (attention projections, the
-    MLP's gate, up and product, attention scores where a kernel materialises them, its MLP weight widened where
-    it is stored packed or narrower) and the stacked output."""
-    return work_reserve(text_encoder_bytes(config, dtype, batch, length))
+    the `kept` hidden states to be stacked and a layer's input and output, one layer's temporaries (attention
+    projections, the MLP's gate, up and product, eager attention's scores or a fused kernel's mask, its MLP weight
+    widened where it is stored packed or narrower) and the stacked output."""
+    return work_reserve(text_encoder_bytes(config, dtype, batch, length, kept))
 
 
-def text_encoder_bytes(config, dtype: torch.dtype, batch: int, length: int) -> int:
+def text_encoder_bytes(config, dtype: torch.dtype, batch: int, length: int, kept: int) -> int:
     """The bytes of tensors such an encoding holds at most, counted from the model's shape."""
-    hidden, layers = config.hidden_size, config.num_hidden_layers
+    hidden = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     inner = getattr(config, "intermediate_size", 4 * hidden)
     row = batch * length * dtype.itemsize  # bytes per feature over all tokens
-    states = (layers + 1) * row * hidden
+    states = (kept + 2) * row * hidden
     layer = row * (3 * inner + 2 * heads * head_dim + 2 * kv_heads * head_dim + 2 * hidden)
-    scores = batch * heads * length * length * 4  # fp32 scores (eager attention; fused kernels need less)
+    eager = getattr(config, "_attn_implementation", None) in (None, "eager")
+    scores = batch * (heads if eager else 1) * length * length * 4  # eager's fp32 scores; SDPA's kernels take the mask
     widened = inner * hidden * dtype.itemsize  # a packed or narrower MLP weight dequantized for its call
     return states + layer + scores + widened + 3 * row * hidden
