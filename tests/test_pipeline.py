@@ -24,7 +24,7 @@ from flux2studio.layouts.transformer import transformer_from_diffusers
 from flux2studio.layouts.vae import vae_from_diffusers
 from flux2studio.model.autoencoder import AutoEncoder
 from flux2studio.model.transformer import Flux2Transformer
-from flux2studio.pipeline import Pipeline, build_request
+from flux2studio.pipeline import Component, Pipeline, build_request
 from flux2studio.settings import GenerationSettings
 from flux2studio.text_encoders import TextEncoder
 from flux2studio.variants import get_variant
@@ -168,6 +168,7 @@ def test_image_i_of_a_batch_is_its_seed_alone_bit_for_bit(variant_id, dtype):
     variant = dataclasses.replace(get_variant(variant_id), transformer=t_cfg, vae=VAE, text_encoder=spec)
     parts = randomize_(Flux2Transformer(t_cfg), std=0.05), randomize_(AutoEncoder(VAE), std=0.05)
     pipe = Pipeline(variant, *parts, TextEncoder(spec, model_fn(), tokenizer(template)), dtype=dtype)
+    pipe.prompt_cache.limit = 0  # each prompt encoded alone again, not taken from the batch's call
     prompts = ["a red circle", "a blue square on a white background"]
     kw = dict(size=(80, 64), steps=2, refs=_refs()[:1], **({"negative_prompt": "blurry"} if variant.uses_cfg else {}))
     batch = pipe(prompts, num_images=2, seed=5, **kw)
@@ -183,9 +184,66 @@ def test_nano_image_i_of_a_batch_is_its_seed_alone_bit_for_bit(quantize):
     from flux2studio import load
 
     pipe = load("nano", quantize=quantize)
+    pipe.prompt_cache.limit = 0
     batch = pipe("a red circle above a blue square", num_images=3, seed=5)
     for i, image in enumerate(batch):
         assert image.tobytes() == pipe("a red circle above a blue square", seed=5 + i)[0].tobytes(), i
+
+
+def _cfg_pipeline(loads: list[int] | None = None) -> Pipeline:
+    """klein Base on tiny random parts (seeded: two are the same model), its text encoder loaded on demand."""
+    torch.manual_seed(0)
+    t_cfg = dataclasses.replace(TRANSFORMER, guidance_embed=False)
+    variant = dataclasses.replace(get_variant("klein-base-4b"), transformer=t_cfg, vae=VAE, text_encoder=QWEN3_SPEC)
+    parts = randomize_(Flux2Transformer(t_cfg), std=0.05), randomize_(AutoEncoder(VAE), std=0.05)
+    model = qwen3()
+
+    def text_encoder() -> TextEncoder:
+        if loads is not None:
+            loads.append(1)
+        return TextEncoder(QWEN3_SPEC, model, tokenizer(QWEN3_TEMPLATE))
+
+    return Pipeline(variant, *parts, Component(text_encoder))
+
+
+def test_prompts_seen_in_recent_calls_skip_the_text_encoder(monkeypatch):
+    """A prompt (or the negative prompt) of a recent call is not encoded again, and when every one was seen the
+    text encoder is not even loaded; the images are those of a pipeline that encodes everything. The cache is
+    bounded in bytes, the least recently used leaving first; a limit of 0 keeps none."""
+    encoded: list[list[str]] = []
+    original = TextEncoder.__call__
+    monkeypatch.setattr(
+        TextEncoder, "__call__", lambda self, p, dtype=None: encoded.append(p) or original(self, p, dtype)
+    )
+    loads: list[int] = []
+    pipe, plain = _cfg_pipeline(loads), _cfg_pipeline()
+    plain.prompt_cache.limit = 0
+    kw = dict(size=(64, 64), steps=2, negative_prompt="blurry")
+
+    def same(prompts: list[str], seed: int) -> bool:
+        return [im.tobytes() for im in pipe(prompts, seed=seed, **kw)] == [
+            im.tobytes() for im in plain(prompts, seed=seed, **kw)
+        ]
+
+    assert same(["a red circle", "a blue square"], 1)
+    assert encoded[0] == ["a red circle", "a blue square"] and encoded[1] == ["blurry"] and len(loads) == 1
+    encoded.clear()
+    assert same(["a blue square"], 2)
+    assert encoded == [["a blue square"], ["blurry"]] and len(loads) == 1  # only the plain pipeline encoded
+    encoded.clear()
+    assert same(["a blue square", "a green triangle"], 3)
+    assert encoded[0] == ["a green triangle"] and len(loads) == 2  # the new prompt alone
+    one = pipe.prompt_cache.nbytes // len(pipe.prompt_cache)
+    pipe.prompt_cache.limit = 2 * one  # the two used last are kept: "a green triangle", then "blurry"
+    pipe(["a yellow circle"], seed=4, **kw)  # in, and "a green triangle" out
+    kept = [p for p in ("a red circle", "a blue square", "a green triangle", "a yellow circle", "blurry")
+            if pipe.prompt_cache.get((p, pipe.dtype)) is not None]  # fmt: skip
+    assert kept == ["a yellow circle", "blurry"]
+    pipe.prompt_cache.limit = 0
+    assert len(pipe.prompt_cache) == 0
+    encoded.clear()
+    assert same(["a blue square"], 5)
+    assert encoded[0] == ["a blue square"] and len(encoded) == 4
 
 
 def test_schedule_matches_diffusers_scheduler_bit_for_bit():

@@ -47,7 +47,7 @@ from .quantize import multiplies_int8
 from .quantized_files import transformer_sizes
 from .residency import reuse_freed_memory, stop_streaming_weights, trim_heap
 from .settings import GenerationSettings
-from .text_encoders import TextEncoder
+from .text_encoders import EmbeddingCache, TextEncoder
 from .variants import AutoencoderConfig, Variant
 from .work_memory import text_encoder_work, transformer_work, vae_work
 
@@ -389,6 +389,7 @@ class Pipeline:
         }
         self.loras: list[tuple[LoraFile, float, str]] = []  # (parsed file, scale, short hash)
         self._lora_state: tuple[Flux2Transformer, Applied] | None = None
+        self.prompt_cache = EmbeddingCache()  # recent prompts' embeddings (`prompt_cache.limit = 0`: none kept)
 
     def use_device(self, device: torch.device | str, vram_budget: int, attention: str = "auto") -> None:
         """Run on `device` using at most `vram_budget` bytes there per phase, weights and work memory (parts built
@@ -529,8 +530,8 @@ class Pipeline:
         return _most(req.batch, lambda images: held + self._transformer_work(req, images) <= room)
 
     def _prompts_at_once(self, count: int) -> int:
-        """How many of `count` distinct prompts the text encoder encodes together: all, or where their work (every
-        layer's hidden states are kept) and the weights it holds at once (the part outside its layers and two
+        """How many of `count` distinct prompts the text encoder encodes together: all, or where their work (the
+        stacked layers' hidden states are kept) and the weights it holds at once (the part outside its layers and two
         layers) exceed the room (`_room`), as many as fit, at least one (the same embeddings either way)."""
         room = self._room()
         if room is None or count == 1:
@@ -682,21 +683,32 @@ class Pipeline:
         }
 
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
-        """(B, L, C) text embeddings in the pipeline dtype; identical prompts are encoded once, distinct ones as many
-        at once as fit (`_prompts_at_once`)."""
-        unique = list(dict.fromkeys(prompts))
+        """(B, L, C) text embeddings in the pipeline dtype: those of prompts seen in recent calls from `prompt_cache`
+        (the text encoder is not even loaded when all were), the others encoded, identical ones once."""
         with self._busy, self._memory_measured():  # a call's turn (threads) and its one measure of memory
-            at_once = self._prompts_at_once(len(unique))
-            if self.vram_budget is not None:  # its work memory, known from its config once loaded
-                config = self.parts["text_encoder"].get().model.config
-                spec = self.variant.text_encoder
-                self.work["text encoder"] = text_encoder_work(config, self.dtype, at_once, spec.max_length,
-                                                              len(spec.layers))  # fmt: skip
-            encoder = self.text_encoder
-            with self._computing(getattr(encoder, "model", None)):
-                parts = [unique[i : i + at_once] for i in range(0, len(unique), at_once)]
-                emb = torch.cat([encoder(part, dtype=self.dtype).to(self.device) for part in parts])
-        return emb[[unique.index(p) for p in prompts]]
+            got: dict[str, Tensor] = {}
+            for p in dict.fromkeys(prompts):
+                if (kept := self.prompt_cache.get((p, self.dtype))) is not None:
+                    got[p] = kept.to(self.device)
+            new = [p for p in dict.fromkeys(prompts) if p not in got]
+            if new:
+                for p, emb in zip(new, self._encode(new), strict=True):
+                    got[p] = emb
+                    self.prompt_cache.put((p, self.dtype), emb)
+            return torch.stack([got[p] for p in prompts])
+
+    def _encode(self, unique: list[str]) -> Tensor:
+        """Distinct prompts through the text encoder, as many at once as fit (`_prompts_at_once`)."""
+        at_once = self._prompts_at_once(len(unique))
+        if self.vram_budget is not None:  # its work memory, known from its config once loaded
+            config = self.parts["text_encoder"].get().model.config
+            spec = self.variant.text_encoder
+            self.work["text encoder"] = text_encoder_work(config, self.dtype, at_once, spec.max_length,
+                                                          len(spec.layers))  # fmt: skip
+        encoder = self.text_encoder
+        with self._computing(getattr(encoder, "model", None)):
+            parts = [unique[i : i + at_once] for i in range(0, len(unique), at_once)]
+            return torch.cat([encoder(part, dtype=self.dtype).to(self.device) for part in parts])
 
     def _computing(self, model: torch.nn.Module | None) -> contextlib.AbstractContextManager:
         """Around a model's computation on the CPU: memory reused between its layers and steps, the heap held where
