@@ -246,6 +246,39 @@ def test_prompts_seen_in_recent_calls_skip_the_text_encoder(monkeypatch):
     assert encoded[0] == ["a blue square"] and len(encoded) == 4
 
 
+def test_images_seen_in_recent_calls_skip_the_vae_encoder(monkeypatch):
+    """A reference or start image encoded in a recent call (same pixels, tiles and dtype) is not encoded again; the
+    images are those of a pipeline that encodes everything. A limit of 0 keeps none."""
+    encoded: list[tuple[int, ...]] = []
+    original = AutoEncoder.encode
+
+    def encode(self, x: torch.Tensor, **kw) -> torch.Tensor:
+        if x.device.type != "meta":  # not the work memory's trace
+            encoded.append(tuple(x.shape))
+        return original(self, x, **kw)
+
+    monkeypatch.setattr(AutoEncoder, "encode", encode)
+    pipe, plain = _cfg_pipeline(), _cfg_pipeline()
+    plain.latent_cache.limit = 0
+    ref, start = _refs()
+    kw = dict(size=(64, 64), steps=2, refs=[ref])
+
+    def same(prompt: str, seed: int, **more) -> bool:
+        ours, theirs = pipe(prompt, seed=seed, **kw, **more), plain(prompt, seed=seed, **kw, **more)
+        return [im.tobytes() for im in ours] == [im.tobytes() for im in theirs]
+
+    assert same("a red circle", 1) and len(encoded) == 2  # the reference, by each pipeline
+    encoded.clear()
+    assert same("a blue square", 2) and len(encoded) == 1  # by the plain one only
+    encoded.clear()
+    assert same("a blue square", 3, image=start, strength=0.6) and len(encoded) == 3  # the new start image
+    encoded.clear()
+    assert same("a green triangle", 4, image=start, strength=0.6) and len(encoded) == 2
+    pipe.latent_cache.limit = 0
+    encoded.clear()
+    assert same("a green triangle", 5) and len(encoded) == 2
+
+
 def test_schedule_matches_diffusers_scheduler_bit_for_bit():
     for steps, seq_len in [(4, 4096), (50, 1024), (28, 6000), (1, 64)]:
         sched = _scheduler()

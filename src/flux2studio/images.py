@@ -92,10 +92,15 @@ def size_for_aspect(aspect: str, pixels: int) -> tuple[int, int]:
     return max(MULTIPLE, round(w / MULTIPLE) * MULTIPLE), max(MULTIPLE, round(h / MULTIPLE) * MULTIPLE)
 
 
-def image_hash(image: Image.Image) -> str:
-    """Short SHA-256 of an image's RGB pixels and size (what a reference contributed, not its file)."""
+def pixels_digest(image: Image.Image) -> str:
+    """SHA-256 of an image's RGB pixels and size: what it contributes as a reference or start image, not its file."""
     rgb = image.convert("RGB")
-    return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()[:12]
+    return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+
+
+def image_hash(image: Image.Image) -> str:
+    """Short `pixels_digest` (in the metadata)."""
+    return pixels_digest(image)[:12]
 
 
 def parameters_text(meta: dict) -> str:

@@ -26,6 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from . import __version__, sampling
+from .caches import LATENT_CACHE_BYTES, PROMPT_CACHE_BYTES, TensorCache
 from .checkpoints import cache_dir, weights_hash
 from .device_streaming import (
     available_ram,
@@ -38,7 +39,16 @@ from .device_streaming import (
     to_host,
 )
 from .editing import Init, build_init, fitted, paste_kept
-from .images import check_size, image_hash, parameters_text, prepare_reference, size_for_aspect, to_pil, to_tensor
+from .images import (
+    check_size,
+    image_hash,
+    parameters_text,
+    pixels_digest,
+    prepare_reference,
+    size_for_aspect,
+    to_pil,
+    to_tensor,
+)
 from .kernels.attention import attention_for
 from .lora import Applied, LoraFile, apply_loras, load_lora
 from .model.autoencoder import AutoEncoder
@@ -47,7 +57,7 @@ from .quantize import multiplies_int8
 from .quantized_files import transformer_sizes
 from .residency import reuse_freed_memory, stop_streaming_weights, trim_heap
 from .settings import GenerationSettings
-from .text_encoders import EmbeddingCache, TextEncoder
+from .text_encoders import TextEncoder
 from .variants import AutoencoderConfig, Variant
 from .work_memory import text_encoder_work, transformer_work, vae_work
 
@@ -389,7 +399,8 @@ class Pipeline:
         }
         self.loras: list[tuple[LoraFile, float, str]] = []  # (parsed file, scale, short hash)
         self._lora_state: tuple[Flux2Transformer, Applied] | None = None
-        self.prompt_cache = EmbeddingCache()  # recent prompts' embeddings (`prompt_cache.limit = 0`: none kept)
+        # recent prompts' embeddings and images' latents, not computed again (`.limit = 0`: none kept)
+        self.prompt_cache, self.latent_cache = TensorCache(PROMPT_CACHE_BYTES), TensorCache(LATENT_CACHE_BYTES)
 
     def use_device(self, device: torch.device | str, vram_budget: int, attention: str = "auto") -> None:
         """Run on `device` using at most `vram_budget` bytes there per phase, weights and work memory (parts built
@@ -718,10 +729,16 @@ class Pipeline:
         return reuse_freed_memory(hold_heap=isinstance(model, torch.nn.Module) and multiplies_int8(model))
 
     def encode_image(self, image: Image.Image, tile: int | None = None) -> Tensor:
-        """An RGB image -> normalised latents (1, 128, H/16, W/16), in `tile`-pixel tiles if larger than one."""
+        """An RGB image -> normalised latents (1, 128, H/16, W/16), in `tile`-pixel tiles if larger than one; those
+        of an image encoded in a recent call from `latent_cache` (the VAE not loaded for it)."""
+        key = (pixels_digest(image), tile, self.dtype)
+        if (kept := self.latent_cache.get(key)) is not None:
+            return kept.to(self.device)
         if self.vram_budget is not None:
             self.work["VAE"] = self._vae_work(1, image.height, image.width, decode=False, tile=tile)
-        return self.vae.encode(to_tensor(image).to(self.device, self.dtype), tile=tile)
+        latents = self.vae.encode(to_tensor(image).to(self.device, self.dtype), tile=tile)
+        self.latent_cache.put(key, latents)
+        return latents
 
     @staticmethod
     def _reference_tokens(latents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

