@@ -731,7 +731,7 @@ class Pipeline:
     def encode_image(self, image: Image.Image, tile: int | None = None) -> Tensor:
         """An RGB image -> normalised latents (1, 128, H/16, W/16), in `tile`-pixel tiles if larger than one; those
         of an image encoded in a recent call from `latent_cache` (the VAE not loaded for it)."""
-        key = (pixels_digest(image), tile, self.dtype)
+        key = (pixels_digest(image), tile if tile is not None and max(image.size) > tile else None, self.dtype)
         if (kept := self.latent_cache.get(key)) is not None:
             return kept.to(self.device)
         if self.vram_budget is not None:

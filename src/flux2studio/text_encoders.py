@@ -2,9 +2,9 @@
 
 Our code owns the chat formatting, padding to the fixed length and the stacking of the chosen layers;
 transformers' model classes do the rest. The language model only runs up to the last layer taken
-(`truncate_layers`): layers after it never influence the result. This module knows nothing about
+(`truncate_layers`): layers after it never influence the result, and only the stacked layers' outputs are
+kept (forward hooks), not every layer's as `output_hidden_states` would. This module knows nothing about
 images, schedules or the transformer.
-Only the stacked layers' outputs are kept (forward hooks), not every layer's as `output_hidden_states` would.
 """
 
 from __future__ import annotations
