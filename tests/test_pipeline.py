@@ -241,6 +241,8 @@ def test_prompts_seen_in_recent_calls_skip_the_text_encoder(monkeypatch):
     assert kept == ["a yellow circle", "blurry"]
     pipe.prompt_cache.limit = 0
     assert len(pipe.prompt_cache) == 0
+    with pytest.raises(ValueError, match="limit of -1: give bytes, 0"):
+        pipe.prompt_cache.limit = -1
     encoded.clear()
     assert same(["a blue square"], 5)
     assert encoded[0] == ["a blue square"] and len(encoded) == 4

@@ -26,6 +26,8 @@ class TensorCache:
 
     @limit.setter
     def limit(self, limit: int) -> None:
+        if not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"a cache limit of {limit!r}: give bytes, 0 (keep none) or more")
         self._limit = limit
         while self._kept and self.nbytes > limit:
             self._kept.popitem(last=False)
