@@ -106,7 +106,7 @@ def test_the_text_encoders_count_covers_a_real_encoding():
 
 def test_an_encoding_keeps_only_the_hidden_states_it_stacks():
     """A 24-layer encoder stacking 3 layers' states holds less than its 25 hidden states alone would take (as with
-    `output_hidden_states`, 1.2 MB here): the others are freed as the next layer runs. The count bounds it."""
+    `output_hidden_states`, 0.3 MB here): the others are freed as the next layer runs. The count bounds it."""
     spec = replace(QWEN3_SPEC, layers=(1, 12, 24))
     encoder = TextEncoder(spec, qwen3(layers=24), tokenizer(QWEN3_TEMPLATE))
     prompts = ["a red fox", "a blue bird"]
