@@ -100,7 +100,7 @@ def test_the_text_encoders_count_covers_a_real_encoding():
     encoder = TextEncoder(QWEN3_SPEC, qwen3(), tokenizer(QWEN3_TEMPLATE))
     prompts = ["a red fox", "a blue bird"]
     real = _real_peak(lambda: encoder(prompts))
-    counted = text_encoder_bytes(encoder.model.config, torch.float32, len(prompts), QWEN3_SPEC.max_length, 3)
+    counted = text_encoder_bytes(encoder.model.config, torch.float32, len(prompts), QWEN3_SPEC)
     assert real <= counted <= 2 * real, (counted, real)
 
 
@@ -112,7 +112,7 @@ def test_an_encoding_keeps_only_the_hidden_states_it_stacks():
     prompts = ["a red fox", "a blue bird"]
     real = _real_peak(lambda: encoder(prompts))
     every_state = 25 * len(prompts) * spec.max_length * encoder.model.config.hidden_size * 4
-    counted = text_encoder_bytes(encoder.model.config, torch.float32, len(prompts), spec.max_length, 3)
+    counted = text_encoder_bytes(encoder.model.config, torch.float32, len(prompts), spec)
     assert real <= counted < every_state, (real, counted, every_state)
 
 
@@ -235,7 +235,7 @@ def test_prompts_whose_encoding_does_not_fit_at_once_are_encoded_in_parts(no_hea
     model = pipe.parts["text_encoder"].get().model
     sizes = [module_bytes(layer) for layer in model.layers]
     held = module_bytes(model) - sum(sizes) + sum(sorted(sizes, reverse=True)[:2])
-    work = [text_encoder_work(model.config, pipe.dtype, k, QWEN3_SPEC.max_length, 3) for k in (2, 3)]
+    work = [text_encoder_work(model.config, pipe.dtype, k, QWEN3_SPEC) for k in (2, 3)]
     _available(monkeypatch, held + work[0])
     assert held + work[1] > held + work[0]
     batches = []

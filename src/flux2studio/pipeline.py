@@ -552,9 +552,8 @@ class Pipeline:
             return count
         sizes = [module_bytes(layer) for layer in getattr(model, "layers", [])]
         held = least_held(module_bytes(model) - sum(sizes), sizes)
-        length = self.variant.text_encoder.max_length
-        kept = len(self.variant.text_encoder.layers)
-        return _most(count, lambda k: held + text_encoder_work(model.config, self.dtype, k, length, kept) <= room)
+        spec = self.variant.text_encoder
+        return _most(count, lambda k: held + text_encoder_work(model.config, self.dtype, k, spec) <= room)
 
     def _vae_bytes(self) -> int:
         vae = self.parts["vae"]
@@ -697,11 +696,11 @@ class Pipeline:
         """(B, L, C) text embeddings in the pipeline dtype: those of prompts seen in recent calls from `prompt_cache`
         (the text encoder is not even loaded when all were), the others encoded, identical ones once."""
         with self._busy, self._memory_measured():  # a call's turn (threads) and its one measure of memory
-            got: dict[str, Tensor] = {}
-            for p in dict.fromkeys(prompts):
-                if (kept := self.prompt_cache.get((p, self.dtype))) is not None:
-                    got[p] = kept.to(self.device)
-            new = [p for p in dict.fromkeys(prompts) if p not in got]
+            unique = dict.fromkeys(prompts)
+            got = {
+                p: kept.to(self.device) for p in unique if (kept := self.prompt_cache.get((p, self.dtype))) is not None
+            }
+            new = [p for p in unique if p not in got]
             if new:
                 for p, emb in zip(new, self._encode(new), strict=True):
                     got[p] = emb
@@ -713,9 +712,7 @@ class Pipeline:
         at_once = self._prompts_at_once(len(unique))
         if self.vram_budget is not None:  # its work memory, known from its config once loaded
             config = self.parts["text_encoder"].get().model.config
-            spec = self.variant.text_encoder
-            self.work["text encoder"] = text_encoder_work(config, self.dtype, at_once, spec.max_length,
-                                                          len(spec.layers))  # fmt: skip
+            self.work["text encoder"] = text_encoder_work(config, self.dtype, at_once, self.variant.text_encoder)
         encoder = self.text_encoder
         with self._computing(getattr(encoder, "model", None)):
             parts = [unique[i : i + at_once] for i in range(0, len(unique), at_once)]

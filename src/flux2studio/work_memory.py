@@ -15,7 +15,7 @@ import torch
 from .device_streaming import attention_shapes, flash_attention_shapes, traced_work, work_reserve
 from .model.autoencoder import AutoEncoder, tile_grid
 from .model.transformer import Flux2Transformer
-from .variants import AutoencoderConfig, TransformerConfig
+from .variants import AutoencoderConfig, TextEncoderSpec, TransformerConfig
 
 
 def transformer_work(cfg: TransformerConfig, dtype: torch.dtype, batch: int, n_img: int, n_txt: int, n_ref: int = 0,
@@ -120,23 +120,23 @@ def _traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: 
     return traced_work(run)
 
 
-def text_encoder_work(config, dtype: torch.dtype, batch: int, length: int, kept: int) -> int:
-    """Device bytes to keep for encoding `batch` prompts of `length` tokens with a transformers model of `config`:
-    the `kept` hidden states to be stacked and a layer's input and output, one layer's temporaries (attention
+def text_encoder_work(config, dtype: torch.dtype, batch: int, spec: TextEncoderSpec) -> int:
+    """Device bytes to keep for encoding `batch` prompts of `spec.max_length` tokens with a transformers model of
+    `config`: the hidden states `spec` stacks and a layer's input and output, one layer's temporaries (attention
     projections, the MLP's gate, up and product, eager attention's scores or a fused kernel's mask, its MLP weight
     widened where it is stored packed or narrower) and the stacked output."""
-    return work_reserve(text_encoder_bytes(config, dtype, batch, length, kept))
+    return work_reserve(text_encoder_bytes(config, dtype, batch, spec))
 
 
-def text_encoder_bytes(config, dtype: torch.dtype, batch: int, length: int, kept: int) -> int:
+def text_encoder_bytes(config, dtype: torch.dtype, batch: int, spec: TextEncoderSpec) -> int:
     """The bytes of tensors such an encoding holds at most, counted from the model's shape."""
-    hidden = config.hidden_size
+    hidden, length = config.hidden_size, spec.max_length
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     inner = getattr(config, "intermediate_size", 4 * hidden)
     row = batch * length * dtype.itemsize  # bytes per feature over all tokens
-    states = (kept + 2) * row * hidden
+    states = (len(spec.layers) + 2) * row * hidden
     layer = row * (3 * inner + 2 * heads * head_dim + 2 * kv_heads * head_dim + 2 * hidden)
     eager = getattr(config, "_attn_implementation", None) in (None, "eager")
     scores = batch * (heads if eager else 1) * length * length * 4  # eager's fp32 scores; SDPA's kernels take the mask
