@@ -10,17 +10,20 @@ in the page cache. Files derived once from the folder (beside it, in `<folder>-f
   qwen3-4b.safetensors            the text encoder's shards in one file (stable-diffusion.cpp's --llm)
   te/                             the text encoder folder with its tokenizer (ours, for single files)
   te-int8/ / te-int4/             the text encoder's layers saved packed (`flux2 convert TE DST --quantize`)
+  klein-bnb-nf4/                  the folder with its transformer's and text encoder's linear layers in
+                                  bitsandbytes NF4 (double-quantized absmax), as diffusers and transformers
+                                  save `BitsAndBytesConfig(load_in_4bit=True, ...)` (e.g. FLUX.2-dev-bnb-4bit)
 
-Modes. ours: auto / fp32 / bf16 (the diffusers folder), int8 / int4 (the packed files and text encoder: what
-`flux2 convert --quantize` writes once; packing at load costs 20-45 s a run), gguf-q8_0 / gguf-q4_0 (the GGUF
-files; text encoder as auto); "-resident" (auto-resident, int8-resident): every part kept loaded between
-phases, as a server keeps them (int8: oneDNN's prepacked kernel); "-compile" (e.g. int8-resident-compile, not
-run by default): `--compile`, its step time taken after the first step compiled; "-again" (e.g. auto-again, not
-run by default): the call timed is the second with the prompt, after one with another seed (`caches.py`). Only
-the files the chosen runs read are derived. diffusers: `Flux2KleinPipeline` in bf16. stable-diffusion.cpp
-(`pip install stable-diffusion-cpp-python`, built from source by pip; the `bench` extra): the GGUF files at
-F16 / Q8_0 / Q4_0 with the text encoder at the same type (`wtype`), VAE and text encoder from the same files.
-Its phases come from its own log lines.
+Modes. ours: auto / fp32 / bf16 (the diffusers folder), int8 / int4 (the packed files and text encoder: what `flux2
+convert --quantize` writes once; packing at load costs 20-45 s a run), gguf-q8_0 / gguf-q4_0 (the GGUF files; text
+encoder as auto), bnb-nf4 (the bitsandbytes folder; not run by default); "-resident" (auto-resident,
+int8-resident): every part kept loaded between phases, as a server keeps them (int8: oneDNN's prepacked kernel);
+"-compile" (e.g. int8-resident-compile, not run by default): `--compile`, its step time taken after the first step
+compiled; "-again" (e.g. auto-again, not run by default): the call timed is the second with the prompt, after one
+with another seed (`caches.py`). Only the files the chosen runs read are derived. diffusers: `Flux2KleinPipeline`
+in bf16. stable-diffusion.cpp (`pip install stable-diffusion-cpp-python`, built from source by pip; the `bench`
+extra): the GGUF files at F16 / Q8_0 / Q4_0 with the text encoder at the same type (`wtype`), VAE and text encoder
+from the same files. Its phases come from its own log lines.
 
     python bench/cpu.py [--size 256] [--steps 2] [--modes ours:auto,sdcpp:q8_0,...] [--avx2]
         [--sdcpp-path DIR]
@@ -65,6 +68,7 @@ PAIRS = [
     ("ours:gguf-q8_0", "sdcpp:q8_0"),
     ("ours:int4", "sdcpp:q4_0"),
     ("ours:gguf-q4_0", "sdcpp:q4_0"),
+    ("ours:bnb-nf4", "ours:gguf-q4_0"),
 ]
 
 
@@ -77,6 +81,8 @@ def ours_files(mode: str) -> dict[str, str]:
         return {"weights": f"klein-{mode[:4]}.safetensors", "text_encoder": f"te-{mode[:4]}", "vae": "ae.safetensors"}
     if mode.startswith("gguf-"):
         return {"weights": f"klein-{mode[5:].upper()}.gguf", "text_encoder": "te", "vae": "ae.safetensors"}
+    if mode.startswith("bnb-nf4"):
+        return {"weights": "klein-bnb-nf4"}
     return {}
 
 
@@ -117,6 +123,9 @@ def derive_files(folder: Path, names: set[str]) -> Path:
             print(f"  writing {packed}", flush=True)
             print("  " + convert(folder / "text_encoder", packed, "bfl", mode), flush=True)
             (packed / "tokenizer").symlink_to(folder / "tokenizer")
+    if "klein-bnb-nf4" in names and not (out / "klein-bnb-nf4").exists():
+        print("  writing klein-bnb-nf4/", flush=True)
+        write_bnb_folder(folder, out / "klein-bnb-nf4")
     te = out / "te"
     if "te" in names and not te.exists():
         te.mkdir()
@@ -124,6 +133,45 @@ def derive_files(folder: Path, names: set[str]) -> Path:
             (te / f.name).symlink_to(f)
         (te / "tokenizer").symlink_to(folder / "tokenizer")
     return out
+
+
+def write_bnb_folder(folder: Path, out: Path) -> None:
+    """The diffusers folder with every linear weight of its transformer and text encoder (2-d, but the token table)
+    in bitsandbytes NF4 with double-quantized absmax, serialised as `Linear4bit` serialises itself (its
+    `QuantState.as_dict(packed=True)`), the configs given diffusers' and transformers' `quantization_config`; the
+    other parts linked. Shard by shard (bitsandbytes' CPU backend quantizes)."""
+    import bitsandbytes as bnb
+    from safetensors.torch import save_file
+
+    from flux2studio.checkpoints import component_files, read_json, read_safetensors
+
+    config = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+              "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}  # fmt: skip
+    out.mkdir(parents=True)
+    for item in folder.iterdir():
+        if item.name not in ("transformer", "text_encoder"):
+            (out / item.name).symlink_to(item)
+    for part in ("transformer", "text_encoder"):
+        (out / part).mkdir()
+        cfg = read_json(folder / part / "config.json") | {"quantization_config": config}
+        (out / part / "config.json").write_text(json.dumps(cfg, indent=2))
+        weight_map = {}
+        for shard in component_files(folder / part):
+            tensors = {}
+            for key, t in read_safetensors(shard).items():
+                if t.dim() == 2 and key.endswith(".weight") and "embed_tokens" not in key:
+                    q, state = bnb.functional.quantize_4bit(t, quant_type="nf4", compress_statistics=True)
+                    tensors[key] = q
+                    tensors |= {f"{key}.{k}": v for k, v in state.as_dict(packed=True).items()}
+                else:
+                    tensors[key] = t.clone()
+            save_file(tensors, out / part / shard.name, metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(tensors, shard.name)
+        index = next((folder / part).glob("*.safetensors.index.json"))
+        (out / part / index.name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        for f in (folder / part).iterdir():
+            if not f.name.endswith((".safetensors", ".json")):
+                (out / part / f.name).symlink_to(f)
 
 
 # ----------------------------------------------------------------------------- children
@@ -211,7 +259,7 @@ def inputs(impl: str, mode: str, folder: Path, files: Path) -> list[Path]:
     if not names:
         return sorted(folder.rglob("*.safetensors"))
     paths = [files / n for n in sorted(names)]
-    return [f for p in paths for f in (sorted(p.glob("*.safetensors")) if p.is_dir() else [p])]
+    return [f for p in paths for f in (sorted(p.rglob("*.safetensors")) if p.is_dir() else [p])]
 
 
 def run_child(impl: str, mode: str, args: argparse.Namespace, files: Path, png: Path) -> dict:

@@ -56,7 +56,7 @@ def tokenizer(template: str) -> PreTrainedTokenizerFast:
     )
 
 
-def qwen3(layers: int = 6, hidden: int = 32, seed: int = 0):
+def qwen3(layers: int = 6, hidden: int = 32, seed: int = 0, head_dim: int = 8):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -67,7 +67,7 @@ def qwen3(layers: int = 6, hidden: int = 32, seed: int = 0):
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
+        head_dim=head_dim,
         max_position_embeddings=512,
     )
     return Qwen3ForCausalLM(cfg).eval()

@@ -26,12 +26,14 @@ from .checkpoints import (
 )
 from .quantize import MODE_FORMAT, dequantize_weight
 from .quantized_files import (
+    BNB_STATE,
     GGUF_TEXT_ARCHES,
     STACK_PREFIXES,
     gguf_component,
     in_features,
     packable,
     quantize_state,
+    read_component_weights,
     read_transformer_file,
     stack_name,
     tensor_types,
@@ -206,7 +208,7 @@ def read_any(src: str | Path) -> tuple[str, str, dict[str, Tensor], TransformerC
     src = resolve_snapshot(src)
     if src.is_dir():
         cfg_json = read_json(src / "config.json")
-        raw = read_component(src)
+        raw = _unpacked(*read_component_weights(src))  # a bitsandbytes 4-bit folder: unpacked to bf16
         if cfg_json.get("_class_name") == "Flux2Transformer2DModel":
             cfg = transformer_config_from_diffusers(cfg_json)
             return "transformer", "diffusers", transformer_from_diffusers(raw), cfg
@@ -214,10 +216,7 @@ def read_any(src: str | Path) -> tuple[str, str, dict[str, Tensor], TransformerC
             cfg = vae_config_from_diffusers(cfg_json)
             return "vae", "diffusers", vae_from_diffusers(raw, cfg), cfg
         raise ValueError(f"{src}: config.json names {cfg_json.get('_class_name')!r}, not a FLUX.2 transformer or VAE")
-    raw, formats = read_transformer_file(src)
-    for name, fmt in formats.items():  # packed (GGUF, --quantize): unpacked to bf16, to be written anew
-        packed = raw[name + ".weight"]
-        raw[name + ".weight"] = dequantize_weight(packed, fmt, _in_features(packed, fmt), torch.bfloat16)
+    raw = _unpacked(*read_transformer_file(src))
     if any(k.startswith(("encoder.", "decoder.")) for k in raw):
         if vae_layout(raw) == "diffusers":
             raise ValueError(f"{src}: a diffusers-named VAE file needs its config.json: give the vae/ folder")
@@ -228,6 +227,23 @@ def read_any(src: str | Path) -> tuple[str, str, dict[str, Tensor], TransformerC
         raw, _ = dequantize_fp8(raw, torch.bfloat16)
     sd = transformer_from_diffusers(raw) if layout == "diffusers" else raw
     return "transformer", layout, sd, transformer_config_from_keys(sd)
+
+
+def _plain_text_encoder(src: Path) -> dict[str, Tensor]:
+    raw = read_component(src)
+    if any(BNB_STATE in k for k in raw):
+        raise ValueError(f"{src} holds bitsandbytes 4-bit weights: it loads as it is (--text-encoder {src}); "
+                         "convert the full-precision text encoder instead")  # fmt: skip
+    return raw
+
+
+def _unpacked(raw: dict[str, Tensor], formats: dict[str, str]) -> dict[str, Tensor]:
+    """Packed layers (GGUF, --quantize, bitsandbytes) unpacked to bf16, to be written anew."""
+    for name, fmt in formats.items():
+        packed = raw[name + ".weight"]
+        scales = raw.pop(name + ".scales", None)
+        raw[name + ".weight"] = dequantize_weight(packed, fmt, _in_features(packed, fmt), torch.bfloat16, scales)
+    return raw
 
 
 def _in_features(packed: Tensor, fmt: str) -> int:
@@ -256,7 +272,7 @@ def convert_text_encoder(src: Path, dst: Path, kind: str, quantize: str) -> str:
     from .residency import drop_file_pages
 
     fmt = MODE_FORMAT[quantize]
-    raw = read_component(src)
+    raw = _plain_text_encoder(src)
 
     def eligible(module: str) -> bool:
         name = stack_name(module, kind)
@@ -307,7 +323,7 @@ def convert_text_encoder_gguf(src: Path, dst: Path, kind: str, fmt: str) -> str:
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     table = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, GGUF_TEXT_ARCHES[kind]), config.num_hidden_layers)
     sd = {}
-    for key, tensor in read_component(src).items():
+    for key, tensor in _plain_text_encoder(src).items():
         if (name := stack_name(key, kind)) is not None:  # (the LM head is not part of the stack)
             module, _, suffix = name.rpartition(".")
             sd[f"{table.get_name('model.' + module)}.{suffix}"] = tensor

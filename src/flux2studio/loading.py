@@ -38,13 +38,13 @@ from .device_streaming import (
     parse_bytes,
     plan_blocks,
 )
-from .layouts.transformer import transformer_from_diffusers
+from .layouts.transformer import packed_from_diffusers
 from .layouts.vae import vae_from_diffusers
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
 from .pipeline import Component, Pipeline, check_vae_tile
 from .precision import compute_dtype, storage, widen_on_use
-from .quantize import check_mode, prepack_int8, quantize_modules, swap_in
+from .quantize import BNB_FORMATS, check_mode, prepack_int8, quantize_modules, swap_in
 from .quantized_files import (
     gguf_component,
     logical_shapes,
@@ -243,7 +243,7 @@ def load_diffusers_folder(
     files = sorted((folder / "transformer").glob("*.safetensors"))
     parts = components(
         variant,
-        (lambda: (read_component(folder / "transformer"), {}), files),
+        (lambda: read_component_weights(folder / "transformer"), files),
         (lambda: read_component(folder / "vae"), sorted((folder / "vae").glob("*.safetensors"))),
         lambda: hf_text_encoder(spec, folder / "text_encoder", folder / "tokenizer", device, dtype, resident, quantize),
         device,
@@ -297,12 +297,12 @@ def load_transformer(
     the blocks' and modulation layers' linear weights as int8 / int4 now (layers already packed are kept)."""
     formats = formats or {}
     sd, scales, layout = raw, {}, transformer_layout(raw)
-    if formats and layout == "diffusers":
+    if layout == "diffusers" and any(fmt not in BNB_FORMATS for fmt in formats.values()):
         raise ValueError("quantized transformer files with diffusers names are not supported: use BFL names")
     if is_fp8(sd):  # diffusers names: q, k, v have a scale each, fused below
         sd, scales = dequantize_fp8(sd, dtype, keep=lambda key: layout == "bfl" and key.startswith(BLOCKS))
-    if layout == "diffusers":
-        sd = transformer_from_diffusers(sd, copied=drop_file_pages)  # q, k, v freed as soon as fused
+    if layout == "diffusers":  # q, k, v freed as soon as fused
+        sd, formats = packed_from_diffusers(sd, formats, copied=drop_file_pages)
     cfg = variant.transformer
     model = build(lambda: swap_in(Flux2Transformer(cfg), formats), storage(sd, dtype), f"{variant.id} transformer")
     model = model.to(device)

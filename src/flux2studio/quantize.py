@@ -10,6 +10,11 @@ Every quantized weight is one uint8 tensor of rows of blocks, (out_features, row
   format is dequantized one layer at a time as the layer runs, in the compute dtype, and dropped after.
 - "fp8" (ours): per output channel, each row its in_features e4m3 values then its fp32 scale. On GPUs with fp8
   units one `torch._scaled_mm` product with per-token e4m3 activations; elsewhere dequantized per layer.
+- bitsandbytes' 4-bit "bnb-nf4-bf16", "bnb-fp4-fp16"... (code, then the dtype the file's weights had: the folders
+  diffusers and transformers save with `BitsAndBytesConfig(load_in_4bit=True)`): the one format whose scales are
+  apart from its rows. The rows are the file's bytes as they are (two weights a byte, the first in the high
+  nibble), blocks of 64 weights each scaled by its absmax, kept in a second uint8 tensor of fp32 values,
+  (out_features, in_features / 64 * 4): w = code[q] * absmax in fp32, rounded to that dtype, as bitsandbytes.
 
 So a file written by `flux2 convert --quantize int4` and a GGUF Q4_0 file hold the same bytes per row.
 This module knows nothing of models or files beyond the tensors it is given (`QuantLinear` is an
@@ -44,7 +49,19 @@ GGUF_BLOCKS = {
     "Q5_K": (256, 176),
     "Q6_K": (256, 210),
 }
-FORMATS = ("int8", "fp8", *GGUF_BLOCKS)
+# bitsandbytes' 4-bit codes (its `get_4bit_type`: NF4 the normal quantiles of QLoRA, FP4 sign-exponent-mantissa
+# values over their largest, 12); a file's `quant_map` is checked against them
+BNB_CODES = {
+    "nf4": (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0),
+    "fp4": tuple(v / 12 for v in (0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3)),
+}  # fmt: skip
+BNB_BLOCK = 64  # weights per absmax: what diffusers and transformers write for 4-bit
+BNB_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the weights' dtype, rounded to
+BNB_FORMATS = {f"bnb-{code}-{name}": (code, dtype) for code in BNB_CODES for name, dtype in BNB_DTYPES.items()}
+FORMATS = ("int8", "fp8", *GGUF_BLOCKS, *BNB_FORMATS)
 PLAIN_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}  # one weight a "block"
 
 
@@ -60,11 +77,16 @@ def check_format(fmt: str, where: str) -> str:
     return fmt
 
 
+def block_shape(fmt: str) -> tuple[int, int]:
+    """(weights, bytes) of one block of a GGUF or bitsandbytes format (bitsandbytes' scales are apart)."""
+    return GGUF_BLOCKS.get(fmt, (BNB_BLOCK, BNB_BLOCK // 2))
+
+
 def row_bytes(fmt: str, in_features: int) -> int:
     """Bytes of one stored row of `in_features` weights in `fmt`."""
     if fmt in ("int8", "fp8"):
         return in_features + 4
-    per, size = GGUF_BLOCKS[fmt]
+    per, size = block_shape(fmt)
     if in_features % per:
         raise ValueError(f"{fmt} packs {per} weights a block; a row of {in_features} does not divide")
     return in_features // per * size
@@ -100,19 +122,43 @@ def quantize_weight(w: Tensor, fmt: str) -> Tensor:
     return torch.from_numpy(packed)
 
 
-def dequantize_weight(packed: Tensor, fmt: str, in_features: int, dtype: torch.dtype) -> Tensor:
-    """Packed rows -> the float weight (out, in) in `dtype`, unpacked a few rows at a time into the result (the
-    fp32 temporaries stay in the CPU's cache: 2.5x faster than whole-matrix passes on a 3072x12288 Q4_0 weight,
-    the same numbers)."""
+def dequantize_weight(
+    packed: Tensor, fmt: str, in_features: int, dtype: torch.dtype, scales: Tensor | None = None
+) -> Tensor:
+    """Packed rows (and for bitsandbytes' formats their `scales`, `bnb_scales_bytes`) -> the float weight (out, in)
+    in `dtype`, unpacked a few rows at a time into the result (the fp32 temporaries stay in the CPU's cache: 2.5x
+    faster than whole-matrix passes on a 3072x12288 Q4_0 weight, the same numbers)."""
     n = packed.shape[0]
     if fmt in PLAIN_DTYPES:
         return packed.contiguous().view(PLAIN_DTYPES[fmt]).to(dtype)
-    unpack = ROW_UNPACKERS[fmt]
     out = torch.empty(n, in_features, dtype=dtype, device=packed.device)
     rows = max(1, UNPACK_ELEMENTS // in_features)
     for start in range(0, n, rows):
-        out[start : start + rows] = unpack(packed[start : start + rows], in_features)
+        part = packed[start : start + rows]
+        if fmt in BNB_FORMATS:
+            out[start : start + rows] = _unpack_bnb(part, scales[start : start + rows], fmt, in_features)
+        else:
+            out[start : start + rows] = ROW_UNPACKERS[fmt](part, in_features)
     return out
+
+
+def bnb_scales_bytes(absmax: Tensor, out_features: int) -> Tensor:
+    """Blocks' fp32 absmax in row order -> the uint8 (out, blocks a row * 4) tensor a "bnb-" layer keeps (a view
+    where it can be: the file's own bytes)."""
+    return absmax.float().contiguous().view(torch.uint8).reshape(out_features, -1)
+
+
+@functools.cache
+def _bnb_table(code: str, device: torch.device) -> Tensor:
+    return torch.tensor(BNB_CODES[code], dtype=torch.float32, device=device)
+
+
+def _unpack_bnb(packed: Tensor, scales: Tensor, fmt: str, in_features: int) -> Tensor:
+    code, dtype = BNB_FORMATS[fmt]
+    table = _bnb_table(code, packed.device)
+    q = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(packed.shape[0], -1, BNB_BLOCK)
+    absmax = scales.contiguous().view(torch.float32).unsqueeze(-1)
+    return (table[q.long()] * absmax).reshape(-1, in_features).to(dtype)
 
 
 UNPACK_ELEMENTS = 2**20  # weights unpacked per piece (4 MB of fp32 temporaries)
@@ -404,6 +450,9 @@ class QuantLinear(nn.Linear):
         shape = (out_features, row_bytes(fmt, in_features))
         self.weight = nn.Parameter(torch.empty(shape, dtype=torch.uint8, device=device), requires_grad=False)
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features, device=device)) if bias else None)
+        if fmt in BNB_FORMATS:  # bitsandbytes' blocks keep their fp32 scales apart (`bnb_scales_bytes`)
+            scales = torch.empty(out_features, in_features // BNB_BLOCK * 4, dtype=torch.uint8, device=device)
+            self.scales = nn.Parameter(scales, requires_grad=False)
         self.onednn: tuple[Tensor, Tensor] | None = None  # a resident prepacked copy (`prepack_int8`)
 
     def dense(self, dtype: torch.dtype) -> Tensor:
@@ -411,7 +460,8 @@ class QuantLinear(nn.Linear):
         w = self.weight
         if w.is_floating_point():
             return w.data.to(dtype)
-        return dequantize_weight(w.data, self.fmt, self.in_features, dtype)
+        scales = self.scales.data if self.fmt in BNB_FORMATS else None
+        return dequantize_weight(w.data, self.fmt, self.in_features, dtype, scales)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
@@ -464,7 +514,7 @@ def swap_in(model: nn.Module, formats: dict[str, str]) -> nn.Module:
             raise ValueError(f"{name} is quantized ({fmt}) in the file but the model has no such layer") from None
         if isinstance(old, nn.Linear):
             new = QuantLinear(old.in_features, old.out_features, old.bias is not None, fmt, device=old.weight.device)
-        elif isinstance(old, nn.Embedding):
+        elif isinstance(old, nn.Embedding) and fmt not in BNB_FORMATS:
             dtype = old.weight.dtype
             new = QuantEmbedding(old.num_embeddings, old.embedding_dim, fmt, dtype, device=old.weight.device)
         else:

@@ -6,6 +6,9 @@
   (converted per layer: a bf16 model would otherwise copy them all at load); BF16/F32 ones are plain tensors.
 - safetensors from `flux2 convert --quantize int8|int4`: each quantized weight's packed rows under its usual
   key, and the header's metadata `flux2studio.quantized` mapping module names to formats.
+- bitsandbytes 4-bit (NF4 / FP4) as diffusers and transformers save it (`BitsAndBytesConfig(load_in_4bit=True)`,
+  e.g. diffusers/FLUX.2-dev-bnb-4bit): each weight's bytes stay as they are in the file, its blocks' absmax
+  (double-quantized or not) become the layer's fp32 `scales` (`unpack_bnb`).
 
 Formats are returned keyed by module name ("double_blocks.0.img_attn.qkv"), the keys of `quantize.swap_in`.
 """
@@ -31,7 +34,19 @@ from .checkpoints import (
 )
 from .device_streaming import module_bytes
 from .model.transformer import Flux2Transformer
-from .quantize import GGUF_BLOCKS, MODE_FORMAT, PLAIN_DTYPES, check_format, quantize_weight, row_bytes
+from .quantize import (
+    BNB_BLOCK,
+    BNB_CODES,
+    BNB_FORMATS,
+    GGUF_BLOCKS,
+    MODE_FORMAT,
+    PLAIN_DTYPES,
+    block_shape,
+    bnb_scales_bytes,
+    check_format,
+    quantize_weight,
+    row_bytes,
+)
 from .variants import TransformerConfig
 
 META_KEY = "flux2studio.quantized"
@@ -76,7 +91,7 @@ def is_gguf(path: Path) -> bool:
 def in_features(fmt: str, row_bytes: int) -> int:
     if fmt in ("int8", "fp8"):
         return row_bytes - 4
-    per, size = GGUF_BLOCKS[fmt]
+    per, size = block_shape(fmt)
     return row_bytes // size * per
 
 
@@ -85,19 +100,102 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     path = check_path(path)
     if is_gguf(path):
         return _read_gguf(path)
+    sd, formats = _read_safetensors_packed(path)
+    sd, bnb = unpack_bnb(sd, str(path))
+    return sd, {**formats, **bnb}
+
+
+def read_component_weights(folder: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """`read_weights` over a component folder's files (`checkpoints.component_files`): plain or packed shards
+    (a bitsandbytes weight's parts may sit in two shards)."""
+    sd: dict[str, Tensor] = {}
+    formats: dict[str, str] = {}
+    for path in component_files(folder):
+        part, fmts = _read_gguf(path) if is_gguf(path) else _read_safetensors_packed(check_path(path))
+        sd.update(part)
+        formats.update(fmts)
+    sd, bnb = unpack_bnb(sd, str(folder))
+    return sd, {**formats, **bnb}
+
+
+def _read_safetensors_packed(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     sd = read_safetensors(path)
     return sd, _safetensors_formats(path, sd)
 
 
-def read_component_weights(folder: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """`read_weights` over a component folder's files (`checkpoints.component_files`): plain or packed shards."""
-    sd: dict[str, Tensor] = {}
-    formats: dict[str, str] = {}
-    for path in component_files(folder):
-        part, fmts = read_weights(path)
-        sd.update(part)
-        formats.update(fmts)
+# ----------------------------------------------------------------------------- bitsandbytes 4-bit
+
+BNB_STATE = ".weight.quant_state.bitsandbytes__"  # + nf4 / fp4: a weight's JSON quant state (shape, dtype...)
+BNB_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # its tensors, after "<module>.weight."
+
+
+def unpack_bnb(sd: dict[str, Tensor], where: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """bitsandbytes 4-bit weights -> "bnb-nf4-bf16", "bnb-fp4-fp16"... layers (`quantize.BNB_FORMATS`):
+    `<module>.weight` the file's bytes as rows (out, in / 2), `<module>.scales` their blocks' fp32 absmax
+    (`quantize.bnb_scales_bytes`). A layer whose rows are not whole blocks of 64 (blocks then straddle rows) is
+    dequantized now, in the file's dtype. Returns (tensors, {module: format}); `sd` as it is when it holds none."""
+    states = [k for k in sd if BNB_STATE in k]
+    if not states:
+        if any(k.endswith(".SCB") for k in sd):
+            raise ValueError(
+                f"{where}: bitsandbytes 8-bit (LLM.int8) weights are not supported; its 4-bit ones (nf4, fp4) are, "
+                "and int8 through --quantize int8 or a file from flux2 convert"
+            )
+        return sd, {}
+    sd, formats = dict(sd), {}
+    for key in states:
+        module = key[: key.index(BNB_STATE)]
+        state = json.loads(bytes(sd.pop(key).tolist()))
+        parts = {p: sd.pop(f"{module}.weight.{p}", None) for p in BNB_PARTS}
+        fmt = _check_bnb(state, parts, f"{where}: {module}")
+        (out, inputs), dtype = state["shape"], BNB_FORMATS[fmt][1]
+        absmax = _bnb_absmax(parts, state)
+        nibbles = sd[f"{module}.weight"].contiguous().view(torch.uint8).reshape(-1)
+        if inputs % BNB_BLOCK == 0:
+            sd[f"{module}.weight"] = nibbles.view(out, inputs // 2)
+            sd[f"{module}.scales"] = bnb_scales_bytes(absmax, out)
+            formats[module] = fmt
+        else:
+            sd[f"{module}.weight"] = _bnb_dense(nibbles, absmax, fmt, out * inputs).reshape(out, inputs).to(dtype)
     return sd, formats
+
+
+def _check_bnb(state: dict, parts: dict[str, Tensor | None], where: str) -> str:
+    code, dtype = state.get("quant_type"), str(state.get("dtype"))
+    if code not in BNB_CODES:
+        raise ValueError(f"{where}: bitsandbytes quant type {code!r} is not supported; nf4 and fp4 are")
+    fmt = next((f for f, (c, d) in BNB_FORMATS.items() if c == code and str(d) == f"torch.{dtype}"), None)
+    if fmt is None:
+        raise ValueError(f"{where}: bitsandbytes weights of dtype {dtype!r}: bfloat16, float16 and float32 are read")
+    if state.get("blocksize") != BNB_BLOCK:
+        raise ValueError(f"{where}: bitsandbytes blocksize {state.get('blocksize')} is not supported; {BNB_BLOCK} is "
+                         "(what diffusers and transformers write)")  # fmt: skip
+    if parts["absmax"] is None or parts["quant_map"] is None:
+        raise ValueError(f"{where}: its bitsandbytes weight has no absmax or quant_map tensor")
+    if not torch.equal(parts["quant_map"].float(), torch.tensor(BNB_CODES[code], dtype=torch.float32)):
+        raise ValueError(f"{where}: its quant_map is not bitsandbytes' {state['quant_type']} code")
+    if (parts["nested_absmax"] is None) != ("nested_offset" not in state) or len(state.get("shape") or ()) != 2:
+        raise ValueError(f"{where}: its bitsandbytes quant state is incomplete (nested parts or a 2-d shape)")
+    return fmt
+
+
+def _bnb_absmax(parts: dict[str, Tensor | None], state: dict) -> Tensor:
+    """Each block's fp32 absmax, double-quantized ones (`bnb_4bit_use_double_quant`) dequantized as
+    bitsandbytes does: nested code[q] * the nested block's absmax, plus the offset."""
+    absmax = parts["absmax"]
+    if parts["nested_absmax"] is None:
+        return absmax.float()
+    per = int(state["nested_blocksize"])
+    scale = parts["nested_absmax"].float().repeat_interleave(per)[: absmax.numel()]
+    offset = torch.tensor(float(state["nested_offset"]), dtype=torch.float32)
+    return parts["nested_quant_map"].float()[absmax.long()] * scale + offset
+
+
+def _bnb_dense(nibbles: Tensor, absmax: Tensor, fmt: str, n: int) -> Tensor:
+    """A whole weight's n fp32 values, block by block in flat order."""
+    code = torch.tensor(BNB_CODES[BNB_FORMATS[fmt][0]], dtype=torch.float32)
+    q = torch.stack([nibbles >> 4, nibbles & 0x0F], dim=-1).reshape(-1)[:n]
+    return code[q.long()] * absmax.repeat_interleave(BNB_BLOCK)[:n]
 
 
 def logical_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
@@ -116,6 +214,13 @@ def tensor_types(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
     with safe_open(str(path), "pt") as f:
         found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
         formats = _formats_of(path, f.metadata())
+        for key in [k for k in found if BNB_STATE in k]:  # a bitsandbytes weight: its shape is in its state
+            module = key[: key.index(BNB_STATE)]
+            state = json.loads(bytes(f.get_tensor(key).tolist()))
+            for part in (*BNB_PARTS, key.removeprefix(f"{module}.weight.")):
+                found.pop(f"{module}.weight.{part}", None)
+            if f"{module}.weight" in found:
+                found[f"{module}.weight"] = (tuple(state.get("shape") or ()), f"bnb-{state.get('quant_type')}")
     for name, fmt in formats.items():
         key = name + ".weight"
         if key in found:

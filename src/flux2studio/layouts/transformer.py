@@ -121,6 +121,32 @@ def transformer_from_diffusers(
     return convert(sd, TRANSFORMER_DIFFUSERS, to="ours", copied=copied)
 
 
+def packed_from_diffusers(
+    sd: dict[str, Tensor], formats: dict[str, str], copied: Callable[[list[Tensor]], None] | None = None
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """`transformer_from_diffusers` for tensors with packed layers (`formats`: {module: format}): a layer's rows and
+    its `.scales` (one row each per output row) are fused, swapped and renamed alike. Returns (tensors, formats)."""
+    scales = {k.removesuffix(".scales") + ".weight": v for k, v in sd.items() if k.endswith(".scales")}
+    out = transformer_from_diffusers({k: v for k, v in sd.items() if not k.endswith(".scales")}, copied)
+    for key, value in convert(scales, TRANSFORMER_DIFFUSERS, to="ours", copied=copied).items():
+        out[key.removesuffix(".weight") + ".scales"] = value
+    ours: dict[str, str] = {}
+    for module, fmt in formats.items():
+        name = _ours_key(module + ".weight").removesuffix(".weight")
+        if ours.setdefault(name, fmt) != fmt:
+            raise ValueError(f"{name} is fused from layers stored in different formats ({ours[name]}, {fmt})")
+    return out, ours
+
+
+def _ours_key(key: str) -> str:
+    """A diffusers key's name in our layout (q, k and v each name the fused qkv)."""
+    for rule in TRANSFORMER_DIFFUSERS:
+        for theirs in rule.theirs:
+            if match := _pattern(theirs).match(key):
+                return rule.ours.format(i=match.groupdict().get("i"))
+    raise ValueError(f"transformer key {key} maps to nothing")
+
+
 def transformer_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Ours (BFL layout) -> diffusers `Flux2Transformer2DModel` state dict."""
     return convert(sd, TRANSFORMER_DIFFUSERS, to="theirs")
