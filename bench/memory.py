@@ -33,6 +33,10 @@ import time
 from pathlib import Path
 
 from flux2studio.kernels import ATTENTION_MODES  # torch-free: the driver stays light
+
+# bitsandbytes (diffusers imports it when it is installed) asks the Hugging Face Hub for a CPU kernel on AVX512-BF16
+# machines: benchmarks never reach the Hub, here nor in the runs they start
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from flux2studio.precision import describe_cpu  # imports torch only when called
 
 PROMPT = "a large red circle in the top left and a small blue square at the bottom right on a white background"

@@ -9,12 +9,15 @@ Usage: python bench/nano_speed.py [--runs 5] [--size 128] [--dtype auto|bf16|fp3
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 
 from flux2studio.kernels import ATTENTION_MODES
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # diffusers imports bitsandbytes, which asks the Hub for a kernel
 
 
 def main() -> None:

@@ -7,6 +7,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests share tiny.py
 
+# bitsandbytes (a test dependency; diffusers imports it when it is installed) asks the Hugging Face Hub for a CPU
+# kernel when first imported on AVX512-BF16 machines. Imported here first, with the Hub offline: nothing is fetched.
+with pytest.MonkeyPatch.context() as _mp:
+    import huggingface_hub.constants
+
+    _mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    import bitsandbytes  # noqa: F401
+
 
 @pytest.fixture
 def cli(capsys):

@@ -5,20 +5,26 @@ running the same folder. bitsandbytes (its CPU backend) writes the folders and i
 import dataclasses
 import json
 
-import huggingface_hub.constants
+import bitsandbytes as bnb  # (first imported offline: conftest.py)
 import numpy as np
 import pytest
 import torch
+from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # its plain unpacking
 
 from flux2studio import load
 from flux2studio.quantize import QuantLinear, dense_weight
 from flux2studio.quantized_files import read_component_weights, unpack_bnb
-from tiny import QWEN3_TEMPLATE, TRANSFORMER, VAE, diffusers_transformer, diffusers_vae, qwen3, tokenizer
-
-with pytest.MonkeyPatch.context() as _mp:  # on AVX512-BF16 CPUs its import asks the Hub for a kernel: not here
-    _mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    import bitsandbytes as bnb
-    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # its plain unpacking
+from tiny import (
+    MISTRAL_TEMPLATE,
+    QWEN3_TEMPLATE,
+    TRANSFORMER,
+    VAE,
+    diffusers_transformer,
+    diffusers_vae,
+    mistral3,
+    qwen3,
+    tokenizer,
+)
 
 
 def _packed(w: torch.Tensor, quant_type: str, nested: bool, prefix: str = "layer") -> dict[str, torch.Tensor]:
@@ -89,47 +95,46 @@ def _state(sd: dict[str, torch.Tensor], **changes) -> None:
 @pytest.fixture(scope="module")
 def bnb_klein(tmp_path_factory):
     """A tiny klein folder whose transformer diffusers saved in NF4 with double-quantized absmax and whose Qwen3
-    text encoder transformers saved in FP4 (both from bf16 weights, computing in fp32), and diffusers' pipeline
-    loaded from it. diffusers' bitsandbytes quantizer asks for a GPU before quantizing; on the CPU, bitsandbytes
-    quantizes the same: the check is skipped here."""
-    from diffusers import BitsAndBytesConfig, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    text encoder transformers saved in FP4, and diffusers' pipeline on it (`_bnb_folder`)."""
+    from diffusers import Flux2KleinPipeline
+
+    cfg = dataclasses.replace(TRANSFORMER, context_dim=192, guidance_embed=False)  # every layer's inputs: 64k
+    parts = {"text_encoder": qwen3(layers=28, hidden=64, head_dim=16), "tokenizer": tokenizer(QWEN3_TEMPLATE)}
+    folder = tmp_path_factory.mktemp("bnb-klein")
+    return folder, _bnb_folder(folder, Flux2KleinPipeline, cfg, parts, ("nf4", True), ("fp4", False))
+
+
+def _bnb_folder(folder, pipeline, cfg, parts: dict, transformer_4bit, text_4bit):
+    """A tiny pipeline saved in `folder` from bf16 weights, its transformer then saved by diffusers and its text
+    encoder by transformers in bitsandbytes 4-bit ((quant type, double-quantized absmax) each), and diffusers'
+    pipeline loaded from it (each 4-bit layer as bitsandbytes unpacks it, in fp32: `_unpacked`). diffusers'
+    quantizer asks for a GPU before quantizing; on the CPU, bitsandbytes quantizes the same: the check is skipped."""
+    from diffusers import BitsAndBytesConfig, FlowMatchEulerDiscreteScheduler
     from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
-    from transformers import AutoModelForCausalLM
     from transformers import BitsAndBytesConfig as TransformersBnb
 
-    folder = tmp_path_factory.mktemp("bnb-klein")
-    cfg = dataclasses.replace(TRANSFORMER, context_dim=192, guidance_embed=False)  # every layer's inputs: 64k
-    Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential", shift=3.0),
-        vae=diffusers_vae(dataclasses.replace(VAE, channels=(32, 32, 32, 32))),
-        text_encoder=qwen3(layers=28, hidden=64, head_dim=16).to(torch.bfloat16),
-        tokenizer=tokenizer(QWEN3_TEMPLATE),
-        transformer=diffusers_transformer(cfg).to(torch.bfloat16),
-        is_distilled=True,
-    ).save_pretrained(folder)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential", shift=3.0)
+    vae = diffusers_vae(dataclasses.replace(VAE, channels=(32, 32, 32, 32)))
+    transformer = diffusers_transformer(cfg).to(torch.bfloat16)
+    extra = {"is_distilled": True} if "Klein" in pipeline.__name__ else {}
+    parts["text_encoder"] = parts["text_encoder"].to(torch.bfloat16)
+    pipeline(scheduler=scheduler, vae=vae, transformer=transformer, **parts, **extra).save_pretrained(folder)
+    classes = {"transformer": type(transformer), "text_encoder": type(parts["text_encoder"])}
+    configs = {"transformer": (BitsAndBytesConfig, *transformer_4bit), "text_encoder": (TransformersBnb, *text_4bit)}
+    loaded = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(BnB4BitDiffusersQuantizer, "validate_environment", lambda *a, **k: None)
-        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
-        transformer = type(diffusers_transformer(cfg)).from_pretrained(
-            folder / "transformer", quantization_config=nf4, torch_dtype=torch.bfloat16, device_map="cpu"
-        )
-        transformer.save_pretrained(folder / "transformer")
-        fp4 = TransformersBnb(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32)
-        encoder = AutoModelForCausalLM.from_pretrained(
-            folder / "text_encoder", quantization_config=fp4, dtype=torch.bfloat16, device_map="cpu"
-        )
-        encoder.save_pretrained(folder / "text_encoder")
-        parts = {
-            "transformer": type(transformer).from_pretrained(folder / "transformer", device_map="cpu",
-                                                             torch_dtype=torch.float32),
-            "text_encoder": AutoModelForCausalLM.from_pretrained(folder / "text_encoder", device_map="cpu",
-                                                                 dtype=torch.float32),
-        }  # fmt: skip
-        reference = Flux2KleinPipeline.from_pretrained(folder, torch_dtype=torch.float32, **parts)
-    for part in parts.values():
+        for name, cls in classes.items():
+            config_cls, quant_type, nested = configs[name]
+            config = config_cls(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=nested,
+                                bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+            quantized = dict(quantization_config=config, dtype=torch.bfloat16, device_map="cpu")
+            cls.from_pretrained(folder / name, **quantized).save_pretrained(folder / name)
+            loaded[name] = cls.from_pretrained(folder / name, device_map="cpu", dtype=torch.float32)
+        reference = pipeline.from_pretrained(folder, torch_dtype=torch.float32, **loaded)
+    for part in loaded.values():
         torch.nn.Module.float(_unpacked(part))  # (transformers keeps a 4-bit model's other layers in bf16)
-    return folder, reference
+    return reference
 
 
 def _unpacked(model: torch.nn.Module) -> torch.nn.Module:
@@ -166,6 +171,24 @@ def test_a_bitsandbytes_4bit_folder_stays_packed_and_matches_diffusers(bnb_klein
     diff = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
     assert diff.max() <= 1, diff.max()
     assert json.loads(image.info["flux2"])["model"] == "klein-4b"
+
+
+def test_dev_as_diffusers_publishes_it_in_4_bit_matches_diffusers(tmp_path):
+    """dev's folder in 4-bit, as diffusers/FLUX.2-dev-bnb-4bit is (its transformer here FP4, its Mistral3 text
+    encoder NF4 with double-quantized absmax): the image is diffusers' on it to 1/255 per pixel, layers packed."""
+    from diffusers import Flux2Pipeline
+
+    cfg = dataclasses.replace(TRANSFORMER, context_dim=192, guidance_embed=True)
+    parts = {"text_encoder": mistral3(layers=31, hidden=64, head_dim=16), "tokenizer": tokenizer(MISTRAL_TEMPLATE)}
+    reference = _bnb_folder(tmp_path, Flux2Pipeline, cfg, parts, ("fp4", False), ("nf4", True))
+    with torch.no_grad():
+        expected = reference(prompt="a cat", width=64, height=80, num_inference_steps=2, guidance_scale=3.0,
+                             generator=torch.Generator("cpu").manual_seed(1)).images[0]  # fmt: skip
+    pipe = load(weights=tmp_path, dtype="fp32", device="cpu", resident=True)
+    image = pipe("a cat", size=(64, 80), steps=2, guidance=3.0, seed=1)[0]
+    assert pipe.variant.id == "dev" and pipe.transformer.double_blocks[0].img_mlp[0].fmt == "bnb-fp4-bf16"
+    assert pipe.text_encoder.model.layers[0].self_attn.q_proj.fmt == "bnb-nf4-bf16"
+    assert np.abs(np.asarray(image, dtype=np.int16) - np.asarray(expected, dtype=np.int16)).max() <= 1
 
 
 def test_a_bitsandbytes_folder_is_described_and_converts_to_plain_weights(bnb_klein, tmp_path):

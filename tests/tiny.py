@@ -73,7 +73,7 @@ def qwen3(layers: int = 6, hidden: int = 32, seed: int = 0, head_dim: int = 8):
     return Qwen3ForCausalLM(cfg).eval()
 
 
-def mistral3(layers: int = 6, hidden: int = 32, seed: int = 0):
+def mistral3(layers: int = 6, hidden: int = 32, seed: int = 0, head_dim: int = 8):
     from transformers import (
         Mistral3Config,
         Mistral3ForConditionalGeneration,
@@ -89,7 +89,7 @@ def mistral3(layers: int = 6, hidden: int = 32, seed: int = 0):
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
+        head_dim=head_dim,
         max_position_embeddings=512,
     )
     vision = PixtralVisionConfig(

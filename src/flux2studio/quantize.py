@@ -149,16 +149,19 @@ def bnb_scales_bytes(absmax: Tensor, out_features: int) -> Tensor:
 
 
 @functools.cache
-def _bnb_table(code: str, device: torch.device) -> Tensor:
-    return torch.tensor(BNB_CODES[code], dtype=torch.float32, device=device)
+def _bnb_pairs(code: str, device: torch.device) -> Tensor:
+    """(256, 2) fp32: the two weights' codes each byte holds (high nibble first). Looking a byte up whole (an
+    embedding lookup) unpacks 1.8x faster than gathering nibbles (3072x12288 on 2 Zen 4 cores: 77 vs 140 ms)."""
+    table = torch.tensor(BNB_CODES[code], dtype=torch.float32)
+    byte = torch.arange(256)
+    return torch.stack([table[byte >> 4], table[byte & 0x0F]], dim=-1).to(device)
 
 
 def _unpack_bnb(packed: Tensor, scales: Tensor, fmt: str, in_features: int) -> Tensor:
     code, dtype = BNB_FORMATS[fmt]
-    table = _bnb_table(code, packed.device)
-    q = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(packed.shape[0], -1, BNB_BLOCK)
+    weights = F.embedding(packed.long(), _bnb_pairs(code, packed.device)).reshape(packed.shape[0], -1, BNB_BLOCK)
     absmax = scales.contiguous().view(torch.float32).unsqueeze(-1)
-    return (table[q.long()] * absmax).reshape(-1, in_features).to(dtype)
+    return (weights * absmax).reshape(-1, in_features).to(dtype)
 
 
 UNPACK_ELEMENTS = 2**20  # weights unpacked per piece (4 MB of fp32 temporaries)
