@@ -212,3 +212,41 @@ def test_a_bitsandbytes_folder_is_described_and_converts_to_plain_weights(bnb_kl
             assert torch.equal(sd[name + ".weight"], dense_weight(layer, torch.bfloat16)), name
     with pytest.raises(ValueError, match="holds bitsandbytes 4-bit weights: it loads as it is"):
         convert(folder / "text_encoder", tmp_path / "te", to="bfl", quantize="int8")
+
+
+def test_dev_4_bit_is_pulled_and_found_by_its_id(tmp_path):
+    """`flux2 pull dev --4bit` downloads dev's 4-bit copy (diffusers/FLUX.2-dev-bnb-4bit; here a local Hub mirror
+    serving a tiny one) into the Hugging Face cache; `flux2 models` then shows dev present and `--model dev` runs
+    it, dev's own folder being absent. A model with no 4-bit copy published says so."""
+    import os
+    import subprocess
+    import sys
+
+    from diffusers import Flux2Pipeline
+    from PIL import Image
+
+    from hub_mirror import HubMirror
+
+    cfg = dataclasses.replace(TRANSFORMER, context_dim=192, guidance_embed=True)
+    parts = {"text_encoder": mistral3(layers=31, hidden=64, head_dim=16), "tokenizer": tokenizer(MISTRAL_TEMPLATE)}
+    _bnb_folder(tmp_path / "src", Flux2Pipeline, cfg, parts, ("nf4", False), ("nf4", False))
+    hub = HubMirror({"diffusers/FLUX.2-dev-bnb-4bit": tmp_path / "src"})
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_DISABLE_XET": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+
+    def flux2(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "flux2studio.cli", *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env)
+
+    try:
+        assert flux2("pull", "dev", "--4bit").returncode == 0
+        rows = {r["id"]: r for r in json.loads(flux2("models", "--json").stdout)}
+        assert rows["dev"]["present"] and rows["dev"]["repo_4bit"] == "diffusers/FLUX.2-dev-bnb-4bit"
+        out = tmp_path / "cat.png"
+        run = flux2("generate", "a cat", "--model", "dev", "--size", "64x80", "--steps", "1", "-o", str(out))
+        assert run.returncode == 0, run.stderr
+        assert json.loads(Image.open(out).info["flux2"])["model"] == "dev"
+        run = flux2("pull", "klein-4b", "--4bit")
+        assert run.returncode == 2 and "klein-4b has no 4-bit copy published (--4bit: dev)" in run.stderr
+    finally:
+        hub.close()

@@ -49,6 +49,7 @@ def variant_row(v: Variant) -> dict:
         "max_refs": v.max_refs,
         "files": list(v.files),
         "repo": v.repo,
+        "repo_4bit": v.repo_4bit,
         "api": api_row(v.id),
     }
 
@@ -547,7 +548,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from .loading import pull
 
-    print(f"{args.model}: {pull(args.model)}")
+    print(f"{args.model}: {pull(args.model, four_bit=args.four_bit)}")
     return 0
 
 
@@ -691,6 +692,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("pull", help="download a model's weights from Hugging Face (resumable)")
     pl.add_argument("model")
+    pl.add_argument(
+        "--4bit",
+        dest="four_bit",
+        action="store_true",
+        help="its copy in bitsandbytes NF4, where one is published (dev: diffusers/FLUX.2-dev-bnb-4bit)",
+    )
     pl.set_defaults(func=cmd_pull)
 
     conv = sub.add_parser("convert", help="convert a transformer or VAE between layouts (diffusers, BFL, GGUF), "

@@ -595,35 +595,45 @@ def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str 
 
 
 def find_local(variant: Variant) -> Path | None:
-    """The variant's diffusers folder in the Hugging Face cache, if downloaded (no network)."""
+    """The variant's diffusers folder in the Hugging Face cache, if downloaded (no network): its own repo's, else
+    its 4-bit copy's (`repo_4bit`)."""
     if variant.id in EMBEDDED_IDS:
         return EMBEDDED if (EMBEDDED / f"{variant.id}.safetensors").is_file() else None
-    if not variant.repo:
-        return None
     from huggingface_hub import snapshot_download
 
-    try:
-        path = Path(snapshot_download(variant.repo, local_files_only=True))
-    except Exception:  # not in the cache (huggingface_hub raises several types for that)
-        return None
-    return path if is_diffusers_folder(path) else None
+    for repo in (variant.repo, variant.repo_4bit):
+        if repo is None:
+            continue
+        try:
+            path = Path(snapshot_download(repo, local_files_only=True))
+        except Exception:  # not in the cache (huggingface_hub raises several types for that)
+            continue
+        if is_diffusers_folder(path):
+            return path
+    return None
 
 
-def pull(model_id: str, token: str | None = None) -> Path:
-    """Download a variant's diffusers folder with huggingface_hub (resumable; token from env or login)."""
+def pull(model_id: str, token: str | None = None, four_bit: bool = False) -> Path:
+    """Download a variant's diffusers folder with huggingface_hub (resumable; token from env or login); with
+    `four_bit`, its bitsandbytes NF4 copy (`repo_4bit`)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     variant = get_variant(model_id)
     if variant.hosted or not variant.repo:
         raise ValueError(f"{model_id} has no downloadable weights ({'hosted API' if variant.hosted else 'embedded'})")
+    repo = variant.repo_4bit if four_bit else variant.repo
+    if repo is None:
+        known = ", ".join(v.id for v in VARIANTS.values() if v.repo_4bit) or "none"
+        raise ValueError(f"{model_id} has no 4-bit copy published (--4bit: {known}); quantize at load with "
+                         "--quantize int4, or save a copy with flux2 convert --quantize int4")  # fmt: skip
     try:
-        return Path(snapshot_download(variant.repo, token=token, allow_patterns=["*.json", "*.safetensors",
+        return Path(snapshot_download(repo, token=token, allow_patterns=["*.json", "*.safetensors",
                                       "*.txt", "*.jinja", "tokenizer*", "*.model"]))  # fmt: skip
     except GatedRepoError:
         raise PermissionError(
-            f"{variant.repo} is gated: accept its licence ({variant.license}) on its Hugging Face page while "
+            f"{repo} is gated: accept its licence ({variant.license}) on its Hugging Face page while "
             "logged in, then set HF_TOKEN (or run `huggingface-cli login`) and run `flux2 pull` again"
         ) from None
     except RepositoryNotFoundError:
-        raise FileNotFoundError(f"{variant.repo} was not found (or needs a token): set HF_TOKEN") from None
+        raise FileNotFoundError(f"{repo} was not found (or needs a token): set HF_TOKEN") from None

@@ -177,6 +177,7 @@ class Variant:
     guidance_mode: GuidanceMode = "none"
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # noise levels that CFG applies at (`cfg_velocity`)
     repo: str | None = None  # Hugging Face repo in diffusers layout
+    repo_4bit: str | None = None  # the same in bitsandbytes NF4 (`flux2 pull --4bit`), published beside it
     files: tuple[str, ...] = ()  # official BFL single-file names
     kv_cache: bool = False  # klein-9b-kv: cache reference K/V after step 0
     max_refs: int = 4
@@ -217,6 +218,7 @@ _LOCAL = [
         guidance=4.0,
         guidance_mode="embedded",
         repo="black-forest-labs/FLUX.2-dev",
+        repo_4bit="diffusers/FLUX.2-dev-bnb-4bit",  # transformer and text encoder in NF4, by diffusers' team
         files=("flux2-dev.safetensors", "ae.safetensors"),
         max_refs=6,
     ),
