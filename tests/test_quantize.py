@@ -377,6 +377,68 @@ def test_a_text_encoder_gguf_as_llama_cpp_writes_it_loads_with_its_own_tokenizer
         load("klein-4b", weights=path, text_encoder=q4)
 
 
+def test_a_text_encoder_as_one_safetensors_file_as_comfyui_shares_it(klein_folder, tmp_path, monkeypatch):
+    """A Qwen3 text encoder as one safetensors file with transformers' names and no config (ComfyUI's
+    `qwen_3_4b.safetensors`; `..._fp8mixed`: e4m3 linear weights with a `scale_weight` each) loads with
+    `--text-encoder FILE`: its config from the shapes, its tokenizer from a `tokenizer/` folder beside it or the
+    Hugging Face cache (the model's repo). The folder's encoding bit for bit; fp8: kept fp8 and widened per layer,
+    bit for bit the encoding of its weights widened up front. No tokenizer anywhere, or a Mistral file: one clear
+    error each."""
+    import huggingface_hub.constants
+
+    from flux2studio.checkpoints import read_component, write_safetensors
+    from flux2studio.conversion import describe
+
+    path, te = _single_file(klein_folder, tmp_path)
+    config = json.loads((te / "config.json").read_text())  # the tiny encoder given Qwen3's rope base, as a file's
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+    (te / "config.json").write_text(json.dumps(config))
+    prompts = ["a red circle", "a cat holding a sign that says hello world, photo, 35mm"]
+    ref = load("klein-4b", weights=path, text_encoder=te, dtype="fp32").text_encoder(prompts)
+    sd = read_component(te)
+    comfy = tmp_path / "comfy"
+    comfy.mkdir()
+    write_safetensors(sd, comfy / "qwen_3_4b.safetensors")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    no_tokenizer = r"holds no tokenizer and none was found .*huggingface-cli download Qwen/Qwen3-4B"
+    with pytest.raises(FileNotFoundError, match=no_tokenizer):
+        load("klein-4b", weights=path, text_encoder=comfy / "qwen_3_4b.safetensors")
+    entry = tmp_path / "hub" / "models--Qwen--Qwen3-4B"  # klein-4b's text encoder repo, its tokenizer files only
+    shutil.copytree(te / "tokenizer", entry / "snapshots" / "abc")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("abc")
+    pipe = load("klein-4b", weights=path, text_encoder=comfy / "qwen_3_4b.safetensors", dtype="fp32")
+    assert torch.equal(pipe.text_encoder(prompts), ref) and len(pipe.text_encoder.model.layers) == 27
+
+    fp8, widened = {}, {}  # the fp8 file, and a folder of its weights widened as the reference does: w.float() * scale
+    for key, w in sd.items():
+        fp8[key] = widened[key] = w
+        if key.startswith("model.layers.") and key.endswith("proj.weight"):
+            scale = w.abs().max().float() / 448
+            fp8[key] = (w.float() / scale).to(torch.float8_e4m3fn)
+            fp8[key.removesuffix("weight") + "scale_weight"] = scale
+            widened[key] = fp8[key].float() * scale
+    write_safetensors(fp8, comfy / "qwen_3_4b_fp8mixed.safetensors")
+    shutil.copytree(te, tmp_path / "widened")
+    for shard in (tmp_path / "widened").glob("*.safetensors*"):
+        shard.unlink()
+    write_safetensors(widened, tmp_path / "widened" / "model.safetensors")
+    shutil.copytree(te / "tokenizer", comfy / "tokenizer")  # beside the file
+    encoder = load("klein-4b", weights=path, text_encoder=comfy / "qwen_3_4b_fp8mixed.safetensors", dtype="fp32")
+    encoder = encoder.text_encoder
+    assert encoder.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn  # kept, widened per layer
+    expected = load("klein-4b", weights=path, text_encoder=tmp_path / "widened", dtype="fp32").text_encoder(prompts)
+    assert torch.equal(encoder(prompts), expected)
+
+    info = describe(comfy / "qwen_3_4b.safetensors")
+    assert info["component"] == "text encoder" and info["text_encoder"]["config"]["num_hidden_layers"] == 28
+
+    mistral = {k.replace("self_attn.q_norm", "post_attention_layernorm"): v for k, v in sd.items()}
+    write_safetensors(mistral, comfy / "mistral.safetensors")
+    with pytest.raises(ValueError, match="a Mistral text encoder in one file is not read"):
+        load("klein-4b", weights=path, text_encoder=comfy / "mistral.safetensors")
+
+
 def test_a_resident_int8_model_compiles():
     """`--compile` with int8 layers kept in memory: the compiled blocks call oneDNN's prepacked kernel as an opaque
     op (traced as the plain op, Inductor stopped with an error) and share their compiled graph; the output

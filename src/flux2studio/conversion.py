@@ -37,6 +37,7 @@ from .quantized_files import (
     read_transformer_file,
     stack_name,
     tensor_types,
+    text_encoder_file_config,
     text_encoder_gguf_config,
     text_encoder_quantizable,
     transformer_quantizable,
@@ -445,6 +446,9 @@ def describe(path: str | Path) -> dict:
     elif gguf_component(path) == "text encoder":
         info["layout"], info["component"] = "single file (GGUF, llama.cpp names)", "text encoder"
         info["text_encoder"] = dict(zip(("kind", "config"), text_encoder_gguf_config(path), strict=True))
+    elif path.is_file() and any(k.endswith(":model.embed_tokens.weight") for k in shapes):
+        info["layout"], info["component"] = "single file (transformers names, no config)", "text encoder"
+        info["text_encoder"] = {"kind": "qwen3", "config": text_encoder_file_config(path)}
     elif path.is_file():
         keys = strip_prefix({k.split(":", 1)[1]: v for k, v in shapes.items()})
         if any(k.startswith(("encoder.", "decoder.")) for k in keys):

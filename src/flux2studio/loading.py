@@ -11,6 +11,7 @@ import torch
 from .checkpoints import (
     EMBEDDED,
     build,
+    check_path,
     dequantize_fp8,
     is_diffusers_folder,
     is_fp8,
@@ -47,11 +48,14 @@ from .precision import compute_dtype, storage, widen_on_use
 from .quantize import BNB_FORMATS, check_mode, prepack_int8, quantize_modules, swap_in
 from .quantized_files import (
     gguf_component,
+    is_gguf,
     logical_shapes,
     read_component_weights,
     read_text_encoder_gguf,
     read_transformer_file,
+    read_weights,
     stack_name,
+    text_encoder_file_config,
     text_encoder_gguf_config,
     text_encoder_quantizable,
     transformer_quantizable,
@@ -117,7 +121,7 @@ def detect_variant(pipeline_class: str, is_distilled: bool, transformer: Transfo
 def text_encoder_spec(base: TextEncoderSpec, folder: Path) -> TextEncoderSpec:
     """The variant's text-encoder spec, with the width read from the folder's config (or the GGUF's header)."""
     if folder.is_file():
-        kind, cfg = text_encoder_gguf_config(folder)
+        kind, cfg = text_encoder_gguf_config(folder) if is_gguf(folder) else ("qwen3", text_encoder_file_config(folder))
         return dataclasses.replace(base, kind=kind, hidden_size=cfg["hidden_size"])
     cfg = read_json(folder / "config.json")
     kind = {"qwen3": "qwen3", "mistral3": "mistral3"}.get(cfg.get("model_type"))
@@ -152,13 +156,17 @@ def decoder_stack(source: Path, kind: str, config, dtype: torch.dtype, quantize:
     from transformers import MistralModel, Qwen3Model
 
     stack = Qwen3Model if kind == "qwen3" else MistralModel
-    if source.is_file():
+    if is_gguf(source):
         with torch.device("meta"):
             keys = list(stack._from_config(config).state_dict())
         sd, formats = read_text_encoder_gguf(source, keys)
     else:
         sd, formats = _stack_tensors(source, kind, config.num_hidden_layers)
+    sd, scales = dequantize_fp8(sd, dtype, keep=lambda key: True)  # fp8 files: kept fp8, widened per layer
     model = build(lambda: swap_in(stack._from_config(config, dtype=dtype), formats), storage(sd, dtype), "text encoder")
+    for name, p in model.named_parameters():
+        if name in scales:
+            p.fp8_scale = scales[name]  # read by precision.dequantized
     model.rotary_emb = type(model.rotary_emb)(config=model.config)  # its buffers are computed, not stored
     if quantize:
         quantize_modules(model, quantize, text_encoder_quantizable, release=drop_file_pages)
@@ -166,8 +174,9 @@ def decoder_stack(source: Path, kind: str, config, dtype: torch.dtype, quantize:
 
 
 def _stack_tensors(model_dir: Path, kind: str, layers: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A text encoder folder's tensors of its first `layers` decoder layers, named as the stack names them."""
-    raw, packed = read_component_weights(model_dir)
+    """A text encoder folder's (or single file's) tensors of its first `layers` decoder layers, named as the
+    stack names them."""
+    raw, packed = read_weights(model_dir) if model_dir.is_file() else read_component_weights(model_dir)
     keep = {f"layers.{i}." for i in range(layers)}
     sd, formats = {}, {}
     for key, tensor in raw.items():
@@ -197,8 +206,9 @@ def hf_text_encoder(
     from transformers import AutoConfig, AutoTokenizer, Qwen3Config
 
     last = max(spec.layers)
-    if model_dir.is_file():
-        config = Qwen3Config(**text_encoder_gguf_config(model_dir)[1])
+    if model_dir.is_file():  # a GGUF, or one safetensors file with transformers' names (ComfyUI's)
+        fields = text_encoder_gguf_config(model_dir)[1] if is_gguf(model_dir) else text_encoder_file_config(model_dir)
+        config = Qwen3Config(**fields)
     else:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     text_cfg = config.text_config if spec.kind == "mistral3" else config
@@ -208,7 +218,7 @@ def hf_text_encoder(
     if getattr(text_cfg, "layer_types", None) is not None:
         text_cfg.layer_types = text_cfg.layer_types[:last]
     model = decoder_stack(model_dir, spec.kind, text_cfg, dtype, quantize).to(device)
-    if model_dir.is_file():  # the GGUF's own tokenizer, built by transformers
+    if is_gguf(model_dir):  # the GGUF's own tokenizer, built by transformers
         tokenizer = AutoTokenizer.from_pretrained(model_dir.parent, gguf_file=model_dir.name, local_files_only=True)
     elif any((tokenizer_dir / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
         # Mistral's: imported only then (it pulls in transformers' image processing)
@@ -347,8 +357,8 @@ def find_text_encoder(spec: TextEncoderSpec, given: str | Path | None) -> Path:
         component = gguf_component(Path(given))
         if component == "transformer":
             raise ValueError(f"--text-encoder {given} is a FLUX.2 transformer GGUF, not a text encoder")
-        if component == "text encoder":
-            return Path(given)
+        if component == "text encoder" or Path(given).is_file():  # a GGUF, or one safetensors file
+            return check_path(given)
         folder = resolve_snapshot(given)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"text encoder folder {folder} has no config.json")
@@ -362,6 +372,29 @@ def find_text_encoder(spec: TextEncoderSpec, given: str | Path | None) -> Path:
             f"text encoder {spec.model} not found in the Hugging Face cache: pass --text-encoder PATH "
             "or download it (`flux2 pull` or `huggingface-cli download`)"
         ) from None
+
+
+def find_tokenizer(variant: Variant, encoder_file: Path) -> Path:
+    """The tokenizer of a text encoder given as one safetensors file, which holds none: a `tokenizer/` folder
+    beside the file, else the variant's or its text encoder's repo in the Hugging Face cache (no network)."""
+    from huggingface_hub import snapshot_download
+
+    beside = encoder_file.parent / "tokenizer"
+    candidates = [beside]
+    for repo in (variant.repo, variant.text_encoder.model):
+        try:
+            candidates.append(tokenizer_folder(Path(snapshot_download(repo, local_files_only=True))))
+        except Exception:  # not in the cache (huggingface_hub raises several types for that)
+            continue
+    for folder in candidates:
+        if (folder / "tokenizer_config.json").is_file():
+            return folder
+    model = variant.text_encoder.model
+    raise FileNotFoundError(
+        f"{encoder_file} holds no tokenizer and none was found (in {beside}, or {variant.repo} or {model} in the "
+        f"Hugging Face cache): `huggingface-cli download {model} tokenizer.json tokenizer_config.json vocab.json "
+        "merges.txt` fetches it (a few MB)"
+    )
 
 
 def load_single_file(
@@ -388,7 +421,10 @@ def load_single_file(
     spec = text_encoder_spec(variant.text_encoder, te_folder)
     variant = dataclasses.replace(variant, text_encoder=spec, vae=vae_cfg)
 
-    tok = tokenizer_folder(te_folder) if te_folder.is_dir() else te_folder
+    if te_folder.is_dir():
+        tok = tokenizer_folder(te_folder)
+    else:  # a GGUF holds its tokenizer; one safetensors file does not
+        tok = te_folder if is_gguf(te_folder) else find_tokenizer(variant, te_folder)
 
     parts = components(
         variant,

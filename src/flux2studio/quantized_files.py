@@ -355,8 +355,38 @@ def text_encoder_gguf_config(path: Path) -> tuple[str, dict]:
         raise ValueError(f"{path}: a {arch} GGUF without {', '.join(missing) or 'token_embd.weight'}")
     config = {field: header[f"{arch}.{key}"] for field, key in GGUF_CONFIG_KEYS.items()}
     config["vocab_size"] = int(shapes["token_embd.weight"][-1])
-    config["rope_parameters"] = {"rope_type": "default", "rope_theta": header.get(f"{arch}.rope.freq_base", 1e6)}
+    theta = header.get(f"{arch}.rope.freq_base", QWEN3_CONSTANTS["rope_parameters"]["rope_theta"])
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
     return arch, config
+
+
+# Qwen3's published constants, which its weights do not hold (all sizes: Qwen3-4B's and -8B's config.json)
+QWEN3_CONSTANTS = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "rms_norm_eps": 1e-6,
+                   "max_position_embeddings": 40960}  # fmt: skip
+
+
+def text_encoder_file_config(path: Path) -> dict:
+    """transformers config fields of a Qwen3 text encoder saved as one safetensors file with transformers' names
+    and no config (ComfyUI's `qwen_3_4b.safetensors`, `qwen_3_8b_fp8mixed.safetensors`): sizes from its tensors'
+    shapes, the rest Qwen3's constants. Other files get a clear error."""
+    shapes = logical_shapes(path)
+    layer = "model.layers.0."
+    if f"{layer}self_attn.q_norm.weight" not in shapes or "model.embed_tokens.weight" not in shapes:
+        if f"{layer}post_attention_layernorm.weight" in shapes:
+            raise ValueError(f"{path}: a Mistral text encoder in one file is not read; give dev's text_encoder folder")
+        raise ValueError(f"{path}: not a Qwen3 text encoder with transformers' names (model.layers.N...)")
+    head_dim = shapes[f"{layer}self_attn.q_norm.weight"][0]
+    vocab, hidden = shapes["model.embed_tokens.weight"]
+    return QWEN3_CONSTANTS | {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": shapes[f"{layer}mlp.gate_proj.weight"][0],
+        "num_hidden_layers": 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("model.layers.")),
+        "head_dim": head_dim,
+        "num_attention_heads": shapes[f"{layer}self_attn.q_proj.weight"][0] // head_dim,
+        "num_key_value_heads": shapes[f"{layer}self_attn.k_proj.weight"][0] // head_dim,
+        "tie_word_embeddings": "lm_head.weight" not in shapes,
+    }
 
 
 def _layer(key: str) -> int:
