@@ -379,7 +379,8 @@ def test_a_text_encoder_gguf_as_llama_cpp_writes_it_loads_with_its_own_tokenizer
 
 def test_a_text_encoder_as_one_safetensors_file_as_comfyui_shares_it(klein_folder, tmp_path, monkeypatch):
     """A Qwen3 text encoder as one safetensors file with transformers' names and no config (ComfyUI's
-    `qwen_3_4b.safetensors`; `..._fp8mixed`: e4m3 linear weights with a `scale_weight` each) loads with
+    `qwen_3_4b.safetensors`; `..._fp8mixed`: e4m3 linear weights with a `weight_scale` and a `comfy_quant` marker
+    each) loads with
     `--text-encoder FILE`: its config from the shapes, its tokenizer from a `tokenizer/` folder beside it or the
     Hugging Face cache (the model's repo). The folder's encoding bit for bit; fp8: kept fp8 and widened per layer,
     bit for bit the encoding of its weights widened up front. No tokenizer anywhere, or a Mistral file: one clear
@@ -416,7 +417,9 @@ def test_a_text_encoder_as_one_safetensors_file_as_comfyui_shares_it(klein_folde
         if key.startswith("model.layers.") and key.endswith("proj.weight"):
             scale = w.abs().max().float() / 448
             fp8[key] = (w.float() / scale).to(torch.float8_e4m3fn)
-            fp8[key.removesuffix("weight") + "scale_weight"] = scale
+            layer = key.removesuffix(".weight")
+            fp8[layer + ".weight_scale"], fp8[layer + ".input_scale"] = scale, torch.ones(())
+            fp8[layer + ".comfy_quant"] = _json_bytes({"format": "float8_e4m3fn"})  # ComfyUI's layer marker
             widened[key] = fp8[key].float() * scale
     write_safetensors(fp8, comfy / "qwen_3_4b_fp8mixed.safetensors")
     shutil.copytree(te, tmp_path / "widened")
@@ -430,6 +433,10 @@ def test_a_text_encoder_as_one_safetensors_file_as_comfyui_shares_it(klein_folde
     expected = load("klein-4b", weights=path, text_encoder=tmp_path / "widened", dtype="fp32").text_encoder(prompts)
     assert torch.equal(encoder(prompts), expected)
 
+    fp8["model.layers.0.mlp.up_proj.comfy_quant"] = _json_bytes({"format": "nvfp4"})
+    write_safetensors(fp8, comfy / "qwen_3_4b_nvfp4mixed.safetensors")
+    with pytest.raises(ValueError, match=r"layer model.layers.0.mlp.up_proj is in ComfyUI's 'nvfp4' format; of its"):
+        load("klein-4b", weights=path, text_encoder=comfy / "qwen_3_4b_nvfp4mixed.safetensors")("a red circle")
     info = describe(comfy / "qwen_3_4b.safetensors")
     assert info["component"] == "text encoder" and info["text_encoder"]["config"]["num_hidden_layers"] == 28
 
@@ -437,6 +444,10 @@ def test_a_text_encoder_as_one_safetensors_file_as_comfyui_shares_it(klein_folde
     write_safetensors(mistral, comfy / "mistral.safetensors")
     with pytest.raises(ValueError, match="a Mistral text encoder in one file is not read"):
         load("klein-4b", weights=path, text_encoder=comfy / "mistral.safetensors")
+
+
+def _json_bytes(value: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8)
 
 
 def test_a_resident_int8_model_compiles():

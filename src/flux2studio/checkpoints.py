@@ -36,12 +36,32 @@ def check_path(path: str | Path) -> Path:
 
 
 def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
-    """Tensors of a .safetensors file (memory-mapped on CPU); pickle and broken files get a clear error."""
+    """Tensors of a .safetensors file (memory-mapped on CPU); pickle and broken files get a clear error.
+    ComfyUI's per-layer quantization markers are checked and dropped (`comfy_quant_checked`)."""
     path = check_path(path)
     try:
-        return load_file(str(path), device=device)
+        sd = load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return comfy_quant_checked(sd, path)
+
+
+COMFY_QUANT = ".comfy_quant"  # ComfyUI's marker of a quantized layer: the JSON bytes of {"format": ..., ...}
+COMFY_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")  # fp8 with a per-tensor `weight_scale`: what is read here
+
+
+def comfy_quant_checked(sd: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """`sd` without ComfyUI's `<layer>.comfy_quant` markers (its "fp8mixed" files: the layer's weight is fp8 with
+    a `weight_scale`, read as any fp8 file is); a layer in another of its formats (nvfp4, mxfp8, int8...) is a
+    clear error naming it."""
+    markers = [k for k in sd if k.endswith(COMFY_QUANT)]
+    for key in markers:
+        fmt = json.loads(bytes(sd[key].tolist())).get("format")
+        if fmt not in COMFY_FP8_FORMATS:
+            layer = key.removesuffix(COMFY_QUANT)
+            raise ValueError(f"{path}: layer {layer} is in ComfyUI's {fmt!r} format; of its formats "
+                             f"{', '.join(COMFY_FP8_FORMATS)} are read (or use a GGUF or bf16 file)")  # fmt: skip
+    return {k: v for k, v in sd.items() if not k.endswith(COMFY_QUANT)} if markers else sd
 
 
 def check_keys(module: nn.Module, sd: dict[str, Tensor], what: str) -> None:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .checkpoints import (
+    COMFY_QUANT,
     atomic_path,
     bfl_prefix,
     check_path,
@@ -212,7 +213,8 @@ def tensor_types(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+        found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                 for k in f.keys() if not k.endswith(COMFY_QUANT)}  # noqa: SIM118  # fmt: skip
         formats = _formats_of(path, f.metadata())
         for key in [k for k in found if BNB_STATE in k]:  # a bitsandbytes weight: its shape is in its state
             module = key[: key.index(BNB_STATE)]
