@@ -119,7 +119,8 @@ def detect_variant(pipeline_class: str, is_distilled: bool, transformer: Transfo
 
 
 def text_encoder_spec(base: TextEncoderSpec, folder: Path) -> TextEncoderSpec:
-    """The variant's text-encoder spec, with the width read from the folder's config (or the GGUF's header)."""
+    """The variant's text-encoder spec, with the width read from the folder's config (or the GGUF's header, or a
+    single safetensors file's shapes)."""
     if folder.is_file():
         kind, cfg = text_encoder_gguf_config(folder) if is_gguf(folder) else ("qwen3", text_encoder_file_config(folder))
         return dataclasses.replace(base, kind=kind, hidden_size=cfg["hidden_size"])
@@ -363,30 +364,33 @@ def find_text_encoder(spec: TextEncoderSpec, given: str | Path | None) -> Path:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"text encoder folder {folder} has no config.json")
         return folder
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(spec.model, local_files_only=True))
-    except Exception:  # huggingface_hub raises several types for "not in the cache"
+    found = cached_repo(spec.model)
+    if found is None:
         raise FileNotFoundError(
             f"text encoder {spec.model} not found in the Hugging Face cache: pass --text-encoder PATH "
             "or download it (`flux2 pull` or `huggingface-cli download`)"
-        ) from None
+        )
+    return found
+
+
+def cached_repo(repo: str | None) -> Path | None:
+    """A Hugging Face repo's current snapshot folder in the local cache, None when it is not there (no network)."""
+    if repo is None:
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, local_files_only=True))
+    except Exception:  # huggingface_hub raises several types for "not in the cache"
+        return None
 
 
 def find_tokenizer(variant: Variant, encoder_file: Path) -> Path:
     """The tokenizer of a text encoder given as one safetensors file, which holds none: a `tokenizer/` folder
     beside the file, else the variant's or its text encoder's repo in the Hugging Face cache (no network)."""
-    from huggingface_hub import snapshot_download
-
     beside = encoder_file.parent / "tokenizer"
-    candidates = [beside]
-    for repo in (variant.repo, variant.text_encoder.model):
-        try:
-            candidates.append(tokenizer_folder(Path(snapshot_download(repo, local_files_only=True))))
-        except Exception:  # not in the cache (huggingface_hub raises several types for that)
-            continue
-    for folder in candidates:
+    cached = [cached_repo(repo) for repo in (variant.repo, variant.text_encoder.model)]
+    for folder in [beside, *(tokenizer_folder(path) for path in cached if path is not None)]:
         if (folder / "tokenizer_config.json").is_file():
             return folder
     model = variant.text_encoder.model
@@ -635,16 +639,9 @@ def find_local(variant: Variant) -> Path | None:
     its 4-bit copy's (`repo_4bit`)."""
     if variant.id in EMBEDDED_IDS:
         return EMBEDDED if (EMBEDDED / f"{variant.id}.safetensors").is_file() else None
-    from huggingface_hub import snapshot_download
-
     for repo in (variant.repo, variant.repo_4bit):
-        if repo is None:
-            continue
-        try:
-            path = Path(snapshot_download(repo, local_files_only=True))
-        except Exception:  # not in the cache (huggingface_hub raises several types for that)
-            continue
-        if is_diffusers_folder(path):
+        path = cached_repo(repo)
+        if path is not None and is_diffusers_folder(path):
             return path
     return None
 

@@ -164,6 +164,13 @@ def _unpack_bnb(packed: Tensor, scales: Tensor, fmt: str, in_features: int) -> T
     return (weights * absmax).reshape(-1, in_features).to(dtype)
 
 
+def dequantize_bnb_flat(packed: Tensor, absmax: Tensor, fmt: str, n: int) -> Tensor:
+    """A bitsandbytes weight's first `n` values in flat order (its blocks of 64 run across rows), in its dtype."""
+    code, dtype = BNB_FORMATS[fmt]
+    weights = F.embedding(packed.reshape(-1).long(), _bnb_pairs(code, packed.device)).reshape(-1)[:n]
+    return (weights * absmax.float().repeat_interleave(BNB_BLOCK)[:n]).to(dtype)
+
+
 UNPACK_ELEMENTS = 2**20  # weights unpacked per piece (4 MB of fp32 temporaries)
 
 

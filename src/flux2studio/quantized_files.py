@@ -45,6 +45,7 @@ from .quantize import (
     block_shape,
     bnb_scales_bytes,
     check_format,
+    dequantize_bnb_flat,
     quantize_weight,
     row_bytes,
 )
@@ -149,7 +150,7 @@ def unpack_bnb(sd: dict[str, Tensor], where: str) -> tuple[dict[str, Tensor], di
         state = json.loads(bytes(sd.pop(key).tolist()))
         parts = {p: sd.pop(f"{module}.weight.{p}", None) for p in BNB_PARTS}
         fmt = _check_bnb(state, parts, f"{where}: {module}")
-        (out, inputs), dtype = state["shape"], BNB_FORMATS[fmt][1]
+        out, inputs = state["shape"]
         absmax = _bnb_absmax(parts, state)
         nibbles = sd[f"{module}.weight"].contiguous().view(torch.uint8).reshape(-1)
         if inputs % BNB_BLOCK == 0:
@@ -157,7 +158,7 @@ def unpack_bnb(sd: dict[str, Tensor], where: str) -> tuple[dict[str, Tensor], di
             sd[f"{module}.scales"] = bnb_scales_bytes(absmax, out)
             formats[module] = fmt
         else:
-            sd[f"{module}.weight"] = _bnb_dense(nibbles, absmax, fmt, out * inputs).reshape(out, inputs).to(dtype)
+            sd[f"{module}.weight"] = dequantize_bnb_flat(nibbles, absmax, fmt, out * inputs).reshape(out, inputs)
     return sd, formats
 
 
@@ -190,13 +191,6 @@ def _bnb_absmax(parts: dict[str, Tensor | None], state: dict) -> Tensor:
     scale = parts["nested_absmax"].float().repeat_interleave(per)[: absmax.numel()]
     offset = torch.tensor(float(state["nested_offset"]), dtype=torch.float32)
     return parts["nested_quant_map"].float()[absmax.long()] * scale + offset
-
-
-def _bnb_dense(nibbles: Tensor, absmax: Tensor, fmt: str, n: int) -> Tensor:
-    """A whole weight's n fp32 values, block by block in flat order."""
-    code = torch.tensor(BNB_CODES[BNB_FORMATS[fmt][0]], dtype=torch.float32)
-    q = torch.stack([nibbles >> 4, nibbles & 0x0F], dim=-1).reshape(-1)[:n]
-    return code[q.long()] * absmax.repeat_interleave(BNB_BLOCK)[:n]
 
 
 def logical_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
