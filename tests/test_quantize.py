@@ -383,7 +383,7 @@ def test_a_text_encoder_as_one_safetensors_file_as_comfyui_shares_it(klein_folde
     each) loads with
     `--text-encoder FILE`: its config from the shapes, its tokenizer from a `tokenizer/` folder beside it or the
     Hugging Face cache (the model's repo). The folder's encoding bit for bit; fp8: kept fp8 and widened per layer,
-    bit for bit the encoding of its weights widened up front. No tokenizer anywhere, or a Mistral file: one clear
+    bit for bit the encoding of its weights widened up front. No tokenizer anywhere, or another file: one clear
     error each."""
     import huggingface_hub.constants
 
@@ -440,10 +440,34 @@ def test_a_text_encoder_as_one_safetensors_file_as_comfyui_shares_it(klein_folde
     info = describe(comfy / "qwen_3_4b.safetensors")
     assert info["component"] == "text encoder" and info["text_encoder"]["config"]["num_hidden_layers"] == 28
 
-    mistral = {k.replace("self_attn.q_norm", "post_attention_layernorm"): v for k, v in sd.items()}
-    write_safetensors(mistral, comfy / "mistral.safetensors")
-    with pytest.raises(ValueError, match="a Mistral text encoder in one file is not read"):
-        load("klein-4b", weights=path, text_encoder=comfy / "mistral.safetensors")
+    write_safetensors({"model.embed_tokens.weight": sd["model.embed_tokens.weight"]}, comfy / "other.safetensors")
+    with pytest.raises(ValueError, match="not a Qwen3 or Mistral text encoder with transformers' names"):
+        load("klein-4b", weights=path, text_encoder=comfy / "other.safetensors")
+
+
+def test_a_mistral_text_encoder_as_one_safetensors_file(tmp_path):
+    """dev's Mistral text encoder as ComfyUI shares it (one file, its text stack under `model.`, no config, no
+    vision tower): Mistral-Small's head size (128) and rope base (1e9), the rest from the shapes; it encodes as
+    its folder does, bit for bit."""
+    from flux2studio.checkpoints import read_component, write_safetensors
+    from flux2studio.loading import hf_text_encoder
+    from tiny import MISTRAL_SPEC, MISTRAL_TEMPLATE, mistral3, tokenizer
+
+    model = mistral3(hidden=64, head_dim=128)
+    model.config.text_config.rope_parameters = {"rope_type": "default", "rope_theta": 1e9}
+    model.config.text_config.rms_norm_eps = 1e-5
+    model.save_pretrained(tmp_path / "te")
+    tokenizer(MISTRAL_TEMPLATE).save_pretrained(tmp_path / "tokenizer")
+    prompts = ["a red circle", "a cat holding a sign that says hello world, photo, 35mm"]
+    ref = hf_text_encoder(MISTRAL_SPEC, tmp_path / "te", tmp_path / "tokenizer", "cpu", torch.float32)(prompts)
+    stack = ("model.language_model.", "language_model.model.")  # (transformers saves the second)
+    text = {"model." + k.removeprefix(p): v for k, v in read_component(tmp_path / "te").items()
+            for p in stack if k.startswith(p)}  # fmt: skip
+    assert len(text) > 10
+    write_safetensors(text, tmp_path / "mistral_3_small_flux2_bf16.safetensors")
+    one = hf_text_encoder(MISTRAL_SPEC, tmp_path / "mistral_3_small_flux2_bf16.safetensors", tmp_path / "tokenizer",
+                          "cpu", torch.float32)  # fmt: skip
+    assert type(one.model).__name__ == "MistralModel" and torch.equal(one(prompts), ref)
 
 
 def _json_bytes(value: dict) -> torch.Tensor:

@@ -448,7 +448,7 @@ def describe(path: str | Path) -> dict:
         info["text_encoder"] = dict(zip(("kind", "config"), text_encoder_gguf_config(path), strict=True))
     elif path.is_file() and any(k.endswith(":model.embed_tokens.weight") for k in shapes):
         info["layout"], info["component"] = "single file (transformers names, no config)", "text encoder"
-        info["text_encoder"] = {"kind": "qwen3", "config": text_encoder_file_config(path)}
+        info["text_encoder"] = dict(zip(("kind", "config"), text_encoder_file_config(path), strict=True))
     elif path.is_file():
         keys = strip_prefix({k.split(":", 1)[1]: v for k, v in shapes.items()})
         if any(k.startswith(("encoder.", "decoder.")) for k in keys):

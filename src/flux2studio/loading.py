@@ -54,9 +54,8 @@ from .quantized_files import (
     read_text_encoder_gguf,
     read_transformer_file,
     read_weights,
+    single_file_text_encoder,
     stack_name,
-    text_encoder_file_config,
-    text_encoder_gguf_config,
     text_encoder_quantizable,
     transformer_quantizable,
     transformer_sizes,
@@ -122,7 +121,7 @@ def text_encoder_spec(base: TextEncoderSpec, folder: Path) -> TextEncoderSpec:
     """The variant's text-encoder spec, with the width read from the folder's config (or the GGUF's header, or a
     single safetensors file's shapes)."""
     if folder.is_file():
-        kind, cfg = text_encoder_gguf_config(folder) if is_gguf(folder) else ("qwen3", text_encoder_file_config(folder))
+        kind, cfg = single_file_text_encoder(folder)
         return dataclasses.replace(base, kind=kind, hidden_size=cfg["hidden_size"])
     cfg = read_json(folder / "config.json")
     kind = {"qwen3": "qwen3", "mistral3": "mistral3"}.get(cfg.get("model_type"))
@@ -204,15 +203,15 @@ def hf_text_encoder(
     """Load a Qwen3 / Mistral3 text encoder with only the layers the variant takes (Qwen3's layers' weights
     streamed unless `resident`; its decoder layers' linear weights packed in `quantize`'s format if given).
     `model_dir` may be a Qwen3 GGUF file: config, weights, tokenizer and chat template then come from it."""
-    from transformers import AutoConfig, AutoTokenizer, Qwen3Config
+    from transformers import AutoConfig, AutoTokenizer, MistralConfig, Qwen3Config
 
     last = max(spec.layers)
     if model_dir.is_file():  # a GGUF, or one safetensors file with transformers' names (ComfyUI's)
-        fields = text_encoder_gguf_config(model_dir)[1] if is_gguf(model_dir) else text_encoder_file_config(model_dir)
-        config = Qwen3Config(**fields)
+        kind, fields = single_file_text_encoder(model_dir)
+        text_cfg = (Qwen3Config if kind == "qwen3" else MistralConfig)(**fields)
     else:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    text_cfg = config.text_config if spec.kind == "mistral3" else config
+        text_cfg = config.text_config if spec.kind == "mistral3" else config
     if text_cfg.num_hidden_layers < last:
         raise ValueError(f"text encoder in {model_dir} has {text_cfg.num_hidden_layers} layers; {spec.layers} needed")
     text_cfg.num_hidden_layers = last  # later layers are never read: do not even load them

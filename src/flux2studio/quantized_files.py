@@ -73,13 +73,16 @@ def text_encoder_quantizable(name: str) -> bool:
 
 
 # where a text encoder's decoder stack sits in its files (Mistral3: the current and the older transformers names)
-STACK_PREFIXES = {"qwen3": ("model.",), "mistral3": ("model.language_model.", "language_model.model.")}
+# (and "model." alone: a Mistral saved as one file, text only, as ComfyUI shares it)
+STACK_PREFIXES = {"qwen3": ("model.",), "mistral3": ("model.language_model.", "language_model.model.", "model.")}
+STACK_PARTS = ("embed_tokens.", "layers.", "norm.")  # what a decoder stack holds
 
 
 def stack_name(key: str, kind: str) -> str | None:
     """A text encoder file's key as the decoder stack names it, or None outside the stack (LM head, vision)."""
     prefix = next((p for p in STACK_PREFIXES[kind] if key.startswith(p)), None)
-    return None if prefix is None else key.removeprefix(prefix)
+    name = None if prefix is None else key.removeprefix(prefix)
+    return name if name is not None and name.startswith(STACK_PARTS) else None
 
 
 def is_gguf(path: Path) -> bool:
@@ -351,29 +354,35 @@ def text_encoder_gguf_config(path: Path) -> tuple[str, dict]:
         raise ValueError(f"{path}: a {arch} GGUF without {', '.join(missing) or 'token_embd.weight'}")
     config = {field: header[f"{arch}.{key}"] for field, key in GGUF_CONFIG_KEYS.items()}
     config["vocab_size"] = int(shapes["token_embd.weight"][-1])
-    theta = header.get(f"{arch}.rope.freq_base", QWEN3_CONSTANTS["rope_parameters"]["rope_theta"])
+    theta = header.get(f"{arch}.rope.freq_base", FILE_CONSTANTS["qwen3"]["rope_parameters"]["rope_theta"])
     config["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
     return arch, config
 
 
-# Qwen3's published constants, which its weights do not hold (all sizes: Qwen3-4B's and -8B's config.json)
-QWEN3_CONSTANTS = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "rms_norm_eps": 1e-6,
-                   "max_position_embeddings": 40960}  # fmt: skip
+# the published constants of the text encoders FLUX.2 uses, which their weights do not hold (Qwen3-4B's and
+# -8B's config.json; Mistral-Small-3.2's text config: it has no q_norm to tell its head size by)
+FILE_CONSTANTS = {
+    "qwen3": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "rms_norm_eps": 1e-6,
+              "max_position_embeddings": 40960},
+    "mistral3": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e9}, "rms_norm_eps": 1e-5,
+                 "max_position_embeddings": 131072, "head_dim": 128, "sliding_window": None},
+}  # fmt: skip
 
 
-def text_encoder_file_config(path: Path) -> dict:
-    """transformers config fields of a Qwen3 text encoder saved as one safetensors file with transformers' names
-    and no config (ComfyUI's `qwen_3_4b.safetensors`, `qwen_3_8b_fp8mixed.safetensors`): sizes from its tensors'
-    shapes, the rest Qwen3's constants. Other files get a clear error."""
+def text_encoder_file_config(path: Path) -> tuple[str, dict]:
+    """(kind, transformers config fields) of a Qwen3 or Mistral text encoder saved as one safetensors file with
+    transformers' names and no config (ComfyUI's `qwen_3_4b.safetensors`, `qwen_3_8b_fp8mixed.safetensors`,
+    `mistral_3_small_flux2_bf16.safetensors`): sizes from its tensors' shapes, the rest the model's published
+    constants (`FILE_CONSTANTS`). Other files get a clear error."""
     shapes = logical_shapes(path)
     layer = "model.layers.0."
-    if f"{layer}self_attn.q_norm.weight" not in shapes or "model.embed_tokens.weight" not in shapes:
-        if f"{layer}post_attention_layernorm.weight" in shapes:
-            raise ValueError(f"{path}: a Mistral text encoder in one file is not read; give dev's text_encoder folder")
-        raise ValueError(f"{path}: not a Qwen3 text encoder with transformers' names (model.layers.N...)")
-    head_dim = shapes[f"{layer}self_attn.q_norm.weight"][0]
+    if "model.embed_tokens.weight" not in shapes or f"{layer}self_attn.q_proj.weight" not in shapes:
+        raise ValueError(f"{path}: not a Qwen3 or Mistral text encoder with transformers' names (model.layers.N...)")
+    kind = "qwen3" if f"{layer}self_attn.q_norm.weight" in shapes else "mistral3"
+    config = dict(FILE_CONSTANTS[kind])
+    head_dim = shapes[f"{layer}self_attn.q_norm.weight"][0] if kind == "qwen3" else config["head_dim"]
     vocab, hidden = shapes["model.embed_tokens.weight"]
-    return QWEN3_CONSTANTS | {
+    return kind, config | {
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": shapes[f"{layer}mlp.gate_proj.weight"][0],
@@ -383,6 +392,11 @@ def text_encoder_file_config(path: Path) -> dict:
         "num_key_value_heads": shapes[f"{layer}self_attn.k_proj.weight"][0] // head_dim,
         "tie_word_embeddings": "lm_head.weight" not in shapes,
     }
+
+
+def single_file_text_encoder(path: Path) -> tuple[str, dict]:
+    """(kind, transformers config fields) of a text encoder given as one file: a GGUF or a safetensors file."""
+    return text_encoder_gguf_config(path) if is_gguf(path) else text_encoder_file_config(path)
 
 
 def _layer(key: str) -> int:
