@@ -18,6 +18,7 @@ class TensorCache:
 
     def __init__(self, limit: int) -> None:
         self._kept: OrderedDict[Hashable, Tensor] = OrderedDict()
+        self._bytes = 0  # of the tensors kept
         self.limit = limit
 
     @property
@@ -29,8 +30,8 @@ class TensorCache:
         if not isinstance(limit, int) or limit < 0:
             raise ValueError(f"a cache limit of {limit!r}: give bytes, 0 (keep none) or more")
         self._limit = limit
-        while self._kept and self.nbytes > limit:
-            self._kept.popitem(last=False)
+        while self._kept and self._bytes > limit:
+            self._bytes -= self._kept.popitem(last=False)[1].nbytes
 
     def get(self, key: Hashable) -> Tensor | None:
         value = self._kept.get(key)
@@ -39,19 +40,21 @@ class TensorCache:
         return value
 
     def put(self, key: Hashable, value: Tensor) -> None:
-        value = value.detach().to("cpu", copy=True)  # its own memory: a row of a batch would keep the whole batch
         if value.nbytes > self.limit:
             return
+        value = value.detach().to("cpu", copy=True)  # its own memory: a row of a batch would keep the whole batch
+        old = self._kept.pop(key, None)
+        self._bytes += value.nbytes - (old.nbytes if old is not None else 0)
         self._kept[key] = value
-        self._kept.move_to_end(key)
         self.limit = self.limit  # the least recently used out until the rest fits
 
     @property
     def nbytes(self) -> int:
-        return sum(v.nbytes for v in self._kept.values())
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._kept)
 
     def clear(self) -> None:
         self._kept.clear()
+        self._bytes = 0

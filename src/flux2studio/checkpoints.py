@@ -46,6 +46,11 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]
     return comfy_quant_checked(sd, path)
 
 
+def json_tensor(t: Tensor):
+    """The JSON value a uint8 tensor holds as its UTF-8 bytes (how quantizers store their per-layer settings)."""
+    return json.loads(bytes(t.tolist()))
+
+
 COMFY_QUANT = ".comfy_quant"  # ComfyUI's marker of a quantized layer: the JSON bytes of {"format": ..., ...}
 COMFY_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")  # fp8 with a per-tensor `weight_scale`: what is read here
 
@@ -56,7 +61,7 @@ def comfy_quant_checked(sd: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
     clear error naming it."""
     markers = [k for k in sd if k.endswith(COMFY_QUANT)]
     for key in markers:
-        fmt = json.loads(bytes(sd[key].tolist())).get("format")
+        fmt = json_tensor(sd[key]).get("format")
         if fmt not in COMFY_FP8_FORMATS:
             layer = key.removesuffix(COMFY_QUANT)
             raise ValueError(f"{path}: layer {layer} is in ComfyUI's {fmt!r} format; of its formats "

@@ -388,10 +388,12 @@ def find_tokenizer(variant: Variant, encoder_file: Path) -> Path:
     """The tokenizer of a text encoder given as one safetensors file, which holds none: a `tokenizer/` folder
     beside the file, else the variant's or its text encoder's repo in the Hugging Face cache (no network)."""
     beside = encoder_file.parent / "tokenizer"
-    cached = [cached_repo(repo) for repo in (variant.repo, variant.text_encoder.model)]
-    for folder in [beside, *(tokenizer_folder(path) for path in cached if path is not None)]:
-        if (folder / "tokenizer_config.json").is_file():
-            return folder
+    if (beside / "tokenizer_config.json").is_file():
+        return beside
+    for repo in (variant.repo, variant.text_encoder.model):
+        path = cached_repo(repo)
+        if path is not None and (tokenizer_folder(path) / "tokenizer_config.json").is_file():
+            return tokenizer_folder(path)
     model = variant.text_encoder.model
     raise FileNotFoundError(
         f"{encoder_file} holds no tokenizer and none was found (in {beside}, or {variant.repo} or {model} in the "

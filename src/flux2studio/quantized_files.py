@@ -29,6 +29,7 @@ from .checkpoints import (
     bfl_prefix,
     check_path,
     component_files,
+    json_tensor,
     read_safetensors,
     strip_prefix,
     write_safetensors,
@@ -102,10 +103,7 @@ def in_features(fmt: str, row_bytes: int) -> int:
 
 def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, {module name: format}) of a GGUF or safetensors file; packed tensors stay packed."""
-    path = check_path(path)
-    if is_gguf(path):
-        return _read_gguf(path)
-    sd, formats = _read_safetensors_packed(path)
+    sd, formats = _read_one(check_path(path))
     sd, bnb = unpack_bnb(sd, str(path))
     return sd, {**formats, **bnb}
 
@@ -116,14 +114,17 @@ def read_component_weights(folder: Path) -> tuple[dict[str, Tensor], dict[str, s
     sd: dict[str, Tensor] = {}
     formats: dict[str, str] = {}
     for path in component_files(folder):
-        part, fmts = _read_gguf(path) if is_gguf(path) else _read_safetensors_packed(check_path(path))
+        part, fmts = _read_one(check_path(path))
         sd.update(part)
         formats.update(fmts)
     sd, bnb = unpack_bnb(sd, str(folder))
     return sd, {**formats, **bnb}
 
 
-def _read_safetensors_packed(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _read_one(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """One GGUF or safetensors file's tensors and formats, bitsandbytes parts as stored."""
+    if is_gguf(path):
+        return _read_gguf(path)
     sd = read_safetensors(path)
     return sd, _safetensors_formats(path, sd)
 
@@ -150,7 +151,7 @@ def unpack_bnb(sd: dict[str, Tensor], where: str) -> tuple[dict[str, Tensor], di
     sd, formats = dict(sd), {}
     for key in states:
         module = key[: key.index(BNB_STATE)]
-        state = json.loads(bytes(sd.pop(key).tolist()))
+        state = json_tensor(sd.pop(key))
         parts = {p: sd.pop(f"{module}.weight.{p}", None) for p in BNB_PARTS}
         fmt = _check_bnb(state, parts, f"{where}: {module}")
         out, inputs = state["shape"]
@@ -215,7 +216,7 @@ def tensor_types(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
         formats = _formats_of(path, f.metadata())
         for key in [k for k in found if BNB_STATE in k]:  # a bitsandbytes weight: its shape is in its state
             module = key[: key.index(BNB_STATE)]
-            state = json.loads(bytes(f.get_tensor(key).tolist()))
+            state = json_tensor(f.get_tensor(key))
             for part in (*BNB_PARTS, key.removeprefix(f"{module}.weight.")):
                 found.pop(f"{module}.weight.{part}", None)
             if f"{module}.weight" in found:
