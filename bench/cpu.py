@@ -13,10 +13,13 @@ in the page cache. Files derived once from the folder (beside it, in `<folder>-f
   klein-bnb-nf4/                  the folder with its transformer's and text encoder's linear layers in
                                   bitsandbytes NF4 (double-quantized absmax), as diffusers and transformers
                                   save `BitsAndBytesConfig(load_in_4bit=True, ...)` (e.g. FLUX.2-dev-bnb-4bit)
+  klein-nvfp4.safetensors         the transformer as BFL's flux-2-klein-*-nvfp4 files are: BFL names, the
+                                  blocks' linear layers in ComfyUI's nvfp4 (comfy-kitchen writes them), the rest bf16
 
 Modes. ours: auto / fp32 / bf16 (the diffusers folder), int8 / int4 (the packed files and text encoder: what `flux2
 convert --quantize` writes once; packing at load costs 20-45 s a run), gguf-q8_0 / gguf-q4_0 (the GGUF files; text
-encoder as auto), bnb-nf4 (the bitsandbytes folder; not run by default); "-resident" (auto-resident,
+encoder as auto), bnb-nf4 (the bitsandbytes folder; not run by default), nvfp4 (the nvfp4 file, text encoder as
+auto; not run by default); "-resident" (auto-resident,
 int8-resident): every part kept loaded between phases, as a server keeps them (int8: oneDNN's prepacked kernel);
 "-compile" (e.g. int8-resident-compile, not run by default): `--compile`, its step time taken after the first step
 compiled; "-again" (e.g. auto-again, not run by default): the call timed is the second with the prompt, after one
@@ -69,6 +72,7 @@ PAIRS = [
     ("ours:int4", "sdcpp:q4_0"),
     ("ours:gguf-q4_0", "sdcpp:q4_0"),
     ("ours:bnb-nf4", "ours:gguf-q4_0"),
+    ("ours:nvfp4", "ours:gguf-q4_0"),
 ]
 
 
@@ -83,6 +87,8 @@ def ours_files(mode: str) -> dict[str, str]:
         return {"weights": f"klein-{mode[5:].upper()}.gguf", "text_encoder": "te", "vae": "ae.safetensors"}
     if mode.startswith("bnb-nf4"):
         return {"weights": "klein-bnb-nf4"}
+    if mode.startswith("nvfp4"):
+        return {"weights": "klein-nvfp4.safetensors", "text_encoder": "te", "vae": "ae.safetensors"}
     return {}
 
 
@@ -126,6 +132,9 @@ def derive_files(folder: Path, names: set[str]) -> Path:
     if "klein-bnb-nf4" in names and not (out / "klein-bnb-nf4").exists():
         print("  writing klein-bnb-nf4/", flush=True)
         write_bnb_folder(folder, out / "klein-bnb-nf4")
+    if "klein-nvfp4.safetensors" in names and not (out / "klein-nvfp4.safetensors").exists():
+        print("  writing klein-nvfp4.safetensors", flush=True)
+        write_nvfp4_file(folder, out / "klein-nvfp4.safetensors")
     te = out / "te"
     if "te" in names and not te.exists():
         te.mkdir()
@@ -172,6 +181,29 @@ def write_bnb_folder(folder: Path, out: Path) -> None:
         for f in (folder / part).iterdir():
             if not f.name.endswith((".safetensors", ".json")):
                 (out / part / f.name).symlink_to(f)
+
+
+def write_nvfp4_file(folder: Path, out: Path) -> None:
+    """The transformer in BFL names, each block's linear weight in ComfyUI's nvfp4 as comfy-kitchen quantizes it
+    (its tensors and `comfy_quant` marker, as BFL's nvfp4 files hold them), the rest bf16."""
+    import comfy_kitchen as ck
+    import torch
+    from comfy_kitchen.tensor import TensorCoreNVFP4Layout
+
+    from flux2studio.checkpoints import read_component, write_safetensors
+    from flux2studio.layouts.transformer import transformer_from_diffusers
+
+    marker = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
+    tensors = {}
+    for key, t in transformer_from_diffusers(read_component(folder / "transformer")).items():
+        if key.startswith(("double_blocks.", "single_blocks.")) and key.endswith(".weight") and t.dim() == 2:
+            with ck.registry.use_backend("eager"):
+                parts = TensorCoreNVFP4Layout.state_dict_tensors(*TensorCoreNVFP4Layout.quantize(t))
+            tensors |= {f"{key}{k}": v for k, v in parts.items()}
+            tensors[key.removesuffix("weight") + "comfy_quant"] = marker.clone()  # (one tensor each: safetensors)
+        else:
+            tensors[key] = t.clone()
+    write_safetensors({f"model.diffusion_model.{k}": v for k, v in tensors.items()}, out)
 
 
 # ----------------------------------------------------------------------------- children
