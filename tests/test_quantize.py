@@ -433,10 +433,10 @@ def test_a_text_encoder_as_one_safetensors_file_as_comfyui_shares_it(klein_folde
     expected = load("klein-4b", weights=path, text_encoder=tmp_path / "widened", dtype="fp32").text_encoder(prompts)
     assert torch.equal(encoder(prompts), expected)
 
-    fp8["model.layers.0.mlp.up_proj.comfy_quant"] = _json_bytes({"format": "nvfp4"})
-    write_safetensors(fp8, comfy / "qwen_3_4b_nvfp4mixed.safetensors")
-    with pytest.raises(ValueError, match=r"layer model.layers.0.mlp.up_proj is in ComfyUI's 'nvfp4' format; of its"):
-        load("klein-4b", weights=path, text_encoder=comfy / "qwen_3_4b_nvfp4mixed.safetensors")("a red circle")
+    fp8["model.layers.0.mlp.up_proj.comfy_quant"] = _json_bytes({"format": "svdquant_w4a4"})
+    write_safetensors(fp8, comfy / "qwen_3_4b_svdq.safetensors")
+    with pytest.raises(ValueError, match=r"layer model.layers.0.mlp.up_proj is in ComfyUI's 'svdquant_w4a4' format"):
+        load("klein-4b", weights=path, text_encoder=comfy / "qwen_3_4b_svdq.safetensors")("a red circle")
     info = describe(comfy / "qwen_3_4b.safetensors")
     assert info["component"] == "text encoder" and info["text_encoder"]["config"]["num_hidden_layers"] == 28
 

@@ -12,11 +12,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .precision import fp8_dtypes, fp8_to
+from .quantize import COMFY_BLOCKS
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 EMBEDDED = Path(__file__).parent / "weights"
@@ -37,13 +38,28 @@ def check_path(path: str | Path) -> Path:
 
 def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
     """Tensors of a .safetensors file (memory-mapped on CPU); pickle and broken files get a clear error.
-    ComfyUI's per-layer quantization markers are checked and dropped (`comfy_quant_checked`)."""
+    ComfyUI's per-layer quantization markers are checked and dropped; a layer in one of its packed formats
+    (nvfp4, mxfp8: read with their scales by `quantized_files`, for transformers and text encoders) is an error."""
+    sd, packed = read_marked(path, device)
+    if packed:
+        layer, fmt = next(iter(packed.items()))
+        raise ValueError(f"{path}: layer {layer} is in ComfyUI's {fmt!r} format, which only a transformer or a text "
+                         "encoder file may use (--weights, --text-encoder)")  # fmt: skip
+    return sd
+
+
+def read_marked(path: str | Path, device: str = "cpu") -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, {layer: format}) of a .safetensors file: its layers in ComfyUI's packed formats (`COMFY_PACKED`),
+    as its markers name them (`comfy_formats`); the markers themselves dropped."""
     path = check_path(path)
     try:
         sd = load_file(str(path), device=device)
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-    return comfy_quant_checked(sd, path)
+    markers = {k.removesuffix(COMFY_QUANT): sd.pop(k) for k in [k for k in sd if k.endswith(COMFY_QUANT)]}
+    return sd, comfy_formats(markers, metadata, path)
 
 
 def json_tensor(t: Tensor):
@@ -52,21 +68,31 @@ def json_tensor(t: Tensor):
 
 
 COMFY_QUANT = ".comfy_quant"  # ComfyUI's marker of a quantized layer: the JSON bytes of {"format": ..., ...}
-COMFY_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")  # fp8 with a per-tensor `weight_scale`: what is read here
+COMFY_METADATA = "_quantization_metadata"  # its older form: the header's {"layers": {layer: {"format": ...}}}
+COMFY_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")  # fp8 with a per-tensor `weight_scale`: read as any fp8 file
+COMFY_PACKED = tuple(COMFY_BLOCKS)  # kept packed with their block scales (`quantized_files.unpack_comfy`)
 
 
-def comfy_quant_checked(sd: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
-    """`sd` without ComfyUI's `<layer>.comfy_quant` markers (its "fp8mixed" files: the layer's weight is fp8 with
-    a `weight_scale`, read as any fp8 file is); a layer in another of its formats (nvfp4, mxfp8, int8...) is a
-    clear error naming it."""
-    markers = [k for k in sd if k.endswith(COMFY_QUANT)]
-    for key in markers:
-        fmt = json_tensor(sd[key]).get("format")
-        if fmt not in COMFY_FP8_FORMATS:
-            layer = key.removesuffix(COMFY_QUANT)
-            raise ValueError(f"{path}: layer {layer} is in ComfyUI's {fmt!r} format; of its formats "
-                             f"{', '.join(COMFY_FP8_FORMATS)} are read (or use a GGUF or bf16 file)")  # fmt: skip
-    return {k: v for k, v in sd.items() if not k.endswith(COMFY_QUANT)} if markers else sd
+def comfy_formats(markers: dict[str, Tensor], metadata: dict[str, str] | None, path: Path) -> dict[str, str]:
+    """{layer: format} of the layers ComfyUI's markers (`<layer>.comfy_quant` tensors, or the header's
+    `_quantization_metadata`) put in a packed format; fp8 layers need nothing more (their dtype says it), any other
+    format (int8, svdquant...) is a clear error naming the layer."""
+    layers = {layer: json_tensor(t) for layer, t in markers.items()}
+    if metadata and COMFY_METADATA in metadata:
+        try:
+            layers |= json.loads(metadata[COMFY_METADATA])["layers"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: its {COMFY_METADATA} header is not ComfyUI's layer table ({e})") from None
+    packed = {}
+    for layer, conf in layers.items():
+        fmt = conf.get("format") if isinstance(conf, dict) else None
+        if fmt in COMFY_PACKED:
+            packed[layer] = fmt
+        elif fmt not in COMFY_FP8_FORMATS:
+            known = ", ".join(COMFY_FP8_FORMATS + COMFY_PACKED)
+            raise ValueError(f"{path}: layer {layer} is in ComfyUI's {fmt!r} format; of its formats {known} are read "
+                             "(or use a GGUF or bf16 file)")  # fmt: skip
+    return packed
 
 
 def check_keys(module: nn.Module, sd: dict[str, Tensor], what: str) -> None:

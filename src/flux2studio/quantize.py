@@ -15,6 +15,12 @@ Every quantized weight is one uint8 tensor of rows of blocks, (out_features, row
   apart from its rows. The rows are the file's bytes as they are (two weights a byte, the first in the high
   nibble), blocks of 64 weights each scaled by its absmax, kept in a second uint8 tensor of fp32 values,
   (out_features, in_features / 64 * 4): w = code[q] * absmax in fp32, rounded to that dtype, as bitsandbytes.
+- ComfyUI's "nvfp4" and "mxfp8" (its per-layer `comfy_quant` formats, made by comfy-kitchen: BFL's
+  flux-2-klein-*-nvfp4 files, Comfy-Org's fp4mixed text encoders), scales apart too. nvfp4: the file's bytes as
+  rows (two e2m1 weights a byte, the first in the high nibble), per row its blocks' e4m3 scales (one per 16
+  weights) then the tensor's fp32 scale (one per layer, kept on every row so fused rows keep theirs). mxfp8: the
+  e4m3 weights as rows, per row its blocks' e8m0 exponents (one per 32). Both unpack as comfy-kitchen does, in
+  the dtype asked for, bit for bit.
 
 So a file written by `flux2 convert --quantize int4` and a GGUF Q4_0 file hold the same bytes per row.
 This module knows nothing of models or files beyond the tensors it is given (`QuantLinear` is an
@@ -61,7 +67,10 @@ BNB_CODES = {
 BNB_BLOCK = 64  # weights per absmax: what diffusers and transformers write for 4-bit
 BNB_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the weights' dtype, rounded to
 BNB_FORMATS = {f"bnb-{code}-{name}": (code, dtype) for code in BNB_CODES for name, dtype in BNB_DTYPES.items()}
-FORMATS = ("int8", "fp8", *GGUF_BLOCKS, *BNB_FORMATS)
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # fp4 e2m1 codes
+# ComfyUI's block formats: (weights per block, bytes of those weights in a row)
+COMFY_BLOCKS = {"nvfp4": (16, 8), "mxfp8": (32, 32)}
+FORMATS = ("int8", "fp8", *GGUF_BLOCKS, *BNB_FORMATS, *COMFY_BLOCKS)
 PLAIN_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}  # one weight a "block"
 
 
@@ -78,8 +87,19 @@ def check_format(fmt: str, where: str) -> str:
 
 
 def block_shape(fmt: str) -> tuple[int, int]:
-    """(weights, bytes) of one block of a GGUF or bitsandbytes format (bitsandbytes' scales are apart)."""
-    return GGUF_BLOCKS.get(fmt, (BNB_BLOCK, BNB_BLOCK // 2))
+    """(weights, bytes) of one block of a GGUF, bitsandbytes or ComfyUI format (the last two keep scales apart)."""
+    return GGUF_BLOCKS.get(fmt) or COMFY_BLOCKS.get(fmt) or (BNB_BLOCK, BNB_BLOCK // 2)
+
+
+def scale_bytes(fmt: str, in_features: int) -> int | None:
+    """Bytes a row's scales take apart from the row (`QuantLinear.scales`), or None for formats that hold them in
+    the row: bitsandbytes' an fp32 absmax a block; nvfp4 an e4m3 byte a block, then the tensor's fp32 scale;
+    mxfp8 an e8m0 byte a block."""
+    if fmt in BNB_FORMATS:
+        return in_features // BNB_BLOCK * 4
+    if fmt in COMFY_BLOCKS:
+        return in_features // COMFY_BLOCKS[fmt][0] + (4 if fmt == "nvfp4" else 0)
+    return None
 
 
 def row_bytes(fmt: str, in_features: int) -> int:
@@ -125,7 +145,7 @@ def quantize_weight(w: Tensor, fmt: str) -> Tensor:
 def dequantize_weight(
     packed: Tensor, fmt: str, in_features: int, dtype: torch.dtype, scales: Tensor | None = None
 ) -> Tensor:
-    """Packed rows (and for bitsandbytes' formats their `scales`, `bnb_scales_bytes`) -> the float weight (out, in)
+    """Packed rows (and for formats with scales apart their `scales`, `scale_bytes`) -> the float weight (out, in)
     in `dtype`, unpacked a few rows at a time into the result (the fp32 temporaries stay in the CPU's cache: 2.5x
     faster than whole-matrix passes on a 3072x12288 Q4_0 weight, the same numbers)."""
     n = packed.shape[0]
@@ -135,8 +155,9 @@ def dequantize_weight(
     rows = max(1, UNPACK_ELEMENTS // in_features)
     for start in range(0, n, rows):
         part = packed[start : start + rows]
-        if fmt in BNB_FORMATS:
-            out[start : start + rows] = _unpack_bnb(part, scales[start : start + rows], fmt, in_features)
+        if fmt in SCALED_UNPACKERS:
+            part_scales = scales[start : start + rows]
+            out[start : start + rows] = SCALED_UNPACKERS[fmt](part, part_scales, fmt, in_features, dtype)
         else:
             out[start : start + rows] = ROW_UNPACKERS[fmt](part, in_features)
     return out
@@ -149,25 +170,54 @@ def bnb_scales_bytes(absmax: Tensor, out_features: int) -> Tensor:
 
 
 @functools.cache
-def _bnb_pairs(code: str, device: torch.device) -> Tensor:
-    """(256, 2) fp32: the two weights' codes each byte holds (high nibble first). Looking a byte up whole (an
-    embedding lookup) unpacks 1.8x faster than gathering nibbles (3072x12288 on 2 Zen 4 cores: 77 vs 140 ms)."""
-    table = torch.tensor(BNB_CODES[code], dtype=torch.float32)
+def _byte_pairs(code: tuple[float, ...], device: torch.device) -> Tensor:
+    """(256, 2) fp32: the two 4-bit weights' values each byte holds (high nibble first). Looking a byte up whole
+    (an embedding lookup) unpacks 1.8x faster than gathering nibbles (3072x12288 on 2 Zen 4 cores: 77 vs 140 ms)."""
+    table = torch.tensor(code, dtype=torch.float32)
     byte = torch.arange(256)
     return torch.stack([table[byte >> 4], table[byte & 0x0F]], dim=-1).to(device)
 
 
-def _unpack_bnb(packed: Tensor, scales: Tensor, fmt: str, in_features: int) -> Tensor:
+def _nibble_values(packed: Tensor, code: tuple[float, ...], block: int) -> Tensor:
+    """Rows of bytes (n, in / 2) -> their 4-bit weights' values, fp32 (n, in / block, block)."""
+    return F.embedding(packed.long(), _byte_pairs(code, packed.device)).reshape(packed.shape[0], -1, block)
+
+
+def _unpack_bnb(packed: Tensor, scales: Tensor, fmt: str, in_features: int, _dtype: torch.dtype) -> Tensor:
+    """(In the file's dtype, as bitsandbytes: the caller casts.)"""
     code, dtype = BNB_FORMATS[fmt]
-    weights = F.embedding(packed.long(), _bnb_pairs(code, packed.device)).reshape(packed.shape[0], -1, BNB_BLOCK)
     absmax = scales.contiguous().view(torch.float32).unsqueeze(-1)
-    return (weights * absmax).reshape(-1, in_features).to(dtype)
+    return (_nibble_values(packed, BNB_CODES[code], BNB_BLOCK) * absmax).reshape(-1, in_features).to(dtype)
+
+
+def _unpack_nvfp4(packed: Tensor, scales: Tensor, fmt: str, in_features: int, dtype: torch.dtype) -> Tensor:
+    """comfy-kitchen's arithmetic in `dtype`: block scale times the tensor's (that rounded to `dtype` first), the
+    product rounded to `dtype`, times the e2m1 value, rounded again. Each product is exact in fp32 (at most 8 + 4
+    and 11 + 2 significant bits), so fp32 products rounded once are `dtype` products, bit for bit."""
+    blocks = in_features // COMFY_BLOCKS[fmt][0]
+    block = scales[:, :blocks].contiguous().view(torch.float8_e4m3fn).float()
+    tensor = scales[:, blocks:].contiguous().view(torch.float32).to(dtype).float()
+    total = (tensor * block).to(dtype).float().unsqueeze(-1)
+    return (_nibble_values(packed, E2M1, COMFY_BLOCKS[fmt][0]) * total).reshape(-1, in_features).to(dtype)
+
+
+def _unpack_mxfp8(packed: Tensor, scales: Tensor, fmt: str, in_features: int, dtype: torch.dtype) -> Tensor:
+    """e4m3 weights times their block's power of two (e8m0: the byte is the fp32 exponent; 0 is taken as 0,
+    as comfy-kitchen does), in fp32, then rounded to `dtype`."""
+    per = COMFY_BLOCKS[fmt][0]
+    q = packed.contiguous().view(torch.float8_e4m3fn).float().reshape(packed.shape[0], -1, per)
+    exponent = scales.to(torch.int32)
+    power = torch.where(exponent == 0, 0, exponent << 23).view(torch.float32).unsqueeze(-1)
+    return (q * power).reshape(-1, in_features).to(dtype)
+
+
+SCALED_UNPACKERS = {**dict.fromkeys(BNB_FORMATS, _unpack_bnb), "nvfp4": _unpack_nvfp4, "mxfp8": _unpack_mxfp8}
 
 
 def dequantize_bnb_flat(packed: Tensor, absmax: Tensor, fmt: str, n: int) -> Tensor:
     """A bitsandbytes weight's first `n` values in flat order (its blocks of 64 run across rows), in its dtype."""
     code, dtype = BNB_FORMATS[fmt]
-    weights = F.embedding(packed.reshape(-1).long(), _bnb_pairs(code, packed.device)).reshape(-1)[:n]
+    weights = F.embedding(packed.reshape(-1).long(), _byte_pairs(BNB_CODES[code], packed.device)).reshape(-1)[:n]
     return (weights * absmax.float().repeat_interleave(BNB_BLOCK)[:n]).to(dtype)
 
 
@@ -460,8 +510,8 @@ class QuantLinear(nn.Linear):
         shape = (out_features, row_bytes(fmt, in_features))
         self.weight = nn.Parameter(torch.empty(shape, dtype=torch.uint8, device=device), requires_grad=False)
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features, device=device)) if bias else None)
-        if fmt in BNB_FORMATS:  # bitsandbytes' blocks keep their fp32 scales apart (`bnb_scales_bytes`)
-            scales = torch.empty(out_features, in_features // BNB_BLOCK * 4, dtype=torch.uint8, device=device)
+        if (apart := scale_bytes(fmt, in_features)) is not None:  # bitsandbytes' and ComfyUI's block scales
+            scales = torch.empty(out_features, apart, dtype=torch.uint8, device=device)
             self.scales = nn.Parameter(scales, requires_grad=False)
         self.onednn: tuple[Tensor, Tensor] | None = None  # a resident prepacked copy (`prepack_int8`)
 
@@ -470,7 +520,7 @@ class QuantLinear(nn.Linear):
         w = self.weight
         if w.is_floating_point():
             return w.data.to(dtype)
-        scales = self.scales.data if self.fmt in BNB_FORMATS else None
+        scales = self.scales.data if self.fmt in SCALED_UNPACKERS else None
         return dequantize_weight(w.data, self.fmt, self.in_features, dtype, scales)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -524,7 +574,7 @@ def swap_in(model: nn.Module, formats: dict[str, str]) -> nn.Module:
             raise ValueError(f"{name} is quantized ({fmt}) in the file but the model has no such layer") from None
         if isinstance(old, nn.Linear):
             new = QuantLinear(old.in_features, old.out_features, old.bias is not None, fmt, device=old.weight.device)
-        elif isinstance(old, nn.Embedding) and fmt not in BNB_FORMATS:
+        elif isinstance(old, nn.Embedding) and fmt not in SCALED_UNPACKERS:
             dtype = old.weight.dtype
             new = QuantEmbedding(old.num_embeddings, old.embedding_dim, fmt, dtype, device=old.weight.device)
         else:

@@ -28,9 +28,10 @@ from .checkpoints import (
     atomic_path,
     bfl_prefix,
     check_path,
+    comfy_formats,
     component_files,
     json_tensor,
-    read_safetensors,
+    read_marked,
     strip_prefix,
     write_safetensors,
 )
@@ -40,6 +41,7 @@ from .quantize import (
     BNB_BLOCK,
     BNB_CODES,
     BNB_FORMATS,
+    COMFY_BLOCKS,
     GGUF_BLOCKS,
     MODE_FORMAT,
     PLAIN_DTYPES,
@@ -50,6 +52,7 @@ from .quantize import (
     quantize_weight,
     row_bytes,
 )
+from .residency import drop_file_pages
 from .variants import TransformerConfig
 
 META_KEY = "flux2studio.quantized"
@@ -125,8 +128,58 @@ def _read_one(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """One GGUF or safetensors file's tensors and formats, bitsandbytes parts as stored."""
     if is_gguf(path):
         return _read_gguf(path)
-    sd = read_safetensors(path)
-    return sd, _safetensors_formats(path, sd)
+    sd, comfy = read_marked(path)
+    sd, packed = unpack_comfy(sd, comfy, str(path))
+    return sd, {**_safetensors_formats(path, sd), **packed}
+
+
+# ----------------------------------------------------------------------------- ComfyUI's nvfp4 and mxfp8
+
+COMFY_PARTS = {"nvfp4": (torch.uint8, torch.float8_e4m3fn), "mxfp8": (torch.float8_e4m3fn, torch.float8_e8m0fnu)}
+COMFY_DROPPED = (".input_scale",)  # the activations' scale, for Blackwell's fp4 x fp4 product: not used here
+
+
+def unpack_comfy(sd: dict[str, Tensor], comfy: dict[str, str], where: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """ComfyUI's nvfp4 / mxfp8 layers ({layer: format}, `checkpoints.read_marked`) -> `<layer>.weight` the file's
+    bytes as rows (a view), `<layer>.scales` per row its blocks' scales (`quantize.scale_bytes`), taken out of the
+    tiled layout cuBLAS reads them in, which comfy-kitchen writes (`unblocked`). Returns (tensors, {layer: format})."""
+    unmarked = [k for k in sd if k.endswith(".weight_scale_2") and k.removesuffix(".weight_scale_2") not in comfy]
+    if unmarked:  # (NVIDIA ModelOpt's exports lay the scales out plainly: nothing in the file tells which)
+        raise ValueError(f"{where}: {unmarked[0].removesuffix('.weight_scale_2')} holds fp4 weights with two scales "
+                         "but no ComfyUI format marker (comfy_quant): their scales' layout is unknown")  # fmt: skip
+    if not comfy:
+        return sd, {}
+    sd, read = dict(sd), []
+    for layer, fmt in comfy.items():
+        weight, block = sd.get(f"{layer}.weight"), sd.pop(f"{layer}.weight_scale", None)
+        tensor = sd.pop(f"{layer}.weight_scale_2", None) if fmt == "nvfp4" else torch.ones(())
+        for suffix in COMFY_DROPPED:
+            sd.pop(layer + suffix, None)
+        per = COMFY_BLOCKS[fmt][0]
+        if weight is None or block is None or tensor is None or tensor.numel() != 1 or weight.ndim != 2:
+            raise ValueError(f"{where}: {fmt} layer {layer} lacks its 2-d weight, weight_scale or weight_scale_2")
+        out, inputs = weight.shape[0], weight.shape[1] * (2 if fmt == "nvfp4" else 1)  # two e2m1 weights a byte
+        tiled = (-(-out // 128) * 128, -(-(inputs // per) // 4) * 4)
+        if (weight.dtype, block.dtype) != COMFY_PARTS[fmt] or tuple(block.shape) != tiled or inputs % per:
+            raise ValueError(f"{where}: {fmt} layer {layer}: weight {weight.dtype} {tuple(weight.shape)} with scales "
+                             f"{block.dtype} {tuple(block.shape)}; comfy-kitchen writes {COMFY_PARTS[fmt][0]} rows "
+                             f"and {COMFY_PARTS[fmt][1]} scales {tiled}")  # fmt: skip
+        scales = unblocked(block.view(torch.uint8), out, inputs // per)
+        read.append(block)
+        if fmt == "nvfp4":  # the tensor's scale on every row
+            scales = torch.cat([scales, tensor.float().reshape(1, 1).expand(out, 1).contiguous().view(torch.uint8)], 1)
+        sd[f"{layer}.weight"], sd[f"{layer}.scales"] = weight.view(torch.uint8), scales
+    drop_file_pages(read)  # the tiled scales' pages, read once
+    return sd, dict(comfy)
+
+
+def unblocked(tiled: Tensor, rows: int, cols: int) -> Tensor:
+    """Block scales (rows, cols) out of cuBLAS's tiled layout for block-scaled products (its "scale factors
+    layout": tiles of 128 rows x 4 columns, each stored as 32 x 16 with row r at (r % 32, r // 32)); the padding
+    to whole tiles dropped."""
+    tiles_r, tiles_c = tiled.shape[0] // 128, tiled.shape[1] // 4
+    t = tiled.reshape(tiles_r, tiles_c, 32, 4, 4).transpose(2, 3).reshape(tiles_r, tiles_c, 128, 4)
+    return t.permute(0, 2, 1, 3).reshape(tiles_r * 128, tiles_c * 4)[:rows, :cols].contiguous()
 
 
 # ----------------------------------------------------------------------------- bitsandbytes 4-bit
@@ -213,7 +266,12 @@ def tensor_types(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
     with safe_open(str(path), "pt") as f:
         found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
                  for k in f.keys() if not k.endswith(COMFY_QUANT)}  # noqa: SIM118  # fmt: skip
-        formats = _formats_of(path, f.metadata())
+        markers = {k.removesuffix(COMFY_QUANT): f.get_tensor(k) for k in f.keys() if k.endswith(COMFY_QUANT)}  # noqa: SIM118
+        comfy = comfy_formats(markers, f.metadata(), path)
+        for layer in comfy:  # its scales: counted in the weight
+            for suffix in (".weight_scale", ".weight_scale_2", *COMFY_DROPPED):
+                found.pop(layer + suffix, None)
+        formats = {**_formats_of(path, f.metadata()), **comfy}
         for key in [k for k in found if BNB_STATE in k]:  # a bitsandbytes weight: its shape is in its state
             module = key[: key.index(BNB_STATE)]
             state = json_tensor(f.get_tensor(key))
