@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .precision import fp8_dtypes, fp8_to
-from .quantize import COMFY_BLOCKS
+from .quantize import COMFY_BLOCKS, ROTATED_INT8
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 EMBEDDED = Path(__file__).parent / "weights"
@@ -39,7 +39,8 @@ def check_path(path: str | Path) -> Path:
 def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
     """Tensors of a .safetensors file (memory-mapped on CPU); pickle and broken files get a clear error.
     ComfyUI's per-layer quantization markers are checked and dropped; a layer in one of its packed formats
-    (nvfp4, mxfp8: read with their scales by `quantized_files`, for transformers and text encoders) is an error."""
+    (nvfp4, mxfp8, int8: read with their scales by `quantized_files`, for transformers and text encoders) is an
+    error."""
     sd, packed = read_marked(path, device)
     if packed:
         layer, fmt = next(iter(packed.items()))
@@ -70,13 +71,15 @@ def json_tensor(t: Tensor):
 COMFY_QUANT = ".comfy_quant"  # ComfyUI's marker of a quantized layer: the JSON bytes of {"format": ..., ...}
 COMFY_METADATA = "_quantization_metadata"  # its older form: the header's {"layers": {layer: {"format": ...}}}
 COMFY_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")  # fp8 with a per-tensor `weight_scale`: read as any fp8 file
-COMFY_PACKED = tuple(COMFY_BLOCKS)  # kept packed with their block scales (`quantized_files.unpack_comfy`)
+COMFY_INT8 = "int8_tensorwise"  # int8 with one scale a row or a tensor; "convrot": its weights rotated in groups
+COMFY_PACKED = (*COMFY_BLOCKS, COMFY_INT8)  # kept packed (`quantized_files.unpack_comfy`)
 
 
 def comfy_formats(markers: dict[str, Tensor], metadata: dict[str, str] | None, path: Path) -> dict[str, str]:
-    """{layer: format} of the layers ComfyUI's markers (`<layer>.comfy_quant` tensors, or the header's
-    `_quantization_metadata`) put in a packed format; fp8 layers need nothing more (their dtype says it), any other
-    format (int8, svdquant...) is a clear error naming the layer."""
+    """{layer: our format} of the layers ComfyUI's markers (`<layer>.comfy_quant` tensors, or the header's
+    `_quantization_metadata`) put in a packed format: "nvfp4", "mxfp8", "int8" or "int8-rot256" (`quantize`); fp8
+    layers need nothing more (their dtype says it); any other format (SVDQuant, AWQ...) is a clear error naming
+    the layer."""
     layers = {layer: json_tensor(t) for layer, t in markers.items()}
     if metadata and COMFY_METADATA in metadata:
         try:
@@ -86,8 +89,14 @@ def comfy_formats(markers: dict[str, Tensor], metadata: dict[str, str] | None, p
     packed = {}
     for layer, conf in layers.items():
         fmt = conf.get("format") if isinstance(conf, dict) else None
-        if fmt in COMFY_PACKED:
-            packed[layer] = fmt
+        if fmt == COMFY_INT8 and conf.get("convrot"):
+            group = conf.get("convrot_groupsize", 256)
+            if f"int8-rot{group}" not in ROTATED_INT8:
+                raise ValueError(f"{path}: layer {layer} is int8 rotated in groups of {group}; groups of "
+                                 f"{', '.join(str(g) for g in ROTATED_INT8.values())} are read")  # fmt: skip
+            packed[layer] = f"int8-rot{group}"
+        elif fmt in COMFY_PACKED:
+            packed[layer] = "int8" if fmt == COMFY_INT8 else fmt
         elif fmt not in COMFY_FP8_FORMATS:
             known = ", ".join(COMFY_FP8_FORMATS + COMFY_PACKED)
             raise ValueError(f"{path}: layer {layer} is in ComfyUI's {fmt!r} format; of its formats {known} are read "

@@ -15,6 +15,9 @@ Every quantized weight is one uint8 tensor of rows of blocks, (out_features, row
   apart from its rows. The rows are the file's bytes as they are (two weights a byte, the first in the high
   nibble), blocks of 64 weights each scaled by its absmax, kept in a second uint8 tensor of fp32 values,
   (out_features, in_features / 64 * 4): w = code[q] * absmax in fp32, rounded to that dtype, as bitsandbytes.
+- "int8-rot256" (and other powers of 4): int8 rows whose weights were rotated, each group of that many inputs by
+  a regular Hadamard matrix (ComfyUI's int8 "convrot"); the input is rotated alike before the product, and the
+  weight rotated back when it is wanted whole. ComfyUI's plain int8 layers load as "int8".
 - ComfyUI's "nvfp4" and "mxfp8" (its per-layer `comfy_quant` formats, made by comfy-kitchen: BFL's
   flux-2-klein-*-nvfp4 files, Comfy-Org's fp4mixed text encoders), scales apart too. nvfp4: the file's bytes as
   rows (two e2m1 weights a byte, the first in the high nibble), per row its blocks' e4m3 scales (one per 16
@@ -70,7 +73,8 @@ BNB_FORMATS = {f"bnb-{code}-{name}": (code, dtype) for code in BNB_CODES for nam
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # fp4 e2m1 codes
 # ComfyUI's block formats: (weights per block, bytes of those weights in a row)
 COMFY_BLOCKS = {"nvfp4": (16, 8), "mxfp8": (32, 32)}
-FORMATS = ("int8", "fp8", *GGUF_BLOCKS, *BNB_FORMATS, *COMFY_BLOCKS)
+ROTATED_INT8 = {f"int8-rot{g}": g for g in (16, 64, 256, 1024)}  # int8 rows of rotated weights: the group size
+FORMATS = ("int8", "fp8", *GGUF_BLOCKS, *BNB_FORMATS, *COMFY_BLOCKS, *ROTATED_INT8)
 PLAIN_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}  # one weight a "block"
 
 
@@ -102,9 +106,14 @@ def scale_bytes(fmt: str, in_features: int) -> int | None:
     return None
 
 
+def int8_rows(fmt: str) -> bool:
+    """Whether `fmt` stores rows of int8 weights then an fp32 scale (multiplied in int8 on a CPU)."""
+    return fmt == "int8" or fmt in ROTATED_INT8
+
+
 def row_bytes(fmt: str, in_features: int) -> int:
     """Bytes of one stored row of `in_features` weights in `fmt`."""
-    if fmt in ("int8", "fp8"):
+    if int8_rows(fmt) or fmt == "fp8":
         return in_features + 4
     per, size = block_shape(fmt)
     if in_features % per:
@@ -318,9 +327,33 @@ def _unpack_q6_k(packed: Tensor, in_features: int) -> Tensor:
     return (d * q.reshape(n, 16, 16).float()).reshape(-1, in_features)
 
 
+def _unpack_int8_rotated(packed: Tensor, in_features: int, group: int) -> Tensor:
+    """The int8 weight rotated back: each group of inputs times the Hadamard matrix's transpose, in fp32 (as
+    comfy-kitchen's `dequantize_int8_convrot_weight`)."""
+    w = _unpack_int8(packed, in_features).reshape(packed.shape[0], -1, group)
+    return torch.matmul(w, hadamard(group, packed.device, torch.float32).T).reshape(-1, in_features)
+
+
+@functools.cache
+def hadamard(size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The regular Hadamard matrix of order `size` (a power of 4: Kronecker powers of the order-4 one with equal
+    row sums), scaled to be orthogonal: exact in any dtype (the scale is a power of two). Symmetric."""
+    h = base = torch.tensor([[1.0, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]])
+    while h.shape[0] < size:
+        h = torch.kron(h, base)
+    return (h / size**0.5).to(device=device, dtype=dtype)
+
+
+def rotated(x: Tensor, group: int) -> Tensor:
+    """x (..., in) with each group of `group` inputs times the Hadamard matrix, in x's dtype (the input of a
+    layer whose weights were rotated the same way: products unchanged)."""
+    return torch.matmul(x.reshape(-1, x.shape[-1] // group, group), hadamard(group, x.device, x.dtype)).reshape(x.shape)
+
+
 ROW_UNPACKERS = {"int8": _unpack_int8, "fp8": _unpack_fp8, "Q8_0": _unpack_q8_0, "Q4_0": _unpack_q4_0,
                  "Q4_1": _unpack_q4_1, "Q5_0": _unpack_q5_0, "Q5_1": _unpack_q5_1, "Q4_K": _unpack_q4_k,
                  "Q5_K": _unpack_q5_k, "Q6_K": _unpack_q6_k}  # fmt: skip
+ROW_UNPACKERS |= {f: functools.partial(_unpack_int8_rotated, group=g) for f, g in ROTATED_INT8.items()}
 
 
 def _int8_parts(packed: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
@@ -442,7 +475,7 @@ def multiplies_int8(model: nn.Module) -> bool:
     """Whether `model` has int8 layers that multiply in int8 here (packed int8 weights on a CPU)."""
     return any(
         isinstance(m, QuantLinear)
-        and m.fmt == "int8"
+        and int8_rows(m.fmt)
         and m.weight.device.type == "cpu"
         and not m.weight.is_floating_point()
         for m in model.modules()
@@ -482,7 +515,7 @@ def prepack_int8(model: nn.Module) -> int:
         return 0
     packed: list[Tensor] = []
     for m in model.modules():
-        if isinstance(m, QuantLinear) and m.fmt == "int8" and m.weight.device.type == "cpu":
+        if isinstance(m, QuantLinear) and int8_rows(m.fmt) and m.weight.device.type == "cpu":
             q, scale = _int8_weight(m.weight.data, m.in_features)
             try:
                 m.onednn = (onednn.qlinear_prepack(q.contiguous(), None), scale.reshape(-1).contiguous())
@@ -526,7 +559,12 @@ class QuantLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         grad = torch.is_grad_enabled() and x.requires_grad  # _int_mm has no gradient: dequantize then
-        if not w.is_floating_point() and self.fmt == "int8" and x.device.type == "cpu" and not grad:
+        if not w.is_floating_point() and self.fmt in ROTATED_INT8:  # rotated rows: rotate the input alike
+            x = rotated(x, ROTATED_INT8[self.fmt])
+            if x.device.type != "cpu" or grad:  # the weight as stored (rotated) then
+                bias = self.bias.to(x.dtype) if self.bias is not None else None
+                return F.linear(x, dequantize_weight(w.data, "int8", self.in_features, x.dtype), bias)
+        if not w.is_floating_point() and int8_rows(self.fmt) and x.device.type == "cpu" and not grad:
             return int8_linear(x, w.data, self.in_features, self.bias, self.onednn)
         fp8 = self.fmt == "fp8" and self.in_features % 16 == 0 and self.out_features % 16 == 0  # its shapes
         if not w.is_floating_point() and fp8 and not grad and self.fp8_matmul(x.device):

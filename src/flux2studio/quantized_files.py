@@ -49,6 +49,7 @@ from .quantize import (
     bnb_scales_bytes,
     check_format,
     dequantize_bnb_flat,
+    int8_rows,
     quantize_weight,
     row_bytes,
 )
@@ -98,7 +99,7 @@ def is_gguf(path: Path) -> bool:
 
 
 def in_features(fmt: str, row_bytes: int) -> int:
-    if fmt in ("int8", "fp8"):
+    if int8_rows(fmt) or fmt == "fp8":
         return row_bytes - 4
     per, size = block_shape(fmt)
     return row_bytes // size * per
@@ -140,13 +141,16 @@ COMFY_DROPPED = (".input_scale",)  # the activations' scale, for Blackwell's fp4
 
 
 def unpack_comfy(sd: dict[str, Tensor], comfy: dict[str, str], where: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """ComfyUI's nvfp4 / mxfp8 layers ({layer: format}, `checkpoints.read_marked`) -> `<layer>.weight` the file's
-    bytes as rows (a view), `<layer>.scales` per row its blocks' scales (`quantize.scale_bytes`), taken out of the
-    tiled layout cuBLAS reads them in, which comfy-kitchen writes (`unblocked`). Returns (tensors, {layer: format})."""
+    """ComfyUI's packed layers ({layer: our format}, `checkpoints.read_marked`) as our packed layers. nvfp4 /
+    mxfp8: `<layer>.weight` the file's bytes as rows (a view), `<layer>.scales` per row its blocks' scales
+    (`quantize.scale_bytes`), taken out of the tiled layout cuBLAS reads them in, which comfy-kitchen writes
+    (`unblocked`). int8 (rotated or not): rows of the int8 weights then their scale (a copy). The pages of what was
+    read once are handed back. Returns (tensors, {layer: format})."""
     unmarked = [k for k in sd if k.endswith(".weight_scale_2") and k.removesuffix(".weight_scale_2") not in comfy]
-    if unmarked:  # (NVIDIA ModelOpt's exports lay the scales out plainly: nothing in the file tells which)
-        raise ValueError(f"{where}: {unmarked[0].removesuffix('.weight_scale_2')} holds fp4 weights with two scales "
-                         "but no ComfyUI format marker (comfy_quant): their scales' layout is unknown")  # fmt: skip
+    unmarked += [k for k, v in sd.items() if v.dtype == torch.int8 and k.removesuffix(".weight") not in comfy]
+    if unmarked:  # (NVIDIA ModelOpt's exports lay fp4 scales out plainly: nothing in the file tells which)
+        raise ValueError(f"{where}: {unmarked[0]} holds fp4 or int8 weights but its layer has no ComfyUI format "
+                         "marker (comfy_quant): how to read them is unknown")  # fmt: skip
     if not comfy:
         return sd, {}
     sd, read = dict(sd), []
@@ -155,22 +159,42 @@ def unpack_comfy(sd: dict[str, Tensor], comfy: dict[str, str], where: str) -> tu
         tensor = sd.pop(f"{layer}.weight_scale_2", None) if fmt == "nvfp4" else torch.ones(())
         for suffix in COMFY_DROPPED:
             sd.pop(layer + suffix, None)
-        per = COMFY_BLOCKS[fmt][0]
         if weight is None or block is None or tensor is None or tensor.numel() != 1 or weight.ndim != 2:
             raise ValueError(f"{where}: {fmt} layer {layer} lacks its 2-d weight, weight_scale or weight_scale_2")
-        out, inputs = weight.shape[0], weight.shape[1] * (2 if fmt == "nvfp4" else 1)  # two e2m1 weights a byte
-        tiled = (-(-out // 128) * 128, -(-(inputs // per) // 4) * 4)
-        if (weight.dtype, block.dtype) != COMFY_PARTS[fmt] or tuple(block.shape) != tiled or inputs % per:
-            raise ValueError(f"{where}: {fmt} layer {layer}: weight {weight.dtype} {tuple(weight.shape)} with scales "
-                             f"{block.dtype} {tuple(block.shape)}; comfy-kitchen writes {COMFY_PARTS[fmt][0]} rows "
-                             f"and {COMFY_PARTS[fmt][1]} scales {tiled}")  # fmt: skip
-        scales = unblocked(block.view(torch.uint8), out, inputs // per)
-        read.append(block)
-        if fmt == "nvfp4":  # the tensor's scale on every row
-            scales = torch.cat([scales, tensor.float().reshape(1, 1).expand(out, 1).contiguous().view(torch.uint8)], 1)
-        sd[f"{layer}.weight"], sd[f"{layer}.scales"] = weight.view(torch.uint8), scales
-    drop_file_pages(read)  # the tiled scales' pages, read once
+        read.append(weight if int8_rows(fmt) else block)
+        if int8_rows(fmt):
+            sd[f"{layer}.weight"] = _int8_rows(weight, block, f"{where}: {fmt} layer {layer}")
+        else:
+            sd[f"{layer}.weight"], sd[f"{layer}.scales"] = _block_scaled(
+                weight, block, tensor, fmt, f"{where}: {layer}"
+            )
+    drop_file_pages(read)  # copied (int8 rows, untiled scales): read once
     return sd, dict(comfy)
+
+
+def _int8_rows(q: Tensor, scale: Tensor, where: str) -> Tensor:
+    """ComfyUI's int8 weight and its scale (one, or one a row) -> our int8 rows: each row's int8 values, then its
+    fp32 scale."""
+    if q.dtype != torch.int8 or scale.numel() not in (1, q.shape[0]):
+        raise ValueError(f"{where}: weight {q.dtype} {tuple(q.shape)} with {scale.numel()} scales; comfy-kitchen "
+                         "writes int8 weights and one scale, or one a row")  # fmt: skip
+    scales = scale.float().reshape(-1, 1).expand(q.shape[0], 1).contiguous()
+    return torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)
+
+
+def _block_scaled(weight: Tensor, block: Tensor, tensor: Tensor, fmt: str, where: str) -> tuple[Tensor, Tensor]:
+    """An nvfp4 / mxfp8 layer's rows (the file's bytes) and scales a row (`quantize.scale_bytes`)."""
+    per = COMFY_BLOCKS[fmt][0]
+    out, inputs = weight.shape[0], weight.shape[1] * (2 if fmt == "nvfp4" else 1)  # two e2m1 weights a byte
+    tiled = (-(-out // 128) * 128, -(-(inputs // per) // 4) * 4)
+    if (weight.dtype, block.dtype) != COMFY_PARTS[fmt] or tuple(block.shape) != tiled or inputs % per:
+        raise ValueError(f"{where}: {fmt} weight {weight.dtype} {tuple(weight.shape)} with scales {block.dtype} "
+                         f"{tuple(block.shape)}; comfy-kitchen writes {COMFY_PARTS[fmt][0]} rows and "
+                         f"{COMFY_PARTS[fmt][1]} scales {tiled}")  # fmt: skip
+    scales = unblocked(block.view(torch.uint8), out, inputs // per)
+    if fmt == "nvfp4":  # the tensor's scale on every row
+        scales = torch.cat([scales, tensor.float().reshape(1, 1).expand(out, 1).contiguous().view(torch.uint8)], 1)
+    return weight.view(torch.uint8), scales
 
 
 def unblocked(tiled: Tensor, rows: int, cols: int) -> Tensor:
@@ -267,11 +291,13 @@ def tensor_types(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
         found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
                  for k in f.keys() if not k.endswith(COMFY_QUANT)}  # noqa: SIM118  # fmt: skip
         markers = {k.removesuffix(COMFY_QUANT): f.get_tensor(k) for k in f.keys() if k.endswith(COMFY_QUANT)}  # noqa: SIM118
-        comfy = comfy_formats(markers, f.metadata(), path)
-        for layer in comfy:  # its scales: counted in the weight
+        for layer, fmt in comfy_formats(markers, f.metadata(), path).items():  # scales counted in the weight
             for suffix in (".weight_scale", ".weight_scale_2", *COMFY_DROPPED):
                 found.pop(layer + suffix, None)
-        formats = {**_formats_of(path, f.metadata()), **comfy}
+            if (key := layer + ".weight") in found:  # stored as the model sees it, but fp4: two weights a byte
+                (out, cols), _ = found[key]
+                found[key] = ((out, cols * (2 if fmt == "nvfp4" else 1)), fmt)
+        formats = _formats_of(path, f.metadata())
         for key in [k for k in found if BNB_STATE in k]:  # a bitsandbytes weight: its shape is in its state
             module = key[: key.index(BNB_STATE)]
             state = json_tensor(f.get_tensor(key))
