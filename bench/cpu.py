@@ -15,18 +15,20 @@ in the page cache. Files derived once from the folder (beside it, in `<folder>-f
                                   save `BitsAndBytesConfig(load_in_4bit=True, ...)` (e.g. FLUX.2-dev-bnb-4bit)
   klein-nvfp4.safetensors         the transformer as BFL's flux-2-klein-*-nvfp4 files are: BFL names, the
                                   blocks' linear layers in ComfyUI's nvfp4 (comfy-kitchen writes them), the rest bf16
+  klein-comfy-int8.safetensors    the same in ComfyUI's int8 with ConvRot (a scale a row, groups of 256 inputs
+                                  rotated), as the community's flux-2-klein-9b-int8-convrot
 
 Modes. ours: auto / fp32 / bf16 (the diffusers folder), int8 / int4 (the packed files and text encoder: what `flux2
 convert --quantize` writes once; packing at load costs 20-45 s a run), gguf-q8_0 / gguf-q4_0 (the GGUF files; text
 encoder as auto), bnb-nf4 (the bitsandbytes folder; not run by default), nvfp4 (the nvfp4 file, text encoder as
-auto; not run by default); "-resident" (auto-resident,
-int8-resident): every part kept loaded between phases, as a server keeps them (int8: oneDNN's prepacked kernel);
-"-compile" (e.g. int8-resident-compile, not run by default): `--compile`, its step time taken after the first step
-compiled; "-again" (e.g. auto-again, not run by default): the call timed is the second with the prompt, after one
-with another seed (`caches.py`). Only the files the chosen runs read are derived. diffusers: `Flux2KleinPipeline`
-in bf16. stable-diffusion.cpp (`pip install stable-diffusion-cpp-python`, built from source by pip; the `bench`
-extra): the GGUF files at F16 / Q8_0 / Q4_0 with the text encoder at the same type (`wtype`), VAE and text encoder
-from the same files. Its phases come from its own log lines.
+auto; not run by default), comfy-int8 (the ComfyUI int8 file, text encoder as int8; not run by default); "-resident"
+(auto-resident, int8-resident): every part kept loaded between phases, as a server keeps them (int8: oneDNN's
+prepacked kernel); "-compile" (e.g. int8-resident-compile, not run by default): `--compile`, its step time taken
+after the first step compiled; "-again" (e.g. auto-again, not run by default): the call timed is the second with the
+prompt, after one with another seed (`caches.py`). Only the files the chosen runs read are derived. diffusers:
+`Flux2KleinPipeline` in bf16. stable-diffusion.cpp (`pip install stable-diffusion-cpp-python`, built from source by
+pip; the `bench` extra): the GGUF files at F16 / Q8_0 / Q4_0 with the text encoder at the same type (`wtype`), VAE
+and text encoder from the same files. Its phases come from its own log lines.
 
     python bench/cpu.py [--size 256] [--steps 2] [--modes ours:auto,sdcpp:q8_0,...] [--avx2]
         [--sdcpp-path DIR]
@@ -73,6 +75,7 @@ PAIRS = [
     ("ours:gguf-q4_0", "sdcpp:q4_0"),
     ("ours:bnb-nf4", "ours:gguf-q4_0"),
     ("ours:nvfp4", "ours:gguf-q4_0"),
+    ("ours:comfy-int8", "ours:int8"),
 ]
 
 
@@ -81,6 +84,8 @@ PAIRS = [
 
 def ours_files(mode: str) -> dict[str, str]:
     """The derived files our run in `mode` loads, by `load` argument; none: the diffusers folder itself."""
+    if mode.startswith("comfy-int8"):
+        return {"weights": "klein-comfy-int8.safetensors", "text_encoder": "te-int8", "vae": "ae.safetensors"}
     if mode.startswith(("int8", "int4")):
         return {"weights": f"klein-{mode[:4]}.safetensors", "text_encoder": f"te-{mode[:4]}", "vae": "ae.safetensors"}
     if mode.startswith("gguf-"):
@@ -132,9 +137,10 @@ def derive_files(folder: Path, names: set[str]) -> Path:
     if "klein-bnb-nf4" in names and not (out / "klein-bnb-nf4").exists():
         print("  writing klein-bnb-nf4/", flush=True)
         write_bnb_folder(folder, out / "klein-bnb-nf4")
-    if "klein-nvfp4.safetensors" in names and not (out / "klein-nvfp4.safetensors").exists():
-        print("  writing klein-nvfp4.safetensors", flush=True)
-        write_nvfp4_file(folder, out / "klein-nvfp4.safetensors")
+    for name, fmt in (("klein-nvfp4.safetensors", "nvfp4"), ("klein-comfy-int8.safetensors", "int8")):
+        if name in names and not (out / name).exists():
+            print(f"  writing {name}", flush=True)
+            write_comfy_file(folder, out / name, fmt)
     te = out / "te"
     if "te" in names and not te.exists():
         te.mkdir()
@@ -183,22 +189,26 @@ def write_bnb_folder(folder: Path, out: Path) -> None:
                 (out / part / f.name).symlink_to(f)
 
 
-def write_nvfp4_file(folder: Path, out: Path) -> None:
-    """The transformer in BFL names, each block's linear weight in ComfyUI's nvfp4 as comfy-kitchen quantizes it
-    (its tensors and `comfy_quant` marker, as BFL's nvfp4 files hold them), the rest bf16."""
+def write_comfy_file(folder: Path, out: Path, fmt: str) -> None:
+    """The transformer in BFL names, each block's linear weight in ComfyUI's `fmt` ("nvfp4", or "int8": a scale a
+    row, ConvRot in groups of 256) as comfy-kitchen quantizes it (its tensors and `comfy_quant` marker, as BFL's
+    nvfp4 files hold them), the rest bf16."""
     import comfy_kitchen as ck
     import torch
-    from comfy_kitchen.tensor import TensorCoreNVFP4Layout
+    from comfy_kitchen.tensor import TensorCoreNVFP4Layout, TensorWiseINT8Layout
 
     from flux2studio.checkpoints import read_component, write_safetensors
     from flux2studio.layouts.transformer import transformer_from_diffusers
 
-    marker = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
+    layout = TensorCoreNVFP4Layout if fmt == "nvfp4" else TensorWiseINT8Layout
+    options = {} if fmt == "nvfp4" else {"per_channel": True, "convrot": True, "convrot_groupsize": 256}
+    conf = {"format": "nvfp4"} if fmt == "nvfp4" else {"format": "int8_tensorwise", "convrot": True}
+    marker = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
     tensors = {}
     for key, t in transformer_from_diffusers(read_component(folder / "transformer")).items():
         if key.startswith(("double_blocks.", "single_blocks.")) and key.endswith(".weight") and t.dim() == 2:
             with ck.registry.use_backend("eager"):
-                parts = TensorCoreNVFP4Layout.state_dict_tensors(*TensorCoreNVFP4Layout.quantize(t))
+                parts = layout.state_dict_tensors(*layout.quantize(t, **options))
             tensors |= {f"{key}{k}": v for k, v in parts.items()}
             tensors[key.removesuffix("weight") + "comfy_quant"] = marker.clone()  # (one tensor each: safetensors)
         else:

@@ -28,13 +28,17 @@ def _packed(w: torch.Tensor, fmt: str, prefix: str, **options) -> dict[str, torc
     with ck.registry.use_backend("eager"):
         layout = LAYOUTS[fmt]
         parts = layout.state_dict_tensors(*layout.quantize(w, **options))
-    conf = {k: v for k, v in options.items() if k.startswith("convrot")}
+    conf = {k: v for k, v in options.items() if k.startswith("convrot") or k == "nested"}
+    options = {k: v for k, v in options.items() if k != "nested"}
     marker = _marker("int8_tensorwise" if fmt == "int8" else fmt, **conf)
     return {f"{prefix}.weight{k}": v for k, v in parts.items()} | {f"{prefix}.comfy_quant": marker}
 
 
 def _marker(fmt: str, **conf) -> torch.Tensor:
-    return torch.tensor(list(json.dumps({"format": fmt, **conf}).encode()), dtype=torch.uint8)
+    """A layer's `comfy_quant` marker; `conf` (int8's convrot settings) under "params" where it holds "nested"."""
+    nested = conf.pop("nested", False)
+    return torch.tensor(list(json.dumps({"format": fmt, **({"params": conf} if nested else conf)}).encode()),
+                        dtype=torch.uint8)  # fmt: skip
 
 
 def _reference(sd: dict[str, torch.Tensor], layer: str, fmt: str, dtype: torch.dtype, **options) -> torch.Tensor:
@@ -54,8 +58,8 @@ def _reference(sd: dict[str, torch.Tensor], layer: str, fmt: str, dtype: torch.d
 
 def test_comfyui_int8_layers_plain_and_rotated_multiply_in_int8_as_comfy_kitchen_does():
     """ComfyUI's int8 (one scale a row or one a tensor; "convrot": each group of 256 / 64 inputs rotated by a
-    Hadamard matrix before quantizing) as our int8 rows: the weight wanted whole is comfy-kitchen's, rotated back,
-    bit for bit; the layer rotates its input alike and multiplies in int8 with per-token activations, as
+    Hadamard matrix before quantizing) kept as the file has it: the weight wanted whole is comfy-kitchen's, rotated
+    back, bit for bit; the layer rotates its input alike and multiplies in int8 with per-token activations, as
     comfy-kitchen's int8 product does: its output to 1e-5 where this CPU's int8 kernel takes weights up to 127
     (the same integer product); where it takes 64 (no VNNI: weights halved, `int8_weight_limit`) within 4% of the
     whole weight's product (measured 2.6%; comfy-kitchen's own there is 12% off: torch's int8 product saturates)."""
@@ -67,10 +71,11 @@ def test_comfyui_int8_layers_plain_and_rotated_multiply_in_int8_as_comfy_kitchen
                     {"per_channel": True, "convrot": True, "convrot_groupsize": 64}):  # fmt: skip
         w = torch.randn(96, 512, generator=g) * 0.05
         sd = _packed(w, "int8", "layer", **options)
-        fmt = f"int8-rot{options['convrot_groupsize']}" if "convrot" in options else "int8"
+        fmt = f"comfy-int8-rot{options['convrot_groupsize']}" if "convrot" in options else "comfy-int8"
         ours, formats = unpack_comfy({k: v for k, v in sd.items() if "comfy" not in k}, {"layer": fmt}, "t")
         layer = QuantLinear(512, 96, False, formats["layer"])
-        layer.load_state_dict({"weight": ours["layer.weight"]}, assign=True)
+        layer.load_state_dict({k.removeprefix("layer."): v for k, v in ours.items()}, assign=True)
+        assert layer.weight.data_ptr() == sd["layer.weight"].data_ptr()  # the file's bytes
         with ck.registry.use_backend("eager"):
             q, params = TensorWiseINT8Layout.quantize(w, **options)
             for dtype in DTYPES:
@@ -90,7 +95,8 @@ def test_comfyui_int8_layers_plain_and_rotated_multiply_in_int8_as_comfy_kitchen
 def test_nvfp4_and_mxfp8_unpack_as_comfy_kitchen_does():
     """From bf16 / fp16 / fp32 weights, in each compute dtype: the layer keeps the file's bytes (a view) and its
     weight is comfy-kitchen's, bit for bit (its nvfp4 arithmetic rounds to the compute dtype twice: so do we);
-    scales come out of cuBLAS's tiled layout whole tiles or not (rows not a multiple of 128)."""
+    scales come out of cuBLAS's tiled layout whole tiles or not (rows not a multiple of 128), stored as their fp8
+    type or as bytes (older files)."""
     g = torch.Generator().manual_seed(0)
     for rows, blocks in ((96, 20), (130, 7), (256, 8)):
         scales = torch.randint(0, 255, (rows, blocks), generator=g, dtype=torch.uint8)
@@ -106,6 +112,9 @@ def test_nvfp4_and_mxfp8_unpack_as_comfy_kitchen_does():
                 assert layer.weight.data_ptr() == sd["layer.weight"].data_ptr()  # the file's bytes
                 for dtype in DTYPES:
                     assert torch.equal(dense_weight(layer, dtype), _reference(sd, "layer", fmt, dtype)), (fmt, dtype)
+                as_bytes = {k: v.view(torch.uint8) if k.endswith("weight_scale") else v for k, v in sd.items()}
+                again, _ = unpack_comfy({k: v for k, v in as_bytes.items() if "comfy" not in k}, formats, "t")
+                assert torch.equal(again["layer.scales"], ours["layer.scales"])  # uint8 scales (older files)
 
 
 def _comfy_file(klein_folder, tmp_path, formats=("nvfp4", "mxfp8"), **options):
@@ -144,8 +153,8 @@ def test_a_comfyui_nvfp4_transformer_file_stays_packed_and_gives_its_weights_ima
     """BFL's / ComfyUI's nvfp4 transformer file (mixed with mxfp8, fp8 and bf16 layers) loads as it is: nvfp4 at
     0.56 byte a weight, mxfp8 at 1.03, unpacked per layer as they run; the image is bit for bit that of the same
     file unpacked up front by comfy-kitchen. The older form (the layers' formats in the header's
-    `_quantization_metadata`, no markers) reads the same. `flux2 convert` writes them unpacked; `flux2 info` counts
-    the weights at their shapes."""
+    `_quantization_metadata`, no markers; its names here without the tensors' prefix) reads the same. `flux2
+    convert` writes them unpacked; `flux2 info` counts the weights at their shapes."""
     from flux2studio.conversion import convert, describe
 
     path, dense, te, packed = _comfy_file(klein_folder, tmp_path)
@@ -163,8 +172,7 @@ def test_a_comfyui_nvfp4_transformer_file_stays_packed_and_gives_its_weights_ima
     older = tmp_path / "older" / path.name
     older.parent.mkdir()
     save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in packed.items() if "comfy" not in k}, older,
-              metadata={"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {
-                  f"model.diffusion_model.{k}": v for k, v in layers.items()}})})  # fmt: skip
+              metadata={"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})})  # fmt: skip
     shutil.copy(path.parent / "ae.safetensors", older.parent / "ae.safetensors")
     again = load("klein-4b", weights=older, text_encoder=te, dtype="fp32")
     assert np.array_equal(np.asarray(again("a red circle", size=(64, 64), steps=2, seed=3)[0]), np.asarray(image))
@@ -185,24 +193,30 @@ def test_a_comfyui_int8_transformer_file_multiplies_in_int8(klein_folder, tmp_pa
     scale a row, each group of 64 inputs rotated): its layers stay int8 rows (1 byte a weight) and multiply in int8
     on the CPU, the input rotated alike; the image at least 30 dB from its weights' (comfy-kitchen's, rotated back)
     in fp32, the floor of our own int8 (measured 42.9 dB; 39.5 capped at AVX2, where weights are halved)."""
+    from flux2studio.conversion import describe
     from flux2studio.quantize import multiplies_int8
     from test_quantize import _psnr
 
-    options = {"per_channel": True, "convrot": True, "convrot_groupsize": 64}
+    options = {"per_channel": True, "convrot": True, "convrot_groupsize": 64, "nested": True}  # (as ComfyUI reads too)
     path, dense, te, _ = _comfy_file(klein_folder, tmp_path, ("int8", "int8"), **options)
     pipe = load("klein-4b", weights=path, text_encoder=te, dtype="fp32")
     qkv = pipe.transformer.double_blocks[0].img_attn.qkv
-    assert qkv.fmt == "int8-rot64" and qkv.weight.shape == (192, 64 + 4) and multiplies_int8(pipe.transformer)
+    assert qkv.fmt == "comfy-int8-rot64" and qkv.weight.shape == (192, 64) and qkv.scales.shape == (192, 4)
+    assert multiplies_int8(pipe.transformer)
     image = pipe("a red circle", size=(64, 64), steps=2, seed=3)[0]
     expected = load("klein-4b", weights=dense / path.name, text_encoder=te, dtype="fp32")
     psnr = _psnr(image, expected("a red circle", size=(64, 64), steps=2, seed=3)[0])
     assert psnr >= 30.0, psnr
+    info = describe(path)
+    assert info["dtypes"]["comfy-int8-rot64"] > 0 and info["params"] == sum(
+        p.numel() for p in klein_folder[0].transformer.parameters()) + 1  # fmt: skip
 
 
 def test_a_comfyui_fp4mixed_text_encoder_file_encodes_as_its_weights(klein_folder, tmp_path):
     """A Qwen3 text encoder as Comfy-Org shares klein's (`qwen_3_4b_fp4_flux2.safetensors`: nvfp4 layers beside
-    bf16 ones, one file, no config): kept packed, the encoding bit for bit that of its weights as comfy-kitchen
-    unpacks them in the compute dtype, bf16 and fp32."""
+    bf16 ones, one file, no config; here its token table in int8 too, rotated in groups of 16): kept packed (the
+    table's looked-up rows unpacked), the encoding bit for bit that of its weights as comfy-kitchen unpacks them
+    in the compute dtype, bf16 and fp32."""
     from flux2studio.checkpoints import read_component, write_safetensors
     from test_quantize import _single_file
 
@@ -215,6 +229,11 @@ def test_a_comfyui_fp4mixed_text_encoder_file_encodes_as_its_weights(klein_folde
             packed |= _packed(w.to(torch.bfloat16), "nvfp4", layer)
             for dtype, tensors in dense.items():
                 tensors[key] = _reference(packed, layer, "nvfp4", dtype)
+        elif key == "model.embed_tokens.weight":
+            options = {"per_channel": True, "convrot": True, "convrot_groupsize": 16}
+            packed |= _packed(w.to(torch.bfloat16), "int8", layer, **options)
+            for dtype, tensors in dense.items():
+                tensors[key] = _reference(packed, layer, "int8", dtype, **options)
         else:
             packed[key] = dense[torch.float32][key] = dense[torch.bfloat16][key] = w
     files = {"comfy": packed, "fp32": dense[torch.float32], "bf16": dense[torch.bfloat16]}
@@ -225,7 +244,7 @@ def test_a_comfyui_fp4mixed_text_encoder_file_encodes_as_its_weights(klein_folde
     for dtype in ("fp32", "bf16"):
         ours = load("klein-4b", weights=path, text_encoder=tmp_path / "comfy" / "qwen_3_4b_fp4_flux2.safetensors",
                     dtype=dtype).text_encoder  # fmt: skip
-        assert ours.model.layers[0].mlp.down_proj.fmt == "nvfp4"
+        assert ours.model.layers[0].mlp.down_proj.fmt == "nvfp4" and ours.model.embed_tokens.fmt == "comfy-int8-rot16"
         expected = load("klein-4b", weights=path, text_encoder=tmp_path / dtype / "qwen_3_4b_fp4_flux2.safetensors",
                         dtype=dtype).text_encoder(prompts)  # fmt: skip
         assert torch.equal(ours(prompts), expected), dtype
@@ -234,7 +253,7 @@ def test_a_comfyui_fp4mixed_text_encoder_file_encodes_as_its_weights(klein_folde
 def test_comfyui_files_we_cannot_run_get_one_clear_error(tmp_path):
     """A ComfyUI format we do not read (SVDQuant, AWQ...), an nvfp4 layer missing its tensor scale or with
     scales not in comfy-kitchen's tiled shape, fp4 tensors without a marker (their scales' layout unknown),
-    an nvfp4 layer in a file read whole (a VAE, a LoRA): each named."""
+    an input scale (AWQ), an nvfp4 layer in a file read whole (a VAE, a LoRA): each named."""
     from flux2studio.quantized_files import read_weights
 
     w = torch.randn(64, 64) * 0.05
@@ -250,6 +269,10 @@ def test_comfyui_files_we_cannot_run_get_one_clear_error(tmp_path):
         save_file(sd, tmp_path / "x.safetensors")
         with pytest.raises(ValueError, match=message):
             read_weights(tmp_path / "x.safetensors")
+    sd = _packed(w, "nvfp4", "layer") | {"layer.pre_quant_scale": torch.ones(64)}
+    save_file(sd, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match=r"scales its input \(pre_quant_scale, AWQ\): not supported"):
+        read_weights(tmp_path / "x.safetensors")
     save_file(_packed(w, "nvfp4", "layer"), tmp_path / "x.safetensors")
-    with pytest.raises(ValueError, match="only a transformer or a text encoder file may use"):
+    with pytest.raises(ValueError, match="read only from a transformer or a text encoder file"):
         read_safetensors(tmp_path / "x.safetensors")

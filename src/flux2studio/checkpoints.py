@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .precision import fp8_dtypes, fp8_to
-from .quantize import COMFY_BLOCKS, ROTATED_INT8
+from .quantize import COMFY_BLOCKS, COMFY_INT8
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 EMBEDDED = Path(__file__).parent / "weights"
@@ -44,8 +44,8 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]
     sd, packed = read_marked(path, device)
     if packed:
         layer, fmt = next(iter(packed.items()))
-        raise ValueError(f"{path}: layer {layer} is in ComfyUI's {fmt!r} format, which only a transformer or a text "
-                         "encoder file may use (--weights, --text-encoder)")  # fmt: skip
+        raise ValueError(f"{path}: layer {layer} is in ComfyUI's packed {fmt!r} format, read only from a transformer "
+                         "or a text encoder file to generate with (--weights, --text-encoder)")  # fmt: skip
     return sd
 
 
@@ -60,7 +60,7 @@ def read_marked(path: str | Path, device: str = "cpu") -> tuple[dict[str, Tensor
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     markers = {k.removesuffix(COMFY_QUANT): sd.pop(k) for k in [k for k in sd if k.endswith(COMFY_QUANT)]}
-    return sd, comfy_formats(markers, metadata, path)
+    return sd, comfy_formats(markers, metadata, path, sd)
 
 
 def json_tensor(t: Tensor):
@@ -71,37 +71,51 @@ def json_tensor(t: Tensor):
 COMFY_QUANT = ".comfy_quant"  # ComfyUI's marker of a quantized layer: the JSON bytes of {"format": ..., ...}
 COMFY_METADATA = "_quantization_metadata"  # its older form: the header's {"layers": {layer: {"format": ...}}}
 COMFY_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")  # fp8 with a per-tensor `weight_scale`: read as any fp8 file
-COMFY_INT8 = "int8_tensorwise"  # int8 with one scale a row or a tensor; "convrot": its weights rotated in groups
-COMFY_PACKED = (*COMFY_BLOCKS, COMFY_INT8)  # kept packed (`quantized_files.unpack_comfy`)
+COMFY_INT8_NAME = "int8_tensorwise"  # int8, one scale a row or a tensor; "convrot": its weights rotated in groups
+COMFY_PACKED = (*COMFY_BLOCKS, COMFY_INT8_NAME)  # kept packed (`quantized_files.unpack_comfy`)
 
 
-def comfy_formats(markers: dict[str, Tensor], metadata: dict[str, str] | None, path: Path) -> dict[str, str]:
+def comfy_formats(markers: dict[str, Tensor], metadata: dict[str, str] | None, path: Path, keys) -> dict[str, str]:
     """{layer: our format} of the layers ComfyUI's markers (`<layer>.comfy_quant` tensors, or the header's
-    `_quantization_metadata`) put in a packed format: "nvfp4", "mxfp8", "int8" or "int8-rot256" (`quantize`); fp8
-    layers need nothing more (their dtype says it); any other format (SVDQuant, AWQ...) is a clear error naming
-    the layer."""
+    `_quantization_metadata`, its names with or without the file's `model.diffusion_model.`: matched to `keys`) put
+    in a packed format: "nvfp4", "mxfp8", "comfy-int8" or "comfy-int8-rot256" (`quantize`); fp8 layers need nothing
+    more (their dtype says it); any other format (SVDQuant, AWQ...) is a clear error naming the layer."""
     layers = {layer: json_tensor(t) for layer, t in markers.items()}
     if metadata and COMFY_METADATA in metadata:
         try:
-            layers |= json.loads(metadata[COMFY_METADATA])["layers"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            table = json.loads(metadata[COMFY_METADATA])["layers"]
+            layers |= {_layer_in(layer, keys): conf for layer, conf in table.items()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: its {COMFY_METADATA} header is not ComfyUI's layer table ({e})") from None
     packed = {}
     for layer, conf in layers.items():
         fmt = conf.get("format") if isinstance(conf, dict) else None
-        if fmt == COMFY_INT8 and conf.get("convrot"):
-            group = conf.get("convrot_groupsize", 256)
-            if f"int8-rot{group}" not in ROTATED_INT8:
-                raise ValueError(f"{path}: layer {layer} is int8 rotated in groups of {group}; groups of "
-                                 f"{', '.join(str(g) for g in ROTATED_INT8.values())} are read")  # fmt: skip
-            packed[layer] = f"int8-rot{group}"
-        elif fmt in COMFY_PACKED:
-            packed[layer] = "int8" if fmt == COMFY_INT8 else fmt
+        if fmt in COMFY_PACKED:
+            packed[layer] = _comfy_int8(layer, conf, path) if fmt == COMFY_INT8_NAME else fmt
         elif fmt not in COMFY_FP8_FORMATS:
             known = ", ".join(COMFY_FP8_FORMATS + COMFY_PACKED)
             raise ValueError(f"{path}: layer {layer} is in ComfyUI's {fmt!r} format; of its formats {known} are read "
                              "(or use a GGUF or bf16 file)")  # fmt: skip
     return packed
+
+
+def _layer_in(layer: str, keys) -> str:
+    """A layer name of ComfyUI's header table as the file's tensors name it (with or without a BFL prefix)."""
+    names = [layer, *(p + layer for p in BFL_PREFIXES), *(layer.removeprefix(p) for p in BFL_PREFIXES)]
+    return next((name for name in names if name + ".weight" in keys), layer)
+
+
+def _comfy_int8(layer: str, conf: dict, path: Path) -> str:
+    """Our format for a ComfyUI int8 layer: "comfy-int8", or "comfy-int8-rot<group>" for "convrot" ones (set in
+    the marker or in its "params", as ComfyUI reads either)."""
+    params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
+    if not conf.get("convrot", params.get("convrot", False)):
+        return "comfy-int8"
+    group = int(conf.get("convrot_groupsize", params.get("convrot_groupsize", 256)))
+    if f"comfy-int8-rot{group}" not in COMFY_INT8:
+        groups = ", ".join(str(g) for g in COMFY_INT8.values() if g)
+        raise ValueError(f"{path}: layer {layer} is int8 rotated in groups of {group}; groups of {groups} are read")
+    return f"comfy-int8-rot{group}"
 
 
 def check_keys(module: nn.Module, sd: dict[str, Tensor], what: str) -> None:

@@ -185,9 +185,9 @@ def _stack_tensors(model_dir: Path, kind: str, layers: int) -> tuple[dict[str, t
         if name.startswith("layers.") and name[: name.index(".", 7) + 1] not in keep:
             continue  # a layer after the last one the variant takes
         sd[name] = tensor
-    for module, fmt in packed.items():
-        if (name := stack_name(module, kind)) is not None and name + ".weight" in sd:
-            formats[name] = fmt
+    for module, fmt in packed.items():  # (named by their weight: "embed_tokens" alone is not a stack part's name)
+        if (name := stack_name(module + ".weight", kind)) is not None and name in sd:
+            formats[name.removesuffix(".weight")] = fmt
     return sd, formats
 
 

@@ -15,9 +15,10 @@ Every quantized weight is one uint8 tensor of rows of blocks, (out_features, row
   apart from its rows. The rows are the file's bytes as they are (two weights a byte, the first in the high
   nibble), blocks of 64 weights each scaled by its absmax, kept in a second uint8 tensor of fp32 values,
   (out_features, in_features / 64 * 4): w = code[q] * absmax in fp32, rounded to that dtype, as bitsandbytes.
-- "int8-rot256" (and other powers of 4): int8 rows whose weights were rotated, each group of that many inputs by
-  a regular Hadamard matrix (ComfyUI's int8 "convrot"); the input is rotated alike before the product, and the
-  weight rotated back when it is wanted whole. ComfyUI's plain int8 layers load as "int8".
+- ComfyUI's int8, "comfy-int8": the file's int8 weights as they are (out, in), their fp32 scales apart (one a row);
+  multiplied in int8 as "int8" is. "comfy-int8-rot256" (and other powers of 4): its "convrot" layers, whose weights
+  were rotated before quantizing, each group of that many inputs by a regular Hadamard matrix; the input is rotated
+  alike before the product, and the weight rotated back when it is wanted whole.
 - ComfyUI's "nvfp4" and "mxfp8" (its per-layer `comfy_quant` formats, made by comfy-kitchen: BFL's
   flux-2-klein-*-nvfp4 files, Comfy-Org's fp4mixed text encoders), scales apart too. nvfp4: the file's bytes as
   rows (two e2m1 weights a byte, the first in the high nibble), per row its blocks' e4m3 scales (one per 16
@@ -73,8 +74,9 @@ BNB_FORMATS = {f"bnb-{code}-{name}": (code, dtype) for code in BNB_CODES for nam
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # fp4 e2m1 codes
 # ComfyUI's block formats: (weights per block, bytes of those weights in a row)
 COMFY_BLOCKS = {"nvfp4": (16, 8), "mxfp8": (32, 32)}
-ROTATED_INT8 = {f"int8-rot{g}": g for g in (16, 64, 256, 1024)}  # int8 rows of rotated weights: the group size
-FORMATS = ("int8", "fp8", *GGUF_BLOCKS, *BNB_FORMATS, *COMFY_BLOCKS, *ROTATED_INT8)
+# ComfyUI's int8 layers: the group size their weights were rotated in (0: not rotated)
+COMFY_INT8 = {"comfy-int8": 0, **{f"comfy-int8-rot{g}": g for g in (16, 64, 256, 1024)}}
+FORMATS = ("int8", "fp8", *GGUF_BLOCKS, *BNB_FORMATS, *COMFY_BLOCKS, *COMFY_INT8)
 PLAIN_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}  # one weight a "block"
 
 
@@ -98,23 +100,25 @@ def block_shape(fmt: str) -> tuple[int, int]:
 def scale_bytes(fmt: str, in_features: int) -> int | None:
     """Bytes a row's scales take apart from the row (`QuantLinear.scales`), or None for formats that hold them in
     the row: bitsandbytes' an fp32 absmax a block; nvfp4 an e4m3 byte a block, then the tensor's fp32 scale;
-    mxfp8 an e8m0 byte a block."""
+    mxfp8 an e8m0 byte a block; ComfyUI's int8 an fp32 scale."""
     if fmt in BNB_FORMATS:
         return in_features // BNB_BLOCK * 4
     if fmt in COMFY_BLOCKS:
         return in_features // COMFY_BLOCKS[fmt][0] + (4 if fmt == "nvfp4" else 0)
-    return None
+    return 4 if fmt in COMFY_INT8 else None
 
 
-def int8_rows(fmt: str) -> bool:
-    """Whether `fmt` stores rows of int8 weights then an fp32 scale (multiplied in int8 on a CPU)."""
-    return fmt == "int8" or fmt in ROTATED_INT8
+def int8_weights(fmt: str) -> bool:
+    """Whether `fmt` stores int8 weights with a scale a row (multiplied in int8 on a CPU)."""
+    return fmt == "int8" or fmt in COMFY_INT8
 
 
 def row_bytes(fmt: str, in_features: int) -> int:
     """Bytes of one stored row of `in_features` weights in `fmt`."""
-    if int8_rows(fmt) or fmt == "fp8":
+    if fmt in ("int8", "fp8"):
         return in_features + 4
+    if fmt in COMFY_INT8:
+        return in_features
     per, size = block_shape(fmt)
     if in_features % per:
         raise ValueError(f"{fmt} packs {per} weights a block; a row of {in_features} does not divide")
@@ -220,7 +224,35 @@ def _unpack_mxfp8(packed: Tensor, scales: Tensor, fmt: str, in_features: int, dt
     return (q * power).reshape(-1, in_features).to(dtype)
 
 
+def _unpack_comfy_int8(packed: Tensor, scales: Tensor, fmt: str, in_features: int, _dtype: torch.dtype) -> Tensor:
+    """q * scale in fp32, rotated back (each group of inputs times the Hadamard matrix's transpose) for "convrot"
+    layers: comfy-kitchen's arithmetic (`dequantize_int8_convrot_weight`)."""
+    q, scale = _int8_parts(packed, in_features, scales)
+    w, group = q.float() * scale, COMFY_INT8[fmt]
+    if not group:
+        return w
+    w = torch.matmul(w.reshape(packed.shape[0], -1, group), hadamard(group, packed.device, torch.float32).T)
+    return w.reshape(-1, in_features)
+
+
+@functools.cache
+def hadamard(size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The regular Hadamard matrix of order `size` (a power of 4: Kronecker powers of the order-4 one with equal
+    row sums), scaled to be orthogonal: exact in any dtype (the scale is a power of two). Symmetric."""
+    h = base = torch.tensor([[1.0, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]])
+    while h.shape[0] < size:
+        h = torch.kron(h, base)
+    return (h / size**0.5).to(device=device, dtype=dtype)
+
+
+def rotated(x: Tensor, group: int) -> Tensor:
+    """x (..., in) with each group of `group` inputs times the Hadamard matrix, in x's dtype (the input of a
+    layer whose weights were rotated the same way: products unchanged)."""
+    return torch.matmul(x.reshape(-1, x.shape[-1] // group, group), hadamard(group, x.device, x.dtype)).reshape(x.shape)
+
+
 SCALED_UNPACKERS = {**dict.fromkeys(BNB_FORMATS, _unpack_bnb), "nvfp4": _unpack_nvfp4, "mxfp8": _unpack_mxfp8}
+SCALED_UNPACKERS |= dict.fromkeys(COMFY_INT8, _unpack_comfy_int8)
 
 
 def dequantize_bnb_flat(packed: Tensor, absmax: Tensor, fmt: str, n: int) -> Tensor:
@@ -327,39 +359,16 @@ def _unpack_q6_k(packed: Tensor, in_features: int) -> Tensor:
     return (d * q.reshape(n, 16, 16).float()).reshape(-1, in_features)
 
 
-def _unpack_int8_rotated(packed: Tensor, in_features: int, group: int) -> Tensor:
-    """The int8 weight rotated back: each group of inputs times the Hadamard matrix's transpose, in fp32 (as
-    comfy-kitchen's `dequantize_int8_convrot_weight`)."""
-    w = _unpack_int8(packed, in_features).reshape(packed.shape[0], -1, group)
-    return torch.matmul(w, hadamard(group, packed.device, torch.float32).T).reshape(-1, in_features)
-
-
-@functools.cache
-def hadamard(size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The regular Hadamard matrix of order `size` (a power of 4: Kronecker powers of the order-4 one with equal
-    row sums), scaled to be orthogonal: exact in any dtype (the scale is a power of two). Symmetric."""
-    h = base = torch.tensor([[1.0, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]])
-    while h.shape[0] < size:
-        h = torch.kron(h, base)
-    return (h / size**0.5).to(device=device, dtype=dtype)
-
-
-def rotated(x: Tensor, group: int) -> Tensor:
-    """x (..., in) with each group of `group` inputs times the Hadamard matrix, in x's dtype (the input of a
-    layer whose weights were rotated the same way: products unchanged)."""
-    return torch.matmul(x.reshape(-1, x.shape[-1] // group, group), hadamard(group, x.device, x.dtype)).reshape(x.shape)
-
-
 ROW_UNPACKERS = {"int8": _unpack_int8, "fp8": _unpack_fp8, "Q8_0": _unpack_q8_0, "Q4_0": _unpack_q4_0,
                  "Q4_1": _unpack_q4_1, "Q5_0": _unpack_q5_0, "Q5_1": _unpack_q5_1, "Q4_K": _unpack_q4_k,
                  "Q5_K": _unpack_q5_k, "Q6_K": _unpack_q6_k}  # fmt: skip
-ROW_UNPACKERS |= {f: functools.partial(_unpack_int8_rotated, group=g) for f, g in ROTATED_INT8.items()}
 
 
-def _int8_parts(packed: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
-    """An int8 row block -> (q (out, in) int8, a view of the rows: no copy; scale (out, 1) fp32)."""
+def _int8_parts(packed: Tensor, in_features: int, scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """An int8 row block (or int8 weights and their `scales` apart: ComfyUI's) -> (q (out, in) int8, a view of the
+    rows: no copy; scale (out, 1) fp32)."""
     q = packed.view(torch.int8)[:, :in_features]
-    scale = packed[:, in_features:].contiguous().view(torch.float32)
+    scale = (packed[:, in_features:] if scales is None else scales).contiguous().view(torch.float32)
     return q, scale
 
 
@@ -424,10 +433,10 @@ def _int8_weight_limit() -> int:
     return 127 if torch.equal(torch._int_mm(a, b), (a.long() @ b.long()).int()) else 64
 
 
-def _int8_weight(packed: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
+def _int8_weight(packed: Tensor, in_features: int, scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(q, scale) as this CPU's int8 kernels take them exactly: halved (rounded) with a doubled scale where
     `int8_weight_limit()` is 64."""
-    q, scale = _int8_parts(packed, in_features)  # `_int_mm` reads q in place from the rows
+    q, scale = _int8_parts(packed, in_features, scales)  # `_int_mm` reads q in place from the rows
     if int8_weight_limit() < 127:  # q / 2 rounded half away from zero, in int8 (4.6x faster than via int16)
         q = (q >> 1) + ((q & 1) & (q > 0).view(torch.int8))
         scale = scale * 2
@@ -444,7 +453,12 @@ def _per_token(x: Tensor, in_features: int, unsigned: bool = False) -> tuple[Ten
 
 
 def int8_linear(
-    x: Tensor, packed: Tensor, in_features: int, bias: Tensor | None, onednn: tuple[Tensor, Tensor] | None = None
+    x: Tensor,
+    packed: Tensor,
+    in_features: int,
+    bias: Tensor | None,
+    onednn: tuple[Tensor, Tensor] | None = None,
+    scales: Tensor | None = None,
 ) -> Tensor:
     """x (..., in) @ int8 weight: activations quantized per token to int8, one integer product (`torch._int_mm`,
     or oneDNN's prepacked u8 x s8 kernel when the layer holds one: `prepack_int8`), both scales applied to the
@@ -459,7 +473,7 @@ def int8_linear(
         y = y.mul_(s) if bias is None else torch.addcmul(bias.to(out), y, s)
     else:
         xq, s = _per_token(x, in_features)
-        q, scale = _int8_weight(packed, in_features)
+        q, scale = _int8_weight(packed, in_features, scales)
         # the int32 sums, and their scaled copy unless that is the output (fp32), in scratch memory
         shape = (xq.shape[0], q.shape[0])
         parts = [(shape, torch.int32)] + ([(shape, torch.float32)] if x.dtype != torch.float32 else [])
@@ -475,7 +489,7 @@ def multiplies_int8(model: nn.Module) -> bool:
     """Whether `model` has int8 layers that multiply in int8 here (packed int8 weights on a CPU)."""
     return any(
         isinstance(m, QuantLinear)
-        and int8_rows(m.fmt)
+        and int8_weights(m.fmt)
         and m.weight.device.type == "cpu"
         and not m.weight.is_floating_point()
         for m in model.modules()
@@ -515,8 +529,8 @@ def prepack_int8(model: nn.Module) -> int:
         return 0
     packed: list[Tensor] = []
     for m in model.modules():
-        if isinstance(m, QuantLinear) and int8_rows(m.fmt) and m.weight.device.type == "cpu":
-            q, scale = _int8_weight(m.weight.data, m.in_features)
+        if isinstance(m, QuantLinear) and int8_weights(m.fmt) and m.weight.device.type == "cpu":
+            q, scale = _int8_weight(m.weight.data, m.in_features, m.stored_scales())
             try:
                 m.onednn = (onednn.qlinear_prepack(q.contiguous(), None), scale.reshape(-1).contiguous())
             except RuntimeError:  # registered but not supported by this build or CPU: `torch._int_mm` then
@@ -553,19 +567,23 @@ class QuantLinear(nn.Linear):
         w = self.weight
         if w.is_floating_point():
             return w.data.to(dtype)
-        scales = self.scales.data if self.fmt in SCALED_UNPACKERS else None
-        return dequantize_weight(w.data, self.fmt, self.in_features, dtype, scales)
+        return dequantize_weight(w.data, self.fmt, self.in_features, dtype, self.stored_scales())
+
+    def stored_scales(self) -> Tensor | None:
+        """The scales kept apart from the rows (`scale_bytes`), or None."""
+        return self.scales.data if self.fmt in SCALED_UNPACKERS else None
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         grad = torch.is_grad_enabled() and x.requires_grad  # _int_mm has no gradient: dequantize then
-        if not w.is_floating_point() and self.fmt in ROTATED_INT8:  # rotated rows: rotate the input alike
-            x = rotated(x, ROTATED_INT8[self.fmt])
+        if not w.is_floating_point() and COMFY_INT8.get(self.fmt):  # rotated weights: rotate the input alike
+            x = rotated(x, COMFY_INT8[self.fmt])
             if x.device.type != "cpu" or grad:  # the weight as stored (rotated) then
                 bias = self.bias.to(x.dtype) if self.bias is not None else None
-                return F.linear(x, dequantize_weight(w.data, "int8", self.in_features, x.dtype), bias)
-        if not w.is_floating_point() and int8_rows(self.fmt) and x.device.type == "cpu" and not grad:
-            return int8_linear(x, w.data, self.in_features, self.bias, self.onednn)
+                stored = dequantize_weight(w.data, "comfy-int8", self.in_features, x.dtype, self.stored_scales())
+                return F.linear(x, stored, bias)
+        if not w.is_floating_point() and int8_weights(self.fmt) and x.device.type == "cpu" and not grad:
+            return int8_linear(x, w.data, self.in_features, self.bias, self.onednn, self.stored_scales())
         fp8 = self.fmt == "fp8" and self.in_features % 16 == 0 and self.out_features % 16 == 0  # its shapes
         if not w.is_floating_point() and fp8 and not grad and self.fp8_matmul(x.device):
             return fp8_linear(x, w.data, self.in_features, self.bias)
@@ -577,18 +595,24 @@ class QuantLinear(nn.Linear):
 
 
 class QuantEmbedding(nn.Module):
-    """An `nn.Embedding` whose table stays packed (a GGUF text encoder's `token_embd`, often Q4_K or Q6_K): only
-    the rows of the tokens looked up are dequantized, in `dtype` (each row is whole blocks)."""
+    """An `nn.Embedding` whose table stays packed (a GGUF text encoder's `token_embd`, often Q4_K or Q6_K; a
+    ComfyUI one's int8): only the rows of the tokens looked up are dequantized, in `dtype` (each row is whole
+    blocks, with its scales)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, fmt: str, dtype: torch.dtype, device=None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.fmt, self.dtype = num_embeddings, embedding_dim, fmt, dtype
         shape = (num_embeddings, row_bytes(fmt, embedding_dim))
         self.weight = nn.Parameter(torch.empty(shape, dtype=torch.uint8, device=device), requires_grad=False)
+        if (apart := scale_bytes(fmt, embedding_dim)) is not None:
+            scales = torch.empty(num_embeddings, apart, dtype=torch.uint8, device=device)
+            self.scales = nn.Parameter(scales, requires_grad=False)
 
     def forward(self, ids: Tensor) -> Tensor:
-        rows = self.weight.data[ids.reshape(-1).to(self.weight.device)]
-        return dequantize_weight(rows, self.fmt, self.embedding_dim, self.dtype).reshape(*ids.shape, -1)
+        flat = ids.reshape(-1).to(self.weight.device)
+        scales = self.scales.data[flat] if self.fmt in SCALED_UNPACKERS else None
+        rows = dequantize_weight(self.weight.data[flat], self.fmt, self.embedding_dim, self.dtype, scales)
+        return rows.reshape(*ids.shape, -1)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, fmt={self.fmt}"
@@ -612,7 +636,7 @@ def swap_in(model: nn.Module, formats: dict[str, str]) -> nn.Module:
             raise ValueError(f"{name} is quantized ({fmt}) in the file but the model has no such layer") from None
         if isinstance(old, nn.Linear):
             new = QuantLinear(old.in_features, old.out_features, old.bias is not None, fmt, device=old.weight.device)
-        elif isinstance(old, nn.Embedding) and fmt not in SCALED_UNPACKERS:
+        elif isinstance(old, nn.Embedding):
             dtype = old.weight.dtype
             new = QuantEmbedding(old.num_embeddings, old.embedding_dim, fmt, dtype, device=old.weight.device)
         else:

@@ -42,6 +42,7 @@ from .quantize import (
     BNB_CODES,
     BNB_FORMATS,
     COMFY_BLOCKS,
+    COMFY_INT8,
     GGUF_BLOCKS,
     MODE_FORMAT,
     PLAIN_DTYPES,
@@ -49,7 +50,6 @@ from .quantize import (
     bnb_scales_bytes,
     check_format,
     dequantize_bnb_flat,
-    int8_rows,
     quantize_weight,
     row_bytes,
 )
@@ -99,53 +99,60 @@ def is_gguf(path: Path) -> bool:
 
 
 def in_features(fmt: str, row_bytes: int) -> int:
-    if int8_rows(fmt) or fmt == "fp8":
+    if fmt in ("int8", "fp8"):
         return row_bytes - 4
+    if fmt in COMFY_INT8:
+        return row_bytes
     per, size = block_shape(fmt)
     return row_bytes // size * per
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, {module name: format}) of a GGUF or safetensors file; packed tensors stay packed."""
-    sd, formats = _read_one(check_path(path))
-    sd, bnb = unpack_bnb(sd, str(path))
-    return sd, {**formats, **bnb}
+    return _read_files([check_path(path)], str(path))
 
 
 def read_component_weights(folder: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """`read_weights` over a component folder's files (`checkpoints.component_files`): plain or packed shards
-    (a bitsandbytes weight's parts may sit in two shards)."""
+    (a bitsandbytes or ComfyUI weight's parts may sit in two shards)."""
+    return _read_files(component_files(folder), str(folder))
+
+
+def _read_files(paths: list[Path], where: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The files' tensors and formats together, then bitsandbytes' and ComfyUI's parts made our packed layers."""
     sd: dict[str, Tensor] = {}
     formats: dict[str, str] = {}
-    for path in component_files(folder):
-        part, fmts = _read_one(check_path(path))
+    comfy: dict[str, str] = {}
+    for path in paths:
+        part, fmts, marked = _read_one(check_path(path))
         sd.update(part)
         formats.update(fmts)
-    sd, bnb = unpack_bnb(sd, str(folder))
-    return sd, {**formats, **bnb}
+        comfy.update(marked)
+    sd, packed = unpack_comfy(sd, comfy, where)
+    sd, bnb = unpack_bnb(sd, where)
+    return sd, {**formats, **packed, **bnb}
 
 
-def _read_one(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """One GGUF or safetensors file's tensors and formats, bitsandbytes parts as stored."""
+def _read_one(path: Path) -> tuple[dict[str, Tensor], dict[str, str], dict[str, str]]:
+    """One GGUF or safetensors file's tensors, formats and ComfyUI-marked layers, their parts as stored."""
     if is_gguf(path):
-        return _read_gguf(path)
+        return *_read_gguf(path), {}
     sd, comfy = read_marked(path)
-    sd, packed = unpack_comfy(sd, comfy, str(path))
-    return sd, {**_safetensors_formats(path, sd), **packed}
+    return sd, _safetensors_formats(path, sd), comfy
 
 
 # ----------------------------------------------------------------------------- ComfyUI's nvfp4 and mxfp8
 
+# the dtypes of an nvfp4 / mxfp8 layer's weight and block scales (or uint8 scales: older files)
 COMFY_PARTS = {"nvfp4": (torch.uint8, torch.float8_e4m3fn), "mxfp8": (torch.float8_e4m3fn, torch.float8_e8m0fnu)}
 COMFY_DROPPED = (".input_scale",)  # the activations' scale, for Blackwell's fp4 x fp4 product: not used here
 
 
 def unpack_comfy(sd: dict[str, Tensor], comfy: dict[str, str], where: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """ComfyUI's packed layers ({layer: our format}, `checkpoints.read_marked`) as our packed layers. nvfp4 /
-    mxfp8: `<layer>.weight` the file's bytes as rows (a view), `<layer>.scales` per row its blocks' scales
-    (`quantize.scale_bytes`), taken out of the tiled layout cuBLAS reads them in, which comfy-kitchen writes
-    (`unblocked`). int8 (rotated or not): rows of the int8 weights then their scale (a copy). The pages of what was
-    read once are handed back. Returns (tensors, {layer: format})."""
+    """ComfyUI's packed layers ({layer: our format}, `checkpoints.read_marked`) as our packed layers:
+    `<layer>.weight` the file's bytes (a view), `<layer>.scales` per row its scales (`quantize.scale_bytes`): int8's
+    as they are (one for the tensor: on every row); nvfp4's and mxfp8's taken out of the tiled layout cuBLAS reads
+    them in, which comfy-kitchen writes (`unblocked`), their pages then handed back. Returns (tensors, formats)."""
     unmarked = [k for k in sd if k.endswith(".weight_scale_2") and k.removesuffix(".weight_scale_2") not in comfy]
     unmarked += [k for k, v in sd.items() if v.dtype == torch.int8 and k.removesuffix(".weight") not in comfy]
     if unmarked:  # (NVIDIA ModelOpt's exports lay fp4 scales out plainly: nothing in the file tells which)
@@ -155,31 +162,31 @@ def unpack_comfy(sd: dict[str, Tensor], comfy: dict[str, str], where: str) -> tu
         return sd, {}
     sd, read = dict(sd), []
     for layer, fmt in comfy.items():
-        weight, block = sd.get(f"{layer}.weight"), sd.pop(f"{layer}.weight_scale", None)
+        weight, scale = sd.get(f"{layer}.weight"), sd.pop(f"{layer}.weight_scale", None)
         tensor = sd.pop(f"{layer}.weight_scale_2", None) if fmt == "nvfp4" else torch.ones(())
         for suffix in COMFY_DROPPED:
             sd.pop(layer + suffix, None)
-        if weight is None or block is None or tensor is None or tensor.numel() != 1 or weight.ndim != 2:
+        if weight is None or scale is None or tensor is None or tensor.numel() != 1 or weight.ndim != 2:
             raise ValueError(f"{where}: {fmt} layer {layer} lacks its 2-d weight, weight_scale or weight_scale_2")
-        read.append(weight if int8_rows(fmt) else block)
-        if int8_rows(fmt):
-            sd[f"{layer}.weight"] = _int8_rows(weight, block, f"{where}: {fmt} layer {layer}")
+        if f"{layer}.pre_quant_scale" in sd:
+            raise ValueError(f"{where}: {fmt} layer {layer} scales its input (pre_quant_scale, AWQ): not supported")
+        if fmt in COMFY_INT8:
+            sd[f"{layer}.weight"], sd[f"{layer}.scales"] = _int8_parts(weight, scale, f"{where}: {fmt} layer {layer}")
         else:
-            sd[f"{layer}.weight"], sd[f"{layer}.scales"] = _block_scaled(
-                weight, block, tensor, fmt, f"{where}: {layer}"
-            )
-    drop_file_pages(read)  # copied (int8 rows, untiled scales): read once
+            read.append(scale)
+            rows, scales = _block_scaled(weight, scale, tensor, fmt, f"{where}: {layer}")
+            sd[f"{layer}.weight"], sd[f"{layer}.scales"] = rows, scales
+    drop_file_pages(read)  # the tiled scales, read once
     return sd, dict(comfy)
 
 
-def _int8_rows(q: Tensor, scale: Tensor, where: str) -> Tensor:
-    """ComfyUI's int8 weight and its scale (one, or one a row) -> our int8 rows: each row's int8 values, then its
-    fp32 scale."""
+def _int8_parts(q: Tensor, scale: Tensor, where: str) -> tuple[Tensor, Tensor]:
+    """ComfyUI's int8 weight and its scale (one, or one a row) -> (its bytes, fp32 scales a row as bytes)."""
     if q.dtype != torch.int8 or scale.numel() not in (1, q.shape[0]):
         raise ValueError(f"{where}: weight {q.dtype} {tuple(q.shape)} with {scale.numel()} scales; comfy-kitchen "
                          "writes int8 weights and one scale, or one a row")  # fmt: skip
     scales = scale.float().reshape(-1, 1).expand(q.shape[0], 1).contiguous()
-    return torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)
+    return q.view(torch.uint8), scales.view(torch.uint8)
 
 
 def _block_scaled(weight: Tensor, block: Tensor, tensor: Tensor, fmt: str, where: str) -> tuple[Tensor, Tensor]:
@@ -187,10 +194,16 @@ def _block_scaled(weight: Tensor, block: Tensor, tensor: Tensor, fmt: str, where
     per = COMFY_BLOCKS[fmt][0]
     out, inputs = weight.shape[0], weight.shape[1] * (2 if fmt == "nvfp4" else 1)  # two e2m1 weights a byte
     tiled = (-(-out // 128) * 128, -(-(inputs // per) // 4) * 4)
-    if (weight.dtype, block.dtype) != COMFY_PARTS[fmt] or tuple(block.shape) != tiled or inputs % per:
+    dtypes = COMFY_PARTS[fmt]
+    if (
+        weight.dtype != dtypes[0]
+        or block.dtype not in (dtypes[1], torch.uint8)
+        or tuple(block.shape) != tiled
+        or (inputs % per)
+    ):
         raise ValueError(f"{where}: {fmt} weight {weight.dtype} {tuple(weight.shape)} with scales {block.dtype} "
-                         f"{tuple(block.shape)}; comfy-kitchen writes {COMFY_PARTS[fmt][0]} rows and "
-                         f"{COMFY_PARTS[fmt][1]} scales {tiled}")  # fmt: skip
+                         f"{tuple(block.shape)}; comfy-kitchen writes {dtypes[0]} rows and {dtypes[1]} scales "
+                         f"{tiled}")  # fmt: skip
     scales = unblocked(block.view(torch.uint8), out, inputs // per)
     if fmt == "nvfp4":  # the tensor's scale on every row
         scales = torch.cat([scales, tensor.float().reshape(1, 1).expand(out, 1).contiguous().view(torch.uint8)], 1)
@@ -291,7 +304,7 @@ def tensor_types(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
         found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
                  for k in f.keys() if not k.endswith(COMFY_QUANT)}  # noqa: SIM118  # fmt: skip
         markers = {k.removesuffix(COMFY_QUANT): f.get_tensor(k) for k in f.keys() if k.endswith(COMFY_QUANT)}  # noqa: SIM118
-        for layer, fmt in comfy_formats(markers, f.metadata(), path).items():  # scales counted in the weight
+        for layer, fmt in comfy_formats(markers, f.metadata(), path, found).items():  # scales counted in the weight
             for suffix in (".weight_scale", ".weight_scale_2", *COMFY_DROPPED):
                 found.pop(layer + suffix, None)
             if (key := layer + ".weight") in found:  # stored as the model sees it, but fp4: two weights a byte
