@@ -9,6 +9,9 @@
 - bitsandbytes 4-bit (NF4 / FP4) as diffusers and transformers save it (`BitsAndBytesConfig(load_in_4bit=True)`,
   e.g. diffusers/FLUX.2-dev-bnb-4bit): each weight's bytes stay as they are in the file, its blocks' absmax
   (double-quantized or not) become the layer's fp32 `scales` (`unpack_bnb`).
+- ComfyUI's packed layers (nvfp4, mxfp8, int8; its per-layer `comfy_quant` markers, as BFL's nvfp4 files and
+  Comfy-Org's text encoders hold them): each weight's bytes stay as they are in the file, its scales become the
+  layer's `scales` (`unpack_comfy`).
 
 Formats are returned keyed by module name ("double_blocks.0.img_attn.qkv"), the keys of `quantize.swap_in`.
 """
@@ -141,7 +144,7 @@ def _read_one(path: Path) -> tuple[dict[str, Tensor], dict[str, str], dict[str, 
     return sd, _safetensors_formats(path, sd), comfy
 
 
-# ----------------------------------------------------------------------------- ComfyUI's nvfp4 and mxfp8
+# ----------------------------------------------------------------------------- ComfyUI's packed layers
 
 # the dtypes of an nvfp4 / mxfp8 layer's weight and block scales (or uint8 scales: older files)
 COMFY_PARTS = {"nvfp4": (torch.uint8, torch.float8_e4m3fn), "mxfp8": (torch.float8_e4m3fn, torch.float8_e8m0fnu)}
