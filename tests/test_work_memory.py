@@ -265,6 +265,21 @@ def test_a_cpu_without_memory_for_a_whole_decode_works_in_tiles(no_headroom, mon
     assert pipe("a red circle", **kw)[0].tobytes() == image.tobytes()
 
 
+def test_a_cpu_short_of_memory_even_for_tiles_warns_once_a_call(no_headroom, monkeypatch, caplog):
+    """Available memory below even the smallest tile's VAE work: the smallest tile, and one warning (the machine
+    may still have swap), once a call though the tile is planned for the start image's encoding and the decode."""
+    pipe = klein_pipeline()
+    _available(monkeypatch, module_bytes(pipe.vae) + 1)
+    start = Image.new("RGB", (320, 320), "red")
+    with caplog.at_level("WARNING", logger="flux2studio.pipeline"):
+        pipe("a red circle", image=start, size=(320, 320), steps=1, seed=2)
+    assert caplog.text.count("even in 256-pixel tiles") == 1, caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="flux2studio.pipeline"):
+        pipe("a red circle", image=start, size=(320, 320), steps=1, seed=2)
+    assert caplog.text.count("even in 256-pixel tiles") == 1  # and again in the next call
+
+
 def test_work_reserve_adds_room_for_what_a_trace_cannot_see():
     assert work_reserve(0) == device_streaming.WORK_HEADROOM
     assert work_reserve(10 * 2**20) == int(10 * 2**20 * device_streaming.WORK_FACTOR) + device_streaming.WORK_HEADROOM

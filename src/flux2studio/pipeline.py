@@ -385,6 +385,7 @@ class Pipeline:
         self._request: Request | None = None  # the request being generated (its shapes size the work)
         self._at_once: int | None = None  # how many of its images the transformer denoises together
         self._ram: int | None = None  # on a CPU without a budget, within a call: the memory it may plan with
+        self._said: set[str] = set()  # within such a call: the warnings given (the VAE's tile is planned up to 3x)
         self.planned: dict[str, int] = {}  # device bytes each phase was planned to use at most, weights and work
         self.vae_tile: int | None = None  # the VAE in tiles of this many pixels for larger images (`load(vae_tile=)`)
         self._tiled: int | None = None  # the VAE tile of the last call, if it tiled an image (in the metadata)
@@ -528,6 +529,7 @@ class Pipeline:
             yield
         finally:
             self._ram = None
+            self._said.clear()
 
     def _images_at_once(self, req: Request) -> int:
         """How many of the request's images the transformer denoises together: all, or where their work and the
@@ -584,8 +586,11 @@ class Pipeline:
             if weights + work <= room:
                 return tile
         if self.vram_budget is None:
-            log.warning("%s's VAE %s needs about %s even in %s-pixel tiles; this machine has %s available",
-                        self.variant.id, what, human(weights + work), tries[-1], human(room / RAM_SHARE))  # fmt: skip
+            said = (f"{self.variant.id}'s VAE {what} needs about {human(weights + work)} even in {tries[-1]}-pixel "
+                    f"tiles; this machine has {human(room / RAM_SHARE)} available")  # fmt: skip
+            if said not in self._said:  # once a call
+                log.warning(said)
+                self._said.add(said)
             return tries[-1]
         need, smaller = human(weights + work), "batch" if what.startswith("decoding") and batch > 1 else "image"
         tiled = f"even in {tries[-1]}-pixel tiles " if tries[-1] is not None and side > tries[-1] else ""
