@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .precision import fp8_dtypes, fp8_to
@@ -54,9 +53,9 @@ def read_marked(path: str | Path, device: str = "cpu") -> tuple[dict[str, Tensor
     as its markers name them (`comfy_formats`); the markers themselves dropped."""
     path = check_path(path)
     try:
-        sd = load_file(str(path), device=device)
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt", device=device) as f:  # (what `load_file` does, the header's metadata kept)
             metadata = f.metadata()
+            sd = {k: f.get_tensor(k) for k in f.offset_keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     markers = {k.removesuffix(COMFY_QUANT): sd.pop(k) for k in [k for k in sd if k.endswith(COMFY_QUANT)]}

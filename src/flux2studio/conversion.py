@@ -24,13 +24,12 @@ from .checkpoints import (
     tokenizer_folder,
     write_safetensors,
 )
-from .quantize import MODE_FORMAT, dequantize_weight
+from .quantize import MODE_FORMAT, dequantize_weight, row_inputs
 from .quantized_files import (
     BNB_STATE,
     GGUF_TEXT_ARCHES,
     STACK_PREFIXES,
     gguf_component,
-    in_features,
     packable,
     quantize_state,
     read_component_weights,
@@ -239,16 +238,12 @@ def _plain_text_encoder(src: Path) -> dict[str, Tensor]:
 
 
 def _unpacked(raw: dict[str, Tensor], formats: dict[str, str]) -> dict[str, Tensor]:
-    """Packed layers (GGUF, --quantize, bitsandbytes) unpacked to bf16, to be written anew."""
+    """Packed layers (GGUF, --quantize, bitsandbytes, ComfyUI's) unpacked to bf16, to be written anew."""
     for name, fmt in formats.items():
         packed = raw[name + ".weight"]
         scales = raw.pop(name + ".scales", None)
-        raw[name + ".weight"] = dequantize_weight(packed, fmt, _in_features(packed, fmt), torch.bfloat16, scales)
+        raw[name + ".weight"] = dequantize_weight(packed, fmt, row_inputs(fmt, packed.shape[1]), torch.bfloat16, scales)
     return raw
-
-
-def _in_features(packed: Tensor, fmt: str) -> int:
-    return in_features(fmt, packed.shape[1])
 
 
 SHARD_BYTES = 2 * 2**30  # a packed text encoder's shards: about this much each

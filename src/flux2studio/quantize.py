@@ -125,6 +125,16 @@ def row_bytes(fmt: str, in_features: int) -> int:
     return in_features // per * size
 
 
+def row_inputs(fmt: str, nbytes: int) -> int:
+    """How many weights a stored row of `nbytes` bytes in `fmt` holds (`row_bytes`' inverse)."""
+    if fmt in ("int8", "fp8"):
+        return nbytes - 4
+    if fmt in COMFY_INT8:
+        return nbytes
+    per, size = block_shape(fmt)
+    return nbytes // size * per
+
+
 # ----------------------------------------------------------------------------- packing
 
 

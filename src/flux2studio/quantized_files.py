@@ -49,12 +49,12 @@ from .quantize import (
     GGUF_BLOCKS,
     MODE_FORMAT,
     PLAIN_DTYPES,
-    block_shape,
     bnb_scales_bytes,
     check_format,
     dequantize_bnb_flat,
     quantize_weight,
     row_bytes,
+    row_inputs,
 )
 from .residency import drop_file_pages
 from .variants import TransformerConfig
@@ -99,15 +99,6 @@ def is_gguf(path: Path) -> bool:
             return f.read(4) == GGUF_MAGIC
     except OSError:
         return False
-
-
-def in_features(fmt: str, row_bytes: int) -> int:
-    if fmt in ("int8", "fp8"):
-        return row_bytes - 4
-    if fmt in COMFY_INT8:
-        return row_bytes
-    per, size = block_shape(fmt)
-    return row_bytes // size * per
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -307,13 +298,14 @@ def tensor_types(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
         found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
                  for k in f.keys() if not k.endswith(COMFY_QUANT)}  # noqa: SIM118  # fmt: skip
         markers = {k.removesuffix(COMFY_QUANT): f.get_tensor(k) for k in f.keys() if k.endswith(COMFY_QUANT)}  # noqa: SIM118
-        for layer, fmt in comfy_formats(markers, f.metadata(), path, found).items():  # scales counted in the weight
+        metadata = f.metadata()
+        for layer, fmt in comfy_formats(markers, metadata, path, found).items():  # scales counted in the weight
             for suffix in (".weight_scale", ".weight_scale_2", *COMFY_DROPPED):
                 found.pop(layer + suffix, None)
             if (key := layer + ".weight") in found:  # stored as the model sees it, but fp4: two weights a byte
                 (out, cols), _ = found[key]
                 found[key] = ((out, cols * (2 if fmt == "nvfp4" else 1)), fmt)
-        formats = _formats_of(path, f.metadata())
+        formats = _formats_of(path, metadata)
         for key in [k for k in found if BNB_STATE in k]:  # a bitsandbytes weight: its shape is in its state
             module = key[: key.index(BNB_STATE)]
             state = json_tensor(f.get_tensor(key))
@@ -324,7 +316,7 @@ def tensor_types(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
     for name, fmt in formats.items():
         key = name + ".weight"
         if key in found:
-            found[key] = ((found[key][0][0], in_features(fmt, found[key][0][1])), fmt)
+            found[key] = ((found[key][0][0], row_inputs(fmt, found[key][0][1])), fmt)
     return found
 
 
