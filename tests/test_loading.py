@@ -26,6 +26,7 @@ from tiny import (
     diffusers_transformer,
     diffusers_vae,
     mistral3,
+    qwen3,
     tokenizer,
 )
 
@@ -73,8 +74,79 @@ def test_dev_folder_with_embedded_guidance_matches_diffusers(tmp_path):
     assert ours.variant.id == "dev"
     got = ours("a cat", size=(64, 80), steps=2, guidance=3.0, seed=1)[0]
     assert _max_pixel_diff(got, expected) <= 1
-    with pytest.raises(ValueError, match="is a mistral3 text encoder: only Qwen3 ones"):  # llama.cpp's differ
-        convert(tmp_path / "text_encoder", tmp_path / "mistral.gguf", "gguf", "q8_0")
+
+
+def test_dev_text_encoder_as_a_gguf_as_llama_cpp_writes_mistral(tmp_path, monkeypatch):
+    """dev's Mistral text encoder as one GGUF file (`flux2 convert TE x.gguf --to gguf`; the files people share,
+    e.g. Mistral-Small-3.2 Q4_K_M for stable-diffusion.cpp's `--llm`): architecture "llama", llama.cpp's names,
+    query and key rows permuted as llama.cpp's converter does. transformers' GGUF reader (its own undoing of the
+    permutation) reads back the folder's weights. Loaded with `--text-encoder x.gguf` beside a dev single file,
+    its tokenizer from a `tokenizer/` folder beside it or the Hugging Face cache (none: an error naming the
+    download): BF16 encodes bit for bit as the folder in bf16; Q8_0 stays packed (the query and key rows too, as
+    stored: their outputs are taken in transformers' order), its query and key projections those of transformers'
+    reading of the file, and it encodes close to the folder. A text encoder of the other kind,
+    or of another width than the transformer takes: one clear error each, before loading."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from flux2studio.conversion import describe
+    from flux2studio.layouts.transformer import transformer_from_diffusers
+    from flux2studio.layouts.vae import vae_from_diffusers
+    from flux2studio.quantize import QuantLinear
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    transformer = diffusers_transformer(dataclasses.replace(TRANSFORMER, guidance_embed=True))
+    save_file({k: v.contiguous() for k, v in transformer_from_diffusers(transformer.state_dict()).items()},
+              str(tmp_path / "flux2-dev.safetensors"))  # fmt: skip
+    save_file({k: v.contiguous() for k, v in vae_from_diffusers(diffusers_vae(VAE4).state_dict(), VAE4).items()},
+              str(tmp_path / "ae.safetensors"))  # fmt: skip
+    encoder = mistral3(layers=31)
+    encoder.save_pretrained(tmp_path / "text_encoder")
+    tokenizer(MISTRAL_TEMPLATE).save_pretrained(tmp_path / "tokenizer")
+    files = {fmt: tmp_path / "gguf" / f"mistral-{fmt}.gguf" for fmt in ("bf16", "q8_0")}
+    for fmt, file in files.items():
+        convert(tmp_path / "text_encoder", file, "gguf", fmt)
+
+    folder = {k.removeprefix("model.language_model."): v for k, v in encoder.state_dict().items()}
+    heads = {"num_attention_heads": 4, "num_key_value_heads": 2}
+    theirs = {}  # name -> (weight as transformers reads it back, its GGUF type)
+    for fmt, file in files.items():
+        reader = gguf.GGUFReader(str(file))
+        assert reader.get_field("general.architecture").contents() == "llama"
+        for t in reader.tensors:
+            if t.name.startswith("blk.") and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+                w = LlamaTensorProcessor(heads).process(gguf.dequantize(t.data, t.tensor_type), t.name).weights
+                theirs[fmt, t.name] = torch.from_numpy(w.copy())
+    k = folder["layers.3.self_attn.k_proj.weight"]
+    assert torch.equal(theirs["bf16", "blk.3.attn_k.weight"], k.bfloat16().float())
+    q, ref_q = theirs["q8_0", "blk.3.attn_q.weight"], folder["layers.3.self_attn.q_proj.weight"]
+    assert (q - ref_q).abs().max() <= ref_q.abs().max() / 127  # Q8_0 of the same rows, in the same order
+
+    prompts = ["a red circle", "a cat holding a sign that says hello world, photo, 35mm"]
+    dev = tmp_path / "flux2-dev.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"download black-forest-labs/FLUX.2-dev --include"):
+        load("dev", weights=dev, text_encoder=files["bf16"])
+    shutil.copytree(tmp_path / "tokenizer", tmp_path / "gguf" / "tokenizer")
+    ref = load("dev", weights=dev, text_encoder=tmp_path / "text_encoder", dtype="bf16").text_encoder(prompts)
+    assert torch.equal(load("dev", weights=dev, text_encoder=files["bf16"], dtype="bf16").text_encoder(prompts), ref)
+    packed = load("dev", weights=dev, text_encoder=files["q8_0"], dtype="fp32").text_encoder
+    attention = packed.model.layers[3].self_attn
+    assert isinstance(attention.q_proj, QuantLinear) and attention.q_proj.fmt == "Q8_0"
+    x = torch.randn(5, 32)  # the projections as transformers' reading of the file computes them
+    torch.testing.assert_close(attention.q_proj(x), x @ q.T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attention.k_proj(x), x @ theirs["q8_0", "blk.3.attn_k.weight"].T, rtol=1e-5, atol=1e-6)
+    full = load("dev", weights=dev, text_encoder=tmp_path / "text_encoder", dtype="fp32").text_encoder(prompts)
+    error = ((packed(prompts) - full).norm() / full.norm()).item()
+    assert error < 0.05, error
+    qwen3().save_pretrained(tmp_path / "qwen3")
+    with pytest.raises(ValueError, match="qwen3 is a qwen3 text encoder; this model takes a mistral3 one"):
+        load("dev", weights=dev, text_encoder=tmp_path / "qwen3")
+    mistral3(layers=31, hidden=16).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(ValueError, match=r"narrow gives text features of width 48; .* takes 96"):
+        load("dev", weights=dev, text_encoder=tmp_path / "narrow")
+    info = describe(files["q8_0"])
+    assert info["component"] == "text encoder" and info["text_encoder"]["kind"] == "mistral3"
+    assert info["text_encoder"]["config"]["head_dim"] == 8 and info["text_encoder"]["config"]["num_hidden_layers"] == 31
 
 
 def test_hf_cache_snapshot_is_found(klein_folder, tmp_path):

@@ -277,10 +277,11 @@ def test_bad_quantization_input_gets_one_clear_error(klein_folder, tmp_path, cap
         main(["generate", "x", "--quantize", "int3"])
     assert "invalid choice: 'int3'" in capsys.readouterr().err
 
-    other = tmp_path / "llama.gguf"
-    _gguf(other, "llama", {"blk.0.attn_q.weight": (np.zeros((4, 32), np.float32), None)})
-    with pytest.raises(ValueError, match=r"llama.gguf is a GGUF of architecture 'llama' \(not a FLUX.2 compo"):
-        read_weights(other)
+    for arch, what in (("gemma3", "not a FLUX.2 component"), ("llama", "text encoders")):
+        other = tmp_path / f"{arch}.gguf"
+        _gguf(other, arch, {"blk.0.attn_q.weight": (np.zeros((4, 32), np.float32), None)})
+        with pytest.raises(ValueError, match=rf"{arch}.gguf is a GGUF of architecture '{arch}' \({what}\); FLUX.2 tr"):
+            read_weights(other)
     q2k = tmp_path / "q2k.gguf"
     raw = np.zeros((4, 84), np.uint8)  # one Q2_K block (256 weights) a row
     _gguf(q2k, "flux", {"double_blocks.0.img_attn.qkv.weight": (raw, gguf.GGMLQuantizationType.Q2_K)})
@@ -401,7 +402,7 @@ def test_a_text_encoder_as_one_safetensors_file_as_comfyui_shares_it(klein_folde
     comfy.mkdir()
     write_safetensors(sd, comfy / "qwen_3_4b.safetensors")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    no_tokenizer = r"holds no tokenizer and none was found .*huggingface-cli download Qwen/Qwen3-4B"
+    no_tokenizer = r"holds no tokenizer and none was found .*download black-forest-labs/FLUX.2-klein-4B --include"
     with pytest.raises(FileNotFoundError, match=no_tokenizer):
         load("klein-4b", weights=path, text_encoder=comfy / "qwen_3_4b.safetensors")
     entry = tmp_path / "hub" / "models--Qwen--Qwen3-4B"  # klein-4b's text encoder repo, its tokenizer files only

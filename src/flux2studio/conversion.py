@@ -27,9 +27,10 @@ from .checkpoints import (
 from .quantize import MODE_FORMAT, dequantize_weight, row_inputs
 from .quantized_files import (
     BNB_STATE,
-    GGUF_TEXT_ARCHES,
+    GGUF_WRITTEN_ARCH,
     STACK_PREFIXES,
     gguf_component,
+    llama_rope_rows,
     packable,
     quantize_state,
     read_component_weights,
@@ -305,57 +306,67 @@ def convert_text_encoder(src: Path, dst: Path, kind: str, quantize: str) -> str:
 
 
 def convert_text_encoder_gguf(src: Path, dst: Path, kind: str, fmt: str) -> str:
-    """A Qwen3 text encoder folder as one GGUF file the way llama.cpp writes one (architecture "qwen3", its
-    tensor names, the tokenizer and chat template in the header): what stable-diffusion.cpp (`--llm`),
-    ComfyUI-GGUF and `--text-encoder x.gguf` here load. Linear and embedding weights in `fmt`, norms in F32."""
+    """A Qwen3 or Mistral text encoder folder as one GGUF file the way llama.cpp writes one (architecture "qwen3",
+    or "llama" for Mistral with its query and key rows permuted as llama.cpp's converter does; its tensor names;
+    the tokenizer and chat template in the header): what stable-diffusion.cpp (`--llm`), ComfyUI-GGUF, llama.cpp
+    and `--text-encoder x.gguf` here load. Linear and embedding weights in `fmt`, norms in F32."""
     import gguf
     from transformers import AutoConfig, AutoTokenizer
 
-    if kind not in GGUF_TEXT_ARCHES:
-        raise ValueError(f"{src} is a {kind} text encoder: only Qwen3 ones (klein's) are written as GGUF; "
-                         "write it packed with --to bfl --quantize int8|int4")  # fmt: skip
     config = AutoConfig.from_pretrained(src, local_files_only=True)
+    config = getattr(config, "text_config", config)  # (Mistral3's is the language model's, inside)
     tok_dir = tokenizer_folder(src)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    table = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, GGUF_TEXT_ARCHES[kind]), config.num_hidden_layers)
+    arch = GGUF_WRITTEN_ARCH[kind]
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     sd = {}
     for key, tensor in _plain_text_encoder(src).items():
-        if (name := stack_name(key, kind)) is not None:  # (the LM head is not part of the stack)
+        if (name := stack_name(key, kind)) is not None:  # (the LM head, a vision tower: not part of the stack)
             module, _, suffix = name.rpartition(".")
+            if arch == "llama" and (part := module.rpartition(".")[2]) in heads:
+                tensor = llama_rope_rows(tensor, heads[part], to_llama=True)
             sd[f"{table.get_name('model.' + module)}.{suffix}"] = tensor
+    formats = write_gguf(sd, dst, fmt, lambda _: True, arch=arch,
+                         header=lambda w: _text_encoder_header(w, kind, config, tokenizer, tok_dir))  # fmt: skip
+    return f"text encoder ({kind}) -> {dst} (GGUF {arch!r}, llama.cpp names, {len(formats)} weights {fmt})"
 
-    def header(w) -> None:
-        rope = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
-        w.add_context_length(config.max_position_embeddings)
-        w.add_embedding_length(config.hidden_size)
-        w.add_block_count(config.num_hidden_layers)
-        w.add_feed_forward_length(config.intermediate_size)
-        w.add_head_count(config.num_attention_heads)
-        w.add_head_count_kv(config.num_key_value_heads)
-        w.add_key_length(config.head_dim)
-        w.add_value_length(config.head_dim)
-        w.add_rope_freq_base(rope)
-        w.add_layer_norm_rms_eps(config.rms_norm_eps)
-        ids = {i: t for t, i in tokenizer.get_vocab().items()}
-        added = tokenizer.added_tokens_decoder
-        tokens = [ids.get(i, f"[PAD{i}]") for i in range(max(config.vocab_size, len(ids)))]
-        kinds = [
-            gguf.TokenType.UNUSED if i not in ids
-            else (gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED) if i in added
-            else gguf.TokenType.NORMAL
-            for i in range(len(tokens))
-        ]  # fmt: skip
-        splits = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
-        w.add_tokenizer_model("gpt2")  # byte-level BPE; "qwen2" names Qwen's split of text into words
-        w.add_tokenizer_pre("qwen2" if '"Split"' in json.dumps(splits) else "gpt-2")
-        w.add_token_list(tokens)
-        w.add_token_types(kinds)
-        special = gguf.SpecialVocab(tok_dir, load_merges=True, n_vocab=len(tokens))
-        special.chat_template = tokenizer.chat_template
-        special.add_to_gguf(w)
 
-    formats = write_gguf(sd, dst, fmt, lambda _: True, arch=kind, header=header)
-    return f"text encoder ({kind}) -> {dst} (GGUF, llama.cpp names, {len(formats)} weights {fmt})"
+def _text_encoder_header(w, kind: str, config, tokenizer, tok_dir: Path) -> None:
+    """A text encoder GGUF's header keys: sizes, rope base, norm epsilon, and the tokenizer (byte-level BPE) with
+    its chat template, as llama.cpp's converter writes them."""
+    import gguf
+
+    rope = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
+    w.add_name(f"{kind} text encoder")  # ("mistral" in the name: transformers' GGUF reader then takes it as one)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_rope_dimension_count(config.head_dim)
+    w.add_rope_freq_base(rope)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    ids = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens = [ids.get(i, f"[PAD{i}]") for i in range(max(config.vocab_size, len(ids)))]
+    kinds = [
+        gguf.TokenType.UNUSED if i not in ids
+        else (gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED) if i in added
+        else gguf.TokenType.NORMAL
+        for i in range(len(tokens))
+    ]  # fmt: skip
+    splits = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    w.add_tokenizer_model("gpt2")  # byte-level BPE; the pre-tokenizer's name says how text is split into words
+    w.add_tokenizer_pre("tekken" if kind == "mistral3" else "qwen2" if '"Split"' in json.dumps(splits) else "gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(kinds)
+    special = gguf.SpecialVocab(tok_dir, load_merges=True, n_vocab=len(tokens))
+    special.chat_template = tokenizer.chat_template
+    special.add_to_gguf(w)
 
 
 def check_convert(to: str, quantize: str | None) -> None:

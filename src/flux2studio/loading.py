@@ -122,13 +122,16 @@ def text_encoder_spec(base: TextEncoderSpec, folder: Path) -> TextEncoderSpec:
     single safetensors file's shapes)."""
     if folder.is_file():
         kind, cfg = single_file_text_encoder(folder)
-        return dataclasses.replace(base, kind=kind, hidden_size=cfg["hidden_size"])
-    cfg = read_json(folder / "config.json")
-    kind = {"qwen3": "qwen3", "mistral3": "mistral3"}.get(cfg.get("model_type"))
-    if kind is None:
-        raise ValueError(f"text encoder in {folder} is {cfg.get('model_type')!r}; FLUX.2 uses qwen3 or mistral3")
-    hidden = cfg.get("hidden_size") or cfg["text_config"]["hidden_size"]
-    return dataclasses.replace(base, kind=kind, hidden_size=hidden)
+        hidden = cfg["hidden_size"]
+    else:
+        cfg = read_json(folder / "config.json")
+        kind = {"qwen3": "qwen3", "mistral3": "mistral3"}.get(cfg.get("model_type"))
+        if kind is None:
+            raise ValueError(f"text encoder in {folder} is {cfg.get('model_type')!r}; FLUX.2 uses qwen3 or mistral3")
+        hidden = cfg.get("hidden_size") or cfg["text_config"]["hidden_size"]
+    if kind != base.kind:  # (a Llama GGUF other than Mistral's is told apart by its width, in `load_single_file`)
+        raise ValueError(f"{folder} is a {kind} text encoder; this model takes a {base.kind} one ({base.model})")
+    return dataclasses.replace(base, hidden_size=hidden)
 
 
 def streamed(model: torch.nn.Module, blocks: list[torch.nn.Module], resident: bool, dtype: torch.dtype):
@@ -159,15 +162,17 @@ def decoder_stack(source: Path, kind: str, config, dtype: torch.dtype, quantize:
     if is_gguf(source):
         with torch.device("meta"):
             keys = list(stack._from_config(config).state_dict())
-        sd, formats = read_text_encoder_gguf(source, keys)
+        sd, formats, orders = read_text_encoder_gguf(source, keys)
     else:
-        sd, formats = _stack_tensors(source, kind, config.num_hidden_layers)
+        (sd, formats), orders = _stack_tensors(source, kind, config.num_hidden_layers), {}
     sd, scales = dequantize_fp8(sd, dtype, keep=lambda key: True)  # fp8 files: kept fp8, widened per layer
     model = build(lambda: swap_in(stack._from_config(config, dtype=dtype), formats), storage(sd, dtype), "text encoder")
     for name, p in model.named_parameters():
         if name in scales:
             p.fp8_scale = scales[name]  # read by precision.dequantized
     model.rotary_emb = type(model.rotary_emb)(config=model.config)  # its buffers are computed, not stored
+    for name, order in orders.items():  # a Mistral GGUF's query and key rows, stored in llama.cpp's order
+        model.get_submodule(name).register_forward_hook(lambda _m, _x, out, order=order: out.index_select(-1, order))
     if quantize:
         quantize_modules(model, quantize, text_encoder_quantizable, release=drop_file_pages)
     return model
@@ -202,7 +207,8 @@ def hf_text_encoder(
 ):
     """Load a Qwen3 / Mistral3 text encoder with only the layers the variant takes (Qwen3's layers' weights
     streamed unless `resident`; its decoder layers' linear weights packed in `quantize`'s format if given).
-    `model_dir` may be a Qwen3 GGUF file: config, weights, tokenizer and chat template then come from it."""
+    `model_dir` may be a GGUF file (config and weights from it) and `tokenizer_dir` a Qwen3 GGUF file (tokenizer
+    and chat template from its header)."""
     from transformers import AutoConfig, AutoTokenizer, MistralConfig, Qwen3Config
 
     last = max(spec.layers)
@@ -218,8 +224,9 @@ def hf_text_encoder(
     if getattr(text_cfg, "layer_types", None) is not None:
         text_cfg.layer_types = text_cfg.layer_types[:last]
     model = decoder_stack(model_dir, spec.kind, text_cfg, dtype, quantize).to(device)
-    if is_gguf(model_dir):  # the GGUF's own tokenizer, built by transformers
-        tokenizer = AutoTokenizer.from_pretrained(model_dir.parent, gguf_file=model_dir.name, local_files_only=True)
+    if tokenizer_dir.is_file():  # a Qwen3 GGUF's own tokenizer, built by transformers
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir.parent, gguf_file=tokenizer_dir.name,
+                                                  local_files_only=True)  # fmt: skip
     elif any((tokenizer_dir / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
         # Mistral's: imported only then (it pulls in transformers' image processing)
         from transformers import AutoProcessor
@@ -385,8 +392,9 @@ def cached_repo(repo: str | None) -> Path | None:
 
 
 def find_tokenizer(variant: Variant, encoder_file: Path) -> Path:
-    """The tokenizer of a text encoder given as one safetensors file, which holds none: a `tokenizer/` folder
-    beside the file, else the variant's or its text encoder's repo in the Hugging Face cache (no network)."""
+    """The tokenizer of a text encoder given as one file that holds none (safetensors; a Mistral GGUF, whose
+    Tekken tokenizer llama.cpp keeps only in its own form): a `tokenizer/` folder beside the file, else the
+    variant's or its text encoder's repo in the Hugging Face cache (no network)."""
     beside = encoder_file.parent / "tokenizer"
     if (beside / "tokenizer_config.json").is_file():
         return beside
@@ -394,11 +402,10 @@ def find_tokenizer(variant: Variant, encoder_file: Path) -> Path:
         path = cached_repo(repo)
         if path is not None and (tokenizer_folder(path) / "tokenizer_config.json").is_file():
             return tokenizer_folder(path)
-    model = variant.text_encoder.model
     raise FileNotFoundError(
-        f"{encoder_file} holds no tokenizer and none was found (in {beside}, or {variant.repo} or {model} in the "
-        f"Hugging Face cache): `huggingface-cli download {model} tokenizer.json tokenizer_config.json vocab.json "
-        "merges.txt` fetches it (a few MB)"
+        f"{encoder_file} holds no tokenizer and none was found (in {beside}, or {variant.repo} or "
+        f"{variant.text_encoder.model} in the Hugging Face cache): `huggingface-cli download {variant.repo} "
+        '--include "tokenizer/*"` fetches it (a few MB)'
     )
 
 
@@ -424,12 +431,15 @@ def load_single_file(
     vae_cfg = variant.vae if vae_layout(vae_shapes) == "diffusers" else vae_config_from_keys(vae_shapes)
     te_folder = find_text_encoder(variant.text_encoder, text_encoder_path)
     spec = text_encoder_spec(variant.text_encoder, te_folder)
+    if spec.context_dim != t_cfg.context_dim:
+        raise ValueError(f"{te_folder} gives text features of width {spec.context_dim}; {path} takes "
+                         f"{t_cfg.context_dim} ({variant.id}: {spec.model})")  # fmt: skip
     variant = dataclasses.replace(variant, text_encoder=spec, vae=vae_cfg)
 
     if te_folder.is_dir():
         tok = tokenizer_folder(te_folder)
-    else:  # a GGUF holds its tokenizer; one safetensors file does not
-        tok = te_folder if is_gguf(te_folder) else find_tokenizer(variant, te_folder)
+    else:  # a Qwen3 GGUF holds its tokenizer; a Mistral one's (Tekken) is taken from its repo, as one file's
+        tok = te_folder if is_gguf(te_folder) and spec.kind == "qwen3" else find_tokenizer(variant, te_folder)
 
     parts = components(
         variant,

@@ -62,9 +62,11 @@ from .variants import TransformerConfig
 META_KEY = "flux2studio.quantized"
 GGUF_ARCHES = ("flux", "flux2")  # what ComfyUI-GGUF's converter writes for FLUX.2 (it has no own name yet)
 GGUF_MAGIC = b"GGUF"
-# text encoders as llama.cpp writes them: GGUF architecture -> the `gguf` package's name table for it (Qwen3, klein's).
-# Mistral-Small (dev's) is written as "llama" with its attention rows permuted: read from its folder instead.
-GGUF_TEXT_ARCHES = {"qwen3": "QWEN3"}
+# text encoders as llama.cpp writes them: GGUF architecture -> the text encoder's kind. Mistral-Small (dev's) is
+# "llama" (llama.cpp's converter until late 2025, and what `flux2 convert` writes) or "mistral3", its query and key
+# rows permuted either way (`llama_rope_rows`); the `gguf` package's name table of each architecture names the tensors
+GGUF_TEXT_ARCHES = {"qwen3": "qwen3", "llama": "mistral3", "mistral3": "mistral3"}
+GGUF_WRITTEN_ARCH = {"qwen3": "qwen3", "mistral3": "llama"}  # each kind's architecture in the GGUFs we write
 
 # Linear layers quantized by `--quantize` and by convert: the blocks and the shared modulation layers. The
 # input and output projections and the timestep MLP stay as they are (small and sensitive; as ComfyUI-GGUF)
@@ -359,7 +361,6 @@ def _gguf_reader(path: Path, arches: tuple[str, ...] = GGUF_ARCHES):
         raise ValueError(
             f"{path} is a GGUF of architecture {arch!r} ({known.get(arch, 'not a FLUX.2 component')}); {wanted} are "
             + ", ".join(repr(a) for a in arches)
-            + ("; a Mistral (dev) text encoder is read from its folder" if arch in ("llama", "mistral3") else "")
         )
     return reader
 
@@ -401,16 +402,18 @@ def _gguf_tensors(reader, path: Path) -> tuple[dict[str, Tensor], dict[str, str]
     return sd, formats
 
 
-def read_text_encoder_gguf(path: Path, keys: list[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+def read_text_encoder_gguf(path: Path, keys: list[str]) -> tuple[dict[str, Tensor], dict[str, str], dict[str, Tensor]]:
     """A text encoder GGUF as llama.cpp writes it (Qwen3: `blk.N.attn_q.weight`...), its tensors renamed to
     the decoder stack's `keys` (transformers' names, `layers.N.self_attn.q_proj.weight`...) by the `gguf`
     package's own name table; tensors the stack does not take (the LM head, later layers) are left out.
-    Packed tensors stay packed, formats keyed by module name as `read_weights` gives them."""
+    Packed tensors stay packed, formats keyed by module name as `read_weights` gives them. Third: for a Mistral,
+    the order in which each query and key projection's outputs are to be taken (llama.cpp permutes their rows:
+    `llama_rope_rows`); its weights stay as stored, memory-mapped."""
     import gguf
 
     reader = _gguf_reader(path, tuple(GGUF_TEXT_ARCHES))
-    arch = getattr(gguf.MODEL_ARCH, GGUF_TEXT_ARCHES[gguf_architecture(reader)])
-    table = gguf.get_tensor_name_map(arch, 1 + max(_layer(k) for k in keys))
+    arch = gguf_architecture(reader)
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], 1 + max(_layer(k) for k in keys))
     names = {}
     for key in keys:
         module, _, suffix = key.rpartition(".")
@@ -421,7 +424,24 @@ def read_text_encoder_gguf(path: Path, keys: list[str]) -> tuple[dict[str, Tenso
     raw, packed = _gguf_tensors(reader, path)
     sd = {names[k]: t for k, t in raw.items() if k in names}
     formats = {names[m + ".weight"].removesuffix(".weight"): f for m, f in packed.items() if m + ".weight" in names}
-    return sd, formats
+    orders = {}
+    if GGUF_TEXT_ARCHES[arch] == "mistral3":
+        heads = {f"{p}_proj": int(reader.get_field(f"{arch}.attention.{h}").contents())
+                 for p, h in (("q", "head_count"), ("k", "head_count_kv"))}  # fmt: skip
+        for key in sd:
+            if (part := key.split(".")[-2]) in heads:
+                rows = torch.arange(sd[key].shape[0])
+                orders[key.removesuffix(".weight")] = llama_rope_rows(rows, heads[part], to_llama=False)
+    return sd, formats, orders
+
+
+def llama_rope_rows(weight: Tensor, heads: int, to_llama: bool) -> Tensor:
+    """A query or key projection's rows (one row an output, packed or not) in llama.cpp's order (`to_llama`: each
+    head's rotary pairs side by side, as its converter permutes Llama and Mistral weights) or back in transformers'
+    (each head's first halves, then its second halves)."""
+    half = weight.shape[0] // heads // 2
+    order = (heads, 2, half) if to_llama else (heads, half, 2)
+    return weight.reshape(*order, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 # transformers' config fields of a decoder stack <- llama.cpp's header keys (after "<architecture>.")
@@ -438,18 +458,23 @@ GGUF_CONFIG_KEYS = {
 
 
 def text_encoder_gguf_config(path: Path) -> tuple[str, dict]:
-    """(kind, transformers config fields) of a text encoder GGUF, from its header alone."""
+    """(kind, transformers config fields) of a text encoder GGUF, from its header alone (the head size: its key
+    length, else the width over the heads as llama.cpp takes it; the rope base: the model's published one if the
+    header has none)."""
     reader = _gguf_reader(path, tuple(GGUF_TEXT_ARCHES))
     arch = gguf_architecture(reader)
+    kind = GGUF_TEXT_ARCHES[arch]
     header = {name: field.contents() for name, field in reader.fields.items() if name.startswith(arch + ".")}
-    missing = [f"{arch}.{k}" for k in GGUF_CONFIG_KEYS.values() if f"{arch}.{k}" not in header]
+    missing = [f"{arch}.{k}" for f, k in GGUF_CONFIG_KEYS.items() if f"{arch}.{k}" not in header and f != "head_dim"]
     if missing or "token_embd.weight" not in (shapes := {t.name: t.shape for t in reader.tensors}):
         raise ValueError(f"{path}: a {arch} GGUF without {', '.join(missing) or 'token_embd.weight'}")
-    config = {field: header[f"{arch}.{key}"] for field, key in GGUF_CONFIG_KEYS.items()}
+    config = {k: v for k, v in FILE_CONSTANTS[kind].items() if k != "head_dim"}
+    config |= {field: header[f"{arch}.{key}"] for field, key in GGUF_CONFIG_KEYS.items() if f"{arch}.{key}" in header}
+    config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
     config["vocab_size"] = int(shapes["token_embd.weight"][-1])
-    theta = header.get(f"{arch}.rope.freq_base", FILE_CONSTANTS["qwen3"]["rope_parameters"]["rope_theta"])
-    config["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
-    return arch, config
+    if (theta := header.get(f"{arch}.rope.freq_base")) is not None:
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    return kind, config
 
 
 # the published constants of the text encoders FLUX.2 uses, which their weights do not hold (Qwen3-4B's and
