@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -121,45 +120,37 @@ def dev_folder(folder: Path) -> Path:
 def write_random_packed(path: Path, shapes: dict, eligible, what: str) -> None:
     """A safetensors file of random weights in `shapes`, the eligible 2-D ones generated directly as Q4_0 blocks
     (an fp16 scale and 32 4-bit values: weights within about +-0.02; formats in the metadata, as `flux2 convert
-    --quantize int4` writes them), written tensor by tensor: neither the bf16 model nor the packed one is ever
-    whole in memory (~18 GB for dev's transformer)."""
-    import struct
-
+    --quantize int4` writes them), written tensor by tensor (`write_quantized` makes each as it writes it): neither
+    the bf16 model nor the packed one is ever whole in memory (~18 GB for dev's transformer)."""
     import torch
 
+    from flux2studio.lazy_tensors import pending
     from flux2studio.quantize import row_bytes
-    from flux2studio.quantized_files import META_KEY
+    from flux2studio.quantized_files import write_quantized
 
     g = torch.Generator().manual_seed(0)
     scale = torch.tensor([0.0025], dtype=torch.float16).view(torch.uint8)
-    plan, formats, offset = [], {}, 0
-    for key, shape in shapes.items():
+
+    def q4_0(rows: int, cols: int) -> torch.Tensor:
+        t = torch.randint(0, 256, (rows, cols // 32, 18), dtype=torch.uint8, generator=g)
+        t[..., :2] = scale
+        return t.reshape(rows, -1)
+
+    def plain(shape: tuple[int, ...], norm: bool) -> torch.Tensor:
+        if len(shape) == 1:
+            return (torch.ones if norm else torch.zeros)(shape, dtype=torch.bfloat16)
+        return (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    sd, formats = {}, {}
+    for key, shape in shapes.items():  # (made in this order as written: the same random stream as before)
         name = key.removesuffix(".weight")
         if key.endswith(".weight") and len(shape) == 2 and eligible(name) and shape[1] % 32 == 0:
-            stored, dtype = (shape[0], row_bytes("Q4_0", shape[1])), "U8"
+            sd[key] = pending(q4_0, *shape, shape=(shape[0], row_bytes("Q4_0", shape[1])), dtype=torch.uint8)
             formats[name] = "Q4_0"
         else:
-            stored, dtype = shape, "BF16"
-        nbytes = math.prod(stored) * (1 if dtype == "U8" else 2)
-        plan.append((key, stored, dtype, offset, offset + nbytes))
-        offset += nbytes
-    header = {k: {"dtype": d, "shape": list(sh), "data_offsets": [lo, hi]} for k, sh, d, lo, hi in plan}
-    header["__metadata__"] = {META_KEY: json.dumps(formats, sort_keys=True), "format": "pt"}
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path.with_suffix(".partial"), "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for key, stored, dtype, _, _ in plan:
-            if dtype == "U8":
-                t = torch.randint(0, 256, (stored[0], stored[1] // 18, 18), dtype=torch.uint8, generator=g)
-                t[..., :2] = scale
-            elif len(stored) == 1:
-                t = (torch.ones if "norm" in key else torch.zeros)(stored, dtype=torch.bfloat16)
-            else:
-                t = (torch.randn(stored, generator=g) * 0.02).to(torch.bfloat16)
-            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
-    path.with_suffix(".partial").rename(path)
-    print(f"  {path.name}: {what}, {offset / 2**30:.1f} GiB", flush=True)
+            sd[key] = pending(plain, shape, "norm" in key, shape=shape, dtype=torch.bfloat16)
+    write_quantized(sd, formats, path)
+    print(f"  {path.name}: {what}, {sum(v.nbytes for v in sd.values()) / 2**30:.1f} GiB", flush=True)
 
 
 def prepare_dev(folder: Path) -> None:

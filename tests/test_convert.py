@@ -59,3 +59,64 @@ def test_info_cli_reports_layout_params_and_sizes(tmp_path):
     out = subprocess.run([sys.executable, "-m", "flux2studio.cli", "info", str(tmp_path / "flux2.safetensors"),
                           "--json"], capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert json.loads(out)["params"] == info["params"]
+
+
+def test_conversions_make_one_tensor_at_a_time_and_write_what_safetensors_writes(tmp_path, monkeypatch):
+    """`flux2 convert` holds about one tensor it makes at a time (fused, widened, unpacked or packed as it is
+    written, never the whole model: a 64 GB dev converts on a 24 GB machine): the tensors made and alive at once are
+    counted on the tiny model for each kind of conversion, from a diffusers folder, an fp8 file, a GGUF. Our
+    streaming writer gives the tensors and metadata safetensors' own `save_file` gives; a tensor made in another
+    shape than announced stops the write and leaves no file."""
+    import weakref
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from flux2studio.checkpoints import write_safetensors
+    from flux2studio.lazy_tensors import Pending, pending
+
+    alive: set[int] = set()
+    most = [0]
+    made = Pending.__call__
+
+    def counted(self):
+        t = made(self)
+        alive.add(id(t))
+        most[0] = max(most[0], len(alive))
+        weakref.finalize(t, alive.discard, id(t))
+        return t
+
+    monkeypatch.setattr(Pending, "__call__", counted)
+    diffusers_transformer(TRANSFORMER).save_pretrained(tmp_path / "src")
+    fp8 = tmp_path / "fp8.safetensors"
+    steps = [
+        (tmp_path / "src", tmp_path / "bfl.safetensors", "bfl", None),  # q, k, v fused as written
+        (tmp_path / "bfl.safetensors", tmp_path / "Q4_0.gguf", "gguf", "q4_0"),  # packed as written
+        (tmp_path / "Q4_0.gguf", tmp_path / "unpacked.safetensors", "bfl", None),  # unpacked as written
+        (fp8, tmp_path / "int8.safetensors", "bfl", "int8"),  # widened, then packed, as written
+        (fp8, tmp_path / "fp8-diffusers", "diffusers", None),  # widened, then split in three, as written
+    ]
+    for src, dst, to, quantize in steps:
+        if src == fp8 and not fp8.exists():
+            bfl = load_file(tmp_path / "bfl.safetensors")
+            save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in bfl.items()}, fp8)
+        most[0] = 0
+        convert(src, dst, to, quantize)
+        assert 1 <= most[0] <= 2, (dst.name, most[0])  # (a tensor and the one it is made from)
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(3, 5, generator=g).bfloat16(), "scale": torch.tensor(0.5),
+               "fp8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn), "mask": torch.tensor([True, False]),
+               "rows": torch.arange(12, dtype=torch.uint8).reshape(2, 6)}  # fmt: skip
+    lazy = dict(tensors) | {"w": pending(torch.clone, tensors["w"], shape=(3, 5), dtype=torch.bfloat16)}
+    write_safetensors(lazy, tmp_path / "ours.safetensors", metadata={"format": "pt", "x": "1"})
+    save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt", "x": "1"})
+    ours, theirs = load_file(tmp_path / "ours.safetensors"), load_file(tmp_path / "theirs.safetensors")
+    as_bytes = lambda t: t.reshape(-1).view(torch.uint8)  # noqa: E731  (fp8 and bool compared as their bytes)
+    assert set(ours) == set(theirs) and all(torch.equal(as_bytes(ours[k]), as_bytes(theirs[k])) for k in ours)
+    with safe_open(tmp_path / "ours.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt", "x": "1"}
+    wrong = {"w": pending(torch.zeros, 4, 5, shape=(3, 5), dtype=torch.float32)}
+    with pytest.raises(RuntimeError, match=r"made a \(4, 5\) torch.float32 tensor where \(3, 5\)"):
+        write_safetensors(wrong, tmp_path / "wrong.safetensors")
+    assert not list(tmp_path.glob("wrong*"))

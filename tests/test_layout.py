@@ -12,11 +12,11 @@ ROOT = Path(__file__).parent.parent / "src" / "flux2studio"
 LAYERS = {
     # facts and pure functions: no other module of the package
     "flux2studio": 0,  # the version; `load` is re-exported lazily (the public entry, not a dependency)
-    "variants": 0, "settings": 0, "precision": 0, "sampling": 0, "kernels": 0, "layouts": 0, "layouts.transformer": 0,
-    "model": 0, "nano": 0, "nano.shapes": 0, "train": 0, "serve": 0, "caches": 0,
+    "variants": 0, "settings": 0, "precision": 0, "sampling": 0, "kernels": 0, "layouts": 0,
+    "model": 0, "nano": 0, "nano.shapes": 0, "train": 0, "serve": 0, "caches": 0, "lazy_tensors": 0,
     # the models' math, key tables, images
-    "layouts.vae": 1, "model.transformer": 1, "model.autoencoder": 1, "kernels.attention": 1, "images": 1,
-    "nano.checker": 1,
+    "layouts.transformer": 1, "layouts.vae": 1, "model.transformer": 1, "model.autoencoder": 1, "kernels.attention": 1,
+    "images": 1, "nano.checker": 1,
     "text_encoders": 2, "editing": 2, "nano.planner": 2,
     # weights
     "residency": 1, "device_streaming": 1, "quantize": 2, "work_memory": 2,  # (hands back file pages: residency)

@@ -318,13 +318,13 @@ def test_bad_quantization_input_gets_one_clear_error(klein_folder, tmp_path, cap
         raise OSError("disk full")
 
     dst = tmp_path / "half.gguf"
-    original = gguf.GGUFWriter.write_tensors_to_file
-    gguf.GGUFWriter.write_tensors_to_file = fail
+    original = gguf.GGUFWriter.write_tensor_data
+    gguf.GGUFWriter.write_tensor_data = fail
     try:
         assert main(["convert", str(path), str(dst), "--to", "gguf", "--quantize", "q8_0"]) == 2
         assert "error: disk full" in capsys.readouterr().err
     finally:
-        gguf.GGUFWriter.write_tensors_to_file = original
+        gguf.GGUFWriter.write_tensor_data = original
     assert not dst.exists() and not list(tmp_path.glob("half.gguf*"))  # nothing half-written left behind
 
 

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from .lazy_tensors import Lazy, materialize, pending, stored
 from .precision import fp8_dtypes, fp8_to
 from .quantize import COMFY_BLOCKS, COMFY_INT8
+from .residency import drop_file_pages
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 EMBEDDED = Path(__file__).parent / "weights"
@@ -229,12 +231,12 @@ def strip_prefix(sd: dict[str, Tensor], prefix: str | None = None) -> dict:
 
 
 def dequantize_fp8(
-    sd: dict[str, Tensor], dtype: torch.dtype, keep: Callable[[str], bool] = lambda key: False
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    sd: dict[str, Tensor], dtype: torch.dtype, keep: Callable[[str], bool] = lambda key: False, lazy: bool = False
+) -> tuple[dict[str, Lazy], dict[str, Tensor]]:
     """fp8 weights with per-tensor scales -> `dtype` weights (w.float() * scale), except those whose key `keep`s:
     they stay fp8 (memory-mapped, 1 byte a weight) and their scales are returned beside, to be set on the
-    parameters (`precision.dequantized` widens them per layer at run time with the same arithmetic).
-    Returns (tensors without scale entries, {kept key: scale})."""
+    parameters (`precision.dequantized` widens them per layer at run time with the same arithmetic). `lazy`: each
+    widened when written (`lazy_tensors.Pending`). Returns (tensors without scale entries, {kept key: scale})."""
     out: dict[str, Tensor] = {}
     scales: dict[str, Tensor] = {}
     for key, value in sd.items():
@@ -245,6 +247,8 @@ def dequantize_fp8(
             scale = next((sd[base + s] for s in FP8_SCALE_SUFFIXES if base + s in sd), None)
             if keep(key):
                 scales[key] = scale if scale is not None else torch.ones(())
+            elif lazy:
+                value = pending(fp8_to, value, scale, dtype, shape=value.shape, dtype=dtype)
             else:
                 value = fp8_to(value, scale, dtype)
         out[key] = value
@@ -272,12 +276,41 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp.replace(path)
 
 
-def write_safetensors(sd: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write atomically (`atomic_path`)."""
-    from safetensors.torch import save_file
+# torch dtype -> safetensors' name for it
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
 
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
+
+def write_safetensors(
+    sd: Mapping[str, Lazy], path: Path, metadata: dict[str, str] | None = None, release: bool = False
+) -> None:
+    """A .safetensors file written atomically (`atomic_path`) one tensor at a time: the header first (every tensor's
+    shape and dtype are known, Pending ones' announced), then each tensor's bytes as it is made. safetensors' own
+    `save_file` copies the whole state into memory first. `release` (a conversion: tensors read from files, never
+    changed): the file pages each was read from are handed back once it is written."""
+    header: dict[str, dict] = {}
+    offset = 0
+    for key, value in sd.items():
+        if value.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{key}: {value.dtype} cannot be written to safetensors")
+        header[key] = {"dtype": SAFETENSORS_DTYPES[value.dtype], "shape": list(value.shape),
+                       "data_offsets": [offset, offset + value.nbytes]}  # fmt: skip
+        offset += value.nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the tensors start 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for value in sd.values():
+            t = materialize(value).detach().to("cpu").contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            if release:  # read once (a rename: the tensor itself; else what it is made from)
+                drop_file_pages([t, *stored(value)])
+            del t  # (before the next one is made)
 
 
 # ----------------------------------------------------------------------------- cache and hashes

@@ -24,6 +24,7 @@ from .checkpoints import (
     tokenizer_folder,
     write_safetensors,
 )
+from .lazy_tensors import Lazy, Pending, pending
 from .quantize import MODE_FORMAT, dequantize_weight, row_inputs
 from .quantized_files import (
     BNB_STATE,
@@ -98,9 +99,9 @@ _DIFFUSERS_NAMES = {  # diffusers names of the tensors `transformer_config_from_
 }
 
 
-def transformer_config_from_keys(sd: dict[str, Tensor] | dict[str, tuple[int, ...]]) -> TransformerConfig:
+def transformer_config_from_keys(sd: dict[str, Lazy] | dict[str, tuple[int, ...]]) -> TransformerConfig:
     """Infer a transformer's shape from its tensors or their shapes (official single files, either names)."""
-    sd = {k: torch.Size(v.shape if isinstance(v, Tensor) else v) for k, v in sd.items()}
+    sd = {k: torch.Size(v.shape if isinstance(v, Tensor | Pending) else v) for k, v in sd.items()}
     if transformer_layout(sd) == "diffusers":  # only the names differ for what is read here
         sd = {_DIFFUSERS_NAMES.get(k, k): v for k, v in sd.items()}
         sd = {k.replace("single_transformer_blocks.", "single_blocks."): v for k, v in sd.items()}
@@ -198,10 +199,13 @@ def vae_config_to_diffusers(cfg: AutoencoderConfig) -> dict:
     }
 
 
-def read_any(src: str | Path) -> tuple[str, str, dict[str, Tensor], TransformerConfig | AutoencoderConfig]:
+def read_any(
+    src: str | Path, lazy: bool = False
+) -> tuple[str, str, dict[str, Lazy], TransformerConfig | AutoencoderConfig]:
     """A transformer or VAE from a single file or a diffusers component folder.
 
-    Returns (component "transformer" | "vae", layout "bfl" | "diffusers", tensors in OUR layout, config).
+    Returns (component "transformer" | "vae", layout "bfl" | "diffusers", tensors in OUR layout, config). `lazy`
+    (to be written): tensors that are made, not renamed (fused, widened, unpacked), made as they are written.
     """
     from .layouts.transformer import transformer_from_diffusers
     from .layouts.vae import vae_from_diffusers
@@ -209,15 +213,15 @@ def read_any(src: str | Path) -> tuple[str, str, dict[str, Tensor], TransformerC
     src = resolve_snapshot(src)
     if src.is_dir():
         cfg_json = read_json(src / "config.json")
-        raw = _unpacked(*read_component_weights(src))  # a bitsandbytes 4-bit folder: unpacked to bf16
+        raw = _unpacked(*read_component_weights(src), lazy)  # a bitsandbytes 4-bit folder: unpacked to bf16
         if cfg_json.get("_class_name") == "Flux2Transformer2DModel":
             cfg = transformer_config_from_diffusers(cfg_json)
-            return "transformer", "diffusers", transformer_from_diffusers(raw), cfg
+            return "transformer", "diffusers", transformer_from_diffusers(raw, lazy=lazy), cfg
         if cfg_json.get("_class_name") == "AutoencoderKLFlux2":
             cfg = vae_config_from_diffusers(cfg_json)
             return "vae", "diffusers", vae_from_diffusers(raw, cfg), cfg
         raise ValueError(f"{src}: config.json names {cfg_json.get('_class_name')!r}, not a FLUX.2 transformer or VAE")
-    raw = _unpacked(*read_transformer_file(src))
+    raw = _unpacked(*read_transformer_file(src), lazy)
     if any(k.startswith(("encoder.", "decoder.")) for k in raw):
         if vae_layout(raw) == "diffusers":
             raise ValueError(f"{src}: a diffusers-named VAE file needs its config.json: give the vae/ folder")
@@ -225,8 +229,8 @@ def read_any(src: str | Path) -> tuple[str, str, dict[str, Tensor], TransformerC
         return "vae", "bfl", raw, cfg
     layout = transformer_layout(raw)
     if is_fp8(raw):
-        raw, _ = dequantize_fp8(raw, torch.bfloat16)
-    sd = transformer_from_diffusers(raw) if layout == "diffusers" else raw
+        raw, _ = dequantize_fp8(raw, torch.bfloat16, lazy=lazy)
+    sd = transformer_from_diffusers(raw, lazy=lazy) if layout == "diffusers" else raw
     return "transformer", layout, sd, transformer_config_from_keys(sd)
 
 
@@ -238,13 +242,18 @@ def _plain_text_encoder(src: Path) -> dict[str, Tensor]:
     return raw
 
 
-def _unpacked(raw: dict[str, Tensor], formats: dict[str, str]) -> dict[str, Tensor]:
-    """Packed layers (GGUF, --quantize, bitsandbytes, ComfyUI's) unpacked to bf16, to be written anew."""
+def _unpacked(raw: dict[str, Tensor], formats: dict[str, str], lazy: bool = False) -> dict[str, Lazy]:
+    """Packed layers (GGUF, --quantize, bitsandbytes, ComfyUI's) unpacked to bf16, to be written anew (`lazy`: each
+    as it is written)."""
+    out: dict[str, Lazy] = dict(raw)
     for name, fmt in formats.items():
         packed = raw[name + ".weight"]
-        scales = raw.pop(name + ".scales", None)
-        raw[name + ".weight"] = dequantize_weight(packed, fmt, row_inputs(fmt, packed.shape[1]), torch.bfloat16, scales)
-    return raw
+        scales = out.pop(name + ".scales", None)
+        args = (packed, fmt, row_inputs(fmt, packed.shape[1]), torch.bfloat16, scales)
+        shape = (packed.shape[0], args[2])
+        out[name + ".weight"] = pending(dequantize_weight, *args, shape=shape, dtype=torch.bfloat16) if lazy else (
+            dequantize_weight(*args))  # fmt: skip
+    return out
 
 
 SHARD_BYTES = 2 * 2**30  # a packed text encoder's shards: about this much each
@@ -325,7 +334,7 @@ def convert_text_encoder_gguf(src: Path, dst: Path, kind: str, fmt: str) -> str:
         if (name := stack_name(key, kind)) is not None:  # (the LM head, a vision tower: not part of the stack)
             module, _, suffix = name.rpartition(".")
             if arch == "llama" and (part := module.rpartition(".")[2]) in heads:
-                tensor = llama_rope_rows(tensor, heads[part], to_llama=True)
+                tensor = pending(llama_rope_rows, tensor, heads[part], True, shape=tensor.shape, dtype=tensor.dtype)
             sd[f"{table.get_name('model.' + module)}.{suffix}"] = tensor
     formats = write_gguf(sd, dst, fmt, lambda _: True, arch=arch,
                          header=lambda w: _text_encoder_header(w, kind, config, tokenizer, tok_dir))  # fmt: skip
@@ -398,7 +407,7 @@ def convert(src: str | Path, dst: str | Path, to: str, quantize: str | None = No
             raise ValueError(f"{src} is a text encoder: it is written packed, as a folder (--to bfl --quantize "
                              "int8|int4), or as one GGUF file (--to gguf [--quantize q8_0|q4_0|f16|bf16])")  # fmt: skip
         return convert_text_encoder(folder, dst, text_kind, quantize)
-    kind, layout, sd, cfg = read_any(src)
+    kind, layout, sd, cfg = read_any(src, lazy=True)  # made a tensor at a time as written: any size fits
     if kind == "vae" and (quantize or to == "gguf"):
         raise ValueError(f"{src} is a VAE: only transformers are quantized or written as GGUF (the VAE is small)")
     if to == "gguf":
@@ -415,14 +424,14 @@ def convert(src: str | Path, dst: str | Path, to: str, quantize: str | None = No
             sd, formats = quantize_state(sd, MODE_FORMAT[quantize], transformer_quantizable)
             write_quantized(sd, formats, path)
             return f"{kind} ({layout} layout) -> {path} (bfl layout, {len(formats)} linear weights {quantize})"
-        write_safetensors(sd, path)
+        write_safetensors(sd, path, release=True)
     else:
-        out = transformer_to_diffusers(sd) if kind == "transformer" else vae_to_diffusers(sd, cfg)
+        out = transformer_to_diffusers(sd, lazy=True) if kind == "transformer" else vae_to_diffusers(sd, cfg)
         config = transformer_config_to_diffusers(cfg) if kind == "transformer" else vae_config_to_diffusers(cfg)
         dst.mkdir(parents=True, exist_ok=True)
         (dst / "config.json").write_text(json.dumps(config, indent=2))
         path = dst / "diffusion_pytorch_model.safetensors"
-        write_safetensors(out, path)
+        write_safetensors(out, path, release=True)
     return f"{kind} ({layout} layout) -> {path} ({to} layout, {len(sd)} tensors)"
 
 

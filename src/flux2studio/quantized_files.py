@@ -19,8 +19,9 @@ Formats are returned keyed by module name ("double_blocks.0.img_attn.qkv"), the 
 from __future__ import annotations
 
 import json
+import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ from .checkpoints import (
     write_safetensors,
 )
 from .device_streaming import module_bytes
+from .lazy_tensors import Lazy, materialize, pending, stored
 from .model.transformer import Flux2Transformer
 from .quantize import (
     BNB_BLOCK,
@@ -530,32 +532,47 @@ def read_transformer_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str
 
 
 def quantize_state(
-    sd: dict[str, Tensor], fmt: str, eligible: Callable[[str], bool]
-) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Pack every eligible 2-D `.weight` of a state dict (rows divisible into blocks) in `fmt` ("int8", "Q4_0"...);
-    returns the state dict and {module name: format}."""
+    sd: Mapping[str, Lazy], fmt: str, eligible: Callable[[str], bool]
+) -> tuple[dict[str, Lazy], dict[str, str]]:
+    """Every eligible 2-D `.weight` of a state dict (rows divisible into blocks) to be packed in `fmt` ("int8",
+    "Q4_0"...) as it is written (`lazy_tensors.Pending`; `packed_rows`); returns the state dict and {module name:
+    format}."""
     out, formats = {}, {}
     for key, value in sd.items():
         if packable(key, value, fmt, eligible):
-            out[key], formats[key.removesuffix(".weight")] = quantize_weight(value, fmt), fmt
+            shape = (value.shape[0], row_bytes(fmt, value.shape[1]))
+            out[key] = pending(packed_rows, value, fmt, shape=shape, dtype=torch.uint8)
+            formats[key.removesuffix(".weight")] = fmt
         else:
             out[key] = value
     return out, formats
 
 
-def packable(key: str, value: Tensor, fmt: str, eligible: Callable[[str], bool]) -> bool:
+ROWS_AT_ONCE = 4096  # rows of a weight quantized together: bounds the fp32 temporaries (dev's largest: 55296 rows)
+
+
+def packed_rows(weight: Tensor, fmt: str) -> Tensor:
+    """`quantize_weight` (each row packed on its own) a few thousand rows at a time, into one tensor."""
+    out = torch.empty(weight.shape[0], row_bytes(fmt, weight.shape[1]), dtype=torch.uint8)
+    for i in range(0, weight.shape[0], ROWS_AT_ONCE):
+        out[i : i + ROWS_AT_ONCE] = quantize_weight(weight[i : i + ROWS_AT_ONCE], fmt)
+    return out
+
+
+def packable(key: str, value: Lazy, fmt: str, eligible: Callable[[str], bool]) -> bool:
     """Whether `quantize_state` packs this tensor: an eligible module's 2-D weight whose rows divide into blocks."""
     per = GGUF_BLOCKS.get(fmt, (1, 0))[0]
     return key.endswith(".weight") and value.ndim == 2 and eligible(key[:-7]) and value.shape[1] % per == 0
 
 
-def write_quantized(sd: dict[str, Tensor], formats: dict[str, str], path: Path) -> None:
-    """Our quantized safetensors (atomic): packed rows under the usual keys, formats in the metadata."""
-    write_safetensors(sd, path, metadata={META_KEY: json.dumps(formats, sort_keys=True)})
+def write_quantized(sd: Mapping[str, Lazy], formats: dict[str, str], path: Path) -> None:
+    """Our quantized safetensors (atomic, a tensor at a time, the pages read handed back): packed rows under the
+    usual keys, formats in the metadata."""
+    write_safetensors(sd, path, metadata={META_KEY: json.dumps(formats, sort_keys=True)}, release=True)
 
 
 def write_gguf(
-    sd: dict[str, Tensor],
+    sd: Mapping[str, Lazy],
     path: Path,
     fmt: str,
     eligible: Callable[[str], bool],
@@ -564,8 +581,10 @@ def write_gguf(
 ) -> dict[str, str]:
     """A GGUF file of architecture `arch` (default: a FLUX.2 transformer with BFL names, "flux", as ComfyUI-GGUF
     writes it) with eligible 2-D weights in `fmt` and every other tensor in F32; `header(writer)` adds the
-    architecture's own keys. Written to a temporary file renamed into place."""
+    architecture's own keys. Written to a temporary file renamed into place, one tensor at a time (each packed
+    as its turn comes, the file pages it was read from handed back after)."""
     import gguf
+    import numpy as np
 
     packed, formats = quantize_state(sd, fmt, eligible)
     with atomic_path(path) as tmp:
@@ -575,14 +594,20 @@ def write_gguf(
                 header(writer)
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             for key, value in packed.items():
-                name = key.removesuffix(".weight")
-                if name in formats:
-                    writer.add_tensor(key, value.numpy(), raw_dtype=getattr(gguf.GGMLQuantizationType, formats[name]))
+                if (name := key.removesuffix(".weight")) in formats:
+                    raw = getattr(gguf.GGMLQuantizationType, formats[name])
+                    writer.add_tensor_info(key, value.shape, np.dtype(np.uint8), value.nbytes, raw_dtype=raw)
                 else:
-                    writer.add_tensor(key, value.float().numpy())
+                    writer.add_tensor_info(key, value.shape, np.dtype(np.float32), 4 * math.prod(value.shape))
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
+            writer.write_ti_data_to_file()
+            for key, value in packed.items():
+                t = materialize(value)
+                plain = key.removesuffix(".weight") not in formats  # (F32)
+                writer.write_tensor_data((t.float() if plain else t).contiguous().numpy())
+                drop_file_pages([t, *stored(value)])
+                del t  # (before the next one is made)
         finally:
             writer.close()
     return formats

@@ -17,6 +17,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..lazy_tensors import Lazy, Pending, pending
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -72,16 +74,27 @@ def _swap_halves(w: Tensor) -> Tensor:
     return torch.cat([b, a], dim=0)
 
 
+def _fused(*tensors: Tensor) -> Tensor:
+    return torch.cat(tensors, dim=0)
+
+
+def _third(w: Tensor, i: int) -> Tensor:
+    return w.chunk(3, dim=0)[i]
+
+
 def convert(
-    sd: dict[str, Tensor],
+    sd: dict[str, Lazy],
     rules: tuple[Rule, ...],
     to: Literal["ours", "theirs"],
     copied: Callable[[list[Tensor]], None] | None = None,
-) -> dict[str, Tensor]:
+    lazy: bool = False,
+) -> dict[str, Lazy]:
     """Rename `sd` through `rules` in one direction; raise on any key no rule claims. `copied` is told of
-    the source tensors each fusing or swapping step has just copied (so a loader can free them at once)."""
+    the source tensors each fusing or swapping step has just copied (so a loader can free them at once).
+    `lazy` (a conversion written to a file): the fused and swapped tensors are made as they are written
+    (`lazy_tensors.Pending`), as are the thirds of a Pending fused one."""
     rest = dict(sd)
-    out: dict[str, Tensor] = {}
+    out: dict[str, Lazy] = {}
     for rule in rules:
         src, dst = (rule.theirs, (rule.ours,)) if to == "ours" else ((rule.ours,), rule.theirs)
         pat = _pattern(src[0])
@@ -95,18 +108,20 @@ def convert(
                 raise ValueError(f"incomplete tensor group for {dst[0].format(i=index)}: missing {missing}")
             tensors = [rest.pop(n) for n in names]
             targets = [d.format(i=index) for d in dst]
+            first = tensors[0]
             if rule.op == "rename":
-                out[targets[0]] = tensors[0]
-            elif rule.op == "swap":
-                out[targets[0]] = _swap_halves(tensors[0])
+                out[targets[0]] = first
+            elif rule.op == "swap" or to == "ours":  # qkv: q, k, v -> fused
+                fn, shape = (_swap_halves, first.shape) if rule.op == "swap" else (_fused, _rows(tensors))
+                out[targets[0]] = pending(fn, *tensors, shape=shape, dtype=first.dtype) if lazy else fn(*tensors)
                 if copied:
                     copied(tensors)
-            elif to == "ours":  # qkv: q, k, v -> fused
-                out[targets[0]] = torch.cat(tensors, dim=0)
-                if copied:
-                    copied(tensors)
-            else:  # qkv: fused -> q, k, v
-                out.update(zip(targets, tensors[0].chunk(3, dim=0), strict=True))
+            elif isinstance(first, Pending):  # qkv: fused -> q, k, v, each made from the fused one
+                third = (first.shape[0] // 3, *first.shape[1:])
+                for i, target in enumerate(targets):
+                    out[target] = pending(_third, first, i, shape=third, dtype=first.dtype)
+            else:
+                out.update(zip(targets, first.chunk(3, dim=0), strict=True))
     if rest:
         names = sorted(rest)
         shown = ", ".join(names[:20]) + (f" (+{len(names) - 20} more)" if len(names) > 20 else "")
@@ -114,11 +129,15 @@ def convert(
     return out
 
 
+def _rows(tensors: list[Lazy]) -> tuple[int, ...]:
+    return (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+
+
 def transformer_from_diffusers(
-    sd: dict[str, Tensor], copied: Callable[[list[Tensor]], None] | None = None
-) -> dict[str, Tensor]:
-    """diffusers `Flux2Transformer2DModel` state dict -> ours (BFL layout)."""
-    return convert(sd, TRANSFORMER_DIFFUSERS, to="ours", copied=copied)
+    sd: dict[str, Lazy], copied: Callable[[list[Tensor]], None] | None = None, lazy: bool = False
+) -> dict[str, Lazy]:
+    """diffusers `Flux2Transformer2DModel` state dict -> ours (BFL layout); `lazy`: see `convert`."""
+    return convert(sd, TRANSFORMER_DIFFUSERS, to="ours", copied=copied, lazy=lazy)
 
 
 def packed_from_diffusers(
@@ -147,6 +166,6 @@ def _ours_key(key: str) -> str:
     raise ValueError(f"transformer key {key} maps to nothing")
 
 
-def transformer_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Ours (BFL layout) -> diffusers `Flux2Transformer2DModel` state dict."""
-    return convert(sd, TRANSFORMER_DIFFUSERS, to="theirs")
+def transformer_to_diffusers(sd: dict[str, Lazy], lazy: bool = False) -> dict[str, Lazy]:
+    """Ours (BFL layout) -> diffusers `Flux2Transformer2DModel` state dict; `lazy`: see `convert`."""
+    return convert(sd, TRANSFORMER_DIFFUSERS, to="theirs", lazy=lazy)
