@@ -120,3 +120,6 @@ def test_conversions_make_one_tensor_at_a_time_and_write_what_safetensors_writes
     with pytest.raises(RuntimeError, match=r"made a \(4, 5\) torch.float32 tensor where \(3, 5\)"):
         write_safetensors(wrong, tmp_path / "wrong.safetensors")
     assert not list(tmp_path.glob("wrong*"))
+    with pytest.raises(TypeError, match="metadata maps strings to strings"):  # (safetensors could not read it)
+        write_safetensors(tensors, tmp_path / "wrong.safetensors", metadata={"steps": 2})
+    assert not list(tmp_path.glob("wrong*"))

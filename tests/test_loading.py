@@ -84,7 +84,8 @@ def test_dev_text_encoder_as_a_gguf_as_llama_cpp_writes_mistral(tmp_path, monkey
     its tokenizer from a `tokenizer/` folder beside it or the Hugging Face cache (none: an error naming the
     download): BF16 encodes bit for bit as the folder in bf16; Q8_0 stays packed (the query and key rows too, as
     stored: their outputs are taken in transformers' order), its query and key projections those of transformers'
-    reading of the file, and it encodes close to the folder. A text encoder of the other kind,
+    reading of the file, and it encodes close to the folder; packed at load (int8), the BF16 file encodes as the
+    folder does. A text encoder of the other kind,
     or of another width than the transformer takes: one clear error each, before loading."""
     import gguf
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
@@ -138,6 +139,9 @@ def test_dev_text_encoder_as_a_gguf_as_llama_cpp_writes_mistral(tmp_path, monkey
     full = load("dev", weights=dev, text_encoder=tmp_path / "text_encoder", dtype="fp32").text_encoder(prompts)
     error = ((packed(prompts) - full).norm() / full.norm()).item()
     assert error < 0.05, error
+    int8 = [load("dev", weights=dev, text_encoder=te, dtype="bf16", quantize="int8").text_encoder(prompts)
+            for te in (tmp_path / "text_encoder", files["bf16"])]  # fmt: skip
+    assert torch.equal(*int8)  # the BF16 file packed at load: its rows packed as stored, outputs put back in order
     qwen3().save_pretrained(tmp_path / "qwen3")
     with pytest.raises(ValueError, match="qwen3 is a qwen3 text encoder; this model takes a mistral3 one"):
         load("dev", weights=dev, text_encoder=tmp_path / "qwen3")

@@ -30,6 +30,7 @@ from .quantized_files import (
     BNB_STATE,
     GGUF_WRITTEN_ARCH,
     STACK_PREFIXES,
+    gguf_arch,
     gguf_component,
     llama_rope_rows,
     packable,
@@ -327,7 +328,7 @@ def convert_text_encoder_gguf(src: Path, dst: Path, kind: str, fmt: str) -> str:
     tok_dir = tokenizer_folder(src)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     arch = GGUF_WRITTEN_ARCH[kind]
-    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    table = gguf.get_tensor_name_map(gguf_arch(arch, src), config.num_hidden_layers)
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     sd = {}
     for key, tensor in _plain_text_encoder(src).items():

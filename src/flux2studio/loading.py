@@ -171,10 +171,12 @@ def decoder_stack(source: Path, kind: str, config, dtype: torch.dtype, quantize:
         if name in scales:
             p.fp8_scale = scales[name]  # read by precision.dequantized
     model.rotary_emb = type(model.rotary_emb)(config=model.config)  # its buffers are computed, not stored
-    for name, order in orders.items():  # a Mistral GGUF's query and key rows, stored in llama.cpp's order
-        model.get_submodule(name).register_forward_hook(lambda _m, _x, out, order=order: out.index_select(-1, order))
     if quantize:
         quantize_modules(model, quantize, text_encoder_quantizable, release=drop_file_pages)
+    for name, order in orders.items():  # a Mistral GGUF's query and key rows, stored in llama.cpp's order
+        model.get_submodule(name).register_forward_hook(  # (after packing: it swaps modules, hooks and all)
+            lambda _m, _x, out, order=order: out.index_select(-1, order.to(out.device))
+        )
     return model
 
 

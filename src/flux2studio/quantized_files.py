@@ -22,6 +22,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -415,7 +416,7 @@ def read_text_encoder_gguf(path: Path, keys: list[str]) -> tuple[dict[str, Tenso
 
     reader = _gguf_reader(path, tuple(GGUF_TEXT_ARCHES))
     arch = gguf_architecture(reader)
-    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], 1 + max(_layer(k) for k in keys))
+    table = gguf.get_tensor_name_map(gguf_arch(arch, path), 1 + max(_layer(k) for k in keys))
     names = {}
     for key in keys:
         module, _, suffix = key.rpartition(".")
@@ -435,6 +436,17 @@ def read_text_encoder_gguf(path: Path, keys: list[str]) -> tuple[dict[str, Tenso
                 rows = torch.arange(sd[key].shape[0])
                 orders[key.removesuffix(".weight")] = llama_rope_rows(rows, heads[part], to_llama=False)
     return sd, formats, orders
+
+
+def gguf_arch(arch: str, where: object):
+    """The `gguf` package's id of a GGUF architecture; an older package without it gets a clear error."""
+    import gguf
+
+    found = getattr(gguf.MODEL_ARCH, arch.upper(), None)
+    if found is None:
+        raise ValueError(f"{where}: GGUF architecture {arch!r} is unknown to the installed gguf package "
+                         f"{version('gguf')}: `pip install -U gguf`")  # fmt: skip
+    return found
 
 
 def llama_rope_rows(weight: Tensor, heads: int, to_llama: bool) -> Tensor:
