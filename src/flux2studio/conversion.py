@@ -33,7 +33,6 @@ from .quantized_files import (
     gguf_arch,
     gguf_component,
     llama_rope_rows,
-    packable,
     quantize_state,
     read_component_weights,
     read_transformer_file,
@@ -251,9 +250,10 @@ def _unpacked(raw: dict[str, Tensor], formats: dict[str, str], lazy: bool = Fals
         packed = raw[name + ".weight"]
         scales = out.pop(name + ".scales", None)
         args = (packed, fmt, row_inputs(fmt, packed.shape[1]), torch.bfloat16, scales)
-        shape = (packed.shape[0], args[2])
-        out[name + ".weight"] = pending(dequantize_weight, *args, shape=shape, dtype=torch.bfloat16) if lazy else (
-            dequantize_weight(*args))  # fmt: skip
+        if lazy:
+            out[name + ".weight"] = pending(dequantize_weight, *args, shape=(packed.shape[0], args[2]), dtype=args[3])
+        else:
+            out[name + ".weight"] = dequantize_weight(*args)
     return out
 
 
@@ -270,49 +270,37 @@ def text_encoder_kind(src: Path) -> str | None:
 
 def convert_text_encoder(src: Path, dst: Path, kind: str, quantize: str) -> str:
     """A Qwen3 / Mistral3 text encoder folder with its decoder layers' linear weights packed (int8 / int4): shards
-    of about 2 GB, each packed and written before the next is read (never the whole model in memory; 24B
-    parameters in int8 would not fit 24 GB), an index, and the folder's config and tokenizer files. It loads
-    packed and memory-mapped (`loading.decoder_stack`)."""
+    of about 2 GB, each weight packed as it is written (never the whole model in memory; 24B parameters in int8
+    would not fit 24 GB), an index, and the folder's config and tokenizer files. It loads packed and memory-mapped
+    (`loading.decoder_stack`)."""
     import shutil
-
-    from .quantize import row_bytes
-    from .residency import drop_file_pages
-
-    fmt = MODE_FORMAT[quantize]
-    raw = _plain_text_encoder(src)
 
     def eligible(module: str) -> bool:
         name = stack_name(module, kind)
         return name is not None and text_encoder_quantizable(name)
 
-    def size(key: str) -> int:
-        t = raw[key]
-        return row_bytes(fmt, t.shape[1]) * t.shape[0] if packable(key, t, fmt, eligible) else t.nbytes
-
+    packed, formats = quantize_state(_plain_text_encoder(src), MODE_FORMAT[quantize], eligible)  # (made as written)
     shards: list[list[str]] = [[]]
     filled = 0  # bytes in the last shard
-    for key in raw:
-        if shards[-1] and filled + size(key) > SHARD_BYTES:
+    for key, value in packed.items():
+        if shards[-1] and filled + value.nbytes > SHARD_BYTES:
             shards.append([])
             filled = 0
         shards[-1].append(key)
-        filled += size(key)
+        filled += value.nbytes
     dst.mkdir(parents=True)
     weight_map = {}
-    count = 0
     for i, keys in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        sd, formats = quantize_state({k: raw[k] for k in keys}, fmt, eligible)
-        write_quantized(sd, formats, dst / name)
-        drop_file_pages([raw[k] for k in keys])  # read once: hand the pages back
+        shard_formats = {m: f for m, f in formats.items() if m + ".weight" in keys}
+        write_quantized({k: packed[k] for k in keys}, shard_formats, dst / name)  # (its read pages handed back)
         weight_map |= dict.fromkeys(keys, name)
-        count += len(formats)
-    index = {"metadata": {"total_size": sum(map(size, raw))}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": sum(v.nbytes for v in packed.values())}, "weight_map": weight_map}
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     for f in src.iterdir():  # config, tokenizer and processor files
         if not f.name.endswith((".safetensors", ".safetensors.index.json")) and f.is_file():
             shutil.copy(f, dst / f.name)
-    return f"text encoder ({kind}) -> {dst} ({len(shards)} shards, {count} linear weights {quantize})"
+    return f"text encoder ({kind}) -> {dst} ({len(shards)} shards, {len(formats)} linear weights {quantize})"
 
 
 def convert_text_encoder_gguf(src: Path, dst: Path, kind: str, fmt: str) -> str:
