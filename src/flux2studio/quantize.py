@@ -421,10 +421,18 @@ def fp8_linear(x: Tensor, packed: Tensor, in_features: int, bias: Tensor | None)
 # ----------------------------------------------------------------------------- int8 matmul
 
 
-@torch.compiler.assume_constant_result  # compiled code takes the answer as it is: the probe is not traced
 def int8_weight_limit() -> int:
-    """The largest weight magnitude oneDNN's int8 product is exact for on this CPU (`_int8_weight_limit`)."""
+    """The largest weight magnitude oneDNN's int8 product is exact for on this CPU (`_int8_weight_limit`);
+    compiled code takes the answer as it is (`_constant_when_compiled`): the probe is not traced."""
     return _int8_weight_limit()
+
+
+@functools.cache
+def _constant_when_compiled() -> None:
+    """Marks `int8_weight_limit` as constant for torch.compile, at the first quantized layer made (which comes
+    before any compiling of one) rather than at import: importing the compiler costs ~1.2 s on a 2-core AVX2 CPU,
+    which every `flux2` command paid."""
+    torch.compiler.assume_constant_result(int8_weight_limit)
 
 
 @functools.cache
@@ -563,6 +571,7 @@ class QuantLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, device=None) -> None:
         nn.Module.__init__(self)
+        _constant_when_compiled()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         shape = (out_features, row_bytes(fmt, in_features))
         self.weight = nn.Parameter(torch.empty(shape, dtype=torch.uint8, device=device), requires_grad=False)
