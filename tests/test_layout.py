@@ -16,6 +16,7 @@ LAYERS = {
     "model": 0, "nano": 0, "nano.shapes": 0, "train": 0, "serve": 0, "caches": 0, "lazy_tensors": 0,
     # the models' math, key tables, images
     "layouts.transformer": 1, "layouts.vae": 1, "model.transformer": 1, "model.autoencoder": 1, "kernels.attention": 1,
+    "model.minilm": 1,
     "images": 1, "nano.checker": 1,
     "text_encoders": 2, "editing": 2, "nano.planner": 2,
     # weights

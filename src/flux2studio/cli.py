@@ -129,11 +129,13 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def load_pipe(model: str | None, args: argparse.Namespace):
-    import transformers
+    from huggingface_hub.utils import disable_progress_bars
 
     from .loading import load
 
-    transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one to read
+    disable_progress_bars()  # our own progress bar is the one to read; transformers takes this when imported
+    if "transformers" in sys.modules:  # (it was imported before: tell it too)
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     api = {"location": args.api, "safety_tolerance": args.safety_tolerance, "output_format": args.output_format}
     pipe = load(model, weights=args.weights, device=args.device, dtype=args.dtype,
                 text_encoder=getattr(args, "text_encoder", None), backend=args.backend, api=api,
