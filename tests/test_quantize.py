@@ -80,6 +80,10 @@ def test_the_int8_product_is_exact_on_this_cpu_and_close_to_float(monkeypatch):
     layer.weight.data = rows
     if prepack_int8(layer):
         assert torch.allclose(layer(x), y, rtol=1e-5, atol=1e-5)
+    for kernel in ("int_mm", "onednn"):  # streamed: either product (`int8_kernel` picks), the same integer sums
+        monkeypatch.setattr("flux2studio.quantize.int8_kernel", lambda kernel=kernel: kernel)
+        assert torch.allclose(int8_linear(x, rows, 512, None), y, rtol=1e-5, atol=1e-5), kernel
+    monkeypatch.undo()
     # what a CPU without VNNI runs (whatever this one has): weights halved to ±64, scale doubled
     monkeypatch.setattr("flux2studio.quantize.int8_weight_limit", lambda: 64)
     halved = int8_linear(x, rows, 512, None)
@@ -91,6 +95,25 @@ def test_the_int8_product_is_exact_on_this_cpu_and_close_to_float(monkeypatch):
     half, scale = quantize_module._int8_weight(packed, 1)
     assert torch.equal(half.long().view(-1), torch.round(every.double() / 2 + every.sign() * 1e-9).long())
     assert half.abs().max() == 64 and torch.equal(scale, torch.full((255, 1), 2.0))
+
+
+def test_cpus_without_vnni_multiply_int8_through_onednn_not_torch_int_mm(monkeypatch):
+    """Without AVX512-VNNI or AMX, `torch._int_mm` is a plain loop (~55x slower than fp32 on a 2-core Zen 3):
+    streamed int8 layers go through oneDNN's kernel there, the weight laid out for the call; with either,
+    `torch._int_mm`. A PyTorch without oneDNN's int8 op keeps `torch._int_mm`."""
+    features = quantize_module.cpu_features()
+    has_op = hasattr(getattr(torch.ops, "onednn", None), "qlinear_prepack")
+    for vnni, amx, expected in ((False, False, "onednn" if has_op else "int_mm"), (True, False, "int_mm"),
+                                (False, True, "int_mm")):  # fmt: skip
+        monkeypatch.setattr(
+            quantize_module, "cpu_features", lambda v=vnni, a=amx: features | {"avx512_vnni": v, "amx": a}
+        )
+        quantize_module.int8_kernel.cache_clear()
+        assert quantize_module.int8_kernel() == expected, (vnni, amx)
+    monkeypatch.undo()
+    quantize_module.int8_kernel.cache_clear()
+    vnni = features["avx512_vnni"] or features["amx"]
+    assert quantize_module.int8_kernel() == ("int_mm" if vnni or not has_op else "onednn")
 
 
 def test_fp8_layers_multiply_in_fp8_where_the_device_has_it_and_are_widened_elsewhere(monkeypatch):

@@ -3,7 +3,8 @@
 Every quantized weight is one uint8 tensor of rows of blocks, (out_features, row_bytes), and a type name:
 - "int8" (ours): per output channel, each row its in_features int8 values then its fp32 scale
   (w = q * scale). On a CPU it multiplies with dynamically quantized activations (per token, int8) through
-  PyTorch's `torch._int_mm` (oneDNN: VNNI/AMX where the CPU has them); elsewhere it is dequantized per layer.
+  PyTorch's `torch._int_mm` where the CPU has AVX512-VNNI or AMX, else oneDNN's int8 kernel (`int8_kernel`);
+  elsewhere it is dequantized per layer.
 - GGUF's blocks, byte for byte as ggml lays them out: Q8_0, Q4_0 (our "int4": 32 weights per block, an fp16
   scale, w = d * (q - 8)), Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, and the plain F16 / BF16 / F32, all unpacked
   in PyTorch on the weight's device, bit for bit what the `gguf` package's dequantizer gives. Every block
@@ -461,6 +462,29 @@ def _int8_weight(packed: Tensor, in_features: int, scales: Tensor | None = None)
     return q, scale
 
 
+@functools.cache
+def int8_kernel() -> str:
+    """Which product a CPU int8 layer that holds no prepacked weight calls here: "int_mm" (`torch._int_mm`) where
+    the CPU has AVX512-VNNI or AMX, else "onednn" (oneDNN's u8 x s8 kernel, the weight put in its blocked layout
+    for the call: `onednn_int8_mm`). Measured on a 2-core AVX2-only Zen 3 (one 768 x 3072 -> 9216 product):
+    `torch._int_mm` ~7.7 s (a plain loop), oneDNN's 0.133 s + 0.008 s to lay the weight out, fp32 `F.linear`
+    0.28 s; where the CPU has VNNI, `torch._int_mm` itself runs on oneDNN (0.018-0.054 s) and laying the weight
+    out costs more than the product (0.05 s). "int_mm" also where this PyTorch has no oneDNN int8 op or it does
+    not add exactly (one small product settles it)."""
+    f = cpu_features()
+    onednn = getattr(torch.ops, "onednn", None)
+    if f["avx512_vnni"] or f["amx"] or onednn is None or not hasattr(onednn, "qlinear_prepack"):
+        return "int_mm"
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (32, 256), dtype=torch.int8, generator=g)
+    b = torch.randint(-int8_weight_limit(), int8_weight_limit() + 1, (16, 256), dtype=torch.int8, generator=g)
+    try:
+        y = onednn_int8_mm(a.to(torch.int16).add_(128).to(torch.uint8), b, torch.ones(16), torch.float32)
+    except RuntimeError:  # registered but not supported by this build or CPU
+        return "int_mm"
+    return "onednn" if torch.equal(y, (a.long() @ b.long().t()).float()) else "int_mm"
+
+
 def _per_token(x: Tensor, in_features: int, unsigned: bool = False) -> tuple[Tensor, Tensor]:
     """x (..., in) -> (int8 rows (tokens, in), their scales (tokens, 1)): each token scaled to ±127; `unsigned`:
     the same values + 128 as uint8 (oneDNN's activations). Three passes over x (max, scale, convert)."""
@@ -479,15 +503,19 @@ def int8_linear(
     scales: Tensor | None = None,
 ) -> Tensor:
     """x (..., in) @ int8 weight: activations quantized per token to int8, one integer product (`torch._int_mm`,
-    or oneDNN's prepacked u8 x s8 kernel when the layer holds one: `prepack_int8`), both scales applied to the
-    exact int32 sums; returns x's dtype. The scaling runs in place (each pass over the (tokens, out) result
-    costs about a tenth of the product at 256x256)."""
-    if onednn is not None:  # u8 = int8 + 128 with zero point 128: the same integer sums, weight scales applied
-        weight, scale = onednn
+    or oneDNN's u8 x s8 kernel: prepacked when the layer holds one (`prepack_int8`), else laid out for the call
+    where `int8_kernel()` says so), both scales applied to the exact int32 sums; returns x's dtype. The scaling
+    runs in place (each pass over the (tokens, out) result costs about a tenth of the product at 256x256)."""
+    if onednn is not None or int8_kernel() == "onednn":  # u8 = int8 + 128, zero point 128: the same integer sums
         xu, s = _per_token(x, in_features, unsigned=True)
         # bf16 written by oneDNN only where the CPU has it (capped at AVX2 one layer did not finish in a minute)
         out = torch.bfloat16 if x.dtype == torch.bfloat16 and cpu_bf16_native() else torch.float32
-        y, s = prepacked_int8_mm(xu, weight, scale, out), s.to(out)
+        if onednn is not None:
+            y = prepacked_int8_mm(xu, *onednn, out)
+        else:
+            q, scale = _int8_weight(packed, in_features, scales)
+            y = onednn_int8_mm(xu, q.contiguous(), scale.reshape(-1).contiguous(), out)
+        s = s.to(out)
         y = y.mul_(s) if bias is None else torch.addcmul(bias.to(out), y, s)
     else:
         xq, s = _per_token(x, in_features)
@@ -527,6 +555,18 @@ def prepacked_int8_mm(xu: Tensor, packed: Tensor, scale: Tensor, out_dtype: torc
 @prepacked_int8_mm.register_fake
 def _(xu: Tensor, packed: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
     return xu.new_empty((xu.shape[0], scale.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("flux2studio::onednn_int8_mm", mutates_args=())
+def onednn_int8_mm(xu: Tensor, q: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """`prepacked_int8_mm` for an int8 weight `q` (out, in) not prepacked: oneDNN's blocked copy of it is made for
+    this product and dropped after (streamed layers; on AVX2 that costs ~6% of the product)."""
+    return prepacked_int8_mm(xu, torch.ops.onednn.qlinear_prepack(q, None), scale, out_dtype)
+
+
+@onednn_int8_mm.register_fake
+def _(xu: Tensor, q: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    return xu.new_empty((xu.shape[0], q.shape[0]), dtype=out_dtype)
 
 
 @functools.cache
