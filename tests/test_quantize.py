@@ -14,6 +14,7 @@ from flux2studio import load, sampling
 from flux2studio import quantize as quantize_module
 from flux2studio.quantize import (
     QuantLinear,
+    constant_when_compiled,
     dequantize_weight,
     fp8_linear,
     int8_linear,
@@ -108,12 +109,20 @@ def test_cpus_without_vnni_multiply_int8_through_onednn_not_torch_int_mm(monkeyp
         monkeypatch.setattr(
             quantize_module, "cpu_features", lambda v=vnni, a=amx: features | {"avx512_vnni": v, "amx": a}
         )
-        quantize_module.int8_kernel.cache_clear()
+        quantize_module._int8_kernel.cache_clear()
         assert quantize_module.int8_kernel() == expected, (vnni, amx)
     monkeypatch.undo()
-    quantize_module.int8_kernel.cache_clear()
+    quantize_module._int8_kernel.cache_clear()
     vnni = features["avx512_vnni"] or features["amx"]
     assert quantize_module.int8_kernel() == ("int_mm" if vnni or not has_op else "onednn")
+    if has_op:  # compiled whole (no graph break): the choice is a constant, the product an opaque op
+        monkeypatch.setattr(quantize_module, "_int8_kernel", lambda: "onednn")
+        g = torch.Generator().manual_seed(3)
+        layer = QuantLinear(128, 64, False, "int8")
+        layer.weight.data = quantize_weight(torch.randn(64, 128, generator=g), "int8")
+        x = torch.randn(2, 5, 128, generator=g)
+        constant_when_compiled()
+        assert torch.allclose(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
 def test_fp8_layers_multiply_in_fp8_where_the_device_has_it_and_are_widened_elsewhere(monkeypatch):

@@ -47,11 +47,11 @@ def test_output_dtype_is_explicit():
     assert encoder(PROMPTS[:1], dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
-def test_the_embedded_encoder_is_transformers_bert_bit_for_bit_without_importing_it(capfd):
+def test_the_embedded_encoder_is_transformers_bert_bit_for_bit_without_importing_it(capfd, tmp_path):
     """nano's MiniLM (our BERT, `tokenizers`' tokenizer) gives transformers' BertModel + AutoTokenizer's ids and
     stacked states exactly (tolerance 0: long prompts truncated, unpadded full-length ones, special-token text,
-    unicode; one at a time and batched), prints nothing, and a fresh process loads and runs it without importing
-    transformers or torch.compile (~4 s on a 2-core AVX2 CPU)."""
+    unicode; one at a time and batched), prints nothing, and the README's first command (`flux2 generate`, nano)
+    does not import transformers (~4 s on a 2-core AVX2 CPU)."""
     from transformers import AutoTokenizer, BertModel
 
     from flux2studio.text_encoders import format_prompts, load_minilm, minilm_dir
@@ -74,9 +74,9 @@ def test_the_embedded_encoder_is_transformers_bert_bit_for_bit_without_importing
             expected = reference.model(**ids, output_hidden_states=True).hidden_states
             expected = torch.stack([expected[k] for k in MINILM.layers], dim=2).flatten(2)
             assert torch.equal(encoder(batch), expected), batch
-    code = (
-        "import sys; from flux2studio.text_encoders import load_minilm; from flux2studio.variants import MINILM; "
-        "load_minilm(MINILM)(['a red circle']); print(sorted({'transformers', 'torch._dynamo'} & set(sys.modules)))"
+    code = (  # the README's first command, in one step
+        f"import sys; from flux2studio.cli import main; main(['generate', 'a red circle', '--steps', '1', '-o', "
+        f"{str(tmp_path / 'first.png')!r}]); print('transformers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert out.strip().splitlines()[-1] == "False" and (tmp_path / "first.png").is_file()

@@ -53,7 +53,7 @@ from .kernels.attention import attention_for
 from .lora import Applied, LoraFile, apply_loras, load_lora
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
-from .quantize import multiplies_int8
+from .quantize import constant_when_compiled, multiplies_int8
 from .quantized_files import transformer_sizes
 from .residency import reuse_freed_memory, stop_streaming_weights, trim_heap
 from .settings import GenerationSettings
@@ -279,7 +279,9 @@ def compile_blocks(model: Flux2Transformer) -> None:
     `compile_repeated_blocks`: the blocks of one kind share their compiled code, so the first call compiles two
     graphs, not a whole model's). Compiling happens during the first call; later calls of the same shapes reuse it.
     int8 layers keep their kernel there (oneDNN's prepacked one where resident, as the opaque op
-    `prepacked_int8_mm`; `torch._int_mm` otherwise) with the activations' quantization and the scaling fused."""
+    `prepacked_int8_mm`; otherwise `torch._int_mm` or `onednn_int8_mm`, as `int8_kernel` says) with the
+    activations' quantization and the scaling fused."""
+    constant_when_compiled()
     _inductor_cache_per_isa()
     for block in (*model.double_blocks, *model.single_blocks):
         block.compile()

@@ -35,6 +35,7 @@ This module knows nothing of models or files beyond the tensors it is given (`Qu
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 
 import torch
@@ -424,16 +425,18 @@ def fp8_linear(x: Tensor, packed: Tensor, in_features: int, bias: Tensor | None)
 
 def int8_weight_limit() -> int:
     """The largest weight magnitude oneDNN's int8 product is exact for on this CPU (`_int8_weight_limit`);
-    compiled code takes the answer as it is (`_constant_when_compiled`): the probe is not traced."""
+    compiled code takes the answer as it is (`constant_when_compiled`): the probe is not traced."""
     return _int8_weight_limit()
 
 
 @functools.cache
-def _constant_when_compiled() -> None:
-    """Marks `int8_weight_limit` as constant for torch.compile, at the first quantized layer made (which comes
-    before any compiling of one) rather than at import: importing the compiler costs ~1.2 s on a 2-core AVX2 CPU,
-    which every `flux2` command paid."""
+def constant_when_compiled() -> None:
+    """Marks this CPU's int8 answers (`int8_weight_limit`, `int8_kernel`) as constants for torch.compile, so that
+    their probes are not traced. Called before compiling (`pipeline.compile_blocks`) and by every quantized layer
+    made once the compiler is imported (a model compiled by its user), not at import: importing the compiler costs
+    ~1.2 s on a 2-core AVX2 CPU, which every `flux2` command and every quantized load paid."""
     torch.compiler.assume_constant_result(int8_weight_limit)
+    torch.compiler.assume_constant_result(int8_kernel)
 
 
 @functools.cache
@@ -462,8 +465,14 @@ def _int8_weight(packed: Tensor, in_features: int, scales: Tensor | None = None)
     return q, scale
 
 
-@functools.cache
 def int8_kernel() -> str:
+    """`_int8_kernel`, a plain function so that torch.compile takes it as a constant (`constant_when_compiled`; a
+    cached function's mark is not seen)."""
+    return _int8_kernel()
+
+
+@functools.cache
+def _int8_kernel() -> str:
     """Which product a CPU int8 layer that holds no prepacked weight calls here: "int_mm" (`torch._int_mm`) where
     the CPU has AVX512-VNNI or AMX, else "onednn" (oneDNN's u8 x s8 kernel, the weight put in its blocked layout
     for the call: `onednn_int8_mm`). Measured on a 2-core AVX2-only Zen 3 (one 768 x 3072 -> 9216 product):
@@ -611,7 +620,8 @@ class QuantLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, device=None) -> None:
         nn.Module.__init__(self)
-        _constant_when_compiled()
+        if "torch._dynamo" in sys.modules:  # the compiler is in use: mark its constants (`constant_when_compiled`)
+            constant_when_compiled()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         shape = (out_features, row_bytes(fmt, in_features))
         self.weight = nn.Parameter(torch.empty(shape, dtype=torch.uint8, device=device), requires_grad=False)

@@ -20,7 +20,8 @@ from .variants import TextEncoderSpec
 
 
 def format_prompts(spec: TextEncoderSpec, tokenizer, prompts: list[str]) -> dict[str, Tensor]:
-    """Apply the variant's chat formatting and pad/truncate to `spec.max_length` tokens."""
+    """Apply the variant's chat formatting and pad/truncate to `spec.max_length` tokens (MiniLM's `tokenizers`
+    tokenizer pads and truncates as `load_minilm` set it)."""
     pad = dict(padding="max_length", truncation=True, max_length=spec.max_length, return_tensors="pt")
     if spec.kind == "qwen3":  # one user turn, generation prompt, thinking disabled (klein)
         texts = [

@@ -121,10 +121,10 @@ def _traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: 
 
 
 def text_encoder_work(config, dtype: torch.dtype, batch: int, spec: TextEncoderSpec) -> int:
-    """Device bytes to keep for encoding `batch` prompts of `spec.max_length` tokens with a transformers model of
-    `config`: the hidden states `spec` stacks and a layer's input and output, one layer's temporaries (attention
-    projections, the MLP's gate, up and product, eager attention's scores or a fused kernel's mask, its MLP weight
-    widened where it is stored packed or narrower) and the stacked output."""
+    """Device bytes to keep for encoding `batch` prompts of `spec.max_length` tokens with a model of `config` (a
+    transformers config, or `model.minilm.BertConfig`): the hidden states `spec` stacks and a layer's input and
+    output, one layer's temporaries (attention projections, the MLP's gate, up and product, eager attention's scores
+    or a fused kernel's mask, its MLP weight widened where it is stored packed or narrower) and the stacked output."""
     return work_reserve(text_encoder_bytes(config, dtype, batch, spec))
 
 
