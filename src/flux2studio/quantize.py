@@ -35,7 +35,6 @@ This module knows nothing of models or files beyond the tensors it is given (`Qu
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 
 import torch
@@ -423,6 +422,15 @@ def fp8_linear(x: Tensor, packed: Tensor, in_features: int, bias: Tensor | None)
 # ----------------------------------------------------------------------------- int8 matmul
 
 
+def _marked_constant(fn: Callable) -> Callable:
+    """What `torch.compiler.assume_constant_result` does to `fn` (PyTorch 2.5-2.13: this attribute), done without
+    importing the compiler (~1.2 s on a 2-core AVX2 CPU, which every `flux2` command paid), so that a model its
+    user compiles takes this CPU's int8 answers as constants; `constant_when_compiled` applies the API itself."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@_marked_constant
 def int8_weight_limit() -> int:
     """The largest weight magnitude oneDNN's int8 product is exact for on this CPU (`_int8_weight_limit`);
     compiled code takes the answer as it is (`constant_when_compiled`): the probe is not traced."""
@@ -431,10 +439,9 @@ def int8_weight_limit() -> int:
 
 @functools.cache
 def constant_when_compiled() -> None:
-    """Marks this CPU's int8 answers (`int8_weight_limit`, `int8_kernel`) as constants for torch.compile, so that
-    their probes are not traced. Called before compiling (`pipeline.compile_blocks`) and by every quantized layer
-    made once the compiler is imported (a model compiled by its user), not at import: importing the compiler costs
-    ~1.2 s on a 2-core AVX2 CPU, which every `flux2` command and every quantized load paid."""
+    """Marks this CPU's int8 answers (`int8_weight_limit`, `int8_kernel`) as constants for torch.compile through
+    its API, so that their probes are not traced; called before compiling (`pipeline.compile_blocks`). (They carry
+    the mark from import too: `_marked_constant`.)"""
     torch.compiler.assume_constant_result(int8_weight_limit)
     torch.compiler.assume_constant_result(int8_kernel)
 
@@ -465,6 +472,7 @@ def _int8_weight(packed: Tensor, in_features: int, scales: Tensor | None = None)
     return q, scale
 
 
+@_marked_constant
 def int8_kernel() -> str:
     """`_int8_kernel`, a plain function so that torch.compile takes it as a constant (`constant_when_compiled`; a
     cached function's mark is not seen)."""
@@ -620,8 +628,6 @@ class QuantLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, device=None) -> None:
         nn.Module.__init__(self)
-        if "torch._dynamo" in sys.modules:  # the compiler is in use: mark its constants (`constant_when_compiled`)
-            constant_when_compiled()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         shape = (out_features, row_bytes(fmt, in_features))
         self.weight = nn.Parameter(torch.empty(shape, dtype=torch.uint8, device=device), requires_grad=False)
