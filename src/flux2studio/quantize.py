@@ -423,7 +423,7 @@ def fp8_linear(x: Tensor, packed: Tensor, in_features: int, bias: Tensor | None)
 
 
 def _marked_constant(fn: Callable) -> Callable:
-    """What `torch.compiler.assume_constant_result` does to `fn` (PyTorch 2.5-2.13: this attribute), done without
+    """What `torch.compiler.assume_constant_result` does to `fn` (in PyTorch 2.13: this attribute), done without
     importing the compiler (~1.2 s on a 2-core AVX2 CPU, which every `flux2` command paid), so that a model its
     user compiles takes this CPU's int8 answers as constants; `constant_when_compiled` applies the API itself."""
     fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
