@@ -456,10 +456,16 @@ def _int8_weight_limit() -> int:
         return 64
     # and as the kernel behaves in this process: oneDNN fixes its instruction set at its first use, so a cap set
     # after start-up (or lifted) is not what runs; one small product settles it
+    return 127 if _adds_exactly(lambda a, b: torch._int_mm(a, b.t()), 127) else 64
+
+
+def _adds_exactly(product: Callable[[Tensor, Tensor], Tensor], limit: int) -> bool:
+    """Whether `product(a, b)` of int8 matrices a (32, 256) and b (16, 256), |b| <= `limit`, gives a @ b.T's exact
+    integer sums here (one small product: how this CPU's kernel behaves in this process)."""
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-127, 128, (32, 256), dtype=torch.int8, generator=g)
-    b = torch.randint(-127, 128, (256, 16), dtype=torch.int8, generator=g)
-    return 127 if torch.equal(torch._int_mm(a, b), (a.long() @ b.long()).int()) else 64
+    b = torch.randint(-limit, limit + 1, (16, 256), dtype=torch.int8, generator=g)
+    return torch.equal(product(a, b).long(), a.long() @ b.long().t())
 
 
 def _int8_weight(packed: Tensor, in_features: int, scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -492,14 +498,14 @@ def _int8_kernel() -> str:
     onednn = getattr(torch.ops, "onednn", None)
     if f["avx512_vnni"] or f["amx"] or onednn is None or not hasattr(onednn, "qlinear_prepack"):
         return "int_mm"
-    g = torch.Generator().manual_seed(0)
-    a = torch.randint(-127, 128, (32, 256), dtype=torch.int8, generator=g)
-    b = torch.randint(-int8_weight_limit(), int8_weight_limit() + 1, (16, 256), dtype=torch.int8, generator=g)
+
+    def product(a: Tensor, b: Tensor) -> Tensor:  # u8 = int8 + 128, zero point 128: the same sums
+        return onednn_int8_mm(a.to(torch.int16).add_(128).to(torch.uint8), b, torch.ones(b.shape[0]), torch.float32)
+
     try:
-        y = onednn_int8_mm(a.to(torch.int16).add_(128).to(torch.uint8), b, torch.ones(16), torch.float32)
+        return "onednn" if _adds_exactly(product, int8_weight_limit()) else "int_mm"
     except RuntimeError:  # registered but not supported by this build or CPU
         return "int_mm"
-    return "onednn" if torch.equal(y, (a.long() @ b.long().t()).float()) else "int_mm"
 
 
 def _per_token(x: Tensor, in_features: int, unsigned: bool = False) -> tuple[Tensor, Tensor]:
