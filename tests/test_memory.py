@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from flux2studio import pipeline, precision, residency
+from flux2studio import quantize as quantizing
 from flux2studio.loading import load
 from flux2studio.quantize import QuantLinear, quantize_modules
 
@@ -157,6 +158,44 @@ def test_widened_weights_go_to_scratch_at_inference_only_and_give_the_same_numbe
     x2 = x.detach().requires_grad_(True)
     F.linear(F.gelu(F.linear(x2, w0, b0)), w2, b2).sum().backward()
     assert torch.allclose(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "F16"])
+def test_packed_weights_unpack_into_scratch_at_inference_only_and_give_the_same_numbers(fmt, monkeypatch):
+    """A packed layer that is not multiplied in int8 (GGUF blocks, fp8, ...) unpacks its weight for the call into
+    the thread's scratch buffer, as widened weights are: the same buffer layer after layer; new tensors where
+    autograd keeps them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(QuantLinear(64, 96, True, fmt), QuantLinear(96, 64, True, fmt))
+    for m in model:
+        m.weight.data = quantizing.quantize_weight(torch.randn(m.out_features, m.in_features), fmt)
+        m.bias.data = torch.randn(m.out_features)
+    x = torch.randn(10, 64)
+    (w0, b0), (w2, b2) = [(m.dense(torch.float32), m.bias) for m in model]
+    expected = F.linear(F.linear(x, w0, b0), w2, b2)
+    ptrs, real = [], quantizing.dequantize_weight
+
+    def spy(*args):
+        w = real(*args)
+        ptrs.append(w.data_ptr())
+        return w
+
+    monkeypatch.setattr(quantizing, "dequantize_weight", spy)
+    with torch.no_grad(), residency.reuse_freed_memory(hold_heap=False):
+        buffer = residency.scratch([((96, 64), torch.float32)], torch.device("cpu"))[0].data_ptr()
+        y = model(x)
+    assert ptrs == [buffer, buffer] and torch.equal(y, expected)
+
+    x.requires_grad_(True)
+    ptrs.clear()
+    with residency.reuse_freed_memory(hold_heap=False):
+        buffer = residency.scratch([((96, 64), torch.float32)], torch.device("cpu"))[0].data_ptr()
+        y = model(x)
+        y.sum().backward()
+    assert buffer not in ptrs and torch.equal(y.detach(), expected)
+    x2 = x.detach().requires_grad_(True)
+    F.linear(F.linear(x2, w0, b0), w2, b2).sum().backward()
+    assert torch.equal(x.grad, x2.grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
