@@ -15,12 +15,21 @@ from PIL import Image
 from flux2studio import device_streaming, pipeline
 from flux2studio.device_streaming import PeakBytes, module_bytes, work_reserve
 from flux2studio.images import to_pil
+from flux2studio.loading import load
 from flux2studio.model.autoencoder import AutoEncoder
 from flux2studio.model.transformer import Flux2Transformer
 from flux2studio.pipeline import Pipeline, allow_split_projection, build_request, check_vae_tile
 from flux2studio.sampling import image_ids, text_ids
 from flux2studio.text_encoders import TextEncoder
-from flux2studio.work_memory import text_encoder_bytes, text_encoder_work, traced_transformer, traced_vae, vae_work
+from flux2studio.variants import FLUX2_VAE, NANO_VAE
+from flux2studio.work_memory import (
+    text_encoder_bytes,
+    text_encoder_work,
+    traced_transformer,
+    traced_vae,
+    vae_work,
+    vae_work_bound,
+)
 from tiny import QWEN3_SPEC, QWEN3_TEMPLATE, TRANSFORMER, VAE, klein_pipeline, qwen3, randomize_, tokenizer
 
 
@@ -92,6 +101,35 @@ def test_the_vae_trace_counts_what_a_real_call_holds(decode, tile):
     real = _real_peak(lambda: vae.decode(z.clone(), tile=tile) if decode else vae.encode(image.clone(), tile=tile))
     traced = traced_vae(VAE, torch.float32, 2, 12 * per, 16 * per, decode, tile)
     assert 0 < real <= traced <= (1.5 if tile else 1.1) * real, (traced, real)
+
+
+@pytest.mark.parametrize("cfg", [VAE, NANO_VAE, FLUX2_VAE], ids=["tiny", "nano", "flux2"])
+def test_the_vae_bound_covers_its_trace_without_tracing(cfg, monkeypatch):
+    """`vae_work_bound`: at least the traced work (`vae_work`) of whole images, decoding and encoding, square or
+    not, fused attention or not, and within 2x of it for FLUX.2's VAE at 512x512: usable, not only safe. A CPU
+    call with memory to spare plans its decode by it and traces nothing; short of memory it traces as before."""
+    for (h, w), batch, decode, fused, dtype in [
+        ((64, 64), 1, True, True, torch.float32),
+        ((64, 64), 2, False, False, torch.bfloat16),
+        ((128, 256), 1, False, True, torch.bfloat16),
+        ((256, 128), 2, True, False, torch.float32),
+        ((512, 512), 1, True, True, torch.bfloat16),
+    ]:
+        traced = vae_work(cfg, dtype, batch, h, w, decode, None, fused)
+        bound = vae_work_bound(cfg, dtype, batch, h, w, fused)
+        assert traced <= bound, (h, w, batch, decode, fused, dtype)
+    assert bound <= 2 * traced or cfg is not FLUX2_VAE
+
+    if cfg is NANO_VAE:
+        traces = []
+        monkeypatch.setattr(pipeline, "vae_work", lambda *a, **k: traces.append(a) or vae_work(*a, **k))
+        pipe = load("nano", device="cpu", dtype="fp32")
+        _available(monkeypatch, 2**34)
+        pipe("a red circle", size=(64, 64), steps=1)
+        assert traces == []
+        _available(monkeypatch, module_bytes(pipe.vae) + vae_work_bound(cfg, torch.float32, 1, 64, 64) - 2**20)
+        pipe("a red circle", size=(64, 64), steps=1)
+        assert traces
 
 
 def test_the_text_encoders_count_covers_a_real_encoding():

@@ -59,7 +59,7 @@ from .residency import reuse_freed_memory, stop_streaming_weights, trim_heap
 from .settings import GenerationSettings
 from .text_encoders import TextEncoder
 from .variants import AutoencoderConfig, Variant
-from .work_memory import text_encoder_work, transformer_work, vae_work
+from .work_memory import text_encoder_work, transformer_work, vae_work, vae_work_bound
 
 MAX_STEPS = 200
 VAE_TILES = range(128, 2049, 64)  # tile sides (pixels) the VAE may decode in
@@ -578,6 +578,11 @@ class Pipeline:
         if room is None:
             return self.vae_tile
         weights = self._vae_bytes()
+        whole = [(batch, height, width), *((1, h, w) for w, h in starts)]
+        if all(self.vae_tile is None or max(h, w) <= self.vae_tile for _, h, w in whole):
+            bound = max(vae_work_bound(self.variant.vae, self.dtype, *s, self._fused_attention) for s in whole)
+            if weights + bound <= room:  # whole images fit by a bound of their work: no trace needed
+                return self.vae_tile
         tries = [self.vae_tile, *(t for t in AUTO_TILES if self.vae_tile is None or t < self.vae_tile)]
         decoding = f"decoding {width}x{height}" + (f", {batch} images" if batch > 1 else "")
         for tile in tries:
