@@ -21,7 +21,7 @@ from flux2studio.model.transformer import Flux2Transformer
 from flux2studio.pipeline import Pipeline, allow_split_projection, build_request, check_vae_tile
 from flux2studio.sampling import image_ids, text_ids
 from flux2studio.text_encoders import TextEncoder
-from flux2studio.variants import FLUX2_VAE, NANO_VAE
+from flux2studio.variants import FLUX2_VAE, NANO_VAE, AutoencoderConfig
 from flux2studio.work_memory import (
     text_encoder_bytes,
     text_encoder_work,
@@ -103,10 +103,14 @@ def test_the_vae_trace_counts_what_a_real_call_holds(decode, tile):
     assert 0 < real <= traced <= (1.5 if tile else 1.1) * real, (traced, real)
 
 
-@pytest.mark.parametrize("cfg", [VAE, NANO_VAE, FLUX2_VAE], ids=["tiny", "nano", "flux2"])
+ODD_VAES = [AutoencoderConfig(channels=(64, 256, 512, 512)), AutoencoderConfig(decoder_channels=(128, 512, 512, 512))]
+
+
+@pytest.mark.parametrize("cfg", [VAE, NANO_VAE, FLUX2_VAE, *ODD_VAES], ids=["tiny", "nano", "flux2", "4x", "wide"])
 def test_the_vae_bound_covers_its_trace_without_tracing(cfg, monkeypatch):
     """`vae_work_bound`: at least the traced work (`vae_work`) of whole images, decoding and encoding, square or
-    not, fused attention or not, and within 2x of it for FLUX.2's VAE at 512x512: usable, not only safe. A CPU
+    not, fused attention or not, for VAEs of any widths (a user's file sets them: channels growing 4x a level, a
+    decoder wider than its encoder), and within 2x of it for FLUX.2's VAE at 512x512: usable, not only safe. A CPU
     call with memory to spare plans its decode by it and traces nothing; short of memory it traces as before."""
     for (h, w), batch, decode, fused, dtype in [
         ((64, 64), 1, True, True, torch.float32),

@@ -579,7 +579,7 @@ class Pipeline:
             return self.vae_tile
         weights = self._vae_bytes()
         whole = [(batch, height, width), *((1, h, w) for w, h in starts)]
-        if all(self.vae_tile is None or max(h, w) <= self.vae_tile for _, h, w in whole):
+        if self.vram_budget is None and all(self.vae_tile is None or max(h, w) <= self.vae_tile for _, h, w in whole):
             bound = max(vae_work_bound(self.variant.vae, self.dtype, *s, self._fused_attention) for s in whole)
             if weights + bound <= room:  # whole images fit by a bound of their work: no trace needed
                 return self.vae_tile

@@ -657,6 +657,7 @@ class QuantLinear(nn.Linear):
         w = self.weight
         if w.is_floating_point():
             return w.data.to(dtype)
+        reuse = reuse and PLAIN_DTYPES.get(self.fmt) != dtype  # (a GGUF F16 weight at fp16 is a view as it is)
         bufs = scratch([((self.out_features, self.in_features), dtype)], w.device) if reuse else None
         out = bufs[0] if bufs else None
         return dequantize_weight(w.data, self.fmt, self.in_features, dtype, self.stored_scales(), out)

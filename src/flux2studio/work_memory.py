@@ -76,23 +76,27 @@ def vae_work(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int
     return work_reserve(traced_vae(cfg, dtype, batch, height, width, decode, tile, fused))
 
 
-VAE_BYTES_A_PIXEL = 8  # traced peaks stay under 5.6 (below): `vae_work_bound`'s factor, with room to spare
+VAE_BYTES_A_PIXEL, VAE_BYTES_FIXED = 6, 4 << 20  # `vae_work_bound`'s: traced peaks stay under 4.5 (below)
 
 
 def vae_work_bound(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int,
                    fused: bool = True) -> int:  # fmt: skip
     """At least `vae_work` for decoding or encoding whole `height` x `width` images, from the shapes alone: no
     trace (a first trace imports PyTorch's compiler, which its meta kernels are wrapped for: ~1 s of a first
-    call). A level's activations scale with its channels and pixels: traced peaks stayed under 5.6 bytes per pixel
-    (per `dtype.itemsize` and the widest level's channels a pixel) for FLUX.2's, nano's and the tests' VAEs from
-    64 to 1024 pixels, encoding and decoding, batch 1-2, fp32 and bf16 (tests/test_work_memory.py checks a grid);
-    `VAE_BYTES_A_PIXEL` is taken, plus the mid-block attention's scores and their softmax where not `fused`."""
+    call). A level's activations scale with its pixels and the channels it holds, its own or, where it meets the
+    next level (the decoder's upsampling makes the deeper level's channels at this level's size), the next
+    level's: per pixel of the image, `widest` of max(c[l], c[l + 1]) / 4**l. Traced peaks stayed under 4.5 bytes
+    per pixel per `dtype.itemsize` and `widest`, plus 4 MB, for FLUX.2's, nano's, the tests' and odd VAEs
+    (channels growing 4x a level, decoders wider than encoders, 3 blocks a level) from 64 to 1024 pixels,
+    encoding and decoding, batch 1-2, fp32 and bf16 (tests/test_work_memory.py checks a grid); 6 is taken, plus
+    the mid-block attention's scores and their softmax where not `fused`."""
     f = cfg.spatial_scale
     sides = (cfg.channels, cfg.decoder_channels or cfg.channels)  # level l: 1 / 4**l of the pixels
-    widest = max(c / 4**level for widths in sides for level, c in enumerate(widths))
+    widest = max(max(c[l], c[min(l + 1, len(c) - 1)]) / 4**l for c in sides for l in range(len(c)))
     tokens = (height // f) * (width // f)
     scores = 0 if fused else 2 * batch * tokens * tokens * dtype.itemsize
-    return work_reserve(int(VAE_BYTES_A_PIXEL * batch * height * width * dtype.itemsize * widest) + scores)
+    pixels = batch * height * width * dtype.itemsize
+    return work_reserve(int(VAE_BYTES_A_PIXEL * pixels * widest) + scores + VAE_BYTES_FIXED)
 
 
 def traced_vae(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, height: int, width: int, decode: bool,
