@@ -573,7 +573,8 @@ class Pipeline:
         sizes (width, height) in, None for whole: `vae_tile`; where there is a room (`_room`: a device budget, or a
         CPU's available memory), the first of it (or whole) and AUTO_TILES below it where each of these fits beside
         the VAE's weights. When no tile does: under a budget, a ValueError naming the one that needs most; on a CPU,
-        the smallest tile (the machine may still have swap)."""
+        the smallest tile (the machine may still have swap). On a CPU without a budget, whole images that fit by a
+        bound of their work (`vae_work_bound`) are not traced."""
         room = self._room()
         if room is None:
             return self.vae_tile
