@@ -92,7 +92,7 @@ def vae_work_bound(cfg: AutoencoderConfig, dtype: torch.dtype, batch: int, heigh
     the mid-block attention's scores and their softmax where not `fused`."""
     f = cfg.spatial_scale
     sides = (cfg.channels, cfg.decoder_channels or cfg.channels)  # level l: 1 / 4**l of the pixels
-    widest = max(max(c[l], c[min(l + 1, len(c) - 1)]) / 4**l for c in sides for l in range(len(c)))
+    widest = max(max(c[l : l + 2]) / 4**l for c in sides for l in range(len(c)))  # a level and the next
     tokens = (height // f) * (width // f)
     scores = 0 if fused else 2 * batch * tokens * tokens * dtype.itemsize
     pixels = batch * height * width * dtype.itemsize
