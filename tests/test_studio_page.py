@@ -107,6 +107,18 @@ def test_generate_with_ctrl_enter_and_see_the_image(page):
     assert size == [144, 112]  # 4:3 at nano's 128x128 pixel budget, multiples of 16
 
 
+def test_a_refused_request_says_why(page):
+    """Ctrl+Enter skips the form's own checks; the server's 422 is shown as its message (before: "[object
+    Object]", FastAPI's validation `detail` being a list)."""
+    page.fill("#prompt", "refused")
+    page.fill("#seed", "-1")
+    page.focus("#prompt")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Error')")
+    text = page.inner_text("#status")
+    assert "422" in text and "seed" in text and "object Object" not in text, text
+
+
 def test_live_preview_while_a_job_runs(page):
     page.select_option("#model", "nano")
     assert page.locator("#interval-row").is_hidden()  # nano runs no CFG

@@ -14,16 +14,23 @@ function headers(json = true) {
 
 async function api(path, options = {}) {
   const r = await fetch(path, { ...options, headers: { ...headers(!(options.body instanceof FormData)), ...(options.headers || {}) } });
-  if (!r.ok) {
-    let detail = r.statusText;
-    try { detail = (await r.json()).detail || detail; } catch (e) { /* not JSON */ }
-    throw new Error(`${r.status}: ${detail}`);
-  }
+  if (!r.ok) throw new Error(await failure(r));
   return r.json();
+}
+
+// Every error the server sends carries OpenAI's `error.message` (a validation error's `detail` is a list).
+async function failure(r) {
+  let detail = r.statusText;
+  try {
+    const body = await r.json();
+    detail = body.error?.message || (typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail));
+  } catch (e) { /* not JSON */ }
+  return `${r.status}: ${detail}`;
 }
 
 async function fetchImage(path) {
   const r = await fetch(path, { headers: headers(false) });
+  if (!r.ok) throw new Error(await failure(r));
   return URL.createObjectURL(await r.blob());
 }
 
@@ -283,8 +290,9 @@ async function card(job) {
 
 async function refreshGallery() {
   const { data } = await api("/v1/jobs?status=done&limit=24");
-  const cards = await Promise.all(data.filter((j) => j.images.length).map(card));
-  $("gallery").replaceChildren(...cards);
+  // a job whose image is gone (deleted meanwhile) drops out; the others still show
+  const cards = await Promise.all(data.filter((j) => j.images.length).map((j) => card(j).catch(() => null)));
+  $("gallery").replaceChildren(...cards.filter(Boolean));
 }
 
 async function compare() {
