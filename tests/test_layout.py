@@ -27,8 +27,8 @@ LAYERS = {
     "hosted": 7, "nano.evaluate": 7, "train.common": 7,
     "loading": 8, "nano.train": 8, "train.lora": 8,
     # the server: its parts, then the routes, then the app
-    "serve.limits": 9, "serve.guard": 9, "serve.store": 9, "serve.schemas": 9, "serve.responses": 9,
-    "serve.worker": 10, "serve.uploads": 10,
+    "serve.limits": 9, "serve.store": 9, "serve.schemas": 9, "serve.responses": 9,
+    "serve.guard": 10, "serve.worker": 10, "serve.uploads": 10,
     "serve.validation": 11,
     "serve.routes_models": 12, "serve.routes_jobs": 12, "serve.routes_files": 12, "serve.routes_openai": 12,
     "serve.app": 13, "serve.ray_app": 14,

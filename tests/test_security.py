@@ -218,7 +218,7 @@ def test_an_edit_refused_for_its_fields_writes_no_file(tmp_path):
     app = create_app(tmp_path / "d", _nano, models=["nano"], limits=LIMITS)
     client = TestClient(app, base_url="http://127.0.0.1")
     files = [("image", ("a.png", _png("red"), "image/png"))] * 3
-    for data, message in (({"prompt": "p", "n": "1000"}, "num_images 1000 is out of range 1..4"),
+    for data, message in (({"prompt": "p", "n": "1000"}, "n 1000 is out of range 1..4"),
                           ({"prompt": "p", "model": "dev"}, "model 'dev' is not served here"),
                           ({"prompt": "a\x00"}, "NUL character")):  # fmt: skip
         r = client.post("/v1/images/edits", files=files, data=data)
@@ -416,3 +416,46 @@ def test_checks_hold_under_a_root_path_and_for_refusals_of_bad_json(tmp_path):
     body = json.dumps({"negative_prompt": "\ud800"})  # prompt missing: the 422 quotes the input
     r = TestClient(app, base_url=LOCAL).post("/v1/jobs", content=body, headers=auth)
     assert r.status_code == 422 and "prompt" in r.json()["error"]["message"]
+
+
+def test_odd_numbers_fields_and_images_get_a_4xx_before_queueing_and_every_answer_is_hardened(tmp_path):
+    """Found by trying the server as a hostile client would, each answered before the fix as noted: NaN,
+    Infinity and 1e400 (Python's JSON reader takes them) in a field (500: the 422 quoting them back was not
+    JSON); a misspelt field (ignored: the default ran); a 1x1 reference (queued, then failed; on the OpenAI
+    route a 500); `n` out of range named `num_images`; a camera JPEG (MPO) refused as "not JPEG"; the guard's
+    refusals without OpenAI's `error` or CORS headers for an allowed origin; no nosniff or framing policy."""
+    app = create_app(tmp_path / "d", _nano, token=TOKEN, models=["nano"], limits=LIMITS, cors_origins=["http://app"])
+    client = TestClient(app, base_url=LOCAL)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    jobs = app.state.store
+    for body in ('{"prompt":"p","width":NaN}', '{"prompt":"p","seed":-Infinity}', '{"prompt":"p","steps":1e400}',
+                 '{"prompt":"p","guidance":NaN}', '{"prompt":"p","loras":[["x",Infinity]]}'):  # fmt: skip
+        r = client.post("/v1/jobs", content=body, headers=auth | {"Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["message"], (body, r.text)
+    r = client.post("/v1/images/generations", content='{"prompt":"p","n":NaN}', headers=auth)
+    assert r.status_code == 422 and "n" in r.json()["error"]["message"]
+    r = client.post("/v1/jobs", json={"prompt": "p", "step": 50}, headers=auth)
+    assert r.status_code == 422 and "body.step: Extra inputs are not permitted" in r.json()["error"]["message"]
+    r = client.post("/v1/images/generations", json={"prompt": "p", "n": 10}, headers=auth)
+    assert r.status_code == 422 and "n 10 is out of range 1..4" in r.text
+    tiny = client.post("/v1/uploads", files={"file": ("t.png", _png("red", (1, 1)), "image/png")}, headers=auth)
+    r = client.post("/v1/jobs", json={"prompt": "p", "refs": [tiny.json()["id"]]}, headers=auth)
+    assert r.status_code == 422 and "reference 0 is 1x1: both sides must be at least 64 px" in r.text
+    r = client.post("/v1/images/edits", files={"image": ("t.png", _png("red", (1, 1)), "image/png")},
+                    data={"prompt": "p"}, headers=auth)  # fmt: skip
+    assert r.status_code == 422 and "reference 0 is 1x1" in r.text
+    assert jobs.list(500, None) == []  # nothing was queued
+    photo, second = Image.new("RGB", (300, 200), "red"), Image.new("RGB", (300, 200), "blue")
+    buf = io.BytesIO()
+    photo.save(buf, format="MPO", save_all=True, append_images=[second])  # how phones write their JPEGs
+    r = client.post("/v1/uploads", files={"file": ("p.jpg", buf.getvalue(), "image/jpeg")}, headers=auth)
+    assert r.status_code == 200, r.text
+    job = client.post("/v1/jobs", json={"prompt": "p", "refs": [r.json()["id"]]}, headers=auth)
+    assert job.status_code == 202 and job.headers["location"] == f"/v1/jobs/{job.json()['id']}"
+    assert (job.json()["settings"]["width"], job.json()["settings"]["height"]) == (256, 160)  # the photo in 256 px
+    refused = client.get("/v1/models", headers={"Origin": "http://app"})  # no token: the guard answers
+    assert refused.status_code == 401 and refused.json()["error"]["message"] == "missing or wrong bearer token"
+    assert refused.headers["access-control-allow-origin"] == "http://app"
+    assert "access-control-allow-origin" not in client.get("/v1/models", headers={"Origin": "http://evil"}).headers
+    for r in (refused, client.get("/", headers=auth), client.get("/v1/models", headers=auth)):
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "SAMEORIGIN"

@@ -247,6 +247,15 @@ def test_refuses_public_bind_without_token():
     assert run.returncode == 2 and "refusing to bind 0.0.0.0 without an API token" in run.stderr
 
 
+def test_a_host_name_to_bind_is_taken_like_an_address(capsys):
+    """`--host studio.lan` (before: "does not appear to be an IPv4 or IPv6 address") needs a token like any
+    address that is not loopback."""
+    from flux2studio.cli import main
+
+    assert main(["serve", "--host", "studio.lan"]) == 2
+    assert "refusing to bind studio.lan without an API token" in capsys.readouterr().err
+
+
 def test_embedded_model_through_the_api(tmp_path):
     """The default server: the embedded nano, no weights given, a real 128x128 image back."""
     loader = lambda model_id: load(model_id, device="cpu", resident=True)  # noqa: E731

@@ -469,7 +469,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     token = args.token or os.environ.get("FLUX2_TOKEN")
-    loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:  # a name: only "localhost" is taken as loopback without a token
+        loopback = args.host.lower() == "localhost"
     wildcard = args.host in ("0.0.0.0", "::")  # any address: Host names to serve come from --allowed-host
     hosts = [*(args.allowed_host or []), *([] if wildcard else [args.host])]
     if not loopback and not token:
@@ -529,7 +532,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      lora_dir=args.lora_dir, api_models=api_models, db=args.db, files=args.files,
                      allowed_hosts=hosts)  # fmt: skip
     print(f"Flux2 Studio on http://{args.host}:{args.port}  (data: {args.data}, models: {', '.join(weights)})")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=header_timeout_protocol())
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        http=header_timeout_protocol(),
+        timeout_graceful_shutdown=limits.shutdown_grace_s,
+    )  # open event streams and waits end on a stop
     return 0
 
 

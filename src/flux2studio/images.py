@@ -34,19 +34,25 @@ def check_size(width: int, height: int, min_side: int, max_side: int, model_id: 
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if value % MULTIPLE:
             lo, hi = value // MULTIPLE * MULTIPLE, (value // MULTIPLE + 1) * MULTIPLE
-            raise ValueError(f"{name} {value} is not a multiple of {MULTIPLE} (nearest: {lo} or {hi})")
+            nearest = f"{lo} or {hi}" if lo else str(hi)
+            raise ValueError(f"{name} {value} is not a multiple of {MULTIPLE} (nearest: {nearest})")
         if not min_side <= value <= max_side:
             who = f" for {model_id}" if model_id else ""
             raise ValueError(f"{name} {value} is outside the supported range {min_side}..{max_side}{who}")
 
 
-def prepare_reference(image: Image.Image, index: int = 0) -> Image.Image:
-    """Validate and crop one reference image as the FLUX.2 pipelines do; returns an RGB image."""
-    w, h = image.size
+def check_reference_size(w: int, h: int, index: int = 0) -> None:
+    """A ValueError unless a reference of w x h pixels is one the pipelines take (sides, aspect)."""
     if w < REF_MIN_SIDE or h < REF_MIN_SIDE:
         raise ValueError(f"reference {index} is {w}x{h}: both sides must be at least {REF_MIN_SIDE} px")
     if max(w / h, h / w) > REF_MAX_ASPECT:
         raise ValueError(f"reference {index} is {w}x{h} (aspect {max(w / h, h / w):.1f}:1): at most {REF_MAX_ASPECT}:1")
+
+
+def prepare_reference(image: Image.Image, index: int = 0) -> Image.Image:
+    """Validate and crop one reference image as the FLUX.2 pipelines do; returns an RGB image."""
+    w, h = image.size
+    check_reference_size(w, h, index)
     if w * h > REF_MAX_AREA:
         scale = math.sqrt(REF_MAX_AREA / (w * h))
         new = (int(w * scale), int(h * scale))

@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from starlette.exceptions import HTTPException
 
+from .responses import error_body
+
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -56,6 +58,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        origin = headers.get("origin")
+        send = _secured(send, origin if origin and origin.rstrip("/").lower() in self.origins else None)
         host = headers.get("host", "")
         if self.allowed is not None and host_name(host) not in self.allowed:
             return await _refuse(send, 400, f"host {host!r} is not served here; allowed: {sorted(self.allowed)} "
@@ -64,7 +68,6 @@ class Guard:
         root = scope.get("root_path", "")
         if root and path.startswith(root):  # mounted under a prefix (--root-path, a Ray route prefix): routes
             path = path[len(root) :] or "/"  # match what follows it, and so must every check here
-        origin = headers.get("origin")
         if self.token is None and method not in SAFE_METHODS and origin is not None:
             own = {f"{s}://{host}".lower() for s in ("http", "https")}
             if origin.rstrip("/").lower() not in own | self.origins:
@@ -85,6 +88,27 @@ class Guard:
         return await self.app(scope, _counted(receive, limit), send)
 
 
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"SAMEORIGIN")]
+
+
+def _secured(send: Send, cors_origin: str | None) -> Send:
+    """`send` that adds SECURITY_HEADERS to every response (no sniffing an upload as HTML, the page framed only
+    by itself) and, for an origin allowed by --cors, lets that origin read the guard's own refusals (the CORS
+    middleware, inside, answers only for requests that reach it)."""
+    extra = list(SECURITY_HEADERS)
+
+    async def secured(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            present = {k.lower() for k, _ in message.get("headers", [])}
+            added = [(k, v) for k, v in extra if k not in present]
+            if cors_origin and b"access-control-allow-origin" not in present:
+                added += [(b"access-control-allow-origin", cors_origin.encode("latin-1")), (b"vary", b"Origin")]
+            message = {**message, "headers": [*message.get("headers", []), *added]}
+        await send(message)
+
+    return secured
+
+
 def _counted(receive: Receive, limit: int) -> Receive:
     """`receive` that stops a body at `limit` bytes (413 to the route reading it; FastAPI passes it on)."""
     seen = 0
@@ -102,7 +126,8 @@ def _counted(receive: Receive, limit: int) -> Receive:
 
 
 async def _refuse(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
+    """An error in the routes' shape (`detail`, and OpenAI's `error`), with `headers`."""
+    body = json.dumps({"detail": detail, "error": error_body(detail, "invalid_request_error")}).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

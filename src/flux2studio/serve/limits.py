@@ -24,6 +24,8 @@ class Limits:
     keep_finished_s: float | None = None  # finished jobs and their images are deleted after this (`--keep-days`)
     max_json_bytes: int = 256 * 2**10  # a request body that is not an image upload
     max_form_extra_bytes: int = 64 * 2**10  # a multipart body's fields and boundaries beside its images
+    shutdown_grace_s: int = 5  # seconds: on SIGTERM, open event streams and OpenAI waits are cut after this (their
+    # jobs stay queued or running in the store and go on after a restart)
 
     def body_bytes(self, path: str) -> int:
         """The most bytes a request body to `path` may have (checked as it streams in, before parsing)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -28,9 +29,21 @@ async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResp
 
 async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422, rendered by SafeJSON: the input it quotes back may hold a lone surrogate."""
-    errors = jsonable_encoder(exc.errors())
+    errors = _finite(jsonable_encoder(exc.errors()))
     message = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in errors)
     return SafeJSON({"detail": errors, "error": error_body(message, "invalid_request_error")}, status_code=422)
+
+
+def _finite(value):
+    """`value` with every NaN or infinity (Python's JSON reader takes `NaN`, `Infinity` and `1e400`) as its text:
+    a 422 quoting one back must still be JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def error_body(message: str, kind: str, code: str | None = None) -> dict:

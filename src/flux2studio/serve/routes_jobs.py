@@ -17,8 +17,10 @@ TERMINAL = ("done", "failed", "cancelled")
 
 
 @router.post("/v1/jobs", status_code=202)
-def create_job(req: JobRequest, adm: Admission = Depends(admission)) -> dict:
-    return adm.submit(req).public()
+def create_job(req: JobRequest, response: Response, adm: Admission = Depends(admission)) -> dict:
+    job = adm.submit(req)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job.public()
 
 
 @router.get("/v1/jobs")
@@ -82,4 +84,4 @@ async def job_events(job_id: str, adm: Admission = Depends(admission)) -> Stream
                 return
             await asyncio.sleep(0.2)
 
-    return StreamingResponse(stream(), media_type="text/event-stream")
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

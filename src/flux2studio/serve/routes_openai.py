@@ -8,7 +8,6 @@ import time
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
-from PIL import Image
 
 from ..hosted import MODERATED
 from ..variants import parse_size
@@ -26,6 +25,7 @@ async def openai_generations(req: OpenAIGeneration, request: Request, adm: Admis
     if req.stream:
         raise HTTPException(400, "stream=true is not supported: images come back whole (omit stream)")
     width, height = _parse_size(req.size)
+    adm.check_basics(req.model, req.n, count="n")  # named as this route names it
     job = await asyncio.to_thread(adm.submit, job_request(
         model=req.model, prompt=req.prompt, width=width, height=height, num_images=req.n, seed=req.seed,
         steps=req.steps, guidance=req.guidance, negative_prompt=req.negative_prompt))  # fmt: skip
@@ -52,19 +52,14 @@ async def openai_edits(
     if not 1 <= len(images) <= adm.limits.max_refs:
         raise HTTPException(422, f"{len(images)} images given (image or image[]); 1..{adm.limits.max_refs}")
     width, height = _parse_size(size)
-    adm.check_basics(model, n, prompt=prompt)  # before any image is written
-    mask_id = start = None
+    adm.check_basics(model, n, count="n", prompt=prompt)  # before any image is written
+    mask_id = None
     if mask is not None:  # inpainting: the first image is edited where the mask is transparent
         raw = await mask.read(adm.limits.max_upload_bytes + 1)
         mask_id = await asyncio.to_thread(alpha_mask, raw, adm.store, adm.limits)
     ids = [await save_upload(f, adm.store, adm.limits) for f in images]
-    if mask_id is not None:
-        start, *refs = ids
-    else:  # references only: the output follows the first image, as in the CLI
-        refs = ids
-        if width is None:
-            with Image.open(adm.store.ref_path(refs[0])) as first:
-                width, height = first.width // 16 * 16, first.height // 16 * 16
+    start, refs = (ids[0], ids[1:]) if mask_id is not None else (None, ids)  # without a mask and a size, the
+    # output follows the first image (fitted to the model's sides), as in the CLI
     fields = job_request(model=model, prompt=prompt, width=width, height=height, num_images=n, seed=seed,
                          image=start, mask=mask_id, refs=refs)  # fmt: skip
     job = await asyncio.to_thread(adm.submit, fields)  # may resize and hash images: off the event loop

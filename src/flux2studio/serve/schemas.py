@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import HTTPException
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class JobRequest(BaseModel):
+    # a misspelt field ("step": 50) is an error, not the default run silently; NaN and infinities are refused
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     model: str = Field(default="nano", max_length=64)
     prompt: str  # text fields: length, NUL and Unicode checked in validate (Limits.text_problem)
     negative_prompt: str | None = None
@@ -33,6 +36,8 @@ class JobRequest(BaseModel):
 
 
 class OpenAIGeneration(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)  # OpenAI's other fields (quality, style, user) are ignored
+
     prompt: str
     model: str = Field(default="nano", max_length=64)
     n: int = 1

@@ -14,6 +14,7 @@ from .limits import Limits
 from .store import UPLOAD_SUFFIXES, Store
 
 UPLOAD_SUFFIX = dict(zip(("PNG", "JPEG", "WEBP"), UPLOAD_SUFFIXES, strict=True))  # Pillow's format -> file
+UPLOAD_SUFFIX["MPO"] = UPLOAD_SUFFIX["JPEG"]  # phone cameras' JPEGs with extra frames: the first is the photo
 DECODES = threading.BoundedSemaphore(2)  # uploads decoded at once, each in a thread (the event loop keeps answering)
 
 

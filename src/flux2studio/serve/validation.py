@@ -9,8 +9,9 @@ from pathlib import Path
 from fastapi import HTTPException, Request
 from PIL import Image
 
+from ..editing import fitted
 from ..hosted import ENDPOINTS, MIN_SIDE, check_request, price
-from ..images import open_image, size_for_aspect
+from ..images import check_reference_size, open_image, size_for_aspect
 from ..pipeline import build_request, reference_room
 from ..settings import GenerationSettings
 from ..variants import get_variant
@@ -43,14 +44,17 @@ class Admission:
                 req.width, req.height = size_for_aspect(req.aspect, variant.default_size[0] * variant.default_size[1])
             except ValueError as e:
                 raise HTTPException(422, str(e)) from None
-        for ref in req.refs:
-            if self.store.ref_path(ref) is None:
-                raise HTTPException(422, f"unknown reference id {ref[:64]!r}: upload it to /v1/uploads first")
+        sizes = self.reference_sizes(req.refs)
         edit = self.editing(req)
         size = None  # an edit without a size: its start image (and expansion) sets it
-        if not edit or req.width is not None or req.height is not None:
+        local = req.model not in self.remote
+        if local and not edit and sizes and req.width is None and req.height is None:  # the first reference
+            prepared = fitted(sizes[0], (), 2**31)  # sets it as in the pipeline: as prepared (pixel cap, 16s),
+            size = fitted(prepared, (), min(variant.max_side, self.limits.max_side))  # within the sides
+        elif not edit or req.width is not None or req.height is not None:
             size = (variant.default_size[0] if req.width is None else req.width,  # 0 is a size, and out of range
                     variant.default_size[1] if req.height is None else req.height)  # fmt: skip
+        if size is not None:
             self.check_area(*size)
         loras = self.loras(req.loras)
         asked = GenerationSettings(
@@ -60,7 +64,7 @@ class Admission:
             refs=tuple(req.refs), strength=req.strength, expand=req.expand, mask_blur=req.mask_blur,
         )  # fmt: skip
         if req.model in self.remote:  # progress of a hosted job counts its images, not steps
-            return self.hosted_rules(req, asked, loras), loras, req.num_images
+            return self.hosted_rules(req, asked, loras, sizes), loras, req.num_images
         try:  # the model's own checks: multiples of 16, its size range, guidance mode, negative prompt
             built = build_request(variant, asked, refs=(), **edit)  # references: counted below, by id
         except ValueError as e:
@@ -80,6 +84,20 @@ class Admission:
                                     strength=built.init.strength,
                                     expand=built.init.expand if any(built.init.expand) else None)  # fmt: skip
         return stored, loras, built.steps
+
+    def reference_sizes(self, refs: list[str]) -> list[tuple[int, int]]:
+        """Each reference's size (its header only), each id known and each size one the pipelines take."""
+        sizes = []
+        for i, ref in enumerate(refs):
+            if (path := self.store.ref_path(ref)) is None:
+                raise HTTPException(422, f"unknown reference id {ref[:64]!r}: upload it to /v1/uploads first")
+            with Image.open(path) as im:
+                sizes.append(im.size)
+            try:
+                check_reference_size(*im.size, i)
+            except ValueError as e:
+                raise HTTPException(422, str(e)) from None
+        return sizes
 
     def loras(self, asked: list[tuple[str, float]]) -> list[tuple[str, float]]:
         """LoRAs by name in the server's LoRA folder, scales in range: (file, scale)."""
@@ -122,26 +140,25 @@ class Admission:
         if width * height > self.limits.max_megapixels * 1e6:
             raise HTTPException(422, f"{width}x{height} is over {self.limits.max_megapixels} megapixels")
 
-    def check_basics(self, model: str, num_images: int, **texts: str | None) -> None:
-        """What needs no model and no image: the model is served, the count and the texts are in range."""
+    def check_basics(self, model: str, num_images: int, count: str = "num_images", **texts: str | None) -> None:
+        """What needs no model and no image: the model is served, the count (the field `count`) and the texts
+        are in range."""
         if model not in self.served:
             raise HTTPException(422, f"model {model[:64]!r} is not served here; served: {', '.join(self.served)}")
         if not 1 <= num_images <= self.limits.max_images:
-            raise HTTPException(422, f"num_images {num_images} is out of range 1..{self.limits.max_images}")
+            raise HTTPException(422, f"{count} {num_images} is out of range 1..{self.limits.max_images}")
         for name, text in texts.items():
             if (problem := self.limits.text_problem(name, text)) is not None:
                 raise HTTPException(422, problem)
 
-    def hosted_rules(self, req: JobRequest, asked: GenerationSettings, loras: list) -> GenerationSettings:
-        """The hosted endpoint's own rules (no LoRAs, steps and guidance only for flex, 32-bit seeds, no editing)."""
+    def hosted_rules(self, req: JobRequest, asked: GenerationSettings, loras: list,
+                     sizes: list[tuple[int, int]]) -> GenerationSettings:  # fmt: skip
+        """The hosted endpoint's own rules (no LoRAs, steps and guidance only for flex, 32-bit seeds, no editing);
+        `sizes`: the references'."""
         if loras:
             raise HTTPException(422, f"{req.model} runs on the hosted API, which takes no LoRA files")
         if req.seed is not None and req.seed >= 2**32:
             raise HTTPException(422, f"seed {req.seed} is out of range 0..2**32-1 for hosted models")
-        sizes = []
-        for r in req.refs:  # headers only: the count and the sizes
-            with Image.open(self.store.ref_path(r)) as im:
-                sizes.append(im.size)
         try:
             resolved, _ = check_request(ENDPOINTS[req.model], asked, sizes)
         except ValueError as e:
