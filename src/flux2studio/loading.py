@@ -573,16 +573,20 @@ def _load_local(
                 "--weights PATH (a diffusers folder or a single file)"
             )
         return load_diffusers_folder(local, model_id, device, torch_dtype, resident, attention, quantize)
-    if weights is not None:  # e.g. a training run's weights: nano-base.safetensors + vae.safetensors
-        t_path = Path(weights)
+    if weights is not None:  # a training run's weights (+ its vae.safetensors), or a file `flux2 convert` wrote
+        t_path = Path(weights)  # (quantized safetensors, GGUF, fp8): read as any transformer file is
         vae_path = Path(vae) if vae else EMBEDDED / "nano-vae.safetensors"
+        raw, formats = read_transformer_file(t_path)
+        transformer = load_transformer(raw, variant, device, torch_dtype, True, formats, quantize)
     else:
         t_path, vae_path = embedded_files(model_id)
-    transformer = build(lambda: Flux2Transformer(variant.transformer), read_safetensors(t_path), model_id, torch_dtype)
-    if quantize:
-        quantize_modules(transformer, quantize, transformer_quantizable, release=drop_file_pages)
-        if torch.device(device).type == "cpu":  # held in memory whole (never streamed): oneDNN's int8 layout
-            prepack_int8(transformer)
+        formats = {}
+        transformer = build(lambda: Flux2Transformer(variant.transformer), read_safetensors(t_path), model_id,
+                            torch_dtype)  # fmt: skip
+        if quantize:
+            quantize_modules(transformer, quantize, transformer_quantizable, release=drop_file_pages)
+    if (quantize or formats) and torch.device(device).type == "cpu":  # held whole (never streamed): oneDNN's
+        prepack_int8(transformer)  # int8 layout
     vae = build(lambda: AutoEncoder(variant.vae), read_safetensors(vae_path), "nano VAE", torch_dtype)
     text_encoder = load_minilm(variant.text_encoder, device=device)
     digest = weights_hash([t_path])
