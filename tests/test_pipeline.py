@@ -330,6 +330,13 @@ def test_denoise_with_a_toy_velocity_reaches_the_target():
         (dict(negative_prompt="ugly"), "negative prompt has no effect"),
         (dict(num_images=0), "num_images 0 is out of range"),
         (dict(seed=-1), r"seed must be an integer in 0\.\.2\*\*63-1"),
+        (dict(seed="abc"), r"seed must be an integer in 0\.\.2\*\*63-1, got 'abc'"),  # (was a TypeError)
+        (dict(seed=2**63 - 1, num_images=2), r"seed 9223372036854775807 with 2 images runs past 2\*\*63-1"),
+        (dict(steps=True), r"steps True is not a whole number"),  # (passed, then failed in the sampler)
+        (dict(size="128x"), r"size '128x' is not WIDTHxHEIGHT"),
+        (dict(size=128), r"size 128 is not \(width, height\)"),
+        (dict(refs="a.png"), r"refs must be a list of images"),
+        (dict(refs=[3]), r"reference 0 must be a PIL image or an image file's path, got int"),
     ],
 )
 def test_bad_requests_name_the_value_and_range(kwargs, message):
@@ -347,6 +354,20 @@ def test_settings_object_and_keywords_are_one_request():
     assert build_request(v, saved, seed=7).seeds == (7, 8) and saved.seed == 0
     with pytest.raises(ValueError, match=r"unknown setting.s. stepz; known: aspect"):
         build_request(v, "p", stepz=3)
+
+
+def test_sizes_as_text_images_as_paths_and_sixteen_bit_greys(tmp_path):
+    """The Python call takes "WxH" and image paths (before: unpack and attribute errors); a 16-bit grey
+    reference is its grey, not white (Pillow's RGB conversion clipped it); a negative prompt where no CFG runs
+    (guidance 1 on a CFG model) is an error, not silently nothing."""
+    v = get_variant("klein-base-4b")
+    grey = np.full((64, 64), 32768, dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.png")  # mode I;16
+    req = build_request(v, "p", size="128x64", refs=[tmp_path / "grey16.png"])
+    assert (req.width, req.height) == (128, 64) and req.refs[0].getpixel((0, 0)) == (128, 128, 128)
+    assert build_request(v, "p", refs=[str(tmp_path / "grey16.png")]).refs == req.refs
+    with pytest.raises(ValueError, match="a negative prompt acts only with guidance above 1"):
+        build_request(v, "p", guidance=1.0, negative_prompt="blurry")
 
 
 def test_bad_references_and_guidance_are_refused():

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 from torch import Tensor
 
-from .images import REF_MAX_AREA, check_size, image_hash
+from .images import REF_MAX_AREA, check_size, eight_bit, image_hash
 from .sampling import PIXELS_PER_TOKEN as MULTIPLE
 from .sampling import mask_tokens
 from .variants import ANCHORS
@@ -131,11 +131,7 @@ def upright(image: Image.Image) -> Image.Image:
     """As it is meant to be seen (EXIF orientation applied, as browsers do: a mask painted on the page lines up)
     in 8 bits a channel: 16-bit and float greys are scaled to 0..255 (Pillow would clip them), palettes and
     CMYK turned RGB."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 1.0 if image.mode == "F" and values.max() <= 1.0 else 65535.0 if image.mode != "F" else values.max()
-        return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    image = eight_bit(ImageOps.exif_transpose(image))
     return image if image.mode in ("RGB", "L", "RGBA", "LA") else image.convert("RGB")
 
 

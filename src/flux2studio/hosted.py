@@ -481,19 +481,20 @@ class HostedPipeline:
         if loras:
             raise ValueError(f"{self.variant.id} runs on the hosted API, which takes no LoRA files")
 
-    def __call__(
-        self, prompt: str | Sequence[str] | GenerationSettings, *, callback: Callable | None = None, **fields: Any
-    ) -> list[Image.Image]:
-        """The local pipeline's call (`GenerationSettings`); `prompt_upsampling` for this call only (default: the
-        pipeline's), the API's, where it has one."""
-        s = GenerationSettings.of(prompt, **fields)
-        prompts, refs = s.prompts, s.refs
+    def check(self, prompt: str | Sequence[str] | GenerationSettings, **fields: Any) -> None:
+        """The call's checks alone, nothing sent (`Pipeline.check`)."""
+        self._checked(GenerationSettings.of(prompt, **fields))
+
+    def _checked(self, s: GenerationSettings) -> tuple[GenerationSettings, bool, tuple[str, ...], list[int]]:
+        """The settings resolved by the endpoint's rules, whether it is Kontext, the prompt and seed of each image."""
+        prompts = s.prompts
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ValueError("prompt must be a non-empty string or a non-empty list of them")
         if s.aspect is not None and s.aspect not in ASPECTS:
             raise ValueError(f"aspect {s.aspect!r} is not one of {', '.join(ASPECTS)}")
-        s, kontext = check_request(self.endpoint, s, [r.size for r in refs])
-        (width, height), steps, guidance = s.size, s.steps, s.guidance
+        if not all(isinstance(r, Image.Image) for r in s.refs):
+            raise ValueError("refs must be a list of PIL images")
+        s, kontext = check_request(self.endpoint, s, [r.size for r in s.refs])
         prompts = tuple(p for p in prompts for _ in range(s.num_images))
         seeds = list(s.seeds) if s.seeds is not None else [s.seed + i for i in range(len(prompts))]
         if len(seeds) != len(prompts):
@@ -501,6 +502,15 @@ class HostedPipeline:
         for seed in seeds:
             if not isinstance(seed, int) or not 0 <= seed < 2**32:
                 raise ValueError(f"seed must be an integer in 0..2**32-1 for hosted models, got {seed!r}")
+        return s, kontext, prompts, seeds
+
+    def __call__(
+        self, prompt: str | Sequence[str] | GenerationSettings, *, callback: Callable | None = None, **fields: Any
+    ) -> list[Image.Image]:
+        """The local pipeline's call (`GenerationSettings`); `prompt_upsampling` for this call only (default: the
+        pipeline's), the API's, where it has one."""
+        s, kontext, prompts, seeds = self._checked(GenerationSettings.of(prompt, **fields))
+        refs, (width, height), steps, guidance = s.refs, s.size, s.steps, s.guidance
         encoded = [encode_image(r) for r in refs]
         upsampling = self.prompt_upsampling if s.prompt_upsampling is None else s.prompt_upsampling
         reqs = [

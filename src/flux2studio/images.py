@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ def check_reference_size(w: int, h: int, index: int = 0) -> None:
 
 def prepare_reference(image: Image.Image, index: int = 0) -> Image.Image:
     """Validate and crop one reference image as the FLUX.2 pipelines do; returns an RGB image."""
+    image = eight_bit(image)
     w, h = image.size
     check_reference_size(w, h, index)
     if w * h > REF_MAX_AREA:
@@ -98,9 +100,19 @@ def size_for_aspect(aspect: str, pixels: int) -> tuple[int, int]:
     return max(MULTIPLE, round(w / MULTIPLE) * MULTIPLE), max(MULTIPLE, round(h / MULTIPLE) * MULTIPLE)
 
 
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit and float greys scaled to 8-bit grey ("L": Pillow's own conversion clips them, a 16-bit grey
+    becoming white); other images as they are."""
+    if image.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    top = 1.0 if image.mode == "F" and values.max() <= 1.0 else 65535.0 if image.mode != "F" else values.max()
+    return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+
+
 def pixels_digest(image: Image.Image) -> str:
     """SHA-256 of an image's RGB pixels and size: what it contributes as a reference or start image, not its file."""
-    rgb = image.convert("RGB")
+    rgb = eight_bit(image).convert("RGB")
     return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
 
 
@@ -129,8 +141,11 @@ def parameters_text(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write a PNG carrying the image's `parameters` and `flux2` metadata; never overwrites a file."""
+def save_png(image: Image.Image, path: str | Path, overwrite: bool = False) -> Path:
+    """Write a PNG carrying the image's `parameters` and `flux2` metadata; an existing file is an error, or with
+    `overwrite` replaced once the new one is written whole (never lost to a failed write)."""
+    import threading
+
     from PIL.PngImagePlugin import PngInfo
 
     path = Path(path)
@@ -139,8 +154,17 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
         if key in image.info:
             info.add_text(key, image.info[key])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "xb") as f:  # "x": fails if the file exists
-        image.save(f, format="PNG", pnginfo=info)
+    if not overwrite:
+        with open(path, "xb") as f:  # "x": fails if the file exists
+            image.save(f, format="PNG", pnginfo=info)
+        return path
+    part = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.part")  # (the umask's mode)
+    try:
+        with open(part, "xb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
     return path
 
 

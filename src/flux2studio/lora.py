@@ -28,6 +28,7 @@ from .precision import fp8_dtypes
 from .quantize import QuantLinear, dense_weight
 
 OUTER_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
+MAX_LORA_SCALE = 8.0  # |scale| of a LoRA; beyond it an image is only ever noise (the server's limit too)
 KOHYA_PREFIX = "lora_unet_"
 LYCORIS_PREFIX = "lycoris_"  # LyCORIS wraps a model and writes each module path with underscores
 PARAM = re.compile(
@@ -203,6 +204,14 @@ def _combine(target: str, ps: list[tuple[int, int, bool, Delta]], linear: nn.Lin
         downs.append(d.down)
         ups.append(up)
     return Delta(target, down=torch.cat(downs), up=torch.cat(ups, dim=1))
+
+
+def check_scale(scale: object, name: str | Path = "") -> float:
+    """A LoRA's scale as a float, or a ValueError naming it and the range (NaN and infinities refused)."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not abs(scale) <= MAX_LORA_SCALE:
+        who = f"LoRA {Path(name).name} " if name else "LoRA "
+        raise ValueError(f"{who}scale {scale!r} is out of range -{MAX_LORA_SCALE:g}..{MAX_LORA_SCALE:g}")
+    return float(scale)
 
 
 def load_lora(path: str | Path, model: nn.Module) -> LoraFile:

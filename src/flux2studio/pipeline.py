@@ -42,6 +42,7 @@ from .editing import Init, build_init, fitted, paste_kept
 from .images import (
     check_size,
     image_hash,
+    open_image,
     parameters_text,
     pixels_digest,
     prepare_reference,
@@ -50,7 +51,7 @@ from .images import (
     to_tensor,
 )
 from .kernels.attention import attention_for
-from .lora import Applied, LoraFile, apply_loras, load_lora
+from .lora import Applied, LoraFile, apply_loras, check_scale, load_lora
 from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
 from .quantize import constant_when_compiled, multiplies_int8
@@ -58,7 +59,7 @@ from .quantized_files import transformer_sizes
 from .residency import reuse_freed_memory, stop_streaming_weights, trim_heap
 from .settings import GenerationSettings
 from .text_encoders import TextEncoder
-from .variants import AutoencoderConfig, Variant
+from .variants import AutoencoderConfig, Variant, parse_size
 from .work_memory import text_encoder_work, transformer_work, vae_work, vae_work_bound
 
 MAX_STEPS = 200
@@ -104,16 +105,18 @@ def build_request(variant: Variant, prompt: str | Sequence[str] | GenerationSett
     default 1) and the start image is also the first reference, as in diffusers' inpainting pipeline
     (`Variant.inpaint_reference`).
     """
-    s = GenerationSettings.of(prompt, **fields)
+    s = _opened(GenerationSettings.of(prompt, **fields))
     prompts, num_images = s.prompts, s.num_images
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompt must be a string or a non-empty list of strings")
-    if not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES // len(prompts):
+    if not _whole(num_images) or not 1 <= num_images <= MAX_IMAGES // len(prompts):
         raise ValueError(
             f"num_images {num_images!r} is out of range: 1..{MAX_IMAGES // len(prompts)} for {len(prompts)} prompt(s)"
         )
     steps = variant.steps if s.steps is None else s.steps
-    if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+    if not _whole(steps):
+        raise ValueError(f"steps {steps!r} is not a whole number (1..{MAX_STEPS})")
+    if not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps {steps!r} is out of range 1..{MAX_STEPS}")
 
     guidance, negative_prompt, (lo, hi) = _guidance(variant, s.guidance, s.negative_prompt, s.guidance_interval)
@@ -153,6 +156,36 @@ def build_request(variant: Variant, prompt: str | Sequence[str] | GenerationSett
     )
 
 
+def _whole(value: object) -> bool:
+    """An int and not a bool (True is an int to Python, not a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _opened(s: GenerationSettings) -> GenerationSettings:
+    """`s` with image paths opened (refs, image, mask may be PIL images or files) and a "WIDTHxHEIGHT" size
+    parsed; anything else there is a clear error."""
+
+    def image(value: Any, what: str) -> Image.Image:
+        if isinstance(value, str | os.PathLike):
+            return open_image(value, what)
+        if not isinstance(value, Image.Image):
+            raise ValueError(f"{what} must be a PIL image or an image file's path, got {type(value).__name__}")
+        return value
+
+    if isinstance(s.refs, str | os.PathLike | Image.Image):
+        raise ValueError("refs must be a list of images (refs=[image, ...])")
+    fields: dict[str, Any] = {"refs": tuple(image(r, f"reference {i}") for i, r in enumerate(s.refs))}
+    for key, what in (("image", "start image"), ("mask", "mask")):
+        if getattr(s, key) is not None:
+            fields[key] = image(getattr(s, key), what)
+    if isinstance(s.size, str):
+        fields["size"] = parse_size(s.size)
+    elif s.size is not None and not (isinstance(s.size, tuple | list) and len(s.size) == 2
+                                     and all(map(_whole, s.size))):  # fmt: skip
+        raise ValueError(f"size {s.size!r} is not (width, height) in pixels or 'WIDTHxHEIGHT'")
+    return s.replace(**fields)
+
+
 def _references(
     variant: Variant,
     refs: Sequence[Image.Image],
@@ -182,6 +215,10 @@ def reference_room(variant: Variant, inpainting: bool) -> int:
 def _seeds(seed: int, seeds: Sequence[int] | None, n: int) -> list[int]:
     """One seed per image: `seed + i`, or the `seeds` given (as many as images, each in 0..2**63-1)."""
     if seeds is None:
+        if not _whole(seed) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in 0..2**63-1, got {seed!r}")
+        if seed + n > 2**63:
+            raise ValueError(f"seed {seed} with {n} images runs past 2**63-1 (image i uses seed + i)")
         seeds = [seed + i for i in range(n)]
     elif len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds given for {n} images: give one per image")
@@ -215,6 +252,9 @@ def _guidance(
         raise ValueError(
             f"{variant.id} does not run classifier-free guidance, so a negative prompt has no effect: omit it"
         )
+    if variant.uses_cfg and negative_prompt and guidance <= 1.0:  # no CFG at scales up to 1: the prompt alone
+        raise ValueError(f"a negative prompt acts only with guidance above 1 ({variant.id} got {guidance}): raise "
+                         "guidance or omit the negative prompt")  # fmt: skip
     if variant.uses_cfg and negative_prompt is None:
         negative_prompt = ""  # FLUX.2 Base: empty negative prompt by default (FLUX2.md §6)
     if guidance_interval is not None and not variant.uses_cfg:
@@ -613,7 +653,8 @@ class Pipeline:
         first: one that cannot be used changes nothing; a call under way finishes with the LoRAs it began with."""
         with torch.device("meta"):  # names and shapes only: parse without touching the real weights
             skeleton = Flux2Transformer(self.variant.transformer)
-        parsed = [(load_lora(path, skeleton), float(scale), weights_hash([Path(path)])) for path, scale in loras]
+        loras = [(path, check_scale(scale, path)) for path, scale in loras]  # before any file is read
+        parsed = [(load_lora(path, skeleton), scale, weights_hash([Path(path)])) for path, scale in loras]
         with self._busy:
             if self._lora_state is not None:
                 model, applied = self._lora_state
@@ -643,6 +684,11 @@ class Pipeline:
                 value = part.get()
                 to_host(value.model if isinstance(value, TextEncoder) else value)
             part.release()
+
+    def check(self, prompt: str | Sequence[str] | GenerationSettings, **fields: Any) -> None:
+        """The call's checks alone (a ValueError naming the value and its range), nothing run: a list of jobs is
+        checked whole before its first image."""
+        build_request(self.variant, prompt, **fields)
 
     @torch.no_grad()
     def __call__(

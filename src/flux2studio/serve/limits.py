@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..lora import MAX_LORA_SCALE
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -18,7 +20,7 @@ class Limits:
     max_upload_bytes: int = 20 * 2**20  # per reference image
     max_upload_pixels: int = 4096 * 4096  # decoded size: a small file can decode to a huge bitmap
     max_loras: int = 4
-    max_lora_scale: float = 8.0  # |scale| of each LoRA; larger only ever gives noise
+    max_lora_scale: float = MAX_LORA_SCALE  # |scale| of each LoRA; larger only ever gives noise
     max_disk_bytes: int | None = None  # images and uploads on disk (`--max-disk`); beyond: 507 for new work
     upload_ttl_s: float = 24 * 3600  # uploads no queued or running job names are deleted after this
     keep_finished_s: float | None = None  # finished jobs and their images are deleted after this (`--keep-days`)
