@@ -220,7 +220,7 @@ def test_guidance_interval_in_compare_and_prompt_files(tmp_path, cli):
 
     rows = tmp_path / "p.jsonl"
     rows.write_text('{"prompt": "a", "guidance_interval": "0,0.9"}\n{"prompt": "b", "guidance_interval": [0.1, 1]}\n')
-    assert [j.guidance_interval for j in jobs_from_file(str(rows), {})] == [(0.0, 0.9), [0.1, 1]]
+    assert [j.guidance_interval for _, j in jobs_from_file(str(rows), {})] == [(0.0, 0.9), [0.1, 1]]
 
 
 def test_prompt_upsampling_is_on_for_nano_recorded_and_replayed(klein_folder, tmp_path, cli):
@@ -317,3 +317,90 @@ def test_vae_tile_is_recorded_and_from_decodes_with_it(klein_folder, tmp_path, c
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(tiled)))
     run = cli("generate", "p", *common(folder), "--vae-tile", "100", "-o", tmp_path / "bad.png")
     assert run.returncode == 2 and "VAE tile 100: give a multiple of 64 pixels from 128 to 2048" in run.stderr
+
+
+def _files(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_every_job_and_output_is_checked_before_any_work_and_nothing_is_lost(tmp_path, cli):
+    """Found trying the CLI as a new user, each before its fix as noted: --overwrite deleted the old file before
+    a bad setting failed; a prompts file's bad line 3 was found after lines 1-2 were made; an unwritable -o
+    after the denoising; NaN LoRA scales gave a black image; one -o file for many jobs was overwritten by each;
+    compare made its first model's images before finding an unknown one; bad lines leaked Python's messages."""
+    keep = tmp_path / "keep.png"
+    assert cli("generate", "a red circle", "--steps", "1", "-q", "-o", keep).returncode == 0
+    before = keep.read_bytes()
+    run = cli("generate", "a red circle", "--steps", "999", "-q", "-o", keep, "--overwrite")
+    assert run.returncode == 2 and "steps 999 is out of range" in run.stderr and keep.read_bytes() == before
+    out = tmp_path / "out"
+    rows = tmp_path / "p.jsonl"
+    rows.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": "c", "guidance": 3}\n')
+    run = cli("generate", "--prompts", rows, "--steps", "1", "-q", "-o", out)
+    assert run.returncode == 2 and f"{rows} line 4: nano is guidance-distilled" in run.stderr and not _files(out)
+    for line, message in (('{"prompt": 5}', '"prompt" must be a non-empty string'),
+                          ("null", "not a JSON object"), ('{"prompt": "a",}', "not JSON (Expecting property name"),
+                          ('{"prompt": "a", "steps": true}', "steps True is not a whole number"),
+                          ('{"prompt": "a", "steps": 2.5}', "steps 2.5 is not a whole number"),
+                          ('{"prompt": "a", "seed": "x"}', "seed must be an integer"),
+                          ('{"prompt": "a", "refs": ["none.png"]}', "cannot read reference image")):  # fmt: skip
+        rows.write_text(line + "\n")
+        run = cli("generate", "--prompts", rows, "-q", "-o", out)
+        assert run.returncode == 2 and f"{rows} line 1: " in run.stderr and message in run.stderr, (line, run.stderr)
+    for target, message in ((keep / "x.png", "cannot write images in"), (tmp_path / "x.jpg", "written as PNG")):
+        run = cli("generate", "a red circle", "-q", "-o", target)
+        assert run.returncode == 2 and message in run.stderr, run.stderr
+    run = cli("generate", "a gold square", "--model", "nano-base", "--lora", "some.safetensors:nan", "-o", out)
+    assert run.returncode == 2 and "LoRA some.safetensors scale nan is out of range -8..8" in run.stderr
+    (text := tmp_path / "p.txt").write_text("a red circle\n# a comment\na blue square\n")
+    assert cli("generate", "--prompts", text, "--steps", "1", "-q", "-o", tmp_path / "y.png").returncode == 0
+    assert [p for p in _files(tmp_path) if p.startswith("y")] == ["y-0.png", "y-1.png"]  # before: y.png twice
+    run = cli("compare", "p", "--models", "nano,nanoo", "-o", tmp_path / "cmp")
+    assert run.returncode == 2 and "nanoo" in run.stderr and not _files(tmp_path / "cmp")
+    run = cli("compare", "p", "--models", "nano", "--guidance", "3", "-o", tmp_path / "cmp")
+    assert run.returncode == 2 and "omit --guidance" in run.stderr
+    assert "limit 0 must be a whole number" in cli("eval", "--limit", "0").stderr  # before: all 768 images
+    run = cli("train", "lora", tmp_path, "--model", "nano-base", "--rank", "0", "--out", tmp_path / "r")
+    assert run.returncode == 2 and "rank 0 must be a whole number of at least 1" in run.stderr
+    assert not (tmp_path / "r").exists()  # before: the model loaded, then PEFT's own message
+
+
+def test_prompt_files_take_images_batches_are_named_by_seed_and_from_needs_the_references(tmp_path, cli):
+    """A .jsonl line's "refs", "image" and "mask" (before: refs silently dropped, image an error); a batch's
+    files named by each image's seed (before: nano-5-1.png was seed 6); --from on an image made with references
+    asks for them, checks them by hash and then remakes it bit for bit (before: it dropped them, exit 0)."""
+    Image.new("RGB", (96, 64), (200, 40, 40)).save(tmp_path / "r.png")
+    Image.new("RGB", (128, 128), (40, 40, 200)).save(tmp_path / "start.png")
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "other.png")
+    rows = tmp_path / "p.jsonl"
+    rows.write_text('{"prompt": "like this", "refs": ["r.png"]}\n{"prompt": "bluer", "image": "start.png", '
+                    '"strength": 0.5}\n')  # fmt: skip
+    out = tmp_path / "out"
+    run = cli("generate", "--prompts", rows, "--steps", "1", "-q", "-o", out, "--seed", "5", "--num", "2")
+    assert run.returncode == 0, run.stderr
+    assert _files(out) == ["nano-5-1.png", "nano-5.png", "nano-6-1.png", "nano-6.png"]  # two jobs, seeds 5, 6
+    first = out / "nano-5.png"
+    meta = json.loads(Image.open(first).info["flux2"])
+    assert len(meta["refs"]) == 1 and (meta["width"], meta["height"]) == (96, 64)  # the reference's size
+    assert json.loads(Image.open(out / "nano-5-1.png").info["flux2"])["init"]["strength"] == 0.5
+    run = cli("generate", "--from", first, "-q", "-o", tmp_path / "again.png")
+    assert run.returncode == 2 and "made from 1 reference image(s)" in run.stderr and "--ref" in run.stderr
+    run = cli("generate", "--from", first, "--ref", tmp_path / "other.png", "-q", "-o", tmp_path / "again.png")
+    assert run.returncode == 2 and "is not reference 0" in run.stderr
+    run = cli("generate", "--from", first, "--ref", tmp_path / "r.png", "-q", "-o", tmp_path / "again.png")
+    assert run.returncode == 0, run.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(first)))
+
+
+def test_from_checks_the_loras_an_image_was_made_with():
+    from types import SimpleNamespace
+
+    from flux2studio.cli import check_recorded_loras
+
+    recorded = [{"file": "style.safetensors", "hash": "abc123", "scale": 0.5}]
+    check_recorded_loras(SimpleNamespace(loras=[(None, 0.5, "abc123")]), recorded, "x.png")
+    for loaded in ([], [(None, 0.8, "abc123")], [(None, 0.5, "def456")]):
+        with pytest.raises(ValueError, match=r"made with LoRA style.safetensors:0.5 \(hash abc123\)"):
+            check_recorded_loras(SimpleNamespace(loras=loaded), recorded, "x.png")
+    with pytest.raises(ValueError, match="made without LoRAs: omit --lora"):
+        check_recorded_loras(SimpleNamespace(loras=[(None, 1.0, "abc123")]), [], "x.png")

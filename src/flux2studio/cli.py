@@ -108,6 +108,8 @@ def parse_expand(text: str) -> tuple[int, int, int, int]:
         values = ()
     if len(values) != 4:
         raise argparse.ArgumentTypeError(f"expansion {text!r} is not LEFT,TOP,RIGHT,BOTTOM pixels, e.g. 0,0,256,0")
+    if not any(values):
+        raise argparse.ArgumentTypeError(f"expansion {text!r} adds nothing: give pixels to add on some side")
     return values  # type: ignore[return-value]
 
 
@@ -148,13 +150,16 @@ def load_pipe(model: str | None, args: argparse.Namespace):
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
-    """FILE or FILE:SCALE (scale defaults to 1.0)."""
+    """FILE or FILE:SCALE (scale defaults to 1.0; its range is checked where LoRAs are set)."""
+    from pathlib import Path
+
     path, _, scale = text.rpartition(":")
-    if path and scale:
+    if path and scale and not Path(text).exists():
         try:
             return path, float(scale)
         except ValueError:
-            pass
+            if Path(path).exists():
+                raise ValueError(f"--lora {text}: scale {scale!r} is not a number (FILE:SCALE, e.g. :0.8)") from None
     return text, 1.0
 
 
@@ -168,47 +173,81 @@ def settings_from_args(args: argparse.Namespace) -> dict:
     return out
 
 
-def jobs_from_file(path: str, base: dict) -> list[GenerationSettings]:
-    """.txt: one prompt a line; .jsonl: one object a line with "prompt" and any of the settings."""
+def jobs_from_file(path: str, base: dict) -> list[tuple[str, GenerationSettings]]:
+    """.txt: one prompt a line (blank lines and lines starting with # skipped); .jsonl: one object a line with
+    "prompt" and any of the settings (image files in "refs", "image", "mask": relative to the file's folder).
+    Each job with where it was read ("FILE line N"), for its errors."""
     from pathlib import Path
 
-    text = Path(path).read_text()
-    if path.endswith(".jsonl"):
-        jobs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "prompt" not in row:
-                raise ValueError(f'{path} line {n}: no "prompt"')
-            extra = {k: v for k, v in row.items() if k != "prompt"}
-            if "size" in extra and isinstance(extra["size"], str):
-                extra["size"] = parse_size(extra["size"])
-            if "negative" in extra:
-                extra["negative_prompt"] = extra.pop("negative")
-            if "num" in extra:
-                extra["num_images"] = extra.pop("num")
-            if isinstance(extra.get("guidance_interval"), str):  # "0,0.9" as on the command line
-                extra["guidance_interval"] = parse_interval(extra["guidance_interval"])
-            try:
-                jobs.append(GenerationSettings.of(row["prompt"], **{**base, **extra}))
-            except ValueError as e:
-                raise ValueError(f"{path} line {n}: {e}") from None
-        return jobs
-    return [GenerationSettings.of(line.strip(), **base) for line in text.splitlines() if line.strip()]
+    text = Path(path).read_text(encoding="utf-8")
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not path.endswith(".jsonl"):
+        return [(f"{path} line {n}", GenerationSettings.of(line.strip(), **base))
+                for n, line in lines if not line.lstrip().startswith("#")]  # fmt: skip
+    jobs = []
+    for n, line in lines:
+        try:
+            jobs.append((f"{path} line {n}", job_from_row(line, base, Path(path).parent)))
+        except ValueError as e:
+            raise ValueError(f"{path} line {n}: {e}") from None
+    return jobs
 
 
-def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSettings]:
-    """Settings recorded in a PNG made by this tool; flags given on the command line override them."""
+def job_from_row(line: str, base: dict, folder) -> GenerationSettings:
+    """One line of a .jsonl file: the CLI's names (negative, num, "WxH" sizes, "lo,hi" intervals) and the
+    settings' own, width and height as the metadata writes them."""
+    from .images import open_image
+
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"not a JSON object: {line.strip()[:40]!r}")
+    prompt = row.pop("prompt", None)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f'"prompt" must be a non-empty string, got {prompt!r}'[:120])
+    extra = {{"negative": "negative_prompt", "num": "num_images"}.get(k, k): v for k, v in row.items()}
+    if "width" in extra or "height" in extra:
+        extra["size"] = (extra.pop("width", None), extra.pop("height", None))
+    if isinstance(extra.get("size"), str):
+        extra["size"] = parse_size(extra["size"])
+    if isinstance(extra.get("guidance_interval"), str):  # "0,0.9" as on the command line
+        extra["guidance_interval"] = parse_interval(extra["guidance_interval"])
+
+    def image(value, what: str):
+        if not isinstance(value, str):
+            raise ValueError(f"{what} must be an image file's path, got {value!r}"[:120])
+        return open_image(folder / value, what)
+
+    for key, what in (("image", "start image"), ("mask", "mask")):
+        if extra.get(key) is not None:
+            extra[key] = image(extra[key], what)
+    if "refs" in extra:
+        if not isinstance(extra["refs"], list):
+            raise ValueError(f'"refs" must be a list of image files, got {extra["refs"]!r}'[:120])
+        if not all(isinstance(r, str) for r in extra["refs"]):
+            raise ValueError(f'"refs" must list image files, got {extra["refs"]!r}'[:120])
+        extra["refs"] = [reference(folder / r) for r in extra["refs"]]
+    return GenerationSettings.of(prompt, **{**base, **extra})
+
+
+def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSettings, dict]:
+    """Settings recorded in a PNG made by this tool (and its metadata); flags given on the command line override
+    them. References must be the recorded ones (by hash), as start images and masks must."""
     from .images import read_metadata
 
     meta = read_metadata(path)
+    missing = [k for k in ("prompt", "model", "seed", "steps", "width", "height") if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: its flux2 metadata lacks {', '.join(missing)} (not written by flux2studio)")
     settings = {"seed": meta["seed"], "steps": meta["steps"], "size": (meta["width"], meta["height"]), "num_images": 1}
-    if meta.get("negative_prompt"):
-        settings["negative_prompt"] = meta["negative_prompt"]
     target = VARIANTS.get(args.model or meta["model"])  # the model that will run, which `--model` may change
-    if meta["guidance"] != 1.0:
-        settings["guidance"] = meta["guidance"]
+    guidance = meta.get("guidance")
+    if meta.get("negative_prompt") and guidance is not None and guidance > 1.0:  # (at 1 it had no effect)
+        settings["negative_prompt"] = meta["negative_prompt"]
+    if guidance is not None and (guidance != 1.0 or (target is not None and target.uses_cfg)):
+        settings["guidance"] = guidance
         if target and target.cfg_interval:
             settings["guidance_interval"] = tuple(meta.get("guidance_interval", (0.0, 1.0)))  # older: every step
     if target and target.upsampler:  # planned or as written; older images: as written
@@ -217,6 +256,7 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSe
         settings.update(recorded_edit(meta["init"], args, path))
     elif getattr(args, "init", None):
         raise ValueError(f"{path} was not made from a start image: omit --init")
+    settings["refs"] = recorded_refs(meta.get("refs") or [], args.ref, path)
     given = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images")}
     if args.seed_given:
         given["seed"] = args.seed
@@ -228,7 +268,36 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSe
         args.vae_tile = meta.get("vae_tile")
     if getattr(args, "attention", None) is None:  # bf16 attention kernels round differently
         args.attention = meta.get("attention", "sdpa")  # images from before the kernel: PyTorch's
-    return meta["model"], GenerationSettings.of(args.prompt or meta["prompt"], **{**settings, **given})
+    return meta["model"], GenerationSettings.of(args.prompt or meta["prompt"], **{**settings, **given}), meta
+
+
+def recorded_refs(hashes: list[str], given: list[str], path: str) -> list:
+    """The --ref files, which must be the references `path` was made from, in order (hashes of the images as
+    the pipeline prepares them)."""
+    from .images import image_hash, prepare_reference
+
+    if not hashes and given:
+        raise ValueError(f"{path} was made without reference images: omit --ref")
+    if len(given) != len(hashes):
+        raise ValueError(f"{path} was made from {len(hashes)} reference image(s) (hashes {', '.join(hashes)}): pass "
+                         f"them with --ref, in order ({len(given)} given)")  # fmt: skip
+    refs = [reference(g) for g in given]
+    for i, (ref, file, recorded) in enumerate(zip(refs, given, hashes, strict=True)):
+        if (found := image_hash(prepare_reference(ref, i))) != recorded:
+            raise ValueError(f"--ref {file} is not reference {i} {path} was made from (hash {found}, recorded "
+                             f"{recorded})")  # fmt: skip
+    return refs
+
+
+def check_recorded_loras(pipe, recorded: list[dict], path: str) -> None:
+    """The LoRAs loaded (`--lora`) must be those `path` was made with: the same files (by hash) and scales."""
+    have = [(h, s) for _, s, h in getattr(pipe, "loras", [])]
+    if have == [(r.get("hash"), r.get("scale")) for r in recorded]:
+        return
+    if not recorded:
+        raise ValueError(f"{path} was made without LoRAs: omit --lora")
+    wanted = ", ".join(f"{r.get('file')}:{r.get('scale'):g} (hash {r.get('hash')})" for r in recorded)
+    raise ValueError(f"{path} was made with LoRA {wanted}: pass the same with --lora FILE:SCALE")
 
 
 def recorded_edit(init: dict, args: argparse.Namespace, path: str) -> dict:
@@ -261,6 +330,10 @@ def edit_settings(args: argparse.Namespace, image) -> dict:
     from .images import open_image
 
     out = {"image": image}
+    if args.mask_blur and not args.mask:
+        raise ValueError("--mask-blur softens a mask's edges: give --mask too")
+    if args.anchor and not args.canvas:
+        raise ValueError("--anchor places the image on --canvas: give --canvas WxH too")
     if args.mask:
         out["mask"] = open_image(args.mask, "mask")
     if args.strength is not None:
@@ -272,41 +345,81 @@ def edit_settings(args: argparse.Namespace, image) -> dict:
     elif args.canvas:
         if args.size or args.aspect:
             raise ValueError("--canvas sets the output size (the image plus what it grows by): omit --size/--aspect")
-        out["expand"] = expansion(start_size(upright(image)), args.canvas, args.anchor)
+        out["expand"] = expansion(start_size(upright(image)), args.canvas, args.anchor or "center")
+        if not any(out["expand"]):
+            raise ValueError(f"--canvas {args.canvas[0]}x{args.canvas[1]} is the image's own size: it adds nothing")
     return out
 
 
 def editing_flags(args: argparse.Namespace) -> list[str]:
     named = {"--mask": args.mask, "--strength": args.strength, "--mask-blur": args.mask_blur or None,
-             "--expand": args.expand, "--canvas": args.canvas}  # fmt: skip
+             "--expand": args.expand, "--canvas": args.canvas, "--anchor": args.anchor}  # fmt: skip
     return [flag for flag, value in named.items() if value is not None]
 
 
-def output_paths(out: str | None, stem: str, n: int, overwrite: bool) -> list:
-    """Where n images go: `-o file.png` (numbered when n > 1) or `-o folder/`; never overwrite silently."""
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # -o names none of these
+
+
+def output_paths(out: str | None, jobs: list[list[str]], overwrite: bool) -> list[list]:
+    """Where each job's images go (`jobs`: a name stem for each image), decided before any work: `-o file.png`
+    (numbered file-0.png, file-1.png, ... when there is more than one image in all) or `-o folder/` (free names
+    `stem.png`, else `stem-1.png`, ...); a taken file is an error unless `overwrite`; the folder must be
+    writable."""
     from pathlib import Path
 
     target = Path(out or "outputs")
+    if target.suffix.lower() in IMAGE_SUFFIXES:
+        raise ValueError(f"-o {target}: images are written as PNG (their settings ride in its text chunks): "
+                         "name a .png file or a folder")  # fmt: skip
     if target.suffix.lower() != ".png":  # a folder: free names inside it
-        target.mkdir(parents=True, exist_ok=True)
-        paths, k = [], 0
-        while len(paths) < n:
-            candidate = target / (f"{stem}.png" if k == 0 else f"{stem}-{k}.png")
-            if not candidate.exists() and candidate not in paths:
+        writable_folder(target)
+        plan, chosen = [], set()
+        for stems in jobs:
+            paths = []
+            for stem in stems:
+                k = 0
+                while (candidate := target / (f"{stem}.png" if k == 0 else f"{stem}-{k}.png")).exists() or (
+                    candidate in chosen
+                ):
+                    k += 1
                 paths.append(candidate)
-            k += 1
-        return paths
-    paths = [target] if n == 1 else [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(n)]
-    taken = [str(p) for p in paths if p.exists()]
+                chosen.add(candidate)
+            plan.append(paths)
+        return plan
+    writable_folder(target.parent)
+    total = sum(map(len, jobs))
+    names = [target] if total == 1 else [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(total)]
+    taken = [str(p) for p in names if p.exists()]
     if taken and not overwrite:
         raise FileExistsError(f"{', '.join(taken)} exists: choose another -o, a folder, or pass --overwrite")
-    for p in paths:
-        if overwrite:
-            p.unlink(missing_ok=True)
-    return paths
+    plan, start = [], 0
+    for stems in jobs:
+        plan.append(names[start : start + len(stems)])
+        start += len(stems)
+    return plan
 
 
-def run_jobs(pipe, jobs: list[GenerationSettings], args: argparse.Namespace, refs=()) -> int:
+def image_seeds(job: GenerationSettings) -> list[int]:
+    """The seed of each image a job makes (checked already: `Pipeline.check`)."""
+    return list(job.seeds) if job.seeds is not None else [job.seed + i for i in range(job.images)]
+
+
+def writable_folder(folder) -> None:
+    """Make `folder` (and its parents) and check that a file can be written in it: a clear error now, not
+    after the denoising."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".flux2-write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write images in {folder}: {e.strerror or e}") from None
+
+
+def run_jobs(pipe, jobs: list[tuple[str, GenerationSettings]], args: argparse.Namespace) -> int:
+    """Check every job, plan every output path, then generate and save each (`jobs`: where each was read, for
+    its errors, and its settings)."""
     import time
 
     from tqdm import tqdm
@@ -314,47 +427,55 @@ def run_jobs(pipe, jobs: list[GenerationSettings], args: argparse.Namespace, ref
 
     from .images import save_png
 
-    for job in jobs:
+    for where, job in jobs:
+        try:
+            pipe.check(job)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}" if where else str(e)) from None
+    stems = [[f"{pipe.variant.id}-{seed}" for seed in image_seeds(job)] for _, job in jobs]  # named by seed
+    plan = output_paths(args.out, stems, args.overwrite)
+    for (_, job), paths in zip(jobs, plan, strict=True):
         bar = tqdm(total=None, desc="denoise", unit="step", leave=False, disable=args.quiet)
 
         def progress(i: int, total: int, _x, bar=bar) -> None:
             bar.total = total
             bar.update(1)
 
-        n = job.images
-        stem = f"{pipe.variant.id}-{job.seed}"
-        paths = output_paths(args.out, stem, n, args.overwrite)  # checked before any work is done
         started = time.perf_counter()
         try:
             notes = logging.getLogger("flux2studio")
             with contextlib.nullcontext() if args.quiet else logging_redirect_tqdm(loggers=[notes]):  # above the bar
-                images = list(enumerate(pipe(job.replace(refs=refs), callback=progress)))
+                images = list(enumerate(pipe(job, callback=progress)))
         except Exception as e:  # a hosted batch may fail part-way: save what was made, then report
+            bar.close()
             for i, image in getattr(e, "images", []):
-                save_png(image, paths[i])
+                save_png(image, paths[i], overwrite=args.overwrite)
                 print(f"{paths[i]}  seed {json.loads(image.info['flux2'])['seed']}  (made before the error)")
             raise
         seconds = time.perf_counter() - started
         bar.close()
         for i, image in images:
-            save_png(image, paths[i])
+            save_png(image, paths[i], overwrite=args.overwrite)
             meta = json.loads(image.info["flux2"])
             print(f"{paths[i]}  seed {meta['seed']}  {image.width}x{image.height}  {pipe.variant.id}  {seconds:.2f}s")
     return 0
 
 
-def open_images(paths: list[str]) -> list:
-    from .images import open_image
+def reference(path) -> object:
+    """A reference image file, opened as the pipelines read it (RGB; 16-bit greys scaled, not clipped)."""
+    from .images import eight_bit, open_image
 
-    return [open_image(path, "reference image").convert("RGB") for path in paths]
+    return eight_bit(open_image(path, "reference image")).convert("RGB")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    model = args.model
+    model, recorded = args.model, None
     if args.from_png:
-        recorded, job = job_from_png(args.from_png, args)
-        model = model or recorded
-        jobs = [job]
+        if args.prompts:
+            raise ValueError("--from remakes one image: omit --prompts")
+        made_by, job, recorded = job_from_png(args.from_png, args)
+        model = model or made_by
+        jobs = [("", job)]
     else:
         if args.init:
             from .images import open_image
@@ -364,30 +485,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"{', '.join(flags)} edit a start image: give it with --init IMAGE")
         else:
             edit = {}
+        base = {**settings_from_args(args), **edit, "refs": [reference(r) for r in args.ref]}
         if args.prompts:
-            jobs = jobs_from_file(args.prompts, {**settings_from_args(args), **edit})
-        elif args.prompt:
-            jobs = [GenerationSettings.of(args.prompt, **settings_from_args(args), **edit)]
+            jobs = jobs_from_file(args.prompts, base)
+            if not jobs:
+                raise ValueError(f"{args.prompts} holds no prompt")
+        elif args.prompt and args.prompt.strip():
+            jobs = [("", GenerationSettings.of(args.prompt, **base))]
         else:
             raise ValueError("give a PROMPT, --prompts FILE or --from IMAGE.png")
     model = model or (None if args.weights else "nano")
-    return run_jobs(load_pipe(model, args), jobs, args, open_images(args.ref))
+    pipe = load_pipe(model, args)
+    if recorded is not None:
+        check_recorded_loras(pipe, recorded.get("loras") or [], args.from_png)
+    return run_jobs(pipe, jobs, args)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
     """IMAGE [IMAGE...] PROMPT: references; with a mask, strength or expansion the first image is the one
     edited (inpainting, image-to-image, outpainting) and the others are references."""
+    from pathlib import Path
+
     *images, prompt = args.inputs
     if not images:
         raise ValueError("give at least one IMAGE before the PROMPT")
+    if not Path(images[0]).exists() and Path(prompt).is_file():
+        raise ValueError(f"cannot read image {images[0]!r}: the images come first, the prompt last "
+                         "(flux2 edit IMAGE... PROMPT)")  # fmt: skip
     settings = settings_from_args(args)
     if editing_flags(args):
         from .images import open_image
 
         settings.update(edit_settings(args, open_image(images[0], "image")))
         images = images[1:]
+    settings["refs"] = [reference(i) for i in images]
     model = args.model or (None if args.weights else "nano")
-    return run_jobs(load_pipe(model, args), [GenerationSettings.of(prompt, **settings)], args, open_images(images))
+    return run_jobs(load_pipe(model, args), [("", GenerationSettings.of(prompt, **settings))], args)
+
+
+# flags of generate that compare has no use for (each model runs at its own guidance): given, they are an error
+COMPARE_REFUSES = {"--model": lambda a: a.model is not None, "--seed": lambda a: a.seed_given,
+                   "--num": lambda a: a.num != 1, "--guidance": lambda a: a.guidance is not None}  # fmt: skip
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -395,13 +533,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from .images import grid, save_png
 
+    for flag, given in COMPARE_REFUSES.items():
+        if given(args):
+            raise ValueError(f"compare takes models with --models, seeds with --seeds and runs each model at its own "
+                             f"guidance: omit {flag}")  # fmt: skip
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    if not models:
+        raise ValueError(f"--models {args.models!r} names no model: e.g. --models klein-4b,klein-base-4b")
+    for m in models:
+        get_variant(m)  # an unknown id is an error before the first model runs
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {args.seeds!r} is not a comma-separated list of integers") from None
     out = Path(args.out or "compare")
-    out.mkdir(parents=True, exist_ok=True)
+    plan = output_paths(str(out), [[f"{m}-{seed}" for seed in seeds] for m in models] + [["grid"]], False)
     cells, labels = [], []
     settings = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images", "guidance")}
-    for model in models:  # one model in memory at a time
+    for model, paths in zip(models, plan, strict=False):  # one model in memory at a time
         pipe = load_pipe(model, args)
         kw = dict(settings)
         if getattr(pipe, "endpoint", None) is not None and pipe.endpoint.steps is None:
@@ -412,14 +561,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if not (pipe.variant.upsampler or pipe.variant.hosted):
             kw.pop("prompt_upsampling", None)  # a model with no upsampler of its own takes the prompt as written
         images = pipe(args.prompt, seeds=seeds, num_images=len(seeds), **kw)
-        for seed, image in zip(seeds, images, strict=True):
-            path = output_paths(str(out), f"{model}-{seed}", 1, False)[0]
+        for seed, image, path in zip(seeds, images, paths, strict=True):
             save_png(image, path)
             cells.append(image)
             labels.append(f"{model}  seed {seed}")
         del pipe
     sheet = grid(cells, labels, columns=len(seeds))
-    path = output_paths(str(out), "grid", 1, False)[0]
+    path = plan[-1][0]
     sheet.save(path)
     print(f"{path}  {len(models)} models x {len(seeds)} seeds  ({', '.join(models)})")
     return 0
@@ -663,7 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
         grow.add_argument("--expand", type=parse_expand, metavar="L,T,R,B",
                           help="outpaint: pixels to add left, top, right, bottom (multiples of 16)")  # fmt: skip
         grow.add_argument("--canvas", type=parse_size, metavar="WxH", help="outpaint to this canvas (see --anchor)")
-        g.add_argument("--anchor", choices=list(ANCHORS), default="center", help="where the image sits on --canvas")
+        g.add_argument("--anchor", choices=list(ANCHORS), help="where the image sits on --canvas (default center)")
 
     gen = sub.add_parser("generate", help="text to image (with --ref: multi-reference editing)")
     gen.add_argument("prompt", nargs="?")

@@ -62,6 +62,8 @@ def evaluate(
         if unknown := set(categories) - set(EVAL_CATEGORIES):
             raise ValueError(f"unknown eval category {', '.join(sorted(unknown))}: one of {', '.join(EVAL_CATEGORIES)}")
         prompts = [p for p in prompts if p.category in categories]
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit {limit!r} must be a whole number of prompts, at least 1")
     if limit:
         prompts = prompts[:: max(1, len(prompts) // limit)][:limit]
     jobs = [(p, s) for p in prompts for s in seeds]

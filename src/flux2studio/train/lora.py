@@ -58,6 +58,27 @@ class LoraTrainConfig:
     save_kohya: bool = False
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Every value in range before a model is loaded (a clear error naming it, not a library's later)."""
+        positive = {"rank": self.rank, "steps": self.steps, "batch": self.batch, "resolution": self.resolution,
+                    "ckpt_every": self.ckpt_every}  # fmt: skip
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} {value!r} must be a whole number of at least 1")
+        for name, value in {"warmup": self.warmup, "sample_every": self.sample_every, "seed": self.seed}.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} {value!r} must be a whole number of at least 0")
+        if not 0 < self.lr <= 1:  # (also refuses NaN)
+            raise ValueError(f"learning rate {self.lr!r} is out of range (0, 1]")
+        if not 0 < self.alpha <= 4096:
+            raise ValueError(f"alpha {self.alpha!r} is out of range (0, 4096]")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption dropout {self.caption_dropout!r} is out of range [0, 1)")
+        if self.mode not in ("t2i", "edit"):
+            raise ValueError(f"mode {self.mode!r}: t2i or edit")
+        if self.resolution % 16 or self.resolution < 64:
+            raise ValueError(f"resolution {self.resolution} must be a multiple of 16, at least 64")
+
 
 @dataclass
 class Sample:
