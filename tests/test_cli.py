@@ -350,6 +350,8 @@ def test_every_job_and_output_is_checked_before_any_work_and_nothing_is_lost(tmp
     for target, message in ((keep / "x.png", "cannot write images in"), (tmp_path / "x.jpg", "written as PNG")):
         run = cli("generate", "a red circle", "-q", "-o", target)
         assert run.returncode == 2 and message in run.stderr, run.stderr
+    run = cli("generate", "a red circle", "--output-format", "jpeg", "-o", out)  # (was ignored)
+    assert run.returncode == 2 and "--output-format: options of the hosted models" in run.stderr
     run = cli("generate", "a gold square", "--model", "nano-base", "--lora", "some.safetensors:nan", "-o", out)
     assert run.returncode == 2 and "LoRA some.safetensors scale nan is out of range -8..8" in run.stderr
     (text := tmp_path / "p.txt").write_text("a red circle\n# a comment\na blue square\n")

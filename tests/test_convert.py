@@ -59,6 +59,14 @@ def test_info_cli_reports_layout_params_and_sizes(tmp_path):
     out = subprocess.run([sys.executable, "-m", "flux2studio.cli", "info", str(tmp_path / "flux2.safetensors"),
                           "--json"], capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert json.loads(out)["params"] == info["params"]
+    component = describe(tmp_path / "src")  # diffusers' transformer/ folder (before: "folder" and nothing else)
+    assert component["component"] == "Flux2Transformer2DModel" and component["transformer"] == info["transformer"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"holds no \.safetensors file"):  # (before: "parameters: 0", exit 0)
+        describe(tmp_path / "empty")
+    (tmp_path / "notes.gguf").write_text("not a model")
+    with pytest.raises(ValueError, match=r"notes\.gguf is not a GGUF file"):  # (before: "not ... safetensors")
+        describe(tmp_path / "notes.gguf")
 
 
 def test_conversions_make_one_tensor_at_a_time_and_write_what_safetensors_writes(tmp_path, monkeypatch):
@@ -144,3 +152,5 @@ def test_nano_runs_the_quantized_and_gguf_files_convert_writes(tmp_path):
         assert len(packed) == 27, name
         diff = np.abs(np.asarray(pipe("a red circle", steps=2)[0], dtype=np.int16) - reference)
         assert diff.max() <= 48 and diff.mean() <= 1.0, (name, diff.max(), diff.mean())
+    with pytest.raises(ValueError, match="has the shape of nano / nano-base: pass --model nano"):  # (was a repr)
+        load(weights=tmp_path / "q8.gguf")

@@ -50,6 +50,14 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]
     return sd
 
 
+def unreadable(path: Path, error: Exception) -> ValueError:
+    """The error for a weights file that safetensors cannot read (a .gguf comes here when it does not begin as
+    a GGUF file does)."""
+    if path.suffix.lower() == ".gguf":
+        return ValueError(f"{path} is not a GGUF file: it does not begin with GGUF's magic bytes")
+    return ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}")
+
+
 def read_marked(path: str | Path, device: str = "cpu") -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, {layer: format}) of a .safetensors file: its layers in ComfyUI's packed formats (`COMFY_PACKED`),
     as its markers name them (`comfy_formats`); the markers themselves dropped."""
@@ -59,7 +67,7 @@ def read_marked(path: str | Path, device: str = "cpu") -> tuple[dict[str, Tensor
             metadata = f.metadata()
             sd = {k: f.get_tensor(k) for k in f.offset_keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        raise unreadable(path, e) from None
     markers = {k.removesuffix(COMFY_QUANT): sd.pop(k) for k in [k for k in sd if k.endswith(COMFY_QUANT)]}
     return sd, comfy_formats(markers, metadata, path, sd)
 

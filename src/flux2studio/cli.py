@@ -139,6 +139,7 @@ def load_pipe(model: str | None, args: argparse.Namespace):
     if "transformers" in sys.modules:  # (it was imported before: tell it too)
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     api = {"location": args.api, "safety_tolerance": args.safety_tolerance, "output_format": args.output_format}
+    api = {k: v for k, v in api.items() if v is not None}  # (the hosted client's defaults otherwise)
     pipe = load(model, weights=args.weights, device=args.device, dtype=args.dtype,
                 text_encoder=getattr(args, "text_encoder", None), backend=args.backend, api=api,
                 attention=getattr(args, "attention", None) or "auto",
@@ -147,6 +148,16 @@ def load_pipe(model: str | None, args: argparse.Namespace):
     if getattr(args, "lora", None):
         pipe.set_loras([parse_lora_arg(a) for a in args.lora])
     return pipe
+
+
+def check_hosted_flags(model: str | None, args: argparse.Namespace) -> None:
+    """The hosted API's options given for a model that runs here are an error (they would change nothing)."""
+    hosted = model is not None and (args.backend == "api" or get_variant(model).hosted)
+    given = [flag for flag, value in (("--api", args.api), ("--safety-tolerance", args.safety_tolerance),
+                                      ("--output-format", args.output_format)) if value is not None]  # fmt: skip
+    if given and not hosted:
+        raise ValueError(f"{', '.join(given)}: options of the hosted models (pro, max, flex, kontext-*; klein with "
+                         f"--backend api), not of {model or 'local weights'} run here")  # fmt: skip
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
@@ -300,6 +311,9 @@ def check_recorded_loras(pipe, recorded: list[dict], path: str) -> None:
     raise ValueError(f"{path} was made with LoRA {wanted}: pass the same with --lora FILE:SCALE")
 
 
+ARTICLE = {"image": "an", "mask": "a"}
+
+
 def recorded_edit(init: dict, args: argparse.Namespace, path: str) -> dict:
     """The edit settings a PNG records, with the start image and mask the command names (hashes must match)."""
     from .images import image_hash, open_image
@@ -312,10 +326,11 @@ def recorded_edit(init: dict, args: argparse.Namespace, path: str) -> dict:
     for key, (given, flag) in files.items():
         if init.get(key) is None:
             if given:
-                raise ValueError(f"{path} was made without a {key}: omit {flag}")
+                raise ValueError(f"{path} was made without {ARTICLE[key]} {key}: omit {flag}")
             continue
         if not given:
-            raise ValueError(f"{path} was made from a {key} with hash {init[key]}: pass that file with {flag}")
+            raise ValueError(f"{path} was made from {ARTICLE[key]} {key} with hash {init[key]}: pass that file with "
+                             f"{flag}")  # fmt: skip
         opened = open_image(given, key)
         if (found := image_hash(opened)) != init[key]:
             raise ValueError(f"{flag} {given} is not the {key} {path} was made from (hash {found}, "
@@ -495,6 +510,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             raise ValueError("give a PROMPT, --prompts FILE or --from IMAGE.png")
     model = model or (None if args.weights else "nano")
+    check_hosted_flags(model, args)
     pipe = load_pipe(model, args)
     if recorded is not None:
         check_recorded_loras(pipe, recorded.get("loras") or [], args.from_png)
@@ -520,6 +536,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         images = images[1:]
     settings["refs"] = [reference(i) for i in images]
     model = args.model or (None if args.weights else "nano")
+    check_hosted_flags(model, args)
     return run_jobs(load_pipe(model, args), [("", GenerationSettings.of(prompt, **settings))], args)
 
 
@@ -779,8 +796,8 @@ def build_parser() -> argparse.ArgumentParser:
         api = p.add_argument_group("hosted models (pro, max, flex, kontext-pro, kontext-max; klein with --backend api)")
         api.add_argument("--backend", choices=["local", "api"], default="local", help="api: klein on BFL's API")
         api.add_argument("--api", metavar="REGION|URL", help="global (default), eu, us, or a URL (or BFL_API_URL)")
-        api.add_argument("--safety-tolerance", type=int, default=2, help="0 (strict) .. 5 (6 for Kontext)")
-        api.add_argument("--output-format", choices=["png", "jpeg"], default="png")
+        api.add_argument("--safety-tolerance", type=int, help="0 (strict) .. 5 (6 for Kontext); default 2")
+        api.add_argument("--output-format", choices=["png", "jpeg"], help="the API's image format (default png)")
         p.add_argument(
             "--prompt-upsampling",
             action=argparse.BooleanOptionalAction,

@@ -428,6 +428,8 @@ def describe(path: str | Path) -> dict:
     """What `flux2 info` prints: layout, component or variant, dtypes, parameter count, file sizes."""
     path = resolve_snapshot(path)
     files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [check_path(path)]
+    if not files:
+        raise ValueError(f"{path} holds no .safetensors file: not a model folder")
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, int] = {}
     for f in files:
@@ -461,6 +463,11 @@ def describe(path: str | Path) -> dict:
             info["layout"] = f"single file ({transformer_layout(keys)} names)"
             info["component"] = "transformer"
             info["transformer"] = dataclasses.asdict(transformer_config_from_keys(keys))
-    else:
-        info["layout"] = "folder"
+    else:  # a diffusers pipeline's component folder (transformer/, vae/, text_encoder/), or none
+        config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
+        info["layout"] = "diffusers component folder" if config.get("_class_name") else "folder"
+        if config.get("_class_name"):
+            info["component"] = config["_class_name"]
+        if config.get("_class_name") == "Flux2Transformer2DModel":
+            info["transformer"] = dataclasses.asdict(transformer_config_from_diffusers(config))
     return info

@@ -33,13 +33,13 @@ def check_size(width: int, height: int, min_side: int, max_side: int, model_id: 
     for name, value in (("width", width), ("height", height)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not min_side <= value <= max_side:  # (first: a multiple of 16 out of range would not help)
+            who = f" for {model_id}" if model_id else ""
+            raise ValueError(f"{name} {value} is outside the supported range {min_side}..{max_side}{who}")
         if value % MULTIPLE:
             lo, hi = value // MULTIPLE * MULTIPLE, (value // MULTIPLE + 1) * MULTIPLE
             nearest = f"{lo} or {hi}" if lo else str(hi)
             raise ValueError(f"{name} {value} is not a multiple of {MULTIPLE} (nearest: {nearest})")
-        if not min_side <= value <= max_side:
-            who = f" for {model_id}" if model_id else ""
-            raise ValueError(f"{name} {value} is outside the supported range {min_side}..{max_side}{who}")
 
 
 def check_reference_size(w: int, h: int, index: int = 0) -> None:

@@ -350,7 +350,11 @@ def variant_for_file(path: Path, t_cfg: TransformerConfig, model_id: str | None)
     name = path.name.lower()
     matches = [v for v in VARIANTS.values() if v.transformer == t_cfg and v.id not in EMBEDDED_IDS]
     if not matches:
-        raise ValueError(f"{path.name}: transformer shape {t_cfg} matches no FLUX.2 variant; pass --model ID")
+        if embedded := [v.id for v in VARIANTS.values() if v.transformer == t_cfg and v.id in EMBEDDED_IDS]:
+            raise ValueError(f"{path.name} has the shape of {' / '.join(embedded)}: pass --model {embedded[0]} "
+                             "(or the one it was trained as)")  # fmt: skip
+        shape = f"hidden size {t_cfg.hidden_size}, {t_cfg.depth} double + {t_cfg.depth_single} single blocks"
+        raise ValueError(f"{path.name}: a transformer of {shape} matches no FLUX.2 variant; pass --model ID")
     for v in matches:  # several variants share a shape: the official file names tell them apart
         if any(f.lower() == name for f in v.files):
             return v

@@ -38,6 +38,7 @@ from .checkpoints import (
     json_tensor,
     read_marked,
     strip_prefix,
+    unreadable,
     write_safetensors,
 )
 from .device_streaming import module_bytes
@@ -297,9 +298,13 @@ def tensor_types(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
     if is_gguf(path):
         reader = _gguf_reader(path, (*GGUF_ARCHES, *GGUF_TEXT_ARCHES))
         return {t.name: (tuple(int(n) for n in reversed(t.shape.tolist())), t.tensor_type.name) for t in reader.tensors}
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "pt") as f:
+    try:
+        opened = safe_open(str(path), "pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise unreadable(path, e) from None
+    with opened as f:
         found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
                  for k in f.keys() if not k.endswith(COMFY_QUANT)}  # noqa: SIM118  # fmt: skip
         markers = {k.removesuffix(COMFY_QUANT): f.get_tensor(k) for k in f.keys() if k.endswith(COMFY_QUANT)}  # noqa: SIM118
