@@ -361,6 +361,12 @@ def test_every_job_and_output_is_checked_before_any_work_and_nothing_is_lost(tmp
     assert run.returncode == 2 and "nanoo" in run.stderr and not _files(tmp_path / "cmp")
     run = cli("compare", "p", "--models", "nano", "--guidance", "3", "-o", tmp_path / "cmp")
     assert run.returncode == 2 and "omit --guidance" in run.stderr
+    run = cli("compare", "p", "--models", "nano,nano-base", "--guidance-interval", "0.9,0.5", "-o", tmp_path / "cmp")
+    assert run.returncode == 2 and "nano-base: guidance interval" in run.stderr and not _files(tmp_path / "cmp")
+    for _ in range(2):  # the second time over the first's files
+        run = cli("compare", "p", "--models", "nano", "--steps", "1", "-o", tmp_path / "c.png", "--overwrite", "-q")
+        assert run.returncode == 0, run.stderr
+    assert [p for p in _files(tmp_path) if p.startswith("c-")] == ["c-0.png", "c-1.png"]  # an image, the grid
     assert "limit 0 must be a whole number" in cli("eval", "--limit", "0").stderr  # before: all 768 images
     run = cli("train", "lora", tmp_path, "--model", "nano-base", "--rank", "0", "--out", tmp_path / "r")
     assert run.returncode == 2 and "rank 0 must be a whole number of at least 1" in run.stderr
@@ -394,15 +400,31 @@ def test_prompt_files_take_images_batches_are_named_by_seed_and_from_needs_the_r
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(first)))
 
 
-def test_from_checks_the_loras_an_image_was_made_with():
-    from types import SimpleNamespace
+def test_from_checks_a_hosted_images_references_as_given(tmp_path):
+    """A hosted model records its references' hashes as given, not as the local pipeline prepares them (the
+    check compared prepared hashes: the right file was refused)."""
+    from flux2studio.cli import recorded_refs, reference
+    from flux2studio.images import image_hash
 
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (700, 1000, 3), dtype=np.uint8)).save(tmp_path / "ref.png")
+    recorded = [image_hash(reference(tmp_path / "ref.png"))]
+    assert len(recorded_refs(recorded, [str(tmp_path / "ref.png")], "h.png", prepared=False)) == 1
+    with pytest.raises(ValueError, match="is not reference 0"):  # the local pipeline's hashes differ: cropped
+        recorded_refs(recorded, [str(tmp_path / "ref.png")], "h.png")
+
+
+def test_from_checks_the_loras_an_image_was_made_with(tmp_path):
+    """Before any model is loaded: the same LoRA files (by hash) and scales, or a clear error."""
+    from flux2studio.checkpoints import weights_hash
     from flux2studio.cli import check_recorded_loras
 
-    recorded = [{"file": "style.safetensors", "hash": "abc123", "scale": 0.5}]
-    check_recorded_loras(SimpleNamespace(loras=[(None, 0.5, "abc123")]), recorded, "x.png")
-    for loaded in ([], [(None, 0.8, "abc123")], [(None, 0.5, "def456")]):
-        with pytest.raises(ValueError, match=r"made with LoRA style.safetensors:0.5 \(hash abc123\)"):
-            check_recorded_loras(SimpleNamespace(loras=loaded), recorded, "x.png")
+    (style := tmp_path / "style.safetensors").write_bytes(b"a LoRA")
+    (other := tmp_path / "other.safetensors").write_bytes(b"another LoRA")
+    recorded = [{"file": "style.safetensors", "hash": weights_hash([style]), "scale": 0.5}]
+    check_recorded_loras([f"{style}:0.5"], recorded, "x.png")
+    for given in ([], [f"{style}:0.8"], [f"{other}:0.5"], [f"{tmp_path / 'missing.safetensors'}:0.5"]):
+        with pytest.raises(ValueError, match=r"made with LoRA style.safetensors:0.5 \(hash "):
+            check_recorded_loras(given, recorded, "x.png")
     with pytest.raises(ValueError, match="made without LoRAs: omit --lora"):
-        check_recorded_loras(SimpleNamespace(loras=[(None, 1.0, "abc123")]), [], "x.png")
+        check_recorded_loras([str(style)], [], "x.png")

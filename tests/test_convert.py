@@ -145,6 +145,8 @@ def test_nano_runs_the_quantized_and_gguf_files_convert_writes(tmp_path):
     from flux2studio.quantize import QuantLinear
 
     reference = np.asarray(load("nano")("a red circle", steps=2)[0], dtype=np.int16)
+    plain = load("nano", weights=EMBEDDED / "nano.safetensors")("a red circle", steps=2)[0]  # the same file, read
+    assert np.array_equal(np.asarray(plain, dtype=np.int16), reference)  # as any transformer file: same image
     for name, to, mode in (("q8.safetensors", "bfl", "int8"), ("q8.gguf", "gguf", "q8_0")):
         convert(EMBEDDED / "nano.safetensors", tmp_path / name, to=to, quantize=mode)
         pipe = load("nano", weights=tmp_path / name)

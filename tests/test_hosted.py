@@ -16,8 +16,9 @@ from PIL import Image
 
 from fake_bfl import GOOD_KEY, FakeBfl
 from flux2studio import hosted
-from flux2studio.hosted import BflClient, HostedError, HostedPipeline
+from flux2studio.hosted import ENDPOINTS, BflClient, HostedError, HostedPipeline, check_request
 from flux2studio.loading import load
+from flux2studio.settings import GenerationSettings
 
 LOCAL = "http://127.0.0.1"  # the Host the server serves without a token (guard.py: loopback names)
 
@@ -59,7 +60,7 @@ def test_text_to_image_polls_the_given_url_and_keeps_metadata(bfl):
         assert (headers.get("x-key") == GOOD_KEY) == (not path.startswith("/delivery")), (method, path)
 
 
-def test_references_flex_settings_and_kontext_aspect(bfl):
+def test_references_flex_settings_and_kontext_aspect(bfl, tmp_path):
     refs = [Image.new("RGB", (64 + 16 * i, 64), (i * 60, 0, 0)) for i in range(3)]
     pipe(bfl, "flex", prompt_upsampling=True)("three refs", refs=refs, steps=28, guidance=3.5, size=(256, 256))
     body = submitted(bfl, "three refs")[0]
@@ -75,6 +76,14 @@ def test_references_flex_settings_and_kontext_aspect(bfl):
     body = submitted(bfl, "make it night")[0]
     assert body["aspect_ratio"] == "4:3" and "width" not in body and "input_image" in body
     assert image.size == (64, 48)  # whatever the API returns is what is saved
+    # no size: the first reference's aspect (before: 1:1 for Kontext), given as a file and size as text too
+    Image.new("RGB", (1600, 1200)).save(tmp_path / "photo.png")
+    pipe(bfl, "kontext-pro")("as the photo", refs=[tmp_path / "photo.png"])
+    assert submitted(bfl, "as the photo")[0]["aspect_ratio"] == "4:3"
+    pipe(bfl, "pro")("as text", size="320x192", refs=[str(tmp_path / "photo.png")])
+    assert (submitted(bfl, "as text")[0]["width"], submitted(bfl, "as text")[0]["height"]) == (320, 192)
+    settings, _ = check_request(ENDPOINTS["pro"], GenerationSettings("p"), [(4000, 3000)])  # over 4 MP: fitted
+    assert settings.size == (2352, 1760)
     with pytest.raises(ValueError, match=r"takes 0\.\.1"):
         pipe(bfl, "kontext-max")("two refs", refs=refs[:2])
     with pytest.raises(ValueError, match="omit steps"):

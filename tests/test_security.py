@@ -432,8 +432,9 @@ def test_odd_numbers_fields_and_images_get_a_4xx_before_queueing_and_every_answe
                  '{"prompt":"p","guidance":NaN}', '{"prompt":"p","loras":[["x",Infinity]]}'):  # fmt: skip
         r = client.post("/v1/jobs", content=body, headers=auth | {"Content-Type": "application/json"})
         assert r.status_code == 422 and r.json()["error"]["message"], (body, r.text)
-    r = client.post("/v1/images/generations", content='{"prompt":"p","n":NaN}', headers=auth)
-    assert r.status_code == 422 and "n" in r.json()["error"]["message"]
+    r = client.post("/v1/images/generations", content='{"prompt":"p","n":NaN}',
+                    headers=auth | {"Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith("body.n:")
     r = client.post("/v1/jobs", json={"prompt": "p", "step": 50}, headers=auth)
     assert r.status_code == 422 and "body.step: Extra inputs are not permitted" in r.json()["error"]["message"]
     r = client.post("/v1/images/generations", json={"prompt": "p", "n": 10}, headers=auth)
@@ -445,6 +446,7 @@ def test_odd_numbers_fields_and_images_get_a_4xx_before_queueing_and_every_answe
                     data={"prompt": "p"}, headers=auth)  # fmt: skip
     assert r.status_code == 422 and "reference 0 is 1x1" in r.text
     assert jobs.list(500, None) == []  # nothing was queued
+    assert app.state.admission.reference_sizes([tiny.json()["id"]], local=False) == [(1, 1)]  # the API's rules
     photo, second = Image.new("RGB", (300, 200), "red"), Image.new("RGB", (300, 200), "blue")
     buf = io.BytesIO()
     photo.save(buf, format="MPO", save_all=True, append_images=[second])  # how phones write their JPEGs

@@ -10,12 +10,18 @@ import logging
 import sys
 from collections.abc import Sequence
 from functools import cache
+from typing import TYPE_CHECKING
 
 from . import variants
 from .kernels import ATTENTION_MODES
 from .precision import DTYPE_CHOICES, DTYPE_NAMES, QUANTIZE_CHOICES
 from .settings import GenerationSettings
 from .variants import ANCHORS, ASPECTS, VARIANTS, Variant, get_variant
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from PIL import Image
 
 
 @cache
@@ -204,7 +210,7 @@ def jobs_from_file(path: str, base: dict) -> list[tuple[str, GenerationSettings]
     return jobs
 
 
-def job_from_row(line: str, base: dict, folder) -> GenerationSettings:
+def job_from_row(line: str, base: dict, folder: Path) -> GenerationSettings:
     """One line of a .jsonl file: the CLI's names (negative, num, "WxH" sizes, "lo,hi" intervals) and the
     settings' own, width and height as the metadata writes them."""
     from .images import open_image
@@ -218,9 +224,14 @@ def job_from_row(line: str, base: dict, folder) -> GenerationSettings:
     prompt = row.pop("prompt", None)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f'"prompt" must be a non-empty string, got {prompt!r}'[:120])
-    extra = {{"negative": "negative_prompt", "num": "num_images"}.get(k, k): v for k, v in row.items()}
-    if "width" in extra or "height" in extra:
-        extra["size"] = (extra.pop("width", None), extra.pop("height", None))
+    names = {"negative": "negative_prompt", "num": "num_images"}
+    if both := [k for k in names if k in row and names[k] in row]:
+        raise ValueError(f'give "{both[0]}" or "{names[both[0]]}", not both')
+    extra = {names.get(k, k): v for k, v in row.items()}
+    if ("width" in extra) != ("height" in extra):
+        raise ValueError('give "width" and "height" together (or "size": "WxH")')
+    if "width" in extra:
+        extra["size"] = (extra.pop("width"), extra.pop("height"))
     if isinstance(extra.get("size"), str):
         extra["size"] = parse_size(extra["size"])
     if isinstance(extra.get("guidance_interval"), str):  # "0,0.9" as on the command line
@@ -243,9 +254,9 @@ def job_from_row(line: str, base: dict, folder) -> GenerationSettings:
     return GenerationSettings.of(prompt, **{**base, **extra})
 
 
-def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSettings, dict]:
-    """Settings recorded in a PNG made by this tool (and its metadata); flags given on the command line override
-    them. References must be the recorded ones (by hash), as start images and masks must."""
+def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSettings]:
+    """Settings recorded in a PNG made by this tool; flags given on the command line override them. References
+    and LoRAs must be the recorded ones (by hash), as start images and masks must."""
     from .images import read_metadata
 
     meta = read_metadata(path)
@@ -267,7 +278,8 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSe
         settings.update(recorded_edit(meta["init"], args, path))
     elif getattr(args, "init", None):
         raise ValueError(f"{path} was not made from a start image: omit --init")
-    settings["refs"] = recorded_refs(meta.get("refs") or [], args.ref, path)
+    settings["refs"] = recorded_refs(meta.get("refs") or [], args.ref, path, prepared=not meta.get("hosted"))
+    check_recorded_loras(args.lora, meta.get("loras") or [], path)
     given = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images")}
     if args.seed_given:
         given["seed"] = args.seed
@@ -279,12 +291,12 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSe
         args.vae_tile = meta.get("vae_tile")
     if getattr(args, "attention", None) is None:  # bf16 attention kernels round differently
         args.attention = meta.get("attention", "sdpa")  # images from before the kernel: PyTorch's
-    return meta["model"], GenerationSettings.of(args.prompt or meta["prompt"], **{**settings, **given}), meta
+    return meta["model"], GenerationSettings.of(args.prompt or meta["prompt"], **{**settings, **given})
 
 
-def recorded_refs(hashes: list[str], given: list[str], path: str) -> list:
+def recorded_refs(hashes: list[str], given: list[str], path: str, prepared: bool = True) -> list[Image.Image]:
     """The --ref files, which must be the references `path` was made from, in order (hashes of the images as
-    the pipeline prepares them)."""
+    the local pipeline prepares them, or as given: `prepared` False, a hosted model's)."""
     from .images import image_hash, prepare_reference
 
     if not hashes and given:
@@ -294,15 +306,23 @@ def recorded_refs(hashes: list[str], given: list[str], path: str) -> list:
                          f"them with --ref, in order ({len(given)} given)")  # fmt: skip
     refs = [reference(g) for g in given]
     for i, (ref, file, recorded) in enumerate(zip(refs, given, hashes, strict=True)):
-        if (found := image_hash(prepare_reference(ref, i))) != recorded:
+        if (found := image_hash(prepare_reference(ref, i) if prepared else ref)) != recorded:
             raise ValueError(f"--ref {file} is not reference {i} {path} was made from (hash {found}, recorded "
                              f"{recorded})")  # fmt: skip
     return refs
 
 
-def check_recorded_loras(pipe, recorded: list[dict], path: str) -> None:
-    """The LoRAs loaded (`--lora`) must be those `path` was made with: the same files (by hash) and scales."""
-    have = [(h, s) for _, s, h in getattr(pipe, "loras", [])]
+def check_recorded_loras(given: list[str], recorded: list[dict], path: str) -> None:
+    """The `--lora` files and scales must be those `path` was made with (files by hash), checked before any
+    model is loaded."""
+    from pathlib import Path
+
+    from .checkpoints import weights_hash
+
+    have = []
+    for text in given:
+        file, scale = parse_lora_arg(text)
+        have.append((weights_hash([Path(file)]) if Path(file).is_file() else None, scale))
     if have == [(r.get("hash"), r.get("scale")) for r in recorded]:
         return
     if not recorded:
@@ -419,7 +439,7 @@ def image_seeds(job: GenerationSettings) -> list[int]:
     return list(job.seeds) if job.seeds is not None else [job.seed + i for i in range(job.images)]
 
 
-def writable_folder(folder) -> None:
+def writable_folder(folder: Path) -> None:
     """Make `folder` (and its parents) and check that a file can be written in it: a clear error now, not
     after the denoising."""
     import tempfile
@@ -476,7 +496,7 @@ def run_jobs(pipe, jobs: list[tuple[str, GenerationSettings]], args: argparse.Na
     return 0
 
 
-def reference(path) -> object:
+def reference(path: str | Path) -> Image.Image:
     """A reference image file, opened as the pipelines read it (RGB; 16-bit greys scaled, not clipped)."""
     from .images import eight_bit, open_image
 
@@ -484,11 +504,11 @@ def reference(path) -> object:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    model, recorded = args.model, None
+    model = args.model
     if args.from_png:
         if args.prompts:
             raise ValueError("--from remakes one image: omit --prompts")
-        made_by, job, recorded = job_from_png(args.from_png, args)
+        made_by, job = job_from_png(args.from_png, args)
         model = model or made_by
         jobs = [("", job)]
     else:
@@ -511,10 +531,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError("give a PROMPT, --prompts FILE or --from IMAGE.png")
     model = model or (None if args.weights else "nano")
     check_hosted_flags(model, args)
-    pipe = load_pipe(model, args)
-    if recorded is not None:
-        check_recorded_loras(pipe, recorded.get("loras") or [], args.from_png)
-    return run_jobs(pipe, jobs, args)
+    return run_jobs(load_pipe(model, args), jobs, args)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -545,6 +562,40 @@ COMPARE_REFUSES = {"--model": lambda a: a.model is not None, "--seed": lambda a:
                    "--num": lambda a: a.num != 1, "--guidance": lambda a: a.guidance is not None}  # fmt: skip
 
 
+def compare_settings(model: str, settings: dict, args: argparse.Namespace) -> dict:
+    """The shared settings as `model` takes them: a fixed-step hosted model its own steps, a model without CFG
+    no negative prompt or interval, a model with no upsampler of its own the prompt as written."""
+    v = get_variant(model)
+    kw = dict(settings)
+    if v.hosted or args.backend == "api":
+        from .hosted import ENDPOINTS
+
+        if ENDPOINTS[model].steps is None:
+            kw.pop("steps", None)
+    if not v.uses_cfg:
+        kw.pop("negative_prompt", None)
+        kw.pop("guidance_interval", None)
+    if not (v.upsampler or v.hosted):
+        kw.pop("prompt_upsampling", None)
+    return kw
+
+
+def check_compare(models: list[str], prompt: str, seeds: list[int], settings: dict, args) -> None:
+    """Every model's settings checked (its own rules) before the first model runs."""
+    from .hosted import ENDPOINTS, check_request
+    from .pipeline import build_request
+
+    for model in models:
+        kw = {**compare_settings(model, settings, args), "seeds": seeds, "num_images": len(seeds)}
+        try:
+            if get_variant(model).hosted or args.backend == "api":
+                check_request(ENDPOINTS[model], GenerationSettings.of(prompt, **kw))
+            else:
+                build_request(get_variant(model), prompt, **kw)
+        except ValueError as e:
+            raise ValueError(f"{model}: {e}") from None
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -557,36 +608,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise ValueError(f"--models {args.models!r} names no model: e.g. --models klein-4b,klein-base-4b")
-    for m in models:
-        get_variant(m)  # an unknown id is an error before the first model runs
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise ValueError(f"--seeds {args.seeds!r} is not a comma-separated list of integers") from None
-    out = Path(args.out or "compare")
-    plan = output_paths(str(out), [[f"{m}-{seed}" for seed in seeds] for m in models] + [["grid"]], False)
-    cells, labels = [], []
     settings = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images", "guidance")}
+    check_compare(models, args.prompt, seeds, settings, args)  # (an unknown id, too) before the first model runs
+    out = Path(args.out or "compare")
+    plan = output_paths(str(out), [[f"{m}-{seed}" for seed in seeds] for m in models] + [["grid"]], args.overwrite)
+    cells, labels = [], []
     for model, paths in zip(models, plan, strict=False):  # one model in memory at a time
         pipe = load_pipe(model, args)
-        kw = dict(settings)
-        if getattr(pipe, "endpoint", None) is not None and pipe.endpoint.steps is None:
-            kw.pop("steps", None)  # fixed-step hosted models: the same prompt, size and seed, their own steps
-        if not pipe.variant.uses_cfg:
-            kw.pop("negative_prompt", None)  # what only real CFG uses: for the models that run it
-            kw.pop("guidance_interval", None)
-        if not (pipe.variant.upsampler or pipe.variant.hosted):
-            kw.pop("prompt_upsampling", None)  # a model with no upsampler of its own takes the prompt as written
-        images = pipe(args.prompt, seeds=seeds, num_images=len(seeds), **kw)
+        images = pipe(args.prompt, seeds=seeds, num_images=len(seeds), **compare_settings(model, settings, args))
         for seed, image, path in zip(seeds, images, paths, strict=True):
-            save_png(image, path)
+            save_png(image, path, overwrite=args.overwrite)
             cells.append(image)
             labels.append(f"{model}  seed {seed}")
         del pipe
     sheet = grid(cells, labels, columns=len(seeds))
-    path = plan[-1][0]
-    sheet.save(path)
-    print(f"{path}  {len(models)} models x {len(seeds)} seeds  ({', '.join(models)})")
+    save_png(sheet, plan[-1][0], overwrite=args.overwrite)
+    print(f"{plan[-1][0]}  {len(models)} models x {len(seeds)} seeds  ({', '.join(models)})")
     return 0
 
 

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import __version__
 from .images import MULTIPLE, image_hash, parameters_text, size_for_aspect
+from .pipeline import opened_settings, whole
 from .settings import GenerationSettings
 from .variants import ASPECTS, Variant, get_variant
 
@@ -185,9 +186,12 @@ def check_request(
         raise ValueError("give size or aspect, not both")
     if aspect is not None:
         size = size_for_aspect(aspect, 1024 * 1024)
-    if size is None:
-        size = ref_sizes[0] if ref_sizes and endpoint.family == "flux2" else (1024, 1024)
-        size = (size[0] // MULTIPLE * MULTIPLE, size[1] // MULTIPLE * MULTIPLE)
+    if size is None:  # the first reference's (Kontext: its aspect ratio), within the API's pixel limit
+        w, h = ref_sizes[0] if ref_sizes else (1024, 1024)
+        if w * h > MAX_PIXELS:
+            scale = math.sqrt(MAX_PIXELS / (w * h))
+            w, h = int(w * scale), int(h * scale)
+        size = (w // MULTIPLE * MULTIPLE, h // MULTIPLE * MULTIPLE)
     width, height = size
     for side, value in (("width", width), ("height", height)):
         if not isinstance(value, int) or value % MULTIPLE or value < MIN_SIDE:
@@ -485,22 +489,24 @@ class HostedPipeline:
         """The call's checks alone, nothing sent (`Pipeline.check`)."""
         self._checked(GenerationSettings.of(prompt, **fields))
 
-    def _checked(self, s: GenerationSettings) -> tuple[GenerationSettings, bool, tuple[str, ...], list[int]]:
-        """The settings resolved by the endpoint's rules, whether it is Kontext, the prompt and seed of each image."""
+    def _checked(self, s: GenerationSettings) -> tuple[GenerationSettings, str | None, tuple[str, ...], list[int]]:
+        """The settings resolved by the endpoint's rules (images given as paths opened, as the local call does),
+        Kontext's aspect ratio, the prompt and seed of each image."""
+        s = opened_settings(s)
         prompts = s.prompts
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ValueError("prompt must be a non-empty string or a non-empty list of them")
         if s.aspect is not None and s.aspect not in ASPECTS:
             raise ValueError(f"aspect {s.aspect!r} is not one of {', '.join(ASPECTS)}")
-        if not all(isinstance(r, Image.Image) for r in s.refs):
-            raise ValueError("refs must be a list of PIL images")
         s, kontext = check_request(self.endpoint, s, [r.size for r in s.refs])
         prompts = tuple(p for p in prompts for _ in range(s.num_images))
+        if s.seeds is None and not whole(s.seed):
+            raise ValueError(f"seed must be an integer in 0..2**32-1 for hosted models, got {s.seed!r}")
         seeds = list(s.seeds) if s.seeds is not None else [s.seed + i for i in range(len(prompts))]
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds given for {len(prompts)} images: give one per image")
         for seed in seeds:
-            if not isinstance(seed, int) or not 0 <= seed < 2**32:
+            if not whole(seed) or not 0 <= seed < 2**32:
                 raise ValueError(f"seed must be an integer in 0..2**32-1 for hosted models, got {seed!r}")
         return s, kontext, prompts, seeds
 

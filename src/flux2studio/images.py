@@ -144,7 +144,7 @@ def parameters_text(meta: dict) -> str:
 def save_png(image: Image.Image, path: str | Path, overwrite: bool = False) -> Path:
     """Write a PNG carrying the image's `parameters` and `flux2` metadata; an existing file is an error, or with
     `overwrite` replaced once the new one is written whole (never lost to a failed write)."""
-    import threading
+    import secrets
 
     from PIL.PngImagePlugin import PngInfo
 
@@ -158,13 +158,14 @@ def save_png(image: Image.Image, path: str | Path, overwrite: bool = False) -> P
         with open(path, "xb") as f:  # "x": fails if the file exists
             image.save(f, format="PNG", pnginfo=info)
         return path
-    part = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.part")  # (the umask's mode)
+    part = path.with_name(f".{path.name}.{secrets.token_hex(8)}.part")  # (opened as any file: the umask's mode)
     try:
         with open(part, "xb") as f:
             image.save(f, format="PNG", pnginfo=info)
         os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
+    except BaseException:
+        part.unlink(missing_ok=True)  # (its random name is this call's alone)
+        raise
     return path
 
 

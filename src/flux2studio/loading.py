@@ -581,16 +581,15 @@ def _load_local(
         t_path = Path(weights)  # (quantized safetensors, GGUF, fp8): read as any transformer file is
         vae_path = Path(vae) if vae else EMBEDDED / "nano-vae.safetensors"
         raw, formats = read_transformer_file(t_path)
-        transformer = load_transformer(raw, variant, device, torch_dtype, True, formats, quantize)
+        transformer = load_transformer(raw, variant, device, torch_dtype, True, formats, quantize)  # resident
     else:
         t_path, vae_path = embedded_files(model_id)
-        formats = {}
         transformer = build(lambda: Flux2Transformer(variant.transformer), read_safetensors(t_path), model_id,
                             torch_dtype)  # fmt: skip
         if quantize:
             quantize_modules(transformer, quantize, transformer_quantizable, release=drop_file_pages)
-    if (quantize or formats) and torch.device(device).type == "cpu":  # held whole (never streamed): oneDNN's
-        prepack_int8(transformer)  # int8 layout
+            if torch.device(device).type == "cpu":  # held in memory whole (never streamed): oneDNN's int8 layout
+                prepack_int8(transformer)
     vae = build(lambda: AutoEncoder(variant.vae), read_safetensors(vae_path), "nano VAE", torch_dtype)
     text_encoder = load_minilm(variant.text_encoder, device=device)
     digest = weights_hash([t_path])

@@ -13,6 +13,7 @@ become one block-diagonal delta on the fused qkv. A key that maps to no module i
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -207,11 +208,16 @@ def _combine(target: str, ps: list[tuple[int, int, bool, Delta]], linear: nn.Lin
 
 
 def check_scale(scale: object, name: str | Path = "") -> float:
-    """A LoRA's scale as a float, or a ValueError naming it and the range (NaN and infinities refused)."""
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not abs(scale) <= MAX_LORA_SCALE:
+    """A LoRA's scale as a float (anything `float()` takes), or a ValueError naming it and the range (NaN and
+    infinities refused)."""
+    try:
+        value = float(scale)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = math.nan
+    if not abs(value) <= MAX_LORA_SCALE:
         who = f"LoRA {Path(name).name} " if name else "LoRA "
         raise ValueError(f"{who}scale {scale!r} is out of range -{MAX_LORA_SCALE:g}..{MAX_LORA_SCALE:g}")
-    return float(scale)
+    return value
 
 
 def load_lora(path: str | Path, model: nn.Module) -> LoraFile:

@@ -105,16 +105,16 @@ def build_request(variant: Variant, prompt: str | Sequence[str] | GenerationSett
     default 1) and the start image is also the first reference, as in diffusers' inpainting pipeline
     (`Variant.inpaint_reference`).
     """
-    s = _opened(GenerationSettings.of(prompt, **fields))
+    s = opened_settings(GenerationSettings.of(prompt, **fields))
     prompts, num_images = s.prompts, s.num_images
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompt must be a string or a non-empty list of strings")
-    if not _whole(num_images) or not 1 <= num_images <= MAX_IMAGES // len(prompts):
+    if not whole(num_images) or not 1 <= num_images <= MAX_IMAGES // len(prompts):
         raise ValueError(
             f"num_images {num_images!r} is out of range: 1..{MAX_IMAGES // len(prompts)} for {len(prompts)} prompt(s)"
         )
     steps = variant.steps if s.steps is None else s.steps
-    if not _whole(steps):
+    if not whole(steps):
         raise ValueError(f"steps {steps!r} is not a whole number (1..{MAX_STEPS})")
     if not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps {steps!r} is out of range 1..{MAX_STEPS}")
@@ -156,12 +156,12 @@ def build_request(variant: Variant, prompt: str | Sequence[str] | GenerationSett
     )
 
 
-def _whole(value: object) -> bool:
+def whole(value: object) -> bool:
     """An int and not a bool (True is an int to Python, not a count to a user)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _opened(s: GenerationSettings) -> GenerationSettings:
+def opened_settings(s: GenerationSettings) -> GenerationSettings:
     """`s` with image paths opened (refs, image, mask may be PIL images or files) and a "WIDTHxHEIGHT" size
     parsed; anything else there is a clear error."""
 
@@ -181,7 +181,7 @@ def _opened(s: GenerationSettings) -> GenerationSettings:
     if isinstance(s.size, str):
         fields["size"] = parse_size(s.size)
     elif s.size is not None and not (isinstance(s.size, tuple | list) and len(s.size) == 2
-                                     and all(map(_whole, s.size))):  # fmt: skip
+                                     and all(map(whole, s.size))):  # fmt: skip
         raise ValueError(f"size {s.size!r} is not (width, height) in pixels or 'WIDTHxHEIGHT'")
     return s.replace(**fields)
 
@@ -215,7 +215,7 @@ def reference_room(variant: Variant, inpainting: bool) -> int:
 def _seeds(seed: int, seeds: Sequence[int] | None, n: int) -> list[int]:
     """One seed per image: `seed + i`, or the `seeds` given (as many as images, each in 0..2**63-1)."""
     if seeds is None:
-        if not _whole(seed) or not 0 <= seed < 2**63:
+        if not whole(seed) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in 0..2**63-1, got {seed!r}")
         if seed + n > 2**63:
             raise ValueError(f"seed {seed} with {n} images runs past 2**63-1 (image i uses seed + i)")

@@ -34,7 +34,7 @@ async def validation_error(_request: Request, exc: RequestValidationError) -> JS
     return SafeJSON({"detail": errors, "error": error_body(message, "invalid_request_error")}, status_code=422)
 
 
-def _finite(value):
+def _finite(value: object) -> object:
     """`value` with every NaN or infinity (Python's JSON reader takes `NaN`, `Infinity` and `1e400`) as its text:
     a 422 quoting one back must still be JSON."""
     if isinstance(value, float) and not math.isfinite(value):

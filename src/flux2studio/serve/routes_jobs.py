@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
 
 from .schemas import JobRequest
@@ -17,9 +17,9 @@ TERMINAL = ("done", "failed", "cancelled")
 
 
 @router.post("/v1/jobs", status_code=202)
-def create_job(req: JobRequest, response: Response, adm: Admission = Depends(admission)) -> dict:
+def create_job(req: JobRequest, request: Request, response: Response, adm: Admission = Depends(admission)) -> dict:
     job = adm.submit(req)
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    response.headers["Location"] = request.url_for("get_job", job_id=job.id).path  # (under a --root-path too)
     return job.public()
 
 

@@ -44,10 +44,10 @@ class Admission:
                 req.width, req.height = size_for_aspect(req.aspect, variant.default_size[0] * variant.default_size[1])
             except ValueError as e:
                 raise HTTPException(422, str(e)) from None
-        sizes = self.reference_sizes(req.refs)
+        local = req.model not in self.remote
+        sizes = self.reference_sizes(req.refs, local)
         edit = self.editing(req)
         size = None  # an edit without a size: its start image (and expansion) sets it
-        local = req.model not in self.remote
         if local and not edit and sizes and req.width is None and req.height is None:  # the first reference
             prepared = fitted(sizes[0], (), 2**31)  # sets it as in the pipeline: as prepared (pixel cap, 16s),
             size = fitted(prepared, (), min(variant.max_side, self.limits.max_side))  # within the sides
@@ -85,8 +85,9 @@ class Admission:
                                     expand=built.init.expand if any(built.init.expand) else None)  # fmt: skip
         return stored, loras, built.steps
 
-    def reference_sizes(self, refs: list[str]) -> list[tuple[int, int]]:
-        """Each reference's size (its header only), each id known and each size one the pipelines take."""
+    def reference_sizes(self, refs: list[str], local: bool) -> list[tuple[int, int]]:
+        """Each reference's size (its header only), each id known and, for a `local` model, each size one the
+        pipelines take (the hosted API has rules of its own: `hosted.check_request`)."""
         sizes = []
         for i, ref in enumerate(refs):
             if (path := self.store.ref_path(ref)) is None:
@@ -94,7 +95,8 @@ class Admission:
             with Image.open(path) as im:
                 sizes.append(im.size)
             try:
-                check_reference_size(*im.size, i)
+                if local:
+                    check_reference_size(*im.size, i)
             except ValueError as e:
                 raise HTTPException(422, str(e)) from None
         return sizes
