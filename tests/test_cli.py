@@ -102,6 +102,9 @@ def test_errors_are_one_actionable_line(tmp_path, klein_folder, cli):
         (("generate", "p", *common(folder), "--size", "100x64"), "width 100 is not a multiple of 16"),
         (("generate", "p", *common(folder), "--ref", tmp_path / "missing.png"), "cannot read reference image"),
         (("generate", "p", *common(folder), "--guidance", "3"), "guidance-distilled and ignores guidance"),
+        (("generate", "p", "--stepz", "3"), "unrecognized arguments: --stepz 3"),  # (argparse: usage, 4 lines)
+        (("generate", "p", "--device", "gpu0"), "device 'gpu0' is not a device name"),  # (PyTorch's own list)
+        (("generate", "p", "--model", "nano-base", "--lora", tmp_path), f"{tmp_path} is a folder"),  # (not found)
     ]
     for args, message in cases:
         run = cli(*args)

@@ -32,6 +32,8 @@ def check_path(path: str | Path) -> Path:
             f"{path} is a pickle checkpoint ({path.suffix}); loading it could run arbitrary code. "
             "Convert it to .safetensors first (safetensors' convert tools), or download the .safetensors release."
         )
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: name the weights file in it")
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     return path

@@ -801,8 +801,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, as every other error of the command line (its subcommands' parsers
+    are made of this class too)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flux2", description="Run the FLUX.2 family on your own hardware.")
+    parser = Parser(prog="flux2", description="Run the FLUX.2 family on your own hardware.")
     sub = parser.add_subparsers(dest="command", required=True)
     models = sub.add_parser("models", help="list every model id with its size, defaults and licence")
     models.add_argument("--json", action="store_true", help="print a JSON list")
@@ -882,7 +890,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--from", dest="from_png", metavar="IMAGE.png", help="regenerate from a PNG's metadata")
     gen.set_defaults(func=cmd_generate)
 
-    edit = sub.add_parser("edit", help="edit with references, or inpaint / outpaint the first: IMAGE... PROMPT")
+    edit = sub.add_parser(
+        "edit",
+        help="edit with references, or inpaint / outpaint the first: IMAGE... PROMPT",
+        usage="flux2 edit IMAGE [IMAGE ...] PROMPT [options]",
+    )
     edit.add_argument("inputs", nargs="+", metavar="IMAGE... PROMPT")
     model_args(edit)
     output_args(edit)

@@ -83,6 +83,20 @@ def default_device() -> str:
     return "cpu"
 
 
+def check_device(device: str) -> None:
+    """A device name PyTorch knows and this machine has, or a ValueError saying what there is."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a device name: cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: this PyTorch sees no CUDA GPU (a CPU build, or none visible): use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ..)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device}: Apple's MPS is not available here: use cpu")
+
+
 def embedded_files(model_id: str) -> tuple[Path, Path]:
     """(transformer, vae) files shipped inside the package for nano / nano-base."""
     transformer, vae = EMBEDDED / f"{model_id}.safetensors", EMBEDDED / "nano-vae.safetensors"
@@ -526,6 +540,7 @@ def load(
             "--backend api needs --model (one of pro, max, flex, kontext-pro, kontext-max, klein-4b, klein-9b)"
         )
     device = device or default_device()
+    check_device(device)
     compute = compute_dtype(dtype, device)
     budget = vram_bytes(vram_budget, device)
     if model_id is not None:  # before any weights are read: does the transformer fit the device (or budget)?
