@@ -191,12 +191,14 @@ def test_mask_preparation_follows_diffusers_mask_processor():
         ({"mask_blur": 100, "mask": Image.new("L", (8, 8), 255)}, r"mask_blur 100 is out of range 0..64"),
         ({"size": (64, 64), "expand": (16, 0, 0, 0)}, r"give an expansion or a size, not both"),
         ({"negative_prompt": "blurry"}, r"does not run classifier-free guidance"),
+        ({"mask_blur": 8}, r"mask_blur 8 softens a mask's edges: give a mask too"),  # (was ignored)
+        ({"image": _photo(2000, 50)}, r"the image is 2000x50: nano takes sides of at least 64 px"),  # (was "got 0")
     ],
 )
 def test_bad_edits_name_the_value_and_the_range(kwargs, message):
     nano = get_variant("nano")
     with pytest.raises(ValueError, match=message):
-        build_request(nano, "p", image=_photo(128, 128), **kwargs)
+        build_request(nano, "p", **{"image": _photo(128, 128), **kwargs})
 
 
 def test_edit_arguments_need_an_image_and_leave_room_for_it_among_references():

@@ -252,3 +252,36 @@ def test_pipeline_and_cli_take_several_loras_and_record_them(klein_folder, tmp_p
         ("style.safetensors", 1.0),
         ("other.safetensors", 0.5),
     ]
+
+
+def test_a_lora_that_does_not_fit_is_refused_whole_before_anything_changes(tmp_path):
+    """Found by a user's tour: a wrong-rank factor failed in the middle of a call with torch's message and left
+    the layers applied before it changed (set_loras([]) did not restore the image); factors that merely
+    broadcast ((1, R) up) were applied; another model's LoRA failed at run time; an empty file did nothing;
+    NaN made a garbage image. Now each is one error at set_loras naming file and layer, and nothing changes."""
+    from flux2studio.loading import load
+
+    pipe = load("nano-base", device="cpu", dtype="fp32")
+    plain = pipe("a red circle", steps=2, seed=0)[0]
+    ok = {"double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(4, 256) * 0.1,
+          "double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(768, 4) * 0.1,
+          "double_blocks.0.img_attn.proj.lora_A.weight": torch.randn(4, 256) * 0.1,
+          "double_blocks.0.img_attn.proj.lora_B.weight": torch.randn(256, 4) * 0.1}  # fmt: skip
+    key = "double_blocks.0.img_attn.proj.lora_B.weight"
+    cases = {
+        "rank": ({**ok, key: torch.randn(256, 3)}, r"factors \(256, 3\) x \(4, 256\) do not multiply"),
+        "broadcast": ({**ok, key: torch.randn(1, 4)}, "makes a 1x256 change; this model's layer is 256x256"),
+        "other-model": ({**ok, key: torch.randn(3072, 4)}, "makes a 3072x256 change"),
+        "nan": ({**ok, key: torch.full((256, 4), float("nan"))}, "holds NaN or infinite values"),
+        "empty": ({}, "holds no LoRA layer"),
+    }
+    for name, (sd, message) in cases.items():
+        save_file(sd, tmp_path / f"{name}.safetensors")
+        with pytest.raises(ValueError, match=message):
+            pipe.set_loras([(tmp_path / f"{name}.safetensors", 1.0)])
+    save_file(ok, tmp_path / "ok.safetensors")
+    pipe.set_loras([(tmp_path / "ok.safetensors", 1.0)])
+    styled = pipe("a red circle", steps=2, seed=0)[0]
+    assert styled.tobytes() != plain.tobytes() and 'Lora hashes: "ok: ' in styled.info["parameters"]  # (A1111's)
+    pipe.set_loras([])
+    assert pipe("a red circle", steps=2, seed=0)[0].tobytes() == plain.tobytes()

@@ -352,6 +352,7 @@ def test_settings_object_and_keywords_are_one_request():
         v, "p", size=(128, 64), steps=3, negative_prompt="blur", num_images=2
     )
     assert build_request(v, saved, seed=7).seeds == (7, 8) and saved.seed == 0
+    assert build_request(v, "p", seeds=[9, 2]).seeds == (9, 2)  # one image a seed (was "2 seeds for 1 images")
     with pytest.raises(ValueError, match=r"unknown setting.s. stepz; known: aspect"):
         build_request(v, "p", stepz=3)
 
@@ -368,6 +369,10 @@ def test_sizes_as_text_images_as_paths_and_sixteen_bit_greys(tmp_path):
     assert build_request(v, "p", refs=[str(tmp_path / "grey16.png")]).refs == req.refs
     with pytest.raises(ValueError, match="a negative prompt acts only with guidance above 1"):
         build_request(v, "p", guidance=1.0, negative_prompt="blurry")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone photo held upright: stored 192x128, seen 128x192 (before: used sideways)
+    Image.new("RGB", (192, 128), "red").save(tmp_path / "phone.jpg", exif=exif)
+    assert build_request(v, "p", refs=[tmp_path / "phone.jpg"]).refs[0].size == (128, 192)
 
 
 def test_bad_references_and_guidance_are_refused():

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
 from torch import Tensor
 
-from .images import REF_MAX_AREA, check_size, eight_bit, image_hash
+from .images import REF_MAX_AREA, as_seen, check_size, image_hash
 from .sampling import PIXELS_PER_TOKEN as MULTIPLE
 from .sampling import mask_tokens
 from .variants import ANCHORS
@@ -79,6 +79,8 @@ def build_init(
         raise ValueError(f"strength {strength!r} is out of range: more than 0, at most 1")
     if isinstance(mask_blur, bool) or not isinstance(mask_blur, int) or not 0 <= mask_blur <= MAX_MASK_BLUR:
         raise ValueError(f"mask_blur {mask_blur!r} is out of range 0..{MAX_MASK_BLUR} (pixels)")
+    if mask_blur and mask is None:
+        raise ValueError(f"mask_blur {mask_blur} softens a mask's edges: give a mask too")
     expand = check_expand(expand)
     if any(expand) and size is not None:
         raise ValueError("give an expansion or a size, not both: the canvas is the image plus the expansion")
@@ -99,6 +101,9 @@ def build_init(
     except ValueError as e:
         if any(expand):
             raise ValueError(f"expansion {list(expand)} makes the canvas {canvas[0]}x{canvas[1]}: {e}") from None
+        if chosen and min(w, h) < lo:
+            raise ValueError(f"the image is {w}x{h}: {model} takes sides of at least {lo} px (pass a size to "
+                             "enlarge it)") from None  # fmt: skip
         if chosen:
             raise ValueError(f"the image ({w}x{h}, used at {size[0]}x{size[1]}) does not fit: {e}; "
                              "pass a size to resize it") from None  # fmt: skip
@@ -131,7 +136,7 @@ def upright(image: Image.Image) -> Image.Image:
     """As it is meant to be seen (EXIF orientation applied, as browsers do: a mask painted on the page lines up)
     in 8 bits a channel: 16-bit and float greys are scaled to 0..255 (Pillow would clip them), palettes and
     CMYK turned RGB."""
-    image = eight_bit(ImageOps.exif_transpose(image))
+    image = as_seen(image)
     return image if image.mode in ("RGB", "L", "RGBA", "LA") else image.convert("RGB")
 
 

@@ -27,8 +27,8 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from . import __version__
-from .images import MULTIPLE, image_hash, parameters_text, size_for_aspect
-from .pipeline import opened_settings, whole
+from .images import MULTIPLE, as_seen, image_hash, parameters_text, size_for_aspect
+from .pipeline import opened_settings, whole, with_seeds_counted
 from .settings import GenerationSettings
 from .variants import ASPECTS, Variant, get_variant
 
@@ -492,7 +492,8 @@ class HostedPipeline:
     def _checked(self, s: GenerationSettings) -> tuple[GenerationSettings, str | None, tuple[str, ...], list[int]]:
         """The settings resolved by the endpoint's rules (images given as paths opened, as the local call does),
         Kontext's aspect ratio, the prompt and seed of each image."""
-        s = opened_settings(s)
+        s = with_seeds_counted(opened_settings(s))
+        s = s.replace(refs=tuple(as_seen(r) for r in s.refs))  # upright: the API gets pixels, not EXIF tags
         prompts = s.prompts
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ValueError("prompt must be a non-empty string or a non-empty list of them")

@@ -52,7 +52,7 @@ def check_reference_size(w: int, h: int, index: int = 0) -> None:
 
 def prepare_reference(image: Image.Image, index: int = 0) -> Image.Image:
     """Validate and crop one reference image as the FLUX.2 pipelines do; returns an RGB image."""
-    image = eight_bit(image)
+    image = as_seen(image)
     w, h = image.size
     check_reference_size(w, h, index)
     if w * h > REF_MAX_AREA:
@@ -110,6 +110,14 @@ def eight_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
 
 
+def as_seen(image: Image.Image) -> Image.Image:
+    """As it is meant to be seen: its EXIF orientation applied (a phone photo upright, as browsers show it) and
+    `eight_bit`. Applying it twice changes nothing (the orientation tag goes)."""
+    from PIL import ImageOps
+
+    return eight_bit(ImageOps.exif_transpose(image))
+
+
 def pixels_digest(image: Image.Image) -> str:
     """SHA-256 of an image's RGB pixels and size: what it contributes as a reference or start image, not its file."""
     rgb = eight_bit(image).convert("RGB")
@@ -135,6 +143,11 @@ def parameters_text(meta: dict) -> str:
         ("Size", f"{meta['width']}x{meta['height']}"),
         ("Model", meta["model"]),
         ("Model hash", meta["weights_hash"]),
+        *(
+            [("Lora hashes", '"' + ", ".join(f"{Path(lo['file']).stem}: {lo['hash']}" for lo in meta["loras"]) + '"')]
+            if meta.get("loras")
+            else []
+        ),  # (A1111's key; the scales are in the flux2 chunk)
         ("Version", f"flux2studio {meta['version']}"),
     ]
     lines.append(", ".join(f"{k}: {v}" for k, v in pairs))

@@ -157,10 +157,34 @@ def parse_lora(sd: dict[str, Tensor], metadata: dict[str, str], model: nn.Module
     if unknown:
         shown = ", ".join(sorted(unknown)[:12]) + (f" (+{len(unknown) - 12} more)" if len(unknown) > 12 else "")
         raise ValueError(f"{len(unknown)} LoRA key(s) map to no layer of this model: {shown}")
+    if not parts:
+        raise ValueError(f"{path or 'the LoRA'} holds no LoRA layer (an empty file?)")
     lokr = any(d.kron is not None for ps in parts.values() for *_, d in ps)
-    deltas = [_combine(target, ps, linears[target]) for target, ps in parts.items()]
+    deltas = [_combine(target, ps, linears[target], path) for target, ps in parts.items()]
+    for d in deltas:
+        _check_delta(d, linears[d.module], path)
     fmt = "+".join(sorted(formats)) + (" LoKr" if lokr else "")
     return LoraFile(path=path, format=fmt, deltas=deltas)
+
+
+def _check_delta(d: Delta, linear: nn.Linear, path: str, rows: int | None = None) -> None:
+    """A ValueError naming the file and layer unless `d`'s factors make a delta of the layer's shape (or of
+    `rows` of it: one of diffusers' q, k, v parts) with finite values: a LoRA of another model, or a broken
+    file, is refused before anything is applied (factors that merely broadcast included)."""
+    out, inp = rows or linear.out_features, linear.in_features
+    where = f"{path or 'LoRA'}: layer {d.module}"
+    if d.kron is not None:
+        (a, b), (c, e) = d.kron[0].shape, d.kron[1].shape
+        made, factors = (a * c, b * e), [d.kron[0], d.kron[1]]
+    else:
+        if d.down.ndim != 2 or d.up.ndim != 2 or d.up.shape[1] != d.down.shape[0]:
+            raise ValueError(f"{where}: factors {tuple(d.up.shape)} x {tuple(d.down.shape)} do not multiply")
+        made, factors = (d.up.shape[0], d.down.shape[1]), [d.down, d.up]
+    if made != (out, inp):
+        raise ValueError(f"{where} makes a {made[0]}x{made[1]} change; this model's layer is {out}x{inp} (a LoRA "
+                         "of another model?)")  # fmt: skip
+    if not all(torch.isfinite(f).all() for f in factors):
+        raise ValueError(f"{where} holds NaN or infinite values")
 
 
 def _delta(target: str, g: dict[str, Tensor], peft_alpha, alpha_pattern: dict, name: str) -> Delta:
@@ -180,10 +204,11 @@ def _delta(target: str, g: dict[str, Tensor], peft_alpha, alpha_pattern: dict, n
     raise ValueError(f"LoRA layer {name} is incomplete: has {sorted(g)}, needs lora_A+lora_B or lokr_w1+lokr_w2")
 
 
-def _combine(target: str, ps: list[tuple[int, int, bool, Delta]], linear: nn.Linear) -> Delta:
+def _combine(target: str, ps: list[tuple[int, int, bool, Delta]], linear: nn.Linear, path: str = "") -> Delta:
     """One delta per layer: diffusers' q, k, v parts become a block-diagonal low-rank delta on qkv."""
     out_features = linear.out_features
     if len(ps) == 1 and ps[0][1] == 1:
+        _check_delta(ps[0][3], linear, path)
         _, _, swap, d = ps[0]
         if swap:  # diffusers stores the final adaLN as (scale, shift), ours is (shift, scale)
             if d.kron is not None:
@@ -197,6 +222,7 @@ def _combine(target: str, ps: list[tuple[int, int, bool, Delta]], linear: nn.Lin
     rows = out_features // n
     downs, ups = [], []
     for part, _, _, d in sorted(ps, key=lambda p: p[0]):
+        _check_delta(d, linear, path, rows)
         if d.kron is not None:  # LoKr parts: use the full per-part delta as rank-`in` factors
             w = d.weight(torch.Size((rows, linear.in_features)))
             d = Delta(target, down=torch.eye(linear.in_features), up=w)
@@ -256,17 +282,22 @@ def apply_loras(
     for lora, scale in loras:
         for d in lora.deltas:
             by_layer.setdefault(d.module, []).append((d, scale))
-    for name, items in by_layer.items():
-        linear = linears[name]
-        if mode == "fuse" and not isinstance(linear, QuantLinear):  # packed layers stay packed: hooks
-            total = sum(s * d.weight(_shape(linear)) for d, s in items)
-            applied.backups[linear] = linear.weight.data
-            base = dense_weight(linear, torch.float32)  # an fp8 weight times its scale, a packed one unpacked
-            narrow = linear.weight.dtype in fp8_dtypes() or not linear.weight.is_floating_point()
-            kept = into or (torch.bfloat16 if narrow else linear.weight.dtype)
-            linear.weight.data = (base + total.to(linear.weight.device)).to(kept)
-        else:
-            applied.hooks.append(linear.register_forward_hook(_hook(items, linear)))
+    try:
+        for name, items in by_layer.items():
+            linear = linears[name]
+            if mode == "fuse" and not isinstance(linear, QuantLinear):  # packed layers stay packed: hooks
+                total = sum(s * d.weight(_shape(linear)) for d, s in items)
+                base = dense_weight(linear, torch.float32)  # an fp8 weight times its scale, a packed one unpacked
+                narrow = linear.weight.dtype in fp8_dtypes() or not linear.weight.is_floating_point()
+                kept = into or (torch.bfloat16 if narrow else linear.weight.dtype)
+                fused = (base + total.to(linear.weight.device)).to(kept)
+                applied.backups[linear] = linear.weight.data
+                linear.weight.data = fused
+            else:
+                applied.hooks.append(linear.register_forward_hook(_hook(items, linear)))
+    except BaseException:  # (out of memory on a large layer): none of it stays applied
+        applied.remove()
+        raise
     return applied
 
 

@@ -105,7 +105,7 @@ def build_request(variant: Variant, prompt: str | Sequence[str] | GenerationSett
     default 1) and the start image is also the first reference, as in diffusers' inpainting pipeline
     (`Variant.inpaint_reference`).
     """
-    s = opened_settings(GenerationSettings.of(prompt, **fields))
+    s = with_seeds_counted(opened_settings(GenerationSettings.of(prompt, **fields)))
     prompts, num_images = s.prompts, s.num_images
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompt must be a string or a non-empty list of strings")
@@ -159,6 +159,14 @@ def build_request(variant: Variant, prompt: str | Sequence[str] | GenerationSett
 def whole(value: object) -> bool:
     """An int and not a bool (True is an int to Python, not a count to a user)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def with_seeds_counted(s: GenerationSettings) -> GenerationSettings:
+    """`seeds=[...]` for one prompt without `num_images`: one image per seed (it was an error, "3 seeds given for
+    1 images")."""
+    if s.seeds is not None and s.num_images == 1 and len(s.prompts) == 1 and isinstance(s.seeds, Sequence):
+        return s.replace(num_images=max(1, len(s.seeds)))
+    return s
 
 
 def opened_settings(s: GenerationSettings) -> GenerationSettings:

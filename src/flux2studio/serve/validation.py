@@ -20,6 +20,8 @@ from .schemas import JobRequest
 from .store import Store
 from .worker import Worker
 
+ORIENTATION = 0x0112  # the EXIF tag
+
 
 class Admission:
     """The store, the worker and the limits, with the served models (`remote`: those run on BFL's API)."""
@@ -92,11 +94,12 @@ class Admission:
         for i, ref in enumerate(refs):
             if (path := self.store.ref_path(ref)) is None:
                 raise HTTPException(422, f"unknown reference id {ref[:64]!r}: upload it to /v1/uploads first")
-            with Image.open(path) as im:
-                sizes.append(im.size)
+            with Image.open(path) as im:  # (as seen: a photo turned by its EXIF orientation has its sides swapped)
+                size = im.size[::-1] if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8) else im.size
+            sizes.append(size)
             try:
                 if local:
-                    check_reference_size(*im.size, i)
+                    check_reference_size(*size, i)
             except ValueError as e:
                 raise HTTPException(422, str(e)) from None
         return sizes
