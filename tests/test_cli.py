@@ -371,9 +371,16 @@ def test_every_job_and_output_is_checked_before_any_work_and_nothing_is_lost(tmp
         assert run.returncode == 0, run.stderr
     assert [p for p in _files(tmp_path) if p.startswith("c-")] == ["c-0.png", "c-1.png"]  # an image, the grid
     assert "limit 0 must be a whole number" in cli("eval", "--limit", "0").stderr  # before: all 768 images
+    assert "steps 0 is out of range" in cli("eval", "--limit", "1", "--steps", "0").stderr  # (ran nano's 4)
+    assert "ignores guidance" in cli("eval", "--limit", "1", "--guidance", "3").stderr  # (dropped, yet reported)
     run = cli("train", "lora", tmp_path, "--model", "nano-base", "--rank", "0", "--out", tmp_path / "r")
     assert run.returncode == 2 and "rank 0 must be a whole number of at least 1" in run.stderr
     assert not (tmp_path / "r").exists()  # before: the model loaded, then PEFT's own message
+    run = cli("train", "lora", tmp_path, "--resolution", "4096", "--out", tmp_path / "r")  # (was accepted)
+    assert run.returncode == 2 and "resolution 4096 is outside nano-base's sides 64..256" in run.stderr
+    (data := tmp_path / "data.jsonl").write_text('{"image": "a.png", "caption": "x"}\n')
+    run = cli("train", "lora", data, "--out", tmp_path / "r")  # before: after loading, Python's own message
+    assert run.returncode == 2 and f"{data} line 1: no image file" in run.stderr and not (tmp_path / "r").exists()
 
 
 def test_prompt_files_take_images_batches_are_named_by_seed_and_from_needs_the_references(tmp_path, cli):

@@ -340,7 +340,7 @@ def recorded_edit(init: dict, args: argparse.Namespace, path: str) -> dict:
 
     files = {"image": (getattr(args, "init", None), "--init"), "mask": (getattr(args, "mask", None), "--mask")}
     settings = {"strength": init["strength"] if args.strength is None else args.strength,
-                "mask_blur": args.mask_blur or init.get("mask_blur", 0)}  # fmt: skip
+                "mask_blur": args.mask_blur or (init.get("mask_blur", 0) if init.get("mask") else 0)}  # fmt: skip
     if init.get("expand"):
         settings["expand"], settings["size"] = tuple(init["expand"]), None
     for key, (given, flag) in files.items():
@@ -497,10 +497,11 @@ def run_jobs(pipe, jobs: list[tuple[str, GenerationSettings]], args: argparse.Na
 
 
 def reference(path: str | Path) -> Image.Image:
-    """A reference image file, opened as the pipelines read it (RGB; 16-bit greys scaled, not clipped)."""
-    from .images import eight_bit, open_image
+    """A reference image file, opened as the pipelines read it (upright by its EXIF orientation, RGB; 16-bit
+    greys scaled, not clipped)."""
+    from .images import as_seen, open_image
 
-    return eight_bit(open_image(path, "reference image")).convert("RGB")
+    return as_seen(open_image(path, "reference image")).convert("RGB")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -647,15 +648,21 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .loading import load
-    from .train.lora import LoraTrainConfig, train_lora
+    from .train.lora import LoraTrainConfig, check_resolution, read_dataset, train_lora
 
+    variant = get_variant(args.model)
+    if variant.guidance_mode == "none" or variant.hosted:  # before loading it, as everything below
+        raise ValueError(f"{args.model}: train LoRAs on a Base variant (nano-base, klein-base-4b, klein-base-9b)")
+    resolution = min(512, variant.max_side) if args.resolution is None else args.resolution
+    check_resolution(variant, resolution)
     cfg = LoraTrainConfig(
         data=args.data, out=args.out, rank=args.rank, alpha=args.alpha, lr=args.lr, steps=args.steps,
-        batch=args.batch, resolution=args.resolution, caption_dropout=args.caption_dropout,
+        batch=args.batch, resolution=resolution, caption_dropout=args.caption_dropout,
         grad_checkpointing=args.grad_checkpointing, mode=args.mode, sample_every=args.sample_every,
         sample_prompts=tuple(args.sample_prompt), sample_steps=args.sample_steps, ckpt_every=args.ckpt_every,
         seed=args.seed, save_kohya=args.kohya,
     )  # fmt: skip
+    read_dataset(cfg.data, cfg.mode)  # its errors (a missing image, a bad line) before the model loads
     pipe = load(args.model, weights=args.weights, device=args.device, dtype=args.dtype)
     bar = tqdm(total=cfg.steps, desc=f"lora {args.model}", dynamic_ncols=True)
 
@@ -753,9 +760,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .loading import load
     from .nano.evaluate import evaluate
 
+    if get_variant(args.model or "nano").hosted:
+        raise ValueError(f"{args.model}: eval scores images of the Shapes world made by a local model (nano, "
+                         "nano-base)")  # fmt: skip
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise ValueError(f"--seeds {args.seeds!r} is not a comma-separated list of integers") from None
     pipe = load(args.model or "nano", weights=args.weights, vae=args.vae, device=args.device, dtype=args.dtype,
                 attention=args.attention or "auto", quantize=args.quantize)  # fmt: skip
-    seeds = tuple(int(s) for s in args.seeds.split(","))
     result = evaluate(pipe, seeds=seeds, limit=args.limit, steps=args.steps, guidance=args.guidance,
                       categories=args.category, guidance_interval=args.guidance_interval,
                       prompt_upsampling=args.prompt_upsampling)  # fmt: skip
@@ -1032,7 +1045,11 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--lr", type=float, default=1e-4)
     lo.add_argument("--steps", type=int, default=500)
     lo.add_argument("--batch", type=int, default=1)
-    lo.add_argument("--resolution", type=int, default=512, help="pixel budget side: buckets hold ~R*R pixels")
+    lo.add_argument(
+        "--resolution",
+        type=int,
+        help="pixel budget side: buckets hold ~R*R pixels (default 512, or the model's largest side)",
+    )
     lo.add_argument("--caption-dropout", type=float, default=0.05)
     lo.add_argument("--grad-checkpointing", action="store_true")
     lo.add_argument("--mode", choices=["t2i", "edit"], default="t2i", help="edit: a reference image per sample")
@@ -1065,6 +1082,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `flux2 models --json | head`: the reader stopped; nothing more to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail too)
+        return 0
     except Exception as e:  # one actionable line; --debug shows the traceback
         print(f"error: {explain(e)}", file=sys.stderr)
         return 2

@@ -69,7 +69,9 @@ def evaluate(
     jobs = [(p, s) for p in prompts for s in seeds]
     ok: dict[str, list[bool]] = defaultdict(list)
     attrs: dict[str, list[bool]] = defaultdict(list)
-    steps = steps or pipe.variant.steps
+    steps = pipe.variant.steps if steps is None else steps
+    if pipe.variant.guidance_mode == "none" and guidance not in (None, 1.0):  # (was dropped, yet reported)
+        raise ValueError(f"{pipe.variant.id} is guidance-distilled and ignores guidance: omit it (got {guidance})")
     guidance = guidance if guidance is not None else pipe.variant.guidance
     kw = {"guidance": guidance} if pipe.variant.guidance_mode != "none" else {}
     if pipe.variant.uses_cfg or guidance_interval is not None:  # the pipeline refuses it for others
@@ -77,6 +79,7 @@ def evaluate(
     upsampling = resolve_upsampling(pipe.variant, prompt_upsampling)
     if prompt_upsampling is not None:
         kw["prompt_upsampling"] = prompt_upsampling
+    pipe.check(prompts[0].text, steps=steps, seeds=list(seeds)[:1], **kw)  # before any image (steps 0 ran 4)
     done = 0
     for i in range(0, len(jobs), batch):
         chunk = jobs[i : i + batch]

@@ -27,6 +27,7 @@ from ..images import ASPECTS, save_png, size_for_aspect, to_tensor
 from ..lora import _diffusers_names
 from ..pipeline import Pipeline, build_request
 from ..settings import GenerationSettings
+from ..variants import Variant
 from .common import checkpoint_meta, flow_loss, lr_at, optimizer_tensors, restore_optimizer, save_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -95,10 +96,16 @@ def read_dataset(path: str | Path, mode: str) -> list[Sample]:
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if "image" not in row or "caption" not in row:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict) or "image" not in row or "caption" not in row:
                 raise ValueError(f'{path} line {n}: needs "image" and "caption"')
             ref = path.parent / row["ref"] if row.get("ref") else None
+            for file in (path.parent / row["image"], ref):
+                if file is not None and not file.is_file():
+                    raise ValueError(f"{path} line {n}: no image file {file}")
             samples.append(Sample(path.parent / row["image"], row["caption"], ref))
     elif path.is_dir():
         for image in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
@@ -117,6 +124,13 @@ def read_dataset(path: str | Path, mode: str) -> list[Sample]:
         missing = [s.image.name for s in samples if s.ref is None][:5]
         raise ValueError(f"edit mode needs a reference image for every sample; missing for {missing}")
     return samples
+
+
+def check_resolution(variant: Variant, resolution: int) -> None:
+    """The training resolution (a bucket's side, about) within the sides the model takes."""
+    if not variant.min_side <= resolution <= variant.max_side:
+        raise ValueError(f"resolution {resolution} is outside {variant.id}'s sides {variant.min_side}.."
+                         f"{variant.max_side} (--resolution)")  # fmt: skip
 
 
 def bucket_size(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -277,12 +291,14 @@ def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]
         raise ValueError(f"mode {cfg.mode!r}: t2i or edit")
     if pipe.variant.guidance_mode == "none":
         raise ValueError(f"{pipe.variant.id} is distilled; train LoRAs on a Base variant (klein-base-*, nano-base)")
-    sample = sample_settings(pipe, cfg)  # checked before any work, like the checkpoint below
+    check_resolution(pipe.variant, cfg.resolution)
+    sample = sample_settings(pipe, cfg)  # checked before any work, like the data and the checkpoint below
+    samples = read_dataset(cfg.data, cfg.mode)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "lora.ckpt.safetensors"
     start = resume_step(ckpt, cfg)  # checked before the (slow) precomputation
-    data = precompute(pipe, read_dataset(cfg.data, cfg.mode), cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    data = precompute(pipe, samples, cfg)
     pipe.parts["transformer"].resident = True  # the LoRA lives in this object: never reload it mid-training
     model = pipe.transformer
     model.requires_grad_(False)
