@@ -285,3 +285,9 @@ def test_a_lora_that_does_not_fit_is_refused_whole_before_anything_changes(tmp_p
     assert styled.tobytes() != plain.tobytes() and 'Lora hashes: "ok: ' in styled.info["parameters"]  # (A1111's)
     pipe.set_loras([])
     assert pipe("a red circle", steps=2, seed=0)[0].tobytes() == plain.tobytes()
+    fp8 = {
+        "double_blocks.0.img_attn.qkv.lokr_w1": torch.eye(2).to(torch.float8_e4m3fn),  # LoKr in fp8: the
+        "double_blocks.0.img_attn.qkv.lokr_w2": (torch.randn(384, 128) * 0.01).to(torch.float8_e4m3fn),
+    }  # check
+    save_file(fp8, tmp_path / "fp8.safetensors")  # widens it (torch has no isfinite for fp8; a review found it)
+    pipe.set_loras([(tmp_path / "fp8.safetensors", 1.0)])

@@ -149,3 +149,12 @@ def test_cli_trains_from_a_jsonl_with_samples(klein_folder, dataset, tmp_path, c
         assert im.size == (64, 64) and json.loads(im.info["flux2"])["steps"] == 2
     pipe = load("klein-base-4b", weights=folder, device="cpu", dtype="fp32", resident=True)
     assert load_lora(out / "lora.safetensors", pipe.transformer).format == "diffusers"
+
+
+def test_the_default_resolution_is_512_within_the_models_sides():
+    """nano-base takes sides up to 256: a default of 512 failed its first sample (a user's tour)."""
+    from flux2studio.train.lora import default_resolution
+    from flux2studio.variants import get_variant
+
+    assert default_resolution(get_variant("nano-base")) == 256
+    assert default_resolution(get_variant("klein-base-4b")) == default_resolution(get_variant("klein-base-9b")) == 512

@@ -653,11 +653,11 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     variant = get_variant(args.model)
     if variant.guidance_mode == "none" or variant.hosted:  # before loading it, as everything below
         raise ValueError(f"{args.model}: train LoRAs on a Base variant (nano-base, klein-base-4b, klein-base-9b)")
-    resolution = min(512, variant.max_side) if args.resolution is None else args.resolution
-    check_resolution(variant, resolution)
+    if args.resolution is not None:  # (none given: a resumed run's, or 512 within the model's sides: train_lora)
+        check_resolution(variant, args.resolution)
     cfg = LoraTrainConfig(
         data=args.data, out=args.out, rank=args.rank, alpha=args.alpha, lr=args.lr, steps=args.steps,
-        batch=args.batch, resolution=resolution, caption_dropout=args.caption_dropout,
+        batch=args.batch, resolution=args.resolution, caption_dropout=args.caption_dropout,
         grad_checkpointing=args.grad_checkpointing, mode=args.mode, sample_every=args.sample_every,
         sample_prompts=tuple(args.sample_prompt), sample_steps=args.sample_steps, ckpt_every=args.ckpt_every,
         seed=args.seed, save_kohya=args.kohya,

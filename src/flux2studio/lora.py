@@ -183,7 +183,7 @@ def _check_delta(d: Delta, linear: nn.Linear, path: str, rows: int | None = None
     if made != (out, inp):
         raise ValueError(f"{where} makes a {made[0]}x{made[1]} change; this model's layer is {out}x{inp} (a LoRA "
                          "of another model?)")  # fmt: skip
-    if not all(torch.isfinite(f).all() for f in factors):
+    if not all(torch.isfinite(f.float()).all() for f in factors):  # (fp8 factors: no isfinite of their own)
         raise ValueError(f"{where} holds NaN or infinite values")
 
 

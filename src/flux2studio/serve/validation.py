@@ -21,6 +21,7 @@ from .store import Store
 from .worker import Worker
 
 ORIENTATION = 0x0112  # the EXIF tag
+EXIF_IN_HEADER = ("JPEG", "MPO", "WEBP")  # read without decoding (a PNG's getexif decodes the whole image)
 
 
 class Admission:
@@ -94,8 +95,9 @@ class Admission:
         for i, ref in enumerate(refs):
             if (path := self.store.ref_path(ref)) is None:
                 raise HTTPException(422, f"unknown reference id {ref[:64]!r}: upload it to /v1/uploads first")
-            with Image.open(path) as im:  # (as seen: a photo turned by its EXIF orientation has its sides swapped)
-                size = im.size[::-1] if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8) else im.size
+            with Image.open(path) as im:  # as seen: a photo turned by its EXIF orientation has its sides swapped
+                turned = im.format in EXIF_IN_HEADER and im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
+                size = im.size[::-1] if turned else im.size
             sizes.append(size)
             try:
                 if local:

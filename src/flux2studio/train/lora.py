@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,8 @@ class LoraTrainConfig:
     steps: int = 500
     batch: int = 1
     warmup: int = 20
-    resolution: int = 512  # pixel budget: resolution**2 pixels per image, at the bucket's aspect
+    resolution: int | None = None  # pixel budget: resolution**2 pixels per image, at the bucket's aspect;
+    # None: a resumed run's, else `default_resolution`
     caption_dropout: float = 0.05
     grad_checkpointing: bool = False
     mode: str = "t2i"  # "t2i" or "edit" (one reference image per sample)
@@ -61,8 +62,8 @@ class LoraTrainConfig:
 
     def __post_init__(self) -> None:
         """Every value in range before a model is loaded (a clear error naming it, not a library's later)."""
-        positive = {"rank": self.rank, "steps": self.steps, "batch": self.batch, "resolution": self.resolution,
-                    "ckpt_every": self.ckpt_every}  # fmt: skip
+        positive = {"rank": self.rank, "steps": self.steps, "batch": self.batch, "ckpt_every": self.ckpt_every,
+                    **({"resolution": self.resolution} if self.resolution is not None else {})}  # fmt: skip
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} {value!r} must be a whole number of at least 1")
@@ -77,7 +78,7 @@ class LoraTrainConfig:
             raise ValueError(f"caption dropout {self.caption_dropout!r} is out of range [0, 1)")
         if self.mode not in ("t2i", "edit"):
             raise ValueError(f"mode {self.mode!r}: t2i or edit")
-        if self.resolution % 16 or self.resolution < 64:
+        if self.resolution is not None and (self.resolution % 16 or self.resolution < 64):
             raise ValueError(f"resolution {self.resolution} must be a multiple of 16, at least 64")
 
 
@@ -124,6 +125,11 @@ def read_dataset(path: str | Path, mode: str) -> list[Sample]:
         missing = [s.image.name for s in samples if s.ref is None][:5]
         raise ValueError(f"edit mode needs a reference image for every sample; missing for {missing}")
     return samples
+
+
+def default_resolution(variant: Variant) -> int:
+    """512, or the model's largest side where that is smaller (nano-base: 256)."""
+    return min(512, variant.max_side)
 
 
 def check_resolution(variant: Variant, resolution: int) -> None:
@@ -291,12 +297,16 @@ def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]
         raise ValueError(f"mode {cfg.mode!r}: t2i or edit")
     if pipe.variant.guidance_mode == "none":
         raise ValueError(f"{pipe.variant.id} is distilled; train LoRAs on a Base variant (klein-base-*, nano-base)")
-    check_resolution(pipe.variant, cfg.resolution)
-    sample = sample_settings(pipe, cfg)  # checked before any work, like the data and the checkpoint below
-    samples = read_dataset(cfg.data, cfg.mode)
     out = Path(cfg.out)
     ckpt = out / "lora.ckpt.safetensors"
+    if cfg.resolution is None:  # a resumed run's own (runs before this default: 512 on any model), else the default
+        saved = json.loads(checkpoint_meta(ckpt)["config"]).get("resolution") if ckpt.exists() else None
+        cfg = replace(cfg, resolution=saved or default_resolution(pipe.variant))
     start = resume_step(ckpt, cfg)  # checked before the (slow) precomputation
+    if not start:  # (a run begun before this check resumes as it began)
+        check_resolution(pipe.variant, cfg.resolution)
+    sample = sample_settings(pipe, cfg)  # checked before any work, like the data and the checkpoint
+    samples = read_dataset(cfg.data, cfg.mode)
     out.mkdir(parents=True, exist_ok=True)
     data = precompute(pipe, samples, cfg)
     pipe.parts["transformer"].resident = True  # the LoRA lives in this object: never reload it mid-training
