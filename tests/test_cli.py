@@ -378,6 +378,8 @@ def test_every_job_and_output_is_checked_before_any_work_and_nothing_is_lost(tmp
     assert not (tmp_path / "r").exists()  # before: the model loaded, then PEFT's own message
     run = cli("train", "lora", tmp_path, "--resolution", "4096", "--out", tmp_path / "r")  # (was accepted)
     assert run.returncode == 2 and "resolution 4096 is outside nano-base's sides 64..256" in run.stderr
+    run = cli("train", "lora", tmp_path, "--sample-every", "5", "--out", tmp_path / "r")  # (no samples, silently)
+    assert run.returncode == 2 and "samples need both --sample-every N and --sample-prompt P" in run.stderr
     (data := tmp_path / "data.jsonl").write_text('{"image": "a.png", "caption": "x"}\n')
     run = cli("train", "lora", data, "--out", tmp_path / "r")  # before: after loading, Python's own message
     assert run.returncode == 2 and f"{data} line 1: no image file" in run.stderr and not (tmp_path / "r").exists()

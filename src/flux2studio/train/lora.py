@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .. import sampling
 from ..images import ASPECTS, save_png, size_for_aspect, to_tensor
 from ..lora import _diffusers_names
-from ..pipeline import Pipeline, build_request
+from ..pipeline import MAX_STEPS, Pipeline, build_request, whole
 from ..settings import GenerationSettings
 from ..variants import Variant
 from .common import checkpoint_meta, flow_loss, lr_at, optimizer_tensors, restore_optimizer, save_checkpoint
@@ -78,6 +78,8 @@ class LoraTrainConfig:
             raise ValueError(f"caption dropout {self.caption_dropout!r} is out of range [0, 1)")
         if self.mode not in ("t2i", "edit"):
             raise ValueError(f"mode {self.mode!r}: t2i or edit")
+        if bool(self.sample_every) != bool(self.sample_prompts):  # one without the other made no samples, silently
+            raise ValueError("samples need both --sample-every N and --sample-prompt P (sample_every, sample_prompts)")
         if self.resolution is not None and (self.resolution % 16 or self.resolution < 64):
             raise ValueError(f"resolution {self.resolution} must be a multiple of 16, at least 64")
 
@@ -280,10 +282,12 @@ def resume_step(ckpt: Path, cfg: LoraTrainConfig) -> int:
 def sample_settings(pipe: Pipeline, cfg: LoraTrainConfig) -> GenerationSettings | None:
     """What the sample images are made with (checked now, before training): the sample prompts at the training
     resolution (square, a multiple of 16), `sample_steps` or the model's steps."""
-    if not (cfg.sample_every and cfg.sample_prompts):
+    if not cfg.sample_every:
         return None
     side = max(16, cfg.resolution // 16 * 16)
     settings = GenerationSettings(list(cfg.sample_prompts), size=(side, side), steps=cfg.sample_steps, seed=cfg.seed)
+    if cfg.sample_steps is not None and not (whole(cfg.sample_steps) and 1 <= cfg.sample_steps <= MAX_STEPS):
+        raise ValueError(f"sample steps {cfg.sample_steps!r} is out of range 1..{MAX_STEPS} (--sample-steps)")
     build_request(pipe.variant, settings)  # an error names the value and its range
     return settings
 
