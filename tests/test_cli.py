@@ -415,8 +415,9 @@ def test_prompt_files_take_images_batches_are_named_by_seed_and_from_needs_the_r
 def test_from_checks_a_hosted_images_references_as_given(tmp_path):
     """A hosted model records its references' hashes as given, not as the local pipeline prepares them (the
     check compared prepared hashes: the right file was refused)."""
-    from flux2studio.cli import recorded_refs, reference
+    from flux2studio.cli import recorded_refs
     from flux2studio.images import image_hash
+    from flux2studio.images import open_reference as reference
 
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (700, 1000, 3), dtype=np.uint8)).save(tmp_path / "ref.png")

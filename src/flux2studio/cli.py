@@ -119,6 +119,14 @@ def parse_expand(text: str) -> tuple[int, int, int, int]:
     return values  # type: ignore[return-value]
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3] (compare's and eval's --seeds)."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r} is not a comma-separated list of integers") from None
+
+
 def disk_bytes(text: str) -> int:
     """'20GB', '512MB', '1.5TB', '100000' -> bytes (decimal units, as disks are sold)."""
     from .device_streaming import parse_bytes
@@ -213,7 +221,7 @@ def jobs_from_file(path: str, base: dict) -> list[tuple[str, GenerationSettings]
 def job_from_row(line: str, base: dict, folder: Path) -> GenerationSettings:
     """One line of a .jsonl file: the CLI's names (negative, num, "WxH" sizes, "lo,hi" intervals) and the
     settings' own, width and height as the metadata writes them."""
-    from .images import open_image
+    from .images import open_image, open_reference
 
     try:
         row = json.loads(line)
@@ -246,11 +254,9 @@ def job_from_row(line: str, base: dict, folder: Path) -> GenerationSettings:
         if extra.get(key) is not None:
             extra[key] = image(extra[key], what)
     if "refs" in extra:
-        if not isinstance(extra["refs"], list):
+        if not (isinstance(extra["refs"], list) and all(isinstance(r, str) for r in extra["refs"])):
             raise ValueError(f'"refs" must be a list of image files, got {extra["refs"]!r}'[:120])
-        if not all(isinstance(r, str) for r in extra["refs"]):
-            raise ValueError(f'"refs" must list image files, got {extra["refs"]!r}'[:120])
-        extra["refs"] = [reference(folder / r) for r in extra["refs"]]
+        extra["refs"] = [open_reference(folder / r) for r in extra["refs"]]
     return GenerationSettings.of(prompt, **{**base, **extra})
 
 
@@ -297,14 +303,14 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSe
 def recorded_refs(hashes: list[str], given: list[str], path: str, prepared: bool = True) -> list[Image.Image]:
     """The --ref files, which must be the references `path` was made from, in order (hashes of the images as
     the local pipeline prepares them, or as given: `prepared` False, a hosted model's)."""
-    from .images import image_hash, prepare_reference
+    from .images import image_hash, open_reference, prepare_reference
 
     if not hashes and given:
         raise ValueError(f"{path} was made without reference images: omit --ref")
     if len(given) != len(hashes):
         raise ValueError(f"{path} was made from {len(hashes)} reference image(s) (hashes {', '.join(hashes)}): pass "
                          f"them with --ref, in order ({len(given)} given)")  # fmt: skip
-    refs = [reference(g) for g in given]
+    refs = [open_reference(g) for g in given]
     for i, (ref, file, recorded) in enumerate(zip(refs, given, hashes, strict=True)):
         if (found := image_hash(prepare_reference(ref, i) if prepared else ref)) != recorded:
             raise ValueError(f"--ref {file} is not reference {i} {path} was made from (hash {found}, recorded "
@@ -434,11 +440,6 @@ def output_paths(out: str | None, jobs: list[list[str]], overwrite: bool) -> lis
     return plan
 
 
-def image_seeds(job: GenerationSettings) -> list[int]:
-    """The seed of each image a job makes (checked already: `Pipeline.check`)."""
-    return list(job.seeds) if job.seeds is not None else [job.seed + i for i in range(job.images)]
-
-
 def writable_folder(folder: Path) -> None:
     """Make `folder` (and its parents) and check that a file can be written in it: a clear error now, not
     after the denoising."""
@@ -462,12 +463,12 @@ def run_jobs(pipe, jobs: list[tuple[str, GenerationSettings]], args: argparse.Na
 
     from .images import save_png
 
+    stems = []  # each image named by its seed
     for where, job in jobs:
         try:
-            pipe.check(job)
+            stems.append([f"{pipe.variant.id}-{seed}" for seed in pipe.check(job)])
         except ValueError as e:
             raise ValueError(f"{where}: {e}" if where else str(e)) from None
-    stems = [[f"{pipe.variant.id}-{seed}" for seed in image_seeds(job)] for _, job in jobs]  # named by seed
     plan = output_paths(args.out, stems, args.overwrite)
     for (_, job), paths in zip(jobs, plan, strict=True):
         bar = tqdm(total=None, desc="denoise", unit="step", leave=False, disable=args.quiet)
@@ -496,15 +497,9 @@ def run_jobs(pipe, jobs: list[tuple[str, GenerationSettings]], args: argparse.Na
     return 0
 
 
-def reference(path: str | Path) -> Image.Image:
-    """A reference image file, opened as the pipelines read it (upright by its EXIF orientation, RGB; 16-bit
-    greys scaled, not clipped)."""
-    from .images import as_seen, open_image
-
-    return as_seen(open_image(path, "reference image")).convert("RGB")
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .images import open_reference
+
     model = args.model
     if args.from_png:
         if args.prompts:
@@ -521,7 +516,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"{', '.join(flags)} edit a start image: give it with --init IMAGE")
         else:
             edit = {}
-        base = {**settings_from_args(args), **edit, "refs": [reference(r) for r in args.ref]}
+        base = {**settings_from_args(args), **edit, "refs": [open_reference(r) for r in args.ref]}
         if args.prompts:
             jobs = jobs_from_file(args.prompts, base)
             if not jobs:
@@ -540,6 +535,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     edited (inpainting, image-to-image, outpainting) and the others are references."""
     from pathlib import Path
 
+    from .images import open_reference
+
     *images, prompt = args.inputs
     if not images:
         raise ValueError("give at least one IMAGE before the PROMPT")
@@ -552,7 +549,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
         settings.update(edit_settings(args, open_image(images[0], "image")))
         images = images[1:]
-    settings["refs"] = [reference(i) for i in images]
+    settings["refs"] = [open_reference(i) for i in images]
     model = args.model or (None if args.weights else "nano")
     check_hosted_flags(model, args)
     return run_jobs(load_pipe(model, args), [("", GenerationSettings.of(prompt, **settings))], args)
@@ -609,10 +606,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise ValueError(f"--models {args.models!r} names no model: e.g. --models klein-4b,klein-base-4b")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise ValueError(f"--seeds {args.seeds!r} is not a comma-separated list of integers") from None
+    seeds = parse_seeds(args.seeds)
     settings = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images", "guidance")}
     check_compare(models, args.prompt, seeds, settings, args)  # (an unknown id, too) before the first model runs
     out = Path(args.out or "compare")
@@ -648,11 +642,10 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .loading import load
-    from .train.lora import LoraTrainConfig, check_resolution, read_dataset, train_lora
+    from .train.lora import LoraTrainConfig, check_resolution, check_trainable, read_dataset, train_lora
 
     variant = get_variant(args.model)
-    if variant.guidance_mode == "none" or variant.hosted:  # before loading it, as everything below
-        raise ValueError(f"{args.model}: train LoRAs on a Base variant (nano-base, klein-base-4b, klein-base-9b)")
+    check_trainable(variant)  # before loading it, as everything below
     if args.resolution is not None:  # (none given: a resumed run's, or 512 within the model's sides: train_lora)
         check_resolution(variant, args.resolution)
     cfg = LoraTrainConfig(
@@ -763,10 +756,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if get_variant(args.model or "nano").hosted:
         raise ValueError(f"{args.model}: eval scores images of the Shapes world made by a local model (nano, "
                          "nano-base)")  # fmt: skip
-    try:
-        seeds = tuple(int(s) for s in args.seeds.split(","))
-    except ValueError:
-        raise ValueError(f"--seeds {args.seeds!r} is not a comma-separated list of integers") from None
+    seeds = tuple(parse_seeds(args.seeds))
     pipe = load(args.model or "nano", weights=args.weights, vae=args.vae, device=args.device, dtype=args.dtype,
                 attention=args.attention or "auto", quantize=args.quantize)  # fmt: skip
     result = evaluate(pipe, seeds=seeds, limit=args.limit, steps=args.steps, guidance=args.guidance,

@@ -164,7 +164,13 @@ def check_expand(expand: Sequence[int] | None) -> tuple[int, int, int, int]:
 
 def start_size(image: Image.Image) -> tuple[int, int]:
     """The output size a start image gives: under the pixel cap, each side floored to a multiple of 16."""
-    w, h = _capped(image.size)
+    return prepared_size(image.size)
+
+
+def prepared_size(size: tuple[int, int]) -> tuple[int, int]:
+    """An image of `size` as the pipelines prepare it (a start image, a reference): under the pixel cap, each
+    side floored to a multiple of 16."""
+    w, h = _capped(size)
     return w // MULTIPLE * MULTIPLE, h // MULTIPLE * MULTIPLE
 
 

@@ -485,9 +485,9 @@ class HostedPipeline:
         if loras:
             raise ValueError(f"{self.variant.id} runs on the hosted API, which takes no LoRA files")
 
-    def check(self, prompt: str | Sequence[str] | GenerationSettings, **fields: Any) -> None:
-        """The call's checks alone, nothing sent (`Pipeline.check`)."""
-        self._checked(GenerationSettings.of(prompt, **fields))
+    def check(self, prompt: str | Sequence[str] | GenerationSettings, **fields: Any) -> list[int]:
+        """The call's checks alone, nothing sent (`Pipeline.check`): the seed of each image."""
+        return self._checked(GenerationSettings.of(prompt, **fields))[3]
 
     def _checked(self, s: GenerationSettings) -> tuple[GenerationSettings, str | None, tuple[str, ...], list[int]]:
         """The settings resolved by the endpoint's rules (images given as paths opened, as the local call does),

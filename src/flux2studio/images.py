@@ -118,6 +118,12 @@ def as_seen(image: Image.Image) -> Image.Image:
     return eight_bit(ImageOps.exif_transpose(image))
 
 
+def open_reference(path: str | Path) -> Image.Image:
+    """A reference image file as the pipelines read it: upright by its EXIF orientation, RGB (16-bit greys
+    scaled, not clipped)."""
+    return as_seen(open_image(path, "reference image")).convert("RGB")
+
+
 def pixels_digest(image: Image.Image) -> str:
     """SHA-256 of an image's RGB pixels and size: what it contributes as a reference or start image, not its file."""
     rgb = eight_bit(image).convert("RGB")

@@ -693,10 +693,10 @@ class Pipeline:
                 to_host(value.model if isinstance(value, TextEncoder) else value)
             part.release()
 
-    def check(self, prompt: str | Sequence[str] | GenerationSettings, **fields: Any) -> None:
+    def check(self, prompt: str | Sequence[str] | GenerationSettings, **fields: Any) -> list[int]:
         """The call's checks alone (a ValueError naming the value and its range), nothing run: a list of jobs is
-        checked whole before its first image."""
-        build_request(self.variant, prompt, **fields)
+        checked whole before its first image. Returns the seed of each image the call would make."""
+        return list(build_request(self.variant, prompt, **fields).seeds)
 
     @torch.no_grad()
     def __call__(

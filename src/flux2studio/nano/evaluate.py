@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..pipeline import Pipeline, resolve_upsampling
+from ..pipeline import Pipeline, resolve_upsampling, whole
 from .checker import check
 from .shapes import EVAL_CATEGORIES, eval_prompts
 
@@ -62,7 +62,7 @@ def evaluate(
         if unknown := set(categories) - set(EVAL_CATEGORIES):
             raise ValueError(f"unknown eval category {', '.join(sorted(unknown))}: one of {', '.join(EVAL_CATEGORIES)}")
         prompts = [p for p in prompts if p.category in categories]
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and (not whole(limit) or limit < 1):
         raise ValueError(f"limit {limit!r} must be a whole number of prompts, at least 1")
     if limit:
         prompts = prompts[:: max(1, len(prompts) // limit)][:limit]
@@ -70,10 +70,9 @@ def evaluate(
     ok: dict[str, list[bool]] = defaultdict(list)
     attrs: dict[str, list[bool]] = defaultdict(list)
     steps = pipe.variant.steps if steps is None else steps
-    if pipe.variant.guidance_mode == "none" and guidance not in (None, 1.0):  # (was dropped, yet reported)
-        raise ValueError(f"{pipe.variant.id} is guidance-distilled and ignores guidance: omit it (got {guidance})")
-    guidance = guidance if guidance is not None else pipe.variant.guidance
-    kw = {"guidance": guidance} if pipe.variant.guidance_mode != "none" else {}
+    given = guidance is not None  # to a distilled model: the pipeline's error (it was dropped, yet reported)
+    guidance = guidance if given else pipe.variant.guidance
+    kw = {"guidance": guidance} if pipe.variant.guidance_mode != "none" or given else {}
     if pipe.variant.uses_cfg or guidance_interval is not None:  # the pipeline refuses it for others
         kw["guidance_interval"] = guidance_interval = tuple(guidance_interval or pipe.variant.guidance_interval)
     upsampling = resolve_upsampling(pipe.variant, prompt_upsampling)

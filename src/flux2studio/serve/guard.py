@@ -59,10 +59,8 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         origin = headers.get("origin")
-        allowed = (
-            "*" if "*" in self.origins else origin if origin and origin.rstrip("/").lower() in self.origins else None
-        )
-        send = _secured(send, allowed if origin else None)
+        listed = origin is not None and ("*" in self.origins or origin.rstrip("/").lower() in self.origins)
+        send = _secured(send, ("*" if "*" in self.origins else origin) if listed else None)
         host = headers.get("host", "")
         if self.allowed is not None and host_name(host) not in self.allowed:
             return await _refuse(send, 400, f"host {host!r} is not served here; allowed: {sorted(self.allowed)} "

@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi import HTTPException, Request
 from PIL import Image
 
-from ..editing import fitted
+from ..editing import fitted, prepared_size
 from ..hosted import ENDPOINTS, MIN_SIDE, check_request, price
 from ..images import check_reference_size, open_image, size_for_aspect
 from ..pipeline import build_request, reference_room
@@ -52,8 +52,8 @@ class Admission:
         edit = self.editing(req)
         size = None  # an edit without a size: its start image (and expansion) sets it
         if local and not edit and sizes and req.width is None and req.height is None:  # the first reference
-            prepared = fitted(sizes[0], (), 2**31)  # sets it as in the pipeline: as prepared (pixel cap, 16s),
-            size = fitted(prepared, (), min(variant.max_side, self.limits.max_side))  # within the sides
+            size = fitted(prepared_size(sizes[0]), (), min(variant.max_side, self.limits.max_side))  # sets it as
+            # in the pipeline: as prepared, within the sides
         elif not edit or req.width is not None or req.height is not None:
             size = (variant.default_size[0] if req.width is None else req.width,  # 0 is a size, and out of range
                     variant.default_size[1] if req.height is None else req.height)  # fmt: skip
@@ -99,11 +99,11 @@ class Admission:
                 turned = im.format in EXIF_IN_HEADER and im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
                 size = im.size[::-1] if turned else im.size
             sizes.append(size)
-            try:
-                if local:
+            if local:
+                try:
                     check_reference_size(*size, i)
-            except ValueError as e:
-                raise HTTPException(422, str(e)) from None
+                except ValueError as e:
+                    raise HTTPException(422, str(e)) from None
         return sizes
 
     def loras(self, asked: list[tuple[str, float]]) -> list[tuple[str, float]]:

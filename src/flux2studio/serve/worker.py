@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from ..images import as_seen, open_image
+from ..images import open_image, open_reference
 from ..pipeline import Pipeline
 from ..settings import GenerationSettings
 from .store import LEASE, Job, Store, runner_id
@@ -161,7 +161,7 @@ class Worker:
             prompt=[p for j in batch for p in j.settings.prompts for _ in range(j.settings.num_images)],
             seeds=[j.settings.seed + i for j in batch for i in range(j.settings.images)],
             num_images=1,
-            refs=[as_seen(open_image(path(r))).convert("RGB") for r in s.refs],
+            refs=[open_reference(path(r)) for r in s.refs],
             image=open_image(path(s.image)) if s.image else None,
             mask=open_image(path(s.mask)) if s.mask else None,
             size=None if s.expand else s.size,

@@ -65,10 +65,10 @@ class LoraTrainConfig:
         positive = {"rank": self.rank, "steps": self.steps, "batch": self.batch, "ckpt_every": self.ckpt_every,
                     **({"resolution": self.resolution} if self.resolution is not None else {})}  # fmt: skip
         for name, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not whole(value) or value < 1:
                 raise ValueError(f"{name} {value!r} must be a whole number of at least 1")
         for name, value in {"warmup": self.warmup, "sample_every": self.sample_every, "seed": self.seed}.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not whole(value) or value < 0:
                 raise ValueError(f"{name} {value!r} must be a whole number of at least 0")
         if not 0 < self.lr <= 1:  # (also refuses NaN)
             raise ValueError(f"learning rate {self.lr!r} is out of range (0, 1]")
@@ -127,6 +127,13 @@ def read_dataset(path: str | Path, mode: str) -> list[Sample]:
         missing = [s.image.name for s in samples if s.ref is None][:5]
         raise ValueError(f"edit mode needs a reference image for every sample; missing for {missing}")
     return samples
+
+
+def check_trainable(variant: Variant) -> None:
+    """LoRAs train on a Base variant (real CFG): a distilled or hosted model is an error."""
+    if variant.guidance_mode == "none" or variant.hosted:
+        raise ValueError(f"{variant.id} is {'hosted' if variant.hosted else 'distilled'}: train LoRAs on a Base "
+                         "variant (nano-base, klein-base-4b, klein-base-9b)")  # fmt: skip
 
 
 def default_resolution(variant: Variant) -> int:
@@ -297,10 +304,7 @@ def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]
     from peft import inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    if cfg.mode not in ("t2i", "edit"):
-        raise ValueError(f"mode {cfg.mode!r}: t2i or edit")
-    if pipe.variant.guidance_mode == "none":
-        raise ValueError(f"{pipe.variant.id} is distilled; train LoRAs on a Base variant (klein-base-*, nano-base)")
+    check_trainable(pipe.variant)  # (the mode: LoraTrainConfig's own check)
     out = Path(cfg.out)
     ckpt = out / "lora.ckpt.safetensors"
     if cfg.resolution is None:  # a resumed run's own (runs before this default: 512 on any model), else the default
