@@ -362,6 +362,8 @@ def test_every_job_and_output_is_checked_before_any_work_and_nothing_is_lost(tmp
     assert [p for p in _files(tmp_path) if p.startswith("y")] == ["y-0.png", "y-1.png"]  # before: y.png twice
     run = cli("compare", "p", "--models", "nano,nanoo", "-o", tmp_path / "cmp")
     assert run.returncode == 2 and "nanoo" in run.stderr and not _files(tmp_path / "cmp")
+    run = cli("compare", "p", "--models", "klein-4b,nano", "--backend", "api", "-o", tmp_path / "cmp")
+    assert run.returncode == 2 and "nano has no hosted endpoint; hosted: " in run.stderr, run.stderr  # (KeyError)
     run = cli("compare", "p", "--models", "nano", "--guidance", "3", "-o", tmp_path / "cmp")
     assert run.returncode == 2 and "omit --guidance" in run.stderr
     run = cli("compare", "p", "--models", "nano,nano-base", "--guidance-interval", "0.9,0.5", "-o", tmp_path / "cmp")

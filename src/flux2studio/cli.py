@@ -566,9 +566,9 @@ def compare_settings(model: str, settings: dict, args: argparse.Namespace) -> di
     v = get_variant(model)
     kw = dict(settings)
     if v.hosted or args.backend == "api":
-        from .hosted import ENDPOINTS
+        from .hosted import endpoint
 
-        if ENDPOINTS[model].steps is None:
+        if endpoint(model).steps is None:
             kw.pop("steps", None)
     if not v.uses_cfg:
         kw.pop("negative_prompt", None)
@@ -580,14 +580,14 @@ def compare_settings(model: str, settings: dict, args: argparse.Namespace) -> di
 
 def check_compare(models: list[str], prompt: str, seeds: list[int], settings: dict, args) -> None:
     """Every model's settings checked (its own rules) before the first model runs."""
-    from .hosted import ENDPOINTS, check_request
+    from .hosted import check_request, endpoint
     from .pipeline import build_request
 
     for model in models:
         kw = {**compare_settings(model, settings, args), "seeds": seeds, "num_images": len(seeds)}
         try:
             if get_variant(model).hosted or args.backend == "api":
-                check_request(ENDPOINTS[model], GenerationSettings.of(prompt, **kw))
+                check_request(endpoint(model), GenerationSettings.of(prompt, **kw))
             else:
                 build_request(get_variant(model), prompt, **kw)
         except ValueError as e:

@@ -71,6 +71,13 @@ ENDPOINTS: dict[str, Endpoint] = {
 }
 
 
+def endpoint(model_id: str) -> Endpoint:
+    """The hosted endpoint of `model_id` (hosted models, and klein through `--backend api`); an error naming them."""
+    if model_id not in ENDPOINTS:
+        raise ValueError(f"{model_id} has no hosted endpoint; hosted: {', '.join(ENDPOINTS)}")
+    return ENDPOINTS[model_id]
+
+
 class HostedError(RuntimeError):
     """A failure of the hosted API, said so that the user knows what to do. `charged` is False when BFL
     does not bill the failed task (moderation), None when unknown."""
@@ -467,9 +474,7 @@ class HostedPipeline:
         output_format: str = "png",
         prompt_upsampling: bool | None = None,
     ) -> None:
-        if model_id not in ENDPOINTS:
-            raise ValueError(f"{model_id} has no hosted endpoint; hosted: {', '.join(ENDPOINTS)}")
-        self.endpoint = ENDPOINTS[model_id]
+        self.endpoint = endpoint(model_id)
         self.variant: Variant = get_variant(model_id)
         if not 0 <= safety_tolerance <= self.endpoint.safety_max:
             raise ValueError(f"safety_tolerance {safety_tolerance} is out of range 0..{self.endpoint.safety_max}")
