@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from flux2studio.images import image_hash
 from flux2studio.loading import load
 from flux2studio.lora import load_lora
-from flux2studio.train.lora import LoraTrainConfig, read_dataset, train_lora
+from flux2studio.train.lora import LoraTrainConfig, read_dataset, train_lora, training_image
 
 
 @pytest.fixture
@@ -66,10 +67,13 @@ def test_train_save_and_diffusers_loads_it(klein_folder, dataset, tmp_path):
 def test_resume_and_edit_mode(klein_folder, dataset, tmp_path):
     _, folder = klein_folder
     first = load("klein-base-4b", weights=folder, device="cpu", dtype="fp32")
-    train_lora(first, _cfg(dataset, tmp_path, mode="edit"), lambda r: None)
+    edit = _cfg(dataset, tmp_path, mode="edit", sample_every=3, sample_prompts=("a pattern",))
+    train_lora(first, edit, lambda r: None)
+    with Image.open(tmp_path / "run" / "sample-00003-0.png") as im:  # edit-mode samples edit the first reference
+        assert json.loads(im.info["flux2"])["refs"] == [image_hash(training_image(dataset / "img0.ref.png"))]
     more = load("klein-base-4b", weights=folder, device="cpu", dtype="fp32")
     rows = []
-    cfg = dataclasses.replace(_cfg(dataset, tmp_path, mode="edit"), steps=5)
+    cfg = dataclasses.replace(edit, steps=5)
     train_lora(more, cfg, rows.append)
     assert [r["step"] for r in rows] == [4, 5]  # resumed after step 3
     again = []  # the same command once more: nothing left to train, the same LoRA
@@ -101,6 +105,9 @@ def test_edit_batches_keep_reference_sizes_apart(klein_folder, tmp_path):
 def test_bad_data_is_named(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     with pytest.raises(ValueError, match=r"has no caption file a\.txt"):
+        read_dataset(tmp_path, "t2i")
+    (tmp_path / "a.txt").write_text("a caption")
+    with pytest.raises(ValueError, match=r"cannot read training image .*a\.png"):  # before loading a model
         read_dataset(tmp_path, "t2i")
     with pytest.raises(FileNotFoundError, match=r"neither a folder nor a \.jsonl"):
         read_dataset(tmp_path / "missing", "t2i")
@@ -158,3 +165,15 @@ def test_the_default_resolution_is_512_within_the_models_sides():
 
     assert default_resolution(get_variant("nano-base")) == 256
     assert default_resolution(get_variant("klein-base-4b")) == default_resolution(get_variant("klein-base-9b")) == 512
+
+
+def test_training_images_are_upright_and_16_bit_greys_scaled(tmp_path):
+    """A phone photo (EXIF orientation 6) trains as it is seen, upright, and a 16-bit grey as its greys, as the
+    pipelines read references (they trained on their sideways pixels, and a 16-bit grey as white)."""
+    photo = Image.fromarray(np.arange(40 * 30 * 3, dtype=np.uint8).reshape(30, 40, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    photo.save(tmp_path / "photo.jpg", exif=exif)
+    assert training_image(tmp_path / "photo.jpg").size == (30, 40)
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "grey.png")
+    assert training_image(tmp_path / "grey.png").getpixel((0, 0)) == (128, 128, 128)

@@ -75,10 +75,20 @@ def test_eval_can_probe_one_category(capsys):
     assert main(["eval", "--category", "negation", "--limit", "2", "--seeds", "0", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 2 and set(result["by_category"]) == {"negation"} and result["prompt_upsampling"]
+    assert (
+        result["weights_hash"]
+        and result["setup"]["dtype"] in ("float32", "bfloat16")
+        and result["setup"]["loras"] == []
+    )
     assert main(["eval", "--category", "negation", "--limit", "2", "--seeds", "0", "--no-prompt-upsampling"]) == 0
     assert "2 images, 4 steps, guidance 1.0\n" in capsys.readouterr().out  # no ", prompts upsampled"
     assert main(["eval", "--category", "colours", "--limit", "2"]) == 2
     assert "unknown eval category colours: one of one_two, three_four, relation, negation" in capsys.readouterr().err
+    # the result names what was scored (it was the model's id only), and --lora is used (it was ignored)
+    assert main(["eval", "--category", "negation", "--limit", "1", "--seeds", "0", "--quantize", "int8"]) == 0
+    assert "model nano (" in (out := capsys.readouterr().out) and ", int8): 1 images" in out
+    assert main(["eval", "--model", "nano-base", "--lora", "missing.safetensors", "--limit", "1"]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
 
 
 def test_prompt_upsampling_makes_nano_follow_prompts_more_often():

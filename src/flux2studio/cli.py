@@ -154,7 +154,7 @@ def load_pipe(model: str | None, args: argparse.Namespace):
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     api = {"location": args.api, "safety_tolerance": args.safety_tolerance, "output_format": args.output_format}
     api = {k: v for k, v in api.items() if v is not None}  # (the hosted client's defaults otherwise)
-    pipe = load(model, weights=args.weights, device=args.device, dtype=args.dtype,
+    pipe = load(model, weights=args.weights, device=args.device, dtype=args.dtype, vae=getattr(args, "vae", None),
                 text_encoder=getattr(args, "text_encoder", None), backend=args.backend, api=api,
                 attention=getattr(args, "attention", None) or "auto",
                 quantize=getattr(args, "quantize", None), vram_budget=getattr(args, "vram", None),
@@ -750,15 +750,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .loading import load
     from .nano.evaluate import evaluate
 
-    if get_variant(args.model or "nano").hosted:
-        raise ValueError(f"{args.model}: eval scores images of the Shapes world made by a local model (nano, "
+    model = args.model or "nano"
+    if get_variant(model).hosted or args.backend == "api":
+        raise ValueError(f"{model}: eval scores images of the Shapes world made by a local model (nano, "
                          "nano-base)")  # fmt: skip
+    check_hosted_flags(model, args)
     seeds = tuple(parse_seeds(args.seeds))
-    pipe = load(args.model or "nano", weights=args.weights, vae=args.vae, device=args.device, dtype=args.dtype,
-                attention=args.attention or "auto", quantize=args.quantize)  # fmt: skip
+    pipe = load_pipe(model, args)  # with its LoRAs, quantization, dtype: what the result names
     result = evaluate(pipe, seeds=seeds, limit=args.limit, steps=args.steps, guidance=args.guidance,
                       categories=args.category, guidance_interval=args.guidance_interval,
                       prompt_upsampling=args.prompt_upsampling)  # fmt: skip

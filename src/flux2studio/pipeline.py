@@ -750,6 +750,13 @@ class Pipeline:
             "refs": [image_hash(r) for r in req.refs],
             **({"init": req.init.metadata()} if req.init is not None else {}),
             **({"vae_tile": self._tiled} if self._tiled else {}),  # tiles change the pixels near their seams
+            **self.setup(),
+        }
+
+    def setup(self) -> dict:
+        """How this pipeline computes, beyond the settings of a call: dtype (and why), quantization, device,
+        attention, LoRAs, version (in each image's metadata and in an eval's result)."""
+        return {
             "dtype": str(self.dtype).removeprefix("torch."),
             "dtype_reason": self.dtype_reason,
             **({"quantize": self.quantize} if self.quantize else {}),

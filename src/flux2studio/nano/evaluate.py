@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..pipeline import Pipeline, resolve_upsampling, whole
 from .checker import check
@@ -30,12 +30,17 @@ class EvalResult:
     guidance: float
     guidance_interval: tuple[float, float] | None = None  # CFG models only
     prompt_upsampling: bool = False  # prompts rewritten by the model's planner (scored as written)
+    weights_hash: str = ""
+    setup: dict = field(default_factory=dict)  # Pipeline.setup(): dtype, quantization, LoRAs, ... (what was scored)
 
     def table(self) -> str:
         interval = "" if self.guidance_interval is None else " at t in [{}, {}]".format(*self.guidance_interval)
         planned = ", prompts upsampled" if self.prompt_upsampling else ""
-        lines = [f"model {self.model}: {self.images} images, {self.steps} steps, guidance {self.guidance}{interval}"
-                 f"{planned}",
+        setup = self.setup
+        how = ", ".join([f"{setup.get('dtype', '?')}", *([setup["quantize"]] if setup.get("quantize") else []),
+                         *(f"LoRA {r['file']} x{r['scale']}" for r in setup.get("loras", []))])  # fmt: skip
+        lines = [f"model {self.model} ({how}): {self.images} images, {self.steps} steps, guidance {self.guidance}"
+                 f"{interval}{planned}",
                  f"{'fully correct':<16} {self.correct:6.1%}"]  # fmt: skip
         lines += [f"  {k:<14} {v:6.1%}" for k, v in self.by_category.items()]
         lines += ["per attribute"] + [f"  {k:<14} {v:6.1%}" for k, v in self.by_attribute.items()]
@@ -103,6 +108,8 @@ def evaluate(
         guidance=guidance,
         guidance_interval=guidance_interval,
         prompt_upsampling=upsampling,
+        weights_hash=pipe.weights_hash,
+        setup=pipe.setup(),
     )
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .. import sampling
-from ..images import ASPECTS, save_png, size_for_aspect, to_tensor
+from ..images import ASPECTS, as_seen, open_image, save_png, size_for_aspect, to_tensor
 from ..lora import _diffusers_names
 from ..pipeline import MAX_STEPS, Pipeline, build_request, whole
 from ..settings import GenerationSettings
@@ -126,7 +126,25 @@ def read_dataset(path: str | Path, mode: str) -> list[Sample]:
     if mode == "edit" and any(s.ref is None for s in samples):
         missing = [s.image.name for s in samples if s.ref is None][:5]
         raise ValueError(f"edit mode needs a reference image for every sample; missing for {missing}")
+    for file in (f for s in samples for f in (s.image, s.ref) if f is not None):
+        _check_image(file)  # (headers only) before a model is loaded
     return samples
+
+
+def _check_image(path: Path) -> None:
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"cannot read training image {path}: {e}") from None
+
+
+def training_image(path: Path) -> Image.Image:
+    """A training image (or reference) as it is meant to be seen, as the pipelines read references: upright by
+    its EXIF orientation (phone photos), 16-bit greys scaled, RGB."""
+    return as_seen(open_image(path, "training image")).convert("RGB")
 
 
 def check_trainable(variant: Variant) -> None:
@@ -173,14 +191,14 @@ def precompute(pipe: Pipeline, samples: list[Sample], cfg: LoraTrainConfig) -> l
     embeds = dict(zip(captions, pipe.encode_prompts(captions).float(), strict=True))
     pipe.release("text_encoder")
     for s in samples:
-        with Image.open(s.image) as im:
-            size = bucket_size(im.width, im.height, cfg.resolution)
-            z = pipe.vae.encode(to_tensor(fit(im, size)).to(pipe.device, pipe.dtype)).float()
+        im = training_image(s.image)
+        size = bucket_size(im.width, im.height, cfg.resolution)
+        z = pipe.vae.encode(to_tensor(fit(im, size)).to(pipe.device, pipe.dtype)).float()
         item = {"z": z, "caption": s.caption, "size": size}
         if s.ref is not None and cfg.mode == "edit":
-            with Image.open(s.ref) as r:
-                zr = pipe.vae.encode(to_tensor(fit(r, bucket_size(r.width, r.height, cfg.resolution)))
-                                     .to(pipe.device, pipe.dtype)).float()  # fmt: skip
+            r = training_image(s.ref)
+            zr = pipe.vae.encode(to_tensor(fit(r, bucket_size(r.width, r.height, cfg.resolution)))
+                                 .to(pipe.device, pipe.dtype)).float()  # fmt: skip
             item["ref"] = sampling.pack(zr)
             item["ref_ids"] = sampling.reference_ids([tuple(zr.shape[-2:])])
         items.append(item)
@@ -286,13 +304,16 @@ def resume_step(ckpt: Path, cfg: LoraTrainConfig) -> int:
     return step
 
 
-def sample_settings(pipe: Pipeline, cfg: LoraTrainConfig) -> GenerationSettings | None:
+def sample_settings(pipe: Pipeline, cfg: LoraTrainConfig, samples: list[Sample]) -> GenerationSettings | None:
     """What the sample images are made with (checked now, before training): the sample prompts at the training
-    resolution (square, a multiple of 16), `sample_steps` or the model's steps."""
+    resolution (square, a multiple of 16), `sample_steps` or the model's steps; in edit mode, as the LoRA is
+    meant to be used, with the first sample's reference image."""
     if not cfg.sample_every:
         return None
     side = max(16, cfg.resolution // 16 * 16)
-    settings = GenerationSettings(list(cfg.sample_prompts), size=(side, side), steps=cfg.sample_steps, seed=cfg.seed)
+    refs = [training_image(samples[0].ref)] if cfg.mode == "edit" else []
+    settings = GenerationSettings(list(cfg.sample_prompts), size=(side, side), steps=cfg.sample_steps, seed=cfg.seed,
+                                  refs=refs)  # fmt: skip
     if cfg.sample_steps is not None and not (whole(cfg.sample_steps) and 1 <= cfg.sample_steps <= MAX_STEPS):
         raise ValueError(f"sample steps {cfg.sample_steps!r} is out of range 1..{MAX_STEPS} (--sample-steps)")
     build_request(pipe.variant, settings)  # an error names the value and its range
@@ -313,8 +334,8 @@ def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]
     start = resume_step(ckpt, cfg)  # checked before the (slow) precomputation
     if not start:  # (a run begun before this check resumes as it began)
         check_resolution(pipe.variant, cfg.resolution)
-    sample = sample_settings(pipe, cfg)  # checked before any work, like the data and the checkpoint
     samples = read_dataset(cfg.data, cfg.mode)
+    sample = sample_settings(pipe, cfg, samples)  # checked before any work, like the data and the checkpoint
     out.mkdir(parents=True, exist_ok=True)
     data = precompute(pipe, samples, cfg)
     pipe.parts["transformer"].resident = True  # the LoRA lives in this object: never reload it mid-training
