@@ -377,3 +377,37 @@ def test_openai_edits_take_a_mask_with_openais_convention(client):
     opaque = [("image", ("p.png", _png(photo), "image/png")), ("mask", ("m.png", _png(photo), "image/png"))]
     r = client.post("/v1/images/edits", files=opaque, data={"model": "klein-4b", "prompt": "a sunset"})
     assert r.status_code == 422 and "mask has no alpha channel" in r.json()["error"]["message"]
+
+
+def test_a_job_cancelled_and_deleted_while_its_batch_runs_leaves_the_worker_running(tmp_path):
+    """A batch's job cancelled, then deleted, mid-batch: the other job goes back to the queue and runs (the
+    deleted job's missing row raised in the step callback and again in the one-by-one fallback, which ended the
+    worker's thread: nothing ran after it, and /health still said ok)."""
+    from flux2studio.serve.store import Store
+    from flux2studio.serve.worker import Worker
+    from flux2studio.settings import GenerationSettings
+
+    store = Store(tmp_path / "data")
+    a, b = (store.add("nano", GenerationSettings("a red circle", size=(64, 64), steps=2, seed=s), 2) for s in (0, 1))
+    worker = Worker(store, lambda model_id: load(model_id, device="cpu", dtype="fp32"))
+    batch = [store.claim(runner=worker.runner), store.claim(like=a, runner=worker.runner)]
+    progress = store.progress
+
+    def cancel_and_delete_b(job_id, *args, **kw):
+        if store.get(b.id) is not None:
+            assert store.cancel(b.id) and store.delete(b.id)
+        progress(job_id, *args, **kw)
+
+    store.progress = cancel_and_delete_b
+    worker._run_batch(batch)
+    assert store.get(a.id).status == "queued" and store.get(b.id) is None
+    store.progress = progress
+    worker.start()
+    try:
+        for _ in range(3000):  # (a bound, not a timing: the job is done when it is)
+            if store.get(a.id).status == "done":
+                break
+            time.sleep(0.1)
+        assert store.get(a.id).status == "done" and all(t.is_alive() for t in worker.threads)
+    finally:
+        worker.stop()

@@ -14,7 +14,7 @@ from PIL import Image
 from ..images import open_image, open_reference
 from ..pipeline import Pipeline
 from ..settings import GenerationSettings
-from .store import LEASE, Job, Store, runner_id
+from .store import LEASE, MAX_ATTEMPTS, Job, Store, runner_id
 
 log = logging.getLogger(__name__)
 MAX_BATCH_IMAGES = 8  # images per pipeline call when batching compatible jobs
@@ -98,6 +98,13 @@ class Worker:
             self.active |= {j.id for j in batch}
             try:
                 self.execute(batch)
+            except Exception as e:  # a bug of ours must not stop the worker: its jobs go back to the queue (failed
+                log.exception("worker: a batch ended in an error")  # after MAX_ATTEMPTS, not retried forever)
+                for j in batch:
+                    if j.attempts < MAX_ATTEMPTS:
+                        self.store.requeue(j.id)
+                    elif self._status(j.id) == "running":
+                        self.store.fail(j.id, f"internal error: {type(e).__name__}")
             finally:
                 self.active -= {j.id for j in batch}
 
@@ -122,7 +129,7 @@ class Worker:
 
             def progress(i: int, total: int, x0) -> None:
                 for j in batch:
-                    if self.store.get(j.id).status == "cancelled":
+                    if self._status(j.id) in ("cancelled", None):  # None: cancelled, then deleted
                         raise Cancelled(j.id)
                 if x0 is not None and i + 1 < total and time.monotonic() - last[0] >= self.preview_every > 0:
                     self._previews(pipe, batch, x0, *batch[0].settings.size)
@@ -143,7 +150,7 @@ class Worker:
                 # not a hosted batch, whose tasks were submitted and billed, nor a model that failed to load)
                 log.warning("a batch of %d jobs failed (%s): running them one by one", len(batch), e)
                 for j in batch:
-                    if self.store.get(j.id).status == "running":  # not one cancelled meanwhile
+                    if self._status(j.id) == "running":  # not one cancelled (or deleted) meanwhile
                         self._run_batch([j], pipe)
                 return
             log.exception("job batch failed")
@@ -151,6 +158,11 @@ class Worker:
             self._settle(batch, made, str(e).splitlines()[0] if str(e) else type(e).__name__)
             return
         self._settle(batch, dict(enumerate(images)), "")
+
+    def _status(self, job_id: str) -> str | None:
+        """A job's status now; None once it is deleted (a cancelled job may be, while its batch still runs)."""
+        job = self.store.get(job_id)
+        return None if job is None else job.status
 
     def opened(self, batch: list[Job]) -> GenerationSettings:
         """One call's settings for a batch of compatible jobs: every job's prompts and seeds, the uploads opened,
