@@ -391,3 +391,63 @@ def test_streamed_blocks_leave_memory_after_running_and_give_the_same_image(klei
     # streamed: the small non-block weights and the kernel's fault-around, measured ~20% of the file
     assert min(during[True]) > 0.75 * size_kb
     assert max(during[False]) < 0.3 * size_kb
+
+
+def test_weights_that_do_not_fit_are_refused_at_load_with_the_way_out(klein_folder, tmp_path):
+    """Checked from the headers when loading, not at the first use of the part (a VAE that did not fit failed at
+    decode, after every step): a FLUX.1-style VAE, a VAE or a transformer given as the other, a file said to be
+    another registered model, a folder's distillation contradicting --model, a folder without its tokenizer. A
+    VAE inside a full checkpoint (`first_stage_model.`) and ComfyUI's scaled-fp8 marker load; --text-encoder and
+    --vae replace a folder's own (they were ignored)."""
+    from flux2studio.checkpoints import dequantize_fp8
+    from flux2studio.loading import check_model_fits
+    from flux2studio.variants import get_variant
+
+    path, te, folder = _single_files(klein_folder, tmp_path, fp8=False)
+    good = read_safetensors(tmp_path / "ae.safetensors")
+    kw = {"text_encoder": te, "device": "cpu", "dtype": "fp32"}
+    save_file({k: v for k, v in good.items() if not k.startswith("bn.")}, str(tmp_path / "flux1-ae.safetensors"))
+    with pytest.raises(ValueError, match=r"3 missing: bn\.num_batches_tracked.*\(FLUX\.1's VAE\?"):
+        load("klein-4b", weights=path, vae=tmp_path / "flux1-ae.safetensors", **kw)
+    with pytest.raises(ValueError, match=r"ae\.safetensors is a vae, not a transformer: give it as --vae"):
+        load("klein-4b", weights=tmp_path / "ae.safetensors", **kw)
+    with pytest.raises(ValueError, match=r"is a transformer, not a VAE"):
+        load("klein-4b", weights=path, vae=path, **kw)
+    save_file({f"first_stage_model.{k}": v for k, v in good.items()}, str(tmp_path / "full-vae.safetensors"))
+    pipe = load("klein-4b", weights=path, vae=tmp_path / "full-vae.safetensors", **kw)
+    assert torch.equal(pipe.vae.state_dict()["bn.running_var"], good["bn.running_var"])
+    with pytest.raises(
+        ValueError, match=r"has the shape of klein-9b / klein-9b-kv / klein-base-9b, not of klein-4b: pass"
+    ):
+        check_model_fits("f.safetensors", get_variant("klein-9b").transformer, get_variant("klein-4b"))
+    with pytest.raises(
+        ValueError, match=r"is distilled \(model_index.json\), not klein-base-4b: pass --model klein-4b"
+    ):
+        check_model_fits("folder", get_variant("klein-4b").transformer, get_variant("klein-base-4b"), True)
+    marked = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn), "w": torch.ones(2).to(torch.float8_e4m3fn)}
+    assert set(dequantize_fp8(marked, torch.float32)[0]) == {"w"}  # (was "1 unexpected: scaled_fp8")
+    with pytest.raises(FileNotFoundError, match="nope"):  # the folder's own text encoder was used
+        load(weights=folder, text_encoder=tmp_path / "nope", device="cpu")
+    assert load(weights=folder, vae=tmp_path / "full-vae.safetensors", device="cpu").vae is not None
+    shutil.copytree(folder, tmp_path / "no-tok", ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer/ folder, which its text encoder needs"):
+        load(weights=tmp_path / "no-tok", device="cpu")
+
+
+def test_fp16_weights_computing_in_bf16_stay_fp16_and_give_the_same_image(klein_folder, tmp_path):
+    """An fp16 file computing in bf16 is converted per layer as it runs (it was copied whole at load: klein-4b's
+    8 GB in memory where streaming holds a block), with the same rounding as a file cast to bf16 beforehand."""
+    path, te, _ = _single_files(klein_folder, tmp_path, fp8=False)
+    sd = read_safetensors(path)
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        (tmp_path / name).mkdir()
+        cast = {k: v.half().to(dtype) if v.is_floating_point() else v for k, v in sd.items()}  # bf16: via fp16
+        save_file(cast, str(tmp_path / name / path.name))
+        shutil.copy(tmp_path / "ae.safetensors", tmp_path / name)
+    images = []
+    for name in ("fp16", "bf16"):
+        pipe = load("klein-4b", weights=tmp_path / name / path.name, text_encoder=te, device="cpu", dtype="bf16")
+        images.append(np.asarray(pipe("a red circle", size=(64, 64), steps=2, seed=1)[0]))
+        if name == "fp16":
+            assert pipe.transformer.double_blocks[0].img_attn.qkv.weight.dtype == torch.float16
+    assert np.array_equal(*images)

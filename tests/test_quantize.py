@@ -414,7 +414,7 @@ def test_a_text_encoder_gguf_as_llama_cpp_writes_it_loads_with_its_own_tokenizer
 
     info = describe(files["q8_0"])
     assert info["component"] == "text encoder" and info["text_encoder"]["config"]["num_hidden_layers"] == 28
-    with pytest.raises(ValueError, match="text encoder GGUF"):
+    with pytest.raises(ValueError, match="is a text encoder, not a transformer: give it as --text-encoder"):
         load("klein-4b", weights=files["q8_0"], text_encoder=te)
     q4 = tmp_path / "klein-Q4_0.gguf"
     assert main(["convert", str(path), str(q4), "--to", "gguf", "--quantize", "q4_0"]) == 0

@@ -225,6 +225,7 @@ def component_files(folder: Path) -> list[Path]:
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 FP8_SCALE_SUFFIXES = (".weight_scale", ".scale_weight")  # diffusers / ComfyUI spellings
 FP8_DROPPED_SUFFIXES = (".input_scale", ".scale_input")  # activation hints: meaningless once dequantised
+FP8_MARKERS = ("scaled_fp8",)  # ComfyUI's legacy scaled-fp8 files carry this empty tensor: a flag, not a weight
 
 
 def bfl_prefix(keys) -> str:
@@ -250,7 +251,7 @@ def dequantize_fp8(
     out: dict[str, Tensor] = {}
     scales: dict[str, Tensor] = {}
     for key, value in sd.items():
-        if key.endswith(FP8_SCALE_SUFFIXES + FP8_DROPPED_SUFFIXES):
+        if key.endswith(FP8_SCALE_SUFFIXES + FP8_DROPPED_SUFFIXES) or key in FP8_MARKERS:
             continue
         if value.dtype in fp8_dtypes():
             base = key[: -len(".weight")] if key.endswith(".weight") else key

@@ -150,6 +150,18 @@ def vae_layout(keys) -> str:
     return "diffusers" if any(k.startswith("encoder.down_blocks.") for k in keys) else "bfl"
 
 
+def file_component(keys) -> str | None:
+    """ "transformer", "vae" or "text encoder" from a file's tensor names (prefix removed), None if none of them."""
+    if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        return "vae"
+    if any(k.endswith("embed_tokens.weight") or k == "token_embd.weight" for k in keys):
+        return "text encoder"
+    if any(k.startswith(("double_blocks.", "single_blocks.", "transformer_blocks.", "single_transformer_blocks."))
+           for k in keys):  # fmt: skip
+        return "transformer"
+    return None
+
+
 def transformer_layout(sd: dict[str, Tensor]) -> str:
     """'bfl' (official single files, our layout) or 'diffusers', from the key names."""
     if any(k.startswith("double_blocks.") or k.startswith("single_blocks.") for k in sd):

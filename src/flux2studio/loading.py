@@ -11,7 +11,9 @@ import torch
 from .checkpoints import (
     EMBEDDED,
     build,
+    check_keys,
     check_path,
+    component_files,
     dequantize_fp8,
     is_diffusers_folder,
     is_fp8,
@@ -24,6 +26,7 @@ from .checkpoints import (
     weights_hash,
 )
 from .conversion import (
+    file_component,
     transformer_config_from_diffusers,
     transformer_config_from_keys,
     transformer_layout,
@@ -263,22 +266,35 @@ def load_diffusers_folder(
     resident: bool,
     attention: str = "auto",
     quantize: str | None = None,
+    vae: str | Path | None = None,
+    text_encoder: str | Path | None = None,
 ) -> Pipeline:
+    """A diffusers pipeline folder; `vae` (a file or a component folder) and `text_encoder` given replace the
+    folder's own. Every part's keys and shapes are checked now, from the files' headers."""
     index = read_json(folder / "model_index.json")
     t_cfg = transformer_config_from_diffusers(read_json(folder / "transformer" / "config.json"))
-    vae_cfg = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
-    base = get_variant(model_id) if model_id else detect_variant(
-        index.get("_class_name", ""), bool(index.get("is_distilled", False)), t_cfg
-    )  # fmt: skip
-    spec = text_encoder_spec(base.text_encoder, folder / "text_encoder")
+    distilled = index.get("is_distilled")
+    base = get_variant(model_id) if model_id else detect_variant(index.get("_class_name", ""), bool(distilled), t_cfg)
+    check_model_fits(folder.name, t_cfg, base, distilled)
+    vae_source = Path(vae) if vae else folder / "vae"
+    vae_cfg = checked_vae(vae_source, base.vae)
+    if text_encoder is None:
+        if not (folder / "tokenizer").is_dir():
+            raise FileNotFoundError(f"{folder} has no tokenizer/ folder, which its text encoder needs: fetch it with "
+                                    f"`huggingface-cli download {base.repo} --include 'tokenizer/*' --local-dir "
+                                    f"{folder}`, or pass --text-encoder")  # fmt: skip
+        te_source, tok = folder / "text_encoder", folder / "tokenizer"
+        spec = text_encoder_spec(base.text_encoder, te_source)
+    else:
+        spec, te_source, tok = given_text_encoder(base, text_encoder, t_cfg, folder)
     variant = dataclasses.replace(base, transformer=t_cfg, vae=vae_cfg, text_encoder=spec)
 
     files = sorted((folder / "transformer").glob("*.safetensors"))
     parts = components(
         variant,
         (lambda: read_component_weights(folder / "transformer"), files),
-        (lambda: read_component(folder / "vae"), sorted((folder / "vae").glob("*.safetensors"))),
-        lambda: hf_text_encoder(spec, folder / "text_encoder", folder / "tokenizer", device, dtype, resident, quantize),
+        (lambda: read_vae(vae_source), vae_files(vae_source)),
+        lambda: hf_text_encoder(spec, te_source, tok, device, dtype, resident, quantize),
         device,
         dtype,
         resident,
@@ -357,9 +373,87 @@ def load_vae(raw: dict[str, torch.Tensor], cfg: AutoencoderConfig, device: str, 
     return model
 
 
+VAE_PREFIXES = ("first_stage_model.", "vae.")  # a VAE inside a full checkpoint (A1111, ComfyUI) or named so
+
+
+def vae_files(source: Path) -> list[Path]:
+    return component_files(source) if source.is_dir() else [source]
+
+
+def read_vae(source: Path) -> dict[str, torch.Tensor]:
+    """A VAE's tensors from a file (any `VAE_PREFIXES` prefix removed) or a diffusers component folder."""
+    if source.is_dir():
+        return read_component(source)
+    sd = read_safetensors(source)
+    prefix = next((p for p in VAE_PREFIXES if sd and all(k.startswith(p) for k in sd)), "")
+    return strip_prefix(sd, prefix) if prefix else sd
+
+
+def checked_vae(source: Path, base: AutoencoderConfig) -> AutoencoderConfig:
+    """The config of the VAE in `source` (a file or a component folder), its keys and shapes checked against the
+    model now, from the headers: one that does not fit failed at the first decode, after every step."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in vae_files(check_path(source) if not source.is_dir() else source):
+        shapes |= logical_shapes(f)
+    prefix = next((p for p in VAE_PREFIXES if shapes and all(k.startswith(p) for k in shapes)), "")
+    shapes = strip_prefix(shapes, prefix) if prefix else shapes
+    kind = file_component(strip_prefix(shapes))  # (a transformer's `model.diffusion_model.` too)
+    if kind != "vae":
+        raise ValueError(f"{source} is {f'a {kind}' if kind else 'no model part we know'}, not a VAE "
+                         "(no encoder. / decoder. weights)")  # fmt: skip
+    diffusers = vae_layout(shapes) == "diffusers"
+    if source.is_dir() and (source / "config.json").is_file():
+        cfg = vae_config_from_diffusers(read_json(source / "config.json"))
+    elif diffusers or _vae_fits(shapes, base, False, source) is None:  # the model's own shape (nano's too)
+        cfg = base
+    else:  # a FLUX.2-style VAE of another shape (a tiny test one)
+        try:
+            cfg = vae_config_from_keys(shapes)
+        except (KeyError, ValueError, IndexError):
+            cfg = base  # (named by the check below)
+    if (problem := _vae_fits(shapes, cfg, diffusers, source)) is not None:
+        hint = " (FLUX.1's VAE? FLUX.2 has its own, with 32 latent channels)" if "bn.running_mean" in problem else ""
+        raise ValueError(f"{problem}{hint}")
+    return cfg
+
+
+def _vae_fits(shapes: dict, cfg: AutoencoderConfig, diffusers: bool, source: Path) -> str | None:
+    """Why tensors of these shapes do not fit a VAE of `cfg` (`check_keys`' message), None if they do."""
+    meta = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+    with torch.device("meta"):
+        module = AutoEncoder(cfg)
+    try:
+        check_keys(module, vae_from_diffusers(meta, cfg) if diffusers else meta, f"VAE {source}")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def matching_variants(t_cfg: TransformerConfig) -> list[Variant]:
+    """The registered variants whose transformer has this shape (none for a tiny test model)."""
+    return [v for v in VARIANTS.values() if v.transformer == t_cfg and not v.hosted]
+
+
+def check_model_fits(name: str, t_cfg: TransformerConfig, variant: Variant, distilled: bool | None = None) -> None:
+    """Weights said to be `variant` (--model) whose shape is another registered model's, or whose folder says it is
+    distilled (or not) when the variant is the other kind, are refused now: they asked for the wrong text encoder
+    (a download of many GB) and ran with the wrong guidance."""
+    same = matching_variants(t_cfg)
+    if same and variant.id not in {v.id for v in same}:
+        raise ValueError(f"{name} has the shape of {' / '.join(v.id for v in same)}, not of {variant.id}: pass "
+                         f"--model {same[0].id}, or leave --model out to detect it")  # fmt: skip
+    if same and distilled is not None and (variant.guidance_mode == "none") != bool(distilled):
+        other = [v.id for v in same if (v.guidance_mode == "none") == bool(distilled)]
+        kind = "distilled" if distilled else "a Base (undistilled) model"
+        raise ValueError(f"{name} is {kind} (model_index.json), not {variant.id}"
+                         f"{f': pass --model {other[0]}' if other else ''}")  # fmt: skip
+
+
 def variant_for_file(path: Path, t_cfg: TransformerConfig, model_id: str | None) -> Variant:
-    """The registered variant of a single transformer file: by id if given, else by shape and file name."""
+    """The registered variant of a single transformer file: by id if given (its shape checked), else by shape
+    and file name."""
     if model_id:
+        check_model_fits(path.name, t_cfg, get_variant(model_id))
         return get_variant(model_id)
     name = path.name.lower()
     matches = [v for v in VARIANTS.values() if v.transformer == t_cfg and v.id not in EMBEDDED_IDS]
@@ -429,6 +523,23 @@ def find_tokenizer(variant: Variant, encoder_file: Path) -> Path:
     )
 
 
+def given_text_encoder(
+    variant: Variant, given: str | Path | None, t_cfg: TransformerConfig, weights: Path
+) -> tuple[TextEncoderSpec, Path, Path]:
+    """(spec, source, tokenizer) of the text encoder `given` (else the variant's in the Hugging Face cache), its
+    width checked against the transformer's."""
+    te_folder = find_text_encoder(variant.text_encoder, given)
+    spec = text_encoder_spec(variant.text_encoder, te_folder)
+    if spec.context_dim != t_cfg.context_dim:
+        raise ValueError(f"{te_folder} gives text features of width {spec.context_dim}; {weights} takes "
+                         f"{t_cfg.context_dim} ({variant.id}: {spec.model})")  # fmt: skip
+    if te_folder.is_dir():
+        tok = tokenizer_folder(te_folder)
+    else:  # a Qwen3 GGUF holds its tokenizer; a Mistral one's (Tekken) is taken from its repo, as one file's
+        tok = te_folder if is_gguf(te_folder) and spec.kind == "qwen3" else find_tokenizer(variant, te_folder)
+    return spec, te_folder, tok
+
+
 def load_single_file(
     path: Path,
     model_id: str | None,
@@ -442,29 +553,24 @@ def load_single_file(
 ) -> Pipeline:
     """An official single transformer file (BFL or diffusers names, bf16 or fp8 with scales), a GGUF one, or
     one written by `flux2 convert --quantize`."""
-    if gguf_component(path) == "text encoder":
-        raise ValueError(f"{path} is a text encoder GGUF: give it as the text encoder (--text-encoder), not as weights")
-    t_cfg = transformer_config_from_keys(strip_prefix(logical_shapes(path)))
+    shapes = strip_prefix(logical_shapes(path))
+    if (kind := file_component(shapes)) in ("vae", "text encoder"):
+        flag = "--vae" if kind == "vae" else "--text-encoder"
+        raise ValueError(f"{path} is a {kind}, not a transformer: give it as {flag}, and the transformer file as "
+                         "--weights")  # fmt: skip
+    t_cfg = transformer_config_from_keys(shapes)
     variant = dataclasses.replace(variant_for_file(path, t_cfg, model_id), transformer=t_cfg)
     vae_file = Path(vae_path) if vae_path else path.parent / "ae.safetensors"
-    vae_shapes = logical_shapes(vae_file)
-    vae_cfg = variant.vae if vae_layout(vae_shapes) == "diffusers" else vae_config_from_keys(vae_shapes)
-    te_folder = find_text_encoder(variant.text_encoder, text_encoder_path)
-    spec = text_encoder_spec(variant.text_encoder, te_folder)
-    if spec.context_dim != t_cfg.context_dim:
-        raise ValueError(f"{te_folder} gives text features of width {spec.context_dim}; {path} takes "
-                         f"{t_cfg.context_dim} ({variant.id}: {spec.model})")  # fmt: skip
+    if not vae_path and not vae_file.exists():
+        raise FileNotFoundError(f"no VAE beside {path} ({vae_file.name}): pass its file with --vae (vae=)")
+    vae_cfg = checked_vae(vae_file, variant.vae)
+    spec, te_folder, tok = given_text_encoder(variant, text_encoder_path, t_cfg, path)
     variant = dataclasses.replace(variant, text_encoder=spec, vae=vae_cfg)
-
-    if te_folder.is_dir():
-        tok = tokenizer_folder(te_folder)
-    else:  # a Qwen3 GGUF holds its tokenizer; a Mistral one's (Tekken) is taken from its repo, as one file's
-        tok = te_folder if is_gguf(te_folder) and spec.kind == "qwen3" else find_tokenizer(variant, te_folder)
 
     parts = components(
         variant,
         (lambda: read_transformer_file(path), [path]),
-        (lambda: read_safetensors(vae_file), [vae_file]),
+        (lambda: read_vae(vae_file), vae_files(vae_file)),
         lambda: hf_text_encoder(spec, te_folder, tok, device, dtype, resident, quantize),
         device,
         dtype,
@@ -570,7 +676,8 @@ def _load_local(
     if weights is not None:
         path = resolve_snapshot(weights)
         if is_diffusers_folder(path):
-            return load_diffusers_folder(path, model_id, device, torch_dtype, resident, attention, quantize)
+            return load_diffusers_folder(path, model_id, device, torch_dtype, resident, attention, quantize, vae,
+                                         text_encoder)  # fmt: skip
         if path.is_dir():
             raise ValueError(f"{path} is a folder without model_index.json: not a diffusers-format pipeline")
         if model_id not in EMBEDDED_IDS:
@@ -582,19 +689,13 @@ def _load_local(
     if variant.hosted:
         raise ValueError(f"{model_id} is a hosted model (Black Forest Labs API); it has no local weights")
     if model_id not in EMBEDDED_IDS:
-        local = find_local(variant)
-        if local is None:
-            from huggingface_hub.constants import HF_HUB_CACHE
-
-            raise FileNotFoundError(
-                f"no weights given for {model_id} and none in the Hugging Face cache ({HF_HUB_CACHE}, set by "
-                f"HF_HUB_CACHE / HF_HOME; repo {variant.repo}): run `flux2 pull {model_id}`, or pass "
-                "--weights PATH (a diffusers folder or a single file)"
-            )
-        return load_diffusers_folder(local, model_id, device, torch_dtype, resident, attention, quantize)
+        local = cached_weights(variant)
+        return load_diffusers_folder(local, model_id, device, torch_dtype, resident, attention, quantize, vae,
+                                     text_encoder)  # fmt: skip
     if weights is not None:  # a training run's weights (+ its vae.safetensors), or a file `flux2 convert` wrote
         t_path = Path(weights)  # (quantized safetensors, GGUF, fp8): read as any transformer file is
         vae_path = Path(vae) if vae else EMBEDDED / "nano-vae.safetensors"
+        checked_vae(vae_path, variant.vae)
         raw, formats = read_transformer_file(t_path)
         transformer = load_transformer(raw, variant, device, torch_dtype, True, formats, quantize)  # resident
     else:
@@ -605,7 +706,7 @@ def _load_local(
             quantize_modules(transformer, quantize, transformer_quantizable, release=drop_file_pages)
             if torch.device(device).type == "cpu":  # held in memory whole (never streamed): oneDNN's int8 layout
                 prepack_int8(transformer)
-    vae = build(lambda: AutoEncoder(variant.vae), read_safetensors(vae_path), "nano VAE", torch_dtype)
+    vae = build(lambda: AutoEncoder(variant.vae), read_vae(vae_path), "nano VAE", torch_dtype)
     text_encoder = load_minilm(variant.text_encoder, device=device)
     digest = weights_hash([t_path])
     parts = (transformer, vae, text_encoder)
@@ -667,6 +768,20 @@ def check_fits(variant: Variant, device: str, dtype: torch.dtype, quantize: str 
         stored = str(dtype).removeprefix("torch.") + (f", {quantize}" if quantize else "")
         stored = f"as stored in {files[0].name}" if scale < 1 else stored
         raise ValueError(f"{what} needs {human(whole)} ({stored}); {where}: try {' or '.join(ways)}")
+
+
+def cached_weights(variant: Variant) -> Path:
+    """The variant's downloaded folder (`find_local`), or an error saying how to get it (no network)."""
+    local = find_local(variant)
+    if local is None:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise FileNotFoundError(
+            f"no weights given for {variant.id} and none in the Hugging Face cache ({HF_HUB_CACHE}, set by "
+            f"HF_HUB_CACHE / HF_HOME; repo {variant.repo}): run `flux2 pull {variant.id}`, or pass "
+            "--weights PATH (a diffusers folder or a single file)"
+        )
+    return local
 
 
 def find_local(variant: Variant) -> Path | None:

@@ -6,7 +6,8 @@ than fp32 and a bf16 `bmm` outside it falls to a reference loop (~250x). Weights
 dtype of their files (bf16 or fp8, memory-mapped and streamed as before) and each linear layer's weight is
 widened when the layer runs and freed after (`widen_on_use`): peak memory grows by one layer's fp32 copy, not
 by the model's. Widening bf16 to fp32 is exact (and fp8 is widened with the reference's `w.float() * scale`),
-so this computes bit for bit what converting the whole model at load would.
+so this computes bit for bit what converting the whole model at load would. fp16 files computing in bf16
+(and bf16 in fp16) are converted per layer the same way, which rounds as a cast at load would.
 
 The CPU's features come from torch's own capability queries (`torch.cpu._is_*_supported`, the ones its
 compiler uses), limited by `ONEDNN_MAX_CPU_ISA` / `ATEN_CPU_CAPABILITY` when a user caps them. This module
@@ -151,11 +152,12 @@ def autocast(device: torch.device):
 
 def storage(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Tensors as a model computing in `dtype` keeps them: fp8 stays fp8 (its scale set on the parameter by the
-    loader, `dequantized`), bf16/fp16 stay as they are when `dtype` is fp32 (both widened per layer at run time,
-    `widen_on_use`); every other float tensor is cast to `dtype`."""
+    loader, `dequantized`), bf16/fp16 stay as they are (converted per layer at run time, `widen_on_use`: an fp16
+    file computing in bf16 was copied whole at load, 8 GB of klein-4b in memory where streaming holds a block);
+    every other float tensor is cast to `dtype`."""
     import torch
 
-    keep = (torch.bfloat16, torch.float16) if dtype == torch.float32 else ()
+    keep = (torch.bfloat16, torch.float16)
     return {
         k: v if not v.is_floating_point() or v.dtype in (*keep, *fp8_dtypes()) else v.to(dtype) for k, v in sd.items()
     }
