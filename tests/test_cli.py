@@ -326,7 +326,7 @@ def _files(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
-def test_every_job_and_output_is_checked_before_any_work_and_nothing_is_lost(tmp_path, cli):
+def test_every_job_and_output_is_checked_before_any_work_and_nothing_is_lost(tmp_path, cli, monkeypatch):
     """Found trying the CLI as a new user, each before its fix as noted: --overwrite deleted the old file before
     a bad setting failed; a prompts file's bad line 3 was found after lines 1-2 were made; an unwritable -o
     after the denoising; NaN LoRA scales gave a black image; one -o file for many jobs was overwritten by each;
@@ -360,9 +360,24 @@ def test_every_job_and_output_is_checked_before_any_work_and_nothing_is_lost(tmp
     (text := tmp_path / "p.txt").write_text("a red circle\n# a comment\na blue square\n")
     assert cli("generate", "--prompts", text, "--steps", "1", "-q", "-o", tmp_path / "y.png").returncode == 0
     assert [p for p in _files(tmp_path) if p.startswith("y")] == ["y-0.png", "y-1.png"]  # before: y.png twice
+    with Image.open(tmp_path / "y-0.png") as im:  # made with other weights: --from used the embedded, silently
+        info = PngImagePlugin.PngInfo()
+        info.add_text("flux2", json.dumps({**json.loads(im.info["flux2"]), "weights_hash": "0123456789ab"}))
+        im.save(tmp_path / "other.png", pnginfo=info)
+    run = cli("generate", "--from", tmp_path / "other.png", "-o", tmp_path / "z.png")
+    assert run.returncode == 2 and "was made with weights 0123456789ab; these are " in run.stderr, run.stderr
     run = cli("compare", "p", "--models", "nano,nanoo", "-o", tmp_path / "cmp")
     assert run.returncode == 2 and "nanoo" in run.stderr and not _files(tmp_path / "cmp")
-    run = cli("compare", "p", "--models", "klein-4b,nano", "--backend", "api", "-o", tmp_path / "cmp")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # empty: no klein-4b, no key
+    monkeypatch.delenv("BFL_API_KEY", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    run = cli("compare", "p", "--models", "nano,klein-4b", "-o", tmp_path / "cmp")  # (nano's images were made)
+    assert run.returncode == 2 and "klein-4b: no weights given" in run.stderr and not _files(tmp_path / "cmp")
+    run = cli("compare", "p", "--models", "nano,pro", "-o", tmp_path / "cmp")
+    assert run.returncode == 2 and "pro: no Black Forest Labs API key" in run.stderr and not _files(tmp_path / "cmp")
+    run = cli("compare", "p", "--models", "nano,klein-4b", "--backend", "api", "-o", tmp_path / "cmp")
     assert run.returncode == 2 and "nano has no hosted endpoint; hosted: " in run.stderr, run.stderr  # (KeyError)
     run = cli("compare", "p", "--models", "nano", "--guidance", "3", "-o", tmp_path / "cmp")
     assert run.returncode == 2 and "omit --guidance" in run.stderr

@@ -498,7 +498,7 @@ def run_jobs(pipe, jobs: list[tuple[str, GenerationSettings]], args: argparse.Na
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .images import open_reference
+    from .images import open_reference, read_metadata
 
     model = args.model
     if args.from_png:
@@ -527,7 +527,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError("give a PROMPT, --prompts FILE or --from IMAGE.png")
     model = model or (None if args.weights else "nano")
     check_hosted_flags(model, args)
-    return run_jobs(load_pipe(model, args), jobs, args)
+    pipe = load_pipe(model, args)
+    if args.from_png:
+        check_recorded_weights(pipe.weights_hash, read_metadata(args.from_png), args)
+    return run_jobs(pipe, jobs, args)
+
+
+def check_recorded_weights(here: str, meta: dict, args: argparse.Namespace) -> None:
+    """--from with other weights than the image's (a converted or fine-tuned file, another download) would make
+    another image: an error, unless --weights or --model was given to change them (then a note)."""
+    made = meta.get("weights_hash")
+    if not made or not here or made == here:
+        return
+    message = f"{args.from_png} was made with weights {made}; these are {here}"
+    if args.weights or args.model:
+        print(f"note: {message}: the image will differ", file=sys.stderr)
+        return
+    raise ValueError(f"{message}: pass the --weights (and --model) it was made with, for the same image")
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -579,8 +595,10 @@ def compare_settings(model: str, settings: dict, args: argparse.Namespace) -> di
 
 
 def check_compare(models: list[str], prompt: str, seeds: list[int], settings: dict, args) -> None:
-    """Every model's settings checked (its own rules) before the first model runs."""
-    from .hosted import check_request, endpoint
+    """Every model's settings checked (its own rules), and its weights or the API key found, before the first
+    model runs."""
+    from .hosted import HostedError, check_request, endpoint, required_key
+    from .loading import cached_weights
     from .pipeline import build_request
 
     for model in models:
@@ -588,10 +606,13 @@ def check_compare(models: list[str], prompt: str, seeds: list[int], settings: di
         try:
             if get_variant(model).hosted or args.backend == "api":
                 check_request(endpoint(model), GenerationSettings.of(prompt, **kw))
+                required_key()
             else:
                 build_request(get_variant(model), prompt, **kw)
-        except ValueError as e:
-            raise ValueError(f"{model}: {e}") from None
+                if args.weights is None and model not in variants.EMBEDDED_IDS:
+                    cached_weights(get_variant(model))
+        except (ValueError, OSError, HostedError) as e:
+            raise type(e)(f"{model}: {e}") from None
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -822,6 +843,8 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="model id (default: the embedded nano, or detected from --weights)")
         p.add_argument("--weights", help="weights file or folder (default: embedded / registered location)")
+        p.add_argument("--vae", help="VAE file or folder (default: the weights' own: ae.safetensors beside a "
+                       "single file, a folder's vae/, the embedded one for nano)")  # fmt: skip
         p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
         p.add_argument("--vram", metavar="SIZE", help="accelerator memory a phase may use, weights and "
                        "work: 8GB, or auto (95%% of the free memory); blocks that do not fit stream in")  # fmt: skip
@@ -920,7 +943,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only this prompt category, repeatable: one_two, three_four, relation or negation "
                     "(64 prompts each: a quick probe)")  # fmt: skip
     ev.add_argument("--json", action="store_true")
-    ev.add_argument("--vae", help="VAE weights to go with --weights (default: the embedded one)")
     ev.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser("pull", help="download a model's weights from Hugging Face (resumable)")

@@ -108,6 +108,17 @@ def find_key(env: dict[str, str] | None = None) -> str | None:
     return path.read_text().strip() or None
 
 
+def required_key() -> str:
+    """The configured key, or an error saying how to configure one."""
+    key = find_key()
+    if not key:
+        raise HostedError(
+            "no Black Forest Labs API key: set BFL_API_KEY, or write the key to "
+            f"{key_file()} (chmod 600); keys are made at https://dashboard.bfl.ai"
+        )
+    return key
+
+
 def key_present() -> bool:
     """Whether a usable key is configured (a key file with loose permissions counts as none)."""
     try:
@@ -260,13 +271,7 @@ class BflClient:
         sleep: Callable[[float], None] = time.sleep,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        key = key or find_key()
-        if not key:
-            raise HostedError(
-                "no Black Forest Labs API key: set BFL_API_KEY, or write the key to "
-                f"{key_file()} (chmod 600); keys are made at https://dashboard.bfl.ai"
-            )
-        self._key = key
+        self._key = key or required_key()
         self.base = base_url(location)
         self.max_wait, self.poll_interval, self.max_poll_interval = max_wait, poll_interval, max_poll_interval
         self.retries, self.sleep = retries, sleep
