@@ -286,7 +286,7 @@ def test_inpainting_and_image_to_image_from_the_cli_are_replayed_bit_for_bit(kle
     meta = json.loads(Image.open(tmp_path / "i2i.png").info["flux2"])
     assert meta["init"]["strength"] == 0.6 and meta["init"]["mask"] is None
     bad = cli("generate", "a blue sky", "--strength", "0.6", *common(folder), "-o", tmp_path / "y.png")
-    assert bad.returncode == 2 and "--strength edit a start image: give it with --init IMAGE" in bad.stderr
+    assert bad.returncode == 2 and "--strength edits a start image: give it with --init IMAGE" in bad.stderr
 
 
 def test_outpainting_from_the_cli_with_expand_or_canvas(klein_folder, tmp_path, cli):
@@ -386,7 +386,35 @@ def test_every_job_and_output_is_checked_before_any_work_and_nothing_is_lost(tmp
     for _ in range(2):  # the second time over the first's files
         run = cli("compare", "p", "--models", "nano", "--steps", "1", "-o", tmp_path / "c.png", "--overwrite", "-q")
         assert run.returncode == 0, run.stderr
-    assert [p for p in _files(tmp_path) if p.startswith("c-")] == ["c-0.png", "c-1.png"]  # an image, the grid
+    assert [p for p in _files(tmp_path) if p.startswith("c")] == ["c-nano-0.png", "c.png"]  # (were c-0, c-1.png)
+    assert "--guidance GUIDANCE" not in (usage := cli("compare", "--help").stdout) and "--seed SEED" not in usage
+    photo = tmp_path / "c.png"  # (an image made above)
+    (text := tmp_path / "p.txt").write_text("a red circle\n")
+    monkeypatch.setenv("BFL_API_KEY", "a-key-never-sent")  # (refused before any request)
+    for args, message in [  # each was accepted and ignored, or a Python message
+        (
+            ("generate", "p", "--model", "pro", "--quantize", "int8"),
+            "--quantize: options of models run here, not of pro",
+        ),
+        (("generate", "p", "--model", "pro", "--prompt-upsampling"), "pro (hosted) has no prompt upsampling"),
+        (("generate", "--prompts", photo), "is not UTF-8 text: give a .txt"),
+        (("generate", "a cat", "--prompts", text), "give a PROMPT or --prompts FILE, not both"),
+        (("edit", photo, photo), "the last argument is the prompt, and"),
+        (("generate", "p", "--model", "nano-base", "--lora", "x.safetensors:abc"), "scale 'abc' is not a number"),
+        (("generate", "p", "--text-encoder", "/nope/q.gguf"), "nano has its own embedded text encoder"),
+        (("edit", photo, "more", "--canvas", "200x200"), "by multiples of 16 on each side, e.g. canvas"),
+        (("serve", "--model", "klein-4b=/nope/klein"), "--model klein-4b=/nope/klein: no such file or folder"),
+    ]:
+        run = cli(*args)
+        assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
+    from flux2studio.loading import EMBEDDED
+
+    run = cli("generate", "p", "--weights", EMBEDDED / "nano.safetensors", "--size", "64x64", "--steps", "1", "-q",
+              "-o", tmp_path / "w.png")  # fmt: skip
+    assert run.returncode == 0, run.stderr  # nano detected from its shape (was "pass --model nano")
+    assert "models of this shape: nano / nano-base" in cli("info", EMBEDDED / "nano.safetensors").stdout
+    run = cli("convert", EMBEDDED / "nano.safetensors", tmp_path / "x.bin", "--to", "bfl")  # (made a folder x.bin)
+    assert run.returncode == 2 and "--to bfl writes a .safetensors file (or into a folder), not a .bin" in run.stderr
     assert "limit 0 must be a whole number" in cli("eval", "--limit", "0").stderr  # before: all 768 images
     assert "steps 0 is out of range" in cli("eval", "--limit", "1", "--steps", "0").stderr  # (ran nano's 4)
     assert "ignores guidance" in cli("eval", "--limit", "1", "--guidance", "3").stderr  # (dropped, yet reported)

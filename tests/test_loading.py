@@ -191,6 +191,9 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     torch.save({"w": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match=r"pickle checkpoint \(\.ckpt\).*safetensors"):
         read_safetensors(path)
+    path.rename(renamed := tmp_path / "model.safetensors")  # (was "header too large")
+    with pytest.raises(ValueError, match=r"is a pickle checkpoint \(PyTorch's torch.save\) under a \.safetensors name"):
+        read_safetensors(renamed)
 
 
 def test_truncated_file_gives_a_clear_error(tmp_path):
@@ -429,6 +432,9 @@ def test_weights_that_do_not_fit_are_refused_at_load_with_the_way_out(klein_fold
     with pytest.raises(FileNotFoundError, match="nope"):  # the folder's own text encoder was used
         load(weights=folder, text_encoder=tmp_path / "nope", device="cpu")
     assert load(weights=folder, vae=tmp_path / "full-vae.safetensors", device="cpu").vae is not None
+    assert load(weights=folder, text_encoder=folder, device="cpu").text_encoder is not None  # (its text_encoder/)
+    with pytest.raises(ValueError, match=r"is one part of the diffusers pipeline .*: give the pipeline's folder"):
+        load(weights=folder / "transformer", device="cpu")
     shutil.copytree(folder, tmp_path / "no-tok", ignore=shutil.ignore_patterns("tokenizer"))
     with pytest.raises(FileNotFoundError, match=r"has no tokenizer/ folder, which its text encoder needs"):
         load(weights=tmp_path / "no-tok", device="cpu")

@@ -204,7 +204,7 @@ def test_keys_that_map_to_nothing_are_named(peft_pair, tmp_path):
     sd = {f"transformer.{k}": v for k, v in lora_sd.items()}
     sd["transformer.not_a_layer.lora_A.weight"] = torch.zeros(4, 4)
     sd["text_encoder.layers.0.q.lora_A.weight"] = torch.zeros(4, 4)
-    with pytest.raises(ValueError, match=r"2 LoRA key\(s\) map to no layer.*not_a_layer"):
+    with pytest.raises(ValueError, match=r"bad.safetensors: 2 LoRA key\(s\) map to no layer.*not_a_layer"):
         load_lora(_save(tmp_path, "bad", sd), ours)
 
 

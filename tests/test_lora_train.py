@@ -177,3 +177,15 @@ def test_training_images_are_upright_and_16_bit_greys_scaled(tmp_path):
     assert training_image(tmp_path / "photo.jpg").size == (30, 40)
     Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "grey.png")
     assert training_image(tmp_path / "grey.png").getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_training_without_peft_says_how_to_install_it(monkeypatch):
+    """peft is the `train` extra: without it, one line saying how to add it (was "No module named 'peft'", after
+    the model had loaded and the latents were made)."""
+    import sys
+
+    from flux2studio.train.lora import import_peft
+
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(ImportError, match=r"LoRA training needs peft: pip install 'flux2studio\[train\]'"):
+        import_peft()

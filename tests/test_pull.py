@@ -66,3 +66,12 @@ def test_hosted_and_embedded_models_have_nothing_to_pull(mirror):
     _, _, env = mirror
     assert "hosted API" in flux2("pull", "pro", env=env).stderr
     assert "embedded" in flux2("pull", "nano", env=env).stderr
+
+
+def test_pull_without_a_network_says_so(tmp_path):
+    """No Hub to reach (offline, no DNS): one line that says so (it was "Got: ConnectError: ..." alone)."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5"}  # fmt: skip
+    env.pop("HF_HUB_OFFLINE", None)
+    run = flux2("pull", "klein-4b", env=env)
+    assert run.returncode == 2 and f"cannot reach the Hugging Face Hub for {REPO}" in run.stderr, run.stderr

@@ -57,6 +57,11 @@ def unreadable(path: Path, error: Exception) -> ValueError:
     a GGUF file does)."""
     if path.suffix.lower() == ".gguf":
         return ValueError(f"{path} is not a GGUF file: it does not begin with GGUF's magic bytes")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a bare pickle: renamed, still a pickle
+        return ValueError(f"{path} is a pickle checkpoint (PyTorch's torch.save) under a .safetensors name; loading "
+                          "it could run arbitrary code: convert it to safetensors first")  # fmt: skip
     return ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}")
 
 

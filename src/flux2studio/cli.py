@@ -172,6 +172,16 @@ def check_hosted_flags(model: str | None, args: argparse.Namespace) -> None:
     if given and not hosted:
         raise ValueError(f"{', '.join(given)}: options of the hosted models (pro, max, flex, kontext-*; klein with "
                          f"--backend api), not of {model or 'local weights'} run here")  # fmt: skip
+    local = [flag for flag, name in LOCAL_FLAGS.items() if getattr(args, name, None) not in (None, False)]
+    if local and hosted:
+        raise ValueError(f"{', '.join(local)}: options of models run here, not of {model} (run by Black Forest "
+                         "Labs' API)")  # fmt: skip
+
+
+# options of the models run here (their flag: its argparse name); given for a hosted model, they are an error
+LOCAL_FLAGS = {"--quantize": "quantize", "--dtype": "dtype", "--device": "device", "--vram": "vram",
+               "--vae-tile": "vae_tile", "--compile": "compile", "--attention": "attention", "--vae": "vae",
+               "--text-encoder": "text_encoder"}  # fmt: skip
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
@@ -183,7 +193,7 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
         try:
             return path, float(scale)
         except ValueError:
-            if Path(path).exists():
+            if Path(path).exists() or Path(path).suffix.lower() in (".safetensors", ".gguf"):
                 raise ValueError(f"--lora {text}: scale {scale!r} is not a number (FILE:SCALE, e.g. :0.8)") from None
     return text, 1.0
 
@@ -204,7 +214,10 @@ def jobs_from_file(path: str, base: dict) -> list[tuple[str, GenerationSettings]
     Each job with where it was read ("FILE line N"), for its errors."""
     from pathlib import Path
 
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompts {path} is not UTF-8 text: give a .txt (a prompt a line) or a .jsonl") from None
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not path.endswith(".jsonl"):
         return [(f"{path} line {n}", GenerationSettings.of(line.strip(), **base))
@@ -289,6 +302,14 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSe
     given = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images")}
     if args.seed_given:
         given["seed"] = args.seed
+    if not meta.get("hosted"):  # how a local model computed it (a hosted image has none of these)
+        replay_compute(meta, args)
+    return meta["model"], GenerationSettings.of(args.prompt or meta["prompt"], **{**settings, **given})
+
+
+def replay_compute(meta: dict, args: argparse.Namespace) -> None:
+    """The recorded dtype, quantization, VAE tiles and attention, where the command line gives none: each
+    changes the pixels."""
     if args.dtype is None:  # same dtype as recorded, or the image will differ
         args.dtype = next((k for k, v in DTYPE_NAMES.items() if v == meta.get("dtype")), None)
     if getattr(args, "quantize", None) is None:
@@ -297,7 +318,6 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSe
         args.vae_tile = meta.get("vae_tile")
     if getattr(args, "attention", None) is None:  # bf16 attention kernels round differently
         args.attention = meta.get("attention", "sdpa")  # images from before the kernel: PyTorch's
-    return meta["model"], GenerationSettings.of(args.prompt or meta["prompt"], **{**settings, **given})
 
 
 def recorded_refs(hashes: list[str], given: list[str], path: str, prepared: bool = True) -> list[Image.Image]:
@@ -427,17 +447,23 @@ def output_paths(out: str | None, jobs: list[list[str]], overwrite: bool) -> lis
                 chosen.add(candidate)
             plan.append(paths)
         return plan
-    writable_folder(target.parent)
     total = sum(map(len, jobs))
     names = [target] if total == 1 else [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(total)]
-    taken = [str(p) for p in names if p.exists()]
-    if taken and not overwrite:
-        raise FileExistsError(f"{', '.join(taken)} exists: choose another -o, a folder, or pass --overwrite")
+    claim(names, overwrite)
     plan, start = [], 0
     for stems in jobs:
         plan.append(names[start : start + len(stems)])
         start += len(stems)
     return plan
+
+
+def claim(paths: list, overwrite: bool) -> None:
+    """Files about to be written, checked first: their folder writable, none existing unless `overwrite`."""
+    writable_folder(paths[0].parent)
+    taken = [str(p) for p in paths if p.exists()]
+    if taken and not overwrite:
+        raise FileExistsError(f"{', '.join(taken)} {'exist' if len(taken) > 1 else 'exists'}: choose another -o, a "
+                              "folder, or pass --overwrite")  # fmt: skip
 
 
 def writable_folder(folder: Path) -> None:
@@ -513,11 +539,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
             edit = edit_settings(args, open_image(args.init, "start image"))
         elif flags := editing_flags(args):
-            raise ValueError(f"{', '.join(flags)} edit a start image: give it with --init IMAGE")
+            verb = "edit" if len(flags) > 1 else "edits"
+            raise ValueError(f"{', '.join(flags)} {verb} a start image: give it with --init IMAGE")
         else:
             edit = {}
         base = {**settings_from_args(args), **edit, "refs": [open_reference(r) for r in args.ref]}
         if args.prompts:
+            if args.prompt:
+                raise ValueError(f"give a PROMPT or --prompts FILE, not both ({args.prompt!r} and {args.prompts})")
             jobs = jobs_from_file(args.prompts, base)
             if not jobs:
                 raise ValueError(f"{args.prompts} holds no prompt")
@@ -556,6 +585,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     *images, prompt = args.inputs
     if not images:
         raise ValueError("give at least one IMAGE before the PROMPT")
+    if Path(prompt).suffix.lower() in (".png", *IMAGE_SUFFIXES) and Path(prompt).is_file():
+        raise ValueError(f"the last argument is the prompt, and {prompt!r} is an image file: flux2 edit IMAGE... "
+                         "PROMPT")  # fmt: skip
     if not Path(images[0]).exists() and Path(prompt).is_file():
         raise ValueError(f"cannot read image {images[0]!r}: the images come first, the prompt last "
                          "(flux2 edit IMAGE... PROMPT)")  # fmt: skip
@@ -631,7 +663,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images", "guidance")}
     check_compare(models, args.prompt, seeds, settings, args)  # (an unknown id, too) before the first model runs
     out = Path(args.out or "compare")
-    plan = output_paths(str(out), [[f"{m}-{seed}" for seed in seeds] for m in models] + [["grid"]], args.overwrite)
+    if out.suffix.lower() == ".png":  # the sheet there, each image beside it, named by model and seed
+        plan = [[out.with_name(f"{out.stem}-{m}-{seed}.png") for seed in seeds] for m in models] + [[out]]
+        claim([path for paths in plan for path in paths], args.overwrite)
+    else:
+        plan = output_paths(str(out), [[f"{m}-{seed}" for seed in seeds] for m in models] + [["grid"]], args.overwrite)
     cells, labels = [], []
     for model, paths in zip(models, plan, strict=False):  # one model in memory at a time
         pipe = load_pipe(model, args)
@@ -663,7 +699,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .loading import load
-    from .train.lora import LoraTrainConfig, check_resolution, check_trainable, read_dataset, train_lora
+    from .train.lora import LoraTrainConfig, check_resolution, check_trainable, import_peft, read_dataset, train_lora
 
     variant = get_variant(args.model)
     check_trainable(variant)  # before loading it, as everything below
@@ -677,6 +713,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         seed=args.seed, save_kohya=args.kohya,
     )  # fmt: skip
     read_dataset(cfg.data, cfg.mode)  # its errors (a missing image, a bad line) before the model loads
+    import_peft()  # (an optional part: said before loading)
     pipe = load(args.model, weights=args.weights, device=args.device, dtype=args.dtype)
     bar = tqdm(total=cfg.steps, desc=f"lora {args.model}", dynamic_ncols=True)
 
@@ -689,6 +726,32 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     bar.close()
     print(f"{path}  rank {cfg.rank}  {cfg.steps} steps")
     return 0
+
+
+def serve_extra():
+    """uvicorn (and fastapi), the `serve` extra, or an error saying how to install it."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise ImportError(f"flux2 serve needs {e.name}: pip install 'flux2studio[serve]'") from None
+    return uvicorn
+
+
+def check_served(weights: dict[str, str | None], lora_dir: str | None) -> None:
+    """Every served model's weights found, and the LoRA folder, before the server starts (the first job failed)."""
+    from pathlib import Path
+
+    from .loading import cached_weights
+
+    for model, path in weights.items():
+        variant = get_variant(model)
+        if path not in (None, "api") and not Path(path).exists():
+            raise FileNotFoundError(f"--model {model}={path}: no such file or folder")
+        if path is None and not variant.hosted and model not in variants.EMBEDDED_IDS:
+            cached_weights(variant)
+    if lora_dir is not None and not Path(lora_dir).is_dir():
+        raise FileNotFoundError(f"--lora-dir {lora_dir}: no such folder")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -727,13 +790,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"store: {store}, replicas {cfg.min_replicas}..{cfg.max_replicas})")  # fmt: skip
         run(cfg, args.host, args.port, address=args.address)
         return 0
-    import uvicorn
+    uvicorn = serve_extra()
 
     from .loading import load
     from .serve.app import create_app
 
     served = args.model or list(variants.EMBEDDED_IDS)
     weights = dict(m.split("=", 1) if "=" in m else (m, None) for m in served)
+    check_served(weights, args.lora_dir)
 
     api_models = [m for m, w in weights.items() if w == "api"]  # `--model klein-4b=api`: klein on BFL's API
     if api_models or any(get_variant(m).hosted for m in weights):
@@ -780,9 +844,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_hosted_flags(model, args)
     seeds = tuple(parse_seeds(args.seeds))
     pipe = load_pipe(model, args)  # with its LoRAs, quantization, dtype: what the result names
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, desc=f"eval {model}", unit="image", leave=False, disable=args.quiet)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
     result = evaluate(pipe, seeds=seeds, limit=args.limit, steps=args.steps, guidance=args.guidance,
                       categories=args.category, guidance_interval=args.guidance_interval,
-                      prompt_upsampling=args.prompt_upsampling)  # fmt: skip
+                      prompt_upsampling=args.prompt_upsampling, progress=progress)  # fmt: skip
+    bar.close()
     print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else result.table())
     return 0
 
@@ -818,6 +891,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         t = info["transformer"]
         print(f"  transformer: hidden {t['hidden_size']}, {t['depth']} double + {t['depth_single']} single blocks, "
               f"context {t['context_dim']}, guidance embedding {'yes' if t['guidance_embed'] else 'no'}")  # fmt: skip
+        models = " / ".join(info.get("models", [])) or "none registered (another shape: pass --model ID)"
+        print(f"  models of this shape: {models}")
     print(f"  parameters: {info['params']:,}  dtypes: {info['dtypes']}")
     print(f"  computes here in: {here.name} ({here.reason})")
     for name, size in info["files"].items():
@@ -933,6 +1008,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--seeds", default="0", help="comma-separated seeds")
     model_args(comp)
     output_args(comp)
+    for action in comp._actions:  # refused by compare (COMPARE_REFUSES): not offered in its help
+        if set(action.option_strings) & set(COMPARE_REFUSES):
+            action.help = argparse.SUPPRESS
     comp.set_defaults(func=cmd_compare)
 
     ev = sub.add_parser("eval", help="prompt-adherence eval of an embedded model on the Shapes world")
@@ -943,6 +1021,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only this prompt category, repeatable: one_two, three_four, relation or negation "
                     "(64 prompts each: a quick probe)")  # fmt: skip
     ev.add_argument("--json", action="store_true")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser("pull", help="download a model's weights from Hugging Face (resumable)")

@@ -45,7 +45,7 @@ from .quantized_files import (
     write_gguf,
     write_quantized,
 )
-from .variants import AutoencoderConfig, TransformerConfig
+from .variants import VARIANTS, AutoencoderConfig, TransformerConfig
 
 CONVERT_QUANTIZE = {"bfl": ("int8", "int4", "fp8"), "gguf": ("q8_0", "q4_0", "f16", "bf16"), "diffusers": ()}
 
@@ -387,6 +387,9 @@ def check_convert(to: str, quantize: str | None) -> None:
         raise ValueError(f"--quantize {quantize!r} with --to {to}: choose {allowed}")
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf", ".bin", ".pt", ".pth", ".ckpt")  # names of files, not folders
+
+
 def convert(src: str | Path, dst: str | Path, to: str, quantize: str | None = None) -> str:
     """Write the transformer or VAE at `src` in the `to` layout ("diffusers" folder, "bfl" single file, or a
     "gguf" transformer file), the transformer's blocks and modulation layers packed as `quantize` says
@@ -399,7 +402,14 @@ def convert(src: str | Path, dst: str | Path, to: str, quantize: str | None = No
     dst = Path(dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} exists: choose a new path (nothing is overwritten)")
+    wanted = {"bfl": ".safetensors", "gguf": ".gguf", "diffusers": None}[to]
+    if dst.suffix.lower() in WEIGHT_SUFFIXES and dst.suffix.lower() != wanted:  # (was made a folder of that name)
+        writes = f"a {wanted} file (or into a folder)" if wanted else "a folder"
+        raise ValueError(f"{dst}: --to {to} writes {writes}, not a {dst.suffix} file")
     folder = resolve_snapshot(src)
+    if is_diffusers_folder(folder):
+        raise ValueError(f"{src} is a whole diffusers pipeline: convert one part of it, e.g. {folder / 'transformer'} "
+                         f"(or vae/, text_encoder/)")  # fmt: skip
     if text_kind := text_encoder_kind(folder):
         if to == "gguf":
             path = dst if dst.suffix == ".gguf" else dst / f"{text_kind}.gguf"
@@ -436,6 +446,11 @@ def convert(src: str | Path, dst: str | Path, to: str, quantize: str | None = No
     return f"{kind} ({layout} layout) -> {path} ({to} layout, {len(sd)} tensors)"
 
 
+def shaped_like(cfg: TransformerConfig) -> list[str]:
+    """The registered models whose transformer has this shape (what `--model` may say of the file)."""
+    return [v.id for v in VARIANTS.values() if v.transformer == cfg and not v.hosted]
+
+
 def describe(path: str | Path) -> dict:
     """What `flux2 info` prints: layout, component or variant, dtypes, parameter count, file sizes."""
     path = resolve_snapshot(path)
@@ -458,9 +473,8 @@ def describe(path: str | Path) -> dict:
     if is_diffusers_folder(path):
         info["layout"] = "diffusers folder"
         info["pipeline"] = read_json(path / "model_index.json").get("_class_name")
-        info["transformer"] = dataclasses.asdict(
-            transformer_config_from_diffusers(read_json(path / "transformer" / "config.json"))
-        )
+        t_cfg = transformer_config_from_diffusers(read_json(path / "transformer" / "config.json"))
+        info["transformer"], info["models"] = dataclasses.asdict(t_cfg), shaped_like(t_cfg)
     elif gguf_component(path) == "text encoder":
         info["layout"], info["component"] = "single file (GGUF, llama.cpp names)", "text encoder"
         info["text_encoder"] = dict(zip(("kind", "config"), text_encoder_gguf_config(path), strict=True))
@@ -475,6 +489,7 @@ def describe(path: str | Path) -> dict:
             info["layout"] = f"single file ({transformer_layout(keys)} names)"
             info["component"] = "transformer"
             info["transformer"] = dataclasses.asdict(transformer_config_from_keys(keys))
+            info["models"] = shaped_like(transformer_config_from_keys(keys))
     else:  # a diffusers pipeline's component folder (transformer/, vae/, text_encoder/), or none
         config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
         info["layout"] = "diffusers component folder" if config.get("_class_name") else "folder"

@@ -226,6 +226,10 @@ def expansion(
     (w, h), (cw, ch) = image_size, canvas
     if cw < w or ch < h:
         raise ValueError(f"canvas {cw}x{ch} is smaller than the image ({w}x{h}): it can only grow")
+    if (cw - w) % MULTIPLE or (ch - h) % MULTIPLE:
+        fit = (w + (cw - w) // MULTIPLE * MULTIPLE, h + (ch - h) // MULTIPLE * MULTIPLE)
+        raise ValueError(f"canvas {cw}x{ch} grows the image ({w}x{h}) by {cw - w}x{ch - h}: it grows by multiples "
+                         f"of {MULTIPLE} on each side, e.g. canvas {fit[0]}x{fit[1]}")  # fmt: skip
     ax, ay = ANCHORS[anchor]
     left = round((cw - w) * ax / MULTIPLE) * MULTIPLE
     top = round((ch - h) * ay / MULTIPLE) * MULTIPLE

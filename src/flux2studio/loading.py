@@ -481,6 +481,8 @@ def find_text_encoder(spec: TextEncoderSpec, given: str | Path | None) -> Path:
         if component == "text encoder" or Path(given).is_file():  # a GGUF, or one safetensors file
             return check_path(given)
         folder = resolve_snapshot(given)
+        if not (folder / "config.json").is_file() and (folder / "text_encoder" / "config.json").is_file():
+            folder = folder / "text_encoder"  # a whole pipeline's (its tokenizer/ beside it)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"text encoder folder {folder} has no config.json")
         return folder
@@ -662,6 +664,19 @@ def load(
     return pipe
 
 
+def embedded_shape(path: Path) -> str | None:
+    """nano or nano-base for a transformer file of their shape ("base" in its name: nano-base), else None."""
+    try:
+        shapes = strip_prefix(logical_shapes(path))
+        if file_component(shapes) != "transformer":
+            return None
+        t_cfg = transformer_config_from_keys(shapes)
+    except (ValueError, OSError, KeyError):
+        return None  # (said by the single-file loader)
+    ids = [i for i in EMBEDDED_IDS if get_variant(i).transformer == t_cfg]
+    return next((i for i in ids if ("base" in i) == ("base" in path.name.lower())), ids[0] if ids else None)
+
+
 def _load_local(
     model_id: str | None,
     weights: str | Path | None,
@@ -679,7 +694,12 @@ def _load_local(
             return load_diffusers_folder(path, model_id, device, torch_dtype, resident, attention, quantize, vae,
                                          text_encoder)  # fmt: skip
         if path.is_dir():
+            if is_diffusers_folder(path.parent) and (path / "config.json").is_file():
+                raise ValueError(f"{path} is one part of the diffusers pipeline {path.parent}: give the pipeline's "
+                                 "folder as --weights")  # fmt: skip
             raise ValueError(f"{path} is a folder without model_index.json: not a diffusers-format pipeline")
+        if model_id is None and path.is_file():  # a nano-shaped file (a training run's, or `flux2 convert`'s)
+            model_id = embedded_shape(path)
         if model_id not in EMBEDDED_IDS:
             return load_single_file(
                 path, model_id, device, torch_dtype, resident, vae, text_encoder, attention, quantize
@@ -692,6 +712,8 @@ def _load_local(
         local = cached_weights(variant)
         return load_diffusers_folder(local, model_id, device, torch_dtype, resident, attention, quantize, vae,
                                      text_encoder)  # fmt: skip
+    if text_encoder is not None:
+        raise ValueError(f"{model_id} has its own embedded text encoder (MiniLM): omit --text-encoder")
     if weights is not None:  # a training run's weights (+ its vae.safetensors), or a file `flux2 convert` wrote
         t_path = Path(weights)  # (quantized safetensors, GGUF, fp8): read as any transformer file is
         vae_path = Path(vae) if vae else EMBEDDED / "nano-vae.safetensors"
@@ -820,3 +842,12 @@ def pull(model_id: str, token: str | None = None, four_bit: bool = False) -> Pat
         ) from None
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"{repo} was not found (or needs a token): set HF_TOKEN") from None
+    except Exception as e:  # offline, no DNS, a proxy: huggingface_hub's first line was "Got: ConnectError: ..."
+        import httpx
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        if not any(isinstance(x, httpx.TransportError | LocalEntryNotFoundError | ConnectionError)
+                   for x in (e, e.__cause__, e.__context__)):  # fmt: skip
+            raise
+        raise ConnectionError(f"cannot reach the Hugging Face Hub for {repo}: check the network (or HF_ENDPOINT, a "
+                              "proxy); `flux2 pull` goes on where it stopped") from None  # fmt: skip

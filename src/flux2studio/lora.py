@@ -156,7 +156,8 @@ def parse_lora(sd: dict[str, Tensor], metadata: dict[str, str], model: nn.Module
         parts.setdefault(target, []).append((part, n, swap, _delta(target, g, peft_alpha, alpha_pattern, name)))
     if unknown:
         shown = ", ".join(sorted(unknown)[:12]) + (f" (+{len(unknown) - 12} more)" if len(unknown) > 12 else "")
-        raise ValueError(f"{len(unknown)} LoRA key(s) map to no layer of this model: {shown}")
+        raise ValueError(f"{f'{path}: ' if path else ''}{len(unknown)} LoRA key(s) map to no layer of this model: "
+                         f"{shown}")  # fmt: skip
     if not parts:
         raise ValueError(f"{path or 'the LoRA'} holds no LoRA layer (an empty file?)")
     lokr = any(d.kron is not None for ps in parts.values() for *_, d in ps)

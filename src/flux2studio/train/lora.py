@@ -147,6 +147,30 @@ def training_image(path: Path) -> Image.Image:
     return as_seen(open_image(path, "training image")).convert("RGB")
 
 
+def import_peft():
+    """peft (the `train` extra), imported offline: it imports bitsandbytes where that is installed, which on
+    AVX512-BF16 CPUs asks the Hugging Face Hub for a kernel and warns when it cannot have one (neither is used
+    here; nothing is fetched at run time)."""
+    import logging
+
+    import huggingface_hub.constants as hub
+
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+    levels, offline = [lg.level for lg in loggers], hub.HF_HUB_OFFLINE
+    try:
+        hub.HF_HUB_OFFLINE = True
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        import peft
+    except ImportError:
+        raise ImportError("LoRA training needs peft: pip install 'flux2studio[train]'") from None
+    finally:
+        hub.HF_HUB_OFFLINE = offline
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+    return peft
+
+
 def check_trainable(variant: Variant) -> None:
     """LoRAs train on a Base variant (real CFG): a distilled or hosted model is an error."""
     if variant.guidance_mode == "none" or variant.hosted:
@@ -322,6 +346,7 @@ def sample_settings(pipe: Pipeline, cfg: LoraTrainConfig, samples: list[Sample])
 
 def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]) -> Path:
     """Train; resumable from OUT/lora.ckpt.safetensors. Returns the final LoRA file (diffusers layout)."""
+    import_peft()
     from peft import inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
