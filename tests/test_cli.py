@@ -407,6 +407,12 @@ def test_every_job_and_output_is_checked_before_any_work_and_nothing_is_lost(tmp
     ]:
         run = cli(*args)
         assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
+    run = cli("generate", "--from", tmp_path / "c-nano-0.png", "--model", "pro")  # (its dtype, attention were refused)
+    assert run.returncode == 2 and "pro (hosted) has a fixed number of steps" in run.stderr, run.stderr
+    from flux2studio.hosted import check_request, endpoint
+    from flux2studio.settings import GenerationSettings
+
+    check_request(endpoint("pro"), GenerationSettings("p", prompt_upsampling=False))  # off: what it does anyway
     from flux2studio.loading import EMBEDDED
 
     run = cli("generate", "p", "--weights", EMBEDDED / "nano.safetensors", "--size", "64x64", "--steps", "1", "-q",

@@ -435,6 +435,12 @@ def test_weights_that_do_not_fit_are_refused_at_load_with_the_way_out(klein_fold
     assert load(weights=folder, text_encoder=folder, device="cpu").text_encoder is not None  # (its text_encoder/)
     with pytest.raises(ValueError, match=r"is one part of the diffusers pipeline .*: give the pipeline's folder"):
         load(weights=folder / "transformer", device="cpu")
+    with pytest.raises(FileNotFoundError, match="nope"):  # nano's own VAE was used
+        load("nano", vae=tmp_path / "nope.safetensors", device="cpu")
+    from flux2studio.conversion import file_component
+
+    whole = ["model.diffusion_model.double_blocks.0.x", "first_stage_model.encoder.down.0.x", "te.embed_tokens.weight"]
+    assert file_component(whole) == "full checkpoint" and file_component(whole[1:2]) == "vae"
     shutil.copytree(folder, tmp_path / "no-tok", ignore=shutil.ignore_patterns("tokenizer"))
     with pytest.raises(FileNotFoundError, match=r"has no tokenizer/ folder, which its text encoder needs"):
         load(weights=tmp_path / "no-tok", device="cpu")
@@ -457,3 +463,8 @@ def test_fp16_weights_computing_in_bf16_stay_fp16_and_give_the_same_image(klein_
         if name == "fp16":
             assert pipe.transformer.double_blocks[0].img_attn.qkv.weight.dtype == torch.float16
     assert np.array_equal(*images)
+    from flux2studio.precision import storage
+
+    half = {"w": torch.ones(2, dtype=torch.float16)}  # on an accelerator: cast once (the same bytes there)
+    assert storage(half, torch.bfloat16)["w"].dtype == torch.float16
+    assert storage(half, torch.bfloat16, host=False)["w"].dtype == torch.bfloat16

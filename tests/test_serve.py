@@ -402,6 +402,13 @@ def test_a_job_cancelled_and_deleted_while_its_batch_runs_leaves_the_worker_runn
     worker._run_batch(batch)
     assert store.get(a.id).status == "queued" and store.get(b.id) is None
     store.progress = progress
+    run_batch = worker.execute
+
+    def fails_once(batch):  # an error of ours (not the job's): logged, the job goes back to the queue
+        worker.execute = run_batch
+        raise RuntimeError("a bug")
+
+    worker.execute = fails_once
     worker.start()
     try:
         for _ in range(3000):  # (a bound, not a timing: the job is done when it is)
@@ -409,5 +416,6 @@ def test_a_job_cancelled_and_deleted_while_its_batch_runs_leaves_the_worker_runn
                 break
             time.sleep(0.1)
         assert store.get(a.id).status == "done" and all(t.is_alive() for t in worker.threads)
+        assert worker.execute is run_batch  # (the failing one ran first)
     finally:
         worker.stop()

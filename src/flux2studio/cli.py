@@ -302,8 +302,8 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSe
     given = {k: v for k, v in settings_from_args(args).items() if k not in ("seed", "num_images")}
     if args.seed_given:
         given["seed"] = args.seed
-    if not meta.get("hosted"):  # how a local model computed it (a hosted image has none of these)
-        replay_compute(meta, args)
+    if not meta.get("hosted") and not (args.backend == "api" or (target is not None and target.hosted)):
+        replay_compute(meta, args)  # how a local model computed it, for a local model to run
     return meta["model"], GenerationSettings.of(args.prompt or meta["prompt"], **{**settings, **given})
 
 
@@ -618,6 +618,8 @@ def compare_settings(model: str, settings: dict, args: argparse.Namespace) -> di
 
         if endpoint(model).steps is None:
             kw.pop("steps", None)
+        if not endpoint(model).prompt_upsampling:
+            kw.pop("prompt_upsampling", None)
     if not v.uses_cfg:
         kw.pop("negative_prompt", None)
         kw.pop("guidance_interval", None)
@@ -644,7 +646,7 @@ def check_compare(models: list[str], prompt: str, seeds: list[int], settings: di
                 if args.weights is None and model not in variants.EMBEDDED_IDS:
                     cached_weights(get_variant(model))
         except (ValueError, OSError, HostedError) as e:
-            raise type(e)(f"{model}: {e}") from None
+            raise ValueError(f"{model}: {e}") from None
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -150,16 +150,19 @@ def vae_layout(keys) -> str:
     return "diffusers" if any(k.startswith("encoder.down_blocks.") for k in keys) else "bfl"
 
 
+COMPONENT_MARKS = {  # a part of each kind holds a key with one of these in its name (whatever its prefix)
+    "transformer": (".double_blocks.", ".single_blocks.", ".transformer_blocks.", ".single_transformer_blocks."),
+    "vae": (".encoder.down", ".decoder.up"),
+    "text encoder": ("embed_tokens.weight", "token_embd.weight"),
+}
+
+
 def file_component(keys) -> str | None:
-    """ "transformer", "vae" or "text encoder" from a file's tensor names (prefix removed), None if none of them."""
-    if any(k.startswith(("encoder.", "decoder.")) for k in keys):
-        return "vae"
-    if any(k.endswith("embed_tokens.weight") or k == "token_embd.weight" for k in keys):
-        return "text encoder"
-    if any(k.startswith(("double_blocks.", "single_blocks.", "transformer_blocks.", "single_transformer_blocks."))
-           for k in keys):  # fmt: skip
-        return "transformer"
-    return None
+    """ "transformer", "vae", "text encoder", or "full checkpoint" (more than one part in one file), from a file's
+    tensor names; None if none of them."""
+    dotted = ["." + k for k in keys]
+    found = [kind for kind, marks in COMPONENT_MARKS.items() if any(m in k for k in dotted for m in marks)]
+    return None if not found else found[0] if len(found) == 1 else "full checkpoint"
 
 
 def transformer_layout(sd: dict[str, Tensor]) -> str:

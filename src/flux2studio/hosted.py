@@ -181,7 +181,7 @@ def check_request(
                          "local models only; reference images (refs) work here")  # fmt: skip
     if settings.guidance_interval is not None:
         raise ValueError(f"{name} is a hosted model: the API sets its own guidance, no interval")
-    if settings.prompt_upsampling is not None and not endpoint.prompt_upsampling:
+    if settings.prompt_upsampling and not endpoint.prompt_upsampling:  # (off: what it does anyway)
         upsampling = ", ".join(e.model for e in ENDPOINTS.values() if e.prompt_upsampling)
         raise ValueError(f"{name} (hosted) has no prompt upsampling: omit it ({upsampling} take it)")
     size, aspect, steps, guidance = settings.size, settings.aspect, settings.steps, settings.guidance

@@ -118,10 +118,10 @@ def as_seen(image: Image.Image) -> Image.Image:
     return eight_bit(ImageOps.exif_transpose(image))
 
 
-def open_reference(path: str | Path) -> Image.Image:
-    """A reference image file as the pipelines read it: upright by its EXIF orientation, RGB (16-bit greys
-    scaled, not clipped)."""
-    return as_seen(open_image(path, "reference image")).convert("RGB")
+def open_reference(path: str | Path, what: str = "reference image") -> Image.Image:
+    """A reference image file as the pipelines read it (LoRA training its images too): upright by its EXIF
+    orientation, RGB (16-bit greys scaled, not clipped); `what` names it in an error."""
+    return as_seen(open_image(path, what)).convert("RGB")
 
 
 def pixels_digest(image: Image.Image) -> str:

@@ -27,6 +27,7 @@ from .checkpoints import (
 )
 from .conversion import (
     file_component,
+    shaped_like,
     transformer_config_from_diffusers,
     transformer_config_from_keys,
     transformer_layout,
@@ -151,6 +152,10 @@ def text_encoder_spec(base: TextEncoderSpec, folder: Path) -> TextEncoderSpec:
     return dataclasses.replace(base, hidden_size=hidden)
 
 
+def on_cpu(device: str) -> bool:
+    return torch.device(device).type == "cpu"
+
+
 def streamed(model: torch.nn.Module, blocks: list[torch.nn.Module], resident: bool, dtype: torch.dtype):
     """Resident: map every page of the weights now (`prefault`). Otherwise, on CPU, stream the blocks'
     memory-mapped weights (`stream_weights`): inference then holds about one block's weights at a time.
@@ -164,7 +169,7 @@ def streamed(model: torch.nn.Module, blocks: list[torch.nn.Module], resident: bo
     return model
 
 
-def decoder_stack(source: Path, kind: str, config, dtype: torch.dtype, quantize: str | None = None):
+def decoder_stack(source: Path, kind: str, config, dtype: torch.dtype, quantize: str | None = None, host: bool = True):
     """The decoder stack of a Qwen3 or Mistral3 text encoder with `config.num_hidden_layers` layers, built on the
     meta device and given the memory-mapped tensors of `source`, a folder of files or a GGUF file as llama.cpp
     writes one (strict: every missing or mis-shaped key is named); layers stored packed (`flux2 convert
@@ -183,7 +188,8 @@ def decoder_stack(source: Path, kind: str, config, dtype: torch.dtype, quantize:
     else:
         (sd, formats), orders = _stack_tensors(source, kind, config.num_hidden_layers), {}
     sd, scales = dequantize_fp8(sd, dtype, keep=lambda key: True)  # fp8 files: kept fp8, widened per layer
-    model = build(lambda: swap_in(stack._from_config(config, dtype=dtype), formats), storage(sd, dtype), "text encoder")
+    model = build(lambda: swap_in(stack._from_config(config, dtype=dtype), formats), storage(sd, dtype, host),
+                  "text encoder")  # fmt: skip
     for name, p in model.named_parameters():
         if name in scales:
             p.fp8_scale = scales[name]  # read by precision.dequantized
@@ -242,7 +248,7 @@ def hf_text_encoder(
     text_cfg.num_hidden_layers = last  # later layers are never read: do not even load them
     if getattr(text_cfg, "layer_types", None) is not None:
         text_cfg.layer_types = text_cfg.layer_types[:last]
-    model = decoder_stack(model_dir, spec.kind, text_cfg, dtype, quantize).to(device)
+    model = decoder_stack(model_dir, spec.kind, text_cfg, dtype, quantize, on_cpu(device)).to(device)
     if tokenizer_dir.is_file():  # a Qwen3 GGUF's own tokenizer, built by transformers
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir.parent, gguf_file=tokenizer_dir.name,
                                                   local_files_only=True)  # fmt: skip
@@ -275,7 +281,8 @@ def load_diffusers_folder(
     t_cfg = transformer_config_from_diffusers(read_json(folder / "transformer" / "config.json"))
     distilled = index.get("is_distilled")
     base = get_variant(model_id) if model_id else detect_variant(index.get("_class_name", ""), bool(distilled), t_cfg)
-    check_model_fits(folder.name, t_cfg, base, distilled)
+    if model_id:
+        check_model_fits(str(folder), t_cfg, base, distilled)
     vae_source = Path(vae) if vae else folder / "vae"
     vae_cfg = checked_vae(vae_source, base.vae)
     if text_encoder is None:
@@ -353,7 +360,8 @@ def load_transformer(
     if layout == "diffusers":  # q, k, v freed as soon as fused
         sd, formats = packed_from_diffusers(sd, formats, copied=drop_file_pages)
     cfg = variant.transformer
-    model = build(lambda: swap_in(Flux2Transformer(cfg), formats), storage(sd, dtype), f"{variant.id} transformer")
+    model = build(lambda: swap_in(Flux2Transformer(cfg), formats), storage(sd, dtype, on_cpu(device)),
+                  f"{variant.id} transformer")  # fmt: skip
     model = model.to(device)
     for name, p in model.named_parameters():
         if name in scales:
@@ -364,9 +372,14 @@ def load_transformer(
     return streamed(model, [*model.double_blocks, *model.single_blocks], resident, dtype)
 
 
+def our_vae_layout(raw: dict[str, torch.Tensor], cfg: AutoencoderConfig) -> dict[str, torch.Tensor]:
+    """A VAE's tensors with BFL or diffusers names, in ours (BFL's)."""
+    return vae_from_diffusers(raw, cfg) if vae_layout(raw) == "diffusers" else raw
+
+
 def load_vae(raw: dict[str, torch.Tensor], cfg: AutoencoderConfig, device: str, dtype: torch.dtype) -> AutoEncoder:
     """Our VAE from tensors with BFL or diffusers names, its pages faulted in at once (it runs whole)."""
-    sd = vae_from_diffusers(raw, cfg) if vae_layout(raw) == "diffusers" else raw
+    sd = our_vae_layout(raw, cfg)
     model = build(lambda: AutoEncoder(cfg), sd, "VAE", dtype).to(device)
     drop_unused_pages(raw, model)
     prefault(model)  # small, run whole: mapped at once rather than inside the convolutions
@@ -380,13 +393,15 @@ def vae_files(source: Path) -> list[Path]:
     return component_files(source) if source.is_dir() else [source]
 
 
-def read_vae(source: Path) -> dict[str, torch.Tensor]:
-    """A VAE's tensors from a file (any `VAE_PREFIXES` prefix removed) or a diffusers component folder."""
-    if source.is_dir():
-        return read_component(source)
-    sd = read_safetensors(source)
+def without_vae_prefix(sd: dict) -> dict:
+    """Keys without a `VAE_PREFIXES` prefix that all of them carry."""
     prefix = next((p for p in VAE_PREFIXES if sd and all(k.startswith(p) for k in sd)), "")
     return strip_prefix(sd, prefix) if prefix else sd
+
+
+def read_vae(source: Path) -> dict[str, torch.Tensor]:
+    """A VAE's tensors from a file (any `VAE_PREFIXES` prefix removed) or a diffusers component folder."""
+    return read_component(source) if source.is_dir() else without_vae_prefix(read_safetensors(source))
 
 
 def checked_vae(source: Path, base: AutoencoderConfig) -> AutoencoderConfig:
@@ -395,9 +410,8 @@ def checked_vae(source: Path, base: AutoencoderConfig) -> AutoencoderConfig:
     shapes: dict[str, tuple[int, ...]] = {}
     for f in vae_files(check_path(source) if not source.is_dir() else source):
         shapes |= logical_shapes(f)
-    prefix = next((p for p in VAE_PREFIXES if shapes and all(k.startswith(p) for k in shapes)), "")
-    shapes = strip_prefix(shapes, prefix) if prefix else shapes
-    kind = file_component(strip_prefix(shapes))  # (a transformer's `model.diffusion_model.` too)
+    shapes = without_vae_prefix(shapes)
+    kind = file_component(shapes)
     if kind != "vae":
         raise ValueError(f"{source} is {f'a {kind}' if kind else 'no model part we know'}, not a VAE "
                          "(no encoder. / decoder. weights)")  # fmt: skip
@@ -429,16 +443,11 @@ def _vae_fits(shapes: dict, cfg: AutoencoderConfig, diffusers: bool, source: Pat
     return None
 
 
-def matching_variants(t_cfg: TransformerConfig) -> list[Variant]:
-    """The registered variants whose transformer has this shape (none for a tiny test model)."""
-    return [v for v in VARIANTS.values() if v.transformer == t_cfg and not v.hosted]
-
-
 def check_model_fits(name: str, t_cfg: TransformerConfig, variant: Variant, distilled: bool | None = None) -> None:
     """Weights said to be `variant` (--model) whose shape is another registered model's, or whose folder says it is
     distilled (or not) when the variant is the other kind, are refused now: they asked for the wrong text encoder
     (a download of many GB) and ran with the wrong guidance."""
-    same = matching_variants(t_cfg)
+    same = [get_variant(i) for i in shaped_like(t_cfg)]  # (none for a tiny test model)
     if same and variant.id not in {v.id for v in same}:
         raise ValueError(f"{name} has the shape of {' / '.join(v.id for v in same)}, not of {variant.id}: pass "
                          f"--model {same[0].id}, or leave --model out to detect it")  # fmt: skip
@@ -453,7 +462,7 @@ def variant_for_file(path: Path, t_cfg: TransformerConfig, model_id: str | None)
     """The registered variant of a single transformer file: by id if given (its shape checked), else by shape
     and file name."""
     if model_id:
-        check_model_fits(path.name, t_cfg, get_variant(model_id))
+        check_model_fits(str(path), t_cfg, get_variant(model_id))
         return get_variant(model_id)
     name = path.name.lower()
     matches = [v for v in VARIANTS.values() if v.transformer == t_cfg and v.id not in EMBEDDED_IDS]
@@ -556,7 +565,10 @@ def load_single_file(
     """An official single transformer file (BFL or diffusers names, bf16 or fp8 with scales), a GGUF one, or
     one written by `flux2 convert --quantize`."""
     shapes = strip_prefix(logical_shapes(path))
-    if (kind := file_component(shapes)) in ("vae", "text encoder"):
+    if (kind := file_component(shapes)) == "full checkpoint":
+        raise ValueError(f"{path} holds a whole checkpoint (transformer, VAE and text encoder in one file): give the "
+                         "transformer's file as --weights, with --vae and --text-encoder")  # fmt: skip
+    if kind in ("vae", "text encoder"):
         flag = "--vae" if kind == "vae" else "--text-encoder"
         raise ValueError(f"{path} is a {kind}, not a transformer: give it as {flag}, and the transformer file as "
                          "--weights")  # fmt: skip
@@ -716,8 +728,7 @@ def _load_local(
         raise ValueError(f"{model_id} has its own embedded text encoder (MiniLM): omit --text-encoder")
     if weights is not None:  # a training run's weights (+ its vae.safetensors), or a file `flux2 convert` wrote
         t_path = Path(weights)  # (quantized safetensors, GGUF, fp8): read as any transformer file is
-        vae_path = Path(vae) if vae else EMBEDDED / "nano-vae.safetensors"
-        checked_vae(vae_path, variant.vae)
+        vae_path = EMBEDDED / "nano-vae.safetensors"
         raw, formats = read_transformer_file(t_path)
         transformer = load_transformer(raw, variant, device, torch_dtype, True, formats, quantize)  # resident
     else:
@@ -728,7 +739,9 @@ def _load_local(
             quantize_modules(transformer, quantize, transformer_quantizable, release=drop_file_pages)
             if torch.device(device).type == "cpu":  # held in memory whole (never streamed): oneDNN's int8 layout
                 prepack_int8(transformer)
-    vae = build(lambda: AutoEncoder(variant.vae), read_vae(vae_path), "nano VAE", torch_dtype)
+    vae_path = Path(vae) if vae else vae_path  # (was ignored without --weights)
+    variant = dataclasses.replace(variant, vae=checked_vae(vae_path, variant.vae))
+    vae = build(lambda: AutoEncoder(variant.vae), our_vae_layout(read_vae(vae_path), variant.vae), "VAE", torch_dtype)
     text_encoder = load_minilm(variant.text_encoder, device=device)
     digest = weights_hash([t_path])
     parts = (transformer, vae, text_encoder)
@@ -849,5 +862,5 @@ def pull(model_id: str, token: str | None = None, four_bit: bool = False) -> Pat
         if not any(isinstance(x, httpx.TransportError | LocalEntryNotFoundError | ConnectionError)
                    for x in (e, e.__cause__, e.__context__)):  # fmt: skip
             raise
-        raise ConnectionError(f"cannot reach the Hugging Face Hub for {repo}: check the network (or HF_ENDPOINT, a "
-                              "proxy); `flux2 pull` goes on where it stopped") from None  # fmt: skip
+        raise ConnectionError(f"cannot reach the Hugging Face Hub for {repo}: check the network (HF_HUB_OFFLINE, "
+                              "HF_ENDPOINT, a proxy); `flux2 pull` goes on where it stopped") from None  # fmt: skip

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..variants import EMBEDDED_IDS
 from .limits import DEFAULT_LIMITS
-from .store import MAX_ATTEMPTS, Job, Store
+from .store import Job, Store
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -170,14 +170,7 @@ class RemoteWorker(Worker):
             self.handle.options(multiplexed_model_id=batch[0].model).run.remote(ids, pixels).result()
         except ray.exceptions.RayError as e:  # the replica died or was unreachable: not the jobs' fault
             log.warning("replica failed running %s: %s", ids, str(e).splitlines()[0] if str(e) else type(e))
-            for j in batch:
-                now = self.store.get(j.id)
-                if now is not None and now.status == "running":
-                    if now.attempts >= MAX_ATTEMPTS:
-                        self.store.fail(j.id, f"model replica died {now.attempts} times running this job")
-                    else:
-                        self.store.requeue(j.id)
-            self.notify()
+            self.give_back(batch, "model replica died")
 
 
 def _no_local_model(model_id: str):

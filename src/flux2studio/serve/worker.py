@@ -98,13 +98,9 @@ class Worker:
             self.active |= {j.id for j in batch}
             try:
                 self.execute(batch)
-            except Exception as e:  # a bug of ours must not stop the worker: its jobs go back to the queue (failed
-                log.exception("worker: a batch ended in an error")  # after MAX_ATTEMPTS, not retried forever)
-                for j in batch:
-                    if j.attempts < MAX_ATTEMPTS:
-                        self.store.requeue(j.id)
-                    elif self._status(j.id) == "running":
-                        self.store.fail(j.id, f"internal error: {type(e).__name__}")
+            except Exception as e:  # a bug of ours must not stop the worker
+                log.exception("worker: a batch ended in an error")
+                self.give_back(batch, f"an internal error ({type(e).__name__})")
             finally:
                 self.active -= {j.id for j in batch}
 
@@ -158,6 +154,23 @@ class Worker:
             self._settle(batch, made, str(e).splitlines()[0] if str(e) else type(e).__name__)
             return
         self._settle(batch, dict(enumerate(images)), "")
+
+    def give_back(self, batch: list[Job], reason: str) -> None:
+        """The jobs of a batch that ended for no fault of theirs (a replica died, an error of ours) go back to the
+        queue; one tried MAX_ATTEMPTS times fails with `reason`, not retried forever. Never raises (a store that
+        cannot answer now: the jobs' leases run out and `reap` takes them back)."""
+        self._drop_previews(batch)
+        for j in batch:
+            try:
+                now = self.store.get(j.id)
+                if now is not None and now.status == "running":
+                    if now.attempts >= MAX_ATTEMPTS:
+                        self.store.fail(j.id, f"{reason} {now.attempts} times running this job")
+                    else:
+                        self.store.requeue(j.id)
+            except Exception:
+                log.exception("could not give job %s back (its lease runs out, then it is taken back)", j.id)
+        self.notify()
 
     def _status(self, job_id: str) -> str | None:
         """A job's status now; None once it is deleted (a cancelled job may be, while its batch still runs)."""

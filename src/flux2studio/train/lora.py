@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .. import sampling
-from ..images import ASPECTS, as_seen, open_image, save_png, size_for_aspect, to_tensor
+from ..images import ASPECTS, open_reference, save_png, size_for_aspect, to_tensor
 from ..lora import _diffusers_names
 from ..pipeline import MAX_STEPS, Pipeline, build_request, whole
 from ..settings import GenerationSettings
@@ -142,9 +142,9 @@ def _check_image(path: Path) -> None:
 
 
 def training_image(path: Path) -> Image.Image:
-    """A training image (or reference) as it is meant to be seen, as the pipelines read references: upright by
-    its EXIF orientation (phone photos), 16-bit greys scaled, RGB."""
-    return as_seen(open_image(path, "training image")).convert("RGB")
+    """A training image (or reference) as the pipelines read references (EXIF-upright phone photos, 16-bit greys
+    scaled, RGB)."""
+    return open_reference(path, "training image")
 
 
 def import_peft():
