@@ -465,6 +465,6 @@ def test_fp16_weights_computing_in_bf16_stay_fp16_and_give_the_same_image(klein_
     assert np.array_equal(*images)
     from flux2studio.precision import storage
 
-    half = {"w": torch.ones(2, dtype=torch.float16)}  # on an accelerator: cast once (the same bytes there)
+    half = {"w": torch.ones(2, dtype=torch.float16)}  # resident or on an accelerator: cast once (same bytes)
     assert storage(half, torch.bfloat16)["w"].dtype == torch.float16
-    assert storage(half, torch.bfloat16, host=False)["w"].dtype == torch.bfloat16
+    assert storage(half, torch.bfloat16, streamed=False)["w"].dtype == torch.bfloat16

@@ -150,15 +150,15 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def storage(sd: dict[str, torch.Tensor], dtype: torch.dtype, host: bool = True) -> dict[str, torch.Tensor]:
+def storage(sd: dict[str, torch.Tensor], dtype: torch.dtype, streamed: bool = True) -> dict[str, torch.Tensor]:
     """Tensors as a model computing in `dtype` keeps them: fp8 stays fp8 (its scale set on the parameter by the
-    loader, `dequantized`), bf16/fp16 stay as they are when `dtype` is fp32, and also in `dtype` bf16/fp16 on the
-    `host` (CPU: memory-mapped and streamed; an fp16 file computing in bf16 was copied whole at load, 8 GB of
-    klein-4b where streaming holds a block), converted per layer at run time (`widen_on_use`); on an accelerator
-    they are cast once (the same bytes there, no conversion each step). Every other float tensor is cast."""
+    loader, `dequantized`), bf16/fp16 stay as they are when `dtype` is fp32, and also in bf16/fp16 when `streamed`
+    from their files (an fp16 file computing in bf16 was copied whole at load: klein-4b's 7.4 GiB where streaming
+    holds a block), converted per layer at run time (`widen_on_use`); resident or on an accelerator they are cast
+    once (the same bytes held, no conversion each step). Every other float tensor is cast."""
     import torch
 
-    keep = (torch.bfloat16, torch.float16) if dtype == torch.float32 or host else ()
+    keep = (torch.bfloat16, torch.float16) if dtype == torch.float32 or streamed else ()
     return {
         k: v if not v.is_floating_point() or v.dtype in (*keep, *fp8_dtypes()) else v.to(dtype) for k, v in sd.items()
     }
