@@ -25,9 +25,10 @@ async def openai_generations(req: OpenAIGeneration, request: Request, adm: Admis
     if req.stream:
         raise HTTPException(400, "stream=true is not supported: images come back whole (omit stream)")
     width, height = _parse_size(req.size)
-    adm.check_basics(req.model, req.n, count="n")  # named as this route names it
+    model = adm.model_or_default(req.model)
+    adm.check_basics(model, req.n, count="n")  # named as this route names it
     job = await asyncio.to_thread(adm.submit, job_request(
-        model=req.model, prompt=req.prompt, width=width, height=height, num_images=req.n, seed=req.seed,
+        model=model, prompt=req.prompt, width=width, height=height, num_images=req.n, seed=req.seed,
         steps=req.steps, guidance=req.guidance, negative_prompt=req.negative_prompt))  # fmt: skip
     return await _openai_result(adm.store, job.id, req.response_format, request)
 
@@ -39,7 +40,7 @@ async def openai_edits(
     image_array: list[UploadFile] = File(None, alias="image[]"),  # how the openai client sends a list
     prompt: str = Form(...),
     mask: UploadFile | None = File(None),  # OpenAI's: fully transparent pixels (alpha 0) are edited
-    model: str = Form("nano"),
+    model: str | None = Form(None),  # None: the server's default
     n: int = Form(1),
     size: str | None = Form(None),
     response_format: str = Form("b64_json"),
@@ -52,6 +53,7 @@ async def openai_edits(
     if not 1 <= len(images) <= adm.limits.max_refs:
         raise HTTPException(422, f"{len(images)} images given (image or image[]); 1..{adm.limits.max_refs}")
     width, height = _parse_size(size)
+    model = adm.model_or_default(model)
     adm.check_basics(model, n, count="n", prompt=prompt)  # before any image is written
     mask_id = None
     if mask is not None:  # inpainting: the first image is edited where the mask is transparent

@@ -12,7 +12,7 @@ class JobRequest(BaseModel):
     # a misspelt field ("step": 50) is an error, not the default run silently; NaN and infinities are refused
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str = Field(default="nano", max_length=64)
+    model: str | None = Field(default=None, max_length=64)  # None: the server's default (Admission.model_or_default)
     prompt: str  # text fields: length, NUL and Unicode checked in validate (Limits.text_problem)
     negative_prompt: str | None = None
     width: int | None = None
@@ -39,7 +39,7 @@ class OpenAIGeneration(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)  # OpenAI's other fields (quality, style, user) are ignored
 
     prompt: str
-    model: str = Field(default="nano", max_length=64)
+    model: str | None = Field(default=None, max_length=64)  # None: the server's default
     n: int = 1
     size: str | None = Field(default=None, max_length=16)  # "WIDTHxHEIGHT"
     response_format: Literal["b64_json", "url"] = "b64_json"

@@ -36,6 +36,7 @@ class Admission:
         """Every check before queueing: the limits table, then the model's own rules (build_request). Returns the
         settings to store (defaults resolved, so a job runs the same whatever the defaults become; images by
         upload id), the LoRA files and the progress total."""
+        req.model = self.model_or_default(req.model)
         self.check_basics(req.model, req.num_images, prompt=req.prompt, negative_prompt=req.negative_prompt)
         variant = get_variant(req.model)
         if len(req.refs) > self.limits.max_refs:
@@ -146,6 +147,13 @@ class Admission:
                 raise HTTPException(422, f"{name} {value} is out of range 1..{self.limits.max_side}")
         if width * height > self.limits.max_megapixels * 1e6:
             raise HTTPException(422, f"{width}x{height} is over {self.limits.max_megapixels} megapixels")
+
+    def model_or_default(self, model: str | None) -> str:
+        """The model a request names, else nano where it is served, else the first model served (a server of klein
+        alone answered a request without a model "nano is not served here")."""
+        if model is not None:
+            return model
+        return "nano" if "nano" in self.served else self.served[0]
 
     def check_basics(self, model: str, num_images: int, count: str = "num_images", **texts: str | None) -> None:
         """What needs no model and no image: the model is served, the count (the field `count`) and the texts
