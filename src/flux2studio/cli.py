@@ -273,7 +273,7 @@ def job_from_row(line: str, base: dict, folder: Path) -> GenerationSettings:
     return GenerationSettings.of(prompt, **{**base, **extra})
 
 
-def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSettings]:
+def job_from_png(path: str, args: argparse.Namespace) -> tuple[dict, GenerationSettings]:
     """Settings recorded in a PNG made by this tool; flags given on the command line override them. References
     and LoRAs must be the recorded ones (by hash), as start images and masks must."""
     from .images import read_metadata
@@ -304,7 +304,7 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[str, GenerationSe
         given["seed"] = args.seed
     if not meta.get("hosted") and not (args.backend == "api" or (target is not None and target.hosted)):
         replay_compute(meta, args)  # how a local model computed it, for a local model to run
-    return meta["model"], GenerationSettings.of(args.prompt or meta["prompt"], **{**settings, **given})
+    return meta, GenerationSettings.of(args.prompt or meta["prompt"], **{**settings, **given})
 
 
 def replay_compute(meta: dict, args: argparse.Namespace) -> None:
@@ -524,14 +524,14 @@ def run_jobs(pipe, jobs: list[tuple[str, GenerationSettings]], args: argparse.Na
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .images import open_reference, read_metadata
+    from .images import open_reference
 
     model = args.model
     if args.from_png:
         if args.prompts:
             raise ValueError("--from remakes one image: omit --prompts")
-        made_by, job = job_from_png(args.from_png, args)
-        model = model or made_by
+        recorded, job = job_from_png(args.from_png, args)
+        model = model or recorded["model"]
         jobs = [("", job)]
     else:
         if args.init:
@@ -558,7 +558,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_hosted_flags(model, args)
     pipe = load_pipe(model, args)
     if args.from_png:
-        check_recorded_weights(pipe.weights_hash, read_metadata(args.from_png), args)
+        check_recorded_weights(pipe.weights_hash, recorded, args)
     return run_jobs(pipe, jobs, args)
 
 
@@ -616,9 +616,10 @@ def compare_settings(model: str, settings: dict, args: argparse.Namespace) -> di
     if v.hosted or args.backend == "api":
         from .hosted import endpoint
 
-        if endpoint(model).steps is None:
+        e = endpoint(model)
+        if e.steps is None:
             kw.pop("steps", None)
-        if not endpoint(model).prompt_upsampling:
+        if not e.prompt_upsampling:
             kw.pop("prompt_upsampling", None)
     if not v.uses_cfg:
         kw.pop("negative_prompt", None)
@@ -714,7 +715,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         sample_prompts=tuple(args.sample_prompt), sample_steps=args.sample_steps, ckpt_every=args.ckpt_every,
         seed=args.seed, save_kohya=args.kohya,
     )  # fmt: skip
-    read_dataset(cfg.data, cfg.mode)  # its errors (a missing image, a bad line) before the model loads
+    samples = read_dataset(cfg.data, cfg.mode)  # its errors (a missing image, a bad line) before the model loads
     import_peft()  # (an optional part: said before loading)
     pipe = load(args.model, weights=args.weights, device=args.device, dtype=args.dtype)
     bar = tqdm(total=cfg.steps, desc=f"lora {args.model}", dynamic_ncols=True)
@@ -724,7 +725,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         bar.refresh()
 
-    path = train_lora(pipe, cfg, log)
+    path = train_lora(pipe, cfg, log, samples)
     bar.close()
     print(f"{path}  rank {cfg.rank}  {cfg.steps} steps")
     return 0

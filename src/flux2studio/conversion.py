@@ -237,7 +237,7 @@ def read_any(
             return "vae", "diffusers", vae_from_diffusers(raw, cfg), cfg
         raise ValueError(f"{src}: config.json names {cfg_json.get('_class_name')!r}, not a FLUX.2 transformer or VAE")
     raw = _unpacked(*read_transformer_file(src), lazy)
-    if any(k.startswith(("encoder.", "decoder.")) for k in raw):
+    if file_component(raw) == "vae":
         if vae_layout(raw) == "diffusers":
             raise ValueError(f"{src}: a diffusers-named VAE file needs its config.json: give the vae/ folder")
         cfg = vae_config_from_keys(raw)
@@ -486,13 +486,13 @@ def describe(path: str | Path) -> dict:
         info["text_encoder"] = dict(zip(("kind", "config"), text_encoder_file_config(path), strict=True))
     elif path.is_file():
         keys = strip_prefix({k.split(":", 1)[1]: v for k, v in shapes.items()})
-        if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        if file_component(keys) == "vae":
             info["layout"], info["component"] = "single file", "vae"
         else:
             info["layout"] = f"single file ({transformer_layout(keys)} names)"
             info["component"] = "transformer"
-            info["transformer"] = dataclasses.asdict(transformer_config_from_keys(keys))
-            info["models"] = shaped_like(transformer_config_from_keys(keys))
+            t_cfg = transformer_config_from_keys(keys)
+            info["transformer"], info["models"] = dataclasses.asdict(t_cfg), shaped_like(t_cfg)
     else:  # a diffusers pipeline's component folder (transformer/, vae/, text_encoder/), or none
         config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
         info["layout"] = "diffusers component folder" if config.get("_class_name") else "folder"

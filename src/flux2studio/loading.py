@@ -423,16 +423,17 @@ def checked_vae(source: Path, base: AutoencoderConfig) -> AutoencoderConfig:
     diffusers = vae_layout(shapes) == "diffusers"
     if source.is_dir() and (source / "config.json").is_file():
         cfg = vae_config_from_diffusers(read_json(source / "config.json"))
-    elif diffusers or _vae_fits(shapes, base, False, source) is None:  # the model's own shape (nano's too)
+    elif diffusers:
         cfg = base
-    else:  # a FLUX.2-style VAE of another shape (a tiny test one)
+    elif (problem := _vae_fits(shapes, base, False, source)) is None:
+        return base  # the model's own shape (nano's too)
+    else:  # a FLUX.2-style VAE of another shape (a tiny test one), else what does not fit the model's
         try:
             cfg = vae_config_from_keys(shapes)
         except (KeyError, ValueError, IndexError):
-            cfg = base  # (named by the check below)
+            raise _vae_error(problem) from None
     if (problem := _vae_fits(shapes, cfg, diffusers, source)) is not None:
-        hint = " (FLUX.1's VAE? FLUX.2 has its own, with 32 latent channels)" if "bn.running_mean" in problem else ""
-        raise ValueError(f"{problem}{hint}")
+        raise _vae_error(problem)
     return cfg
 
 
@@ -446,6 +447,11 @@ def _vae_fits(shapes: dict, cfg: AutoencoderConfig, diffusers: bool, source: Pat
     except ValueError as e:
         return str(e)
     return None
+
+
+def _vae_error(problem: str) -> ValueError:
+    hint = " (FLUX.1's VAE? FLUX.2 has its own, with 32 latent channels)" if "bn.running_mean" in problem else ""
+    return ValueError(f"{problem}{hint}")
 
 
 def check_model_fits(name: str, t_cfg: TransformerConfig, variant: Variant, distilled: bool | None = None) -> None:
@@ -556,6 +562,20 @@ def given_text_encoder(
     return spec, te_folder, tok
 
 
+def file_transformer(path: Path) -> TransformerConfig:
+    """The shape of the transformer in a single file (from its header), or an error saying which part the file
+    holds instead and the flag to give it with."""
+    shapes = strip_prefix(logical_shapes(path))
+    if (kind := file_component(shapes)) == "full checkpoint":
+        raise ValueError(f"{path} holds a whole checkpoint (transformer, VAE and text encoder in one file): give the "
+                         "transformer's file as --weights, with --vae and --text-encoder")  # fmt: skip
+    if kind in ("vae", "text encoder"):
+        flag = "--vae" if kind == "vae" else "--text-encoder"
+        raise ValueError(f"{path} is a {kind}, not a transformer: give it as {flag}, and the transformer file as "
+                         "--weights")  # fmt: skip
+    return transformer_config_from_keys(shapes)
+
+
 def load_single_file(
     path: Path,
     model_id: str | None,
@@ -569,15 +589,7 @@ def load_single_file(
 ) -> Pipeline:
     """An official single transformer file (BFL or diffusers names, bf16 or fp8 with scales), a GGUF one, or
     one written by `flux2 convert --quantize`."""
-    shapes = strip_prefix(logical_shapes(path))
-    if (kind := file_component(shapes)) == "full checkpoint":
-        raise ValueError(f"{path} holds a whole checkpoint (transformer, VAE and text encoder in one file): give the "
-                         "transformer's file as --weights, with --vae and --text-encoder")  # fmt: skip
-    if kind in ("vae", "text encoder"):
-        flag = "--vae" if kind == "vae" else "--text-encoder"
-        raise ValueError(f"{path} is a {kind}, not a transformer: give it as {flag}, and the transformer file as "
-                         "--weights")  # fmt: skip
-    t_cfg = transformer_config_from_keys(shapes)
+    t_cfg = file_transformer(path)
     variant = dataclasses.replace(variant_for_file(path, t_cfg, model_id), transformer=t_cfg)
     vae_file = Path(vae_path) if vae_path else path.parent / "ae.safetensors"
     if not vae_path and not vae_file.exists():
@@ -684,10 +696,7 @@ def load(
 def embedded_shape(path: Path) -> str | None:
     """nano or nano-base for a transformer file of their shape ("base" in its name: nano-base), else None."""
     try:
-        shapes = strip_prefix(logical_shapes(path))
-        if file_component(shapes) != "transformer":
-            return None
-        t_cfg = transformer_config_from_keys(shapes)
+        t_cfg = file_transformer(path)
     except (ValueError, OSError, KeyError):
         return None  # (said by the single-file loader)
     ids = [i for i in EMBEDDED_IDS if get_variant(i).transformer == t_cfg]
@@ -744,8 +753,9 @@ def _load_local(
             quantize_modules(transformer, quantize, transformer_quantizable, release=drop_file_pages)
             if torch.device(device).type == "cpu":  # held in memory whole (never streamed): oneDNN's int8 layout
                 prepack_int8(transformer)
-    vae_path = Path(vae) if vae else vae_path  # (was ignored without --weights)
-    variant = dataclasses.replace(variant, vae=checked_vae(vae_path, variant.vae))
+    if vae:  # a VAE given (was ignored without --weights); the embedded one is known to fit
+        vae_path = Path(vae)
+        variant = dataclasses.replace(variant, vae=checked_vae(vae_path, variant.vae))
     vae = build(lambda: AutoEncoder(variant.vae), our_vae_layout(read_vae(vae_path), variant.vae), "VAE", torch_dtype)
     text_encoder = load_minilm(variant.text_encoder, device=device)
     digest = weights_hash([t_path])

@@ -344,8 +344,11 @@ def sample_settings(pipe: Pipeline, cfg: LoraTrainConfig, samples: list[Sample])
     return settings
 
 
-def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]) -> Path:
-    """Train; resumable from OUT/lora.ckpt.safetensors. Returns the final LoRA file (diffusers layout)."""
+def train_lora(
+    pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None], samples: list[Sample] | None = None
+) -> Path:
+    """Train; resumable from OUT/lora.ckpt.safetensors. Returns the final LoRA file (diffusers layout). `samples`:
+    `read_dataset(cfg.data, cfg.mode)` where the caller has read (and checked) them already."""
     import_peft()
     from peft import inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -359,7 +362,7 @@ def train_lora(pipe: Pipeline, cfg: LoraTrainConfig, log: Callable[[dict], None]
     start = resume_step(ckpt, cfg)  # checked before the (slow) precomputation
     if not start:  # (a run begun before this check resumes as it began)
         check_resolution(pipe.variant, cfg.resolution)
-    samples = read_dataset(cfg.data, cfg.mode)
+    samples = read_dataset(cfg.data, cfg.mode) if samples is None else samples
     sample = sample_settings(pipe, cfg, samples)  # checked before any work, like the data and the checkpoint
     out.mkdir(parents=True, exist_ok=True)
     data = precompute(pipe, samples, cfg)
