@@ -155,3 +155,28 @@ def test_nano_runs_the_quantized_and_gguf_files_convert_writes(tmp_path):
         diff = np.abs(np.asarray(pipe("a red circle", steps=2)[0], dtype=np.int16) - reference)
         assert diff.max() <= 48 and diff.mean() <= 1.0, (name, diff.max(), diff.mean())
     assert load(weights=tmp_path / "q8.gguf").variant.id == "nano"  # detected from its shape (was an error)
+
+
+def test_nanos_vae_converts_to_a_diffusers_folder_that_decodes_as_ours(tmp_path):
+    """GroupNorm's groups are not in the weights: nano's (4) come from its registered config (was: an error that
+    32 does not divide its widths)."""
+    from flux2studio.loading import EMBEDDED, load_vae, read_vae
+    from flux2studio.variants import NANO_VAE
+
+    convert(EMBEDDED / "nano-vae.safetensors", tmp_path / "vae", to="diffusers")
+    theirs = AutoencoderKLFlux2.from_pretrained(tmp_path / "vae")
+    ours = load_vae(read_vae(EMBEDDED / "nano-vae.safetensors"), NANO_VAE, "cpu", torch.float32)
+    z = torch.randn(1, NANO_VAE.z_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(ours.decode_raw(z), theirs.decode(z).sample, atol=1e-5)  # fp32: same arithmetic
+
+
+def test_info_on_a_folder_of_model_files_describes_one_or_names_them(tmp_path):
+    from flux2studio.loading import EMBEDDED
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "nano.safetensors").write_bytes((EMBEDDED / "nano.safetensors").read_bytes())
+    assert describe(tmp_path / "one")["models"] == ["nano", "nano-base"]  # (was "folder", nothing more)
+    (tmp_path / "one" / "other.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match=r"holds 2 model files, not one model .*nano\.safetensors, other\.gguf"):
+        describe(tmp_path / "one")  # (their sizes and parameters were added up as one model's)

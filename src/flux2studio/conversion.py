@@ -128,14 +128,15 @@ def transformer_config_from_keys(sd: dict[str, Lazy] | dict[str, tuple[int, ...]
 
 
 def vae_config_from_keys(sd: dict[str, Tensor] | dict[str, tuple[int, ...]]) -> AutoencoderConfig:
-    """Infer a BFL/LDM-layout VAE's shape from its tensors or shapes (GroupNorm groups: FLUX.2's 32)."""
+    """Infer a BFL/LDM-layout VAE's shape from its tensors or shapes (GroupNorm groups: a registered model's VAE
+    of the same shape's, else FLUX.2's 32)."""
     shape = {k: tuple(v.shape if isinstance(v, Tensor) else v) for k, v in sd.items()}
     levels = 1 + max(int(k.split(".")[2]) for k in shape if k.startswith("encoder.down."))
     enc = tuple(shape[f"encoder.down.{i}.block.0.conv2.weight"][0] for i in range(levels))
     dec = tuple(shape[f"decoder.up.{i}.block.0.conv2.weight"][0] for i in range(levels))
     blocks = 1 + max(int(k.split(".")[4]) for k in shape if k.startswith("encoder.down.0.block."))
     z = shape["decoder.post_quant_conv.weight"][0]
-    return AutoencoderConfig(
+    fields = dict(
         channels=enc,
         decoder_channels=None if dec == enc else dec,
         num_res_blocks=blocks,
@@ -143,6 +144,9 @@ def vae_config_from_keys(sd: dict[str, Tensor] | dict[str, tuple[int, ...]]) -> 
         in_channels=shape["encoder.conv_in.weight"][1],
         out_channels=shape["decoder.conv_out.weight"][0],
     )
+    # GroupNorm's groups leave no trace in the weights: a registered model's VAE of this shape gives them (nano's 4)
+    known = [v.vae for v in VARIANTS.values() if v.vae and all(getattr(v.vae, k) == f for k, f in fields.items())]
+    return AutoencoderConfig(**fields, norm_groups=known[0].norm_groups if known else 32)
 
 
 def vae_layout(keys) -> str:
@@ -457,6 +461,14 @@ def shaped_like(cfg: TransformerConfig) -> list[str]:
 def describe(path: str | Path) -> dict:
     """What `flux2 info` prints: layout, component or variant, dtypes, parameter count, file sizes."""
     path = resolve_snapshot(path)
+    if path.is_dir() and not is_diffusers_folder(path) and not (path / "config.json").is_file():
+        models = sorted([*path.rglob("*.safetensors"), *path.rglob("*.gguf")])
+        if len(models) == 1:  # a folder of one file (a ComfyUI download's): that file
+            return describe(models[0])
+        if models:  # (their sizes and parameters were added up as if one model's)
+            names = ", ".join(str(f.relative_to(path)) for f in models[:8]) + (", ..." if len(models) > 8 else "")
+            raise ValueError(f"{path} holds {len(models)} model files, not one model (no model_index.json or "
+                             f"config.json): give one of them: {names}")  # fmt: skip
     files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [check_path(path)]
     if not files:
         raise ValueError(f"{path} holds no .safetensors file: not a model folder")
