@@ -164,6 +164,8 @@ def test_the_cli_says_what_computes_here(tmp_path, klein_folder, cli, monkeypatc
     from PIL import Image
 
     assert json.loads(Image.open(image).info["flux2"])["dtype_reason"] == "given"
+    stdout("generate", "--from", str(image), "-o", str(tmp_path / "again.png"))  # (said "given" too)
+    assert json.loads(Image.open(tmp_path / "again.png").info["flux2"])["dtype_reason"] == "as recorded in x.png"
 
 
 def test_fp8_file_stays_fp8_in_memory_and_gives_the_image_of_its_dequantised_weights(klein_folder, tmp_path):

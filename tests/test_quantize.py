@@ -573,3 +573,21 @@ def test_prepacked_int8_layers_hand_back_their_file_pages(tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # the same int32 sums, scaled in another order
         assert torch.equal(layer.dense(torch.float32), dequantize_weight(quantize_weight(w, "int8"), "int8", 1024,
                                                                          torch.float32))  # fmt: skip
+
+
+def test_a_gguf_with_diffusers_names_is_refused_at_load_and_converts(tmp_path):
+    """Quantized blocks with diffusers names cannot run packed: said at load, naming the file and the command that
+    rewrites it (was said when the transformer loaded, after the text encoder ran)."""
+    from tiny import TRANSFORMER, diffusers_transformer
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    plain = {k: v.float().numpy() for k, v in diffusers_transformer(TRANSFORMER).state_dict().items()}
+    tensors = {k: ((gguf.quants.quantize(a, q8), q8) if a.ndim == 2 and a.shape[1] % 32 == 0 else (a, None))
+               for k, a in plain.items()}  # fmt: skip
+    _gguf(tmp_path / "d.gguf", "flux", tensors)
+    with pytest.raises(ValueError, match=r"d\.gguf is quantized \(Q8_0\) with diffusers tensor names.*flux2 convert"):
+        load("klein-4b", weights=tmp_path / "d.gguf", vae=tmp_path / "absent.safetensors")
+    from flux2studio.conversion import convert, describe
+
+    convert(tmp_path / "d.gguf", tmp_path / "bfl.gguf", to="gguf", quantize="q8_0")  # what the message says
+    assert describe(tmp_path / "bfl.gguf")["layout"] == "single file (bfl names)"

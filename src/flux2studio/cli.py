@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from functools import cache
@@ -161,6 +162,8 @@ def load_pipe(model: str | None, args: argparse.Namespace):
                 compile=getattr(args, "compile", False), vae_tile=getattr(args, "vae_tile", None))  # fmt: skip
     if getattr(args, "lora", None):
         pipe.set_loras([parse_lora_arg(a) for a in args.lora])
+    if getattr(args, "dtype_reason", None) and args.dtype is not None:
+        pipe.dtype_reason = args.dtype_reason
     return pipe
 
 
@@ -303,15 +306,16 @@ def job_from_png(path: str, args: argparse.Namespace) -> tuple[dict, GenerationS
     if args.seed_given:
         given["seed"] = args.seed
     if not meta.get("hosted") and not (args.backend == "api" or (target is not None and target.hosted)):
-        replay_compute(meta, args)  # how a local model computed it, for a local model to run
+        replay_compute(meta, args, path)  # how a local model computed it, for a local model to run
     return meta, GenerationSettings.of(args.prompt or meta["prompt"], **{**settings, **given})
 
 
-def replay_compute(meta: dict, args: argparse.Namespace) -> None:
+def replay_compute(meta: dict, args: argparse.Namespace, source: str) -> None:
     """The recorded dtype, quantization, VAE tiles and attention, where the command line gives none: each
     changes the pixels."""
     if args.dtype is None:  # same dtype as recorded, or the image will differ
         args.dtype = next((k for k, v in DTYPE_NAMES.items() if v == meta.get("dtype")), None)
+        args.dtype_reason = f"as recorded in {os.path.basename(source)}"  # (the new image's metadata said "given")
     if getattr(args, "quantize", None) is None:
         args.quantize = meta.get("quantize")
     if getattr(args, "vae_tile", None) is None:  # tiles change the pixels near their seams

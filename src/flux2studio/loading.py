@@ -49,7 +49,7 @@ from .model.autoencoder import AutoEncoder
 from .model.transformer import Flux2Transformer
 from .pipeline import Component, Pipeline, check_vae_tile
 from .precision import compute_dtype, storage, widen_on_use
-from .quantize import BNB_FORMATS, check_mode, prepack_int8, quantize_modules, swap_in
+from .quantize import BNB_FORMATS, FORMATS, PLAIN_DTYPES, check_mode, prepack_int8, quantize_modules, swap_in
 from .quantized_files import (
     gguf_component,
     is_gguf,
@@ -60,6 +60,7 @@ from .quantized_files import (
     read_weights,
     single_file_text_encoder,
     stack_name,
+    tensor_types,
     text_encoder_quantizable,
     transformer_quantizable,
     transformer_sizes,
@@ -565,7 +566,8 @@ def given_text_encoder(
 def file_transformer(path: Path) -> TransformerConfig:
     """The shape of the transformer in a single file (from its header), or an error saying which part the file
     holds instead and the flag to give it with."""
-    shapes = strip_prefix(logical_shapes(path))
+    types = strip_prefix(tensor_types(path))
+    shapes = {k: shape for k, (shape, _) in types.items()}
     if (kind := file_component(shapes)) == "full checkpoint":
         raise ValueError(f"{path} holds a whole checkpoint (transformer, VAE and text encoder in one file): give the "
                          "transformer's file as --weights, with --vae and --text-encoder")  # fmt: skip
@@ -573,6 +575,11 @@ def file_transformer(path: Path) -> TransformerConfig:
         flag = "--vae" if kind == "vae" else "--text-encoder"
         raise ValueError(f"{path} is a {kind}, not a transformer: give it as {flag}, and the transformer file as "
                          "--weights")  # fmt: skip
+    packed = sorted({t for _, t in types.values() if t in FORMATS and t not in PLAIN_DTYPES and t not in BNB_FORMATS})
+    if packed and transformer_layout(shapes) == "diffusers":  # (was said when the transformer loaded, after encoding)
+        raise ValueError(f"{path} is quantized ({', '.join(packed)}) with diffusers tensor names, which do not run "
+                         f"packed: rewrite it with BFL names: flux2 convert {path} NEW.gguf --to gguf --quantize q8_0 "
+                         "(or q4_0)")  # fmt: skip
     return transformer_config_from_keys(shapes)
 
 
