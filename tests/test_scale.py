@@ -157,3 +157,22 @@ def test_app_builder_for_serve_run_and_kuberay():
     from flux2studio.serve.ray_app import app_builder
 
     assert isinstance(app_builder({"models": ["nano"], "max_replicas": 2}), Application)
+
+
+def test_an_unreachable_store_or_missing_gpus_are_said_before_deploying(tmp_path, caplog):
+    """Both made Ray's "deploy failed" (cause in its logs) or replicas pending for ever."""
+    from flux2studio.serve.ray_app import ScaleConfig, check_gpus, run
+
+    cfg = ScaleConfig(models=["nano"], db="postgresql://flux2:secret@127.0.0.1:1/flux2", data=str(tmp_path))
+    with pytest.raises(
+        ConnectionError, match=r"cannot reach the job store postgresql://flux2:\*\*\*@127\.0\.0\.1:1/fl"
+    ) as e:
+        run(cfg, "127.0.0.1", free_port(), block=False)
+    assert "secret" not in str(e.value)
+    gpu = ScaleConfig(num_gpus=1)
+    with pytest.raises(ValueError, match=r"num_gpus 1 per replica, and this Ray cluster has no GPU: set num_gpus: 0"):
+        check_gpus(gpu, 0, joined=False)
+    check_gpus(gpu, 0, joined=True)  # an autoscaler may add GPU nodes to a cluster joined
+    assert "has no GPU" in caplog.text
+    check_gpus(gpu, 2, joined=False)
+    check_gpus(ScaleConfig(num_gpus=0), 0, joined=False)

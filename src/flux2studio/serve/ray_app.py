@@ -217,12 +217,25 @@ def app_builder(args: dict) -> Any:
     return build_application(ScaleConfig(**args))
 
 
+def check_gpus(cfg: ScaleConfig, gpus: float, joined: bool) -> None:
+    """Replicas asking for GPUs of a cluster that has none would wait for them for ever (the page says nothing):
+    an error on a cluster started here, a warning on one joined (an autoscaler may add GPU nodes)."""
+    if cfg.num_gpus > 0 and not gpus:
+        problem = (f"num_gpus {cfg.num_gpus:g} per replica, and this Ray cluster has no GPU: set num_gpus: 0 for CPU "
+                   "replicas")  # fmt: skip
+        if not joined:
+            raise ValueError(problem)
+        log.warning("%s (unless its autoscaler adds GPU nodes)", problem)
+
+
 def run(cfg: ScaleConfig, host: str, port: int, address: str | None = None, block: bool = True) -> None:
     """Start (or join) a Ray cluster, deploy, serve on host:port until interrupted."""
     import ray
     from ray import serve
 
+    _store(cfg).close()  # the database and folders reachable from here (else: Ray's "deploy failed", cause in its logs)
     ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    check_gpus(cfg, ray.cluster_resources().get("GPU", 0), joined=address is not None)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_application(cfg), name="flux2", route_prefix="/")
     if block:

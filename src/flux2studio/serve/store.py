@@ -113,6 +113,15 @@ class Job:
         }
 
 
+CONNECT_TIMEOUT_S = 10  # a PostgreSQL host that does not answer: said after this, not after the OS's TCP timeout
+
+
+def without_password(url: str) -> str:
+    """A database URL as it may be shown: postgresql://user:secret@host/db -> postgresql://user:***@host/db (and
+    a ?password= parameter's value)."""
+    return re.sub(r"(password=)[^&\s]*", r"\1***", re.sub(r"(://[^:/@]+):[^/]*@", r"\1:***@", url))
+
+
 class _Db:
     """One connection, serialised by a lock; `?` placeholders in both dialects."""
 
@@ -124,7 +133,12 @@ class _Db:
                 import psycopg
             except ImportError:
                 raise ImportError("PostgreSQL needs psycopg: pip install 'flux2studio[scale]'") from None
-            self.conn = psycopg.connect(url, autocommit=True)
+            timeout = {} if "connect_timeout" in url else {"connect_timeout": CONNECT_TIMEOUT_S}  # (else: minutes)
+            try:
+                self.conn = psycopg.connect(url, autocommit=True, **timeout)
+            except psycopg.OperationalError as e:  # (one line: psycopg's own message, without the password)
+                cause = " ".join(str(e).split())
+                raise ConnectionError(f"cannot reach the job store {without_password(url)}: {cause}") from None
         else:
             self.conn = sqlite3.connect(url.removeprefix("sqlite:///"), check_same_thread=False, isolation_level=None)
             self.conn.execute("PRAGMA journal_mode=WAL")  # readers never block the worker's writes
