@@ -589,5 +589,7 @@ def test_a_gguf_with_diffusers_names_is_refused_at_load_and_converts(tmp_path):
         load("klein-4b", weights=tmp_path / "d.gguf", vae=tmp_path / "absent.safetensors")
     from flux2studio.conversion import convert, describe
 
-    convert(tmp_path / "d.gguf", tmp_path / "bfl.gguf", to="gguf", quantize="q8_0")  # what the message says
-    assert describe(tmp_path / "bfl.gguf")["layout"] == "single file (bfl names)"
+    said = convert(tmp_path / "d.gguf", tmp_path / "bfl.gguf", to="gguf", quantize="q8_0")  # what the message says
+    assert describe(tmp_path / "bfl.gguf")["layout"] == "single file (bfl names)" and "note" not in said
+    said = convert(tmp_path / "bfl.gguf", tmp_path / "q4.gguf", to="gguf", quantize="q4_0")  # errors that add up
+    assert "note: bfl.gguf was stored as Q8_0: its weights, unpacked, were rounded again to Q4_0" in said

@@ -25,7 +25,7 @@ from .checkpoints import (
     write_safetensors,
 )
 from .lazy_tensors import Lazy, Pending, pending
-from .quantize import MODE_FORMAT, dequantize_weight, row_inputs
+from .quantize import FORMATS, MODE_FORMAT, PLAIN_DTYPES, dequantize_weight, row_inputs
 from .quantized_files import (
     BNB_STATE,
     GGUF_WRITTEN_ARCH,
@@ -431,9 +431,8 @@ def convert(src: str | Path, dst: str | Path, to: str, quantize: str | None = No
     if to == "gguf":
         path = dst if dst.suffix == ".gguf" else dst / "flux2.gguf"
         formats = write_gguf(sd, path, (quantize or "bf16").upper(), transformer_quantizable)
-        return (
-            f"{kind} ({layout} layout) -> {path} (GGUF, {len(formats)} linear weights {(quantize or 'bf16').upper()})"
-        )
+        fmt = (quantize or "bf16").upper()
+        return f"{kind} ({layout} layout) -> {path} (GGUF, {len(formats)} linear weights {fmt}){requantized(src, fmt)}"
     if to == "bfl":
         path = (
             dst if dst.suffix == ".safetensors" else dst / ("ae.safetensors" if kind == "vae" else "flux2.safetensors")
@@ -441,7 +440,8 @@ def convert(src: str | Path, dst: str | Path, to: str, quantize: str | None = No
         if quantize:
             sd, formats = quantize_state(sd, MODE_FORMAT[quantize], transformer_quantizable)
             write_quantized(sd, formats, path)
-            return f"{kind} ({layout} layout) -> {path} (bfl layout, {len(formats)} linear weights {quantize})"
+            note = requantized(src, MODE_FORMAT[quantize])
+            return f"{kind} ({layout} layout) -> {path} (bfl layout, {len(formats)} linear weights {quantize}){note}"
         write_safetensors(sd, path, release=True)
     else:
         out = transformer_to_diffusers(sd, lazy=True) if kind == "transformer" else vae_to_diffusers(sd, cfg)
@@ -451,6 +451,21 @@ def convert(src: str | Path, dst: str | Path, to: str, quantize: str | None = No
         path = dst / "diffusion_pytorch_model.safetensors"
         write_safetensors(out, path, release=True)
     return f"{kind} ({layout} layout) -> {path} ({to} layout, {len(sd)} tensors)"
+
+
+def requantized(src: str | Path, fmt: str) -> str:
+    """A note where a file already stored in another lossy format is quantized as `fmt`: its unpacked weights are
+    rounded again, the two errors added (the original's bf16 weights give the closer file); else ""."""
+    src = Path(src)
+    if src.is_dir() or fmt in PLAIN_DTYPES:
+        return ""
+    lossy = sorted(
+        {t for _, t in tensor_types(src).values() if t.startswith("F8_") or t in FORMATS} - {fmt, *PLAIN_DTYPES}
+    )
+    if not lossy:
+        return ""
+    return (f"\nnote: {src.name} was stored as {', '.join(lossy)}: its weights, unpacked, were rounded again to {fmt} "
+            "(both errors add up); quantizing the bf16 original gives a closer file")  # fmt: skip
 
 
 def shaped_like(cfg: TransformerConfig) -> list[str]:
