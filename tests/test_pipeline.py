@@ -336,7 +336,13 @@ def test_denoise_with_a_toy_velocity_reaches_the_target():
         (dict(size="128x"), r"size '128x' is not WIDTHxHEIGHT"),
         (dict(size=128), r"size 128 is not \(width, height\)"),
         (dict(refs="a.png"), r"refs must be a list of images"),
-        (dict(refs=[3]), r"reference 0 must be a PIL image or an image file's path, got int"),
+        (dict(refs=[3]), r"reference 0 must be a PIL image, an image file's path or a uint8 array, got int"),
+        (dict(refs=None), r"refs must be a list of images"),  # (was Python's "not iterable")
+        (dict(num_images=65), r"1 prompt\(s\) x 65 image\(s\) = 65 images: at most 64 a call"),  # (was "1..64")
+        (dict(seeds=[True]), r"seed must be an integer in 0\.\.2\*\*63-1, got True"),  # (torch's RuntimeError)
+        (dict(guidance=True), r"guidance must be a number, got True"),  # (was taken as 1.0)
+        (dict(prompt_upsampling="no"), r"prompt_upsampling must be True, False or None, got 'no'"),  # (was "yes")
+        (dict(image=Image.new("RGB", (64, 64)), expand=16), r"expand 16 is not 4 sides in pixels"),
     ],
 )
 def test_bad_requests_name_the_value_and_range(kwargs, message):

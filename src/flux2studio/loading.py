@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -76,6 +77,9 @@ from .variants import (
     Variant,
     get_variant,
 )
+
+if TYPE_CHECKING:
+    from .hosted import HostedPipeline
 
 BLOCKS = ("double_blocks.", "single_blocks.")  # the transformer's streamed blocks (BFL names = ours)
 
@@ -634,7 +638,7 @@ def load(
     vram_budget: str | int | None = None,
     compile: bool = False,
     vae_tile: int | None = None,
-) -> Pipeline:
+) -> Pipeline | HostedPipeline:
     """A `Pipeline` for `model_id` (default: the embedded `nano`, which needs no download).
 
     `weights` may be a diffusers-format folder, a Hugging Face cache entry of one, or an official

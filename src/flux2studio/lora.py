@@ -97,6 +97,8 @@ def _linears(model: nn.Module) -> dict[str, nn.Linear]:
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     from safetensors import safe_open
 
+    if not Path(path).exists():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
     tensors = read_safetensors(path)
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import inspect
 import json
 import logging
+import numbers
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -105,14 +108,23 @@ def build_request(variant: Variant, prompt: str | Sequence[str] | GenerationSett
     default 1) and the start image is also the first reference, as in diffusers' inpainting pipeline
     (`Variant.inpaint_reference`).
     """
+    if not isinstance(prompt, str | GenerationSettings | Sequence):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
     s = with_seeds_counted(opened_settings(GenerationSettings.of(prompt, **fields)))
     prompts, num_images = s.prompts, s.num_images
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompt must be a string or a non-empty list of strings")
-    if not whole(num_images) or not 1 <= num_images <= MAX_IMAGES // len(prompts):
-        raise ValueError(
-            f"num_images {num_images!r} is out of range: 1..{MAX_IMAGES // len(prompts)} for {len(prompts)} prompt(s)"
-        )
+    if not whole(num_images) or num_images < 1:
+        raise ValueError(f"num_images {num_images!r} is out of range: a whole number from 1")
+    if len(prompts) * num_images > MAX_IMAGES:
+        raise ValueError(f"{len(prompts)} prompt(s) x {num_images} image(s) = {len(prompts) * num_images} images: at "
+                         f"most {MAX_IMAGES} a call (split the list)")  # fmt: skip
+    for name in ("prompt_upsampling",):
+        if getattr(s, name) is not None and not isinstance(getattr(s, name), bool):
+            raise ValueError(f"{name} must be True, False or None, got {getattr(s, name)!r}")
+    for name in ("guidance", "strength"):  # (True was taken as 1.0)
+        if isinstance(getattr(s, name), bool):
+            raise ValueError(f"{name} must be a number, got {getattr(s, name)!r}")
     steps = variant.steps if s.steps is None else s.steps
     if not whole(steps):
         raise ValueError(f"steps {steps!r} is not a whole number (1..{MAX_STEPS})")
@@ -132,10 +144,17 @@ def build_request(variant: Variant, prompt: str | Sequence[str] | GenerationSett
         init = build_init(s.image, s.mask, s.strength, s.expand, s.mask_blur, size,
                           (variant.min_side, variant.max_side, variant.id))  # fmt: skip
         size = init.image.size
+    from_ref = size is None and bool(prepared)
     if size is None:  # the first reference sets the size, as in diffusers' pipelines, within the model's sides
         size = fitted(prepared[0].size, (), variant.max_side) if prepared else variant.default_size
     width, height = size
-    check_size(width, height, variant.min_side, variant.max_side, variant.id)
+    try:
+        check_size(width, height, variant.min_side, variant.max_side, variant.id)
+    except ValueError as e:
+        if not from_ref:
+            raise
+        w, h = prepared[0].size
+        raise ValueError(f"{e}: the size was taken from reference 0 ({w}x{h}): give size=") from None
 
     seeds = _seeds(s.seed, s.seeds, len(prompts) * num_images)
     upsampling = resolve_upsampling(variant, s.prompt_upsampling)
@@ -156,9 +175,40 @@ def build_request(variant: Variant, prompt: str | Sequence[str] | GenerationSett
     )
 
 
+def check_callback(callback: Any) -> None:
+    """A step callback takes (step, steps, x0 or None) (`sampling.StepCallback`): one that cannot was called after
+    the first step, failing with Python's own message."""
+    if callback is None:
+        return
+    if not callable(callback):
+        raise ValueError(f"callback must be a function of (step, steps, x0), got {type(callback).__name__}")
+    try:
+        inspect.signature(callback).bind(0, 1, None)
+    except ValueError:  # no signature to read (some builtins): called as it is
+        return
+    except TypeError:
+        raise ValueError(f"callback {getattr(callback, '__name__', callback)!r} must take three arguments "
+                         "(step, steps, x0 or None)") from None  # fmt: skip
+
+
 def whole(value: object) -> bool:
     """An int and not a bool (True is an int to Python, not a count to a user)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def as_int(value: Any) -> Any:
+    """numpy's and torch's integers as Python ints (seeds drawn with np.random.randint, a size from an array's
+    shape); anything else, bools included, as given (to be checked where it is used)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool | int):
+        return int(value)
+    if (
+        isinstance(value, torch.Tensor)
+        and value.ndim == 0
+        and not value.is_floating_point()
+        and value.dtype != torch.bool
+    ):
+        return int(value)
+    return value
 
 
 def with_seeds_counted(s: GenerationSettings) -> GenerationSettings:
@@ -176,20 +226,41 @@ def opened_settings(s: GenerationSettings) -> GenerationSettings:
     def image(value: Any, what: str) -> Image.Image:
         if isinstance(value, str | os.PathLike):
             return open_image(value, what)
+        if isinstance(value, np.ndarray):  # (Gradio's and OpenCV's images)
+            if value.dtype != np.uint8 or not (value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (3, 4))):
+                raise ValueError(f"{what}: an array must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4) (RGB), got "
+                                 f"{value.dtype} {value.shape}")  # fmt: skip
+            return Image.fromarray(value)
         if not isinstance(value, Image.Image):
-            raise ValueError(f"{what} must be a PIL image or an image file's path, got {type(value).__name__}")
+            raise ValueError(f"{what} must be a PIL image, an image file's path or a uint8 array, got "
+                             f"{type(value).__name__}")  # fmt: skip
+        try:
+            value.load()  # (a lazily read image whose file was closed failed later, without saying which)
+        except Exception as e:  # (Pillow: ValueError, OSError, or a bare AssertionError once its file is closed)
+            cause = str(e) or "its file was closed before its pixels were read"
+            raise ValueError(f"{what} cannot be read: {cause}") from None
         return value
 
-    if isinstance(s.refs, str | os.PathLike | Image.Image):
+    if s.refs is None or isinstance(s.refs, str | os.PathLike | Image.Image | np.ndarray | bytes):
         raise ValueError("refs must be a list of images (refs=[image, ...])")
     fields: dict[str, Any] = {"refs": tuple(image(r, f"reference {i}") for i, r in enumerate(s.refs))}
+    for key in ("seed", "steps", "num_images", "mask_blur"):
+        fields[key] = as_int(getattr(s, key))
+    if isinstance(s.seeds, Sequence):
+        fields["seeds"] = tuple(map(as_int, s.seeds))
+    if isinstance(s.size, tuple | list):
+        fields["size"] = tuple(map(as_int, s.size))
+    if s.expand is not None:
+        if not isinstance(s.expand, Sequence) or isinstance(s.expand, str):
+            raise ValueError(f"expand {s.expand!r} is not 4 sides in pixels (left, top, right, bottom)")
+        fields["expand"] = tuple(map(as_int, s.expand))
     for key, what in (("image", "start image"), ("mask", "mask")):
         if getattr(s, key) is not None:
             fields[key] = image(getattr(s, key), what)
     if isinstance(s.size, str):
         fields["size"] = parse_size(s.size)
     elif s.size is not None and not (isinstance(s.size, tuple | list) and len(s.size) == 2
-                                     and all(map(whole, s.size))):  # fmt: skip
+                                     and all(map(whole, fields["size"]))):  # fmt: skip
         raise ValueError(f"size {s.size!r} is not (width, height) in pixels or 'WIDTHxHEIGHT'")
     return s.replace(**fields)
 
@@ -231,7 +302,7 @@ def _seeds(seed: int, seeds: Sequence[int] | None, n: int) -> list[int]:
     elif len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds given for {n} images: give one per image")
     for s in seeds:
-        if not isinstance(s, int) or not 0 <= s < 2**63:
+        if not whole(s) or not 0 <= s < 2**63:
             raise ValueError(f"seed must be an integer in 0..2**63-1, got {s!r}")
     return list(seeds)
 
@@ -465,6 +536,13 @@ class Pipeline:
         self.sdpa = attention_for(attention, self.device, self.dtype, cache_dir())
         self.attention = "sdpa" if self.sdpa is F.scaled_dot_product_attention else "kernel"
 
+    def __repr__(self) -> str:
+        loras = f", loras={[(Path(f.path).name, s) for f, s, _ in self.loras]}" if self.loras else ""
+        quantize = f", quantize={self.quantize!r}" if self.quantize else ""
+        resident = all(part.resident for part in self.parts.values())
+        return (f"Pipeline({self.variant.id}, device={self.device}, dtype={str(self.dtype).removeprefix('torch.')}"
+                f"{quantize}, attention={self.attention}, resident={resident}{loras})")  # fmt: skip
+
     @property
     def transformer(self) -> Flux2Transformer:
         model = self.parts["transformer"].get()
@@ -656,12 +734,19 @@ class Pipeline:
             f"{need} or more, or a smaller {smaller}"
         )
 
-    def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
-        """Use these LoRA files with these scales from the next call on ([] removes them, exactly). Files are read
-        first: one that cannot be used changes nothing; a call under way finishes with the LoRAs it began with."""
+    def set_loras(self, loras: Sequence[tuple[str | Path, float] | str | Path]) -> None:
+        """Use these LoRA files with these scales from the next call on ([] removes them, exactly); a path alone
+        has scale 1. Files are read first: one that cannot be used changes nothing; a call under way finishes with
+        the LoRAs it began with."""
+        if isinstance(loras, str | os.PathLike) or (isinstance(loras, tuple) and len(loras) == 2
+                                                    and isinstance(loras[1], int | float)):  # fmt: skip
+            raise ValueError(f"loras must be a list of files or (file, scale) pairs: set_loras([{loras!r}])")
+        pairs = [(item, 1.0) if isinstance(item, str | os.PathLike) else item for item in loras]
+        if not all(isinstance(p, tuple | list) and len(p) == 2 for p in pairs):
+            raise ValueError(f"loras must be a list of files or (file, scale) pairs, got {list(loras)!r}")
         with torch.device("meta"):  # names and shapes only: parse without touching the real weights
             skeleton = Flux2Transformer(self.variant.transformer)
-        loras = [(path, check_scale(scale, path)) for path, scale in loras]  # before any file is read
+        loras = [(path, check_scale(scale, path)) for path, scale in pairs]  # before any file is read
         parsed = [(load_lora(path, skeleton), scale, weights_hash([Path(path)])) for path, scale in loras]
         with self._busy:
             if self._lora_state is not None:
@@ -715,13 +800,18 @@ class Pipeline:
         `expand=(left, top, right, bottom)` px to outpaint.
         """
         req = build_request(self.variant, prompt, **fields)  # bad input refused at once, without waiting a turn
+        check_callback(callback)
         with self._busy, self._memory_measured():
-            latents = self.generate_latents(req, callback)
-            tile = self._request_tile(req)  # the VAE encoded and decodes the request's images in these tiles
-            if tile != self.vae_tile and self.vram_budget is None:
-                log.info("%s: the VAE works in %d-pixel tiles: whole it needs more than the %s available",
-                         self.variant.id, tile, human(self._ram / RAM_SHARE))  # fmt: skip
-            images = to_pil(self.decode(latents, tile=tile))
+            try:
+                latents = self.generate_latents(req, callback)
+                tile = self._request_tile(req)  # the VAE encoded and decodes the request's images in these tiles
+                if tile != self.vae_tile and self.vram_budget is None:
+                    log.info("%s: the VAE works in %d-pixel tiles: whole it needs more than the %s available",
+                             self.variant.id, tile, human(self._ram / RAM_SHARE))  # fmt: skip
+                images = to_pil(self.decode(latents, tile=tile))
+            except BaseException:  # a callback that cancels (raises), an error: the phase's part is not kept
+                self.release(*self.parts)
+                raise
             tiled = tile is not None and max(req.width, req.height, *map(max, _starts(req))) > tile
             self._tiled = tile if tiled else None
             if req.init is not None and req.init.paste_back:  # outpainting: the original pixels, unchanged

@@ -113,8 +113,11 @@ def compute_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
         if str(dtype).removeprefix("torch.") not in DTYPE_NAMES.values():
             raise ValueError(f"dtype {dtype} is not one of {', '.join(DTYPE_NAMES.values())}")
         return ComputeDtype(dtype, "given")
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPE_NAMES.values():  # torch's names, as images
+        dtype = next(k for k, v in DTYPE_NAMES.items() if v == dtype.removeprefix("torch."))  # record them
     if dtype not in (None, *DTYPE_CHOICES):
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)} (or torch's names: "
+                         f"{', '.join(DTYPE_NAMES.values())})")  # fmt: skip
     if dtype not in (None, "auto"):
         return ComputeDtype(torch_dtype(dtype), "given")
     kind = torch.device(device).type

@@ -46,6 +46,7 @@ class GenerationSettings:
         return cls(prompt=prompt, **fields)
 
     def replace(self, **fields: Any) -> GenerationSettings:
+        """These settings with some fields changed (`of`'s checks)."""
         return GenerationSettings.of(self, **fields)
 
     @property
@@ -69,9 +70,43 @@ class GenerationSettings:
         return row
 
     @classmethod
+    def from_metadata(
+        cls, meta: dict, refs: Sequence[Any] = (), image: Any = None, mask: Any = None
+    ) -> GenerationSettings:
+        """The settings an image's `flux2` metadata records (`images.read_metadata`), to make it again: give the
+        same reference images, start image and mask (the metadata holds their hashes, not the images), and load
+        the pipeline as it records (`model`, `dtype`, `attention`, `quantize`, `vae_tile`, LoRAs: docs/usage.md)."""
+        missing = [k for k in ("prompt", "seed", "steps", "width", "height") if k not in meta]
+        if missing:
+            raise ValueError(f"the metadata lacks {', '.join(missing)}: not an image's flux2 metadata")
+        if len(refs) != len(meta.get("refs") or []):
+            raise ValueError(f"the image was made with {len(meta.get('refs') or [])} reference image(s); "
+                             f"{len(refs)} given")  # fmt: skip
+        fields: dict[str, Any] = {"seed": meta["seed"], "steps": meta["steps"], "refs": tuple(refs)}
+        fields["size"] = (meta["width"], meta["height"])
+        for key in ("negative_prompt", "guidance", "prompt_upsampling"):
+            if meta.get(key) is not None:
+                fields[key] = meta[key]
+        if meta.get("guidance_interval") is not None:
+            fields["guidance_interval"] = tuple(meta["guidance_interval"])
+        init = meta.get("init")
+        if (image is None) != (init is None) or (init is not None and (mask is None) != (init.get("mask") is None)):
+            made = (
+                "from a start image" + (" and a mask" if init and init.get("mask") else "") if init else "without one"
+            )
+            raise ValueError(f"the image was made {made}: give image= (and mask=) as it was made")
+        if init is not None:
+            fields.update(image=image, mask=mask, strength=init["strength"], mask_blur=init.get("mask_blur") or 0)
+            if init.get("expand"):
+                fields["expand"], fields["size"] = tuple(init["expand"]), None
+        return cls.of(meta["prompt"], **fields)
+
+    @classmethod
     def from_json(cls, row: dict) -> GenerationSettings:
         """A stored row of any version so far; a newer one or an unknown field is a clear error."""
         version = row.get("version", 1)
+        if isinstance(version, str) and "weights_hash" in row:
+            raise ValueError("this is an image's metadata, not a stored settings row: use from_metadata")
         if not isinstance(version, int) or not 1 <= version <= SETTINGS_VERSION:
             raise ValueError(f"settings version {version!r}: this flux2studio reads 1..{SETTINGS_VERSION}")
         fields = {k: v for k, v in row.items() if k not in ("version", "width", "height")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
@@ -18,10 +19,23 @@ from torch import Tensor, nn
 
 from .variants import TextEncoderSpec
 
+log = logging.getLogger(__name__)
+
 
 def format_prompts(spec: TextEncoderSpec, tokenizer, prompts: list[str]) -> dict[str, Tensor]:
     """Apply the variant's chat formatting and pad/truncate to `spec.max_length` tokens (MiniLM's `tokenizers`
-    tokenizer pads and truncates as `load_minilm` set it)."""
+    tokenizer pads and truncates as `load_minilm` set it); a prompt that fills them all is said (its end was cut,
+    as in the reference pipelines, which said nothing)."""
+    tokens = _tokenized(spec, tokenizer, prompts)
+    for i, used in enumerate(tokens["attention_mask"].sum(-1).tolist()):
+        if used >= spec.max_length:
+            words = prompts[i].split()
+            log.warning("prompt %d fills the text encoder's %d tokens: what comes after is left out (its last "
+                        "words: %r)", i, spec.max_length, " ".join(words[-6:]))  # fmt: skip
+    return tokens
+
+
+def _tokenized(spec: TextEncoderSpec, tokenizer, prompts: list[str]) -> dict[str, Tensor]:
     pad = dict(padding="max_length", truncation=True, max_length=spec.max_length, return_tensors="pt")
     if spec.kind == "qwen3":  # one user turn, generation prompt, thinking disabled (klein)
         texts = [
