@@ -61,6 +61,10 @@ def test_bad_calls_are_errors_before_any_work(nano, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"LoRA file not found: absent\.safetensors"):  # a path alone: scale 1
         nano.set_loras(["absent.safetensors"])
     assert load("nano", dtype="float32").dtype == load("nano", dtype="fp32").dtype  # torch's names, as images say
+    with pytest.raises(ValueError, match="model_id must be a model's name"):  # (difflib's TypeError)
+        load(123)
+    with pytest.raises(ValueError, match="resident must be True or False, got 'no'"):
+        load("nano", resident="no")
 
 
 def test_a_cancelled_call_frees_what_it_loaded(klein_folder):

@@ -673,6 +673,11 @@ def load(
     compiles them (tens of seconds), later calls of the same size run the compiled code. For GPUs; on a CPU it
     needs a C compiler.
     """
+    if model_id is not None and not isinstance(model_id, str):
+        raise ValueError(f"model_id must be a model's name (`flux2 models` lists them), got {type(model_id).__name__}")
+    for name, flag in (("resident", resident), ("compile", compile)):
+        if not isinstance(flag, bool):  # ("no" was taken as True)
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     check_mode(quantize)
     check_vae_tile(vae_tile)
     if backend not in ("local", "api"):
