@@ -224,6 +224,12 @@ def test_an_edit_refused_for_its_fields_writes_no_file(tmp_path):
         r = client.post("/v1/images/edits", files=files, data=data)
         assert r.status_code == 422 and message in r.json()["detail"], r.text
     assert list(app.state.store.refs_dir.iterdir()) == []
+    broken = [*files[:2], ("image", ("b.png", b"not an image", "image/png"))]  # the third upload is refused
+    r = client.post("/v1/images/edits", files=broken, data={"prompt": "p"})
+    assert r.status_code == 415 and list(app.state.store.refs_dir.iterdir()) == []  # (two were stored first)
+    r = client.post("/v1/images/edits", files=files[:1], data={"prompt": "p", "size": "100x96"})  # job refused
+    assert r.status_code == 422 and "multiple of 16" in r.json()["detail"], r.text
+    assert list(app.state.store.refs_dir.iterdir()) == []  # what it stored is dropped (was kept a day)
 
 
 def test_a_client_that_goes_away_cancels_its_queued_job(server):
@@ -305,10 +311,14 @@ def test_uploads_keep_their_encoding_expire_and_count_against_a_disk_quota(tmp_p
         assert client.delete(f"/v1/jobs/{job['id']}").status_code == 404
 
     used = store.disk_bytes()
-    tight = create_app(tmp_path / "d", _nano, models=["nano"], limits=Limits(max_disk_bytes=used + 1000))
+    quota = used + len(photo) - 1  # the photo fits the quota, not what is left of it
+    tight = create_app(tmp_path / "d", _nano, models=["nano"], limits=Limits(max_disk_bytes=quota))
     client = TestClient(tight, base_url="http://127.0.0.1")  # no worker: jobs stay queued
     r = client.post("/v1/uploads", files={"file": ("p.jpg", photo, "image/jpeg")})
-    assert r.status_code == 507 and f"at most {used + 1000}" in r.json()["detail"]
+    assert (
+        r.status_code == 507
+        and f"disk quota reached: {used} bytes of images and uploads, at most {quota}" in r.json()["detail"]
+    )
     queued = client.post("/v1/jobs", json={"model": "nano", "prompt": "p"}).json()["id"]  # fits: no new bytes yet
     assert client.delete(f"/v1/jobs/{queued}").status_code == 409  # queued: cancel it first
     client.post(f"/v1/jobs/{queued}/cancel")
@@ -316,6 +326,11 @@ def test_uploads_keep_their_encoding_expire_and_count_against_a_disk_quota(tmp_p
     over = create_app(tmp_path / "d", _nano, models=["nano"], limits=Limits(max_disk_bytes=max(used - 1, 1)))
     r = TestClient(over, base_url="http://127.0.0.1").post("/v1/jobs", json={"model": "nano", "prompt": "p"})
     assert r.status_code == 507 and "DELETE /v1/jobs/{id}" in r.json()["detail"]
+    small = create_app(tmp_path / "d", _nano, models=["nano"], limits=Limits(max_disk_bytes=100))
+    r = TestClient(small, base_url="http://127.0.0.1").post(
+        "/v1/uploads", files={"file": ("p.jpg", photo, "image/jpeg")}
+    )
+    assert r.status_code == 507 and "more than the server's whole disk quota (100 bytes)" in r.json()["detail"]
 
 
 def test_no_server_path_reaches_a_client_and_old_jobs_can_expire(tmp_path):
@@ -379,6 +394,42 @@ def test_uploads_are_decoded_off_the_event_loop(tmp_path, monkeypatch):
     r = client.post("/v1/images/edits", files={"image": ("a.png", _png("red"), "image/png")},
                     data={"prompt": "p", "model": "m" * 10**6})  # fmt: skip
     assert r.status_code == 422 and "is not served here" in r.text and len(r.text) < 1000
+
+
+def test_a_body_sent_too_slowly_is_cut_off():
+    """uvicorn has no body timeout: 20 uploads sending a byte a second stayed open for as long as they liked."""
+    import asyncio
+
+    from starlette.exceptions import HTTPException
+
+    from flux2studio.serve.guard import _counted
+
+    async def a_byte_a_while() -> dict:
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    async def read_all(receive) -> None:
+        while (await receive()).get("more_body"):
+            pass
+
+    with pytest.raises(HTTPException) as e:  # 1 byte a 50 ms, at least 1 KiB/s after 0.2 s
+        asyncio.run(read_all(_counted(a_byte_a_while, 10**6, grace=0.2, rate=1024)))
+    assert e.value.status_code == 408 and "request body too slow" in e.value.detail
+
+    async def whole_then_wait() -> dict:  # a body in one message; later receives (a disconnect) are not timed
+        whole_then_wait.calls += 1
+        if whole_then_wait.calls > 1:
+            await asyncio.sleep(0.3)
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    whole_then_wait.calls = 0
+
+    async def body_then_disconnect(receive) -> str:
+        await receive()
+        return (await receive())["type"]
+
+    assert asyncio.run(body_then_disconnect(_counted(whole_then_wait, 100, grace=0.1, rate=1024))) == "http.disconnect"
 
 
 def test_a_client_slow_to_send_its_headers_is_cut_off(tmp_path):

@@ -403,6 +403,7 @@ def test_a_job_cancelled_and_deleted_while_its_batch_runs_leaves_the_worker_runn
     store.progress = cancel_and_delete_b
     worker._run_batch(batch)
     assert store.get(a.id).status == "queued" and store.get(b.id) is None
+    assert store.get(a.id).attempts == 0  # a batch-mate's cancel is not a try of its own (3 of them failed it)
     store.progress = progress
     run_batch = worker.execute
 
@@ -421,3 +422,114 @@ def test_a_job_cancelled_and_deleted_while_its_batch_runs_leaves_the_worker_runn
         assert worker.execute is run_batch  # (the failing one ran first)
     finally:
         worker.stop()
+
+
+def test_a_stopping_server_puts_its_batch_back_without_counting_a_try(tmp_path, caplog):
+    """SIGTERM (`run_app` calls `begin_stop`): the batch ends at its next step and goes back to the queue, its
+    attempt not counted (three restarts during a long job failed it: 'worker died too often')."""
+    from flux2studio.serve.store import Store
+    from flux2studio.serve.worker import Worker
+    from flux2studio.settings import GenerationSettings
+
+    store = Store(tmp_path / "data")
+    job = store.add("nano", GenerationSettings("a red circle", size=(64, 64), steps=3), 3)
+    worker = Worker(store, lambda model_id: load(model_id, device="cpu", dtype="fp32"))
+    progress = store.progress
+
+    def stop_at_first_step(job_id, *args, **kw):
+        progress(job_id, *args, **kw)
+        worker.begin_stop()
+
+    store.progress = stop_at_first_step
+    for _ in range(3):  # three restarts
+        worker._run_batch([store.claim(runner=worker.runner)])
+        worker._stop.clear()
+    again = store.get(job.id)
+    assert (again.status, again.attempts, again.step) == ("queued", 0, 0)
+    assert "go back to the queue" in caplog.text
+
+
+def test_waits_on_a_job_deleted_or_a_server_stopping_answer_in_json(tmp_path):
+    """An OpenAI wait and an event stream on a job deleted meanwhile, or while the server stops: JSON answers and
+    a last event (were a plain-text 500 and a broken stream: AttributeError on the missing row)."""
+    import threading
+
+    app = create_app(tmp_path / "data", lambda model_id: load(model_id))  # no lifespan: the worker never runs
+    client = TestClient(app, base_url=LOCAL)
+    answers = []
+
+    def wait_on_generation():
+        answers.append(client.post("/v1/images/generations", json={"prompt": "a red circle", "size": "64x64"}))
+
+    for end in ("delete", "stop"):
+        waiting = threading.Thread(target=wait_on_generation)
+        waiting.start()
+        while not (jobs := client.get("/v1/jobs").json()["data"]) or jobs[0]["status"] != "queued":
+            time.sleep(0.05)  # (a condition: the job is queued when it is)
+        job_id = jobs[0]["id"]
+        if end == "delete":
+            client.post(f"/v1/jobs/{job_id}/cancel")
+            assert client.delete(f"/v1/jobs/{job_id}").status_code == 200
+        else:
+            app.state.worker.begin_stop()
+            events = client.get(f"/v1/jobs/{job_id}/events")
+        waiting.join(timeout=600)
+        r = answers.pop()
+        if end == "delete":
+            assert r.status_code == 404 and r.json()["error"]["message"] == f"job {job_id} was deleted"
+        else:
+            assert r.status_code == 503 and r.headers["x-should-retry"] == "false", r.text
+            assert f"job {job_id} stays queued" in r.json()["error"]["message"]
+            assert "event: restarting" in events.text
+            assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+    gone = client.get("/v1/jobs/0123456789abcdef0123456789abcdef/events")
+    assert gone.status_code == 404
+
+
+def test_http_methods_and_paths_answer_as_they_should(client):
+    assert client.head("/health").status_code == 200  # (404: the page's files were mounted over "/")
+    head = client.head("/v1/models")
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
+    assert client.put("/v1/jobs").status_code == 405
+    assert client.get("/v1/jobs/..%2f..%2f").headers["content-type"] == "application/json"  # (the page's HTML)
+    assert client.get("/nothing").status_code == 404
+    assert client.get("/").headers["content-type"].startswith("text/html")
+    assert client.get("/studio.js").status_code == 200
+
+
+def test_numbers_must_be_json_numbers(client):
+    for body, message in (({"steps": True}, "steps: Value error, must be a number, not bool True"),
+                          ({"width": "128"}, "width: Value error, must be a number, not str"),
+                          ({"prompt_upsampling": "yes"}, "prompt_upsampling: Input should be a valid boolean"),
+                          ({"aspect": "16:9", "width": 256}, "give width and height or aspect, not both")):  # fmt: skip
+        r = client.post("/v1/jobs", json={"prompt": "a red circle", **body})
+        assert r.status_code == 422 and message in r.json()["error"]["message"], r.text
+    wide = io.BytesIO()
+    Image.new("RGB", (1024, 128)).save(wide, format="PNG")
+    ref = client.post("/v1/uploads", files={"file": ("wide.png", wide.getvalue(), "image/png")}).json()["id"]
+    r = client.post("/v1/jobs", json={"prompt": "a red circle", "refs": [ref]})  # the size comes from it: say so
+    assert "the size was taken from reference 0 (1024x128): give width and height" in r.json()["detail"], r.text
+    whole = {"prompt": "a red circle", "width": 128.0, "height": 128, "steps": 1}  # a float that is a whole number
+    assert client.post("/v1/jobs", json=whole).status_code == 202, client.post("/v1/jobs", json=whole).text
+
+
+def test_a_second_server_on_the_same_data_or_port_touches_nothing(tmp_path, klein_folder):
+    """It took the first server's running jobs back as crashed ones before failing to bind (three such starts
+    failed a job that went on to finish)."""
+    from flux2studio.cli import check_port, check_served
+    from flux2studio.serve.store import lock_data
+
+    held = lock_data(tmp_path / "data")
+    with pytest.raises(RuntimeError, match=rf"in use by another flux2 serve \(pid {os.getpid()}\)"):
+        lock_data(tmp_path / "data")
+    held.close()
+    lock_data(tmp_path / "data").close()  # free again once the first has gone
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=rf"cannot listen on 127.0.0.1:{port} .*choose another --port"):
+            check_port("127.0.0.1", port)
+    (tmp_path / "fake.safetensors").write_text("not weights")
+    with pytest.raises(ValueError, match=r"--model nano=.*fake\.safetensors: .*not a readable safetensors file"):
+        check_served({"nano": str(tmp_path / "fake.safetensors")}, None)  # (/health said ok, every job failed)

@@ -142,12 +142,27 @@ def test_reuse_settings_from_the_gallery(page):
     page.fill("#prompt", "a red circle to reuse")
     page.fill("#seed", "7")
     page.check("#seed-lock")
+    page.locator("#aspects button", has_text="16:9").click()
     run_and_wait(page)
     page.fill("#prompt", "something else")
     page.fill("#seed", "99")
+    page.locator("#aspects button", has_text="1:1").click()
     card(page, "a red circle to reuse").locator("button.use").click()
     assert page.input_value("#prompt") == "a red circle to reuse"
     assert page.input_value("#seed") == "7"
+    assert page.inner_text("#aspects button.active") == "176x96"  # its exact size (was sent as 1:1: 128x128)
+    page.fill("#prompt", "the red circle reused")
+    run_and_wait(page)
+    assert page.inner_text("#status").endswith("176x96")
+
+
+def test_the_generate_button_works_for_the_first_model(page):
+    """nano, the first model: its hidden, required guidance-interval fields blocked the button without a word."""
+    assert page.input_value("#model") == "nano"
+    page.fill("#prompt", "a blue square by the button")
+    page.click("#generate")
+    page.wait_for_function("/^(Done|Error)/.test(document.querySelector('#status').textContent)")
+    assert page.inner_text("#status").startswith("Done"), page.inner_text("#status")
 
 
 def test_compare_models_side_by_side(page):

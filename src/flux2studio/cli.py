@@ -735,30 +735,50 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_extra():
-    """uvicorn (and fastapi), the `serve` extra, or an error saying how to install it."""
+def serve_extra() -> None:
+    """uvicorn and fastapi, the `serve` extra, there, or an error saying how to install it."""
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as e:
         raise ImportError(f"flux2 serve needs {e.name}: pip install 'flux2studio[serve]'") from None
-    return uvicorn
 
 
 def check_served(weights: dict[str, str | None], lora_dir: str | None) -> None:
-    """Every served model's weights found, and the LoRA folder, before the server starts (the first job failed)."""
+    """Every served model's weights found and readable (their headers), and the LoRA folder, before the server
+    starts (the first job failed, while /health said ok)."""
     from pathlib import Path
 
-    from .loading import cached_weights
+    from .conversion import describe
+    from .loading import cached_weights, file_transformer
 
     for model, path in weights.items():
         variant = get_variant(model)
         if path not in (None, "api") and not Path(path).exists():
             raise FileNotFoundError(f"--model {model}={path}: no such file or folder")
+        if path not in (None, "api"):
+            try:
+                file_transformer(Path(path)) if Path(path).is_file() else describe(path)
+            except (ValueError, OSError, KeyError) as e:
+                raise ValueError(f"--model {model}={path}: {str(e).splitlines()[0]}") from None
         if path is None and not variant.hosted and model not in variants.EMBEDDED_IDS:
             cached_weights(variant)
     if lora_dir is not None and not Path(lora_dir).is_dir():
         raise FileNotFoundError(f"--lora-dir {lora_dir}: no such folder")
+
+
+def check_port(host: str, port: int) -> None:
+    """`host:port` can be listened on now (as uvicorn binds, SO_REUSEADDR: a restart's TIME_WAIT is no obstacle)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port} ({e.strerror}): another server (flux2 serve?) has it; "
+                          "stop it or choose another --port") from None  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -797,7 +817,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"store: {store}, replicas {cfg.min_replicas}..{cfg.max_replicas})")  # fmt: skip
         run(cfg, args.host, args.port, address=args.address)
         return 0
-    uvicorn = serve_extra()
+    serve_extra()  # (its install hint before anything starts)
 
     from .loading import load
     from .serve.app import create_app
@@ -805,6 +825,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     served = args.model or list(variants.EMBEDDED_IDS)
     weights = dict(m.split("=", 1) if "=" in m else (m, None) for m in served)
     check_served(weights, args.lora_dir)
+    check_port(args.host, args.port)  # before the store is touched: a second server on a taken port
+    from .serve.store import lock_data
+
+    lock = None if args.db else lock_data(args.data)  # took the first's running jobs as crashed ones (its own)
 
     api_models = [m for m, w in weights.items() if w == "api"]  # `--model klein-4b=api`: klein on BFL's API
     if api_models or any(get_variant(m).hosted for m in weights):
@@ -819,7 +843,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     api={"location": args.api}, quantize=args.quantize, vram_budget=args.vram,
                     compile=args.compile, vae_tile=args.vae_tile)  # fmt: skip
 
-    from .serve.guard import header_timeout_protocol
+    from .serve.app import run_app
     from .serve.limits import DEFAULT_LIMITS
 
     keep = None if args.keep_days is None else args.keep_days * 86400
@@ -829,15 +853,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      limits=limits,
                      lora_dir=args.lora_dir, api_models=api_models, db=args.db, files=args.files,
                      allowed_hosts=hosts)  # fmt: skip
+    app.state.data_lock = lock  # held while the process lives
     print(f"Flux2 Studio on http://{args.host}:{args.port}  (data: {args.data}, models: {', '.join(weights)})")
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-        http=header_timeout_protocol(),
-        timeout_graceful_shutdown=limits.shutdown_grace_s,
-    )  # open event streams and waits end on a stop
+    run_app(app, args.host, args.port, limits.shutdown_grace_s)
     return 0
 
 
@@ -1061,7 +1079,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="other than loopback needs --token")
     srv.add_argument("--port", type=int, default=7860)
     srv.add_argument("--data", default="flux2-data", help="job store (SQLite) and images")
-    srv.add_argument("--token", help="bearer token required on every API call (or FLUX2_TOKEN)")
+    srv.add_argument(
+        "--token", help="bearer token required on every API call; prefer FLUX2_TOKEN (other users see arguments in ps)"
+    )
     srv.add_argument(
         "--model",
         action="append",

@@ -673,15 +673,7 @@ def load(
     compiles them (tens of seconds), later calls of the same size run the compiled code. For GPUs; on a CPU it
     needs a C compiler.
     """
-    if model_id is not None and not isinstance(model_id, str):
-        raise ValueError(f"model_id must be a model's name (`flux2 models` lists them), got {type(model_id).__name__}")
-    for name, flag in (("resident", resident), ("compile", compile)):
-        if not isinstance(flag, bool):  # ("no" was taken as True)
-            raise ValueError(f"{name} must be True or False, got {flag!r}")
-    check_mode(quantize)
-    check_vae_tile(vae_tile)
-    if backend not in ("local", "api"):
-        raise ValueError(f"backend {backend!r} is not 'local' or 'api'")
+    check_load_args(model_id, backend, resident, compile, quantize, vae_tile)
     if model_id is not None and (backend == "api" or get_variant(model_id).hosted):
         if weights is not None:
             raise ValueError(f"{model_id} runs on the hosted API: it takes no --weights")
@@ -707,6 +699,20 @@ def load(
     pipe.dtype_reason = compute.reason
     pipe.quantize, pipe.compile, pipe.vae_tile = quantize, compile, vae_tile
     return pipe
+
+
+def check_load_args(model_id: object, backend: object, resident: object, compile: object, quantize: str | None,
+                    vae_tile: int | None) -> None:  # fmt: skip
+    """`load`'s arguments of the wrong kind or value: a clear error before anything is read."""
+    if model_id is not None and not isinstance(model_id, str):
+        raise ValueError(f"model_id must be a model's name (`flux2 models` lists them), got {type(model_id).__name__}")
+    for name, flag in (("resident", resident), ("compile", compile)):
+        if not isinstance(flag, bool):  # ("no" was taken as True)
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    check_mode(quantize)
+    check_vae_tile(vae_tile)
+    if backend not in ("local", "api"):
+        raise ValueError(f"backend {backend!r} is not 'local' or 'api'")
 
 
 def embedded_shape(path: Path) -> str | None:

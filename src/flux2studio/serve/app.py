@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..pipeline import Pipeline
@@ -70,12 +70,48 @@ def create_app(
     # outermost: host, origin, token and body size are checked before any route runs or any body is read
     app.add_middleware(Guard, token=token, allowed_hosts=hosts, origins=cors_origins or (),
                        body_limit=limits.body_bytes)  # fmt: skip
+    app.add_middleware(HeadAsGet)  # outside the guard: a HEAD is checked as the GET it becomes
     app.state.admission = Admission(store, worker, limits, served, remote, lora_dir)
     for routes in (routes_models, routes_jobs, routes_files, routes_openai):
         app.include_router(routes.router)
-    if STATIC.is_dir():
-        app.mount("/", StaticFiles(directory=STATIC, html=True), name="studio")
+    page_routes(app)
     return app
+
+
+class HeadAsGet:
+    """HEAD answered as GET is, headers only (curl -I, health checkers and proxies: FastAPI's GET routes answered
+    it 404); event streams excepted (a HEAD would wait on the job)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD" or scope["path"].endswith("/events"):
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body"):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app(dict(scope, method="GET"), receive, headers_only)
+
+
+def page_routes(app: FastAPI) -> None:
+    """The studio page's own files at their paths, and nothing else: a page mounted over "/" answered every other
+    path (an API route with the wrong method 404 or 405 "GET, HEAD"; ../ in an id the page's HTML)."""
+    for path in sorted(STATIC.iterdir()) if STATIC.is_dir() else []:
+        url = "/" if path.name == "index.html" else f"/{path.name}"
+        app.add_api_route(url, _file(path), methods=["GET"], include_in_schema=False)
+
+
+def _file(path: Path) -> Callable[[], FileResponse]:
+    def page_file() -> FileResponse:
+        return FileResponse(path)
+
+    return page_file
 
 
 def _lifespan(worker: Worker):
@@ -88,3 +124,24 @@ def _lifespan(worker: Worker):
         worker.stop()
 
     return lifespan
+
+
+def run_app(app: FastAPI, host: str, port: int, grace: float) -> None:
+    """Serve `app` with uvicorn until a stop signal, which first tells the worker (`Worker.begin_stop`): the running
+    batch goes back to the queue at its next step, requests waiting on jobs and event streams answer (503, a last
+    event) instead of being cut after `grace` seconds; then uvicorn's own graceful stop."""
+    import uvicorn
+
+    from .guard import header_timeout_protocol
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", http=header_timeout_protocol(),
+                            timeout_graceful_shutdown=grace)  # fmt: skip
+    server = uvicorn.Server(config)
+    uvicorn_exit = server.handle_exit
+
+    def handle_exit(sig, frame) -> None:
+        app.state.worker.begin_stop()
+        uvicorn_exit(sig, frame)
+
+    server.handle_exit = handle_exit  # (installed as the signal handler by `run`)
+    server.run()

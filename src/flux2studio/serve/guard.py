@@ -11,8 +11,10 @@ request's head a deadline. This module knows nothing about jobs or models.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from starlette.exceptions import HTTPException
@@ -110,13 +112,27 @@ def _secured(send: Send, cors_origin: str | None) -> Send:
     return secured
 
 
-def _counted(receive: Receive, limit: int) -> Receive:
-    """`receive` that stops a body at `limit` bytes (413 to the route reading it; FastAPI passes it on)."""
-    seen = 0
+BODY_GRACE_S = 30.0  # a body's first seconds, at any rate
+BODY_MIN_RATE = 16 * 1024  # bytes a second a body must average after them (128 kbit/s: a poor mobile link)
+
+
+def _counted(receive: Receive, limit: int, grace: float = BODY_GRACE_S, rate: float = BODY_MIN_RATE) -> Receive:
+    """`receive` that stops a body at `limit` bytes (413 to the route reading it; FastAPI passes it on), and one
+    that arrives slower than `rate` bytes a second after `grace` seconds (408): uvicorn has no body timeout, so
+    clients sending a byte a second held connections for as long as they liked."""
+    seen, start, whole = 0, time.monotonic(), False
 
     async def counted() -> dict:
-        nonlocal seen
-        message = await receive()
+        nonlocal seen, whole
+        if whole:  # the body is in: later receives wait for a disconnect (`Request.is_disconnected`), untimed
+            return await receive()
+        left = start + grace + seen / rate - time.monotonic()
+        try:
+            message = await asyncio.wait_for(receive(), timeout=max(left, 0.001))
+        except asyncio.TimeoutError:  # (3.10: not the builtin TimeoutError)
+            raise HTTPException(408, f"request body too slow: {seen} bytes in {time.monotonic() - start:.0f} s "
+                                     f"(at least {rate // 1024:.0f} KiB/s after {grace:.0f} s)") from None  # fmt: skip
+        whole = message["type"] != "http.request" or not message.get("more_body", False)
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:

@@ -40,6 +40,8 @@ class Limits:
     def disk_problem(self, used: Callable[[], int], adding: int = 0) -> str | None:
         """Why `adding` more bytes would go over the disk quota (None if they fit or there is none); `used()`
         counts the bytes in use, only when there is a quota."""
+        if self.max_disk_bytes is not None and adding > self.max_disk_bytes:  # (was told to delete jobs)
+            return f"{adding} bytes are more than the server's whole disk quota ({self.max_disk_bytes} bytes)"
         if self.max_disk_bytes is not None and (used := used()) + adding > self.max_disk_bytes:
             return (f"disk quota reached: {used} bytes of images and uploads, at most {self.max_disk_bytes}; "
                     "delete finished jobs (DELETE /v1/jobs/{id})")  # fmt: skip

@@ -55,3 +55,11 @@ def openai_error(status: int, message: str, kind: str, code: str | None = None) 
     """An error in OpenAI's shape. `x-should-retry: false` tells OpenAI's clients (which retry 409, 429 and 5xx
     by default) not to send the request again: a failed or cancelled generation would only run again."""
     return SafeJSON({"error": error_body(message, kind, code)}, status_code=status, headers={"x-should-retry": "false"})
+
+
+def stopping_response(job_id: str) -> JSONResponse:
+    """A request waiting on a job while the server stops: the job stays queued and runs after the restart, so a
+    client must not send it again (`x-should-retry: false`) but look the job up (was a plain-text 500)."""
+    message = f"the server is restarting: job {job_id} stays queued and runs after it (GET /v1/jobs/{job_id})"
+    return SafeJSON({"id": job_id, "detail": message, "error": error_body(message, "server_error", "restarting")},
+                    status_code=503, headers={"x-should-retry": "false", "Retry-After": "10"})  # fmt: skip

@@ -76,6 +76,12 @@ async def job_events(job_id: str, adm: Admission = Depends(admission)) -> Stream
         last = None
         while True:
             job = adm.store.get(job_id)
+            if job is None:  # cancelled and deleted meanwhile (the stream broke off)
+                yield f"event: deleted\ndata: {json.dumps({'id': job_id, 'status': 'deleted'})}\n\n"
+                return
+            if adm.worker.stopping:  # the server stops: say so, end (the job runs after the restart)
+                yield f"event: restarting\ndata: {json.dumps(job.public())}\n\n"
+                return
             state = (job.status, job.step)
             if state != last:
                 yield f"event: progress\ndata: {json.dumps(job.public())}\n\n"

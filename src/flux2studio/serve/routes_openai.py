@@ -11,10 +11,9 @@ from fastapi.responses import JSONResponse
 
 from ..hosted import MODERATED
 from ..variants import parse_size
-from .responses import openai_error
+from .responses import openai_error, stopping_response
 from .schemas import OpenAIGeneration, job_request
-from .store import Store
-from .uploads import alpha_mask, save_upload
+from .uploads import alpha_mask, checked_upload, save_checked
 from .validation import Admission, admission
 
 router = APIRouter()
@@ -30,7 +29,7 @@ async def openai_generations(req: OpenAIGeneration, request: Request, adm: Admis
     job = await asyncio.to_thread(adm.submit, job_request(
         model=model, prompt=req.prompt, width=width, height=height, num_images=req.n, seed=req.seed,
         steps=req.steps, guidance=req.guidance, negative_prompt=req.negative_prompt))  # fmt: skip
-    return await _openai_result(adm.store, job.id, req.response_format, request)
+    return await _openai_result(adm, job.id, req.response_format, request)
 
 
 @router.post("/v1/images/edits")
@@ -54,26 +53,34 @@ async def openai_edits(
         raise HTTPException(422, f"{len(images)} images given (image or image[]); 1..{adm.limits.max_refs}")
     width, height = _parse_size(size)
     model = adm.model_or_default(model)
-    adm.check_basics(model, n, count="n", prompt=prompt)  # before any image is written
-    mask_id = None
+    adm.check_basics(model, n, count="n", prompt=prompt)  # before any image is read
+    checked = [await checked_upload(f, adm.limits) for f in images]  # every upload checked before one is stored
     if mask is not None:  # inpainting: the first image is edited where the mask is transparent
         raw = await mask.read(adm.limits.max_upload_bytes + 1)
-        mask_id = await asyncio.to_thread(alpha_mask, raw, adm.store, adm.limits)
-    ids = [await save_upload(f, adm.store, adm.limits) for f in images]
+        checked.append(await asyncio.to_thread(alpha_mask, raw, adm.limits))
+    ids = await asyncio.to_thread(save_checked, checked, adm.store, adm.limits)
+    mask_id = ids.pop() if mask is not None else None
     start, refs = (ids[0], ids[1:]) if mask_id is not None else (None, ids)  # without a mask and a size, the
     # output follows the first image (fitted to the model's sides), as in the CLI
-    fields = job_request(model=model, prompt=prompt, width=width, height=height, num_images=n, seed=seed,
-                         image=start, mask=mask_id, refs=refs)  # fmt: skip
-    job = await asyncio.to_thread(adm.submit, fields)  # may resize and hash images: off the event loop
-    return await _openai_result(adm.store, job.id, response_format, request)
+    try:
+        fields = job_request(model=model, prompt=prompt, width=width, height=height, num_images=n, seed=seed,
+                             image=start, mask=mask_id, refs=refs)  # fmt: skip
+        job = await asyncio.to_thread(adm.submit, fields)  # may resize and hash images: off the event loop
+    except Exception:  # refused: what it stored goes (was kept until the uploads' time ran out)
+        adm.store.drop_refs([*ids, *([mask_id] if mask_id else [])])
+        raise
+    return await _openai_result(adm, job.id, response_format, request)
 
 
-async def _openai_result(store: Store, job_id: str, response_format: str, request: Request,
+async def _openai_result(adm: Admission, job_id: str, response_format: str, request: Request,
                          timeout: float = 600) -> dict | JSONResponse:  # fmt: skip
     """Wait for the job; a client that goes away before its job starts cancels it (nobody would see it)."""
+    store = adm.store
     deadline = time.monotonic() + timeout
     while True:
         job = store.get(job_id)
+        if job is None:  # cancelled and deleted by another request meanwhile
+            return openai_error(404, f"job {job_id} was deleted", "invalid_request_error", "not_found")
         if job.status == "done":
             break
         if job.status == "failed" and any(status in (job.error or "") for status in MODERATED):
@@ -87,6 +94,8 @@ async def _openai_result(store: Store, job_id: str, response_format: str, reques
             return openai_error(409, "client went away: generation cancelled", "cancelled")
         if time.monotonic() > deadline:
             return JSONResponse({"id": job_id, "status": job.status}, status_code=202)
+        if adm.worker.stopping:  # the job stays queued and runs after the restart: a retry would make it twice
+            return stopping_response(job_id)
         await asyncio.sleep(0.1)
     data = []
     for image_id in job.images:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
+
+
+def _a_number(value: object) -> object:
+    """Numbers as JSON numbers: true was 1 step and "128" a width (pydantic's lax mode); 1024.0 stays a width."""
+    if isinstance(value, bool | str | bytes):
+        raise ValueError(f"must be a number, not {type(value).__name__} {value!r}"[:80])
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_a_number)]
+Num = Annotated[float, BeforeValidator(_a_number)]
 
 
 class JobRequest(BaseModel):
@@ -15,24 +26,26 @@ class JobRequest(BaseModel):
     model: str | None = Field(default=None, max_length=64)  # None: the server's default (Admission.model_or_default)
     prompt: str  # text fields: length, NUL and Unicode checked in validate (Limits.text_problem)
     negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
+    width: Int | None = None
+    height: Int | None = None
     aspect: str | None = Field(default=None, max_length=16)
-    steps: int | None = None
-    guidance: float | None = None
-    guidance_interval: tuple[float, float] | None = None  # CFG models: noise levels guided (default: the model's)
-    prompt_upsampling: bool | None = None  # nano: the planner (default on); flex, Kontext: the API's (default off)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    num_images: int = 1
+    steps: Int | None = None
+    guidance: Num | None = None
+    guidance_interval: tuple[Num, Num] | None = None  # CFG models: noise levels guided (default: the model's)
+    prompt_upsampling: StrictBool | None = (
+        None  # nano: the planner (default on); flex, Kontext: the API's (default off)
+    )
+    seed: Int | None = Field(default=None, ge=0, lt=2**63)
+    num_images: Int = 1
     refs: list[str] = []  # upload ids
-    loras: list[tuple[str, float]] = []  # server-side LoRA names (see --lora-dir) and scales
+    loras: list[tuple[str, Num]] = []  # server-side LoRA names (see --lora-dir) and scales
     # editing (local models): a start image (upload id) for image-to-image; with a mask (upload id, white =
     # repaint) or an expansion (px left, top, right, bottom) only that area is generated
     image: str | None = Field(default=None, max_length=64)
     mask: str | None = Field(default=None, max_length=64)
-    strength: float | None = None  # (0, 1]; default 0.75, 1 with a mask or expansion
-    expand: tuple[int, int, int, int] | None = None
-    mask_blur: int = 0
+    strength: Num | None = None  # (0, 1]; default 0.75, 1 with a mask or expansion
+    expand: tuple[Int, Int, Int, Int] | None = None
+    mask_blur: Int = 0
 
 
 class OpenAIGeneration(BaseModel):
@@ -40,14 +53,14 @@ class OpenAIGeneration(BaseModel):
 
     prompt: str
     model: str | None = Field(default=None, max_length=64)  # None: the server's default
-    n: int = 1
+    n: Int = 1
     size: str | None = Field(default=None, max_length=16)  # "WIDTHxHEIGHT"
     response_format: Literal["b64_json", "url"] = "b64_json"
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    steps: int | None = None
-    guidance: float | None = None
+    seed: Int | None = Field(default=None, ge=0, lt=2**63)
+    steps: Int | None = None
+    guidance: Num | None = None
     negative_prompt: str | None = None
-    stream: bool = False  # partial images are not streamed: True is a clear 400
+    stream: StrictBool = False  # partial images are not streamed: True is a clear 400
 
 
 def job_request(**fields) -> JobRequest:

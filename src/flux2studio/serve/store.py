@@ -113,6 +113,30 @@ class Job:
         }
 
 
+def lock_data(data: str | Path):
+    """The SQLite store in `data` taken for this process (an open file holding an exclusive lock; released when
+    the process ends): a second server on it, even one about to fail on a taken port, took the first one's
+    running jobs back as if they had crashed (three such starts failed a job that went on to finish)."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows: not locked)
+        return None
+    Path(data).mkdir(parents=True, exist_ok=True)
+    lock = open(Path(data) / "server.lock", "a+")  # noqa: SIM115  (held open: the lock lives as long as it)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        pid = lock.read().strip() or "?"
+        lock.close()
+        raise RuntimeError(f"{data} is in use by another flux2 serve (pid {pid}): stop it, or give another --data "
+                           "(several servers share one queue through --db postgresql://...)") from None  # fmt: skip
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
 CONNECT_TIMEOUT_S = 10  # a PostgreSQL host that does not answer: said after this, not after the OS's TCP timeout
 
 
@@ -297,10 +321,12 @@ class Store:
         )
         return cur.rowcount == 1
 
-    def requeue(self, job_id: str) -> None:
-        """A running job goes back to the queue (its batch was interrupted, or its runner died)."""
-        self.db.execute("UPDATE jobs SET status='queued', step=0, runner=NULL WHERE id=? AND status='running'",
-                        (job_id,))  # fmt: skip
+    def requeue(self, job_id: str, refund: bool = False) -> None:
+        """A running job goes back to the queue (its batch was interrupted, or its runner died); `refund`: the
+        attempt does not count (a server stopping, a batch-mate cancelled: not a failure of this job's run)."""
+        attempts = "attempts=MAX(attempts-1, 0), " if refund else ""
+        self.db.execute(f"UPDATE jobs SET status='queued', step=0, {attempts}runner=NULL WHERE id=? AND "
+                        "status='running'", (job_id,))  # fmt: skip
 
     def _take_back(self, where: str, args: tuple) -> int:
         self.db.execute(
@@ -338,6 +364,12 @@ class Store:
         ref_id = uuid.uuid4().hex
         _write_whole(self.refs_dir / f"{ref_id}{suffix}", data)
         return ref_id
+
+    def drop_refs(self, ref_ids: list[str]) -> None:
+        """Delete uploads a refused request stored (no job names them)."""
+        for ref_id in ref_ids:
+            if (path := self.ref_path(ref_id)) is not None:
+                path.unlink(missing_ok=True)
 
     def ref_path(self, ref_id: str) -> Path | None:
         """The file of an uploaded reference (any of UPLOAD_SUFFIXES; older servers wrote PNG), or None."""

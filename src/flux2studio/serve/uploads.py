@@ -21,16 +21,29 @@ DECODES = threading.BoundedSemaphore(2)  # uploads decoded at once, each in a th
 async def save_upload(file: UploadFile, store: Store, limits: Limits) -> str:
     """Check byte size, format and pixel count before decoding, then that it decodes whole; store the bytes as
     they came (no re-encoding: a photo stays a JPEG) under a new id. Old unreferenced uploads go first."""
+    raw, suffix = await checked_upload(file, limits)
+    return await asyncio.to_thread(_save_checked, raw, suffix, store, limits)
+
+
+async def checked_upload(file: UploadFile, limits: Limits) -> tuple[bytes, str]:
+    """An uploaded image's bytes and file suffix, checked (`save_upload`) and not stored yet."""
     raw = await file.read(limits.max_upload_bytes + 1)
     if len(raw) > limits.max_upload_bytes:
         raise HTTPException(413, f"upload is over {limits.max_upload_bytes} bytes")
-    return await asyncio.to_thread(_store_image, raw, store, limits)
+    return raw, await asyncio.to_thread(_checked_image, raw, limits)
 
 
-def _store_image(raw: bytes, store: Store, limits: Limits) -> str:
+def _checked_image(raw: bytes, limits: Limits) -> str:
     with DECODES:
-        suffix = _check_image(raw, limits)
-    return _save_checked(raw, suffix, store, limits)
+        return _check_image(raw, limits)
+
+
+def save_checked(checked: list[tuple[bytes, str]], store: Store, limits: Limits) -> list[str]:
+    """Images already checked, stored under new ids, all or none (the disk quota counted for them together)."""
+    total = sum(len(raw) for raw, _ in checked)
+    if (problem := limits.disk_problem(store.disk_bytes, total)) is not None:
+        raise HTTPException(507, problem)
+    return [_save_checked(raw, suffix, store, limits) for raw, suffix in checked]
 
 
 def _save_checked(raw: bytes, suffix: str, store: Store, limits: Limits) -> str:
@@ -41,8 +54,9 @@ def _save_checked(raw: bytes, suffix: str, store: Store, limits: Limits) -> str:
     return store.save_ref(raw, suffix)
 
 
-def alpha_mask(raw: bytes, store: Store, limits: Limits) -> str:
-    """OpenAI's mask (a PNG whose fully transparent pixels mark what to edit) stored as ours: white = repaint."""
+def alpha_mask(raw: bytes, limits: Limits) -> tuple[bytes, str]:
+    """OpenAI's mask (a PNG whose fully transparent pixels mark what to edit) as ours (white = repaint), a PNG's
+    bytes and suffix to store."""
     if len(raw) > limits.max_upload_bytes:
         raise HTTPException(413, f"mask is over {limits.max_upload_bytes} bytes")
     with DECODES:
@@ -55,7 +69,7 @@ def alpha_mask(raw: bytes, store: Store, limits: Limits) -> str:
     ours = alpha.point(lambda a: 255 if a == 0 else 0)
     buf = io.BytesIO()
     ours.save(buf, format="PNG")
-    return _save_checked(buf.getvalue(), ".png", store, limits)  # made here from a checked file: no second check
+    return buf.getvalue(), ".png"  # made here from a checked file: no second check
 
 
 def _check_image(raw: bytes, limits: Limits) -> str:

@@ -43,6 +43,8 @@ class Admission:
             raise HTTPException(422, f"{len(req.refs)} references; at most {self.limits.max_refs}")
         if req.steps is not None and not 1 <= req.steps <= self.limits.max_steps:
             raise HTTPException(422, f"steps {req.steps} is out of range 1..{self.limits.max_steps}")
+        if req.aspect is not None and (req.width is not None or req.height is not None):  # (the aspect won)
+            raise HTTPException(422, "give width and height or aspect, not both")
         if req.aspect is not None:
             try:
                 req.width, req.height = size_for_aspect(req.aspect, variant.default_size[0] * variant.default_size[1])
@@ -52,7 +54,8 @@ class Admission:
         sizes = self.reference_sizes(req.refs, local)
         edit = self.editing(req)
         size = None  # an edit without a size: its start image (and expansion) sets it
-        if local and not edit and sizes and req.width is None and req.height is None:  # the first reference
+        from_ref = local and not edit and sizes and req.width is None and req.height is None
+        if from_ref:  # the first reference
             size = fitted(prepared_size(sizes[0]), (), min(variant.max_side, self.limits.max_side))  # sets it as
             # in the pipeline: as prepared, within the sides
         elif not edit or req.width is not None or req.height is not None:
@@ -72,7 +75,10 @@ class Admission:
         try:  # the model's own checks: multiples of 16, its size range, guidance mode, negative prompt
             built = build_request(variant, asked, refs=(), **edit)  # references: counted below, by id
         except ValueError as e:
-            raise HTTPException(422, str(e)) from None
+            said = ""
+            if from_ref and str(e).startswith(("width", "height")):  # (a size the request never gave)
+                said = f": the size was taken from reference 0 ({sizes[0][0]}x{sizes[0][1]}): give width and height"
+            raise HTTPException(422, f"{e}{said}") from None
         stored = asked.replace(
             steps=built.steps, guidance=built.guidance,
             guidance_interval=built.guidance_interval if variant.uses_cfg else None,

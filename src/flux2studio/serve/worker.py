@@ -24,6 +24,10 @@ class Cancelled(Exception):
     pass
 
 
+class Stopping(Exception):
+    """The server is stopping: the batch goes back to the queue, its attempt not counted."""
+
+
 class Worker:
     """Claims jobs and runs them. `loops` claim loops run side by side (1 for a local model; more when
     `execute` sends batches to remote replicas); a heartbeat thread keeps the running jobs' leases fresh
@@ -57,6 +61,16 @@ class Worker:
                 self.threads.append(threading.Thread(target=self._heartbeat, name="flux2-heartbeat", daemon=True))
                 for t in self.threads:
                     t.start()
+
+    def begin_stop(self) -> None:
+        """The server begins to stop (its signal): no job is claimed from now on, the running batch ends at its
+        next step and goes back to the queue (its attempt not counted), requests waiting on jobs answer."""
+        self._stop.set()
+        self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def stop(self) -> None:
         with self._lock:
@@ -124,6 +138,8 @@ class Worker:
             last = [0.0]
 
             def progress(i: int, total: int, x0) -> None:
+                if self._stop.is_set():  # (the whole batch ran on through a stop, then was thrown away)
+                    raise Stopping
                 for j in batch:
                     if self._status(j.id) in ("cancelled", None):  # None: cancelled, then deleted
                         raise Cancelled(j.id)
@@ -134,10 +150,12 @@ class Worker:
                     self.store.progress(j.id, i + 1, total, runner=self.runner)
 
             images = pipe(s, callback=progress)
-        except Cancelled:
+        except (Cancelled, Stopping) as e:
             self._drop_previews(batch)
-            for j in batch:  # the cancelled job stays cancelled; the others of its batch go back to the queue
-                self.store.requeue(j.id)
+            for j in batch:  # a cancelled job stays cancelled; the others go back to the queue, the try not counted
+                self.store.requeue(j.id, refund=True)
+            if isinstance(e, Stopping):
+                log.warning("stopping: %d job(s) of the running batch go back to the queue", len(batch))
             return
         except Exception as e:  # a job's failure is recorded, never crashes the worker
             made = dict(getattr(e, "images", []))

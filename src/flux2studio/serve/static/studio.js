@@ -3,7 +3,8 @@
 
 const $ = (id) => document.getElementById(id);
 const ASPECTS = ["1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "21:9", "9:21"];
-const state = { models: [], aspect: "1:1", refs: [], edit: null };  // edit: { id, expand: [l, t, r, b] }
+const state = { models: [], aspect: "1:1", size: null, refs: [], edit: null };  // edit: { id, expand: [l, t, r, b] }
+// size: [w, h] of a gallery job whose settings were taken (its exact size), until an aspect is chosen
 
 function headers(json = true) {
   const h = json ? { "Content-Type": "application/json" } : {};
@@ -52,6 +53,8 @@ function showModel() {
   $("upsampling-row").hidden = m.prompt_upsampling == null;
   $("upsampling").checked = Boolean(m.prompt_upsampling);
   $("interval-row").hidden = !m.guidance_interval;
+  // hidden inputs must not be checked by the form: required and empty, they blocked "Generate" without a word
+  $("interval-lo").disabled = $("interval-hi").disabled = !m.guidance_interval;
   if (m.guidance_interval) showInterval(m.guidance_interval);
 }
 
@@ -62,12 +65,15 @@ function showInterval([lo, hi]) {
 
 function renderAspects() {
   $("aspects").innerHTML = "";
-  for (const a of ASPECTS) {
+  for (const a of [...(state.size ? [state.size.join("x")] : []), ...ASPECTS]) {
     const b = document.createElement("button");
     b.type = "button";
     b.textContent = a;
-    b.className = a === state.aspect ? "active" : "";
-    b.onclick = () => { state.aspect = a; renderAspects(); };
+    b.className = (state.size ? a === state.size.join("x") : a === state.aspect) ? "active" : "";
+    b.onclick = () => {
+      if (ASPECTS.includes(a)) { state.aspect = a; state.size = null; }
+      renderAspects();
+    };
     $("aspects").appendChild(b);
   }
 }
@@ -187,8 +193,10 @@ async function editFields() {
 
 function settings() {
   const m = model();
-  const body = { model: m.id, prompt: $("prompt").value, aspect: state.edit ? null : state.aspect,
-                 seed: Number($("seed").value), num_images: Number($("num").value), refs: state.refs };
+  const body = { model: m.id, prompt: $("prompt").value, seed: Number($("seed").value),
+                 num_images: Number($("num").value), refs: state.refs };
+  if (!state.edit && state.size) [body.width, body.height] = state.size;  // a gallery job's exact size
+  else if (!state.edit) body.aspect = state.aspect;
   if (m.steps != null) body.steps = Number($("steps").value);
   if (m.guidance_mode !== "none") body.guidance = Number($("guidance").value);
   if (m.guidance_mode === "cfg" && $("negative").value) body.negative_prompt = $("negative").value;
@@ -200,13 +208,20 @@ function settings() {
 function follow(job, onProgress) {
   return new Promise((resolve, reject) => {
     // Server-Sent Events need the token in a header, which EventSource cannot send: poll instead then.
+    // A lost connection (a server restarting) is waited out: the job is kept and runs after it.
+    let wait = 150;
     const poll = async () => {
       try {
         const j = await api(`/v1/jobs/${job.id}`);
+        wait = 150;
         onProgress(j);
         if (["done", "failed", "cancelled"].includes(j.status)) return resolve(j);
-        setTimeout(poll, 150);
-      } catch (e) { reject(e); }
+      } catch (e) {
+        if (!(e instanceof TypeError)) return reject(e);  // an answer (404, 401...), not a lost connection
+        wait = Math.min(wait * 2, 5000);
+        $("status").textContent = "Connection lost: waiting for the server…";
+      }
+      setTimeout(poll, wait);
     };
     poll();
   });
@@ -268,6 +283,8 @@ function useSettings(job) {
   $("seed").value = s.seed;
   $("seed-lock").checked = true;
   $("num").value = s.num_images;
+  state.size = [s.width, s.height];  // its exact size (an aspect would make another image)
+  renderAspects();
   $("status").textContent = `Settings of job ${job.id.slice(0, 8)} loaded.`;
   window.scrollTo(0, 0);
 }
@@ -319,6 +336,7 @@ async function init() {
   try {
     state.models = (await api("/v1/models")).data;
   } catch (e) { $("status").textContent = `Cannot list models: ${e.message}`; return; }
+  if ($("status").textContent.startsWith("Cannot list models")) $("status").textContent = "";  // (a token came)
   $("model").innerHTML = state.models.map((m) =>
     `<option value="${m.id}">${m.id}${m.hosted ? ` (hosted${m.usd_per_image != null ? ` · $${m.usd_per_image}` : ""})` : ""}</option>`).join("");
   $("model").onchange = showModel;
