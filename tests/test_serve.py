@@ -495,6 +495,13 @@ def test_http_methods_and_paths_answer_as_they_should(client):
     assert client.get("/nothing").status_code == 404
     assert client.get("/").headers["content-type"].startswith("text/html")
     assert client.get("/studio.js").status_code == 200
+    assert client.get("/v1/jobs?status=don").status_code == 422  # (a typo listed nothing)
+    job = client.post("/v1/jobs", json={"prompt": "a red circle", "width": 64, "height": 64, "steps": 1}).json()
+    assert _wait(client, job["id"])["status"] == "done"
+    r = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert r.status_code == 409 and "is done: nothing to cancel" in r.json()["detail"]  # (was a 200)
+    r = client.post("/v1/images/generations", json={"prompt": "a red circle", "size": "auto"})  # OpenAI's default
+    assert "width 1024 is out of range 1..256" in r.text  # "auto": the model's own size (here over the test limit)
 
 
 def test_numbers_must_be_json_numbers(client):

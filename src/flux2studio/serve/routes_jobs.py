@@ -25,6 +25,8 @@ def create_job(req: JobRequest, request: Request, response: Response, adm: Admis
 
 @router.get("/v1/jobs")
 def list_jobs(limit: int = 50, status: str | None = None, adm: Admission = Depends(admission)) -> dict:
+    if status is not None and status not in ("queued", "running", *TERMINAL):  # (a typo listed nothing)
+        raise HTTPException(422, f"status {status[:32]!r}: one of queued, running, {', '.join(TERMINAL)}")
     return {"data": [j.public() for j in adm.store.list(min(max(limit, 1), 500), status)]}
 
 
@@ -61,8 +63,11 @@ def delete_job(job_id: str, adm: Admission = Depends(admission)) -> dict:
 
 @router.post("/v1/jobs/{job_id}/cancel")
 def cancel_job(job_id: str, adm: Admission = Depends(admission)) -> dict:
-    if adm.store.get(job_id) is None:
+    job = adm.store.get(job_id)
+    if job is None:
         raise HTTPException(404, "no such job")
+    if job.status in ("done", "failed"):  # (answered 200 as if cancelled)
+        raise HTTPException(409, f"job {job_id} is {job.status}: nothing to cancel")
     adm.store.cancel(job_id)
     return adm.store.get(job_id).public()
 

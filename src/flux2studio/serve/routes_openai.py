@@ -44,6 +44,9 @@ async def openai_edits(
     size: str | None = Form(None),
     response_format: str = Form("b64_json"),
     seed: int | None = Form(None),
+    steps: int | None = Form(None),  # ours, as on /generations (were ignored here)
+    guidance: float | None = Form(None),
+    negative_prompt: str | None = Form(None),
     adm: Admission = Depends(admission),
 ) -> dict:
     if response_format not in ("b64_json", "url"):
@@ -64,7 +67,8 @@ async def openai_edits(
     # output follows the first image (fitted to the model's sides), as in the CLI
     try:
         fields = job_request(model=model, prompt=prompt, width=width, height=height, num_images=n, seed=seed,
-                             image=start, mask=mask_id, refs=refs)  # fmt: skip
+                             steps=steps, guidance=guidance, negative_prompt=negative_prompt, image=start,
+                             mask=mask_id, refs=refs)  # fmt: skip
         job = await asyncio.to_thread(adm.submit, fields)  # may resize and hash images: off the event loop
     except Exception:  # refused: what it stored goes (was kept until the uploads' time ran out)
         adm.store.drop_refs([*ids, *([mask_id] if mask_id else [])])
@@ -107,7 +111,7 @@ async def _openai_result(adm: Admission, job_id: str, response_format: str, requ
 
 
 def _parse_size(size: str | None) -> tuple[int | None, int | None]:
-    if size is None:
+    if size is None or size == "auto":  # "auto": OpenAI's default for its newer models; here the model's
         return None, None
     try:
         return parse_size(size)
