@@ -511,6 +511,9 @@ def test_numbers_must_be_json_numbers(client):
                           ({"aspect": "16:9", "width": 256}, "give width and height or aspect, not both")):  # fmt: skip
         r = client.post("/v1/jobs", json={"prompt": "a red circle", **body})
         assert r.status_code == 422 and message in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] is None  # (a check of ours, not one field's)
+    r = client.post("/v1/jobs", json={"prompt": "a red circle", "steps": True})
+    assert r.json()["error"]["param"] == "steps"  # OpenAI's shape names the field (was always null)
     wide = io.BytesIO()
     Image.new("RGB", (1024, 128)).save(wide, format="PNG")
     ref = client.post("/v1/uploads", files={"file": ("wide.png", wide.getvalue(), "image/png")}).json()["id"]

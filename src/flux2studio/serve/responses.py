@@ -31,7 +31,9 @@ async def validation_error(_request: Request, exc: RequestValidationError) -> JS
     """FastAPI's 422, rendered by SafeJSON: the input it quotes back may hold a lone surrogate."""
     errors = _finite(jsonable_encoder(exc.errors()))
     message = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in errors)
-    return SafeJSON({"detail": errors, "error": error_body(message, "invalid_request_error")}, status_code=422)
+    fields = [str(e["loc"][-1]) for e in errors if len(e.get("loc", ())) > 1]  # ("body", "steps") -> steps
+    error = error_body(message, "invalid_request_error") | {"param": fields[0] if fields else None}  # OpenAI's
+    return SafeJSON({"detail": errors, "error": error}, status_code=422)
 
 
 def _finite(value: object) -> object:
