@@ -177,6 +177,11 @@ def test_info_on_a_folder_of_model_files_describes_one_or_names_them(tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "one" / "nano.safetensors").write_bytes((EMBEDDED / "nano.safetensors").read_bytes())
     assert describe(tmp_path / "one")["models"] == ["nano", "nano-base"]  # (was "folder", nothing more)
+    shards = tmp_path / "shards"  # one model in parts, without a config: added up, as before
+    shards.mkdir()
+    for i in (1, 2):
+        (shards / f"model-0000{i}-of-00002.safetensors").write_bytes((EMBEDDED / "nano.safetensors").read_bytes())
+    assert describe(shards)["files"].keys() == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
     (tmp_path / "one" / "other.gguf").write_bytes(b"GGUF")
     with pytest.raises(ValueError, match=r"holds 2 model files, not one model .*nano\.safetensors, other\.gguf"):
         describe(tmp_path / "one")  # (their sizes and parameters were added up as one model's)

@@ -67,7 +67,13 @@ def test_bad_calls_are_errors_before_any_work(nano, tmp_path):
         load("nano", resident="no")
 
 
-def test_a_cancelled_call_frees_what_it_loaded(klein_folder):
+def test_a_cancelled_call_frees_what_it_loaded_loras_or_not(klein_folder, tmp_path):
+    import gc
+    import weakref
+
+    import torch
+    from safetensors.torch import save_file
+
     _, folder = klein_folder
     pipe = load(weights=folder, device="cpu")
 
@@ -80,6 +86,21 @@ def test_a_cancelled_call_frees_what_it_loaded(klein_folder):
     with pytest.raises(Cancel):
         pipe(PROMPT, size=(64, 64), steps=2, callback=cancel)
     assert not any(part.loaded for part in pipe.parts.values())  # (the transformer stayed loaded)
+    qkv = pipe.transformer.double_blocks[0].img_attn.qkv  # (loaded for its shape, then released)
+    pipe.release("transformer")
+    name = "diffusion_model.double_blocks.0.img_attn.qkv"
+    save_file({f"{name}.lora_A.weight": torch.randn(2, qkv.in_features),
+               f"{name}.lora_B.weight": torch.randn(qkv.out_features, 2)}, tmp_path / "l.safetensors")  # fmt: skip
+    pipe.set_loras([tmp_path / "l.safetensors"])
+    loaded = []
+    load_transformer = pipe.parts["transformer"]._load
+    pipe.parts["transformer"]._load = lambda: loaded.append(weakref.ref(m := load_transformer())) or m
+    pipe(PROMPT, size=(64, 64), steps=1)
+    with pytest.raises(Cancel):
+        pipe(PROMPT, size=(64, 64), steps=2, callback=cancel)
+    del qkv
+    gc.collect()
+    assert len(loaded) == 2 and not any(ref() for ref in loaded)  # (its LoRA state held each one)
 
 
 def test_a_prompt_cut_at_the_token_limit_is_said(nano, caplog):
@@ -98,7 +119,7 @@ def test_an_image_is_made_again_from_its_metadata(nano, tmp_path):
     assert np.array_equal(np.asarray(replay), np.asarray(Image.open(path)))
     edit = nano("a blue circle", image=image, strength=0.6, steps=2, seed=1)[0]
     meta = read_metadata(save_png(edit, tmp_path / "b.png"))
-    with pytest.raises(ValueError, match="made from a start image: give image="):
+    with pytest.raises(ValueError, match="made from a start image: give it as image="):
         GenerationSettings.from_metadata(meta)
     replay = nano(GenerationSettings.from_metadata(meta, image=image))[0]
     assert np.array_equal(np.asarray(replay), np.asarray(edit))

@@ -496,6 +496,7 @@ def test_http_methods_and_paths_answer_as_they_should(client):
     assert client.get("/").headers["content-type"].startswith("text/html")
     assert client.get("/studio.js").status_code == 200
     assert client.get("/v1/jobs?status=don").status_code == 422  # (a typo listed nothing)
+    assert client.get("/v1/jobs?status=").status_code == 200 and client.get("/index.html").status_code == 200
     job = client.post("/v1/jobs", json={"prompt": "a red circle", "width": 64, "height": 64, "steps": 1}).json()
     assert _wait(client, job["id"])["status"] == "done"
     r = client.post(f"/v1/jobs/{job['id']}/cancel")

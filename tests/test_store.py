@@ -47,6 +47,20 @@ def test_lifecycle(db):
     assert reopened.version == MIGRATIONS[-1][0] and reopened.get(a.id).status == "done"
 
 
+def test_a_job_put_back_for_no_fault_of_its_own_keeps_its_tries(db):
+    """A server stopping, a batch-mate cancelled: the try is refunded (both SQL dialects); only its runner's."""
+    data, url = db
+    store = Store(data, db=url)
+    job = store.add("nano", settings(0), 4)
+    for _ in range(MAX_ATTEMPTS + 1):
+        assert store.claim(runner="r1").attempts == 1
+        store.requeue(job.id, refund=True, runner="r1")
+    assert store.get(job.id).status == "queued" and store.get(job.id).attempts == 0
+    store.claim(runner="r2")
+    store.requeue(job.id, refund=True, runner="r1")  # another runner has it now: left alone
+    assert store.get(job.id).status == "running" and store.get(job.id).runner == "r2"
+
+
 def test_compatible_claims_batch_only_matching_jobs(db):
     data, url = db
     store = Store(data, db=url)

@@ -769,16 +769,20 @@ def check_served(weights: dict[str, str | None], lora_dir: str | None) -> None:
 
 def check_port(host: str, port: int) -> None:
     """`host:port` can be listened on now (as uvicorn binds, SO_REUSEADDR: a restart's TIME_WAIT is no obstacle)."""
+    import errno
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # as asyncio binds "::": IPv6 only (an IPv4 listener elsewhere is no obstacle)
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             probe.bind((host, port))
         except OSError as e:
-            raise OSError(f"cannot listen on {host}:{port} ({e.strerror}): another server (flux2 serve?) has it; "
-                          "stop it or choose another --port") from None  # fmt: skip
+            why = ": another server (flux2 serve?) has it; stop it or choose another --port"
+            raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e})"
+                          f"{why if e.errno == errno.EADDRINUSE else ''}") from None  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -473,6 +474,9 @@ def shaped_like(cfg: TransformerConfig) -> list[str]:
     return [v.id for v in VARIANTS.values() if v.transformer == cfg and not v.hosted]
 
 
+SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")  # model-00001-of-00003.safetensors
+
+
 def describe(path: str | Path) -> dict:
     """What `flux2 info` prints: layout, component or variant, dtypes, parameter count, file sizes."""
     path = resolve_snapshot(path)
@@ -480,7 +484,8 @@ def describe(path: str | Path) -> dict:
         models = sorted([*path.rglob("*.safetensors"), *path.rglob("*.gguf")])
         if len(models) == 1:  # a folder of one file (a ComfyUI download's): that file
             return describe(models[0])
-        if models:  # (their sizes and parameters were added up as if one model's)
+        shards = all(SHARD_NAME.search(f.name) for f in models)  # one model in parts: added up below
+        if models and not shards:  # (their sizes and parameters were added up as if one model's)
             names = ", ".join(str(f.relative_to(path)) for f in models[:8]) + (", ..." if len(models) > 8 else "")
             raise ValueError(f"{path} holds {len(models)} model files, not one model (no model_index.json or "
                              f"config.json): give one of them: {names}")  # fmt: skip

@@ -119,9 +119,8 @@ def build_request(variant: Variant, prompt: str | Sequence[str] | GenerationSett
     if len(prompts) * num_images > MAX_IMAGES:
         raise ValueError(f"{len(prompts)} prompt(s) x {num_images} image(s) = {len(prompts) * num_images} images: at "
                          f"most {MAX_IMAGES} a call (split the list)")  # fmt: skip
-    for name in ("prompt_upsampling",):
-        if getattr(s, name) is not None and not isinstance(getattr(s, name), bool):
-            raise ValueError(f"{name} must be True, False or None, got {getattr(s, name)!r}")
+    if s.prompt_upsampling is not None and not isinstance(s.prompt_upsampling, bool):  # ("no" was yes)
+        raise ValueError(f"prompt_upsampling must be True, False or None, got {s.prompt_upsampling!r}")
     for name in ("guidance", "strength"):  # (True was taken as 1.0)
         if isinstance(getattr(s, name), bool):
             raise ValueError(f"{name} must be a number, got {getattr(s, name)!r}")
@@ -246,21 +245,31 @@ def opened_settings(s: GenerationSettings) -> GenerationSettings:
     fields: dict[str, Any] = {"refs": tuple(image(r, f"reference {i}") for i, r in enumerate(s.refs))}
     for key in ("seed", "steps", "num_images", "mask_blur"):
         fields[key] = as_int(getattr(s, key))
-    if isinstance(s.seeds, Sequence):
-        fields["seeds"] = tuple(map(as_int, s.seeds))
-    if isinstance(s.size, tuple | list):
-        fields["size"] = tuple(map(as_int, s.size))
-    if s.expand is not None:
-        if not isinstance(s.expand, Sequence) or isinstance(s.expand, str):
-            raise ValueError(f"expand {s.expand!r} is not 4 sides in pixels (left, top, right, bottom)")
-        fields["expand"] = tuple(map(as_int, s.expand))
+    for key in ("guidance", "strength"):  # numpy's floats (np.float32 is no Python float)
+        if isinstance(value := getattr(s, key), numbers.Real) and not isinstance(value, bool | int | float):
+            fields[key] = float(value)
+    if isinstance(s.prompt_upsampling, np.bool_):
+        fields["prompt_upsampling"] = bool(s.prompt_upsampling)
+    for key in ("seeds", "size", "expand"):  # numpy arrays of them, as lists
+        if isinstance(getattr(s, key), np.ndarray):
+            fields[key] = getattr(s, key).tolist()
+    seeds, size = fields.get("seeds", s.seeds), fields.get("size", s.size)
+    if isinstance(seeds, Sequence):
+        fields["seeds"] = tuple(map(as_int, seeds))
+    if isinstance(size, tuple | list):
+        fields["size"] = tuple(map(as_int, size))
+    expand = fields.get("expand", s.expand)
+    if expand is not None:
+        if not isinstance(expand, Sequence) or isinstance(expand, str):
+            raise ValueError(f"expand {expand!r} is not 4 sides in pixels (left, top, right, bottom)")
+        fields["expand"] = tuple(map(as_int, expand))
     for key, what in (("image", "start image"), ("mask", "mask")):
         if getattr(s, key) is not None:
             fields[key] = image(getattr(s, key), what)
     if isinstance(s.size, str):
         fields["size"] = parse_size(s.size)
-    elif s.size is not None and not (isinstance(s.size, tuple | list) and len(s.size) == 2
-                                     and all(map(whole, fields["size"]))):  # fmt: skip
+    elif size is not None and not (isinstance(size, tuple | list) and len(size) == 2
+                                   and all(map(whole, fields["size"]))):  # fmt: skip
         raise ValueError(f"size {s.size!r} is not (width, height) in pixels or 'WIDTHxHEIGHT'")
     return s.replace(**fields)
 
@@ -773,6 +782,8 @@ class Pipeline:
         """The end of these parts' phase: freed unless resident; with a device budget, off the device either way."""
         for name in names:
             part = self.parts[name]
+            if name == "transformer" and not part.resident:  # its LoRA state held the model: it was never freed,
+                self._lora_state = None  # and the next call loaded a second copy beside it (applied anew then)
             if self.vram_budget is not None and part.loaded:
                 value = part.get()
                 to_host(value.model if isinstance(value, TextEncoder) else value)

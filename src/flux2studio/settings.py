@@ -84,18 +84,20 @@ class GenerationSettings:
                              f"{len(refs)} given")  # fmt: skip
         fields: dict[str, Any] = {"seed": meta["seed"], "steps": meta["steps"], "refs": tuple(refs)}
         fields["size"] = (meta["width"], meta["height"])
-        for key in ("negative_prompt", "guidance", "prompt_upsampling"):
+        for key in ("negative_prompt", "guidance"):
             if meta.get(key) is not None:
                 fields[key] = meta[key]
+        fields["prompt_upsampling"] = meta.get("prompt_upsampling", False)  # (older images: as written, as --from)
         if meta.get("guidance_interval") is not None:
             fields["guidance_interval"] = tuple(meta["guidance_interval"])
-        init = meta.get("init")
-        if (image is None) != (init is None) or (init is not None and (mask is None) != (init.get("mask") is None)):
-            made = (
-                "from a start image" + (" and a mask" if init and init.get("mask") else "") if init else "without one"
-            )
-            raise ValueError(f"the image was made {made}: give image= (and mask=) as it was made")
-        if init is not None:
+        init = meta.get("init") or {}
+        for key, given in (("image", image), ("mask", mask)):
+            what = "a start image" if key == "image" else "a mask"
+            if given is None and init.get(key) is not None:
+                raise ValueError(f"the image was made from {what}: give it as {key}=")
+            if given is not None and init.get(key) is None:
+                raise ValueError(f"the image was made without {what}: omit {key}=")
+        if init:
             fields.update(image=image, mask=mask, strength=init["strength"], mask_blur=init.get("mask_blur") or 0)
             if init.get("expand"):
                 fields["expand"], fields["size"] = tuple(init["expand"]), None

@@ -103,8 +103,8 @@ def page_routes(app: FastAPI) -> None:
     """The studio page's own files at their paths, and nothing else: a page mounted over "/" answered every other
     path (an API route with the wrong method 404 or 405 "GET, HEAD"; ../ in an id the page's HTML)."""
     for path in sorted(STATIC.iterdir()) if STATIC.is_dir() else []:
-        url = "/" if path.name == "index.html" else f"/{path.name}"
-        app.add_api_route(url, _file(path), methods=["GET"], include_in_schema=False)
+        for url in ("/", "/index.html") if path.name == "index.html" else (f"/{path.name}",):
+            app.add_api_route(url, _file(path), methods=["GET"], include_in_schema=False)
 
 
 def _file(path: Path) -> Callable[[], FileResponse]:

@@ -25,6 +25,7 @@ def create_job(req: JobRequest, request: Request, response: Response, adm: Admis
 
 @router.get("/v1/jobs")
 def list_jobs(limit: int = 50, status: str | None = None, adm: Admission = Depends(admission)) -> dict:
+    status = status or None  # ?status= : every job, as before
     if status is not None and status not in ("queued", "running", *TERMINAL):  # (a typo listed nothing)
         raise HTTPException(422, f"status {status[:32]!r}: one of queued, running, {', '.join(TERMINAL)}")
     return {"data": [j.public() for j in adm.store.list(min(max(limit, 1), 500), status)]}
@@ -84,8 +85,8 @@ async def job_events(job_id: str, adm: Admission = Depends(admission)) -> Stream
             if job is None:  # cancelled and deleted meanwhile (the stream broke off)
                 yield f"event: deleted\ndata: {json.dumps({'id': job_id, 'status': 'deleted'})}\n\n"
                 return
-            if adm.worker.stopping:  # the server stops: say so, end (the job runs after the restart)
-                yield f"event: restarting\ndata: {json.dumps(job.public())}\n\n"
+            if adm.worker.stopping and job.status not in TERMINAL:  # the server stops: say so, end (the job runs
+                yield f"event: restarting\ndata: {json.dumps(job.public())}\n\n"  # after the restart)
                 return
             state = (job.status, job.step)
             if state != last:

@@ -17,6 +17,7 @@ def _a_number(value: object) -> object:
 
 Int = Annotated[int, BeforeValidator(_a_number)]
 Num = Annotated[float, BeforeValidator(_a_number)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1), BeforeValidator(_a_number)]  # (so the schema keeps its bounds)
 
 
 class JobRequest(BaseModel):
@@ -35,7 +36,7 @@ class JobRequest(BaseModel):
     prompt_upsampling: StrictBool | None = (
         None  # nano: the planner (default on); flex, Kontext: the API's (default off)
     )
-    seed: Int | None = Field(default=None, ge=0, lt=2**63)
+    seed: Seed | None = None
     num_images: Int = 1
     refs: list[str] = []  # upload ids
     loras: list[tuple[str, Num]] = []  # server-side LoRA names (see --lora-dir) and scales
@@ -56,7 +57,7 @@ class OpenAIGeneration(BaseModel):
     n: Int = 1
     size: str | None = Field(default=None, max_length=16)  # "WIDTHxHEIGHT"
     response_format: Literal["b64_json", "url"] = "b64_json"
-    seed: Int | None = Field(default=None, ge=0, lt=2**63)
+    seed: Seed | None = None
     steps: Int | None = None
     guidance: Num | None = None
     negative_prompt: str | None = None

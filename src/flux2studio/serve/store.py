@@ -321,12 +321,14 @@ class Store:
         )
         return cur.rowcount == 1
 
-    def requeue(self, job_id: str, refund: bool = False) -> None:
+    def requeue(self, job_id: str, refund: bool = False, runner: str | None = None) -> None:
         """A running job goes back to the queue (its batch was interrupted, or its runner died); `refund`: the
-        attempt does not count (a server stopping, a batch-mate cancelled: not a failure of this job's run)."""
-        attempts = "attempts=MAX(attempts-1, 0), " if refund else ""
+        attempt does not count (a server stopping, a batch-mate cancelled: not a failure of this job's run);
+        `runner`: only while that runner has it (not once its lease ran out and another server claimed it)."""
+        attempts = "attempts=CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, " if refund else ""  # (both SQLs)
+        mine = " AND runner=?" if runner is not None else ""
         self.db.execute(f"UPDATE jobs SET status='queued', step=0, {attempts}runner=NULL WHERE id=? AND "
-                        "status='running'", (job_id,))  # fmt: skip
+                        f"status='running'{mine}", (job_id, *([runner] if runner is not None else [])))  # fmt: skip
 
     def _take_back(self, where: str, args: tuple) -> int:
         self.db.execute(

@@ -39,11 +39,19 @@ def _checked_image(raw: bytes, limits: Limits) -> str:
 
 
 def save_checked(checked: list[tuple[bytes, str]], store: Store, limits: Limits) -> list[str]:
-    """Images already checked, stored under new ids, all or none (the disk quota counted for them together)."""
-    total = sum(len(raw) for raw, _ in checked)
-    if (problem := limits.disk_problem(store.disk_bytes, total)) is not None:
+    """Images already checked, stored under new ids, all or none (old uploads expired first, then the disk quota
+    counted for them together)."""
+    store.expire_refs(limits.upload_ttl_s)
+    if (problem := limits.disk_problem(store.disk_bytes, sum(len(raw) for raw, _ in checked))) is not None:
         raise HTTPException(507, problem)
-    return [_save_checked(raw, suffix, store, limits) for raw, suffix in checked]
+    ids: list[str] = []
+    try:
+        for raw, suffix in checked:
+            ids.append(store.save_ref(raw, suffix))
+    except BaseException:
+        store.drop_refs(ids)
+        raise
+    return ids
 
 
 def _save_checked(raw: bytes, suffix: str, store: Store, limits: Limits) -> str:

@@ -138,7 +138,9 @@ class Worker:
             last = [0.0]
 
             def progress(i: int, total: int, x0) -> None:
-                if self._stop.is_set():  # (the whole batch ran on through a stop, then was thrown away)
+                # a stop ends a local batch at its next step (it ran on through a stop, then was thrown away);
+                # not a hosted one (its images are paid for as they come) nor one with only its decode left
+                if self._stop.is_set() and isinstance(pipe, Pipeline) and i + 1 < total:
                     raise Stopping
                 for j in batch:
                     if self._status(j.id) in ("cancelled", None):  # None: cancelled, then deleted
@@ -153,7 +155,7 @@ class Worker:
         except (Cancelled, Stopping) as e:
             self._drop_previews(batch)
             for j in batch:  # a cancelled job stays cancelled; the others go back to the queue, the try not counted
-                self.store.requeue(j.id, refund=True)
+                self.store.requeue(j.id, refund=True, runner=self.runner)
             if isinstance(e, Stopping):
                 log.warning("stopping: %d job(s) of the running batch go back to the queue", len(batch))
             return

@@ -40,6 +40,7 @@ function model() { return state.models.find((m) => m.id === $("model").value); }
 function showModel() {
   const m = model();
   if (!m) return;
+  if (state.size) { state.size = null; renderAspects(); }  // a gallery job's size: not another model's
   const defaults = [m.steps != null ? `${m.steps} steps` : null,
                     m.guidance_mode !== "none" ? `guidance ${m.guidance} (${m.guidance_mode})` : null,
                     m.default_size.join("x")].filter(Boolean).join(", ");
@@ -205,21 +206,23 @@ function settings() {
   return body;
 }
 
-function follow(job, onProgress) {
+function follow(job, onProgress, onLost = (text) => { $("status").textContent = text; }) {
   return new Promise((resolve, reject) => {
     // Server-Sent Events need the token in a header, which EventSource cannot send: poll instead then.
     // A lost connection (a server restarting) is waited out: the job is kept and runs after it.
-    let wait = 150;
+    let wait = 150, lostSince = null;
     const poll = async () => {
       try {
         const j = await api(`/v1/jobs/${job.id}`);
-        wait = 150;
+        wait = 150; lostSince = null;
         onProgress(j);
         if (["done", "failed", "cancelled"].includes(j.status)) return resolve(j);
       } catch (e) {
         if (!(e instanceof TypeError)) return reject(e);  // an answer (404, 401...), not a lost connection
+        lostSince ??= Date.now();
+        if (Date.now() - lostSince > 600000) return reject(new Error("the server has not answered for 10 minutes"));
         wait = Math.min(wait * 2, 5000);
-        $("status").textContent = "Connection lost: waiting for the server…";
+        onLost("Connection lost: waiting for the server…");
       }
       setTimeout(poll, wait);
     };
@@ -319,7 +322,7 @@ async function compare() {
   const jobs = await Promise.all(chosen.map((id) => api("/v1/jobs", { method: "POST", body: JSON.stringify({
     model: id, prompt, seed: Number($("cmp-seed").value) }) })));
   for (const job of jobs) {
-    const done = await follow(job, () => {});
+    const done = await follow(job, () => {}, () => {});
     if (done.status === "done") $("cmp-grid").appendChild(await card(done));
   }
 }
