@@ -206,6 +206,14 @@ def test_keys_that_map_to_nothing_are_named(peft_pair, tmp_path):
     sd["text_encoder.layers.0.q.lora_A.weight"] = torch.zeros(4, 4)
     with pytest.raises(ValueError, match=r"bad.safetensors: 2 LoRA key\(s\) map to no layer.*not_a_layer"):
         load_lora(_save(tmp_path, "bad", sd), ours)
+    model = tmp_path / "model.safetensors"  # the model's own weights given as a LoRA (each key was listed)
+    save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, model)
+    with pytest.raises(ValueError, match=r"holds a model's own weights, not a LoRA .*give it as --weights"):
+        load_lora(model, ours)
+    ckpt = tmp_path / "lora.ckpt.safetensors"  # a training run's checkpoint (its keys under "lora.")
+    save_file({f"lora.{k}": v for k, v in lora_sd.items()}, ckpt, metadata={"step": "3", "config": "{}"})
+    with pytest.raises(ValueError, match=r"is a LoRA training checkpoint .*use the lora.safetensors its run wrote"):
+        load_lora(ckpt, ours)
 
 
 def test_pipeline_and_cli_take_several_loras_and_record_them(klein_folder, tmp_path):

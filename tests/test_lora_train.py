@@ -38,6 +38,12 @@ def test_train_save_and_diffusers_loads_it(klein_folder, dataset, tmp_path):
     rows = []
     path = train_lora(ours, _cfg(dataset, tmp_path), rows.append)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    # the pipeline trained with is as it was: layers unwrapped (its images had the LoRA in them, recorded as
+    # plain, and set_loras failed), the transformer loaded per phase again
+    assert not any(hasattr(m, "base_layer") for m in ours.transformer.modules())
+    assert not ours.parts["transformer"].resident
+    ours.set_loras([path])
+    assert json.loads(ours("a pattern", size=(64, 64), steps=1)[0].info["flux2"])["loras"]
     assert path.name == "lora.safetensors" and (path.parent / "lora.kohya.safetensors").is_file()
     # diffusers reads the file with its own loader and gets the same transformer output as ours
     fresh = load("klein-base-4b", weights=folder, device="cpu", dtype="fp32", resident=True)
@@ -79,6 +85,8 @@ def test_resume_and_edit_mode(klein_folder, dataset, tmp_path):
     again = []  # the same command once more: nothing left to train, the same LoRA
     fresh = load("klein-base-4b", weights=folder, device="cpu", dtype="fp32")
     assert train_lora(fresh, cfg, again.append).exists() and again == []
+    as_given_else = dataclasses.replace(cfg, data=f"{cfg.data}/.")  # the same folder, written otherwise
+    assert train_lora(fresh, as_given_else, again.append).exists() and again == []  # (was "other settings")
     with pytest.raises(ValueError, match=r"lora.ckpt.safetensors is at step 5, past --steps 4: pass --steps 5 or more"):
         train_lora(more, dataclasses.replace(cfg, steps=4), print)
     with pytest.raises(ValueError, match=r"is a run with other settings \(rank 4 -> 8; lr 0.01 -> 0.001\)"):
@@ -102,6 +110,31 @@ def test_edit_batches_keep_reference_sizes_apart(klein_folder, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
 
 
+def test_an_interrupted_run_keeps_its_last_step(klein_folder, dataset, tmp_path):
+    """Ctrl+C saves the checkpoint at the last finished step (the steps since the last checkpoint were lost)."""
+    from flux2studio.train.common import checkpoint_meta
+
+    _, folder = klein_folder
+
+    def interrupt_after_step_2(row: dict) -> None:
+        if row["step"] == 2:
+            raise KeyboardInterrupt
+
+    cfg = dataclasses.replace(_cfg(dataset, tmp_path), ckpt_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(load("klein-base-4b", weights=folder, device="cpu", dtype="fp32"), cfg, interrupt_after_step_2)
+    assert checkpoint_meta(tmp_path / "run" / "lora.ckpt.safetensors")["step"] == "2"
+
+
+def test_a_rank_above_the_models_width_is_refused():
+    from flux2studio.train.lora import check_rank
+    from flux2studio.variants import get_variant
+
+    check_rank(get_variant("nano-base"), 256)
+    with pytest.raises(ValueError, match=r"rank 512 is above nano-base's width 256: .*--rank 1\.\.256"):
+        check_rank(get_variant("nano-base"), 512)  # (100000 ran the machine out of memory)
+
+
 def test_bad_data_is_named(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     with pytest.raises(ValueError, match=r"has no caption file a\.txt"):
@@ -111,6 +144,22 @@ def test_bad_data_is_named(tmp_path):
         read_dataset(tmp_path, "t2i")
     with pytest.raises(FileNotFoundError, match=r"neither a folder nor a \.jsonl"):
         read_dataset(tmp_path / "missing", "t2i")
+    whole = tmp_path / "whole.png"
+    Image.new("RGB", (64, 64)).save(whole)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "a.png").write_bytes(whole.read_bytes()[:-40])  # truncated: its header reads
+    (tmp_path / "half" / "a.txt").write_bytes("\ufeffa caption".encode())
+    with pytest.raises(ValueError, match=r"cannot read training image .*a\.png"):  # (found after the model loaded)
+        read_dataset(tmp_path / "half", "t2i")
+    (tmp_path / "half" / "a.png").write_bytes(whole.read_bytes())
+    assert read_dataset(tmp_path / "half", "t2i")[0].caption == "a caption"  # (the byte-order mark was kept)
+    (tmp_path / "half" / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"a\.txt: not UTF-8 text"):
+        read_dataset(tmp_path / "half", "t2i")
+    for caption in ('["a", "b"]', "null", "42"):  # (Python's errors, after the model loaded)
+        (tmp_path / "d.jsonl").write_text(f'{{"image": "whole.png", "caption": {caption}}}\n')
+        with pytest.raises(ValueError, match=r"d\.jsonl line 1: caption must be text"):
+            read_dataset(tmp_path / "d.jsonl", "t2i")
 
 
 def test_distilled_models_are_refused(klein_folder, dataset, tmp_path):

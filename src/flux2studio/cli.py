@@ -706,10 +706,19 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .loading import load
-    from .train.lora import LoraTrainConfig, check_resolution, check_trainable, import_peft, read_dataset, train_lora
+    from .train.lora import (
+        LoraTrainConfig,
+        check_rank,
+        check_resolution,
+        check_trainable,
+        import_peft,
+        read_dataset,
+        train_lora,
+    )
 
     variant = get_variant(args.model)
     check_trainable(variant)  # before loading it, as everything below
+    check_rank(variant, args.rank)
     if args.resolution is not None:  # (none given: a resumed run's, or 512 within the model's sides: train_lora)
         check_resolution(variant, args.resolution)
     cfg = LoraTrainConfig(

@@ -156,6 +156,12 @@ def parse_lora(sd: dict[str, Tensor], metadata: dict[str, str], model: nn.Module
             continue
         formats.add(fmt)
         parts.setdefault(target, []).append((part, n, swap, _delta(target, g, peft_alpha, alpha_pattern, name)))
+    if unknown and {"step", "config"} <= set(metadata) and any(k.startswith("lora.") for k in unknown):  # a run's
+        raise ValueError(f"{path or 'the file'} is a LoRA training checkpoint (with its optimizer's state): use the "
+                         "lora.safetensors its run wrote beside it")  # fmt: skip
+    if unknown and not parts and sum(_strip(k).rsplit(".", 1)[0] in linears for k in unknown) > len(unknown) // 2:
+        raise ValueError(f"{path or 'the file'} holds a model's own weights, not a LoRA (its keys are this model's "
+                         "layers): give it as --weights")  # fmt: skip
     if unknown:
         shown = ", ".join(sorted(unknown)[:12]) + (f" (+{len(unknown) - 12} more)" if len(unknown) > 12 else "")
         raise ValueError(f"{f'{path}: ' if path else ''}{len(unknown)} LoRA key(s) map to no layer of this model: "

@@ -105,6 +105,13 @@ def read_dataset(path: str | Path, mode: str) -> list[Sample]:
                 raise ValueError(f"{path} line {n}: not JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(row, dict) or "image" not in row or "caption" not in row:
                 raise ValueError(f'{path} line {n}: needs "image" and "caption"')
+            wrong = [
+                k
+                for k in ("image", "caption", "ref")
+                if k in row and row[k] is not None and not isinstance(row[k], str)
+            ]  # fmt: skip  (were Python's errors, after the model loaded)
+            if wrong or not isinstance(row["caption"], str):
+                raise ValueError(f"{path} line {n}: {', '.join(wrong or ['caption'])} must be text")
             ref = path.parent / row["ref"] if row.get("ref") else None
             for file in (path.parent / row["image"], ref):
                 if file is not None and not file.is_file():
@@ -118,7 +125,11 @@ def read_dataset(path: str | Path, mode: str) -> list[Sample]:
             if not caption.is_file():
                 raise ValueError(f"{image} has no caption file {caption.name}")
             ref = next((r for s in IMAGE_SUFFIXES if (r := image.with_name(image.stem + ".ref" + s)).is_file()), None)
-            samples.append(Sample(image, caption.read_text().strip(), ref))
+            try:  # (a byte-order mark kept in the caption; a non-UTF-8 file not named)
+                text = caption.read_text(encoding="utf-8-sig").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{caption}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            samples.append(Sample(image, text, ref))
     else:
         raise FileNotFoundError(f"training data {path} is neither a folder nor a .jsonl file")
     if not samples:
@@ -127,7 +138,7 @@ def read_dataset(path: str | Path, mode: str) -> list[Sample]:
         missing = [s.image.name for s in samples if s.ref is None][:5]
         raise ValueError(f"edit mode needs a reference image for every sample; missing for {missing}")
     for file in (f for s in samples for f in (s.image, s.ref) if f is not None):
-        _check_image(file)  # (headers only) before a model is loaded
+        _check_image(file)  # decoded whole before a model is loaded (a truncated file failed after it loaded)
     return samples
 
 
@@ -135,9 +146,9 @@ def _check_image(path: Path) -> None:
     from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path):
-            pass
-    except (OSError, UnidentifiedImageError) as e:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
         raise ValueError(f"cannot read training image {path}: {e}") from None
 
 
@@ -181,6 +192,14 @@ def check_trainable(variant: Variant) -> None:
 def default_resolution(variant: Variant) -> int:
     """512, or the model's largest side where that is smaller (nano-base: 256)."""
     return min(512, variant.max_side)
+
+
+def check_rank(variant: Variant, rank: int) -> None:
+    """A rank no larger than the model's width: the adapted layers are at least that wide, so a larger rank adds
+    nothing but memory (a rank of 100000 on nano-base took the machine's 23 GB, then the OOM killer)."""
+    if rank > (width := variant.transformer.hidden_size):
+        raise ValueError(f"rank {rank} is above {variant.id}'s width {width}: at rank {width} a LoRA already "
+                         f"changes its layers fully (--rank 1..{width})")  # fmt: skip
 
 
 def check_resolution(variant: Variant, resolution: int) -> None:
@@ -315,9 +334,10 @@ def resume_step(ckpt: Path, cfg: LoraTrainConfig) -> int:
         return 0
     meta = checkpoint_meta(ckpt)
     saved, now = json.loads(meta["config"]), json.loads(json.dumps(asdict(cfg)))  # tuples as JSON lists
-    changed = [
-        f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v
-    ]
+    # the checkpoint is in --out: the same run however its folder is named; --data the same folder however given
+    same = ["out", *(["data"] if Path(str(saved.get("data"))).resolve() == Path(cfg.data).resolve() else [])]
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items()
+               if k not in (*RESUMABLE_CHANGES, *same) and saved.get(k) != v]  # fmt: skip
     if changed:
         raise ValueError(f"{ckpt} is a run with other settings ({'; '.join(changed)}): resume with the same "
                          "settings, or pass another --out")  # fmt: skip
@@ -351,9 +371,10 @@ def train_lora(
     `read_dataset(cfg.data, cfg.mode)` where the caller has read (and checked) them already."""
     import_peft()
     from peft import inject_adapter_in_model
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.utils import set_peft_model_state_dict
 
     check_trainable(pipe.variant)  # (the mode: LoraTrainConfig's own check)
+    check_rank(pipe.variant, cfg.rank)
     out = Path(cfg.out)
     ckpt = out / "lora.ckpt.safetensors"
     if cfg.resolution is None:  # a resumed run's own (runs before this default: 512 on any model), else the default
@@ -366,6 +387,7 @@ def train_lora(
     sample = sample_settings(pipe, cfg, samples)  # checked before any work, like the data and the checkpoint
     out.mkdir(parents=True, exist_ok=True)
     data = precompute(pipe, samples, cfg)
+    resident = pipe.parts["transformer"].resident
     pipe.parts["transformer"].resident = True  # the LoRA lives in this object: never reload it mid-training
     model = pipe.transformer
     model.requires_grad_(False)
@@ -386,36 +408,76 @@ def train_lora(
         sd = load_file(str(ckpt))
         set_peft_model_state_dict(model, {k[5:]: v for k, v in sd.items() if k.startswith("lora.")})
         restore_optimizer(opt, names, sd)
-    t0 = time.time()
-    for step in range(start, cfg.steps):
-        rng = np.random.default_rng([cfg.seed, step])
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        first = data[rng.integers(len(data))]
-        same = [d for d in data if _bucket(d) == _bucket(first)]  # a batch shares one bucket
-        batch = [first] + [same[i] for i in rng.integers(len(same), size=cfg.batch - 1)]
-        z = torch.cat([b["z"] for b in batch])
-        txt = torch.stack([b["empty"] if rng.random() < cfg.caption_dropout else b["txt"] for b in batch])
-        ref = torch.cat([b["ref"] for b in batch]) if cfg.mode == "edit" else None
-        t = torch.rand(len(batch), generator=g)
-        noise = torch.randn(z.shape, generator=g)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        loss = flow_loss(model, z, txt.to(z), t, noise, ref, batch[0].get("ref_ids"))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        log({"step": step + 1, "loss": loss.item(), "s": round(time.time() - t0, 1)})
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(model).items()}
-            save_checkpoint(ckpt, step + 1, state | optimizer_tensors(opt, names), asdict(cfg))
-        if sample is not None and (step + 1) % cfg.sample_every == 0:
-            model.eval()
-            with torch.no_grad():
-                for i, image in enumerate(pipe(sample)):
-                    path = out / f"sample-{step + 1:05d}-{i}.png"
-                    path.unlink(missing_ok=True)  # a resumed run makes it again
-                    save_png(image, path)  # with its settings, as `flux2 generate` writes them
-            model.train()
+    try:
+        return _train(pipe, model, cfg, data, opt, names, start, ckpt, sample, log)
+    finally:  # the pipeline as it was: its layers unwrapped (later calls made LoRA-changed images recorded as
+        _unwrap(model)  # plain ones, and set_loras failed on the wrapped layers), loaded per phase again
+        model.requires_grad_(False)
+        model.eval()
+        pipe.parts["transformer"].resident = resident
+
+
+def _unwrap(model: nn.Module) -> None:
+    """The layers PEFT wrapped in place given back their own Linear (`base_layer`)."""
+    for name, module in list(model.named_modules()):
+        if name and hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.base_layer)
+
+
+def _train(pipe: Pipeline, model: nn.Module, cfg: LoraTrainConfig, data: list[dict], opt, names: dict, start: int,
+           ckpt: Path, sample: GenerationSettings | None, log: Callable[[dict], None]) -> Path:  # fmt: skip
+    """`train_lora`'s loop; interrupted (Ctrl+C), it saves the checkpoint at the last finished step first (the
+    steps since the last checkpoint were lost)."""
+    from peft.utils import get_peft_model_state_dict
+
+    def checkpoint(done: int) -> None:
+        state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(model).items()}
+        save_checkpoint(ckpt, done, state | optimizer_tensors(opt, names), asdict(cfg))
+
+    params, out = list(names), Path(cfg.out)
+    t0, done, saved = time.time(), start, start
+    try:
+        for step in range(start, cfg.steps):
+            loss = _step(model, cfg, data, opt, params, step)
+            done = step + 1
+            log({"step": done, "loss": loss, "s": round(time.time() - t0, 1)})
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                checkpoint(done)
+                saved = done
+            if sample is not None and done % cfg.sample_every == 0:
+                model.eval()
+                with torch.no_grad():
+                    for i, image in enumerate(pipe(sample)):
+                        path = out / f"sample-{done:05d}-{i}.png"
+                        path.unlink(missing_ok=True)  # a resumed run makes it again
+                        save_png(image, path)  # with its settings, as `flux2 generate` writes them
+                model.train()
+    except KeyboardInterrupt:
+        if done > saved:
+            checkpoint(done)
+        raise
     model.eval()
     return save_lora(model, cfg, out / "lora.safetensors")[0]
+
+
+def _step(model: nn.Module, cfg: LoraTrainConfig, data: list[dict], opt, params: list, step: int) -> float:
+    """One optimisation step (its batch, timesteps and noise drawn from the seed and the step: resumable)."""
+    rng = np.random.default_rng([cfg.seed, step])
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    first = data[rng.integers(len(data))]
+    same = [d for d in data if _bucket(d) == _bucket(first)]  # a batch shares one bucket
+    batch = [first] + [same[i] for i in rng.integers(len(same), size=cfg.batch - 1)]
+    z = torch.cat([b["z"] for b in batch])
+    txt = torch.stack([b["empty"] if rng.random() < cfg.caption_dropout else b["txt"] for b in batch])
+    ref = torch.cat([b["ref"] for b in batch]) if cfg.mode == "edit" else None
+    t = torch.rand(len(batch), generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+    loss = flow_loss(model, z, txt.to(z), t, noise, ref, batch[0].get("ref_ids"))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
