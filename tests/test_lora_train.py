@@ -110,6 +110,26 @@ def test_edit_batches_keep_reference_sizes_apart(klein_folder, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
 
 
+def test_datasets_in_the_layouts_trainers_share(tmp_path, caplog):
+    """kohya's N_name subfolders and .caption files, Hugging Face's metadata.jsonl (file_name, text): each was
+    refused ("no training samples", "no caption file"); other image types and subfolders are said, not skipped
+    silently."""
+    image = Image.new("RGB", (64, 64), "gold")
+    kohya = tmp_path / "kohya"
+    (kohya / "10_gold").mkdir(parents=True)
+    image.save(kohya / "10_gold" / "a.png")
+    (kohya / "10_gold" / "a.caption").write_text("a gold square")
+    image.save(kohya / "b.bmp")
+    (kohya / "notes").mkdir()
+    assert [(s.image.name, s.caption) for s in read_dataset(kohya, "t2i")] == [("a.png", "a gold square")]
+    assert "left out b.bmp, notes" in caplog.text
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    image.save(hf / "0.png")
+    (hf / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a gold square"}\n')
+    assert [(s.image.name, s.caption) for s in read_dataset(hf, "t2i")] == [("0.png", "a gold square")]
+
+
 def test_an_interrupted_run_keeps_its_last_step(klein_folder, dataset, tmp_path):
     """Ctrl+C saves the checkpoint at the last finished step (the steps since the last checkpoint were lost)."""
     from flux2studio.train.common import checkpoint_meta

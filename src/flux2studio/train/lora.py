@@ -11,7 +11,9 @@ diffusers/PEFT layout (diffusers' `load_lora_weights` reads it) and optionally t
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -31,6 +33,7 @@ from ..variants import Variant
 from .common import checkpoint_meta, flow_loss, lr_at, optimizer_tensors, restore_optimizer, save_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+log = logging.getLogger(__name__)
 # Our Linear names the LoRA adapts by default: attention and MLP of both block kinds (as ai-toolkit does).
 DEFAULT_TARGETS = ("img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
                    "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")  # fmt: skip
@@ -92,44 +95,23 @@ class Sample:
 
 
 def read_dataset(path: str | Path, mode: str) -> list[Sample]:
-    """Samples from a folder (image + same-name .txt) or a .jsonl; errors name the file and line."""
+    """Samples from a folder (image + same-name .txt or .caption, also in kohya's `N_name` subfolders; or its
+    `metadata.jsonl`, as Hugging Face's imagefolder has it) or a .jsonl of {"image" (or "file_name"), "caption"
+    (or "text"), "ref"}; errors name the file and line. What is left out (other image types, other subfolders)
+    is logged."""
     path = Path(path)
-    samples: list[Sample] = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: not JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict) or "image" not in row or "caption" not in row:
-                raise ValueError(f'{path} line {n}: needs "image" and "caption"')
-            wrong = [
-                k
-                for k in ("image", "caption", "ref")
-                if k in row and row[k] is not None and not isinstance(row[k], str)
-            ]  # fmt: skip  (were Python's errors, after the model loaded)
-            if wrong or not isinstance(row["caption"], str):
-                raise ValueError(f"{path} line {n}: {', '.join(wrong or ['caption'])} must be text")
-            ref = path.parent / row["ref"] if row.get("ref") else None
-            for file in (path.parent / row["image"], ref):
-                if file is not None and not file.is_file():
-                    raise ValueError(f"{path} line {n}: no image file {file}")
-            samples.append(Sample(path.parent / row["image"], row["caption"], ref))
+    if path.is_dir() and (path / "metadata.jsonl").is_file():
+        samples = _read_jsonl(path / "metadata.jsonl")
+    elif path.suffix == ".jsonl":
+        samples = _read_jsonl(path)
     elif path.is_dir():
-        for image in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            if image.stem.endswith(".ref"):
-                continue
-            caption = image.with_suffix(".txt")
-            if not caption.is_file():
-                raise ValueError(f"{image} has no caption file {caption.name}")
-            ref = next((r for s in IMAGE_SUFFIXES if (r := image.with_name(image.stem + ".ref" + s)).is_file()), None)
-            try:  # (a byte-order mark kept in the caption; a non-UTF-8 file not named)
-                text = caption.read_text(encoding="utf-8-sig").strip()
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{caption}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            samples.append(Sample(image, text, ref))
+        kohya = sorted(p for p in path.iterdir() if p.is_dir() and KOHYA_FOLDER.fullmatch(p.name))
+        samples = [s for folder in (path, *kohya) for s in _read_folder(folder)]  # (repeat counts: each image once)
+        left = [p.name for p in sorted(path.iterdir()) if (p.is_dir() and p not in kohya)
+                or p.suffix.lower() in OTHER_IMAGES]  # fmt: skip
+        if left:
+            log.warning("%s: left out %s (images: %s; subfolders: kohya's N_name)", path, ", ".join(left[:8]),
+                        "/".join(IMAGE_SUFFIXES))  # fmt: skip
     else:
         raise FileNotFoundError(f"training data {path} is neither a folder nor a .jsonl file")
     if not samples:
@@ -139,6 +121,53 @@ def read_dataset(path: str | Path, mode: str) -> list[Sample]:
         raise ValueError(f"edit mode needs a reference image for every sample; missing for {missing}")
     for file in (f for s in samples for f in (s.image, s.ref) if f is not None):
         _check_image(file)  # decoded whole before a model is loaded (a truncated file failed after it loaded)
+    return samples
+
+
+KOHYA_FOLDER = re.compile(r"\d+_.+")  # kohya's sd-scripts: REPEATS_NAME
+OTHER_IMAGES = (".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic")  # not read (said)
+
+
+def _read_jsonl(path: Path) -> list[Sample]:
+    samples = []
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n}: not JSON ({e.msg}, column {e.colno})") from None
+        captioned = isinstance(row, dict) and ("caption" in row or "text" in row)
+        if isinstance(row, dict):  # Hugging Face's imagefolder names them file_name and text
+            row = {"image": row.get("image", row.get("file_name")), "caption": row.get("caption", row.get("text")),
+                   "ref": row.get("ref")}  # fmt: skip
+        if not isinstance(row, dict) or row["image"] is None or not captioned:
+            raise ValueError(f'{path} line {n}: needs "image" and "caption" (or "file_name" and "text")')
+        wrong = [k for k in ("image", "caption", "ref") if row[k] is not None and not isinstance(row[k], str)]
+        if wrong or not isinstance(row["caption"], str):  # (were Python's errors, after the model loaded)
+            raise ValueError(f"{path} line {n}: {', '.join(wrong or ['caption'])} must be text")
+        ref = path.parent / row["ref"] if row.get("ref") else None
+        for file in (path.parent / row["image"], ref):
+            if file is not None and not file.is_file():
+                raise ValueError(f"{path} line {n}: no image file {file}")
+        samples.append(Sample(path.parent / row["image"], row["caption"], ref))
+    return samples
+
+
+def _read_folder(folder: Path) -> list[Sample]:
+    samples = []
+    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        if image.stem.endswith(".ref"):
+            continue
+        caption = next((c for s in (".txt", ".caption") if (c := image.with_suffix(s)).is_file()), None)
+        if caption is None:
+            raise ValueError(f"{image} has no caption file {image.with_suffix('.txt').name} (or .caption)")
+        try:  # (a byte-order mark kept in the caption; a non-UTF-8 file not named)
+            text = caption.read_text(encoding="utf-8-sig").strip()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{caption}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        ref = next((r for s in IMAGE_SUFFIXES if (r := image.with_name(image.stem + ".ref" + s)).is_file()), None)
+        samples.append(Sample(image, text, ref))
     return samples
 
 
