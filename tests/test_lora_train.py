@@ -120,9 +120,13 @@ def test_datasets_in_the_layouts_trainers_share(tmp_path, caplog):
     image.save(kohya / "10_gold" / "a.png")
     (kohya / "10_gold" / "a.caption").write_text("a gold square")
     image.save(kohya / "b.bmp")
-    (kohya / "notes").mkdir()
+    (kohya / "2024_trip").mkdir()  # a folder of photos named like kohya's, without captions: not read
+    image.save(kohya / "2024_trip" / "p.png")
     assert [(s.image.name, s.caption) for s in read_dataset(kohya, "t2i")] == [("a.png", "a gold square")]
-    assert "left out b.bmp, notes" in caplog.text
+    assert "left out 2024_trip, b.bmp" in caplog.text
+    (tmp_path / "latin.jsonl").write_bytes('{"image": "a.png", "caption": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.jsonl: not UTF-8 text"):
+        read_dataset(tmp_path / "latin.jsonl", "t2i")
     hf = tmp_path / "hf"
     hf.mkdir()
     image.save(hf / "0.png")

@@ -122,7 +122,7 @@ def build_request(variant: Variant, prompt: str | Sequence[str] | GenerationSett
     if s.prompt_upsampling is not None and not isinstance(s.prompt_upsampling, bool):  # ("no" was yes)
         raise ValueError(f"prompt_upsampling must be True, False or None, got {s.prompt_upsampling!r}")
     for name in ("guidance", "strength"):  # (True was taken as 1.0)
-        if isinstance(getattr(s, name), bool):
+        if isinstance(getattr(s, name), bool | np.bool_):
             raise ValueError(f"{name} must be a number, got {getattr(s, name)!r}")
     steps = variant.steps if s.steps is None else s.steps
     if not whole(steps):

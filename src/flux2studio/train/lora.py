@@ -105,7 +105,11 @@ def read_dataset(path: str | Path, mode: str) -> list[Sample]:
     elif path.suffix == ".jsonl":
         samples = _read_jsonl(path)
     elif path.is_dir():
-        kohya = sorted(p for p in path.iterdir() if p.is_dir() and KOHYA_FOLDER.fullmatch(p.name))
+        kohya = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_dir() and KOHYA_FOLDER.fullmatch(p.name) and any(p.glob("*.txt")) | any(p.glob("*.caption"))
+        )  # fmt: skip  (a "2024_trip" of photos: not)
         samples = [s for folder in (path, *kohya) for s in _read_folder(folder)]  # (repeat counts: each image once)
         left = [p.name for p in sorted(path.iterdir()) if (p.is_dir() and p not in kohya)
                 or p.suffix.lower() in OTHER_IMAGES]  # fmt: skip
@@ -130,7 +134,11 @@ OTHER_IMAGES = (".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic")  # not read (
 
 def _read_jsonl(path: Path) -> list[Sample]:
     samples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -452,6 +460,8 @@ def _unwrap(model: nn.Module) -> None:
         if name and hasattr(module, "base_layer") and hasattr(module, "lora_A"):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, module.base_layer)
+    if hasattr(model, "peft_config"):  # (a second run on the same model warned of "multiple adapters")
+        del model.peft_config
 
 
 def _train(pipe: Pipeline, model: nn.Module, cfg: LoraTrainConfig, data: list[dict], opt, names: dict, start: int,
@@ -462,13 +472,14 @@ def _train(pipe: Pipeline, model: nn.Module, cfg: LoraTrainConfig, data: list[di
 
     def checkpoint(done: int) -> None:
         state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(model).items()}
-        save_checkpoint(ckpt, done, state | optimizer_tensors(opt, names), asdict(cfg))
+        config = asdict(replace(cfg, data=str(Path(cfg.data).resolve())))  # (resumed from anywhere)
+        save_checkpoint(ckpt, done, state | optimizer_tensors(opt, names), config)
 
-    params, out = list(names), Path(cfg.out)
+    params, out, updating = list(names), Path(cfg.out), [False]
     t0, done, saved = time.time(), start, start
     try:
         for step in range(start, cfg.steps):
-            loss = _step(model, cfg, data, opt, params, step)
+            loss = _step(model, cfg, data, opt, params, step, updating)
             done = step + 1
             log({"step": done, "loss": loss, "s": round(time.time() - t0, 1)})
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
@@ -483,15 +494,17 @@ def _train(pipe: Pipeline, model: nn.Module, cfg: LoraTrainConfig, data: list[di
                         save_png(image, path)  # with its settings, as `flux2 generate` writes them
                 model.train()
     except KeyboardInterrupt:
-        if done > saved:
+        if done > saved and not updating[0]:  # (mid-update, some factors have the next step's values: not saved)
             checkpoint(done)
         raise
     model.eval()
     return save_lora(model, cfg, out / "lora.safetensors")[0]
 
 
-def _step(model: nn.Module, cfg: LoraTrainConfig, data: list[dict], opt, params: list, step: int) -> float:
-    """One optimisation step (its batch, timesteps and noise drawn from the seed and the step: resumable)."""
+def _step(model: nn.Module, cfg: LoraTrainConfig, data: list[dict], opt, params: list, step: int,
+          updating: list[bool]) -> float:  # fmt: skip
+    """One optimisation step (its batch, timesteps and noise drawn from the seed and the step: resumable);
+    `updating[0]` while the factors change."""
     rng = np.random.default_rng([cfg.seed, step])
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     first = data[rng.integers(len(data))]
@@ -508,5 +521,7 @@ def _step(model: nn.Module, cfg: LoraTrainConfig, data: list[dict], opt, params:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
+    updating[0] = True
     opt.step()
+    updating[0] = False
     return loss.item()
