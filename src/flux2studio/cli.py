@@ -763,9 +763,9 @@ def check_served(weights: dict[str, str | None], lora_dir: str | None) -> None:
 
     for model, path in weights.items():
         variant = get_variant(model)
-        if path not in (None, "api") and not Path(path).exists():
-            raise FileNotFoundError(f"--model {model}={path}: no such file or folder")
         if path not in (None, "api"):
+            if not Path(path).exists():
+                raise FileNotFoundError(f"--model {model}={path}: no such file or folder")
             try:
                 file_transformer(Path(path)) if Path(path).is_file() else describe(path)
             except (ValueError, OSError, KeyError) as e:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -363,8 +363,8 @@ def load_transformer(
     the blocks' and modulation layers' linear weights as int8 / int4 now (layers already packed are kept)."""
     formats = formats or {}
     sd, scales, layout = raw, {}, transformer_layout(raw)
-    if layout == "diffusers" and any(fmt not in BNB_FORMATS for fmt in formats.values()):
-        raise ValueError("quantized transformer files with diffusers names are not supported: use BFL names")
+    if layout == "diffusers" and (packed := unrunnable_with_diffusers_names(formats.values())):
+        raise packed_names_error("the transformer", packed)
     if is_fp8(sd):  # diffusers names: q, k, v have a scale each, fused below
         sd, scales = dequantize_fp8(sd, dtype, keep=lambda key: layout == "bfl" and key.startswith(BLOCKS))
     if layout == "diffusers":  # q, k, v freed as soon as fused
@@ -579,12 +579,24 @@ def file_transformer(path: Path) -> TransformerConfig:
         flag = "--vae" if kind == "vae" else "--text-encoder"
         raise ValueError(f"{path} is a {kind}, not a transformer: give it as {flag}, and the transformer file as "
                          "--weights")  # fmt: skip
-    packed = sorted({t for _, t in types.values() if t in FORMATS and t not in PLAIN_DTYPES and t not in BNB_FORMATS})
+    packed = unrunnable_with_diffusers_names(t for _, t in types.values())
     if packed and transformer_layout(shapes) == "diffusers":  # (was said when the transformer loaded, after encoding)
-        raise ValueError(f"{path} is quantized ({', '.join(packed)}) with diffusers tensor names, which do not run "
-                         f"packed: rewrite it with BFL names: flux2 convert {path} NEW.gguf --to gguf --quantize q8_0 "
-                         "(or q4_0)")  # fmt: skip
+        raise packed_names_error(path, packed)
     return transformer_config_from_keys(shapes)
+
+
+def unrunnable_with_diffusers_names(formats: Iterable[str]) -> list[str]:
+    """The packed formats among these that cannot run under diffusers' names (q, k and v fuse packed only as
+    bitsandbytes rows)."""
+    return sorted({f for f in formats if f in FORMATS and f not in PLAIN_DTYPES and f not in BNB_FORMATS})
+
+
+def packed_names_error(what: str | Path, packed: list[str]) -> ValueError:
+    """`what` (a file, or a part) packed in `packed` formats under diffusers' names, and the command that fixes it."""
+    src = what if isinstance(what, Path) else "FILE"
+    return ValueError(f"{what} is quantized ({', '.join(packed)}) with diffusers tensor names, which do not run "
+                      f"packed: rewrite it with BFL names: flux2 convert {src} NEW.gguf --to gguf --quantize q8_0 "
+                      "(or q4_0)")  # fmt: skip
 
 
 def load_single_file(

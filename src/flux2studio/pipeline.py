@@ -14,7 +14,6 @@ import gc
 import inspect
 import json
 import logging
-import numbers
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -122,7 +121,7 @@ def build_request(variant: Variant, prompt: str | Sequence[str] | GenerationSett
     if s.prompt_upsampling is not None and not isinstance(s.prompt_upsampling, bool):  # ("no" was yes)
         raise ValueError(f"prompt_upsampling must be True, False or None, got {s.prompt_upsampling!r}")
     for name in ("guidance", "strength"):  # (True was taken as 1.0)
-        if isinstance(getattr(s, name), bool | np.bool_):
+        if isinstance(getattr(s, name), bool):
             raise ValueError(f"{name} must be a number, got {getattr(s, name)!r}")
     steps = variant.steps if s.steps is None else s.steps
     if not whole(steps):
@@ -195,18 +194,13 @@ def whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def as_int(value: Any) -> Any:
-    """numpy's and torch's integers as Python ints (seeds drawn with np.random.randint, a size from an array's
-    shape); anything else, bools included, as given (to be checked where it is used)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool | int):
-        return int(value)
-    if (
-        isinstance(value, torch.Tensor)
-        and value.ndim == 0
-        and not value.is_floating_point()
-        and value.dtype != torch.bool
-    ):
-        return int(value)
+def plain(value: Any) -> Any:
+    """numpy's and torch's scalars and arrays as Python's (np.int64 seeds drawn with np.random, an np.float32
+    strength, a size array), sequences as tuples; anything else as given (checked where it is used)."""
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.ndim == 0):
+        return value.item()
+    if isinstance(value, np.ndarray | list | tuple | range):
+        return tuple(map(plain, value.tolist() if isinstance(value, np.ndarray) else value))
     return value
 
 
@@ -216,6 +210,11 @@ def with_seeds_counted(s: GenerationSettings) -> GenerationSettings:
     if s.seeds is not None and s.num_images == 1 and len(s.prompts) == 1 and isinstance(s.seeds, Sequence):
         return s.replace(num_images=max(1, len(s.seeds)))
     return s
+
+
+# what numpy or torch values may be given for (`plain`)
+PLAIN_FIELDS = ("seed", "steps", "num_images", "mask_blur", "guidance", "strength", "prompt_upsampling", "seeds",
+                "size", "expand")  # fmt: skip
 
 
 def opened_settings(s: GenerationSettings) -> GenerationSettings:
@@ -243,33 +242,17 @@ def opened_settings(s: GenerationSettings) -> GenerationSettings:
     if s.refs is None or isinstance(s.refs, str | os.PathLike | Image.Image | np.ndarray | bytes):
         raise ValueError("refs must be a list of images (refs=[image, ...])")
     fields: dict[str, Any] = {"refs": tuple(image(r, f"reference {i}") for i, r in enumerate(s.refs))}
-    for key in ("seed", "steps", "num_images", "mask_blur"):
-        fields[key] = as_int(getattr(s, key))
-    for key in ("guidance", "strength"):  # numpy's floats (np.float32 is no Python float)
-        if isinstance(value := getattr(s, key), numbers.Real) and not isinstance(value, bool | int | float):
-            fields[key] = float(value)
-    if isinstance(s.prompt_upsampling, np.bool_):
-        fields["prompt_upsampling"] = bool(s.prompt_upsampling)
-    for key in ("seeds", "size", "expand"):  # numpy arrays of them, as lists
-        if isinstance(getattr(s, key), np.ndarray):
-            fields[key] = getattr(s, key).tolist()
-    seeds, size = fields.get("seeds", s.seeds), fields.get("size", s.size)
-    if isinstance(seeds, Sequence):
-        fields["seeds"] = tuple(map(as_int, seeds))
-    if isinstance(size, tuple | list):
-        fields["size"] = tuple(map(as_int, size))
-    expand = fields.get("expand", s.expand)
-    if expand is not None:
-        if not isinstance(expand, Sequence) or isinstance(expand, str):
-            raise ValueError(f"expand {expand!r} is not 4 sides in pixels (left, top, right, bottom)")
-        fields["expand"] = tuple(map(as_int, expand))
+    for key in PLAIN_FIELDS:
+        fields[key] = plain(getattr(s, key))
+    if fields["expand"] is not None and not isinstance(fields["expand"], tuple):
+        raise ValueError(f"expand {s.expand!r} is not 4 sides in pixels (left, top, right, bottom)")
     for key, what in (("image", "start image"), ("mask", "mask")):
         if getattr(s, key) is not None:
             fields[key] = image(getattr(s, key), what)
     if isinstance(s.size, str):
         fields["size"] = parse_size(s.size)
-    elif size is not None and not (isinstance(size, tuple | list) and len(size) == 2
-                                   and all(map(whole, fields["size"]))):  # fmt: skip
+    elif (size := fields["size"]) is not None and not (isinstance(size, tuple) and len(size) == 2
+                                                       and all(map(whole, size))):  # fmt: skip
         raise ValueError(f"size {s.size!r} is not (width, height) in pixels or 'WIDTHxHEIGHT'")
     return s.replace(**fields)
 

@@ -21,8 +21,8 @@ DECODES = threading.BoundedSemaphore(2)  # uploads decoded at once, each in a th
 async def save_upload(file: UploadFile, store: Store, limits: Limits) -> str:
     """Check byte size, format and pixel count before decoding, then that it decodes whole; store the bytes as
     they came (no re-encoding: a photo stays a JPEG) under a new id. Old unreferenced uploads go first."""
-    raw, suffix = await checked_upload(file, limits)
-    return await asyncio.to_thread(_save_checked, raw, suffix, store, limits)
+    checked = await checked_upload(file, limits)
+    return (await asyncio.to_thread(save_checked, [checked], store, limits))[0]
 
 
 async def checked_upload(file: UploadFile, limits: Limits) -> tuple[bytes, str]:
@@ -52,14 +52,6 @@ def save_checked(checked: list[tuple[bytes, str]], store: Store, limits: Limits)
         store.drop_refs(ids)
         raise
     return ids
-
-
-def _save_checked(raw: bytes, suffix: str, store: Store, limits: Limits) -> str:
-    """An image already checked (or made here), stored under a new id; old unreferenced uploads go first."""
-    store.expire_refs(limits.upload_ttl_s)
-    if (problem := limits.disk_problem(store.disk_bytes, len(raw))) is not None:
-        raise HTTPException(507, problem)
-    return store.save_ref(raw, suffix)
 
 
 def alpha_mask(raw: bytes, limits: Limits) -> tuple[bytes, str]:

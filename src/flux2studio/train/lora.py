@@ -105,11 +105,7 @@ def read_dataset(path: str | Path, mode: str) -> list[Sample]:
     elif path.suffix == ".jsonl":
         samples = _read_jsonl(path)
     elif path.is_dir():
-        kohya = sorted(
-            p
-            for p in path.iterdir()
-            if p.is_dir() and KOHYA_FOLDER.fullmatch(p.name) and any(p.glob("*.txt")) | any(p.glob("*.caption"))
-        )  # fmt: skip  (a "2024_trip" of photos: not)
+        kohya = [p for p in sorted(path.iterdir()) if p.is_dir() and KOHYA_FOLDER.fullmatch(p.name) and _captioned(p)]
         samples = [s for folder in (path, *kohya) for s in _read_folder(folder)]  # (repeat counts: each image once)
         left = [p.name for p in sorted(path.iterdir()) if (p.is_dir() and p not in kohya)
                 or p.suffix.lower() in OTHER_IMAGES]  # fmt: skip
@@ -134,11 +130,7 @@ OTHER_IMAGES = (".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic")  # not read (
 
 def _read_jsonl(path: Path) -> list[Sample]:
     samples = []
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -162,6 +154,11 @@ def _read_jsonl(path: Path) -> list[Sample]:
     return samples
 
 
+def _captioned(folder: Path) -> bool:
+    """A folder with caption files (a kohya `N_name` one; not a "2024_trip" of photos)."""
+    return any(folder.glob("*.txt")) or any(folder.glob("*.caption"))
+
+
 def _read_folder(folder: Path) -> list[Sample]:
     samples = []
     for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
@@ -170,13 +167,19 @@ def _read_folder(folder: Path) -> list[Sample]:
         caption = next((c for s in (".txt", ".caption") if (c := image.with_suffix(s)).is_file()), None)
         if caption is None:
             raise ValueError(f"{image} has no caption file {image.with_suffix('.txt').name} (or .caption)")
-        try:  # (a byte-order mark kept in the caption; a non-UTF-8 file not named)
-            text = caption.read_text(encoding="utf-8-sig").strip()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{caption}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        text = _text(caption).strip()
         ref = next((r for s in IMAGE_SUFFIXES if (r := image.with_name(image.stem + ".ref" + s)).is_file()), None)
         samples.append(Sample(image, text, ref))
     return samples
+
+
+def _text(path: Path) -> str:
+    """A caption or .jsonl file's text: UTF-8, a byte-order mark dropped (it was kept in the caption), anything
+    else named with the file (was Python's error without it)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _check_image(path: Path) -> None:
